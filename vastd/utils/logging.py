@@ -1,0 +1,122 @@
+"""structlog set-up: one JSON object a line on stdout (journald), readable on a TTY.
+
+Stdlib records (asyncssh, aiohttp) go through the same formatter, so every line
+on stdout is JSON. Event names are the stable snake_case ones of CONTRACT §8.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_SECRETS: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Mask this value wherever it would appear in a log line."""
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in _SECRETS:
+            if secret in value:
+                value = value.replace(secret, "**********")
+        return value
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def _redact(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    if not _SECRETS:
+        return event_dict
+    return {k: _redact_value(v) for k, v in event_dict.items()}
+
+
+def _shared_processors() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+    ]
+
+
+def setup_logging(log_level: str = "INFO", *, json: bool | None = None, stream: Any = None) -> None:
+    """Route structlog and stdlib logging to one handler on stdout."""
+    stream = stream if stream is not None else sys.stdout
+    if json is None:
+        json = not (hasattr(stream, "isatty") and stream.isatty())
+    shared = _shared_processors()
+    renderer: Processor
+    if json:
+        renderer = structlog.processors.JSONRenderer()
+        final: list[Processor] = [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _redact,
+            structlog.processors.dict_tracebacks,
+            renderer,
+        ]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        final = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, _redact, renderer]
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(log_level.upper())
+    # asyncssh logs every channel at INFO; aiohttp's access log is noise here.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def get_logger(name: str = "vastd", **initial: Any) -> structlog.stdlib.BoundLogger:
+    """A structlog logger; `initial` values are bound to every line."""
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+    return logger.bind(**initial) if initial else logger
+
+
+def log_execution_time(
+    func: Callable[P, Awaitable[R]],
+) -> Callable[P, Awaitable[R]]:
+    """Log an async function's wall time at DEBUG, as `<name>_timed` with `duration_s`."""
+    log = get_logger(func.__module__)
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.monotonic()
+        try:
+            return await func(*args, **kwargs)
+        finally:
+            log.debug(
+                f"{func.__name__}_timed", duration_s=round(time.monotonic() - started, 6)
+            )
+
+    return wrapper
