@@ -115,8 +115,6 @@ def log_execution_time(
         try:
             return await func(*args, **kwargs)
         finally:
-            log.debug(
-                f"{func.__name__}_timed", duration_s=round(time.monotonic() - started, 6)
-            )
+            log.debug(f"{func.__name__}_timed", duration_s=round(time.monotonic() - started, 6))
 
     return wrapper
