@@ -1,0 +1,398 @@
+"""The SSH pool: commands, reuse, transfers, host keys, faults; SimHost and real OpenSSH."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from tests.sshd import TEST_PYTHON
+from vastd.core.ssh import (
+    CommandResult,
+    Endpoint,
+    MemoryHostKeyStore,
+    SSHConnection,
+    SSHPool,
+    download_file,
+    execute_command,
+    execute_with_retry,
+    test_ssh_connectivity,
+    upload_file,
+    with_ssh_connection,
+)
+from vastd.sim.hosts import SimHost
+from vastd.utils.exceptions import (
+    HostKeyMismatchError,
+    RemoteCommandTimeout,
+    ResultValidationError,
+    SSHConnectionError,
+)
+
+SimHostFactory = Callable[..., Awaitable[SimHost]]
+PoolFactory = Callable[..., SSHPool]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll `predicate` until true, failing after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.02)
+
+
+def ep(host: SimHost | Any) -> list[Endpoint]:
+    return [Endpoint(*host.address)]
+
+
+async def test_run_exit_codes_stdout_stderr_and_stdin(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """A command's stdout, stderr and exit code come back; `input` reaches its stdin."""
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    result = await conn.run("echo out; echo err >&2; exit 3", timeout_s=10)
+    assert result == CommandResult(3, "out\n", "err\n")
+    assert not result.ok
+    assert (await execute_command(conn, "cat", input="hello\n")).stdout == "hello\n"
+    # Without input the command sees EOF at once instead of hanging.
+    assert (await conn.run("cat; echo end", timeout_s=10)).stdout == "end\n"
+    assert (await conn.run("true", timeout_s=10)).ok
+
+
+async def test_one_connection_is_reused(sim_host: SimHostFactory, ssh_pool: PoolFactory) -> None:
+    """N commands, also concurrent and from concurrent get()s, use a single connection."""
+    host = await sim_host()
+    pool = ssh_pool()
+    conns = await asyncio.gather(*(pool.get("i1", ep(host)) for _ in range(10)))
+    assert len({id(c) for c in conns}) == 1
+    results = await asyncio.gather(*(conns[0].run(f"echo {i}", timeout_s=10) for i in range(20)))
+    assert [r.stdout for r in results] == [f"{i}\n" for i in range(20)]
+    assert host.connections_total == 1
+
+
+async def test_endpoints_are_tried_in_order(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """An unreachable first endpoint falls through to the next one."""
+    host = await sim_host()
+    dead = await sim_host("dead")
+    dead_ep = Endpoint(*dead.address)
+    await dead.kill()
+    conn = await ssh_pool().get("i1", [dead_ep, *ep(host)])
+    assert conn.endpoint == Endpoint(*host.address)
+
+
+async def test_upload_download_round_trip(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """Bytes survive upload+download; no `.part` file is left on either side."""
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    data = bytes(range(256)) * 5000
+    local = tmp_path / "local"
+    local.mkdir()
+    src = local / "src.bin"
+    src.write_bytes(data)
+    remote = str(host.root / "up.bin")
+    await upload_file(conn, src, remote)
+    assert (host.root / "up.bin").read_bytes() == data
+    assert not (host.root / "up.bin.part").exists()
+    dst = local / "dst.bin"
+    assert await download_file(conn, remote, dst) == len(data)
+    assert dst.read_bytes() == data
+    assert sorted(p.name for p in local.iterdir()) == ["dst.bin", "src.bin"]
+
+
+async def test_download_refuses_oversized_and_non_regular(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """Past max_bytes or not a regular file: ResultValidationError, nothing written locally."""
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    (host.root / "big").write_bytes(b"x" * 1000)
+    (host.root / "link").symlink_to(host.root / "big")
+    local = tmp_path / "local"
+    local.mkdir()
+    with pytest.raises(ResultValidationError):
+        await conn.download(str(host.root / "big"), local / "big", timeout_s=10, max_bytes=999)
+    with pytest.raises(ResultValidationError):
+        await conn.download(str(host.root / "link"), local / "link", timeout_s=10)
+    assert list(local.iterdir()) == []
+    assert await conn.download(str(host.root / "big"), local / "b", timeout_s=10, max_bytes=1000)
+
+
+async def test_listdir_and_lstat_do_not_follow_symlinks(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """Listing reports type and size per entry without following symlinks; lstat of nothing is None."""
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    d = host.root / "d"
+    d.mkdir()
+    (d / "f").write_bytes(b"12345")
+    (d / "sub").mkdir()
+    (d / "ln").symlink_to("/etc/passwd")
+    entries = {e.name: e for e in await conn.listdir_attrs(str(d), timeout_s=10)}
+    assert {n: e.kind for n, e in entries.items()} == {"f": "file", "sub": "dir", "ln": "symlink"}
+    assert entries["f"].size == 5
+    entry = await conn.lstat(str(d / "ln"), timeout_s=10)
+    assert entry is not None and entry.kind == "symlink"
+    assert await conn.lstat(str(d / "missing"), timeout_s=10) is None
+
+
+async def test_tofu_pins_then_refuses_a_changed_host_key(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """First contact pins the key; after the host key changes, connecting raises and logs."""
+    host = await sim_host()
+    store = MemoryHostKeyStore()
+    pool = ssh_pool(host_keys=store)
+    await pool.get("i1", ep(host))
+    assert store.get_pinned_host_key("i1") == host.host_key_line
+    await pool.drop("i1")
+    assert (await (await pool.get("i1", ep(host))).run("true", timeout_s=10)).ok
+    await pool.drop("i1")
+    await host.stop()
+    host.new_host_key()
+    await host.start()
+    with structlog.testing.capture_logs() as logs, pytest.raises(HostKeyMismatchError):
+        await pool.get("i1", ep(host))
+    assert any(e["event"] == "host_key_mismatch" and e["log_level"] == "warning" for e in logs)
+    assert store.get_pinned_host_key("i1") != host.host_key_line
+
+
+async def test_ignore_mode_accepts_any_host_key(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory, ssh_settings: Callable[..., Any]
+) -> None:
+    """known_hosts="ignore" connects whatever the key, and pins nothing."""
+    host = await sim_host()
+    store = MemoryHostKeyStore()
+    store.pin_host_key("i1", (await sim_host("other")).host_key_line)
+    pool = ssh_pool(ssh_settings(known_hosts="ignore"), host_keys=store)
+    assert (await (await pool.get("i1", ep(host))).run("true", timeout_s=10)).ok
+    assert store.get_pinned_host_key("i1") != host.host_key_line
+
+
+async def test_known_hosts_file_mode(
+    sim_host: SimHostFactory,
+    ssh_pool: PoolFactory,
+    ssh_settings: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """A known_hosts path: a listed key connects, an unlisted one is a mismatch."""
+    host = await sim_host()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{host.port} {host.host_key_line}\n")
+    pool = ssh_pool(ssh_settings(known_hosts=str(known)))
+    assert (await (await pool.get("i1", ep(host))).run("true", timeout_s=10)).ok
+    other = await sim_host("i2")
+    with pytest.raises(HostKeyMismatchError):
+        await pool.get("i2", ep(other))
+
+
+async def test_dead_server_raises_then_pool_reconnects(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """A server that dies gives SSHConnectionError; once it is back, get() reconnects."""
+    host = await sim_host()
+    pool = ssh_pool()
+    conn = await pool.get("i1", ep(host))
+    await host.kill()
+    with pytest.raises(SSHConnectionError):
+        await conn.run("true", timeout_s=5)
+    with pytest.raises(SSHConnectionError):
+        await pool.get("i1", ep(host))
+    assert not await test_ssh_connectivity(pool, "i1", ep(host), timeout_s=5)
+    await host.start()
+    conn2 = await pool.get("i1", ep(host))
+    assert conn2 is not conn
+    assert (await conn2.run("echo back", timeout_s=5)).stdout == "back\n"
+    assert await test_ssh_connectivity(pool, "i1", ep(host))
+
+
+async def test_execute_with_retry_reconnects_but_not_on_exit_codes(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """Connection errors are retried through the factory; a non-zero exit is returned as is."""
+    host = await sim_host()
+    pool = ssh_pool()
+    calls = 0
+
+    async def factory() -> SSHConnection:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise SSHConnectionError("first attempt fails")
+        return await pool.get("i1", ep(host))
+
+    result = await execute_with_retry(factory, "exit 7", backoff_s=0)
+    assert result.exit_status == 7 and calls == 2
+    result = await with_ssh_connection(
+        pool, "i1", ep(host), lambda c: c.run("echo via", timeout_s=5)
+    )
+    assert result.stdout == "via\n"
+
+
+async def test_hanging_command_times_out_and_frees_its_channel(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory, ssh_settings: Callable[..., Any]
+) -> None:
+    """A hung command raises RemoteCommandTimeout near its deadline; the slot is reusable."""
+    host = await sim_host()
+    conn = await ssh_pool(ssh_settings(max_channels=1)).get("i1", ep(host))
+    started = time.monotonic()
+    with pytest.raises(RemoteCommandTimeout):
+        await conn.run("sleep 30", timeout_s=0.5)
+    assert time.monotonic() - started < 5
+    # With one channel allowed, this only runs if the timed-out one was released.
+    assert (await conn.run("echo free", timeout_s=5)).stdout == "free\n"
+    await wait_for(lambda: not host._procs)  # the server side saw the close and killed it
+
+
+async def test_detached_job_returns_at_once_and_outlives_the_connection(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """`setsid nohup ... &` returns immediately; the job finishes after the connection closed."""
+    host = await sim_host()
+    pool = ssh_pool()
+    conn = await pool.get("i1", ep(host))
+    result = await conn.run(
+        "setsid nohup sh -c 'sleep 1; echo done > f' > log 2>&1 < /dev/null & echo $!",
+        timeout_s=0.9,
+    )
+    assert result.ok and result.stdout.strip().isdigit()
+    await pool.drop("i1")
+    await host.stop()
+    await wait_for(lambda: (host.root / "f").exists() and (host.root / "f").read_text() == "done\n")
+
+
+async def test_login_banner_on_stdout_is_passed_through(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """Junk a login shell prints arrives on stdout before the command's output."""
+    host = await sim_host(login_banner="Welcome to vast.ai\n")
+    conn = await ssh_pool().get("i1", ep(host))
+    assert (await conn.run("echo MARK; echo hi", timeout_s=5)).stdout.endswith("MARK\nhi\n")
+
+
+async def test_pool_aclose_closes_everything(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """aclose closes every connection and the pool refuses new ones."""
+    hosts = [await sim_host(f"i{n}") for n in range(3)]
+    pool = ssh_pool()
+    for h in hosts:
+        await pool.get(h.instance_id, ep(h))
+    await pool.aclose()
+    await wait_for(lambda: all(h.active_connections == 0 for h in hosts))
+    with pytest.raises(SSHConnectionError):
+        await pool.get("i0", ep(hosts[0]))
+
+
+# --- real OpenSSH -------------------------------------------------------------------------
+
+
+@pytest.mark.sshd
+async def test_openssh_commands_and_python(
+    openssh_server: Callable[..., Any], ssh_pool: PoolFactory, ssh_settings: Callable[..., Any]
+) -> None:
+    """Against real sshd as the test user: exit codes, stdin, and its usable python."""
+    server = openssh_server()
+    pool = ssh_pool(ssh_settings(user=server.user))
+    conn = await pool.get("o1", [Endpoint(*server.address)])
+    assert (await conn.run("id -un; exit 4", timeout_s=10)) == CommandResult(4, "vastdtest\n", "")
+    assert (await conn.run("cat", input="x\n", timeout_s=10)).stdout == "x\n"
+    py = await conn.run(f"{TEST_PYTHON} -c 'import pyarrow; print(1)'", timeout_s=30)
+    assert py.stdout == "1\n", py.stderr
+
+
+@pytest.mark.sshd
+async def test_openssh_30_concurrent_commands_on_one_connection(
+    openssh_server: Callable[..., Any], ssh_pool: PoolFactory, ssh_settings: Callable[..., Any]
+) -> None:
+    """30 concurrent commands share one connection (max_channels=4) without ChannelOpenError."""
+    server = openssh_server()
+    pool = ssh_pool(ssh_settings(user=server.user, max_channels=4))
+    conn = await pool.get("o1", [Endpoint(*server.address)])
+    for _ in range(3):
+        results = await asyncio.gather(*(conn.run(f"echo {i}", timeout_s=30) for i in range(30)))
+        assert [r.stdout for r in results] == [f"{i}\n" for i in range(30)]
+    assert pool.connection("o1") is conn
+
+
+@pytest.mark.sshd
+async def test_openssh_transfer_and_detached_job(
+    openssh_server: Callable[..., Any],
+    ssh_pool: PoolFactory,
+    ssh_settings: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """Upload/download round trip and a detached job that finishes after disconnect."""
+    server = openssh_server()
+    pool = ssh_pool(ssh_settings(user=server.user))
+    conn = await pool.get("o1", [Endpoint(*server.address)])
+    root = server.remote_root
+    src = tmp_path / "in.csv"
+    src.write_bytes(b"a,b\n1,2\n" * 10000)
+    await conn.upload(src, f"{root}/in.csv", timeout_s=30)
+    assert await conn.download(f"{root}/in.csv", tmp_path / "out.csv", timeout_s=30) == 80000
+    assert (tmp_path / "out.csv").read_bytes() == src.read_bytes()
+    result = await conn.run(
+        f"cd {root} && setsid nohup sh -c 'sleep 1; echo done > f' > log 2>&1 < /dev/null &",
+        timeout_s=0.9,
+    )
+    assert result.ok
+    await pool.drop("o1")
+    await wait_for(lambda: (root / "f").exists() and (root / "f").read_text() == "done\n")
+
+
+@pytest.mark.sshd
+async def test_openssh_tofu_refuses_new_host_key_and_timeout_frees_channel(
+    openssh_server: Callable[..., Any], ssh_pool: PoolFactory, ssh_settings: Callable[..., Any]
+) -> None:
+    """Real sshd: a hung command times out and frees its slot; a new host key is refused."""
+    server = openssh_server()
+    pool = ssh_pool(ssh_settings(user=server.user, max_channels=1))
+    conn = await pool.get("o1", [Endpoint(*server.address)])
+    with pytest.raises(RemoteCommandTimeout):
+        await conn.run("sleep 30", timeout_s=0.5)
+    assert (await conn.run("echo ok", timeout_s=10)).stdout == "ok\n"
+    await pool.drop("o1")
+    server.restart(new_host_key=True)
+    with pytest.raises(HostKeyMismatchError):
+        await pool.get("o1", [Endpoint(*server.address)])
+
+
+async def test_pooled_connection_logs_without_the_callers_context(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory
+) -> None:
+    """asyncssh's log records of a pooled connection carry the instance, not the opener's job."""
+    seen: list[dict[str, Any]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append({"msg": record.getMessage(), **structlog.contextvars.get_contextvars()})
+
+    host = await sim_host()
+    logger = logging.getLogger("asyncssh")
+    handler, old_level = Capture(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with structlog.contextvars.bound_contextvars(job="j1"):
+            conn = await ssh_pool().get("i1", ep(host))
+        with structlog.contextvars.bound_contextvars(job="j2"):
+            await conn.run("true", timeout_s=5)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    # Callbacks (e.g. the channel close) run in the connection's context; calls made
+    # by a task (opening a channel) rightly log with that task's.
+    assert any(ctx.get("instance") == "i1" for ctx in seen)
+    assert not [ctx for ctx in seen if ctx.get("job") == "j1"]
