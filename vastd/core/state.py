@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterable
 from enum import StrEnum
@@ -138,7 +139,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save_state(data: bytes, file_path: Path, backup_path: Path | None = None) -> None:
     """Write bytes atomically; the file it replaces becomes `backup_path`."""
-    tmp = file_path.with_name(f".{file_path.name}.tmp-{os.getpid()}")
+    tmp = file_path.with_name(f".{file_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -150,7 +151,7 @@ def save_state(data: bytes, file_path: Path, backup_path: Path | None = None) ->
         finally:
             os.close(fd)
         if backup_path is not None and file_path.exists():
-            bak_tmp = backup_path.with_name(f".{backup_path.name}.tmp-{os.getpid()}")
+            bak_tmp = backup_path.with_name(f".{tmp.name}.bak")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(bak_tmp)
             os.link(file_path, bak_tmp)
@@ -238,8 +239,17 @@ class StateStore:
             self._dirty_flag = False
             self._dirty.clear()
             data = self.serialize()
+            write = asyncio.ensure_future(
+                asyncio.to_thread(save_state, data, self.path, self.backup_path)
+            )
             try:
-                await asyncio.to_thread(save_state, data, self.path, self.backup_path)
+                # A cancelled caller must not leave a write running behind the next one.
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await write
+                self.mark_dirty()
+                raise
             except StateManagementError as exc:
                 self.write_failures += 1
                 self.mark_dirty()

@@ -1,0 +1,40 @@
+# Every target makes .venv itself, so a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SRC := vastd tests bench examples
+
+.PHONY: venv demo test lint typecheck unit sshd bench chaos clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vastd demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict vastd
+
+# The OpenSSH tier needs sshd, an unprivileged test user and a Python it can run.
+sshd:
+	bash scripts/ensure-test-sshd.sh
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+test: lint typecheck sshd unit
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""`python -m vastd` is the `vastd` command."""
+
+import sys
+
+from vastd.cli import main
+
+sys.exit(main())

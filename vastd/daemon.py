@@ -1,0 +1,206 @@
+"""The daemon: owns the resources, the signals and the supervisor loops.
+
+Lifecycle (uvicorn style): start-up (snapshot, recovery before any scheduling)
+-> main loops -> shutdown (signal handlers only set a flag; loops are cancelled
+with a bounded wait; state is saved; remote jobs keep running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import asyncssh
+
+from vastd.core.files import Layout
+from vastd.core.ssh import SSHPool
+from vastd.core.state import StateStore
+from vastd.instances.vast_api import VastClient
+from vastd.orchestration.context import Context, StoreHostKeys
+from vastd.orchestration.workflow import orchestrate_job_processing, recover_after_restart
+from vastd.utils.config import Settings
+from vastd.utils.exceptions import ConfigError, StateManagementError
+from vastd.utils.logging import get_logger, register_secret
+
+log = get_logger("vastd.daemon")
+STOP_TIMEOUT_S = 8.0
+
+
+def sd_notify(message: str) -> bool:
+    """Send a datagram to $NOTIFY_SOCKET (systemd Type=notify); False when there is none."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError:
+        return False
+    return True
+
+
+class Daemon:
+    """`vastd run`: one event loop, concurrent supervisor tasks, a JSON snapshot."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client_keys: list[asyncssh.SSHKey] | None = None,
+        inbox_settle_s: float = 1.0,
+        inbox_rescan_s: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.layout = Layout(settings.paths.root)
+        self._client_keys = client_keys
+        self._inbox_settle_s = inbox_settle_s
+        self._inbox_rescan_s = inbox_rescan_s
+        self.should_exit = asyncio.Event()
+        self.started = asyncio.Event()  # set once state is loaded and recovered
+        self.force_exit = False
+        self.ctx: Context | None = None
+        self._sigints = 0
+
+    # --- signals: they only set flags ----------------------------------------------------
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints > 1:
+                log.warning("daemon_forced_exit")
+                os._exit(130)
+        log.info("daemon_stopping", signal=signal.Signals(signum).name)
+        sd_notify("STOPPING=1")
+        self.should_exit.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def startup(self) -> Context:
+        api_key = self.settings.api_key()
+        if not api_key:
+            raise ConfigError(
+                [
+                    "vast.api_key: no vast.ai API key (set VASTD_VAST__API_KEY or "
+                    "VAST_API_KEY, or write it to [vast] api_key_file)"
+                ]
+            )
+        register_secret(api_key)
+        self.layout.ensure()
+        store = StateStore.open(self.layout.state_file)
+        api = VastClient(
+            self.settings.vast.api_url,
+            api_key,
+            timeout_s=self.settings.vast.request_timeout_s,
+            max_retries=self.settings.vast.max_retries,
+        )
+        pool = SSHPool(
+            self.settings.ssh, client_keys=self._client_keys, host_keys=StoreHostKeys(store)
+        )
+        ctx = Context(self.settings, self.layout, store, pool, api)
+        ctx.watch_wait_s = self.settings.job.poll_interval_s
+        # Recovery comes before any scheduling (the predecessor did it after).
+        recover_after_restart(ctx)
+        await store.flush()
+        self.ctx = ctx
+        return ctx
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (0) or a fatal error (1)."""
+        self.install_signal_handlers()
+        ctx = await self.startup()
+        counts = ctx.store.counts()
+        log.info(
+            "daemon_started",
+            pid=os.getpid(),
+            root=str(self.layout.root),
+            mode=self.settings.fleet.mode,
+            jobs=counts,
+            instances=len(ctx.store.instances),
+        )
+        sd_notify("READY=1")
+        self.started.set()
+        main = asyncio.create_task(
+            orchestrate_job_processing(
+                ctx, inbox_settle_s=self._inbox_settle_s, inbox_rescan_s=self._inbox_rescan_s
+            ),
+            name="orchestrate",
+        )
+        watchdog = asyncio.create_task(self._watchdog(ctx), name="watchdog")
+        stop = asyncio.create_task(self.should_exit.wait(), name="stop")
+        await asyncio.wait([main, stop], return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if main.done() and not main.cancelled() and main.exception() is not None:
+            exc = main.exception()
+            log.error("daemon_fatal", error=repr(exc), exc_info=exc)
+            code = 1
+        await self.shutdown(ctx, [main, watchdog, stop])
+        log.info("daemon_stopped", exit_code=code, jobs=ctx.store.counts())
+        return code
+
+    async def shutdown(self, ctx: Context, tasks: list[asyncio.Task[Any]]) -> None:
+        """Cancel the loops (bounded), save state, close connections. Remote jobs keep running."""
+        for task in tasks:
+            task.cancel()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S / 2):
+                await asyncio.gather(*tasks, return_exceptions=True)
+        except TimeoutError:
+            self._log_stuck_tasks()
+        await ctx.aclose()
+        await ctx.store.flush()
+        await ctx.pool.aclose()
+        if ctx.api is not None:
+            await ctx.api.aclose()
+
+    def _log_stuck_tasks(self) -> None:
+        for task in asyncio.all_tasks():
+            if task is asyncio.current_task():
+                continue
+            where = [
+                f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                for f in task.get_stack(limit=5)
+            ]
+            log.warning("task_refused_to_exit", task=task.get_name(), stack=where)
+
+    async def _watchdog(self, ctx: Context) -> None:
+        """WATCHDOG=1 at half the systemd interval, only while the loop is responsive."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        interval_s = int(usec) / 2e6 if usec and usec.isdigit() else 10.0
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(interval_s)
+            lag = time.monotonic() - started - interval_s
+            counts = ctx.store.counts()
+            sd_notify(
+                f"STATUS=queued {counts['queued']} running {counts['running']} "
+                f"done {counts['done']} failed {counts['failed']}"
+            )
+            if usec and lag < interval_s:
+                sd_notify("WATCHDOG=1")
+
+
+def run_daemon(settings: Settings) -> int:
+    """Entry point of `vastd run`."""
+    daemon = Daemon(settings)
+    try:
+        return asyncio.run(daemon.run())
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, StateManagementError):
+        raise  # the CLI reports these with exit code 2
+    except Exception as exc:
+        log.error("daemon_fatal", error=repr(exc), exc_info=exc)
+        return 1
+    finally:
+        sys.stdout.flush()

@@ -1,0 +1,434 @@
+"""High-level coordination: jobs meet instances, exits become collections.
+
+Every function here takes the Context and does one step; the loops in
+workflow.py call them. State changes go through the store (saved before any
+remote side effect that a crash must not lose), files move atomically with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+from vastd.core import state as st
+from vastd.core.files import JobFolder, move_job_file, write_error_json
+from vastd.core.jobs import get_job_arguments
+from vastd.core.ssh import SSHConnection
+from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState
+from vastd.execution.job_runner import execute_job_on_instance, remote_job_paths
+from vastd.execution.process_monitor import (
+    CompletionStatus,
+    RemoteJobStatus,
+    detect_job_completion,
+    get_process_output,
+    handle_job_timeout,
+    monitor_job_execution,
+)
+from vastd.execution.result_handler import cleanup_remote_job, collect_job_results
+from vastd.orchestration.context import Context
+from vastd.orchestration.scheduler import schedule_result_collection
+from vastd.utils.exceptions import (
+    FileOperationError,
+    JobExecutionError,
+    SSHConnectionError,
+    VastdError,
+)
+from vastd.utils.logging import get_logger
+
+log = get_logger("vastd.coordinator")
+RETRY_DELAY_S = 2.0
+USABLE = (InstanceStatus.READY,)
+
+
+# --- placing jobs ------------------------------------------------------------------------------
+def find_best_instance_for_job(ctx: Context, job: JobRecord) -> InstanceRecord | None:
+    """A ready instance with room: one the job has not failed on, least loaded first."""
+    room = st.get_idle_instances(ctx.store, ctx.settings.job.jobs_per_instance)
+    if not room:
+        return None
+    fresh = [i for i in room if i.id not in job.avoid_instances]
+    pool = fresh or room
+    return min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id))
+
+
+def assign_job_to_instance(ctx: Context, job: JobRecord, inst: InstanceRecord) -> None:
+    """Move the file to running/ and record the assignment (not yet saved)."""
+    move_job_file(ctx.layout, job.id, JobFolder.QUEUED, JobFolder.RUNNING)
+    st.mark_job_assigned(ctx.store, job.id, inst.id)
+    log.info("job_dispatched", job=job.id, instance=inst.id, attempt=job.attempts + 1)
+
+
+def balance_workload_across_instances(ctx: Context) -> dict[str, int]:
+    """Jobs per usable instance (what dispatch balances on)."""
+    return {i.id: len(i.current_jobs) for i in ctx.store.instances.values() if i.status in USABLE}
+
+
+async def coordinate_job_distribution(ctx: Context) -> int:
+    """Give every waiting job a free instance; save; then start them. Returns the count."""
+    assigned: list[tuple[JobRecord, InstanceRecord]] = []
+    for job in st.get_available_jobs(ctx.store):
+        inst = find_best_instance_for_job(ctx, job)
+        if inst is None:
+            break
+        try:
+            assign_job_to_instance(ctx, job, inst)
+        except FileOperationError as exc:
+            log.warning("job_file_move_failed", job=job.id, error=str(exc))
+            continue
+        assigned.append((job, inst))
+    if not assigned:
+        return 0
+    # The assignment is on disk before anything is uploaded: a crash now finds it.
+    await ctx.store.flush()
+    for job, inst in assigned:
+        ctx.dispatching.add(job.id)
+        ctx.spawn(dispatch_job(ctx, job.id, inst.id), name=f"dispatch:{job.id}")
+    ctx.counters.dispatched += len(assigned)
+    return len(assigned)
+
+
+async def instance_connection(ctx: Context, inst: InstanceRecord) -> SSHConnection:
+    conn = await ctx.pool.get(inst.id, ctx.endpoints(inst))
+    inst.last_contact = time.time()
+    return conn
+
+
+async def dispatch_job(ctx: Context, job_id: str, instance_id: str) -> None:
+    """Upload the CSV and start the job (idempotent for the same attempt)."""
+    try:
+        job = ctx.store.jobs[job_id]
+        inst = ctx.store.instances[instance_id]
+        s = ctx.settings
+        try:
+            conn = await instance_connection(ctx, inst)
+            proc = await execute_job_on_instance(
+                conn,
+                remote_root=s.remote.root,
+                instance_id=inst.id,
+                job_id=job.id,
+                local_csv=ctx.layout.job_file(JobFolder.RUNNING, job.id),
+                command_template=s.job.command,
+                vars=get_job_arguments(job.id, s.job),
+                attempt=job.attempts + 1,
+                timeout_s=s.ssh.command_timeout_s,
+            )
+        except SSHConnectionError as exc:
+            # Unreachable is not failed: the start may or may not have happened, so
+            # keep the assignment; the watcher re-runs the idempotent start.
+            log.warning(
+                "job_dispatch_interrupted", job=job_id, instance=instance_id, error=str(exc)
+            )
+            mark_unreachable(ctx, inst, str(exc))
+            return
+        except JobExecutionError as exc:
+            await record_attempt_failure(ctx, job, reason=f"could not start: {exc}", exit_code=None)
+            return
+        if job.state is not JobState.RUNNING or job.instance != instance_id:
+            return
+        job.pgid = proc.pid
+        job.started_at = job.started_at or time.time()
+        if proc.started:
+            job.runs += 1
+        ctx.store.mark_dirty()
+        log.info("job_started", job=job.id, instance=inst.id, pgid=proc.pid, new=proc.started)
+        ensure_watcher(ctx, inst.id)
+    finally:
+        ctx.dispatching.discard(job_id)
+
+
+# --- watching ---------------------------------------------------------------------------------
+def running_jobs_on(ctx: Context, instance_id: str) -> list[JobRecord]:
+    return [
+        j
+        for j in ctx.store.jobs.values()
+        if j.state is JobState.RUNNING and j.instance == instance_id
+    ]
+
+
+def ensure_watcher(ctx: Context, instance_id: str) -> None:
+    task = ctx.watchers.get(instance_id)
+    if task is None or task.done():
+        ctx.watchers[instance_id] = asyncio.create_task(
+            watch_instance(ctx, instance_id), name=f"watch:{instance_id}"
+        )
+
+
+def mark_unreachable(ctx: Context, inst: InstanceRecord, error: str) -> None:
+    if inst.unreachable_since is None:
+        inst.unreachable_since = time.time()
+        log.warning("instance_unreachable", instance=inst.id, error=error)
+    if inst.status is InstanceStatus.READY:
+        inst.status = InstanceStatus.UNREACHABLE
+    ctx.store.mark_dirty()
+
+
+def mark_reachable(ctx: Context, inst: InstanceRecord) -> None:
+    inst.last_contact = time.time()
+    if inst.unreachable_since is not None or inst.status is InstanceStatus.UNREACHABLE:
+        inst.unreachable_since = None
+        if inst.status is InstanceStatus.UNREACHABLE:
+            inst.status = InstanceStatus.READY
+            log.info("instance_reachable", instance=inst.id)
+            ctx.wake_dispatch()
+        ctx.store.mark_dirty()
+
+
+async def watch_instance(ctx: Context, instance_id: str) -> None:
+    """One status round trip per cycle for all of an instance's running jobs."""
+    failures = 0
+    while True:
+        inst = ctx.store.instances.get(instance_id)
+        if inst is None or inst.status in (InstanceStatus.LOST, InstanceStatus.DESTROYED):
+            return
+        jobs = [j for j in running_jobs_on(ctx, instance_id) if j.id not in ctx.dispatching]
+        if not jobs:
+            if not any(j.instance == instance_id for j in running_jobs_on(ctx, instance_id)):
+                return
+            await asyncio.sleep(0.05)
+            continue
+        try:
+            statuses = await check_instance_jobs(ctx, inst, jobs)
+        except SSHConnectionError as exc:
+            failures += 1
+            mark_unreachable(ctx, inst, str(exc))
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+            continue
+        failures = 0
+        mark_reachable(ctx, inst)
+        for job in jobs:
+            status = statuses.get(job.id)
+            if status is not None:
+                await handle_job_status(ctx, inst, job, status)
+
+
+async def check_instance_jobs(
+    ctx: Context, inst: InstanceRecord, jobs: list[JobRecord]
+) -> dict[str, RemoteJobStatus]:
+    conn = await instance_connection(ctx, inst)
+    entries = [(j.id, remote_job_paths(ctx.settings.remote.root, inst.id, j.id)) for j in jobs]
+    now = time.time()
+    # Do not sleep past a job's deadline.
+    deadlines = [
+        (j.started_at or now) + ctx.settings.job.timeout_s - now for j in jobs if j.started_at
+    ]
+    wait_s = max(0.0, min([ctx.watch_wait_s, *deadlines]))
+    return await monitor_job_execution(
+        conn, entries, wait_s=wait_s, timeout_s=wait_s + ctx.settings.ssh.command_timeout_s
+    )
+
+
+async def handle_job_status(
+    ctx: Context, inst: InstanceRecord, job: JobRecord, status: RemoteJobStatus
+) -> None:
+    outcome = detect_job_completion(status)
+    now = time.time()
+    if outcome is CompletionStatus.MISSING:
+        if job.pgid is None:
+            # A dispatch that broke off before the upload: start it (idempotent).
+            ctx.dispatching.add(job.id)
+            ctx.spawn(dispatch_job(ctx, job.id, inst.id), name=f"dispatch:{job.id}")
+        else:
+            # The folder vanished under a started job (instance reset): not its fault.
+            log.warning("job_folder_vanished", job=job.id, instance=inst.id)
+            requeue(ctx, job, reason="remote job folder vanished", count_attempt=False)
+        return
+    if job.pgid is None and status.pid is not None:
+        job.pgid = status.pid
+        ctx.store.mark_dirty()
+    if status.started_at and not job.started_at:
+        job.started_at = status.started_at
+        ctx.store.mark_dirty()
+    if outcome is CompletionStatus.RUNNING:
+        started = job.started_at or job.dispatched_at or now
+        if now - started > ctx.settings.job.timeout_s:
+            conn = await instance_connection(ctx, inst)
+            paths = remote_job_paths(ctx.settings.remote.root, inst.id, job.id)
+            await handle_job_timeout(conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s)
+            log.warning("job_timed_out", job=job.id, instance=inst.id)
+            finish_run(ctx, job, exit_code=124, error="timed out")
+        return
+    if outcome is CompletionStatus.SUCCEEDED:
+        finish_run(ctx, job, exit_code=0, error=None)
+    elif outcome is CompletionStatus.FAILED:
+        finish_run(ctx, job, exit_code=status.exit_code, error=f"exit code {status.exit_code}")
+    elif outcome is CompletionStatus.INVALID:
+        finish_run(ctx, job, exit_code=None, error="exit_code file holds garbage")
+    elif outcome is CompletionStatus.VANISHED:
+        finish_run(ctx, job, exit_code=None, error="process gone without an exit code")
+
+
+def finish_run(ctx: Context, job: JobRecord, *, exit_code: int | None, error: str | None) -> None:
+    """The remote process ended: free the instance's slot and collect."""
+    job.state = JobState.COLLECTING
+    job.exited_at = time.time()
+    job.last_exit_code = exit_code
+    job.last_error = error
+    inst = ctx.store.instances.get(job.instance or "")
+    if inst is not None and job.id in inst.current_jobs:
+        inst.current_jobs.remove(job.id)
+        if not inst.current_jobs:
+            inst.idle_since = time.time()
+    ctx.store.mark_dirty()
+    log.info("job_exited", job=job.id, instance=job.instance, exit_code=exit_code, error=error)
+    schedule_result_collection(ctx.scheduler, job.id)
+    ctx.wake_dispatch()
+
+
+# --- collecting -------------------------------------------------------------------------------
+async def collect_job(ctx: Context, job_id: str) -> bool:
+    """Collect a finished job: results, or an attempt failure. False: try again later."""
+    job = ctx.store.jobs.get(job_id)
+    if job is None or job.state is not JobState.COLLECTING:
+        return True
+    inst = ctx.store.instances.get(job.instance or "")
+    if inst is None or inst.status in (InstanceStatus.LOST, InstanceStatus.DESTROYED):
+        requeue(ctx, job, reason="instance lost before results were collected", count_attempt=False)
+        return True
+    s = ctx.settings
+    paths = remote_job_paths(s.remote.root, inst.id, job.id)
+    try:
+        conn = await instance_connection(ctx, inst)
+        if job.last_error is None:
+            try:
+                collected = await collect_job_results(
+                    conn,
+                    paths,
+                    job.id,
+                    results_root=ctx.layout.results,
+                    pattern=s.job.result_glob,
+                    min_results=s.job.min_results,
+                    validate=s.job.validate_,
+                    max_bytes=s.job.max_result_bytes,
+                    timeout_s=max(s.ssh.command_timeout_s, 600.0),
+                )
+            except JobExecutionError as exc:
+                tail = await _log_tail(conn, paths, s.ssh.command_timeout_s)
+                await cleanup_remote_job(conn, paths, timeout_s=s.ssh.command_timeout_s)
+                await record_attempt_failure(
+                    ctx, job, reason=f"results invalid: {exc}", exit_code=0, log_tail=tail
+                )
+                return True
+            move_job_file(
+                ctx.layout, job.id, JobFolder.RUNNING, JobFolder.DONE, rename_on_collision=True
+            )
+            job.result_files = [p.name for p in collected.files]
+            st.mark_job_completed(ctx.store, job.id, success=True)
+            ctx.counters.done += 1
+            log.info(
+                "results_collected",
+                job=job.id,
+                instance=inst.id,
+                files=len(collected.files),
+                rows=collected.rows,
+            )
+            log.info("job_done", job=job.id, instance=inst.id, runs=job.runs)
+            await cleanup_remote_job(conn, paths, timeout_s=s.ssh.command_timeout_s)
+            return True
+        tail = await _log_tail(conn, paths, s.ssh.command_timeout_s)
+        await cleanup_remote_job(conn, paths, timeout_s=s.ssh.command_timeout_s)
+    except (SSHConnectionError, FileOperationError) as exc:
+        log.warning("collection_deferred", job=job.id, instance=inst.id, error=str(exc))
+        if isinstance(exc, SSHConnectionError):
+            mark_unreachable(ctx, inst, str(exc))
+        return False
+    await record_attempt_failure(
+        ctx, job, reason=job.last_error or "failed", exit_code=job.last_exit_code, log_tail=tail
+    )
+    return True
+
+
+async def _log_tail(conn: SSHConnection, paths: object, timeout_s: float) -> str:
+    try:
+        return await get_process_output(conn, paths, tail_lines=50, timeout_s=timeout_s)  # type: ignore[arg-type]
+    except VastdError:
+        return ""
+
+
+async def record_attempt_failure(
+    ctx: Context,
+    job: JobRecord,
+    *,
+    reason: str,
+    exit_code: int | None,
+    log_tail: str = "",
+) -> None:
+    """Something observed on the instance failed this attempt: retry or give up."""
+    job.attempts += 1
+    job.last_error = reason
+    job.last_exit_code = exit_code
+    failed_on = job.instance
+    if job.attempts < ctx.settings.job.max_attempts:
+        ctx.counters.retried += 1
+        log.info("job_retry", job=job.id, instance=failed_on, attempts=job.attempts, reason=reason)
+        requeue(ctx, job, reason=reason, count_attempt=False, avoid=failed_on)
+        return
+    try:
+        write_error_json(
+            ctx.layout,
+            job.id,
+            reason=reason,
+            attempts=job.attempts,
+            last_exit_code=exit_code,
+            log_tail=log_tail,
+        )
+        move_job_file(
+            ctx.layout, job.id, JobFolder.RUNNING, JobFolder.FAILED, rename_on_collision=True
+        )
+    except FileOperationError as exc:
+        log.error("job_fail_record_failed", job=job.id, error=str(exc))
+    st.mark_job_completed(ctx.store, job.id, success=False)
+    ctx.counters.failed += 1
+    log.warning("job_failed", job=job.id, instance=failed_on, attempts=job.attempts, reason=reason)
+
+
+def requeue(
+    ctx: Context,
+    job: JobRecord,
+    *,
+    reason: str,
+    count_attempt: bool,
+    avoid: str | None = None,
+) -> None:
+    """Put a job back in the queue (file and record), never counting unreachability."""
+    if count_attempt:
+        job.attempts += 1
+    try:
+        move_job_file(ctx.layout, job.id, JobFolder.RUNNING, JobFolder.QUEUED)
+    except FileOperationError as exc:
+        log.error("job_requeue_move_failed", job=job.id, error=str(exc))
+    delay = RETRY_DELAY_S if avoid else 0.0
+    st.requeue_job(ctx.store, job.id, delay_s=delay, avoid=[avoid] if avoid else [])
+    job.last_error = reason
+    ctx.wake_dispatch()
+
+
+def detect_stuck_jobs(ctx: Context, now: float | None = None) -> list[str]:
+    """Running jobs that nobody is watching or that are past their deadline."""
+    now = time.time() if now is None else now
+    stuck = []
+    for job in ctx.store.jobs.values():
+        if job.state is not JobState.RUNNING:
+            continue
+        watcher = ctx.watchers.get(job.instance or "")
+        deadline = (job.started_at or job.dispatched_at or now) + ctx.settings.job.timeout_s
+        if (
+            (watcher is None or watcher.done()) and job.id not in ctx.dispatching
+        ) or now > deadline + 60:
+            stuck.append(job.id)
+    return stuck
+
+
+def handle_system_failures(ctx: Context) -> int:
+    """Restart watching for jobs nobody watches; returns how many instances were revived."""
+    revived = set()
+    for job_id in detect_stuck_jobs(ctx):
+        job = ctx.store.jobs[job_id]
+        if job.instance and job.instance in ctx.store.instances:
+            ensure_watcher(ctx, job.instance)
+            revived.add(job.instance)
+    return len(revived)
+
+
+def retry_delay(attempt: int) -> timedelta:
+    return timedelta(seconds=min(60.0, 2.0 * 2**attempt))

@@ -1,0 +1,120 @@
+"""Task scheduling: a delay-aware priority queue of follow-up work.
+
+Dispatch itself is event driven (a queued job and a free instance meet in
+`coordinate_job_distribution`); the scheduler holds the work that must happen
+later or again: collecting a job's results, re-trying a collection after a
+network or disk error, re-preparing an instance after a back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+
+class TaskType(StrEnum):
+    COLLECT_RESULTS = "collect_results"
+    PREPARE_INSTANCE = "prepare_instance"
+    EXECUTE_JOB = "execute_job"
+
+
+@dataclass
+class Task:
+    type: TaskType
+    args: dict[str, Any]
+    id: str = ""
+    attempts: int = 0
+    due: float = 0.0
+    priority: int = 0
+
+    @property
+    def key(self) -> str:
+        """Tasks with the same key are the same work: scheduling one twice is a no-op."""
+        return f"{self.type}:{sorted(self.args.items())}"
+
+
+@dataclass
+class Scheduler:
+    _heap: list[tuple[float, int, int, Task]] = field(default_factory=list)
+    _pending: dict[str, Task] = field(default_factory=dict)
+    _counter: itertools.count[int] = field(default_factory=itertools.count)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    completed: int = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def schedule_task(self, task: Task, priority: int = 0, delay_s: float = 0.0) -> bool:
+        """Queue a task (lower priority runs first); False if the same work is queued."""
+        if task.key in self._pending:
+            return False
+        seq = next(self._counter)
+        task.id = task.id or f"{task.type}-{seq}"
+        task.priority = priority
+        task.due = time.monotonic() + max(0.0, delay_s)
+        self._pending[task.key] = task
+        heapq.heappush(self._heap, (task.due, priority, seq, task))
+        self._changed.set()
+        return True
+
+    def pending(self, task_type: TaskType | None = None) -> list[Task]:
+        return [t for t in self._pending.values() if task_type is None or t.type is task_type]
+
+    def pop_due(self, now: float | None = None) -> Task | None:
+        """The next due task, or None."""
+        now = time.monotonic() if now is None else now
+        if self._heap and self._heap[0][0] <= now:
+            task = heapq.heappop(self._heap)[3]
+            self._pending.pop(task.key, None)
+            return task
+        return None
+
+    async def get_next_task(self) -> Task:
+        """Wait for the next task whose time has come."""
+        while True:
+            task = self.pop_due()
+            if task is not None:
+                return task
+            self._changed.clear()
+            timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+
+    def mark_task_completed(self, task: Task) -> None:
+        self.completed += 1
+
+    def reschedule_failed_task(self, task: Task, delay: timedelta) -> bool:
+        task.attempts += 1
+        return self.schedule_task(task, task.priority, delay.total_seconds())
+
+
+def create_task(task_type: TaskType, **kwargs: Any) -> Task:
+    return Task(type=task_type, args=kwargs)
+
+
+def schedule_result_collection(scheduler: Scheduler, job_id: str, delay_s: float = 0.0) -> bool:
+    return scheduler.schedule_task(create_task(TaskType.COLLECT_RESULTS, job=job_id), 0, delay_s)
+
+
+def schedule_instance_preparation(
+    scheduler: Scheduler, instance_id: str, delay_s: float = 0.0
+) -> bool:
+    return scheduler.schedule_task(
+        create_task(TaskType.PREPARE_INSTANCE, instance=instance_id), 1, delay_s
+    )
+
+
+def schedule_job_execution(scheduler: Scheduler, instance_id: str, job_id: str) -> bool:
+    """Ask for a (re)start of a job on an instance, e.g. after a dispatch that broke off."""
+    return scheduler.schedule_task(
+        create_task(TaskType.EXECUTE_JOB, job=job_id, instance=instance_id), 0
+    )

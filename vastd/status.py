@@ -1,0 +1,132 @@
+"""`vastd status`: what the snapshot and the folders say, whether or not the daemon runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from vastd.core.files import Layout
+from vastd.core.jobs import discover_job_files
+from vastd.core.state import InstanceStatus, JobState, Snapshot, StateStore
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def daemon_running(layout: Layout) -> bool | None:
+    """Whether the snapshot was written recently by a live daemon (None: unknown)."""
+    try:
+        age = time.time() - layout.state_file.stat().st_mtime
+    except OSError:
+        return None
+    return age < 120
+
+
+def build_status(layout: Layout, snapshot: Snapshot, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    jobs = {s.value: 0 for s in JobState}
+    for job in snapshot.jobs.values():
+        jobs[job.state.value] += 1
+    try:
+        waiting_in_inbox = len(discover_job_files(layout.inbox))
+    except OSError:
+        waiting_in_inbox = 0
+    total = sum(jobs.values())
+    finished = jobs["done"] + jobs["failed"]
+    durations = [
+        j.finished_at - j.dispatched_at
+        for j in snapshot.jobs.values()
+        if j.state is JobState.DONE and j.finished_at and j.dispatched_at
+    ]
+    live = [
+        i
+        for i in snapshot.instances.values()
+        if i.status not in (InstanceStatus.LOST, InstanceStatus.DESTROYED)
+    ]
+    usable = [i for i in live if i.status is InstanceStatus.READY]
+    remaining = total - finished + waiting_in_inbox
+    eta_s: float | None = None
+    if durations and remaining and usable:
+        per_job = sum(durations) / len(durations)
+        per_slot = max(1, len(usable))
+        eta_s = round(per_job * remaining / per_slot, 1)
+    instances = []
+    for inst in sorted(snapshot.instances.values(), key=lambda i: i.id):
+        instances.append(
+            {
+                "id": inst.id,
+                "state": inst.status.value,
+                "api_status": inst.api_status,
+                "current_jobs": list(inst.current_jobs),
+                "dph": inst.dph,
+                "gpu": inst.gpu_name,
+                "owned": inst.owned,
+                "last_seen": _iso(inst.last_seen),
+                "last_contact": _iso(inst.last_contact),
+                "prepare_error": inst.prepare_error,
+            }
+        )
+    dph_now = round(sum(i.dph for i in live), 4)
+    return {
+        "saved_at": _iso(snapshot.saved_at),
+        "daemon_running": daemon_running(layout),
+        "jobs": jobs,
+        "inbox_waiting": waiting_in_inbox,
+        "total_jobs": total,
+        "progress": round(finished / total, 4) if total else None,
+        "eta_s": eta_s,
+        "instances": instances,
+        "totals": {
+            "instances": len(live),
+            "ready": len(usable),
+            "dph_now": dph_now,
+            "spend_total": round(snapshot.spend_total, 4),
+        },
+    }
+
+
+def load_snapshot_readonly(layout: Layout) -> Snapshot:
+    """The snapshot as on disk (backup if needed), without writing anything."""
+    if not layout.state_file.exists() and not layout.state_backup.exists():
+        return Snapshot()
+    return StateStore.open(layout.state_file).snapshot
+
+
+def format_status(status: dict[str, Any]) -> str:
+    j = status["jobs"]
+    lines = [
+        f"jobs: queued {j['queued']}  running {j['running']}  collecting {j['collecting']}  "
+        f"done {j['done']}  failed {j['failed']}  (inbox {status['inbox_waiting']})",
+    ]
+    if status["progress"] is not None:
+        eta = status["eta_s"]
+        eta_txt = f"  eta {eta:.0f}s" if eta is not None else ""
+        lines.append(
+            f"progress: {status['progress'] * 100:.1f}% of {status['total_jobs']}{eta_txt}"
+        )
+    t = status["totals"]
+    lines.append(
+        f"instances: {t['instances']} ({t['ready']} ready)  ${t['dph_now']:.3f}/h now  "
+        f"spent ${t['spend_total']:.2f}"
+    )
+    for inst in status["instances"]:
+        jobs = ",".join(inst["current_jobs"]) or "-"
+        extra = f"  error: {inst['prepare_error']}" if inst["prepare_error"] else ""
+        lines.append(
+            f"  {inst['id']:>10}  {inst['state']:<11} ${inst['dph']:.3f}/h  "
+            f"last seen {inst['last_seen'] or '-'}  job {jobs}{extra}"
+        )
+    running = status["daemon_running"]
+    state = {True: "running", False: "not running (snapshot is old)", None: "unknown"}[running]
+    lines.append(f"daemon: {state}; snapshot saved {status['saved_at'] or 'never'}")
+    return os.linesep.join(lines)
+
+
+def status_json(status: dict[str, Any]) -> str:
+    return json.dumps(status, indent=2, sort_keys=True)
