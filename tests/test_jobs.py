@@ -1,0 +1,348 @@
+"""core/jobs.py: validation, arguments, discovery and acceptance of job files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from vastd.core.files import Layout
+from vastd.core.jobs import (
+    JobFileInfo,
+    accept_job_file,
+    categorize_jobs_by_type,
+    discover_job_files,
+    estimate_job_duration,
+    get_job_arguments,
+    job_id_for,
+    parse_job_file,
+    prioritize_jobs,
+    validate_job_file,
+)
+from vastd.utils.config import JobPattern, JobSettings
+from vastd.utils.exceptions import JobValidationError
+
+GOOD = (
+    "eta,lam,var0,alpha,gamma,beta,p\n10,0.1,1.0,0.05,0.1,0.85,0.3\n5,-0.2,0.5,0.03,0.05,0.9,0.7\n"
+)
+
+WEIRD_NAMES = [
+    "with space",
+    "single'quote",
+    'double"quote',
+    "$(touch canary)",
+    "semi;colon",
+    "back`tick`",
+    "new\nline",
+    "-leading-dash",
+    "\u03b3-テスト",
+    "g" * 251,  # a 255-byte file name
+]
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    made = Layout(tmp_path / "root")
+    made.ensure()
+    return made
+
+
+@pytest.fixture
+def settings() -> JobSettings:
+    return JobSettings(max_input_bytes=4096)
+
+
+def _write(folder: Path, name: str, content: str | bytes) -> Path:
+    path = folder / name
+    if isinstance(content, str):
+        content = content.encode()
+    path.write_bytes(content)
+    return path
+
+
+def _refusal(layout: Layout, job_id: str) -> str:
+    data = json.loads(layout.error_file(job_id).read_text())
+    assert data["job"] == job_id
+    reason: str = data["reason"]
+    return reason
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def test_valid_file_gives_its_info(tmp_path: Path) -> None:
+    """A well-formed CSV yields id, size, columns and the number of data rows."""
+    path = _write(tmp_path, "garch_test_job_0000_0001.csv", GOOD)
+    info = validate_job_file(path, 4096)
+    assert info == JobFileInfo(
+        job_id="garch_test_job_0000_0001",
+        path=path,
+        size=len(GOOD),
+        columns=["eta", "lam", "var0", "alpha", "gamma", "beta", "p"],
+        rows=2,
+    )
+
+
+def test_bom_crlf_and_trailing_blank_lines_are_accepted(tmp_path: Path) -> None:
+    """A UTF-8 BOM, CRLF line ends and blank lines after the data are fine."""
+    content = "\ufeffa,b\r\n1,2\r\n3,4\r\n\r\n\n"
+    info = validate_job_file(_write(tmp_path, "j.csv", content.encode("utf-8")), 4096)
+    assert info.columns == ["a", "b"] and info.rows == 2
+
+
+def test_quoted_fields_with_commas_and_newlines_count_as_one_field(tmp_path: Path) -> None:
+    """CSV quoting is honoured: a quoted comma or newline does not change the field count."""
+    info = validate_job_file(_write(tmp_path, "j.csv", 'a,b\n"x,y","multi\nline"\n'), 4096)
+    assert info.rows == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "empty file"),
+        (b"\n\n", "empty file"),
+        (b"a,b,c\n", "no data rows"),
+        (b"a,b,c\n1,2,3\n4,5\n", "line 3 has 2 fields, the header has 3"),
+        (b"a,b\n1,2\n\n3,4\n", "line 3 is blank"),
+        (b"a,b\n1,\xff\n", "not UTF-8"),
+        (b"a,b\n1,\x002\n", "line 2 contains a NUL byte"),
+        (b'a,b\n"1,2\n', "not valid CSV"),
+        (b"a,b\n" + b"1,2\n" * 2000, "larger than max_input_bytes"),
+    ],
+    ids=[
+        "empty",
+        "blank-only",
+        "header-only",
+        "short-row",
+        "blank-middle",
+        "latin1",
+        "nul",
+        "open-quote",
+        "big",
+    ],
+)
+def test_invalid_contents_are_refused_with_reason(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    """Each content rule of CONTRACT §3 refuses the file with a reason naming the problem."""
+    path = _write(tmp_path, "j.csv", content)
+    with pytest.raises(JobValidationError, match=reason):
+        validate_job_file(path, 4096)
+
+
+def test_symlink_is_refused_and_target_untouched(tmp_path: Path) -> None:
+    """A symlink is refused without following it; the target keeps its content."""
+    target = _write(tmp_path, "target.csv", GOOD)
+    (tmp_path / "link.csv").symlink_to(target)
+    with pytest.raises(JobValidationError, match="symbolic link"):
+        validate_job_file(tmp_path / "link.csv", 4096)
+    assert target.read_text() == GOOD
+
+
+async def test_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    """A FIFO with no writer is refused at once instead of blocking on open or read."""
+    os.mkfifo(tmp_path / "pipe.csv")
+    async with asyncio.timeout(10):
+        with pytest.raises(JobValidationError, match="FIFO"):
+            await asyncio.to_thread(validate_job_file, tmp_path / "pipe.csv", 4096)
+
+
+def test_directory_and_missing_file_are_refused(tmp_path: Path) -> None:
+    """A folder named like a job file, and a vanished file, are refused with a reason."""
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(JobValidationError, match="directory"):
+        validate_job_file(tmp_path / "dir.csv", 4096)
+    with pytest.raises(JobValidationError, match="disappeared"):
+        validate_job_file(tmp_path / "gone.csv", 4096)
+
+
+def test_parse_job_file_gives_dicts(tmp_path: Path) -> None:
+    """parse_job_file returns one dict per data row keyed by the header."""
+    rows = parse_job_file(_write(tmp_path, "j.csv", GOOD))
+    assert len(rows) == 2 and rows[0]["eta"] == "10" and rows[1]["p"] == "0.7"
+
+
+# --- arguments, discovery, ordering ----------------------------------------------------------------
+
+
+def test_job_arguments_take_the_first_matching_pattern() -> None:
+    """[job.vars] apply to all; the first [[job.patterns]] glob matching <job>.csv overrides."""
+    settings = JobSettings(
+        vars={"num_sim": "1000000", "q": "512"},
+        patterns=[
+            JobPattern(glob="garch_training_*", vars={"num_sim": "10000000"}),
+            JobPattern(glob="garch_*", vars={"num_sim": "5", "extra": "1"}),
+            JobPattern(glob="*.csv", vars={"never": "reached for garch"}),
+        ],
+    )
+    assert get_job_arguments("garch_training_job_1_2", settings) == {
+        "num_sim": "10000000",
+        "q": "512",
+    }
+    assert get_job_arguments("garch_test_job_1_2", settings) == {
+        "num_sim": "5",
+        "q": "512",
+        "extra": "1",
+    }
+    assert get_job_arguments("other", settings)["never"] == "reached for garch"
+    assert get_job_arguments("x", JobSettings(vars={"a": "1"})) == {"a": "1"}
+
+
+def test_discover_ignores_dotfiles_and_temp_names(tmp_path: Path) -> None:
+    """Only *.csv names count; dot-files, .part/.tmp/.swp/~ and editor locks do not."""
+    names = ["b.csv", "a.csv", ".hidden.csv", "x.csv.part", "y.tmp", "z.csv~", ".#e.csv", "n.txt"]
+    for name in names:
+        _write(tmp_path, name, GOOD)
+    os.mkfifo(tmp_path / "f.csv")
+    assert [p.name for p in discover_job_files(tmp_path)] == ["a.csv", "b.csv", "f.csv"]
+    assert discover_job_files(tmp_path / "missing") == []
+
+
+def test_categorize_prioritize_and_estimate(tmp_path: Path) -> None:
+    """Types come from the prefix before _job_; order is oldest first then name; rows set the estimate."""
+    a = _write(tmp_path, "garch_training_job_63000_63099.csv", GOOD)
+    b = _write(tmp_path, "garch_test_job_0000_0099.csv", GOOD)
+    c = _write(tmp_path, "misc.csv", GOOD)
+    os.utime(a, ns=(1_000, 1_000))
+    os.utime(b, ns=(2_000, 2_000))
+    os.utime(c, ns=(1_000, 1_000))
+    assert categorize_jobs_by_type([a, b, c]) == {
+        "garch_training": [a],
+        "garch_test": [b],
+        "other": [c],
+    }
+    assert prioritize_jobs([b, c, a, tmp_path / "gone.csv"]) == [a, c, b, tmp_path / "gone.csv"]
+    info = validate_job_file(b, 4096)
+    assert estimate_job_duration(info, seconds_per_row=60) == timedelta(minutes=2)
+    assert job_id_for(Path("x/a.b.csv")) == "a.b"
+
+
+# --- acceptance ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job_id", WEIRD_NAMES, ids=lambda n: repr(n)[:20])
+async def test_accept_odd_names_verbatim(
+    layout: Layout,
+    settings: JobSettings,
+    job_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Any file name is a job id: accepted into queued/ under the same name, nothing executed."""
+    monkeypatch.chdir(tmp_path)
+    path = _write(layout.inbox, job_id + ".csv", GOOD)
+    with capture_logs() as logs:
+        info = await accept_job_file(layout, path, settings, known_ids=set())
+    assert info is not None and info.job_id == job_id
+    assert info.path == layout.queued / (job_id + ".csv")
+    assert info.path.read_text() == GOOD
+    assert not path.exists()
+    assert not (tmp_path / "canary").exists()
+    assert next(e for e in logs if e["event"] == "job_accepted")["job"] == job_id
+
+
+@pytest.mark.parametrize("job_id", WEIRD_NAMES, ids=lambda n: repr(n)[:20])
+async def test_refuse_odd_names_with_error_file(
+    layout: Layout, settings: JobSettings, job_id: str
+) -> None:
+    """A refused file with any name lands in failed/ beside an error file holding the full id."""
+    path = _write(layout.inbox, job_id + ".csv", "a,b\n")
+    with capture_logs() as logs:
+        assert await accept_job_file(layout, path, settings, known_ids=set()) is None
+    assert (layout.failed / (job_id + ".csv")).read_text() == "a,b\n"
+    assert layout.error_file(job_id).exists()
+    assert len(layout.error_file(job_id).name.encode()) <= 255
+    assert "no data rows" in _refusal(layout, job_id)
+    refused = [e for e in logs if e["event"] == "job_refused"]
+    assert refused[0]["job"] == job_id and "no data rows" in refused[0]["reason"]
+
+
+async def test_two_long_names_get_distinct_error_files(
+    layout: Layout, settings: JobSettings
+) -> None:
+    """Two 255-byte names differing only at the end do not share an error file."""
+    ids = ["q" * 250 + "1", "q" * 250 + "2"]
+    for job_id in ids:
+        path = _write(layout.inbox, job_id + ".csv", b"\xff")
+        assert await accept_job_file(layout, path, settings, known_ids=set()) is None
+    assert layout.error_file(ids[0]) != layout.error_file(ids[1])
+    assert [_refusal(layout, i) for i in ids] == ["not UTF-8 text (invalid byte at offset 0)"] * 2
+
+
+async def test_invalid_file_goes_to_failed(layout: Layout, settings: JobSettings) -> None:
+    """A file with a short row is moved to failed/ and its error file names the line."""
+    path = _write(layout.inbox, "bad.csv", "a,b\n1,2\n3\n")
+    assert await accept_job_file(layout, path, settings, known_ids=set()) is None
+    assert not path.exists() and (layout.failed / "bad.csv").exists()
+    assert _refusal(layout, "bad") == "line 3 has 1 fields, the header has 2"
+    assert list(layout.queued.iterdir()) == []
+
+
+async def test_collision_with_known_or_queued_job_is_refused(
+    layout: Layout, settings: JobSettings
+) -> None:
+    """A name already queued or running (or known to the state) is refused, never merged or overwritten."""
+    _write(layout.queued, "q.csv", "old\n1\n")
+    _write(layout.running, "r.csv", "old\n1\n")
+    for job_id, known in (("q", set()), ("r", set()), ("k", {"k"})):
+        path = _write(layout.inbox, f"{job_id}.csv", GOOD)
+        assert await accept_job_file(layout, path, settings, known_ids=known) is None
+        assert "already queued or running" in _refusal(layout, job_id)
+        assert (layout.failed / f"{job_id}.csv").read_text() == GOOD
+    assert (layout.queued / "q.csv").read_text() == "old\n1\n"
+    assert (layout.running / "r.csv").read_text() == "old\n1\n"
+
+
+async def test_refusal_never_overwrites_failed(layout: Layout, settings: JobSettings) -> None:
+    """When failed/ already holds the name, the refused copy lands as <job>.dup-<n>.csv."""
+    _write(layout.failed, "j.csv", "earlier")
+    _write(layout.failed, "j.error.json", "{}")
+    for n in (1, 2):
+        path = _write(layout.inbox, "j.csv", "bad")
+        assert await accept_job_file(layout, path, settings, known_ids=set()) is None
+        assert (layout.failed / f"j.dup-{n}.csv").read_text() == "bad"
+        dup = json.loads((layout.failed / f"j.dup-{n}.error.json").read_text())
+        assert dup["job"] == "j" and "no data rows" in dup["reason"]
+    assert (layout.failed / "j.csv").read_text() == "earlier"
+    assert (layout.failed / "j.error.json").read_text() == "{}"
+
+
+async def test_fifo_is_moved_to_failed_without_opening(
+    layout: Layout, settings: JobSettings
+) -> None:
+    """A FIFO in the inbox is refused promptly; the FIFO entry itself moves to failed/."""
+    os.mkfifo(layout.inbox / "pipe.csv")
+    async with asyncio.timeout(10):
+        assert (
+            await accept_job_file(layout, layout.inbox / "pipe.csv", settings, known_ids=set())
+            is None
+        )
+    assert (layout.failed / "pipe.csv").is_fifo()
+    assert "FIFO" in _refusal(layout, "pipe")
+
+
+async def test_symlink_is_moved_to_failed_and_target_untouched(
+    layout: Layout, settings: JobSettings, tmp_path: Path
+) -> None:
+    """A symlink in the inbox is refused; the link moves, its target stays where and as it was."""
+    target = _write(tmp_path, "outside.csv", GOOD)
+    (layout.inbox / "link.csv").symlink_to(target)
+    assert (
+        await accept_job_file(layout, layout.inbox / "link.csv", settings, known_ids=set()) is None
+    )
+    assert (layout.failed / "link.csv").is_symlink()
+    assert target.read_text() == GOOD
+    assert "symbolic link" in _refusal(layout, "link")
+
+
+async def test_vanished_file_is_ignored(layout: Layout, settings: JobSettings) -> None:
+    """A file that disappeared before acceptance is neither refused nor an error."""
+    assert (
+        await accept_job_file(layout, layout.inbox / "gone.csv", settings, known_ids=set()) is None
+    )
+    assert list(layout.failed.iterdir()) == []
