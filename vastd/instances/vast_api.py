@@ -1,0 +1,553 @@
+"""The aiohttp client of the vast.ai REST API; the only caller of vast.ai (CONTRACT §6).
+
+Endpoints and shapes follow the official client (`vastai` 1.9.1). Retries: 429/502/503/504
+and transport errors, full-jitter backoff, `Retry-After` honoured. A rent is never
+retried once the request may have reached the server: the caller reconciles by label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import quote_plus
+
+import aiohttp
+from yarl import URL
+
+from vastd.utils.exceptions import APIShapeError, VastAIError
+from vastd.utils.logging import get_logger, register_secret
+
+log = get_logger(__name__)
+
+RETRYABLE_STATUS: Final = frozenset({429, 502, 503, 504})
+MAX_RETRY_AFTER_S: Final = 60.0
+PAGE_LIMIT: Final = 25
+_MAX_PAGES: Final = 10_000
+
+# Official client defaults for `POST /bundles/` (vastai/api/offers.py: search_offers).
+DEFAULT_OFFER_FILTERS: Final[dict[str, dict[str, Any]]] = {
+    "verified": {"eq": True},
+    "external": {"eq": False},
+    "rentable": {"eq": True},
+    "rented": {"eq": False},
+}
+
+# From vastai/api/query.py, so a query users know from the CLI means the same here.
+OFFER_FIELDS: Final = frozenset(
+    {
+        "bw_nvlink", "compute_cap", "cpu_arch", "cpu_cores", "cpu_cores_effective", "cpu_ghz",
+        "cpu_ram", "cuda_max_good", "datacenter", "direct_port_count", "driver_version",
+        "disk_bw", "disk_space", "dlperf", "dlperf_per_dphtotal", "dph_total", "duration",
+        "external", "flops_per_dphtotal", "gpu_arch", "gpu_display_active", "gpu_frac",
+        "gpu_mem_bw", "gpu_name", "gpu_ram", "gpu_total_ram", "gpu_max_power", "gpu_max_temp",
+        "has_avx", "host_id", "id", "inet_down", "inet_down_cost", "inet_up", "inet_up_cost",
+        "machine_id", "min_bid", "mobo_name", "num_gpus", "pci_gen", "pcie_bw", "reliability",
+        "reliability2", "rentable", "rented", "storage_cost", "static_ip", "total_flops",
+        "ubuntu_version", "verification", "verified", "vms_enabled", "geolocation",
+        "cluster_id", "score",
+    }
+)  # fmt: skip
+OFFER_ALIASES: Final[dict[str, str]] = {
+    "cuda_vers": "cuda_max_good",
+    "display_active": "gpu_display_active",
+    "dlperf_usd": "dlperf_per_dphtotal",
+    "dph": "dph_total",
+    "flops_usd": "flops_per_dphtotal",
+}
+# The CLI takes these in GB / days; the API wants MB / seconds.
+OFFER_MULTIPLIERS: Final[dict[str, float]] = {
+    "cpu_ram": 1000,
+    "gpu_ram": 1000,
+    "gpu_total_ram": 1000,
+    "duration": 24.0 * 60.0 * 60.0,
+}
+_OP_NAMES: Final[dict[str, str]] = {
+    ">=": "gte", ">": "gt", "gt": "gt", "gte": "gte",
+    "<=": "lte", "<": "lt", "lt": "lt", "lte": "lte",
+    "!=": "neq", "==": "eq", "=": "eq", "eq": "eq", "neq": "neq", "noteq": "neq", "not eq": "neq",
+    "notin": "notin", "not in": "notin", "nin": "notin", "in": "in",
+}  # fmt: skip
+# The official client's tokenizer (vastai/api/query.py: parse_query).
+_QUERY_RE: Final = re.compile(
+    r"([a-zA-Z0-9_]+)( *[=><!]+| +(?:[lg]te?|nin|neq|eq|not ?eq|not ?in|in) )?( *)"
+    r"(\[[^\]]+\]|\"[^\"]+\"|[^ ]+)?( *)"
+)
+_NUMBER_RE: Final = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _convert_scalar(raw: str) -> Any:
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] == '"'
+    text = raw.strip('"').replace("_", " ")
+    if quoted:
+        return text
+    if text in ("true", "True"):
+        return True
+    if text in ("false", "False"):
+        return False
+    if text in ("null", "None"):
+        return None
+    if _NUMBER_RE.fullmatch(text):
+        number = float(text)
+        return int(number) if re.fullmatch(r"[+-]?\d+", text) else number
+    return text
+
+
+def _driver_version(value: str) -> int:
+    parts = value.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"driver_version must look like 535.86.05, got {value!r}")
+    return int("".join(p.zfill(3) for p in parts))
+
+
+def parse_offer_query(query: str) -> dict[str, dict[str, Any]]:
+    """Parse the CLI's offer query syntax into the API's filter dict.
+
+    `gpu_name in [RTX_3090,RTX_4090] reliability>0.98` ->
+    `{"gpu_name": {"in": ["RTX 3090", "RTX 4090"]}, "reliability": {"gt": 0.98}}`.
+    Raises ValueError naming the offending part.
+    """
+    text = query.strip()
+    result: dict[str, dict[str, Any]] = {}
+    if not text:
+        return result
+    matches = _QUERY_RE.findall(text)
+    consumed = "".join("".join(m) for m in matches)
+    if consumed != text:
+        raise ValueError(f"cannot parse offer query {query!r} (quote it as one string?)")
+    for field, raw_op, _, raw_value, _ in matches:
+        op = " ".join(raw_op.split())
+        op_name = _OP_NAMES.get(op)
+        term = f"{field}{raw_op}{raw_value}".strip()
+        if not op_name:
+            raise ValueError(f"missing or unknown operator in {term!r}")
+        field = OFFER_ALIASES.get(field, field)
+        if field not in OFFER_FIELDS:
+            raise ValueError(f"unknown offer field {field!r} in {term!r}")
+        value_text = raw_value.strip(",[]")
+        if not value_text.strip():
+            raise ValueError(f"missing value in {term!r}")
+        if value_text in ("?", "*", "any"):
+            if op_name != "eq":
+                raise ValueError(f"wildcard only makes sense with '=' in {term!r}")
+            result.pop(field, None)
+            continue
+        value: Any
+        if op_name in ("in", "notin"):
+            items = [x.strip() for x in value_text.split(",") if x.strip()]
+            if not items:
+                raise ValueError(f"empty list in {term!r}")
+            value = [_convert_scalar(x) for x in items]
+        elif field == "driver_version" and "." in value_text:
+            value = _driver_version(value_text)
+        else:
+            value = _convert_scalar(value_text)
+        if field in OFFER_MULTIPLIERS:
+            factor = OFFER_MULTIPLIERS[field]
+            try:
+                value = (
+                    [float(v) * factor for v in value]
+                    if isinstance(value, list)
+                    else float(value) * factor
+                )
+            except (TypeError, ValueError):
+                raise ValueError(f"{field} needs a number in {term!r}") from None
+        result.setdefault(field, {})[op_name] = value
+    return result
+
+
+def parse_order(order: str) -> list[list[str]]:
+    """`"dph_total,-reliability"` -> `[["dph_total","asc"],["reliability","desc"]]`."""
+    parsed: list[list[str]] = []
+    for name in (n.strip() for n in order.split(",")):
+        if not name:
+            continue
+        direction = "desc" if name.strip("-") != name else "asc"
+        field = name.strip("-+")
+        parsed.append([OFFER_ALIASES.get(field, field), direction])
+    return parsed
+
+
+def encode_query(params: Mapping[str, Any]) -> str:
+    """Like the official client: strings as they are, the rest JSON; then URL-quoted."""
+    return "&".join(
+        f"{k}={quote_plus(v if isinstance(v, str) else json.dumps(v))}" for k, v in params.items()
+    )
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (seconds or HTTP date), capped at 60 s."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+class VastClient:
+    """Async client of the vast.ai REST API. Use `async with` or call `aclose()`."""
+
+    def __init__(
+        self,
+        api_url: str,
+        api_key: str,
+        *,
+        timeout_s: float = 30,
+        max_retries: int = 5,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        session: aiohttp.ClientSession | None = None,
+        connection_limit: int = 16,
+    ) -> None:
+        if not api_url.startswith(("http://", "https://")):
+            raise ValueError("api_url must start with http:// or https://")
+        self._api_url = api_url.rstrip("/")
+        self._api_key = api_key
+        register_secret(api_key)
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_s, connect=min(10.0, timeout_s), sock_read=min(20.0, timeout_s)
+        )
+        self._max_retries = max_retries
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._sleep = sleep
+        self._session = session
+        self._owns_session = session is None
+        self._connection_limit = connection_limit
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"VastClient(api_url={self._api_url!r})"
+
+    async def __aenter__(self) -> VastClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session if this client created it."""
+        session, self._session = self._session, None
+        if session is not None and self._owns_session and not session.closed:
+            await session.close()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            if not self._owns_session:
+                raise VastAIError("the session passed to VastClient is closed")
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(
+                    limit=self._connection_limit,
+                    limit_per_host=max(1, self._connection_limit // 2),
+                ),
+                headers={"User-Agent": "vastd"},
+            )
+        return self._session
+
+    # -- transport -----------------------------------------------------------------
+
+    def _safe(self, text: str) -> str:
+        return text.replace(self._api_key, "**********") if self._api_key else text
+
+    def _backoff_s(self, attempt: int) -> float:
+        cap = min(self._backoff_max_s, self._backoff_base_s * (2**attempt))
+        return self._rng.uniform(0, cap)
+
+    async def _retry_wait(
+        self, method: str, path: str, attempt: int, delay_s: float, status: int | str
+    ) -> None:
+        log.warning(
+            "api_retry",
+            method=method,
+            path=path,
+            status=status,
+            attempt=attempt + 1,
+            delay_s=round(delay_s, 3),
+        )
+        await self._sleep(delay_s)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        idempotent: bool = True,
+        not_found_ok: bool = False,
+    ) -> Any:
+        """Send one request with retries; return the decoded JSON body (None on 404 if ok)."""
+        url = self._api_url + path + (f"?{encode_query(params)}" if params else "")
+        headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
+        session = self._get_session()
+        attempt = 0
+        while True:
+            try:
+                async with session.request(
+                    method, URL(url, encoded=True), headers=headers, json=body
+                ) as resp:
+                    status = resp.status
+                    if status in RETRYABLE_STATUS:
+                        raw = await resp.read()
+                        resp.release()
+                        quota = status == 429 and _json_error(raw) == "search_quota_exceeded"
+                        # A 429 comes from the rate limiter: nothing was created. A 5xx
+                        # from a gateway may have reached the backend: only idempotent.
+                        retryable = not quota and (idempotent or status == 429)
+                        if retryable and attempt < self._max_retries:
+                            delay = parse_retry_after(resp.headers.get("Retry-After"))
+                            if delay is None:
+                                delay = self._backoff_s(attempt)
+                            await self._retry_wait(method, path, attempt, delay, status)
+                            attempt += 1
+                            continue
+                        what = "search quota exceeded" if quota else _msg(raw)
+                        raise VastAIError(
+                            self._safe(f"{method} {path}: HTTP {status}: {what}"), status=status
+                        )
+                    raw = await resp.read()
+                    if status == 404 and not_found_ok:
+                        return None
+                    if status >= 400:
+                        raise VastAIError(
+                            self._safe(f"{method} {path}: HTTP {status}: {_msg(raw)}"),
+                            status=status,
+                        )
+                    return self._decode(method, path, status, raw)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Never connected: the request did not leave; safe to retry even a rent.
+                err: BaseException = exc
+                sent = False
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                err, sent = exc, True
+            if (sent and not idempotent) or attempt >= self._max_retries:
+                detail = type(err).__name__
+                if sent and not idempotent:
+                    detail += " (the request may have reached the server)"
+                raise VastAIError(self._safe(f"{method} {path}: {detail}: {err}")) from None
+            await self._retry_wait(
+                method, path, attempt, self._backoff_s(attempt), type(err).__name__
+            )
+            attempt += 1
+
+    def _decode(self, method: str, path: str, status: int, raw: bytes) -> Any:
+        if not raw.strip():
+            raise APIShapeError(f"{method} {path}: HTTP {status} with an empty body", status=status)
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            start = self._safe(raw[:60].decode("utf-8", "replace"))
+            raise APIShapeError(
+                f"{method} {path}: HTTP {status}: not JSON: {start!r}", status=status
+            ) from None
+
+    # -- instances -----------------------------------------------------------------
+
+    async def list_instances(self, label: str | None = None) -> list[dict[str, Any]]:
+        """Every own instance (all pages), only those labelled `label` when given."""
+        path = "/api/v1/instances/"
+        params: dict[str, Any] = {
+            "select_filters": {"label": {"eq": label}} if label is not None else {},
+            "order_by": [{"col": "id", "dir": "asc"}],
+            "limit": PAGE_LIMIT,
+        }
+        rows: list[dict[str, Any]] = []
+        seen_tokens: set[str] = set()
+        for _ in range(_MAX_PAGES):
+            data = await self._request("GET", path, params=params)
+            if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
+                raise APIShapeError(f"GET {path}: expected {{'instances': [...]}}")
+            page = data["instances"]
+            if not all(isinstance(r, dict) for r in page):
+                raise APIShapeError(f"GET {path}: an instance is not an object")
+            rows.extend(page)
+            token = data.get("next_token")
+            if token is None or token == "":
+                break
+            if not isinstance(token, str | int) or isinstance(token, bool):
+                raise APIShapeError(f"GET {path}: next_token of type {type(token).__name__}")
+            token = str(token)
+            if token in seen_tokens:
+                raise APIShapeError(f"GET {path}: next_token repeats; pagination loops")
+            seen_tokens.add(token)
+            params["after_token"] = token
+        else:
+            raise APIShapeError(f"GET {path}: more than {_MAX_PAGES} pages")
+        if label is not None:
+            rows = [r for r in rows if r.get("label") == label]
+        return rows
+
+    async def show_instance(self, instance_id: int) -> dict[str, Any] | None:
+        """One own instance, or None when it does not exist."""
+        path = f"/api/v0/instances/{int(instance_id)}/"
+        data = await self._request("GET", path, params={"owner": "me"}, not_found_ok=True)
+        if data is None:
+            return None
+        if not isinstance(data, dict) or "instances" not in data:
+            raise APIShapeError(f"GET {path}: expected {{'instances': ...}}")
+        row = data["instances"]
+        if row is None:
+            return None
+        if not isinstance(row, dict):
+            raise APIShapeError(f"GET {path}: 'instances' is not an object")
+        return row
+
+    async def _simple(
+        self, method: str, path: str, body: Any, *, not_found_ok: bool = False
+    ) -> dict[str, Any] | None:
+        data = await self._request(method, path, body=body, not_found_ok=not_found_ok)
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise APIShapeError(f"{method} {path}: expected a JSON object")
+        if data.get("success") is False:
+            raise VastAIError(self._safe(f"{method} {path}: refused: {_msg_of(data)}"))
+        return data
+
+    async def destroy_instance(self, instance_id: int) -> bool:
+        """Destroy an instance; False when it was already gone (404). Confirm by listing."""
+        path = f"/api/v0/instances/{int(instance_id)}/"
+        return await self._simple("DELETE", path, {}, not_found_ok=True) is not None
+
+    async def set_label(self, instance_id: int, label: str) -> None:
+        """Set an instance's label."""
+        await self._simple("PUT", f"/api/v0/instances/{int(instance_id)}/", {"label": label})
+
+    async def start_instance(self, instance_id: int) -> None:
+        """Ask a stopped instance to run again."""
+        await self._simple("PUT", f"/api/v0/instances/{int(instance_id)}/", {"state": "running"})
+
+    async def stop_instance(self, instance_id: int) -> None:
+        """Stop an instance (its disk is still billed)."""
+        await self._simple("PUT", f"/api/v0/instances/{int(instance_id)}/", {"state": "stopped"})
+
+    async def reboot_instance(self, instance_id: int) -> None:
+        """Restart an instance's container."""
+        await self._simple("PUT", f"/api/v0/instances/reboot/{int(instance_id)}/", {})
+
+    async def attach_ssh_key(self, instance_id: int, public_key: str) -> None:
+        """Register an SSH public key on an instance through the API."""
+        path = f"/api/v0/instances/{int(instance_id)}/ssh/"
+        await self._simple("POST", path, {"ssh_key": public_key.strip()})
+
+    # -- offers and renting --------------------------------------------------------
+
+    async def search_offers(
+        self,
+        query: str | Mapping[str, Mapping[str, Any]],
+        *,
+        order: str = "dph_total",
+        limit: int = 64,
+        disk_gb: float | None = None,
+        offer_type: str = "on-demand",
+    ) -> list[dict[str, Any]]:
+        """Offers matching `query` (CLI syntax or a filter dict), in `order` (`-f` = desc)."""
+        filters = parse_offer_query(query) if isinstance(query, str) else dict(query)
+        body: dict[str, Any] = {k: dict(v) for k, v in DEFAULT_OFFER_FILTERS.items()}
+        body.update(filters)
+        body["order"] = parse_order(order)
+        body["type"] = "bid" if offer_type == "interruptible" else offer_type
+        body["limit"] = int(limit)
+        body["allocated_storage"] = float(disk_gb) if disk_gb is not None else 5.0
+        path = "/api/v0/bundles/"
+        data = await self._request("POST", path, body=body)
+        if not isinstance(data, dict) or not isinstance(data.get("offers"), list):
+            raise APIShapeError(f"POST {path}: expected {{'offers': [...]}}")
+        offers: list[dict[str, Any]] = data["offers"]
+        if not all(isinstance(o, dict) and isinstance(o.get("id"), int) for o in offers):
+            raise APIShapeError(f"POST {path}: an offer is not an object with an int id")
+        return offers
+
+    async def rent(
+        self,
+        offer_id: int,
+        *,
+        image: str,
+        disk_gb: float,
+        label: str,
+        env: dict[str, str] | None = None,
+        onstart: str | None = None,
+        price: float | None = None,
+        runtype: str = "ssh_direc ssh_proxy",
+    ) -> int:
+        """Rent an offer; return the new instance id.
+
+        Never retried once the request may have reached the server: any ambiguous
+        failure raises VastAIError and the caller must reconcile by listing `label`.
+        """
+        path = f"/api/v0/asks/{int(offer_id)}/"
+        body = {
+            "client_id": "me",
+            "image": image,
+            "env": dict(env or {}),
+            "price": price,
+            "disk": disk_gb,
+            "label": label,
+            "extra": None,
+            "onstart": onstart,
+            "image_login": None,
+            "python_utf8": False,
+            "lang_utf8": False,
+            "use_jupyter_lab": False,
+            "jupyter_dir": None,
+            "force": False,
+            # Fail rather than leave a stopped (still billed) instance behind.
+            "cancel_unavail": True,
+            "template_hash_id": None,
+            "user": None,
+            "runtype": runtype,
+        }
+        data = await self._request("PUT", path, body=body, idempotent=False)
+        if not isinstance(data, dict):
+            raise APIShapeError(f"PUT {path}: expected a JSON object")
+        if data.get("success") is False:
+            raise VastAIError(self._safe(f"PUT {path}: refused: {_msg_of(data)}"))
+        contract = data.get("new_contract")
+        if not isinstance(contract, int) or isinstance(contract, bool):
+            raise APIShapeError(f"PUT {path}: no integer 'new_contract' in the answer")
+        return contract
+
+
+def _json_error(raw: bytes) -> Any:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data.get("error") if isinstance(data, dict) else None
+
+
+def _msg_of(data: dict[str, Any]) -> str:
+    for key in ("msg", "error", "message"):
+        if isinstance(data.get(key), str):
+            return str(data[key])[:200]
+    return "no detail"
+
+
+def _msg(raw: bytes) -> str:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "(no detail)"
+    return _msg_of(data) if isinstance(data, dict) else "(no detail)"
