@@ -12,7 +12,7 @@ import time
 from datetime import timedelta
 
 from vastd.core import state as st
-from vastd.core.files import JobFolder, move_job_file, write_error_json
+from vastd.core.files import JobFolder, move_job_file, move_job_to_failed
 from vastd.core.jobs import get_job_arguments
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState
@@ -364,16 +364,14 @@ async def record_attempt_failure(
         requeue(ctx, job, reason=reason, count_attempt=False, avoid=failed_on)
         return
     try:
-        write_error_json(
+        move_job_to_failed(
             ctx.layout,
             job.id,
+            JobFolder.RUNNING,
             reason=reason,
             attempts=job.attempts,
             last_exit_code=exit_code,
             log_tail=log_tail,
-        )
-        move_job_file(
-            ctx.layout, job.id, JobFolder.RUNNING, JobFolder.FAILED, rename_on_collision=True
         )
     except FileOperationError as exc:
         log.error("job_fail_record_failed", job=job.id, error=str(exc))
