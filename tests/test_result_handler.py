@@ -1,0 +1,338 @@
+"""result_handler: listing, safe download, parquet validation, atomic install (real sh, pyarrow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.localrunner import LocalRunner
+from vastd.execution.job_runner import RemoteJobPaths, remote_job_paths
+from vastd.execution.result_handler import (
+    CollectedResults,
+    cleanup_remote_job,
+    cleanup_stale_result_dirs,
+    collect_job_results,
+    download_result_file,
+    find_result_files,
+    matches_result_glob,
+    validate_result_file,
+)
+from vastd.utils.exceptions import ConfigError, ResultValidationError
+
+JOB = "garch_test_job_0000_0099"
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> LocalRunner:
+    return LocalRunner(cwd=tmp_path)
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> RemoteJobPaths:
+    """A finished job's remote folder: input, log, exit_code, empty out/."""
+    p = remote_job_paths(str(tmp_path / "remote"), "inst1", JOB)
+    os.makedirs(p.out_dir)
+    Path(p.input).write_text("a\n1\n")
+    Path(p.log).write_text("Row 0: ok\n")
+    Path(p.exit_code).write_text("0\n")
+    Path(p.pid).write_text("12345\n")
+    return p
+
+
+@pytest.fixture
+def results_root(tmp_path: Path) -> Path:
+    return tmp_path / "results"
+
+
+def write_parquet(path: Path, rows: int) -> None:
+    pq.write_table(pa.table({"job_row": pa.array(range(rows), type=pa.int64())}), path)
+
+
+async def collect(
+    runner: LocalRunner,
+    paths: RemoteJobPaths,
+    results_root: Path,
+    *,
+    pattern: str = "*.parquet",
+    min_results: int = 1,
+    validate: str = "parquet",
+    max_bytes: int = 10_000_000,
+    log_max_bytes: int = 10_000_000,
+) -> CollectedResults:
+    return await collect_job_results(
+        runner,
+        paths,
+        JOB,
+        results_root=results_root,
+        pattern=pattern,
+        min_results=min_results,
+        validate=validate,
+        max_bytes=max_bytes,
+        timeout_s=20,
+        log_max_bytes=log_max_bytes,
+    )
+
+
+def leftovers(results_root: Path) -> list[str]:
+    return [p.name for p in results_root.iterdir() if p.name.startswith(".")]
+
+
+async def test_two_parquet_files_collected(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """Both results beside the input are downloaded, validated, and installed with log.txt."""
+    write_parquet(Path(paths.job_dir, "a.parquet"), 3)
+    write_parquet(Path(paths.job_dir, "b.parquet"), 4)
+    collected = await collect(runner, paths, results_root)
+    final = results_root / JOB
+    assert collected.directory == final
+    assert collected.rows == 7
+    assert collected.files == [final / "a.parquet", final / "b.parquet"]
+    assert sorted(os.listdir(final)) == ["a.parquet", "b.parquet", "log.txt"]
+    assert (final / "log.txt").read_text() == "Row 0: ok\n"
+    assert collected.log == final / "log.txt"
+    assert leftovers(results_root) == []
+
+
+async def test_control_files_and_input_never_count(
+    runner: LocalRunner, paths: RemoteJobPaths
+) -> None:
+    """A glob matching everything still never yields the input, log.txt, pid or exit_code."""
+    write_parquet(Path(paths.job_dir, "r.parquet"), 1)
+    files = await find_result_files(runner, paths, "*", timeout_s=20)
+    assert [f.name for f in files] == ["r.parquet"]
+
+
+async def test_symlink_in_out_is_ignored_and_reported(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """A symlink matching the glob (to /etc/passwd) is skipped, reported, never downloaded."""
+    write_parquet(Path(paths.out_dir, "real.parquet"), 2)
+    os.symlink("/etc/passwd", Path(paths.out_dir, "evil.parquet"))
+    os.mkdir(Path(paths.out_dir, "dir.parquet"))
+    os.mkfifo(Path(paths.out_dir, "fifo.parquet"))
+    collected = await collect(runner, paths, results_root, pattern="out/*.parquet")
+    assert [p.name for p in collected.files] == ["real.parquet"]
+    assert any("evil.parquet" in s and "symlink" in s for s in collected.skipped)
+    assert any("dir.parquet" in s for s in collected.skipped)
+    assert any("fifo.parquet" in s for s in collected.skipped)
+    downloads = [arg for kind, arg in runner.calls if kind == "download"]
+    assert not any("evil" in d for d in downloads)
+    assert not (results_root / JOB / "evil.parquet").exists()
+
+
+async def test_glob_is_relative_to_job_folder(runner: LocalRunner, paths: RemoteJobPaths) -> None:
+    """`*.parquet` finds files beside the input only; `out/*.parquet` those in out/ only."""
+    write_parquet(Path(paths.job_dir, "top.parquet"), 1)
+    write_parquet(Path(paths.out_dir, "inner.parquet"), 1)
+    top = await find_result_files(runner, paths, "*.parquet", timeout_s=20)
+    inner = await find_result_files(runner, paths, "out/*.parquet", timeout_s=20)
+    assert [f.name for f in top] == ["top.parquet"]
+    assert [f.name for f in inner] == ["out/inner.parquet"]
+    assert inner[0].path == f"{paths.out_dir}/inner.parquet"
+
+
+def test_matches_result_glob() -> None:
+    """Globs match per path component; absolute or '..' globs are configuration errors."""
+    assert matches_result_glob("x.parquet", "*.parquet")
+    assert not matches_result_glob("out/x.parquet", "*.parquet")
+    assert matches_result_glob("out/x.parquet", "out/*.parquet")
+    assert matches_result_glob("out/x.parquet", "*/*")
+    for bad in ("/abs/*.parquet", "../*.parquet", "out/../x", ""):
+        with pytest.raises(ConfigError):
+            matches_result_glob("x", bad)
+
+
+async def test_empty_parquet_is_refused(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """A parquet file with zero rows fails validation; nothing is installed, no temp left."""
+    write_parquet(Path(paths.job_dir, "empty.parquet"), 0)
+    with pytest.raises(ResultValidationError, match="no rows"):
+        await collect(runner, paths, results_root)
+    assert not (results_root / JOB).exists()
+    assert leftovers(results_root) == []
+
+
+async def test_non_parquet_is_refused(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """A file named .parquet that is not parquet fails validation with a clear reason."""
+    Path(paths.job_dir, "x.parquet").write_text("not parquet at all")
+    with pytest.raises(ResultValidationError, match="not a readable parquet"):
+        await collect(runner, paths, results_root)
+    assert not (results_root / JOB).exists()
+    assert leftovers(results_root) == []
+
+
+async def test_truncated_parquet_is_refused(tmp_path: Path) -> None:
+    """A parquet file cut short (written straight to its final name) fails validation."""
+    path = tmp_path / "t.parquet"
+    write_parquet(path, 1000)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ResultValidationError):
+        validate_result_file(path, "parquet")
+
+
+async def test_file_over_max_bytes_is_refused(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """A result larger than max_bytes is refused before any download."""
+    write_parquet(Path(paths.job_dir, "big.parquet"), 10_000)
+    with pytest.raises(ResultValidationError, match="more than"):
+        await collect(runner, paths, results_root, max_bytes=100)
+    assert runner.count("download") == 0
+    assert not (results_root / JOB).exists()
+
+
+async def test_odd_names_land_inside_results(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """Names with newlines, dots, dashes, backslashes and unicode land inside the job's folder;
+    hidden names never match."""
+    names = ["we\nird.parquet", "a..b.parquet", "-x.parquet", "ü $(x).parquet", "up..\\x.parquet"]
+    for name in names:
+        write_parquet(Path(paths.job_dir, name), 1)
+    write_parquet(Path(paths.job_dir, "..hidden.parquet"), 1)  # hidden: never a result
+    collected = await collect(runner, paths, results_root)
+    final = (results_root / JOB).resolve()
+    assert len(collected.files) == len(names)
+    for path in collected.files:
+        assert path.resolve().parent == final
+        assert "\n" not in path.name and "\\" not in path.name
+    assert sorted(os.listdir(final)) == sorted(
+        [
+            "we_ird.parquet",
+            "a..b.parquet",
+            "-x.parquet",
+            "ü $(x).parquet",
+            "up.._x.parquet",
+            "log.txt",
+        ]
+    )
+
+
+async def test_download_result_file_stays_in_folder(runner: LocalRunner, tmp_path: Path) -> None:
+    """A remote name made of path tricks is reduced to a safe basename inside local_dir."""
+    from vastd.execution.result_handler import RemoteFile
+
+    src = tmp_path / "src.parquet"
+    write_parquet(src, 1)
+    local_dir = tmp_path / "dl"
+    local_dir.mkdir()
+    for name in ("out/../../x.parquet", "..", "out/.."):
+        remote = RemoteFile(name=name, path=str(src), size=src.stat().st_size)
+        got = await download_result_file(runner, remote, local_dir, max_bytes=10**6, timeout_s=20)
+        assert got.parent == local_dir.resolve()
+        assert got.name not in (".", "..")
+
+
+async def test_old_attempt_results_are_replaced_not_mixed(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """A results folder from an earlier attempt is replaced whole; none of its files remain."""
+    old = results_root / JOB
+    old.mkdir(parents=True)
+    (old / "old_attempt.parquet").write_text("stale")
+    write_parquet(Path(paths.job_dir, "new.parquet"), 5)
+    collected = await collect(runner, paths, results_root)
+    assert sorted(os.listdir(old)) == ["log.txt", "new.parquet"]
+    assert collected.rows == 5
+    assert leftovers(results_root) == []
+
+
+async def test_failed_collection_keeps_earlier_folder(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """When validation fails, the final name is left as it was and the temp folder removed."""
+    old = results_root / JOB
+    old.mkdir(parents=True)
+    (old / "kept.parquet").write_text("earlier")
+    write_parquet(Path(paths.job_dir, "good.parquet"), 1)
+    Path(paths.job_dir, "zbad.parquet").write_text("junk")
+    with pytest.raises(ResultValidationError):
+        await collect(runner, paths, results_root)
+    assert os.listdir(old) == ["kept.parquet"]
+    assert leftovers(results_root) == []
+
+
+async def test_min_results_enforced(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """Fewer matching files than min_results fail; min_results=0 installs just the log."""
+    with pytest.raises(ResultValidationError, match="at least 1"):
+        await collect(runner, paths, results_root)
+    assert not (results_root / JOB).exists()
+    write_parquet(Path(paths.job_dir, "one.parquet"), 1)
+    with pytest.raises(ResultValidationError, match="at least 2"):
+        await collect(runner, paths, results_root, min_results=2)
+    collected = await collect(runner, paths, results_root, pattern="*.none", min_results=0)
+    assert collected.files == [] and collected.rows == 0
+    assert os.listdir(results_root / JOB) == ["log.txt"]
+
+
+async def test_validate_none_accepts_any_file(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """With validate = "none" files are downloaded without being read."""
+    Path(paths.out_dir, "r.txt").write_text("anything")
+    collected = await collect(runner, paths, results_root, pattern="out/*.txt", validate="none")
+    assert [p.name for p in collected.files] == ["r.txt"]
+    assert (results_root / JOB / "r.txt").read_text() == "anything"
+
+
+async def test_long_log_is_tail_capped(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """A log past the cap arrives as its last bytes only, and the remote temp copy is removed."""
+    Path(paths.log).write_text("x" * 5000 + "THE END\n")
+    write_parquet(Path(paths.job_dir, "r.parquet"), 1)
+    await collect(runner, paths, results_root, log_max_bytes=100)
+    log = (results_root / JOB / "log.txt").read_text()
+    assert len(log) == 100 and log.endswith("THE END\n")
+    assert sorted(n for n in os.listdir(paths.job_dir) if n.startswith(".")) == []
+
+
+async def test_missing_job_folder(runner: LocalRunner, tmp_path: Path) -> None:
+    """Collecting from a job folder that does not exist is a result validation error."""
+    paths = remote_job_paths(str(tmp_path / "remote"), "inst1", "nothing")
+    with pytest.raises(ResultValidationError, match="missing"):
+        await find_result_files(runner, paths, "*.parquet", timeout_s=20)
+
+
+def test_validate_result_file_kinds(tmp_path: Path) -> None:
+    """ "none" returns 0, "parquet" the row count, unknown kinds are ConfigErrors, symlinks refused."""
+    path = tmp_path / "r.parquet"
+    write_parquet(path, 6)
+    assert validate_result_file(path, "parquet") == 6
+    assert validate_result_file(path, "none") == 0
+    with pytest.raises(ConfigError):
+        validate_result_file(path, "csv")
+    link = tmp_path / "l.parquet"
+    link.symlink_to(path)
+    with pytest.raises(ResultValidationError, match="regular"):
+        validate_result_file(link, "parquet")
+
+
+async def test_cleanup_remote_job(runner: LocalRunner, paths: RemoteJobPaths) -> None:
+    """The job's remote folder is removed; a path outside <instance>/jobs/ is refused."""
+    await cleanup_remote_job(runner, paths, timeout_s=20)
+    assert not Path(paths.job_dir).exists()
+    assert Path(paths.instance_root, "jobs").exists()
+    for bad in (paths.instance_root, f"{paths.instance_root}/jobs/../x", "/", "/tmp/x"):
+        with pytest.raises(ValueError):
+            await cleanup_remote_job(runner, dataclasses.replace(paths, job_dir=bad), timeout_s=20)
+
+
+def test_cleanup_stale_result_dirs(results_root: Path) -> None:
+    """Temp folders of interrupted collections are removed; job folders are not."""
+    (results_root / ".vastd-tmp-abc").mkdir(parents=True)
+    (results_root / JOB).mkdir()
+    assert cleanup_stale_result_dirs(results_root) == 1
+    assert os.listdir(results_root) == [JOB]

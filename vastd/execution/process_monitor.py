@@ -1,0 +1,330 @@
+"""One batched status command per instance, completion from `exit_code`, timeouts.
+
+Completion is judged only from the job folder: `exit_code` (written by the wrapper)
+and whether the process group still has members. `ps` output and log keywords are
+never used for that (`find_process_by_name` is for diagnostics only).
+
+Status output, after the marker, one line per entry, keyed by the entry's index
+(job ids are never echoed: they may hold newlines):
+
+    J <index> <exists 0|1> <pgid|-> <alive 0|1> <exit_code> <started_at> <ended_at>
+      <log_size> <attempt> <timed_out 0|1>
+
+where a number field is `-` when its file is absent and `!` when it holds garbage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from enum import StrEnum
+
+from vastd.execution.job_runner import (
+    SH_HELPERS,
+    RemoteJobPaths,
+    RemoteRunner,
+    as_sh_command,
+    marker_lines,
+)
+from vastd.utils.exceptions import JobExecutionError
+
+_TICK_S = 0.2
+TIMEOUT_EXIT_CODE = 124
+
+
+@dataclass(frozen=True)
+class RemoteJobStatus:
+    """What the job folder says about a job; `exists` is False when the folder is absent."""
+
+    job_id: str
+    exists: bool
+    pid: int | None = None
+    alive: bool = False
+    exit_code: int | None = None
+    exit_code_invalid: bool = False
+    started_at: float | None = None
+    ended_at: float | None = None
+    log_size: int | None = None
+    attempt: int | None = None
+    timed_out: bool = False
+
+
+class CompletionStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    VANISHED = "vanished"
+    INVALID = "invalid"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class JobLogInfo:
+    rows_done: int
+    last_row: int | None
+    last_line: str
+
+
+@dataclass(frozen=True)
+class KillOutcome:
+    """`was_alive`: the group had members; `still_alive`: it survived SIGKILL."""
+
+    was_alive: bool
+    still_alive: bool
+    exit_code_written: bool
+
+
+@dataclass(frozen=True)
+class RemoteProcess:
+    pid: int
+    pgid: int
+    command: str
+
+
+def _entry_report(index: int) -> str:
+    # The entry's folder and pgid are in the shell variables d<index> and p<index>.
+    return f"""d=$d{index}; p=$p{index}
+if [ -d "$d" ]; then
+  if _alive "$d" "$p"; then al=1; else al=0; fi
+  _num "$d/exit_code"; e=$v; _num "$d/started_at"; s=$v; _num "$d/ended_at"; en=$v
+  _num "$d/attempt"; at=$v
+  if [ -f "$d/log.txt" ]; then ls=$(wc -c < "$d/log.txt" | tr -cd 0-9); else ls=; fi
+  if [ -e "$d/timed_out" ]; then to=1; else to=0; fi
+  printf 'J {index} 1 %s %s %s %s %s %s %s %s\\n' "${{p:--}}" "$al" "$e" "$s" "$en" \\
+    "${{ls:--}}" "$at" "$to"
+else
+  printf 'J {index} 0 - 0 - - - - - 0\\n'
+fi
+"""
+
+
+def build_status_script(entries: list[tuple[str, RemoteJobPaths]], *, wait_s: float = 0) -> str:
+    """One script reporting every entry; with `wait_s` > 0 it first waits (remote-side, every
+    0.2 s) until any entry is no longer running (exit_code written, group gone, folder
+    gone) or `wait_s` passes. List only jobs believed running, or it returns at once.
+    """
+    lines = [SH_HELPERS]
+    for index, (_job_id, paths) in enumerate(entries):
+        lines.append(f"d{index}={shlex.quote(paths.job_dir)}")
+        lines.append(f'_pgid "$d{index}/pid"; p{index}=$v')
+        # A pid from another boot is not ours: treat it as gone from the start.
+        lines.append(f'_alive "$d{index}" "$p{index}" || p{index}=')
+    if wait_s > 0 and entries:
+        ticks = math.ceil(wait_s / _TICK_S)
+        whole = math.ceil(wait_s)
+        checks = " && ".join(f'_r "$d{i}" "$p{i}"' for i in range(len(entries)))
+        lines.append(
+            '_r() { [ -d "$1" ] && [ ! -f "$1/exit_code" ] && [ -n "$2" ] '
+            '&& kill -0 -"$2" 2>/dev/null && _live_member "$2"; }'
+        )
+        lines.append(f'if [ "$FRAC" = 1 ]; then n={ticks}; else n={whole}; fi')
+        lines.append(f"t=0; while [ $t -lt $n ] && {checks}; do _tick {_TICK_S}; t=$((t+1)); done")
+    lines.append('printf "%s\\n" "$M"')
+    lines.extend(_entry_report(index) for index in range(len(entries)))
+    return "\n".join(lines) + "\n"
+
+
+_STATUS_LINE = re.compile(
+    r"^J ([0-9]+) ([01]) (-|[0-9]+) ([01]) (\S+) (\S+) (\S+) (-|[0-9]+) (\S+) ([01])$"
+)
+_NUMBER = re.compile(r"^[+-]?[0-9]{1,18}$")
+
+
+def _number(field: str) -> int | None:
+    return int(field) if _NUMBER.match(field) else None
+
+
+def parse_status_output(
+    stdout: str, entries: list[tuple[str, RemoteJobPaths]]
+) -> dict[str, RemoteJobStatus]:
+    """Statuses by job id; entries without a well-formed line (truncated output) are absent."""
+    lines = marker_lines(stdout) or []
+    statuses: dict[str, RemoteJobStatus] = {}
+    for line in lines:
+        match = _STATUS_LINE.match(line.strip())
+        if not match:
+            continue
+        index = int(match.group(1))
+        if index >= len(entries):
+            continue
+        job_id = entries[index][0]
+        if match.group(2) == "0":
+            statuses[job_id] = RemoteJobStatus(job_id=job_id, exists=False)
+            continue
+        exit_field = match.group(5)
+        exit_code = _number(exit_field)
+        started, ended = _number(match.group(6)), _number(match.group(7))
+        statuses[job_id] = RemoteJobStatus(
+            job_id=job_id,
+            exists=True,
+            pid=_number(match.group(3)),
+            alive=match.group(4) == "1",
+            exit_code=exit_code,
+            exit_code_invalid=exit_field != "-" and exit_code is None,
+            started_at=float(started) if started is not None else None,
+            ended_at=float(ended) if ended is not None else None,
+            log_size=_number(match.group(8)),
+            attempt=_number(match.group(9)),
+            timed_out=match.group(10) == "1",
+        )
+    return statuses
+
+
+async def monitor_job_execution(
+    conn: RemoteRunner,
+    entries: list[tuple[str, RemoteJobPaths]],
+    *,
+    wait_s: float = 0,
+    timeout_s: float,
+) -> dict[str, RemoteJobStatus]:
+    """Status of every listed job in one round trip (`timeout_s` is on top of `wait_s`)."""
+    if not entries:
+        return {}
+    script = build_status_script(entries, wait_s=wait_s)
+    result = await conn.run(as_sh_command(script), timeout_s=timeout_s + max(wait_s, 0))
+    return parse_status_output(result.stdout, entries)
+
+
+def detect_job_completion(status: RemoteJobStatus) -> CompletionStatus:
+    """RUNNING, or how the job ended; `exit_code` wins over liveness."""
+    if not status.exists:
+        return CompletionStatus.MISSING
+    if status.exit_code_invalid:
+        return CompletionStatus.INVALID
+    if status.exit_code is not None:
+        return CompletionStatus.SUCCEEDED if status.exit_code == 0 else CompletionStatus.FAILED
+    if status.alive:
+        return CompletionStatus.RUNNING
+    return CompletionStatus.VANISHED
+
+
+def build_kill_script(
+    paths: RemoteJobPaths, *, grace_s: float, exit_code: int | None, mark_timed_out: bool
+) -> str:
+    """TERM the group, wait up to `grace_s`, KILL it; then record `exit_code` if none was."""
+    ticks = max(0, math.ceil(grace_s / _TICK_S))
+    record = ""
+    if exit_code is not None:
+        mark = ': > "$D/timed_out"; ' if mark_timed_out else ""
+        record = f"""if [ -d "$D" ] && [ ! -f "$D/exit_code" ]; then
+  [ -f "$D/ended_at" ] || {{ date +%s > "$D/ended_at.tmp" && mv -f "$D/ended_at.tmp" "$D/ended_at"; }}
+  {mark}echo {int(exit_code)} > "$D/exit_code.tmp" && mv -f "$D/exit_code.tmp" "$D/exit_code" && w=1
+fi"""
+    return f"""{SH_HELPERS}
+D={shlex.quote(paths.job_dir)}
+_pgid "$D/pid"; p=$v
+was=0; w=0
+if _alive "$D" "$p"; then
+  was=1
+  kill -TERM -"$p" 2>/dev/null
+  n=0; while _alive "$D" "$p" && [ $n -lt {ticks} ]; do _tick {_TICK_S}; n=$((n+1)); done
+  kill -KILL -"$p" 2>/dev/null
+  n=0; while _alive "$D" "$p" && [ $n -lt 10 ]; do _tick {_TICK_S}; n=$((n+1)); done
+fi
+if _alive "$D" "$p"; then still=1; else still=0; fi
+{record}
+printf '%s\\nkilled %s %s %s\\n' "$M" "$was" "$still" "$w"
+"""
+
+
+_KILL_LINE = re.compile(r"^killed ([01]) ([01]) ([01])$")
+
+
+async def kill_job(
+    conn: RemoteRunner,
+    paths: RemoteJobPaths,
+    *,
+    grace_s: float = 5,
+    timeout_s: float,
+    exit_code: int | None = None,
+    mark_timed_out: bool = False,
+) -> KillOutcome:
+    """Kill the job's whole process group (TERM, grace, KILL); record `exit_code` if given."""
+    script = build_kill_script(
+        paths, grace_s=grace_s, exit_code=exit_code, mark_timed_out=mark_timed_out
+    )
+    result = await conn.run(as_sh_command(script), timeout_s=timeout_s + grace_s + 2)
+    for line in marker_lines(result.stdout) or []:
+        match = _KILL_LINE.match(line.strip())
+        if match:
+            return KillOutcome(
+                was_alive=match.group(1) == "1",
+                still_alive=match.group(2) == "1",
+                exit_code_written=match.group(3) == "1",
+            )
+    raise JobExecutionError(f"kill script gave no answer (exit {result.exit_status})")
+
+
+async def handle_job_timeout(
+    conn: RemoteRunner, paths: RemoteJobPaths, *, grace_s: float = 5, timeout_s: float
+) -> KillOutcome:
+    """Kill the group and, unless the job ended first, record exit 124 and `timed_out`."""
+    return await kill_job(
+        conn,
+        paths,
+        grace_s=grace_s,
+        timeout_s=timeout_s,
+        exit_code=TIMEOUT_EXIT_CODE,
+        mark_timed_out=True,
+    )
+
+
+def _hex_payload(lines: list[str]) -> bytes:
+    return bytes.fromhex("".join("".join(lines).split()))
+
+
+async def get_process_output(
+    conn: RemoteRunner, paths: RemoteJobPaths, *, tail_lines: int = 50, timeout_s: float
+) -> str:
+    """The last lines of log.txt (at most 64 KiB), undecodable bytes replaced; "" if none."""
+    q = shlex.quote
+    script = (
+        f"printf '%s\\n' __VASTD_BEGIN__; "
+        f"tail -n {int(tail_lines)} {q(paths.log)} 2>/dev/null | tail -c 65536 | od -An -v -tx1"
+    )
+    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
+    lines = marker_lines(result.stdout) or []
+    try:
+        return _hex_payload(lines).decode("utf-8", errors="replace")
+    except ValueError:
+        return ""
+
+
+_ROW = re.compile(r"^\s*Row (\d+):")
+
+
+def parse_job_log(text: str) -> JobLogInfo:
+    """Progress from the GARCH script's `Row N:` lines, and the last non-empty line."""
+    rows = {int(m.group(1)) for line in text.splitlines() if (m := _ROW.match(line))}
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+    return JobLogInfo(rows_done=len(rows), last_row=max(rows) if rows else None, last_line=last)
+
+
+async def check_process_running(conn: RemoteRunner, pgid: int, *, timeout_s: float) -> bool:
+    """Whether the process group still has members (`kill -0 -PGID`)."""
+    if pgid <= 1:
+        raise ValueError(f"refusing process group {pgid}")
+    script = (
+        f"{SH_HELPERS}\nprintf '%s\\n' \"$M\"\n"
+        f"if kill -0 -{pgid} 2>/dev/null && _live_member {pgid}; then echo 1; else echo 0; fi\n"
+    )
+    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
+    return (marker_lines(result.stdout) or ["0"])[0].strip() == "1"
+
+
+async def find_process_by_name(
+    conn: RemoteRunner, name: str, *, timeout_s: float
+) -> list[RemoteProcess]:
+    """Processes whose command line contains `name` (diagnostics only, never completion)."""
+    script = "printf '%s\\n' __VASTD_BEGIN__; ps -eo pid=,pgid=,args= 2>/dev/null"
+    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
+    found = []
+    for line in marker_lines(result.stdout) or []:
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit() and name in parts[2]:
+            if "__VASTD_BEGIN__" in parts[2]:
+                continue  # our own ps pipeline
+            found.append(RemoteProcess(int(parts[0]), int(parts[1]), parts[2]))
+    return found

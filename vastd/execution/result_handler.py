@@ -1,0 +1,368 @@
+"""Listing, download and validation of a job's results; the remote folder's removal.
+
+Where `result_glob` is matched: against paths relative to the job folder, with shell
+glob rules per path component (`*` never crosses `/`, hidden names never match).
+The candidates are the job folder's own entries and those of `out/` (one level), so
+`*.parquet` finds files written beside the input (the GARCH script) and
+`out/*.parquet` those written to `{output_dir}`. Only regular files count: a
+symlink, folder or device that matches is skipped and reported, never downloaded.
+The input CSV and the wrapper's files (log.txt, pid, exit_code, ...) never count.
+
+Listing output, after the marker: `F <type l|f|d|o> <size> <hex of the name>` lines,
+then `END`; names travel hex-encoded, so newlines and non-UTF-8 bytes are harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import posixpath
+import re
+import secrets
+import shlex
+import shutil
+import stat
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from vastd.core.files import TEMP_PREFIX, fsync_directory, safe_name
+from vastd.execution.job_runner import (
+    CONTROL_NAMES,
+    LOG_NAME,
+    RemoteJobPaths,
+    RemoteRunner,
+    as_sh_command,
+    is_job_dir_of,
+    marker_lines,
+)
+from vastd.utils.exceptions import ConfigError, JobExecutionError, ResultValidationError
+from vastd.utils.logging import get_logger
+
+log = get_logger("vastd.results")
+
+LOG_TAIL_BYTES = 10 * 1024 * 1024
+_REMOTE_LOG_TAIL = ".vastd-log-tail"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A result candidate: `name` relative to the job folder, `path` absolute."""
+
+    name: str
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class CollectedResults:
+    directory: Path
+    files: list[Path]
+    rows: int
+    log: Path | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Listing:
+    files: list[RemoteFile]
+    skipped: list[str]
+    log_size: int | None
+
+
+_LIST_SCRIPT = r"""
+M=__VASTD_BEGIN__
+cd "$D" 2>/dev/null || { printf '%s\nnodir\n' "$M"; exit 0; }
+_hex() { printf '%s' "$1" | od -An -v -tx1 | tr -d ' \n'; }
+_one() {
+  if [ -L "$1" ]; then t=l; s=0
+  elif [ -f "$1" ]; then t=f; s=$(wc -c < "$1" | tr -cd 0-9)
+  elif [ -d "$1" ]; then t=d; s=0
+  elif [ -e "$1" ]; then t=o; s=0
+  else return 0; fi
+  printf 'F %s %s %s\n' "$t" "${s:-0}" "$(_hex "$1")"
+}
+printf '%s\n' "$M"
+for f in *; do _one "$f"; done
+if [ -d out ] && [ ! -L out ]; then for f in out/*; do _one "$f"; done; fi
+echo END
+"""
+_ENTRY = re.compile(r"^F ([lfdo]) ([0-9]+) ((?:[0-9a-f]{2})+)$")
+_KIND = {"l": "a symlink", "d": "a folder", "o": "not a regular file"}
+
+
+def _check_pattern(pattern: str) -> list[str]:
+    parts = pattern.split("/")
+    if not pattern or pattern.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError([f"job.result_glob: {pattern!r} must be a relative glob without '..'"])
+    return parts
+
+
+def matches_result_glob(name: str, pattern: str) -> bool:
+    """Shell-glob match of a relative path, component by component (`*` stops at `/`)."""
+    parts = _check_pattern(pattern)
+    names = name.split("/")
+    return len(names) == len(parts) and all(
+        fnmatchcase(n, p) for n, p in zip(names, parts, strict=True)
+    )
+
+
+async def _list_job_dir(
+    conn: RemoteRunner, paths: RemoteJobPaths, pattern: str, *, timeout_s: float
+) -> _Listing:
+    _check_pattern(pattern)
+    script = f"D={shlex.quote(paths.job_dir)}\n{_LIST_SCRIPT}"
+    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
+    lines = marker_lines(result.stdout)
+    if lines and lines[0].strip() == "nodir":
+        raise ResultValidationError("the remote job folder is missing")
+    if lines is None or "END" not in (line.strip() for line in lines):
+        raise JobExecutionError(f"result listing incomplete (exit {result.exit_status})")
+    input_name = posixpath.basename(paths.input)
+    files: list[RemoteFile] = []
+    skipped: list[str] = []
+    log_size: int | None = None
+    for line in lines:
+        match = _ENTRY.match(line.strip())
+        if not match:
+            continue
+        kind, size, raw = match.group(1), int(match.group(2)), bytes.fromhex(match.group(3))
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped.append(f"{raw!r}: name is not UTF-8")
+            continue
+        if name == LOG_NAME and kind == "f":
+            log_size = size
+        if name in CONTROL_NAMES or name == input_name or name.endswith(".part"):
+            continue
+        if not matches_result_glob(name, pattern):
+            continue
+        if kind != "f":
+            skipped.append(f"{name!r}: {_KIND[kind]}, ignored")
+            continue
+        files.append(RemoteFile(name=name, path=f"{paths.job_dir}/{name}", size=size))
+    for reason in skipped:
+        log.warning("result_file_skipped", reason=reason)
+    return _Listing(files=files, skipped=skipped, log_size=log_size)
+
+
+async def find_result_files(
+    conn: RemoteRunner, paths: RemoteJobPaths, pattern: str, *, timeout_s: float
+) -> list[RemoteFile]:
+    """Regular files of the job folder (and `out/`) matching `pattern`, sorted by name."""
+    listing = await _list_job_dir(conn, paths, pattern, timeout_s=timeout_s)
+    return sorted(listing.files, key=lambda f: f.name)
+
+
+def local_result_name(name: str) -> str:
+    """The local file name of a result: its basename, control characters replaced."""
+    base = name.rsplit("/", 1)[-1]
+    cleaned = "".join("_" if ord(c) < 32 or ord(c) == 127 or c == "\\" else c for c in base)
+    if cleaned.startswith("."):
+        cleaned = "_" + cleaned
+    if not cleaned:
+        raise ResultValidationError(f"{name!r}: not a usable file name")
+    return safe_name(cleaned)
+
+
+def _local_target(local_dir: Path, name: str) -> Path:
+    base = local_dir.resolve()
+    target = base / local_result_name(name)
+    if target.parent != base or not target.resolve().is_relative_to(base):
+        raise ResultValidationError(f"{name!r}: would land outside {local_dir}")
+    return target
+
+
+async def download_result_file(
+    conn: RemoteRunner, remote: RemoteFile, local_dir: Path, *, max_bytes: int, timeout_s: float
+) -> Path:
+    """Download one result into `local_dir` (never outside it); refuse it past `max_bytes`."""
+    if remote.size > max_bytes:
+        raise ResultValidationError(f"{remote.name!r}: {remote.size} bytes, more than {max_bytes}")
+    target = await asyncio.to_thread(_local_target, local_dir, remote.name)
+    await conn.download(remote.path, target, timeout_s=timeout_s, max_bytes=max_bytes)
+    return target
+
+
+def validate_result_file(path: Path, kind: str) -> int:
+    """Rows of a valid result ("parquet": readable to the end, >= 1 row; "none": 0)."""
+    if kind == "none":
+        return 0
+    if kind != "parquet":
+        raise ConfigError([f"job.validate: unknown kind {kind!r}"])
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as exc:
+        raise ResultValidationError(f"{path.name}: cannot be read: {exc}") from None
+    if not stat.S_ISREG(mode):
+        raise ResultValidationError(f"{path.name}: not a regular file")
+    rows = 0
+    try:
+        parquet = pq.ParquetFile(path)
+        try:
+            expected = int(parquet.metadata.num_rows)
+            # Read every batch: corrupt pages only show when decoded.
+            for batch in parquet.iter_batches(batch_size=65536):
+                rows += batch.num_rows
+        finally:
+            parquet.close()
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ValueError, ...
+        raise ResultValidationError(f"{path.name}: not a readable parquet file: {exc}") from None
+    if rows != expected:
+        raise ResultValidationError(f"{path.name}: {rows} rows read, metadata says {expected}")
+    if rows < 1:
+        raise ResultValidationError(f"{path.name}: has no rows")
+    return rows
+
+
+async def _download_log(
+    conn: RemoteRunner,
+    paths: RemoteJobPaths,
+    log_size: int | None,
+    local_dir: Path,
+    *,
+    cap_bytes: int,
+    timeout_s: float,
+) -> Path | None:
+    if log_size is None:
+        return None
+    target = local_dir / LOG_NAME
+    source = paths.log
+    if log_size > cap_bytes:
+        source = f"{paths.job_dir}/{_REMOTE_LOG_TAIL}"
+        q = shlex.quote
+        result = await conn.run(
+            as_sh_command(f"tail -c {int(cap_bytes)} {q(paths.log)} > {q(source)}"),
+            timeout_s=timeout_s,
+        )
+        if not result.ok:
+            log.warning("result_log_skipped", reason=result.stderr[-300:])
+            return None
+    try:
+        # The job has ended, but allow some slack for a straggler still writing.
+        await conn.download(source, target, timeout_s=timeout_s, max_bytes=2 * cap_bytes)
+    except ResultValidationError as exc:
+        log.warning("result_log_skipped", reason=str(exc))
+        return None
+    if source != paths.log:
+        # A leftover would do no harm: the next start clears the job folder.
+        await conn.run(as_sh_command(f"rm -f {shlex.quote(source)}"), timeout_s=timeout_s)
+    return target
+
+
+def _fsync_tree(folder: Path) -> None:
+    for entry in folder.iterdir():
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_directory(folder)
+
+
+def _install_results(tmp: Path, final: Path) -> None:
+    """Replace `final` with `tmp` by renames; an earlier attempt's folder is set aside, then
+    deleted, so the final name only ever holds one run's complete results."""
+    _fsync_tree(tmp)
+    aside: Path | None = None
+    if final.exists() or final.is_symlink():
+        aside = final.with_name(f"{tmp.name}-old")
+        os.rename(final, aside)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, final)
+        raise
+    fsync_directory(final.parent)
+    if aside is not None:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink(missing_ok=True)
+
+
+async def collect_job_results(
+    conn: RemoteRunner,
+    paths: RemoteJobPaths,
+    job_id: str,
+    *,
+    results_root: Path,
+    pattern: str,
+    min_results: int,
+    validate: str,
+    max_bytes: int,
+    timeout_s: float,
+    log_max_bytes: int = LOG_TAIL_BYTES,
+) -> CollectedResults:
+    """Download, validate and install a job's results as `results_root/<safe job>/`.
+
+    Everything lands in a temp folder first; only a complete, valid set replaces the
+    final folder (an earlier attempt's folder is removed, never merged). On any
+    failure the temp folder is removed and the final name is left as it was.
+    """
+    listing = await _list_job_dir(conn, paths, pattern, timeout_s=timeout_s)
+    remote_files = sorted(listing.files, key=lambda f: f.name)
+    if len(remote_files) < min_results:
+        raise ResultValidationError(
+            f"{len(remote_files)} result file(s) match {pattern!r}, at least {min_results} needed"
+        )
+    local_names = [local_result_name(f.name) for f in remote_files]
+    if len(set(local_names)) != len(local_names) or LOG_NAME in local_names:
+        raise ResultValidationError("two result files (or one and log.txt) share a local name")
+    final = results_root / safe_name(job_id)
+    await asyncio.to_thread(results_root.mkdir, parents=True, exist_ok=True)
+    tmp = results_root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+    await asyncio.to_thread(tmp.mkdir, mode=0o700)
+    try:
+        files: list[Path] = []
+        rows = 0
+        for remote in remote_files:
+            local = await download_result_file(
+                conn, remote, tmp, max_bytes=max_bytes, timeout_s=timeout_s
+            )
+            rows += await asyncio.to_thread(validate_result_file, local, validate)
+            files.append(final / local.name)
+        log_path = await _download_log(
+            conn, paths, listing.log_size, tmp, cap_bytes=log_max_bytes, timeout_s=timeout_s
+        )
+        await asyncio.to_thread(_install_results, tmp, final)
+    except BaseException:
+        # Synchronous on purpose: this must also run when the task is being cancelled.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CollectedResults(
+        directory=final,
+        files=files,
+        rows=rows,
+        log=final / LOG_NAME if log_path is not None else None,
+        skipped=listing.skipped,
+    )
+
+
+def cleanup_stale_result_dirs(results_root: Path) -> int:
+    """Remove temp folders an interrupted collection left in results/ (call at start)."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in results_root.iterdir():
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+    return removed
+
+
+async def cleanup_remote_job(
+    conn: RemoteRunner, paths: RemoteJobPaths, *, timeout_s: float
+) -> None:
+    """`rm -rf` the job's remote folder; refuses any path not directly under `<instance>/jobs`."""
+    if not is_job_dir_of(paths):
+        raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
+    result = await conn.run(
+        as_sh_command(f"rm -rf -- {shlex.quote(paths.job_dir)}"), timeout_s=timeout_s
+    )
+    if not result.ok:
+        raise JobExecutionError(f"cannot remove the remote job folder: {result.stderr[-300:]}")
