@@ -157,6 +157,11 @@ class Daemon:
                 await asyncio.gather(*tasks, return_exceptions=True)
         except TimeoutError:
             self._log_stuck_tasks()
+        for watcher in [*ctx.watchers.values(), *ctx.preparing.values()]:
+            watcher.cancel()
+        # What is done is saved first; then remote clean-ups waiting for that save may run.
+        await ctx.store.flush()
+        await ctx.drain(timeout_s=2.0)
         await ctx.aclose()
         await ctx.store.flush()
         await ctx.pool.aclose()

@@ -72,6 +72,8 @@ class JobRecord(_Model):
     last_error: str | None = None
     not_before: float | None = None  # retry back-off
     avoid_instances: list[str] = Field(default_factory=list)
+    # instances holding an earlier run that was given up while unreachable
+    orphans: list[str] = Field(default_factory=list)
     result_files: list[str] = Field(default_factory=list)
 
 
@@ -101,6 +103,20 @@ class InstanceRecord(_Model):
     missing_since: float | None = None
     idle_since: float | None = None
     booting_since: float | None = None
+    # fleet (autoscale): ownership, money and teardown
+    intent_id: str | None = None  # the rent intent this instance was created for
+    rented_at: float | None = None
+    accrued_until: float | None = None  # spend is accrued up to here
+    ssh_key_attached: bool = False
+    destroy_reason: str | None = None
+    destroy_attempts: int = 0
+    next_destroy_at: float | None = None
+    destroyed_at: float | None = None
+    # health (monitoring.py)
+    health_failures: int = 0
+    drain_reason: str | None = None
+    disk_free_gb: float | None = None
+    health_checked_at: float | None = None
 
 
 class Snapshot(_Model):
@@ -112,6 +128,7 @@ class Snapshot(_Model):
     blocked_machines: dict[str, float] = Field(default_factory=dict)  # machine id -> until
     rent_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
     spend_total: float = 0.0  # dollars accrued by owned instances
+    last_discovery_at: float | None = None  # last successful instance listing
 
 
 def load_state(file_path: Path) -> Snapshot:
@@ -184,6 +201,10 @@ class StateStore:
         self._dirty = asyncio.Event()
         self._dirty_flag = False
         self._lock = asyncio.Lock()
+        # change generations: marked by mark_dirty, saved once a write holding them lands
+        self._marked_gen = 0
+        self._saved_gen = 0
+        self._saved = asyncio.Condition()
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
@@ -221,7 +242,19 @@ class StateStore:
 
     def mark_dirty(self) -> None:
         self._dirty_flag = True
+        self._marked_gen += 1
         self._dirty.set()
+
+    async def wait_saved(self) -> None:
+        """Return once every change made so far is on disk (without forcing a write)."""
+        target = self._marked_gen
+        async with self._saved:
+            await self._saved.wait_for(lambda: self._saved_gen >= target)
+
+    async def _note_saved(self, gen: int) -> None:
+        async with self._saved:
+            self._saved_gen = max(self._saved_gen, gen)
+            self._saved.notify_all()
 
     @property
     def dirty(self) -> bool:
@@ -238,6 +271,7 @@ class StateStore:
                 return True
             self._dirty_flag = False
             self._dirty.clear()
+            gen = self._marked_gen
             data = self.serialize()
             write = asyncio.ensure_future(
                 asyncio.to_thread(save_state, data, self.path, self.backup_path)
@@ -256,6 +290,7 @@ class StateStore:
                 log.error("state_save_failed", error=str(exc))
                 return False
             self.writes += 1
+            await self._note_saved(gen)
             log.info(
                 "state_saved",
                 jobs=len(self.snapshot.jobs),

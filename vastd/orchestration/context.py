@@ -113,6 +113,12 @@ class Context:
                 out.append(ep)
         return out
 
+    async def drain(self, timeout_s: float) -> None:
+        """Give the background tasks (uploads, collections, clean-ups) a bounded time."""
+        tasks = list(self.tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
     async def aclose(self) -> None:
         """Cancel what the context spawned and wait for it, bounded."""
         tasks = [*self.tasks, *self.watchers.values(), *self.preparing.values()]

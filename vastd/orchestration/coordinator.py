@@ -16,16 +16,25 @@ from vastd.core.files import JobFolder, move_job_file, move_job_to_failed
 from vastd.core.jobs import get_job_arguments
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState
-from vastd.execution.job_runner import execute_job_on_instance, remote_job_paths
+from vastd.execution.job_runner import (
+    RemoteJobPaths,
+    execute_job_on_instance,
+    remote_job_paths,
+)
 from vastd.execution.process_monitor import (
     CompletionStatus,
     RemoteJobStatus,
     detect_job_completion,
     get_process_output,
     handle_job_timeout,
+    kill_job,
     monitor_job_execution,
 )
-from vastd.execution.result_handler import cleanup_remote_job, collect_job_results
+from vastd.execution.result_handler import (
+    CollectedResults,
+    cleanup_remote_job,
+    collect_job_results,
+)
 from vastd.orchestration.context import Context
 from vastd.orchestration.scheduler import schedule_result_collection
 from vastd.utils.exceptions import (
@@ -56,6 +65,9 @@ def assign_job_to_instance(ctx: Context, job: JobRecord, inst: InstanceRecord) -
     """Move the file to running/ and record the assignment (not yet saved)."""
     move_job_file(ctx.layout, job.id, JobFolder.QUEUED, JobFolder.RUNNING)
     st.mark_job_assigned(ctx.store, job.id, inst.id)
+    if inst.id in job.orphans:
+        # Same attempt, same folder: the idempotent start reattaches to that run.
+        job.orphans.remove(inst.id)
     log.info("job_dispatched", job=job.id, instance=inst.id, attempt=job.attempts + 1)
 
 
@@ -174,32 +186,69 @@ def mark_reachable(ctx: Context, inst: InstanceRecord) -> None:
         ctx.store.mark_dirty()
 
 
+def orphans_on(ctx: Context, instance_id: str) -> list[JobRecord]:
+    return [j for j in ctx.store.jobs.values() if instance_id in j.orphans]
+
+
+def abandon_if_past_grace(ctx: Context, inst: InstanceRecord) -> int:
+    """Jobs on an instance silent past the grace run elsewhere; the old run becomes an orphan.
+
+    Not an attempt. If the orphan later turns out to have succeeded, its results are
+    kept and the second run is stopped (see handle_orphan_status).
+    """
+    since = inst.unreachable_since
+    if since is None or time.time() - since < ctx.settings.ssh.unreachable_grace_s:
+        return 0
+    moved = 0
+    for job in list(ctx.store.jobs.values()):
+        if job.instance != inst.id or job.state not in (JobState.RUNNING, JobState.COLLECTING):
+            continue
+        if inst.id not in job.orphans:
+            job.orphans.append(inst.id)
+        log.warning("job_requeued", job=job.id, instance=inst.id, reason="instance unreachable")
+        requeue(ctx, job, reason=f"instance {inst.id} unreachable", count_attempt=False)
+        moved += 1
+    return moved
+
+
 async def watch_instance(ctx: Context, instance_id: str) -> None:
-    """One status round trip per cycle for all of an instance's running jobs."""
+    """One status round trip per cycle for all of an instance's jobs (and orphaned runs)."""
     failures = 0
     while True:
         inst = ctx.store.instances.get(instance_id)
         if inst is None or inst.status in (InstanceStatus.LOST, InstanceStatus.DESTROYED):
             return
-        jobs = [j for j in running_jobs_on(ctx, instance_id) if j.id not in ctx.dispatching]
-        if not jobs:
-            if not any(j.instance == instance_id for j in running_jobs_on(ctx, instance_id)):
+        running = running_jobs_on(ctx, instance_id)
+        jobs = [j for j in running if j.id not in ctx.dispatching]
+        job_ids = {j.id for j in jobs}
+        orphans = [j for j in orphans_on(ctx, instance_id) if j.id not in job_ids]
+        if not jobs and not orphans:
+            if not running:
                 return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # a dispatch to this instance is under way
             continue
         try:
-            statuses = await check_instance_jobs(ctx, inst, jobs)
+            statuses = await check_instance_jobs(ctx, inst, jobs + orphans)
         except SSHConnectionError as exc:
             failures += 1
             mark_unreachable(ctx, inst, str(exc))
+            abandon_if_past_grace(ctx, inst)
             await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
             continue
         failures = 0
         mark_reachable(ctx, inst)
-        for job in jobs:
+        for job in jobs + orphans:
             status = statuses.get(job.id)
-            if status is not None:
-                await handle_job_status(ctx, inst, job, status)
+            if status is None:
+                continue
+            try:
+                if job.id not in job_ids:
+                    await handle_orphan_status(ctx, inst, job, status)
+                else:
+                    await handle_job_status(ctx, inst, job, status)
+            except VastdError as exc:
+                # Unreachable or odd answers: looked at again next cycle.
+                log.warning("job_status_unhandled", job=job.id, instance=inst.id, error=str(exc))
 
 
 async def check_instance_jobs(
@@ -309,21 +358,8 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
                     ctx, job, reason=f"results invalid: {exc}", exit_code=0, log_tail=tail
                 )
                 return True
-            move_job_file(
-                ctx.layout, job.id, JobFolder.RUNNING, JobFolder.DONE, rename_on_collision=True
-            )
-            job.result_files = [p.name for p in collected.files]
-            st.mark_job_completed(ctx.store, job.id, success=True)
-            ctx.counters.done += 1
-            log.info(
-                "results_collected",
-                job=job.id,
-                instance=inst.id,
-                files=len(collected.files),
-                rows=collected.rows,
-            )
-            log.info("job_done", job=job.id, instance=inst.id, runs=job.runs)
-            await cleanup_remote_job(conn, paths, timeout_s=s.ssh.command_timeout_s)
+            complete_job(ctx, job, inst, collected, JobFolder.RUNNING)
+            ctx.spawn(cleanup_after_save(ctx, conn, paths), name=f"cleanup:{job.id}")
             return True
         tail = await _log_tail(conn, paths, s.ssh.command_timeout_s)
         await cleanup_remote_job(conn, paths, timeout_s=s.ssh.command_timeout_s)
@@ -331,6 +367,8 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
         log.warning("collection_deferred", job=job.id, instance=inst.id, error=str(exc))
         if isinstance(exc, SSHConnectionError):
             mark_unreachable(ctx, inst, str(exc))
+            if abandon_if_past_grace(ctx, inst):
+                ensure_watcher(ctx, inst.id)  # it keeps looking for the orphaned run
         return False
     await record_attempt_failure(
         ctx, job, reason=job.last_error or "failed", exit_code=job.last_exit_code, log_tail=tail
@@ -338,9 +376,105 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
     return True
 
 
-async def _log_tail(conn: SSHConnection, paths: object, timeout_s: float) -> str:
+def complete_job(
+    ctx: Context,
+    job: JobRecord,
+    inst: InstanceRecord,
+    collected: CollectedResults,
+    from_folder: JobFolder,
+) -> None:
+    """Validated results are in results/<job>/: the job is done, its file in done/."""
+    move_job_file(ctx.layout, job.id, from_folder, JobFolder.DONE, rename_on_collision=True)
+    job.result_files = [p.name for p in collected.files]
+    job.instance = job.instance or inst.id
+    st.mark_job_completed(ctx.store, job.id, success=True)
+    ctx.counters.done += 1
+    log.info(
+        "results_collected",
+        job=job.id,
+        instance=inst.id,
+        files=len(collected.files),
+        rows=collected.rows,
+    )
+    log.info("job_done", job=job.id, instance=inst.id, runs=job.runs)
+
+
+async def cleanup_after_save(ctx: Context, conn: SSHConnection, paths: RemoteJobPaths) -> None:
+    """Remove a finished job's remote folder once the snapshot says it is done.
+
+    Until then the remote folder is the only copy that lets a restarted daemon
+    collect the job again instead of running it again.
+    """
+    await ctx.store.wait_saved()
     try:
-        return await get_process_output(conn, paths, tail_lines=50, timeout_s=timeout_s)  # type: ignore[arg-type]
+        await cleanup_remote_job(conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s)
+    except VastdError as exc:
+        log.info("remote_cleanup_failed", path=paths.job_dir, error=str(exc))
+
+
+async def handle_orphan_status(
+    ctx: Context, inst: InstanceRecord, job: JobRecord, status: RemoteJobStatus
+) -> None:
+    """An earlier run, given up while its instance was silent, is visible again."""
+    outcome = detect_job_completion(status)
+    if outcome is CompletionStatus.RUNNING and job.state not in (JobState.DONE, JobState.FAILED):
+        return  # it may still finish first
+    s = ctx.settings
+    paths = remote_job_paths(s.remote.root, inst.id, job.id)
+    conn = await instance_connection(ctx, inst)
+    if outcome is CompletionStatus.SUCCEEDED and job.state in (JobState.QUEUED, JobState.RUNNING):
+        try:
+            collected = await collect_job_results(
+                conn,
+                paths,
+                job.id,
+                results_root=ctx.layout.results,
+                pattern=s.job.result_glob,
+                min_results=s.job.min_results,
+                validate=s.job.validate_,
+                max_bytes=s.job.max_result_bytes,
+                timeout_s=max(s.ssh.command_timeout_s, 600.0),
+            )
+        except JobExecutionError as exc:
+            log.info("orphan_results_invalid", job=job.id, instance=inst.id, error=str(exc))
+        else:
+            second = (
+                ctx.store.instances.get(job.instance or "")
+                if job.state is JobState.RUNNING
+                else None
+            )
+            folder = JobFolder.RUNNING if job.state is JobState.RUNNING else JobFolder.QUEUED
+            log.info("orphan_run_kept", job=job.id, instance=inst.id, second_run=job.instance)
+            job.orphans.remove(inst.id)
+            complete_job(ctx, job, inst, collected, folder)
+            if second is not None:
+                ctx.spawn(stop_duplicate_run(ctx, second, job.id), name=f"stop:{job.id}")
+            ctx.spawn(cleanup_after_save(ctx, conn, paths), name=f"cleanup:{job.id}")
+            return
+    elif outcome is CompletionStatus.RUNNING:
+        # The job finished elsewhere: this run is a duplicate.
+        await kill_job(conn, paths, timeout_s=s.ssh.command_timeout_s)
+    if inst.id in job.orphans:
+        job.orphans.remove(inst.id)
+    ctx.store.mark_dirty()
+    ctx.spawn(cleanup_after_save(ctx, conn, paths), name=f"cleanup:{job.id}")
+
+
+async def stop_duplicate_run(ctx: Context, inst: InstanceRecord, job_id: str) -> None:
+    """Kill the second run of a job whose first run's results were kept."""
+    paths = remote_job_paths(ctx.settings.remote.root, inst.id, job_id)
+    try:
+        conn = await instance_connection(ctx, inst)
+        await kill_job(conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s)
+        await cleanup_after_save(ctx, conn, paths)
+        log.info("duplicate_run_stopped", job=job_id, instance=inst.id)
+    except VastdError as exc:
+        log.warning("duplicate_run_stop_failed", job=job_id, instance=inst.id, error=str(exc))
+
+
+async def _log_tail(conn: SSHConnection, paths: RemoteJobPaths, timeout_s: float) -> str:
+    try:
+        return await get_process_output(conn, paths, tail_lines=50, timeout_s=timeout_s)
     except VastdError:
         return ""
 

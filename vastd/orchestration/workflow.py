@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from vastd.core import state as st
 from vastd.core.files import JobFolder, move_job_file
 from vastd.core.jobs import InboxWatcher, accept_job_file
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState
@@ -131,7 +132,10 @@ async def discovery_once(ctx: Context) -> int:
         # Never read a failed listing as "no instances".
         log.warning("discovery_failed", error=str(exc))
         return len(ctx.store.instances)
+    from vastd.orchestration.fleet import claim_unknown_instance
+
     now = time.time()
+    ctx.store.snapshot.last_discovery_at = now
     seen: set[str] = set()
     for info in infos:
         if info.label != label:
@@ -140,13 +144,10 @@ async def discovery_once(ctx: Context) -> int:
         seen.add(iid)
         inst = ctx.store.instances.get(iid)
         if inst is None:
-            if ctx.settings.fleet.mode != "adopt" and not ctx.settings.fleet.adopt_foreign_labelled:
+            # Ours through a rent intent, adopted, or (None) left alone entirely.
+            inst = claim_unknown_instance(ctx, info, now)
+            if inst is None:
                 continue
-            inst = record_from_info(info, now)
-            ctx.store.instances[iid] = inst
-            log.info(
-                "instance_discovered", instance=iid, status=info.actual_status, dph=info.dph_total
-            )
         if inst.status in (InstanceStatus.DESTROYED, InstanceStatus.DESTROYING):
             continue
         refresh_record(inst, info, now)
@@ -158,7 +159,11 @@ async def discovery_once(ctx: Context) -> int:
             inst.status = InstanceStatus.DISCOVERED
     grace = ctx.settings.vast.lost_grace_s
     for inst in list(ctx.store.instances.values()):
-        if inst.id in seen or inst.status in (InstanceStatus.LOST, InstanceStatus.DESTROYED):
+        if inst.id in seen or inst.status in (
+            InstanceStatus.LOST,
+            InstanceStatus.DESTROYING,
+            InstanceStatus.DESTROYED,
+        ):
             continue
         inst.missing_since = inst.missing_since or now
         if now - inst.missing_since >= grace:
@@ -178,6 +183,9 @@ def handle_instance_failure(ctx: Context, inst: InstanceRecord, reason: str) -> 
             co.requeue(ctx, job, reason=f"instance {inst.id} lost", count_attempt=False)
             moved += 1
     inst.current_jobs.clear()
+    for job in ctx.store.jobs.values():
+        if inst.id in job.orphans:
+            job.orphans.remove(inst.id)  # its earlier run is gone with it
     ctx.store.mark_dirty()
     ctx.spawn(ctx.pool.drop(inst.id), name=f"drop:{inst.id}")
     log.warning("instance_lost", instance=inst.id, reason=reason, requeued=moved)
@@ -320,10 +328,19 @@ def reconcile_folders(ctx: Context) -> None:
             if want is not folder:
                 move_job_file(layout, job.id, folder, want)
     for job in store.jobs.values():
-        if job.state in (JobState.QUEUED, JobState.RUNNING, JobState.COLLECTING):
-            where = layout.folder(folder_of[job.state]) / job.file_name
-            if not where.exists():
-                log.error("job_file_missing", job=job.id, expected=str(where))
+        if job.state not in (JobState.QUEUED, JobState.RUNNING, JobState.COLLECTING):
+            continue
+        if layout.job_file(folder_of[job.state], job.id).exists():
+            continue
+        if layout.job_file(JobFolder.DONE, job.id).exists():
+            # Collected and moved, but the crash came before the snapshot said so.
+            st.mark_job_completed(store, job.id, success=True)
+            log.info("job_recovered_done", job=job.id)
+        elif layout.job_file(JobFolder.FAILED, job.id).exists():
+            st.mark_job_completed(store, job.id, success=False)
+            log.info("job_recovered_failed", job=job.id)
+        else:
+            log.error("job_file_missing", job=job.id, expected=job.file_name)
     store.mark_dirty()
 
 
@@ -378,6 +395,13 @@ async def orchestrate_job_processing(
             name="dispatch",
         )
         tg.create_task(run_tasks(ctx), name="tasks")
+        # Imported here: fleet and monitoring build on this module.
+        from vastd.instances.monitoring import run_health
+        from vastd.orchestration.fleet import run_fleet
+
+        if ctx.api is not None and s.fleet.mode == "autoscale":
+            tg.create_task(run_fleet(ctx), name="fleet")
+        tg.create_task(run_health(ctx), name="health")
 
 
 async def run_complete_job_workflow(

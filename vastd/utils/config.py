@@ -65,6 +65,8 @@ class SshSettings(_Section):
     keepalive_interval_s: float = Field(default=15.0, gt=0)
     command_timeout_s: float = Field(default=60.0, gt=0)
     max_channels: int = Field(default=4, ge=1, le=9)
+    # how long a job may stay on an instance that does not answer before it runs elsewhere
+    unreachable_grace_s: float = Field(default=900.0, ge=0)
 
 
 class RemoteSettings(_Section):
