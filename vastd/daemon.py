@@ -17,9 +17,10 @@ from typing import Any
 
 import asyncssh
 
-from vastd.core.files import Layout
+from vastd.core.files import JobFolder, Layout, cleanup_temp_files
 from vastd.core.ssh import SSHPool
 from vastd.core.state import StateStore
+from vastd.execution.result_handler import cleanup_stale_result_dirs
 from vastd.instances.vast_api import VastClient
 from vastd.orchestration.context import Context, StoreHostKeys
 from vastd.orchestration.workflow import orchestrate_job_processing, recover_after_restart
@@ -98,6 +99,12 @@ class Daemon:
         register_secret(api_key)
         self.layout.ensure()
         store = StateStore.open(self.layout.state_file)
+        # Leftovers of a crash mid-write; never the inbox, where users' uploads may be.
+        removed = cleanup_stale_result_dirs(self.layout.results)
+        for folder in (JobFolder.QUEUED, JobFolder.RUNNING, JobFolder.DONE, JobFolder.FAILED):
+            removed += cleanup_temp_files(self.layout.folder(folder))
+        if removed:
+            log.info("temp_files_removed", count=removed)
         api = VastClient(
             self.settings.vast.api_url,
             api_key,

@@ -151,10 +151,15 @@ async def dispatch_job(ctx: Context, job_id: str, instance_id: str) -> None:
 
 # --- watching ---------------------------------------------------------------------------------
 def running_jobs_on(ctx: Context, instance_id: str) -> list[JobRecord]:
+    """RUNNING jobs assigned to an instance (its current_jobs: no scan of every job)."""
+    inst = ctx.store.instances.get(instance_id)
+    if inst is None:
+        return []
+    jobs = (ctx.store.jobs.get(job_id) for job_id in inst.current_jobs)
     return [
         j
-        for j in ctx.store.jobs.values()
-        if j.state is JobState.RUNNING and j.instance == instance_id
+        for j in jobs
+        if j is not None and j.state is JobState.RUNNING and j.instance == instance_id
     ]
 
 
