@@ -69,6 +69,10 @@ class LocalRunner:
             err.decode("utf-8", errors="replace"),
         )
 
+    async def makedirs(self, remote_path: str, *, timeout_s: float) -> None:
+        self.calls.append(("makedirs", remote_path))
+        os.makedirs(remote_path, exist_ok=True)
+
     async def upload(self, local_path: Path, remote_path: str, *, timeout_s: float) -> None:
         self.calls.append(("upload", remote_path))
         part = remote_path + ".part"

@@ -183,12 +183,15 @@ async def test_truncated_parquet_is_refused(tmp_path: Path) -> None:
 async def test_file_over_max_bytes_is_refused(
     runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
 ) -> None:
-    """A result larger than max_bytes is refused before any download."""
+    """A result larger than max_bytes is refused by its size, before any byte is copied.
+
+    (The listing no longer measures sizes; the download looks at the size first.)
+    """
     write_parquet(Path(paths.job_dir, "big.parquet"), 10_000)
     with pytest.raises(ResultValidationError, match="more than"):
         await collect(runner, paths, results_root, max_bytes=100)
-    assert runner.count("download") == 0
     assert not (results_root / JOB).exists()
+    assert not list(results_root.rglob("big.parquet*"))
 
 
 async def test_odd_names_land_inside_results(

@@ -18,15 +18,12 @@ from typing import Any
 import asyncssh
 
 from vastd.core.files import JobFolder, Layout, cleanup_temp_files
-from vastd.core.ssh import SSHPool
-from vastd.core.state import StateStore
 from vastd.execution.result_handler import cleanup_stale_result_dirs
-from vastd.instances.vast_api import VastClient
-from vastd.orchestration.context import Context, StoreHostKeys
+from vastd.orchestration.context import Context, build_context, close_context
 from vastd.orchestration.workflow import orchestrate_job_processing, recover_after_restart
 from vastd.utils.config import Settings
 from vastd.utils.exceptions import ConfigError, StateManagementError
-from vastd.utils.logging import get_logger, register_secret
+from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.daemon")
 STOP_TIMEOUT_S = 8.0
@@ -88,37 +85,16 @@ class Daemon:
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> Context:
-        api_key = self.settings.api_key()
-        if not api_key:
-            raise ConfigError(
-                [
-                    "vast.api_key: no vast.ai API key (set VASTD_VAST__API_KEY or "
-                    "VAST_API_KEY, or write it to [vast] api_key_file)"
-                ]
-            )
-        register_secret(api_key)
-        self.layout.ensure()
-        store = StateStore.open(self.layout.state_file)
+        ctx = build_context(self.settings, client_keys=self._client_keys)
         # Leftovers of a crash mid-write; never the inbox, where users' uploads may be.
         removed = cleanup_stale_result_dirs(self.layout.results)
         for folder in (JobFolder.QUEUED, JobFolder.RUNNING, JobFolder.DONE, JobFolder.FAILED):
             removed += cleanup_temp_files(self.layout.folder(folder))
         if removed:
             log.info("temp_files_removed", count=removed)
-        api = VastClient(
-            self.settings.vast.api_url,
-            api_key,
-            timeout_s=self.settings.vast.request_timeout_s,
-            max_retries=self.settings.vast.max_retries,
-        )
-        pool = SSHPool(
-            self.settings.ssh, client_keys=self._client_keys, host_keys=StoreHostKeys(store)
-        )
-        ctx = Context(self.settings, self.layout, store, pool, api)
-        ctx.watch_wait_s = self.settings.job.poll_interval_s
         # Recovery comes before any scheduling (the predecessor did it after).
         recover_after_restart(ctx)
-        await store.flush()
+        await ctx.store.flush()
         self.ctx = ctx
         return ctx
 
@@ -169,11 +145,7 @@ class Daemon:
         # What is done is saved first; then remote clean-ups waiting for that save may run.
         await ctx.store.flush()
         await ctx.drain(timeout_s=2.0)
-        await ctx.aclose()
-        await ctx.store.flush()
-        await ctx.pool.aclose()
-        if ctx.api is not None:
-            await ctx.api.aclose()
+        await close_context(ctx)
 
     def _log_stuck_tasks(self) -> None:
         for task in asyncio.all_tasks():

@@ -273,6 +273,11 @@ class SSHConnection:
         entries = [_entry(str(n.filename), n.attrs) for n in names if n.filename not in (".", "..")]
         return sorted(entries, key=lambda e: e.name)
 
+    async def makedirs(self, remote_path: str, *, timeout_s: float) -> None:
+        """`mkdir -p` over SFTP (no remote process)."""
+        async with self._sftp_op("makedirs", timeout_s) as sftp:
+            await sftp.makedirs(remote_path, exist_ok=True)
+
     async def upload(self, local_path: Path, remote_path: str, *, timeout_s: float) -> None:
         """Upload to `<remote>.part`, then rename: the remote file is whole or absent."""
         part = remote_path + ".part"

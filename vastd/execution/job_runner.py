@@ -42,6 +42,7 @@ CONTROL_NAMES = frozenset(
         OUT_NAME,
         "pid",
         "pid.tmp",
+        "pid.start.tmp",
         "attempt",
         "attempt.tmp",
         "boot_key",
@@ -53,7 +54,6 @@ CONTROL_NAMES = frozenset(
         "timed_out",
     }
 )
-BUILTIN_PLACEHOLDERS = ("input", "job_dir", "output_dir", "job")
 _START_WAIT_TICKS = 40  # x 0.05 s: how long the start script waits for the pid file
 
 
@@ -71,7 +71,7 @@ class RemoteResult(Protocol):
 
 
 class RemoteRunner(Protocol):
-    """The three operations the execution layer needs (vastd.core.ssh.SSHConnection fits).
+    """The operations the execution layer needs (vastd.core.ssh.SSHConnection fits).
 
     `run` raises SSHConnectionError / RemoteCommandTimeout on transport problems;
     `download` writes via `<local>.part` and refuses files past `max_bytes`.
@@ -82,6 +82,8 @@ class RemoteRunner(Protocol):
     ) -> RemoteResult: ...
 
     async def upload(self, local_path: Path, remote_path: str, *, timeout_s: float) -> None: ...
+
+    async def makedirs(self, remote_path: str, *, timeout_s: float) -> None: ...
 
     async def download(
         self,
@@ -205,12 +207,14 @@ def generate_job_command(
 SH_HELPERS = r"""
 M=__VASTD_BEGIN__
 _bootkey() {
-  b=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)
-  s=$(sed -n 's/^.*) //p' /proc/1/stat 2>/dev/null | cut -d' ' -f20)
+  b=; read -r b 2>/dev/null < /proc/sys/kernel/random/boot_id
+  l=; read -r l 2>/dev/null < /proc/1/stat
+  set -- ${l##*) }
+  s=; [ $# -ge 20 ] && { shift 19; s=$1; }
   printf '%s:%s' "$b" "$s"
 }
 _pgid() {
-  v=$(head -c 32 "$1" 2>/dev/null)
+  v=; read -r v 2>/dev/null < "$1"
   case $v in ''|*[!0-9]*|0*|1) v= ;; esac
 }
 _st() {
@@ -227,18 +231,19 @@ _live_member() {
 }
 _alive() {
   [ -n "$2" ] || return 1
-  k=$(head -c 200 "$1/boot_key" 2>/dev/null)
+  k=; read -r k 2>/dev/null < "$1/boot_key"
   [ -z "$k" ] || [ "$k" = "$BK" ] || return 1
   kill -0 -"$2" 2>/dev/null && _live_member "$2"
 }
 _num() {
   if [ ! -f "$1" ]; then v=-; return; fi
-  v=$(head -c 64 "$1" 2>/dev/null)
+  v=; x=; { read -r v; read -r x; } 2>/dev/null < "$1"
+  [ -z "$x" ] || { v='!'; return; }
   case $v in [+-]*) w=${v#?} ;; *) w=$v ;; esac
   case $w in ''|*[!0-9]*) v='!' ;; esac
 }
-if sleep 0.01 2>/dev/null; then FRAC=1; else FRAC=0; fi
-_tick() { if [ "$FRAC" = 1 ]; then sleep "$1"; else sleep 1; fi; }
+FRAC=1
+_tick() { sleep "$1" 2>/dev/null || { FRAC=0; sleep 1; }; }
 BK=$(_bootkey)
 """
 
@@ -300,9 +305,9 @@ mkdir out || _fail "cannot create out/"
 printf '%s' "$BK" > boot_key || _fail "cannot write boot_key"
 printf '%s\\n' "$A" > attempt.tmp && mv -f attempt.tmp attempt || _fail "cannot write attempt"
 setsid $NH sh -c "$W" vastd-job "$C" > {LOG_NAME} 2>&1 < /dev/null &
-_waitpid
-_pgid pid
-[ -n "$v" ] || _fail "the job did not write its pid in time"
+# $! is the session (= process group) id: setsid does not fork outside job control.
+v=$!
+[ -s pid ] || {{ printf '%s\\n' "$v" > pid.start.tmp && mv -f pid.start.tmp pid; }}
 printf '%s\\nstarted %s\\n' "$M" "$v"
 """
 
@@ -323,16 +328,10 @@ def _tail(text: str, limit: int = 500) -> str:
 async def upload_job_file(
     conn: RemoteRunner, local_csv: Path, paths: RemoteJobPaths, *, timeout_s: float
 ) -> None:
-    """Create the job folder and put the CSV there (via `<input>.part`, then `mv`)."""
-    q = shlex.quote
-    result = await conn.run(as_sh_command(f"mkdir -p {q(paths.job_dir)}"), timeout_s=timeout_s)
-    if not result.ok:
-        raise JobExecutionError(f"cannot create the remote job folder: {_tail(result.stderr)}")
-    part = paths.input + ".part"
-    await conn.upload(local_csv, part, timeout_s=timeout_s)
-    result = await conn.run(as_sh_command(f"mv -f {q(part)} {q(paths.input)}"), timeout_s=timeout_s)
-    if not result.ok:
-        raise JobExecutionError(f"cannot move the uploaded input: {_tail(result.stderr)}")
+    """Create the job folder and put the CSV there (never partial under its final name)."""
+    await conn.makedirs(paths.job_dir, timeout_s=timeout_s)
+    # The upload itself goes to a temp name and renames (SSHConnection.upload).
+    await conn.upload(local_csv, paths.input, timeout_s=timeout_s)
 
 
 _START_LINE = re.compile(r"^(started|existing) ([0-9]+)$")

@@ -11,6 +11,8 @@ Status output, after the marker, one line per entry, keyed by the entry's index
       <log_size> <attempt> <timed_out 0|1>
 
 where a number field is `-` when its file is absent and `!` when it holds garbage.
+`log_size` is always `-`: measuring it costs two processes per job and cycle, and
+the cycle runs on every instance every few seconds. Every read is a shell builtin.
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ def _entry_report(index: int) -> str:
     # The entry's folder and pgid are in the shell variables d<index> and p<index>.
     return f"""d=$d{index}; p=$p{index}
 if [ -d "$d" ]; then
-  if _alive "$d" "$p"; then al=1; else al=0; fi
+  # exit_code wins over liveness: skip the (costly, zombie-aware) check when it is there
+  if [ ! -f "$d/exit_code" ] && _alive "$d" "$p"; then al=1; else al=0; fi
   _num "$d/exit_code"; e=$v; _num "$d/started_at"; s=$v; _num "$d/ended_at"; en=$v
   _num "$d/attempt"; at=$v
-  if [ -f "$d/log.txt" ]; then ls=$(wc -c < "$d/log.txt" | tr -cd 0-9); else ls=; fi
+  ls=
   if [ -e "$d/timed_out" ]; then to=1; else to=0; fi
   printf 'J {index} 1 %s %s %s %s %s %s %s %s\\n' "${{p:--}}" "$al" "$e" "$s" "$en" \\
     "${{ls:--}}" "$at" "$to"
@@ -110,7 +113,7 @@ def build_status_script(entries: list[tuple[str, RemoteJobPaths]], *, wait_s: fl
         lines.append(f"d{index}={shlex.quote(paths.job_dir)}")
         lines.append(f'_pgid "$d{index}/pid"; p{index}=$v')
         # A pid from another boot is not ours: treat it as gone from the start.
-        lines.append(f'_alive "$d{index}" "$p{index}" || p{index}=')
+        lines.append(f'[ -f "$d{index}/exit_code" ] || _alive "$d{index}" "$p{index}" || p{index}=')
     if wait_s > 0 and entries:
         ticks = math.ceil(wait_s / _TICK_S)
         whole = math.ceil(wait_s)

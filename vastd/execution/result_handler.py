@@ -76,21 +76,28 @@ class _Listing:
 _LIST_SCRIPT = r"""
 M=__VASTD_BEGIN__
 cd "$D" 2>/dev/null || { printf '%s\nnodir\n' "$M"; exit 0; }
-_hex() { printf '%s' "$1" | od -An -v -tx1 | tr -d ' \n'; }
 _one() {
-  if [ -L "$1" ]; then t=l; s=0
-  elif [ -f "$1" ]; then t=f; s=$(wc -c < "$1" | tr -cd 0-9)
-  elif [ -d "$1" ]; then t=d; s=0
-  elif [ -e "$1" ]; then t=o; s=0
+  if [ -L "$1" ]; then t=l
+  elif [ -f "$1" ]; then t=f
+  elif [ -d "$1" ]; then t=d
+  elif [ -e "$1" ]; then t=o
   else return 0; fi
-  printf 'F %s %s %s\n' "$t" "${s:-0}" "$(_hex "$1")"
+  # Sizes are checked by the download itself; only the log's decides how it is fetched.
+  s=0; [ "$1" = log.txt ] && [ $t = f ] && s=$(wc -c < log.txt | tr -cd 0-9)
+  case $1 in
+    *[!A-Za-z0-9._/+-]*) printf 'F %s %s %s\n' $t "${s:-0}" "$(printf '%s' "$1" | od -An -v -tx1 | tr -d ' \n')" ;;
+    *) printf 'P %s %s %s\n' $t "${s:-0}" "$1" ;;
+  esac
 }
 printf '%s\n' "$M"
-for f in *; do _one "$f"; done
-if [ -d out ] && [ ! -L out ]; then for f in out/*; do _one "$f"; done; fi
+# Only names the glob may match are looked at (the shell's case prefilters; vastd
+# matches exactly afterwards).
+for f in *; do case $f in log.txt|$P) _one "$f" ;; esac; done
+if [ -d out ] && [ ! -L out ]; then for f in out/*; do case $f in $P) _one "$f" ;; esac; done; fi
 echo END
 """
 _ENTRY = re.compile(r"^F ([lfdo]) ([0-9]+) ((?:[0-9a-f]{2})+)$")
+_PLAIN_ENTRY = re.compile(r"^P ([lfdo]) ([0-9]+) ([A-Za-z0-9._/+-]+)$")
 _KIND = {"l": "a symlink", "d": "a folder", "o": "not a regular file"}
 
 
@@ -114,7 +121,7 @@ async def _list_job_dir(
     conn: RemoteRunner, paths: RemoteJobPaths, pattern: str, *, timeout_s: float
 ) -> _Listing:
     _check_pattern(pattern)
-    script = f"D={shlex.quote(paths.job_dir)}\n{_LIST_SCRIPT}"
+    script = f"D={shlex.quote(paths.job_dir)}\nP={shlex.quote(pattern)}\n{_LIST_SCRIPT}"
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
     lines = marker_lines(result.stdout)
     if lines and lines[0].strip() == "nodir":
@@ -127,9 +134,13 @@ async def _list_job_dir(
     log_size: int | None = None
     for line in lines:
         match = _ENTRY.match(line.strip())
-        if not match:
+        plain = None if match else _PLAIN_ENTRY.match(line.strip())
+        if plain:
+            kind, size, raw = plain.group(1), int(plain.group(2)), plain.group(3).encode()
+        elif match:
+            kind, size, raw = match.group(1), int(match.group(2)), bytes.fromhex(match.group(3))
+        else:
             continue
-        kind, size, raw = match.group(1), int(match.group(2)), bytes.fromhex(match.group(3))
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:

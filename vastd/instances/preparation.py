@@ -15,6 +15,7 @@ import shlex
 from collections.abc import Sequence
 
 from vastd.core.ssh import CommandResult, SSHConnection
+from vastd.execution.job_runner import instance_root
 from vastd.utils.config import PrepareStep
 from vastd.utils.exceptions import PreparationError
 from vastd.utils.logging import get_logger
@@ -30,10 +31,6 @@ def steps_hash(steps: Sequence[PrepareStep]) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(body.encode()).hexdigest()[:16]
-
-
-def instance_root(remote_root: str, instance_id: str) -> str:
-    return f"{remote_root.rstrip('/')}/{instance_id}"
 
 
 def marker_path(remote_root: str, instance_id: str) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+
+import asyncssh
 
 from vastd.core.files import Layout
 from vastd.core.ssh import Endpoint, SSHPool
@@ -18,7 +20,8 @@ from vastd.core.state import InstanceRecord, StateStore
 from vastd.instances.vast_api import VastClient
 from vastd.orchestration.scheduler import Scheduler
 from vastd.utils.config import Settings
-from vastd.utils.logging import get_logger
+from vastd.utils.exceptions import ConfigError
+from vastd.utils.logging import get_logger, register_secret
 
 log = get_logger("vastd")
 
@@ -120,7 +123,7 @@ class Context:
             await asyncio.wait(tasks, timeout=timeout_s)
 
     async def aclose(self) -> None:
-        """Cancel what the context spawned and wait for it, bounded."""
+        """Cancel what the context spawned and wait for it, bounded (resources stay open)."""
         tasks = [*self.tasks, *self.watchers.values(), *self.preparing.values()]
         for task in tasks:
             task.cancel()
@@ -128,3 +131,68 @@ class Context:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
                     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def build_context(
+    settings: Settings, *, client_keys: list[asyncssh.SSHKey] | None = None
+) -> Context:
+    """The snapshot, API client and SSH pool that `vastd run` uses, as one Context."""
+    api_key = settings.api_key()
+    if not api_key:
+        raise ConfigError(
+            [
+                "vast.api_key: no vast.ai API key (set VASTD_VAST__API_KEY or "
+                "VAST_API_KEY, or write it to [vast] api_key_file)"
+            ]
+        )
+    register_secret(api_key)
+    layout = Layout(settings.paths.root)
+    layout.ensure()
+    store = StateStore.open(layout.state_file)
+    api = VastClient(
+        settings.vast.api_url,
+        api_key,
+        timeout_s=settings.vast.request_timeout_s,
+        max_retries=settings.vast.max_retries,
+    )
+    pool = SSHPool(settings.ssh, client_keys=client_keys, host_keys=StoreHostKeys(store))
+    ctx = Context(settings, layout, store, pool, api)
+    ctx.watch_wait_s = settings.job.poll_interval_s
+    return ctx
+
+
+async def close_context(ctx: Context) -> None:
+    """Stop the context's tasks, save, close connections and the API session (each runs)."""
+    try:
+        await ctx.aclose()
+        await ctx.store.flush()
+    finally:
+        try:
+            await ctx.pool.aclose()
+        finally:
+            if ctx.api is not None:
+                await ctx.api.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_context(
+    settings: Settings,
+    *,
+    client_keys: list[asyncssh.SSHKey] | None = None,
+    recover: bool = True,
+) -> AsyncIterator[Context]:
+    """A Context built as `vastd run` builds one, closed afterwards (for library use).
+
+    With `recover`, the snapshot is reconciled with the folders first, as at daemon
+    start-up. Never use it on the root of a running daemon.
+    """
+    from vastd.orchestration.workflow import recover_after_restart  # workflow imports us
+
+    ctx = build_context(settings, client_keys=client_keys)
+    try:
+        if recover:
+            recover_after_restart(ctx)
+            await ctx.store.flush()
+        yield ctx
+    finally:
+        await close_context(ctx)

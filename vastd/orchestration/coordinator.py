@@ -61,9 +61,10 @@ def find_best_instance_for_job(ctx: Context, job: JobRecord) -> InstanceRecord |
     return min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id))
 
 
-def assign_job_to_instance(ctx: Context, job: JobRecord, inst: InstanceRecord) -> None:
+async def assign_job_to_instance(ctx: Context, job: JobRecord, inst: InstanceRecord) -> None:
     """Move the file to running/ and record the assignment (not yet saved)."""
-    move_job_file(ctx.layout, job.id, JobFolder.QUEUED, JobFolder.RUNNING)
+    # The move fsyncs a folder: keep that off the event loop.
+    await asyncio.to_thread(move_job_file, ctx.layout, job.id, JobFolder.QUEUED, JobFolder.RUNNING)
     st.mark_job_assigned(ctx.store, job.id, inst.id)
     if inst.id in job.orphans:
         # Same attempt, same folder: the idempotent start reattaches to that run.
@@ -83,9 +84,14 @@ async def coordinate_job_distribution(ctx: Context) -> int:
         inst = find_best_instance_for_job(ctx, job)
         if inst is None:
             break
+        if job.state is not JobState.QUEUED:
+            continue  # changed while an earlier move was awaited
+        # Claimed before any await: the instance's watcher must leave it alone.
+        ctx.dispatching.add(job.id)
         try:
-            assign_job_to_instance(ctx, job, inst)
+            await assign_job_to_instance(ctx, job, inst)
         except FileOperationError as exc:
+            ctx.dispatching.discard(job.id)
             log.warning("job_file_move_failed", job=job.id, error=str(exc))
             continue
         assigned.append((job, inst))
@@ -94,7 +100,6 @@ async def coordinate_job_distribution(ctx: Context) -> int:
     # The assignment is on disk before anything is uploaded: a crash now finds it.
     await ctx.store.flush()
     for job, inst in assigned:
-        ctx.dispatching.add(job.id)
         ctx.spawn(dispatch_job(ctx, job.id, inst.id), name=f"dispatch:{job.id}")
     ctx.counters.dispatched += len(assigned)
     return len(assigned)
@@ -133,7 +138,9 @@ async def dispatch_job(ctx: Context, job_id: str, instance_id: str) -> None:
             )
             mark_unreachable(ctx, inst, str(exc))
             return
-        except JobExecutionError as exc:
+        except (VastdError, ValueError) as exc:
+            # Observed on the instance (refused upload, start script error) or a bad
+            # template: an attempt, so a job never stays "running" with nothing behind it.
             await record_attempt_failure(ctx, job, reason=f"could not start: {exc}", exit_code=None)
             return
         if job.state is not JobState.RUNNING or job.instance != instance_id:
@@ -275,6 +282,8 @@ async def check_instance_jobs(
 async def handle_job_status(
     ctx: Context, inst: InstanceRecord, job: JobRecord, status: RemoteJobStatus
 ) -> None:
+    if job.state is not JobState.RUNNING or job.instance != inst.id or job.id in ctx.dispatching:
+        return  # it changed while the status command ran
     outcome = detect_job_completion(status)
     now = time.time()
     if outcome is CompletionStatus.MISSING:

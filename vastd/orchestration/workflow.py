@@ -263,7 +263,7 @@ async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> b
 
 
 # --- the task runner ------------------------------------------------------------------------
-async def run_tasks(ctx: Context, *, max_concurrent: int = 8) -> None:
+async def run_tasks(ctx: Context, *, max_concurrent: int = 32) -> None:
     """Run scheduled follow-up work (collections) as it falls due."""
     limit = asyncio.Semaphore(max_concurrent)
     while True:

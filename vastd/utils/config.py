@@ -8,11 +8,20 @@ The API key is a secret: env `VASTD_VAST__API_KEY`, env `VAST_API_KEY`, `$CREDEN
 from __future__ import annotations
 
 import os
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -92,6 +101,10 @@ class JobPattern(_Section):
     vars: dict[str, str] = Field(default_factory=dict)
 
 
+# Placeholders every [job] command may use besides the [job.vars] keys (CONTRACT §4).
+BUILTIN_PLACEHOLDERS = ("input", "job_dir", "output_dir", "job")
+
+
 class JobSettings(_Section):
     command: str = (
         "cd /workspace/density-engine && python3 scripts/run_garch_jobs.py {input} "
@@ -106,7 +119,7 @@ class JobSettings(_Section):
     max_result_bytes: int = Field(default=10 * 1024**3, gt=0)
     poll_interval_s: float = Field(default=5.0, gt=0)
     jobs_per_instance: int = Field(default=1, ge=1)
-    vars: dict[str, str] = Field(default_factory=dict)
+    vars: dict[str, str] = Field(default_factory=lambda: {"num_sim": "1000000"})
     patterns: list[JobPattern] = Field(default_factory=list)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -117,6 +130,39 @@ class JobSettings(_Section):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("result_glob")
+    @classmethod
+    def _relative_glob(cls, value: str) -> str:
+        parts = value.split("/")
+        if not value or value.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError("must be a relative glob without '..' (relative to {job_dir})")
+        return value
+
+    @model_validator(mode="after")
+    def _placeholders_known(self) -> JobSettings:
+        # A bad template would otherwise only fail at dispatch, job after job.
+        known = set(BUILTIN_PLACEHOLDERS) | set(self.vars)
+        for pattern in self.patterns:
+            known |= set(pattern.vars)
+        try:
+            fields = list(string.Formatter().parse(self.command))
+        except ValueError as exc:
+            raise ValueError(f"command: {exc} (write literal braces as {{{{ and }}}})") from None
+        for _text, name, spec, conversion in fields:
+            if name is None:
+                continue
+            if name not in known:
+                raise ValueError(
+                    f"command: unknown placeholder {{{name}}} (known: {', '.join(sorted(known))};"
+                    " write literal braces as {{ and }})"
+                )
+            if spec or conversion:
+                raise ValueError(f"command: placeholder {{{name}}} takes no format or !conversion")
+        clash = set(self.vars) & set(BUILTIN_PLACEHOLDERS)
+        if clash:
+            raise ValueError(f"vars: {', '.join(sorted(clash))} is a built-in placeholder")
+        return self
 
 
 class FleetSettings(_Section):
@@ -136,6 +182,14 @@ class FleetSettings(_Section):
     idle_timeout_s: float = Field(default=600.0, ge=0)
     boot_timeout_s: float = Field(default=1200.0, gt=0)
     adopt_foreign_labelled: bool = False
+
+    @field_validator("offer_query")
+    @classmethod
+    def _query_parses(cls, value: str) -> str:
+        from vastd.instances.vast_api import parse_offer_query  # the API layer owns the syntax
+
+        parse_offer_query(value)
+        return value
 
 
 class Settings(BaseSettings):
@@ -180,9 +234,9 @@ class Settings(BaseSettings):
         if cred_dir:
             cred = Path(cred_dir) / "vast_api_key"
             if cred.is_file():
-                return cred.read_text().strip() or None
+                return _read_key(cred, "$CREDENTIALS_DIRECTORY/vast_api_key")
         if self.vast.api_key_file is not None and self.vast.api_key_file.is_file():
-            return self.vast.api_key_file.read_text().strip() or None
+            return _read_key(self.vast.api_key_file, "vast.api_key_file")
         return None
 
     def redacted(self) -> dict[str, Any]:
@@ -191,6 +245,15 @@ class Settings(BaseSettings):
         key = self.api_key()
         data["vast"]["api_key"] = "**********" if key else None
         return data
+
+
+def _read_key(path: Path, key: str) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError) as exc:
+        # Only the reason, never the content.
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError([f"{key}: {path} cannot be read: {reason}"]) from None
 
 
 def resolve_config_path(cli_path: str | Path | None) -> Path:
@@ -207,7 +270,12 @@ def _format_errors(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(root)"
-        problems.append(f"{key}: {err['msg']}")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if sep and head.isidentifier() and err["type"] == "value_error":
+            # a section's own check names its key first: "job" + "command: ..." -> job.command
+            key, msg = f"{key}.{head}", rest
+        problems.append(f"{key}: {msg}")
     return problems
 
 

@@ -44,7 +44,14 @@ def _redact_value(value: Any) -> Any:
 def _redact(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
     if not _SECRETS:
         return event_dict
-    return {k: _redact_value(v) for k, v in event_dict.items()}
+    # exc_info must stay a tuple for the renderer that formats it.
+    return {k: v if k == "exc_info" else _redact_value(v) for k, v in event_dict.items()}
+
+
+# Frame locals could hold a key file's content: tracebacks carry no locals.
+_dict_tracebacks = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 def _shared_processors() -> list[Processor]:
@@ -67,13 +74,18 @@ def setup_logging(log_level: str = "INFO", *, json: bool | None = None, stream: 
         renderer = structlog.processors.JSONRenderer()
         final: list[Processor] = [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _dict_tracebacks,  # before _redact, so exception texts are redacted too
             _redact,
-            structlog.processors.dict_tracebacks,
             renderer,
         ]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
-        final = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, _redact, renderer]
+        final = [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,  # plain text, then redacted like the rest
+            _redact,
+            renderer,
+        ]
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
@@ -95,6 +107,8 @@ def setup_logging(log_level: str = "INFO", *, json: bool | None = None, stream: 
     # asyncssh logs every channel at INFO; aiohttp's access log is noise here.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # watchfiles reports "N changes detected" at INFO: not one of our events.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def get_logger(name: str = "vastd", **initial: Any) -> structlog.stdlib.BoundLogger:
