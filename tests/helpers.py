@@ -1,0 +1,145 @@
+"""Small helpers shared by the tests: waiting for a condition, writing TOML, clean env.
+
+Generic on purpose; import as `from tests.helpers import wait_for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import structlog
+
+T = TypeVar("T")
+
+DEFAULT_POLL_S = 0.02
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout_s: float,
+    *,
+    poll_s: float = DEFAULT_POLL_S,
+    message: str | Callable[[], str] = "",
+) -> T:
+    """Call `predicate` until it returns something truthy (returned); AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"condition not met within {timeout_s}s: {text}")
+        time.sleep(poll_s)
+
+
+async def async_wait_for(
+    predicate: Callable[[], T],
+    timeout_s: float,
+    *,
+    poll_s: float = DEFAULT_POLL_S,
+    message: str | Callable[[], str] = "",
+) -> T:
+    """`wait_for` that yields to the event loop between looks (servers in the loop keep running)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"condition not met within {timeout_s}s: {text}")
+        await asyncio.sleep(poll_s)
+
+
+# Environment variables that change how vastd reads its config or its API key.
+VASTD_ENV_PREFIXES = ("VASTD_",)
+VASTD_ENV_NAMES = ("VAST_API_KEY", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC")
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of os.environ without anything that steers vastd, plus `extra`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(VASTD_ENV_PREFIXES) and k not in VASTD_ENV_NAMES
+    }
+    env.update(extra or {})
+    return env
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        # JSON string escapes (\" \\ \n \uXXXX) are valid TOML basic-string escapes.
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{" + ", ".join(items) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _dump_table(name: str, table: Mapping[str, Any], out: list[str]) -> None:
+    scalars = {
+        k: v
+        for k, v in table.items()
+        if v is not None and not isinstance(v, dict) and not _is_table_array(v)
+    }
+    if name:
+        out.append(f"[{name}]")
+    out.extend(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in scalars.items())
+    out.append("")
+    for key, value in table.items():
+        child = f"{name}.{json.dumps(key)}" if name else json.dumps(key)
+        if isinstance(value, dict):
+            _dump_table(child, value, out)
+        elif _is_table_array(value):
+            for item in value:
+                out.append(f"[[{child}]]")
+                _dump_table_body(child, item, out)
+
+
+def _dump_table_body(name: str, table: Mapping[str, Any], out: list[str]) -> None:
+    # Inside an array-of-tables entry nested tables are written inline.
+    out.extend(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None)
+    out.append("")
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """A TOML document for plain data (None values are left out: TOML has no null)."""
+    out: list[str] = []
+    _dump_table("", data, out)
+    return "\n".join(out)
+
+
+@contextlib.contextmanager
+def preserved_logging() -> Iterator[None]:
+    """Give back the root logger's handlers and level and structlog's defaults afterwards
+    (setup_logging, also called by `vastd` commands run in-process, changes them)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
