@@ -33,6 +33,7 @@ from vastd.core.files import TEMP_PREFIX, fsync_directory, safe_name
 from vastd.execution.job_runner import (
     CONTROL_NAMES,
     LOG_NAME,
+    SH_HELPERS,
     RemoteJobPaths,
     RemoteRunner,
     as_sh_command,
@@ -369,11 +370,20 @@ def cleanup_stale_result_dirs(results_root: Path) -> int:
 async def cleanup_remote_job(
     conn: RemoteRunner, paths: RemoteJobPaths, *, timeout_s: float
 ) -> None:
-    """`rm -rf` the job's remote folder; refuses any path not directly under `<instance>/jobs`."""
+    """Kill what is left of the job's process group, then `rm -rf` its remote folder.
+
+    A job may exit leaving children behind, or write garbage into `exit_code` while
+    still running: once the folder (and its `pid`) is gone nothing could find them.
+    Refuses any path not directly under `<instance>/jobs`.
+    """
     if not is_job_dir_of(paths):
         raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
-    result = await conn.run(
-        as_sh_command(f"rm -rf -- {shlex.quote(paths.job_dir)}"), timeout_s=timeout_s
+    d = shlex.quote(paths.job_dir)
+    script = (
+        f"{SH_HELPERS}\n"
+        f'_pgid {d}/pid; if [ -n "$v" ] && _alive {d} "$v"; then kill -KILL -"$v" 2>/dev/null; fi\n'
+        f"rm -rf -- {d}\n"
     )
+    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
     if not result.ok:
         raise JobExecutionError(f"cannot remove the remote job folder: {result.stderr[-300:]}")

@@ -39,6 +39,7 @@ from vastd.orchestration.context import Context
 from vastd.orchestration.scheduler import schedule_result_collection
 from vastd.utils.exceptions import (
     FileOperationError,
+    HostKeyMismatchError,
     JobExecutionError,
     SSHConnectionError,
     VastdError,
@@ -136,7 +137,7 @@ async def dispatch_job(ctx: Context, job_id: str, instance_id: str) -> None:
             log.warning(
                 "job_dispatch_interrupted", job=job_id, instance=instance_id, error=str(exc)
             )
-            mark_unreachable(ctx, inst, str(exc))
+            mark_unreachable(ctx, inst, exc)
             return
         except (VastdError, ValueError) as exc:
             # Observed on the instance (refused upload, start script error) or a bad
@@ -178,13 +179,31 @@ def ensure_watcher(ctx: Context, instance_id: str) -> None:
         )
 
 
-def mark_unreachable(ctx: Context, inst: InstanceRecord, error: str) -> None:
+def mark_unreachable(ctx: Context, inst: InstanceRecord, exc: SSHConnectionError) -> None:
+    """SSH failed. A changed host key is not a blip: the instance is drained for good."""
+    if isinstance(exc, HostKeyMismatchError):
+        drain_instance(ctx, inst, str(exc))
+        return
+    error = str(exc)
     if inst.unreachable_since is None:
         inst.unreachable_since = time.time()
         log.warning("instance_unreachable", instance=inst.id, error=error)
     if inst.status is InstanceStatus.READY:
         inst.status = InstanceStatus.UNREACHABLE
     ctx.store.mark_dirty()
+
+
+def drain_instance(ctx: Context, inst: InstanceRecord, reason: str) -> None:
+    """No new jobs; its jobs run elsewhere (not an attempt). Used for a changed host key."""
+    if inst.status is InstanceStatus.DRAINING:
+        return
+    inst.status = InstanceStatus.DRAINING
+    inst.prepare_error = reason
+    for job in list(ctx.store.jobs.values()):
+        if job.instance == inst.id and job.state in (JobState.RUNNING, JobState.COLLECTING):
+            requeue(ctx, job, reason=f"instance {inst.id} drained: {reason}", count_attempt=False)
+    ctx.store.mark_dirty()
+    log.warning("instance_drained", instance=inst.id, reason=reason)
 
 
 def mark_reachable(ctx: Context, inst: InstanceRecord) -> None:
@@ -243,7 +262,7 @@ async def watch_instance(ctx: Context, instance_id: str) -> None:
             statuses = await check_instance_jobs(ctx, inst, jobs + orphans)
         except SSHConnectionError as exc:
             failures += 1
-            mark_unreachable(ctx, inst, str(exc))
+            mark_unreachable(ctx, inst, exc)
             abandon_if_past_grace(ctx, inst)
             await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
             continue
@@ -380,7 +399,7 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
     except (SSHConnectionError, FileOperationError) as exc:
         log.warning("collection_deferred", job=job.id, instance=inst.id, error=str(exc))
         if isinstance(exc, SSHConnectionError):
-            mark_unreachable(ctx, inst, str(exc))
+            mark_unreachable(ctx, inst, exc)
             if abandon_if_past_grace(ctx, inst):
                 ensure_watcher(ctx, inst.id)  # it keeps looking for the orphaned run
         return False

@@ -42,6 +42,8 @@ class Task:
 @dataclass
 class Scheduler:
     _heap: list[tuple[float, int, int, Task]] = field(default_factory=list)
+    # tasks whose time has come, by (priority, seq): priority decides among due tasks
+    _ready: list[tuple[int, int, Task]] = field(default_factory=list)
     _pending: dict[str, Task] = field(default_factory=dict)
     _counter: itertools.count[int] = field(default_factory=itertools.count)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -69,8 +71,11 @@ class Scheduler:
     def pop_due(self, now: float | None = None) -> Task | None:
         """The next due task, or None."""
         now = time.monotonic() if now is None else now
-        if self._heap and self._heap[0][0] <= now:
-            task = heapq.heappop(self._heap)[3]
+        while self._heap and self._heap[0][0] <= now:
+            _due, priority, seq, task = heapq.heappop(self._heap)
+            heapq.heappush(self._ready, (priority, seq, task))
+        if self._ready:
+            task = heapq.heappop(self._ready)[2]
             self._pending.pop(task.key, None)
             return task
         return None

@@ -1,0 +1,450 @@
+"""Dispatch, watching and collection (orchestration/coordinator.py) against a SimCluster.
+
+The steps are called directly with a real Context: `coordinate_job_distribution` places
+jobs, `watch_instance` (started by dispatch) turns remote exits into COLLECTING, and
+`collect_job` (driven by tests/ctxfactory.pump, as the task loop would) finishes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.ctxfactory import (
+    GATED_WORKER,
+    WORKER_COMMAND,
+    SimEnv,
+    async_wait_for,
+    job_file_in,
+    pump,
+    remote_dir,
+    wait_saved,
+    wait_state,
+)
+from vastd.core.state import InstanceStatus, JobState, load_state
+from vastd.orchestration import coordinator as co
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[SimEnv]:
+    async with SimEnv(tmp_path) as e:
+        yield e
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e.get("event") == name]
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether the process group has a member that is not a zombie (pid 1 may not reap)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+async def save_until(ctx: Any, predicate: Any, timeout_s: float) -> None:
+    """Flush the store (what its saver task does) until `predicate` holds."""
+    saver = asyncio.create_task(ctx.store.run_saver())
+    try:
+        await async_wait_for(predicate, timeout_s)
+    finally:
+        saver.cancel()
+        await asyncio.gather(saver, return_exceptions=True)
+
+
+# --- placing jobs ---------------------------------------------------------------------------
+async def test_jobs_go_in_acceptance_order_one_per_instance(env: SimEnv) -> None:
+    """With two READY instances and three jobs, the first two accepted (not the first two
+    by name) are dispatched, one per instance; the third waits in queued/."""
+    await env.start(instances=2)
+    ctx = env.context(env.settings(job={"command": "sleep 30; cat {input}"}))
+    await env.ready(ctx)
+    files = env.make_job_files(3)
+    # Accept in reverse name order: acceptance order is not name order.
+    for path in reversed(files):
+        await env.submit_file(ctx, path)
+    accepted = [p.stem for p in reversed(files)]
+
+    assert await co.coordinate_job_distribution(ctx) == 2
+
+    jobs = ctx.store.jobs
+    assert [jobs[j].state for j in accepted] == [
+        JobState.RUNNING,
+        JobState.RUNNING,
+        JobState.QUEUED,
+    ]
+    assert {jobs[accepted[0]].instance, jobs[accepted[1]].instance} == set(ctx.store.instances)
+    for inst in ctx.store.instances.values():
+        assert len(inst.current_jobs) == 1
+    assert job_file_in(ctx, accepted[2]) == ["queued"]
+    assert job_file_in(ctx, accepted[0]) == ["running"]
+    # No room left: another round places nothing.
+    assert await co.coordinate_job_distribution(ctx) == 0
+
+
+async def test_no_job_on_an_instance_that_is_not_ready(env: SimEnv) -> None:
+    """DISCOVERED, UNREACHABLE and DRAINING instances get no job."""
+    await env.start(instances=3)
+    ctx = env.context()
+    await env.ready(ctx)
+    a, b, c = sorted(ctx.store.instances)
+    ctx.store.instances[a].status = InstanceStatus.DISCOVERED
+    ctx.store.instances[b].status = InstanceStatus.UNREACHABLE
+    ctx.store.instances[c].status = InstanceStatus.DRAINING
+    [job_id] = await env.submit(ctx)
+
+    assert await co.coordinate_job_distribution(ctx) == 0
+    assert ctx.store.jobs[job_id].state is JobState.QUEUED
+    assert all(not i.current_jobs for i in ctx.store.instances.values())
+
+
+async def test_assignment_is_saved_before_the_upload(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the upload starts, state.json on disk already says RUNNING on that instance."""
+    await env.start(instances=1)
+    ctx = env.context()
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    seen: list[tuple[str, str | None]] = []
+    original = co.execute_job_on_instance
+
+    async def spy(conn: Any, **kwargs: Any) -> Any:
+        on_disk = load_state(ctx.layout.state_file).jobs[kwargs["job_id"]]
+        seen.append((on_disk.state.value, on_disk.instance))
+        return await original(conn, **kwargs)
+
+    monkeypatch.setattr(co, "execute_job_on_instance", spy)
+    await co.coordinate_job_distribution(ctx)
+    await wait_state(ctx, job_id, JobState.DONE)
+
+    assert seen == [("running", iid)]
+
+
+async def test_dispatch_to_an_unreachable_instance_keeps_the_assignment(env: SimEnv) -> None:
+    """A host that is down at dispatch: the job stays RUNNING on it with no attempt
+    counted, the instance is UNREACHABLE; once back, the start happens and the job ends
+    DONE, started once."""
+    sim = await env.start(instances=1)
+    ctx = env.context(env.settings(ssh={"unreachable_grace_s": 60.0}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    await sim.hosts.kill_host(int(iid))
+    await ctx.pool.drop(iid)
+
+    assert await co.coordinate_job_distribution(ctx) == 1
+    job = ctx.store.jobs[job_id]
+    await async_wait_for(lambda: not ctx.dispatching, 10, message="dispatch attempt ended")
+    assert job.state is JobState.RUNNING and job.instance == iid
+    assert job.attempts == 0
+    assert ctx.store.instances[iid].status is InstanceStatus.UNREACHABLE
+    assert job_file_in(ctx, job_id) == ["running"]
+    on_disk = load_state(ctx.layout.state_file).jobs[job_id]
+    assert (on_disk.state, on_disk.instance) == (JobState.RUNNING, iid)
+
+    await sim.hosts.revive_host(int(iid))
+    co.handle_system_failures(ctx)  # what the health loop does for unwatched jobs
+    await wait_state(ctx, job_id, JobState.DONE, timeout_s=20)
+    assert job.runs == 1 and job.attempts == 0
+
+
+async def test_a_failed_job_is_retried_on_another_instance(env: SimEnv) -> None:
+    """A job that failed on instance A is placed on B next (`avoid_instances`), and ends
+    DONE there with one attempt counted."""
+    await env.start(instances=2)
+    ctx = env.context()
+    a, b = await env.ready(ctx)
+    ctx.settings.job.command = f"case {{job_dir}} in */{a}/jobs/*) exit 3;; esac; {WORKER_COMMAND}"
+    ctx.store.instances[b].status = InstanceStatus.DRAINING  # only A is usable at first
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+
+    with capture_logs() as logs:
+        await co.coordinate_job_distribution(ctx)
+        assert job.instance == a
+        await wait_state(ctx, job_id, JobState.QUEUED)
+        assert job.attempts == 1 and job.avoid_instances == [a]
+        ctx.store.instances[b].status = InstanceStatus.READY
+        await pump(ctx, lambda: job.state is JobState.RUNNING)
+        assert job.instance == b
+        await wait_state(ctx, job_id, JobState.DONE)
+
+    [retry] = events(logs, "job_retry")
+    assert retry["instance"] == a and retry["attempts"] == 1
+    assert [e["instance"] for e in events(logs, "job_done")] == [b]
+
+
+# --- watching and collecting ----------------------------------------------------------------
+async def test_successful_job_is_collected_then_remote_folder_removed(env: SimEnv) -> None:
+    """exit 0 -> COLLECTING -> DONE: file in done/, results/<job>/ holds the parquet and
+    log.txt; the remote folder is removed only once the snapshot saying DONE is written."""
+    await env.start(instances=1)
+    ctx = env.context()
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    states: list[JobState] = []
+
+    with capture_logs() as logs:
+        await co.coordinate_job_distribution(ctx)
+        await pump(ctx, lambda: states.append(job.state) or job.state is JobState.DONE)
+
+    assert JobState.COLLECTING in states or events(logs, "job_exited")
+    [exited] = events(logs, "job_exited")
+    assert exited["exit_code"] == 0
+    assert [e["event"] for e in logs if e["event"] in ("results_collected", "job_done")] == [
+        "results_collected",
+        "job_done",
+    ]
+    assert job_file_in(ctx, job_id) == ["done"]
+    results = ctx.layout.results_dir(job_id)
+    names = sorted(p.name for p in results.iterdir())
+    assert len([n for n in names if n.endswith(".parquet")]) == 1 and "log.txt" in names
+    assert job.result_files and job.runs == 1 and job.attempts == 0
+    assert ctx.store.instances[iid].current_jobs == []
+
+    folder = remote_dir(ctx, iid, job_id)
+    assert folder.exists(), "removed before the snapshot said DONE"
+    await wait_saved(ctx)
+    assert load_state(ctx.layout.state_file).jobs[job_id].state is JobState.DONE
+    await async_wait_for(lambda: not folder.exists(), 10, message="remote folder removed")
+
+
+async def test_failing_job_is_retried_then_failed_with_error_file(env: SimEnv) -> None:
+    """exit 3: a retry (attempts 1, requeued, `job_retry`), then at max_attempts FAILED,
+    the file in failed/ beside `<job>.error.json` with job, reason, attempts,
+    last_exit_code, log_tail and at."""
+    await env.start(instances=1)
+    ctx = env.context(
+        env.settings(job={"command": "echo about to fail; cat {input} >/dev/null; exit 3"})
+    )
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+
+    with capture_logs() as logs:
+        await co.coordinate_job_distribution(ctx)
+        await wait_state(ctx, job_id, JobState.QUEUED)
+        assert job.attempts == 1 and job.instance is None
+        assert job_file_in(ctx, job_id) == ["queued"]
+        await wait_state(ctx, job_id, JobState.FAILED)
+
+    assert [e["attempts"] for e in events(logs, "job_retry")] == [1]
+    assert len(events(logs, "job_failed")) == 1
+    assert job.attempts == 2 and job.last_exit_code == 3
+    assert job_file_in(ctx, job_id) == ["failed"]
+    error = json.loads(ctx.layout.error_file(job_id).read_text())
+    assert set(error) >= {"job", "reason", "attempts", "last_exit_code", "log_tail", "at"}
+    assert error["job"] == job_id and error["attempts"] == 2 and error["last_exit_code"] == 3
+    assert "3" in error["reason"] and "about to fail" in error["log_tail"]
+    assert all(not i.current_jobs for i in ctx.store.instances.values())
+
+
+@pytest.mark.parametrize(
+    ("command", "final"),
+    [
+        (
+            "echo done; echo finished successfully; echo 100%; cat {input} >/dev/null; exit 1",
+            "failed",
+        ),
+        (f"{WORKER_COMMAND} >/dev/null 2>&1", "done"),
+    ],
+    ids=["says-done-exits-1", "silent-exits-0"],
+)
+async def test_completion_comes_from_exit_code_never_from_log_words(
+    env: SimEnv, command: str, final: str
+) -> None:
+    """A job printing "done"/"finished" but exiting 1 is a failed attempt; a job whose log
+    says nothing but exits 0 (with results) is done."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"command": command, "max_attempts": 1}))
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+
+    await co.coordinate_job_distribution(ctx)
+    job = await wait_state(ctx, job_id, JobState.DONE, JobState.FAILED)
+
+    assert job.state.value == final
+    assert job.last_exit_code == (1 if final == "failed" else 0)
+
+
+async def test_garbage_exit_code_is_a_failed_attempt_with_a_reason(env: SimEnv) -> None:
+    """A remote `exit_code` holding garbage fails the attempt with a reason saying so, and
+    the run it belongs to is not left running."""
+    await env.start(instances=1)
+    ctx = env.context(
+        env.settings(job={"command": "printf banana > exit_code; sleep 30 # {input}"})
+    )
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.pgid is not None)
+    pgid = job.pgid
+    assert pgid is not None
+    env.track_group(pgid)  # killed at teardown whatever happens
+
+    await wait_state(ctx, job_id, JobState.QUEUED)
+    assert job.attempts == 1
+    assert job.last_error is not None and "garbage" in job.last_error
+    assert not group_alive(pgid), "the run with a garbage exit_code still runs"
+
+
+async def test_timed_out_job_is_killed_and_counts_an_attempt(env: SimEnv) -> None:
+    """A job past `[job] timeout_s`: its whole process group is killed, exit 124 is
+    recorded, and the attempt fails."""
+    await env.start(instances=1)
+    ctx = env.context(
+        env.settings(
+            job={"command": "sleep 60 & sleep 60; cat {input}", "timeout_s": 1.5, "max_attempts": 1}
+        )
+    )
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.pgid is not None)
+    pgid = job.pgid
+    assert pgid is not None and group_alive(pgid)
+
+    with capture_logs() as logs:
+        await wait_state(ctx, job_id, JobState.FAILED)
+
+    assert not group_alive(pgid), "the background child survived"
+    assert job.last_exit_code == 124 and job.attempts == 1
+    assert [e["job"] for e in events(logs, "job_timed_out")] == [job_id]
+    error = json.loads(ctx.layout.error_file(job_id).read_text())
+    assert error["last_exit_code"] == 124
+
+
+# --- unreachable is not failed --------------------------------------------------------------
+async def test_ssh_drop_mid_job_keeps_the_attempt_and_reattaches(env: SimEnv) -> None:
+    """SSH dies mid-job: the instance is UNREACHABLE, the job stays RUNNING there with
+    attempts 0; the host is back within the grace: the job is reattached (not restarted)
+    and ends DONE with runs == 1."""
+    sim = await env.start(instances=1)
+    ctx = env.context(
+        env.settings(job={"command": GATED_WORKER}, ssh={"unreachable_grace_s": 30.0})
+    )
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.pgid is not None)
+    pgid = job.pgid
+
+    await sim.hosts.kill_host(int(iid))
+    inst = ctx.store.instances[iid]
+    await async_wait_for(lambda: inst.status is InstanceStatus.UNREACHABLE, 10)
+    assert job.state is JobState.RUNNING and job.instance == iid and job.attempts == 0
+
+    await sim.hosts.revive_host(int(iid))
+    env.open_gate(iid)
+    with capture_logs() as logs:
+        await wait_state(ctx, job_id, JobState.DONE, timeout_s=30)
+
+    assert job.runs == 1 and job.attempts == 0 and job.pgid == pgid
+    assert events(logs, "job_started") == [] and events(logs, "job_dispatched") == []
+    assert inst.status is InstanceStatus.READY
+
+
+async def test_ssh_error_during_collection_is_not_a_failure(env: SimEnv) -> None:
+    """A job that exited 0 but whose instance stops answering during collection stays
+    COLLECTING with no attempt counted; once back, it is collected and DONE."""
+    sim = await env.start(instances=1)
+    ctx = env.context(env.settings(ssh={"unreachable_grace_s": 60.0}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    # Only the watcher runs (no collection): wait for the exit to be noticed.
+    await async_wait_for(lambda: job.state is JobState.COLLECTING, 20)
+    await sim.hosts.kill_host(int(iid))
+
+    assert await co.collect_job(ctx, job_id) is False
+    assert job.state is JobState.COLLECTING and job.attempts == 0
+    assert job_file_in(ctx, job_id) == ["running"]
+
+    await sim.hosts.revive_host(int(iid))
+    assert await co.collect_job(ctx, job_id) is True
+    assert job.state is JobState.DONE and job.attempts == 0
+
+
+async def test_a_failed_start_frees_both_job_and_instance(env: SimEnv) -> None:
+    """A start that fails on the instance (JobExecutionError: the job folder cannot be
+    made) is a failed attempt: the job is not left RUNNING nor the instance assigned."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"max_attempts": 1}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    blocker = remote_dir(ctx, iid, job_id)
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the job folder should be")
+
+    await co.coordinate_job_distribution(ctx)
+    job = await wait_state(ctx, job_id, JobState.FAILED, JobState.QUEUED, timeout_s=10)
+
+    assert job.state is JobState.FAILED and job.attempts == 1
+    assert job.last_error is not None and "could not start" in job.last_error
+    assert ctx.store.instances[iid].current_jobs == []
+    assert ctx.store.instances[iid].status is InstanceStatus.READY
+    assert not ctx.dispatching
+    assert job_file_in(ctx, job_id) == ["failed"]
+
+
+async def test_unreachable_past_grace_requeues_and_keeps_the_first_result(env: SimEnv) -> None:
+    """A job on an instance silent past `[ssh] unreachable_grace_s` is requeued (attempts
+    still 0), runs on another instance, and the first instance is in `job.orphans`. When
+    the first instance answers again and its run had succeeded, those results are kept
+    (`orphan_run_kept`), the second run is stopped (`duplicate_run_stopped`), the job is
+    DONE exactly once and results/<job>/ holds one run's files."""
+    sim = await env.start(instances=2)
+    ctx = env.context(env.settings(job={"command": GATED_WORKER}, ssh={"unreachable_grace_s": 1.0}))
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+
+    with capture_logs() as logs:
+        await co.coordinate_job_distribution(ctx)
+        first = job.instance
+        assert first is not None
+        [second] = [i for i in ctx.store.instances if i != first]
+        await pump(ctx, lambda: job.pgid is not None, dispatch=False)
+        await sim.hosts.kill_host(int(first))
+
+        await pump(ctx, lambda: job.instance == second and job.pgid is not None, timeout_s=20)
+        assert job.attempts == 0 and first in job.orphans
+        second_pgid = job.pgid
+        assert second_pgid is not None
+        # The first run goes on without SSH and succeeds; the second waits at its gate.
+        env.open_gate(first)
+        first_dir = remote_dir(ctx, first, job_id)
+        await async_wait_for(lambda: (first_dir / "exit_code").exists(), 20)
+        await sim.hosts.revive_host(int(first))
+
+        await wait_state(ctx, job_id, JobState.DONE, timeout_s=30)
+        # The stop waits for the snapshot saying DONE: save as the saver would.
+        await save_until(ctx, lambda: events(logs, "duplicate_run_stopped"), 20)
+
+    [kept] = events(logs, "orphan_run_kept")
+    assert kept["instance"] == first and kept["second_run"] == second
+    assert [e["instance"] for e in events(logs, "duplicate_run_stopped")] == [second]
+    assert len(events(logs, "job_done")) == 1
+    assert job.attempts == 0 and job.orphans == []
+    assert not group_alive(second_pgid)
+    assert job_file_in(ctx, job_id) == ["done"]
+    names = sorted(p.name for p in ctx.layout.results_dir(job_id).iterdir())
+    assert len([n for n in names if n.endswith(".parquet")]) == 1
+    assert set(names) == {*job.result_files, "log.txt"}
+    assert all(not i.current_jobs for i in ctx.store.instances.values())
