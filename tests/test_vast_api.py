@@ -553,3 +553,15 @@ async def test_discovery_functions(sim: tuple[SimCloud, str], client: VastClient
     info = await get_instance_by_id(client, offline)
     assert info is not None and info.is_lost
     assert await get_instance_by_id(client, 999) is None
+
+
+async def test_rows_without_any_label_field_are_a_shape_error(
+    sim: tuple[SimCloud, str], client: VastClient
+) -> None:
+    """Rows that lost their `label` field (API drift) are an error, never "none are ours"."""
+    cloud, _ = sim
+    drifted = {"instances": [{"id": 7, "actual_status": "running"}], "next_token": None}
+    cloud.faults.add(endpoint="list_instances", status=200, json_body=drifted, count=2)
+    with pytest.raises(APIShapeError, match="label"):
+        await client.list_instances(label="vastd")
+    assert [r["id"] for r in await client.list_instances()] == [7]

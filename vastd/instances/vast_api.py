@@ -396,6 +396,10 @@ class VastClient:
         else:
             raise APIShapeError(f"GET {path}: more than {_MAX_PAGES} pages")
         if label is not None:
+            if rows and not any("label" in r for r in rows):
+                # Asked for a label, got rows that carry none: the shape drifted. Reading
+                # that as "none of ours" would declare every instance lost.
+                raise APIShapeError(f"GET {path}: instances without a label field")
             rows = [r for r in rows if r.get("label") == label]
         return rows
 
