@@ -190,7 +190,8 @@ def test_job_arguments_take_the_first_matching_pattern() -> None:
         "extra": "1",
     }
     assert get_job_arguments("other", settings)["never"] == "reached for garch"
-    assert get_job_arguments("x", JobSettings(vars={"a": "1"})) == {"a": "1"}
+    only_a = JobSettings(command="run {input} {a}", vars={"a": "1"})
+    assert get_job_arguments("x", only_a) == {"a": "1"}
 
 
 def test_discover_ignores_dotfiles_and_temp_names(tmp_path: Path) -> None:

@@ -301,6 +301,12 @@ class LocalHostProvider:
     def set_authorized_keys(self, instance_id: int, keys: list[str]) -> None:
         self.hosts[instance_id].set_authorized_keys(keys)
 
+    async def add_authorized_key(self, instance_id: int, key: str) -> None:
+        """A key attached through the API to a running instance: valid from the next login."""
+        host = self.hosts.get(instance_id)
+        if host is not None and key.strip() not in host.authorized_keys:
+            host.set_authorized_keys([*host.authorized_keys, key.strip()])
+
     async def aclose(self) -> None:
         """Stop every host (detached jobs they started are left alone)."""
         await asyncio.gather(*(h.stop() for h in self.hosts.values()), return_exceptions=True)

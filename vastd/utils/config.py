@@ -182,6 +182,8 @@ class FleetSettings(_Section):
     idle_timeout_s: float = Field(default=600.0, ge=0)
     boot_timeout_s: float = Field(default=1200.0, gt=0)
     adopt_foreign_labelled: bool = False
+    min_free_disk_gb: float = Field(default=5.0, ge=0)
+    health_interval_s: float = Field(default=60.0, gt=0)
 
     @field_validator("offer_query")
     @classmethod

@@ -1,0 +1,333 @@
+"""Instance health over the pooled SSH connection: disk, memory, GPU.
+
+One command per instance per check (`probe_instance`) gathers the free disk of the
+remote root (`df -Pk`), `/proc/meminfo` and, when `nvidia-smi` exists, GPU
+utilisation; the pure seed functions (`check_disk_space`, `check_memory_usage`,
+`get_instance_utilization`, `detect_instance_issues`) read that one answer.
+
+Policy (`monitor_instance_status`): an instance whose free disk is below
+`[fleet] min_free_disk_gb` is DRAINING (the dispatcher gives jobs to READY instances
+only) until the disk recovers; one whose probe fails HEALTH_FAILURES_MAX times in a
+row is DRAINING too. The fleet destroys an owned DRAINING instance once it holds no
+job, and the scaling rule rents its replacement. Instances vastd does not own are
+only drained, never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vastd.core.ssh import SSHConnection
+from vastd.core.state import InstanceRecord, InstanceStatus
+from vastd.orchestration.context import Context
+from vastd.utils.exceptions import SSHConnectionError
+from vastd.utils.logging import get_logger
+
+log = get_logger("vastd.monitoring")
+
+MARKER = "__VASTD_HEALTH_5e1c__"
+HEALTH_FAILURES_MAX = 3
+HEALTH_TIMEOUT_S = 20.0
+LOW_MEMORY_FRACTION = 0.05
+DRAIN_LOW_DISK = "low disk"
+DRAIN_UNHEALTHY = "unhealthy"
+HEALTH_DRAINS = frozenset({DRAIN_LOW_DISK, DRAIN_UNHEALTHY})
+_DF_RE = re.compile(r"\s(\d+)\s+(\d+)\s+(\d+)\s+(\d+)%\s+(.+)$")
+
+
+@dataclass(frozen=True)
+class DiskSpaceInfo:
+    path: str
+    total_gb: float
+    free_gb: float
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    total_mb: float
+    available_mb: float
+
+    @property
+    def used_fraction(self) -> float:
+        return 1.0 - self.available_mb / self.total_mb if self.total_mb else 0.0
+
+
+@dataclass(frozen=True)
+class GpuUtilization:
+    index: int
+    utilization_pct: float | None
+    memory_used_mb: float | None
+    memory_total_mb: float | None
+
+
+@dataclass(frozen=True)
+class UtilizationMetrics:
+    """GPU figures; `gpu_present` False when the instance has no nvidia-smi."""
+
+    gpu_present: bool
+    gpus: tuple[GpuUtilization, ...] = ()
+    error: str | None = None
+
+    @property
+    def mean_utilization_pct(self) -> float | None:
+        values = [g.utilization_pct for g in self.gpus if g.utilization_pct is not None]
+        return sum(values) / len(values) if values else None
+
+
+@dataclass(frozen=True)
+class Issue:
+    kind: str  # low_disk, low_memory, gpu_error, probe_failed, unreachable
+    message: str
+    critical: bool = False
+
+
+@dataclass(frozen=True)
+class InstanceProbe:
+    """The sections of one probe's answer, each the raw text after its header."""
+
+    sections: dict[str, str]
+
+
+@dataclass
+class HealthStatus:
+    instance_id: str
+    reachable: bool
+    disk: DiskSpaceInfo | None = None
+    memory: MemoryInfo | None = None
+    utilization: UtilizationMetrics | None = None
+    issues: list[Issue] = field(default_factory=list)
+    checked_at: float = field(default_factory=time.time)
+
+    @property
+    def ok(self) -> bool:
+        """Probed and nothing critical found."""
+        return self.reachable and not any(i.critical for i in self.issues)
+
+    @property
+    def probe_failed(self) -> bool:
+        return not self.reachable or any(i.kind == "probe_failed" for i in self.issues)
+
+
+# --- the one command --------------------------------------------------------------------------
+def health_command(remote_root: str) -> str:
+    """The shell probe: marker, then [df], [mem], [gpu] sections."""
+    root = shlex.quote(remote_root)
+    return (
+        f"printf '\\n%s\\n' {MARKER}; "
+        f'd={root}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; '
+        f"echo '[df]'; df -Pk \"$d\" 2>/dev/null | tail -n 1; "
+        "echo '[mem]'; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null; "
+        "echo '[gpu]'; if command -v nvidia-smi >/dev/null 2>&1; then "
+        "nvidia-smi --query-gpu=utilization.gpu,memory.used,memory.total "
+        "--format=csv,noheader,nounits 2>&1 || echo 'error: nvidia-smi failed'; "
+        "else echo absent; fi; echo '[end]'"
+    )
+
+
+def parse_probe(stdout: str) -> InstanceProbe:
+    """Split a probe's output after the marker (a login shell may print junk first)."""
+    _, found, after = stdout.rpartition(MARKER + "\n")
+    if not found:
+        raise ValueError("health probe marker missing from the output")
+    sections: dict[str, str] = {}
+    current: str | None = None
+    lines: list[str] = []
+    for line in after.splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            if current is not None:
+                sections[current] = "\n".join(lines).strip()
+            current, lines = line[1:-1], []
+        elif current is not None:
+            lines.append(line)
+    if "end" not in sections and current != "end":
+        raise ValueError("health probe output is truncated")
+    return InstanceProbe(sections)
+
+
+async def probe_instance(
+    conn: SSHConnection, remote_root: str, *, timeout_s: float
+) -> InstanceProbe:
+    """Run the one health command; SSHConnectionError or ValueError when it fails."""
+    result = await conn.run(health_command(remote_root), timeout_s=timeout_s)
+    return parse_probe(result.stdout)
+
+
+# --- the seed's primitives (pure, on one probe) -----------------------------------------------
+def check_disk_space(probe: InstanceProbe) -> DiskSpaceInfo | None:
+    match = _DF_RE.search(probe.sections.get("df", ""))
+    if match is None:
+        return None
+    total_kb, _, avail_kb, _, mount = match.groups()
+    return DiskSpaceInfo(mount.strip(), int(total_kb) / 1024**2, int(avail_kb) / 1024**2)
+
+
+def check_memory_usage(probe: InstanceProbe) -> MemoryInfo | None:
+    values: dict[str, float] = {}
+    for line in probe.sections.get("mem", "").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key.strip()] = int(parts[0]) / 1024
+    if "MemTotal" not in values:
+        return None
+    return MemoryInfo(values["MemTotal"], values.get("MemAvailable", values["MemTotal"]))
+
+
+def _num(text: str) -> float | None:
+    try:
+        return float(text.strip())
+    except ValueError:
+        return None  # "[N/A]", "[Not Supported]"
+
+
+def get_instance_utilization(probe: InstanceProbe) -> UtilizationMetrics:
+    text = probe.sections.get("gpu", "absent").strip()
+    if text == "absent" or not text:
+        return UtilizationMetrics(gpu_present=False)
+    gpus: list[GpuUtilization] = []
+    for index, line in enumerate(text.splitlines()):
+        parts = line.split(",")
+        if len(parts) != 3:
+            return UtilizationMetrics(gpu_present=True, gpus=tuple(gpus), error=text[:200])
+        gpus.append(GpuUtilization(index, *(_num(p) for p in parts)))
+    return UtilizationMetrics(gpu_present=True, gpus=tuple(gpus))
+
+
+def detect_instance_issues(probe: InstanceProbe, *, min_free_disk_gb: float) -> list[Issue]:
+    issues: list[Issue] = []
+    disk = check_disk_space(probe)
+    if disk is None:
+        issues.append(Issue("probe_failed", "df gave no answer", critical=True))
+    elif disk.free_gb < min_free_disk_gb:
+        issues.append(
+            Issue(
+                "low_disk",
+                f"{disk.free_gb:.2f} GB free on {disk.path} < {min_free_disk_gb:g} GB",
+                critical=True,
+            )
+        )
+    mem = check_memory_usage(probe)
+    if mem is not None and mem.total_mb and mem.available_mb / mem.total_mb < LOW_MEMORY_FRACTION:
+        issues.append(Issue("low_memory", f"{mem.available_mb:.0f} MB available"))
+    util = get_instance_utilization(probe)
+    if util.error:
+        issues.append(Issue("gpu_error", util.error))
+    return issues
+
+
+# --- composites -------------------------------------------------------------------------------
+def min_free_disk_gb(ctx: Context) -> float:
+    return ctx.settings.fleet.min_free_disk_gb
+
+
+async def check_instance_health(ctx: Context, inst: InstanceRecord) -> HealthStatus:
+    """Probe one instance over its pooled connection (one command)."""
+    from vastd.orchestration.coordinator import instance_connection
+
+    timeout_s = min(HEALTH_TIMEOUT_S, ctx.settings.ssh.command_timeout_s)
+    try:
+        conn = await instance_connection(ctx, inst)
+        probe = await probe_instance(conn, ctx.settings.remote.root, timeout_s=timeout_s)
+    except SSHConnectionError as exc:
+        return HealthStatus(inst.id, False, issues=[Issue("unreachable", str(exc), True)])
+    except ValueError as exc:
+        return HealthStatus(inst.id, True, issues=[Issue("probe_failed", str(exc), True)])
+    return HealthStatus(
+        inst.id,
+        True,
+        disk=check_disk_space(probe),
+        memory=check_memory_usage(probe),
+        utilization=get_instance_utilization(probe),
+        issues=detect_instance_issues(probe, min_free_disk_gb=min_free_disk_gb(ctx)),
+    )
+
+
+def get_instance_summary(
+    inst: InstanceRecord, health: HealthStatus | None = None
+) -> dict[str, Any]:
+    """One instance in a few plain fields (for status output and logs)."""
+    out: dict[str, Any] = {
+        "id": inst.id,
+        "state": inst.status.value,
+        "owned": inst.owned,
+        "dph": inst.dph,
+        "jobs": len(inst.current_jobs),
+        "drain_reason": inst.drain_reason,
+        "health_failures": inst.health_failures,
+        "disk_free_gb": inst.disk_free_gb,
+    }
+    if health is not None:
+        out["healthy"] = health.ok
+        out["issues"] = [i.kind for i in health.issues]
+        if health.memory is not None:
+            out["mem_available_mb"] = round(health.memory.available_mb)
+        if health.utilization is not None and health.utilization.gpu_present:
+            out["gpu_util_pct"] = health.utilization.mean_utilization_pct
+    return out
+
+
+def _drain(ctx: Context, inst: InstanceRecord, reason: str, detail: str) -> None:
+    inst.status = InstanceStatus.DRAINING
+    inst.drain_reason = reason
+    ctx.store.mark_dirty()
+    log.warning("instance_draining", instance=inst.id, reason=reason, detail=detail)
+
+
+async def monitor_instance_status(ctx: Context, inst: InstanceRecord) -> InstanceStatus:
+    """Check an instance's health and apply the drain policy; returns its status."""
+    health = await check_instance_health(ctx, inst)
+    if inst.status not in (InstanceStatus.READY, InstanceStatus.DRAINING):
+        return inst.status  # changed while we probed: the probe says nothing now
+    inst.health_checked_at = health.checked_at
+    ctx.store.mark_dirty()
+    if health.probe_failed:
+        inst.health_failures += 1
+        detail = "; ".join(i.message for i in health.issues)
+        log.info("instance_health_failed", instance=inst.id, failures=inst.health_failures)
+        if inst.health_failures >= HEALTH_FAILURES_MAX and inst.status is InstanceStatus.READY:
+            _drain(ctx, inst, DRAIN_UNHEALTHY, detail)
+        return inst.status
+    inst.health_failures = 0
+    if health.disk is not None:
+        inst.disk_free_gb = round(health.disk.free_gb, 3)
+    low = [i for i in health.issues if i.kind == "low_disk"]
+    if low and inst.status is InstanceStatus.READY:
+        _drain(ctx, inst, DRAIN_LOW_DISK, low[0].message)
+    elif not low and inst.status is InstanceStatus.DRAINING and inst.drain_reason in HEALTH_DRAINS:
+        inst.status = InstanceStatus.READY
+        inst.drain_reason = None
+        log.info("instance_healthy_again", instance=inst.id)
+        ctx.wake_dispatch()
+    return inst.status
+
+
+async def health_once(ctx: Context, *, max_concurrent: int = 8) -> dict[str, InstanceStatus]:
+    """Check every ready (or health-drained) instance; returns their statuses after."""
+    targets = [
+        i
+        for i in ctx.store.instances.values()
+        if i.status is InstanceStatus.READY
+        or (i.status is InstanceStatus.DRAINING and i.drain_reason in HEALTH_DRAINS)
+    ]
+    limit = asyncio.Semaphore(max_concurrent)
+
+    async def one(inst: InstanceRecord) -> InstanceStatus:
+        async with limit:
+            return await monitor_instance_status(ctx, inst)
+
+    results = await asyncio.gather(*(one(i) for i in targets))
+    return {i.id: r for i, r in zip(targets, results, strict=True)}
+
+
+async def run_health(ctx: Context, *, interval_s: float | None = None) -> None:
+    """The health loop: `health_once` every `[fleet] health_interval_s` (default 60 s)."""
+    from vastd.orchestration.workflow import run_loop
+
+    if interval_s is None:
+        interval_s = ctx.settings.fleet.health_interval_s
+    await run_loop("health", lambda: health_once(ctx), interval_s=interval_s)

@@ -1,0 +1,403 @@
+"""The fleet autopilot (`[fleet] mode = "autoscale"`): rent to the queue, tear down what idles.
+
+One step, `fleet_once(ctx)`, run every `[vast] poll_interval_s` by `run_fleet(ctx)`:
+
+1. money: accrue each owned instance's `dph` x time since its last accrual into
+   `spend_total` (from rent to the confirmed destroy);
+2. housekeeping: expired machine blocks and stale rent intents are dropped;
+3. verdicts on owned instances: boot deadline, failure while booting, preemption,
+   loss, SSH silent past `[ssh] unreachable_grace_s`, preparation failing again and
+   again, drained and empty, idle with an empty queue, spend cap -> destroy;
+4. destroys under way are sent and confirmed (retried with back-off);
+5. scale up: rent cheapest-first until live instances (booting ones and pending
+   intents included) reach min(max_instances, jobs waiting + running), never past
+   `max_total_dph`, never on a blocked machine or one we already rent.
+
+Policies: a preempted (stopped) interruptible instance has its jobs requeued (not an
+attempt) and is destroyed; a replacement comes from the scaling rule (re-bidding is a
+possible future policy). A machine whose instance failed to boot (timeout, or
+exited/unknown/offline while booting) or later went exited/offline is blocked for
+MACHINE_BLOCK_S (6 h). Instances vastd did not rent are never destroyed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vastd.core.state import InstanceRecord, InstanceStatus, JobState
+from vastd.instances.discovery import InstanceInfo
+from vastd.instances.lifecycle import (
+    INTENT_ENV,
+    accrue_instance,
+    attach_public_key,
+    cleanup_failed_instance,
+    confirm_destroy,
+    offer_dph,
+    rent_instance,
+)
+from vastd.orchestration.context import Context
+from vastd.orchestration.workflow import record_from_info, run_loop
+from vastd.utils.exceptions import VastAIError
+from vastd.utils.logging import get_logger
+
+log = get_logger("vastd.fleet")
+
+# Still on their way to work: they count toward the target.
+LIVE = frozenset(
+    {
+        InstanceStatus.BOOTING,
+        InstanceStatus.DISCOVERED,
+        InstanceStatus.PREPARING,
+        InstanceStatus.READY,
+        InstanceStatus.UNREACHABLE,
+    }
+)
+BOOT_FAILED_API = frozenset({"exited", "unknown", "offline"})
+MACHINE_FAILED_API = frozenset({"exited", "offline"})
+INTENT_TTL_S = 600.0  # an intent with no instance this long after a listing is dropped
+DESTROYED_KEEP_S = 86400.0  # destroyed records stay visible in `status` this long
+PREPARE_FAILURES_MAX = 5
+OFFER_LIMIT = 64
+
+
+@dataclass
+class FleetReport:
+    """What one fleet step saw and did (for tests and logs)."""
+
+    desired: int = 0
+    live: int = 0
+    pending_intents: int = 0
+    dph_now: float = 0.0
+    rented: list[str] = field(default_factory=list)
+    destroying: list[str] = field(default_factory=list)
+    destroyed: list[str] = field(default_factory=list)
+
+
+# --- accounting -------------------------------------------------------------------------------
+def billing(inst: InstanceRecord) -> bool:
+    """Whether this instance may still be costing money."""
+    if inst.status is InstanceStatus.DESTROYED:
+        return False
+    return inst.owned or inst.status is not InstanceStatus.LOST
+
+
+def current_dph(ctx: Context) -> float:
+    """$/h of every instance that may bill, plus rents whose outcome is not known yet."""
+    total = sum(i.dph for i in ctx.store.instances.values() if billing(i))
+    total += sum(float(x.get("dph") or 0.0) for x in ctx.store.snapshot.rent_intents.values())
+    return total
+
+
+def accrue_spend(ctx: Context, now: float) -> float:
+    """Accrue every owned instance up to `now`; returns the dollars added."""
+    return sum(accrue_instance(ctx, i, now) for i in ctx.store.instances.values())
+
+
+def spend_exhausted(ctx: Context) -> bool:
+    cap = ctx.settings.fleet.max_total_spend
+    return cap is not None and ctx.store.snapshot.spend_total >= cap
+
+
+def jobs_on(ctx: Context, inst: InstanceRecord) -> int:
+    """Jobs still tied to this instance (running, or results not yet collected)."""
+    return sum(
+        1
+        for j in ctx.store.jobs.values()
+        if j.instance == inst.id and j.state in (JobState.RUNNING, JobState.COLLECTING)
+    )
+
+
+def desired_instances(ctx: Context) -> int:
+    """min(max_instances, instances the waiting + running work could use)."""
+    if spend_exhausted(ctx):
+        return 0
+    counts = ctx.store.counts()
+    work = counts["queued"] + counts["running"] + counts["collecting"]
+    per = ctx.settings.job.jobs_per_instance
+    return min(ctx.settings.fleet.max_instances, -(-work // per))
+
+
+def live_instances(ctx: Context) -> list[InstanceRecord]:
+    return [i for i in ctx.store.instances.values() if i.status in LIVE]
+
+
+# --- reconciliation (called by discovery) -----------------------------------------------------
+def intent_of(info: InstanceInfo) -> str | None:
+    """The `VASTD_INTENT` an instance was rented with, from its `extra_env`."""
+    env = info.raw.get("extra_env")
+    pairs: list[Any] = []
+    if isinstance(env, dict):
+        pairs = list(env.items())
+    elif isinstance(env, list):
+        pairs = [p for p in env if isinstance(p, list | tuple) and len(p) == 2]
+    for key, value in pairs:
+        if key == INTENT_ENV and isinstance(value, str) and value:
+            return value
+    return None
+
+
+def claim_unknown_instance(ctx: Context, info: InstanceInfo, now: float) -> InstanceRecord | None:
+    """A labelled instance the snapshot does not know: ours, adopted, or left alone.
+
+    Ours when its `VASTD_INTENT` matches a saved rent intent (a crash or an ambiguous
+    answer came between the rent and the save): recorded as owned, booting since the
+    intent; the fleet then uses it or tears it down. Otherwise adopted (not owned)
+    only in adopt mode or with `adopt_foreign_labelled`; else None: never touched.
+    """
+    fleet = ctx.settings.fleet
+    intent_id = intent_of(info)
+    intent = ctx.store.snapshot.rent_intents.pop(intent_id, None) if intent_id else None
+    if intent is not None:
+        at = float(intent.get("at") or now)
+        inst = InstanceRecord(
+            id=str(info.id),
+            label=info.label,
+            status=InstanceStatus.BOOTING,
+            owned=True,
+            first_seen=now,
+            booting_since=at,
+            rented_at=at,
+            accrued_until=at,
+            dph=info.dph_total or float(intent.get("dph") or 0.0),
+            machine_id=info.machine_id,
+            intent_id=intent_id,
+        )
+        ctx.store.instances[inst.id] = inst
+        ctx.store.mark_dirty()
+        log.info(
+            "instance_rented",
+            instance=inst.id,
+            machine=info.machine_id,
+            dph=inst.dph,
+            reconciled=True,
+            intent=intent_id,
+        )
+        return inst
+    if fleet.mode == "adopt" or fleet.adopt_foreign_labelled:
+        inst = record_from_info(info, now)
+        ctx.store.instances[inst.id] = inst
+        ctx.store.mark_dirty()
+        log.info(
+            "instance_discovered", instance=inst.id, status=info.actual_status, dph=info.dph_total
+        )
+        return inst
+    return None
+
+
+def expire_rent_intents(ctx: Context, now: float) -> int:
+    """Drop intents that a listing long after them did not show an instance for."""
+    snap = ctx.store.snapshot
+    listed = snap.last_discovery_at
+    if listed is None:
+        return 0
+    stale = [
+        k for k, v in snap.rent_intents.items() if listed - float(v.get("at") or 0) > INTENT_TTL_S
+    ]
+    for key in stale:
+        intent = snap.rent_intents.pop(key)
+        log.warning("rent_intent_dropped", intent=key, offer=intent.get("offer_id"))
+    if stale:
+        ctx.store.mark_dirty()
+    return len(stale)
+
+
+def prune(ctx: Context, now: float) -> None:
+    """Expired machine blocks and long-destroyed records go."""
+    snap = ctx.store.snapshot
+    for machine, until in list(snap.blocked_machines.items()):
+        if until <= now:
+            del snap.blocked_machines[machine]
+            ctx.store.mark_dirty()
+    for iid, inst in list(snap.instances.items()):
+        if inst.status is InstanceStatus.DESTROYED and now - (inst.destroyed_at or now) > (
+            DESTROYED_KEEP_S
+        ):
+            del snap.instances[iid]
+            ctx.store.mark_dirty()
+
+
+# --- verdicts on owned instances --------------------------------------------------------------
+def teardown_reason(
+    ctx: Context, inst: InstanceRecord, now: float, queued: int
+) -> tuple[str, bool] | None:
+    """Why an owned instance must go now, and whether to block its machine; or None."""
+    fleet = ctx.settings.fleet
+    booting = inst.booting_since is not None
+    if inst.status is InstanceStatus.LOST:
+        if inst.api_status == "stopped":
+            return "preempted (stopped)", False
+        if inst.api_status in MACHINE_FAILED_API:
+            return f"lost ({inst.api_status})", True
+        return "lost", booting
+    if booting and inst.api_status in BOOT_FAILED_API:
+        return f"{inst.api_status} while booting", True
+    if inst.booting_since is not None and now - inst.booting_since > fleet.boot_timeout_s:
+        return f"not ready within {fleet.boot_timeout_s:g}s", True
+    if inst.prepare_failures >= PREPARE_FAILURES_MAX:
+        return "preparation keeps failing", True
+    grace = ctx.settings.ssh.unreachable_grace_s
+    if (
+        inst.status is InstanceStatus.UNREACHABLE
+        and inst.unreachable_since is not None
+        and now - inst.unreachable_since > grace
+    ):
+        return f"SSH silent for more than {grace:g}s", True
+    busy = jobs_on(ctx, inst) > 0 or bool(inst.current_jobs)
+    if inst.status is InstanceStatus.DRAINING and not busy:
+        return f"drained ({inst.drain_reason or 'no reason'})", False
+    if spend_exhausted(ctx):
+        if inst.status is InstanceStatus.READY and not busy:
+            return "spend cap reached", False
+        if booting:
+            return "spend cap reached", False
+    if inst.status is InstanceStatus.READY and not busy and queued == 0:
+        if inst.idle_since is None:
+            inst.idle_since = now
+        if now - inst.idle_since >= fleet.idle_timeout_s:
+            return f"idle for {fleet.idle_timeout_s:g}s with an empty queue", False
+    return None
+
+
+def judge_instances(ctx: Context, now: float) -> list[str]:
+    """Start tearing down owned instances that must go; returns their ids."""
+    queued = ctx.store.counts()["queued"]
+    started: list[str] = []
+    capped = spend_exhausted(ctx)
+    for inst in list(ctx.store.instances.values()):
+        if not inst.owned or inst.status in (InstanceStatus.DESTROYING, InstanceStatus.DESTROYED):
+            continue
+        # Boot is over once SSH has answered (vast_api.md: ready = running + SSH answers).
+        if (
+            inst.booting_since is not None
+            and inst.last_contact is not None
+            and inst.last_contact >= inst.booting_since
+            and inst.status is not InstanceStatus.BOOTING
+        ):
+            inst.booting_since = None
+            ctx.store.mark_dirty()
+        if (
+            capped
+            and inst.status is InstanceStatus.READY
+            and (jobs_on(ctx, inst) or inst.current_jobs)
+        ):
+            inst.status = InstanceStatus.DRAINING
+            inst.drain_reason = "spend cap reached"
+            ctx.store.mark_dirty()
+            log.warning("instance_draining", instance=inst.id, reason=inst.drain_reason)
+            continue
+        verdict = teardown_reason(ctx, inst, now, queued)
+        if verdict is None:
+            continue
+        reason, block = verdict
+        if cleanup_failed_instance(ctx, inst, reason, block=block):
+            started.append(inst.id)
+    return started
+
+
+async def advance_destroys(ctx: Context, now: float) -> list[str]:
+    """Send and confirm the destroys that are due; returns the ids confirmed gone."""
+    now = max(now, time.time())  # destroys decided in this very step are due
+    due = [
+        i
+        for i in ctx.store.instances.values()
+        if i.owned
+        and i.status is InstanceStatus.DESTROYING
+        and (i.next_destroy_at is None or i.next_destroy_at <= now)
+    ]
+    if not due:
+        return []
+    results = await asyncio.gather(*(confirm_destroy(ctx, i) for i in due))
+    return [i.id for i, ok in zip(due, results, strict=True) if ok]
+
+
+async def attach_missing_keys(ctx: Context) -> None:
+    """Retry the SSH key registration of owned instances where it failed."""
+    for inst in list(ctx.store.instances.values()):
+        if inst.owned and not inst.ssh_key_attached and inst.status in LIVE:
+            await attach_public_key(ctx, inst)
+
+
+# --- scaling up -------------------------------------------------------------------------------
+async def choose_offers(ctx: Context, now: float) -> list[dict[str, Any]]:
+    """Offers for `offer_query`, in `order`, minus blocked machines and machines we rent."""
+    assert ctx.api is not None
+    fleet = ctx.settings.fleet
+    offers = await ctx.api.search_offers(
+        fleet.offer_query,
+        order=fleet.order,
+        limit=OFFER_LIMIT,
+        disk_gb=fleet.disk_gb,
+        offer_type="bid" if fleet.interruptible else "on-demand",
+    )
+    snap = ctx.store.snapshot
+    blocked = {m for m, until in snap.blocked_machines.items() if until > now}
+    ours = {str(i.machine_id) for i in ctx.store.instances.values() if billing(i) and i.machine_id}
+    ours |= {str(x.get("machine_id")) for x in snap.rent_intents.values()}
+    return [o for o in offers if str(o.get("machine_id")) not in blocked | ours and o.get("id")]
+
+
+async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
+    """Rent until the target is met, within `max_total_dph`."""
+    need = report.desired - report.live - report.pending_intents
+    if need <= 0:
+        return
+    budget = ctx.settings.fleet.max_total_dph
+    dph = current_dph(ctx)
+    try:
+        offers = await choose_offers(ctx, now)
+    except VastAIError as exc:
+        log.warning("offer_search_failed", error=str(exc))
+        return
+    for offer in offers:
+        if need <= 0:
+            break
+        cost = offer_dph(ctx, offer)
+        if dph + cost > budget + 1e-9:
+            continue
+        try:
+            inst = await rent_instance(ctx, offer)
+        except VastAIError as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+                continue  # refused (taken meanwhile): nothing was created, try the next
+            break  # may have been created: discovery reconciles before we rent again
+        report.rented.append(inst.id)
+        dph += inst.dph
+        need -= 1
+    if need > 0 and not report.rented:
+        log.info("fleet_no_offer", wanted=need, dph_now=round(dph, 4), budget=budget)
+
+
+# --- the step and the loop --------------------------------------------------------------------
+async def fleet_once(ctx: Context) -> FleetReport:
+    """One autopilot step (see the module docstring); returns what it saw and did."""
+    now = time.time()
+    accrue_spend(ctx, now)
+    prune(ctx, now)
+    expire_rent_intents(ctx, now)
+    report = FleetReport()
+    report.destroying = judge_instances(ctx, now)
+    if ctx.api is not None:
+        report.destroyed = await advance_destroys(ctx, now)
+        await attach_missing_keys(ctx)
+    report.desired = desired_instances(ctx)
+    report.live = len(live_instances(ctx))
+    report.pending_intents = len(ctx.store.snapshot.rent_intents)
+    if ctx.api is not None and ctx.settings.fleet.mode == "autoscale":
+        await scale_up(ctx, now, report)
+    report.dph_now = round(current_dph(ctx), 6)
+    if report.rented or report.destroying or report.destroyed:
+        ctx.store.mark_dirty()
+        ctx.wake_dispatch()
+    return report
+
+
+async def run_fleet(ctx: Context, *, interval_s: float | None = None) -> None:
+    """The autopilot loop: `fleet_once` every `[vast] poll_interval_s`."""
+    await run_loop(
+        "fleet",
+        lambda: fleet_once(ctx),
+        interval_s=interval_s if interval_s is not None else ctx.settings.vast.poll_interval_s,
+    )
