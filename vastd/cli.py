@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,7 +84,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     layout = Layout(settings.paths.root)
-    status = build_status(layout, load_snapshot_readonly(layout))
+    status = build_status(
+        layout, load_snapshot_readonly(layout), idle_timeout_s=settings.fleet.idle_timeout_s
+    )
     print(status_json(status) if args.json else format_status(status))
     return EXIT_OK
 
@@ -94,7 +97,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     setup_logging(args.log_level)
-    return run_daemon(settings)
+    code = run_daemon(settings)
+    # The interpreter may still wait for library threads (watchfiles' worker) after the
+    # loop ended: a SIGINT then must still force the exit, not print a traceback.
+    signal.signal(signal.SIGINT, _forced_exit)
+    return code
+
+
+def _forced_exit(_signum: int, _frame: object) -> None:
+    os._exit(130)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -119,6 +130,12 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command not in ("run", "demo"):
+        # Warnings (e.g. a snapshot read from its backup) must not mix into stdout,
+        # which carries `status --json` and `check-config` output.
+        from vastd.utils.logging import setup_logging
+
+        setup_logging("WARNING", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

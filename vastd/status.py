@@ -28,7 +28,13 @@ def daemon_running(layout: Layout) -> bool | None:
     return age < 120
 
 
-def build_status(layout: Layout, snapshot: Snapshot, now: float | None = None) -> dict[str, Any]:
+def build_status(
+    layout: Layout,
+    snapshot: Snapshot,
+    now: float | None = None,
+    *,
+    idle_timeout_s: float = 0.0,
+) -> dict[str, Any]:
     now = time.time() if now is None else now
     jobs = {s.value: 0 for s in JobState}
     for job in snapshot.jobs.values():
@@ -73,6 +79,15 @@ def build_status(layout: Layout, snapshot: Snapshot, now: float | None = None) -
             }
         )
     dph_now = round(sum(i.dph for i in live), 4)
+    # What finishing costs at today's rate: the work left, then the idle tail before teardown.
+    if remaining:
+        cost_to_finish = dph_now * ((eta_s or 0.0) + idle_timeout_s) / 3600
+    else:
+        cost_to_finish = sum(
+            i.dph * max(0.0, idle_timeout_s - (now - (i.idle_since or now))) / 3600
+            for i in live
+            if i.owned and not i.current_jobs
+        )
     return {
         "saved_at": _iso(snapshot.saved_at),
         "daemon_running": daemon_running(layout),
@@ -87,6 +102,9 @@ def build_status(layout: Layout, snapshot: Snapshot, now: float | None = None) -
             "ready": len(usable),
             "dph_now": dph_now,
             "spend_total": round(snapshot.spend_total, 4),
+            "cost_to_finish": round(cost_to_finish, 4)
+            if eta_s is not None or not remaining
+            else None,
         },
     }
 
@@ -111,9 +129,11 @@ def format_status(status: dict[str, Any]) -> str:
             f"progress: {status['progress'] * 100:.1f}% of {status['total_jobs']}{eta_txt}"
         )
     t = status["totals"]
+    finish = t["cost_to_finish"]
+    finish_txt = f"  about ${finish:.2f} to finish" if finish is not None else ""
     lines.append(
         f"instances: {t['instances']} ({t['ready']} ready)  ${t['dph_now']:.3f}/h now  "
-        f"spent ${t['spend_total']:.2f}"
+        f"spent ${t['spend_total']:.2f}{finish_txt}"
     )
     for inst in status["instances"]:
         jobs = ",".join(inst["current_jobs"]) or "-"
