@@ -10,13 +10,17 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vastd.core.files import Layout, ensure_directory_exists, fsync_directory
+from vastd.core.jobs import is_candidate_name
 from vastd.utils.exceptions import FileOperationError
 
 
 def submit_file(layout: Layout, src: Path) -> Path:
     """Copy one CSV into the inbox under a dot-name, fsync, then rename it in place."""
-    if not src.name.endswith(".csv"):
-        raise FileOperationError("job files must end in .csv")
+    if not is_candidate_name(src.name):
+        # The daemon would ignore it for ever: refuse instead of reporting success.
+        raise FileOperationError(
+            "job files must end in .csv and be neither dot-files nor temp names"
+        )
     if not src.is_file():
         raise FileOperationError("not a regular file")
     ensure_directory_exists(layout.inbox)

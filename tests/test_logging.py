@@ -1,0 +1,162 @@
+"""Logging: one JSON object a line with timestamp/level/event, stdlib records too, secrets masked."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from tests.helpers import preserved_logging
+from vastd.core.state import StateStore
+from vastd.utils import logging as vlog
+from vastd.utils.logging import get_logger, register_secret, setup_logging
+
+SECRET = "vk-9d2e71c4aa0b"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """setup_logging changes process-wide state: give it back after each test."""
+    monkeypatch.setattr(vlog, "_SECRETS", set())
+    with preserved_logging():
+        yield
+
+
+@pytest.fixture
+def buf() -> io.StringIO:
+    """JSON logging into a buffer."""
+    stream = io.StringIO()
+    setup_logging(json=True, stream=stream)
+    return stream
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    """Every line parsed as JSON (fails on a line that is not)."""
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_one_json_object_per_line(buf: io.StringIO) -> None:
+    """Each event is one JSON line with an ISO 8601 UTC timestamp, the level and the event,
+    plus bound and per-call fields."""
+    log = get_logger("vastd.test", instance="101")
+    log.info("job_started", job="j1", pgid=42)
+    log.warning("instance_unreachable", error="multi\nline")
+    records = lines(buf)
+    assert len(records) == 2
+    first = records[0]
+    assert first["event"] == "job_started"
+    assert first["level"] == "info"
+    assert (first["job"], first["instance"], first["pgid"]) == ("j1", "101", 42)
+    stamp = datetime.fromisoformat(first["timestamp"])
+    assert stamp.utcoffset() == timedelta(0)
+    assert first["timestamp"].endswith("Z")
+    assert records[1]["level"] == "warning"
+    assert records[1]["error"] == "multi\nline"
+
+
+def test_stdlib_loggers_come_out_as_json(buf: io.StringIO) -> None:
+    """Records of libraries that use `logging` (aiohttp, asyncssh) are JSON lines too."""
+    logging.getLogger("aiohttp.client").warning("connection reset by %s", "peer")
+    logging.getLogger("asyncssh").warning("host key mismatch")
+    records = lines(buf)
+    assert [r["event"] for r in records] == ["connection reset by peer", "host key mismatch"]
+    assert all(r["level"] == "warning" for r in records)
+    assert records[0]["logger"] == "aiohttp.client"
+    datetime.fromisoformat(records[0]["timestamp"])
+
+
+def test_level_filtering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below the configured level nothing is written; asyncssh's INFO chatter is dropped."""
+    stream = io.StringIO()
+    setup_logging("WARNING", json=True, stream=stream)
+    get_logger("vastd.x").info("state_saved")
+    get_logger("vastd.x").warning("api_retry")
+    stream2 = io.StringIO()
+    setup_logging("INFO", json=True, stream=stream2)
+    logging.getLogger("asyncssh").info("Opening SSH connection")
+    assert [r["event"] for r in lines(stream)] == ["api_retry"]
+    assert lines(stream2) == []
+
+
+def test_registered_secret_is_masked(buf: io.StringIO) -> None:
+    """A registered secret is masked in the event, in values (nested too) and in stdlib lines."""
+    register_secret(SECRET)
+    log = get_logger("vastd.test")
+    log.info(f"key is {SECRET}", header={"Authorization": f"Bearer {SECRET}"}, args=[SECRET])
+    logging.getLogger("aiohttp.client").warning("GET /?api_key=%s", SECRET)
+    text = buf.getvalue()
+    assert SECRET not in text
+    records = lines(buf)
+    assert records[0]["event"] == "key is **********"
+    assert records[0]["header"] == {"Authorization": "Bearer **********"}
+    assert records[1]["event"] == "GET /?api_key=**********"
+
+
+def test_secret_in_an_exception_is_masked(buf: io.StringIO) -> None:
+    """A traceback is a structured `exception` field, the secret masked in it, no frame locals;
+    a stdlib record's exc_info is kept (not lost) and masked too."""
+    register_secret(SECRET)
+    log = get_logger("vastd.test")
+    api_key = SECRET  # a local that must not be dumped
+    try:
+        raise RuntimeError(f"401 for key {api_key}")
+    except RuntimeError:
+        log.exception("api_failed")
+        logging.getLogger("aiohttp.client").error("request failed", exc_info=True)
+    assert SECRET not in buf.getvalue()
+    records = lines(buf)
+    assert len(records) == 2
+    for record in records:
+        exc = record["exception"][0]
+        assert exc["exc_type"] == "RuntimeError"
+        assert exc["exc_value"] == "401 for key **********"
+        assert all("locals" not in frame for frame in exc["frames"])
+
+
+def test_short_values_are_not_registered_as_secrets(buf: io.StringIO) -> None:
+    """Empty or tiny values are not secrets (masking every 'a' would ruin every line)."""
+    register_secret("")
+    register_secret(None)
+    register_secret("abc")
+    get_logger().info("a_b_c", value="abc")
+    assert lines(buf)[0]["value"] == "abc"
+
+
+def test_console_renderer_masks_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal (json=False) lines are readable text, secrets and tracebacks masked."""
+    stream = io.StringIO()
+    setup_logging(json=False, stream=stream)
+    register_secret(SECRET)
+    try:
+        raise ValueError(SECRET)
+    except ValueError:
+        get_logger().exception("boom", key=SECRET)
+    text = stream.getvalue()
+    assert "boom" in text
+    assert "ValueError" in text
+    assert SECRET not in text
+
+
+async def test_capture_logs_sees_events(tmp_path: Path) -> None:
+    """structlog.testing.capture_logs records events of vastd's module loggers for assertions."""
+    store = StateStore(tmp_path / "state.json")
+    store.add_job("j1", "j1.csv", 3)
+    with structlog.testing.capture_logs() as captured:
+        await store.flush()
+        get_logger("vastd.test", instance="7").warning("instance_lost", job="j1")
+    assert captured[0]["event"] == "state_saved"
+    assert captured[0]["jobs"] == 1
+    assert captured[0]["log_level"] == "info"
+    assert captured[1] == {
+        "event": "instance_lost",
+        "instance": "7",
+        "job": "j1",
+        "log_level": "warning",
+    }
