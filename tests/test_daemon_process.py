@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -411,3 +412,35 @@ async def test_second_sigint_forces_exit(
     else:  # forced during the graceful stop, or while the interpreter wound down after it
         assert daemon.events("daemon_forced_exit") or daemon.events("daemon_stopped")
     assert b"Traceback" not in daemon.stderr, daemon.tail()
+
+
+def test_second_daemon_on_the_same_root_is_refused(tmp_path: Path) -> None:
+    """Two daemons on one root would move the same files: the second exits 1 and says so,
+    and `vastd status` reports the first as running."""
+    from vastd.daemon_lock import RootLock, RootLocked, root_locked
+
+    root = tmp_path / "root"
+    root.mkdir()
+    assert root_locked(root) is False
+    first = RootLock(root)
+    first.acquire()
+    try:
+        assert root_locked(root) is True
+        with pytest.raises(RootLocked, match=str(os.getpid())):
+            RootLock(root).acquire()
+        config = tmp_path / "c.toml"
+        config.write_text(f'[paths]\nroot = "{root}"\n')
+        env = {**clean_env(), "VASTD_VAST__API_KEY": "k"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "vastd", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert proc.returncode == 1
+        assert "already runs" in proc.stderr + proc.stdout
+        assert "Traceback" not in proc.stderr
+    finally:
+        first.release()
+    assert root_locked(root) is False

@@ -18,6 +18,8 @@ from typing import Any
 import asyncssh
 
 from vastd.core.files import JobFolder, Layout, cleanup_temp_files
+from vastd.core.state import SNAPSHOT_TEMP_PATTERNS
+from vastd.daemon_lock import RootLock
 from vastd.execution.result_handler import cleanup_stale_result_dirs
 from vastd.orchestration.context import Context, build_context, close_context
 from vastd.orchestration.workflow import orchestrate_job_processing, recover_after_restart
@@ -66,6 +68,7 @@ class Daemon:
         self.force_exit = False
         self.ctx: Context | None = None
         self._sigints = 0
+        self._lock = RootLock(self.layout.root)
 
     # --- signals: they only set flags ----------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -85,11 +88,18 @@ class Daemon:
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> Context:
-        ctx = build_context(self.settings, client_keys=self._client_keys)
+        self.layout.ensure()
+        self._lock.acquire()  # before anything is read or moved
+        try:
+            ctx = build_context(self.settings, client_keys=self._client_keys)
+        except BaseException:
+            self._lock.release()
+            raise
         # Leftovers of a crash mid-write; never the inbox, where users' uploads may be.
         removed = cleanup_stale_result_dirs(self.layout.results)
         for folder in (JobFolder.QUEUED, JobFolder.RUNNING, JobFolder.DONE, JobFolder.FAILED):
             removed += cleanup_temp_files(self.layout.folder(folder))
+        removed += cleanup_temp_files(self.layout.root, SNAPSHOT_TEMP_PATTERNS)
         if removed:
             log.info("temp_files_removed", count=removed)
         # Recovery comes before any scheduling (the predecessor did it after).
@@ -146,6 +156,7 @@ class Daemon:
         await ctx.store.flush()
         await ctx.drain(timeout_s=2.0)
         await close_context(ctx)
+        self._lock.release()
 
     def _log_stuck_tasks(self) -> None:
         for task in asyncio.all_tasks():

@@ -11,6 +11,7 @@ from typing import Any
 from vastd.core.files import Layout
 from vastd.core.jobs import discover_job_files
 from vastd.core.state import InstanceStatus, JobState, Snapshot, StateStore
+from vastd.daemon_lock import root_locked
 
 
 def _iso(ts: float | None) -> str | None:
@@ -20,12 +21,8 @@ def _iso(ts: float | None) -> str | None:
 
 
 def daemon_running(layout: Layout) -> bool | None:
-    """Whether the snapshot was written recently by a live daemon (None: unknown)."""
-    try:
-        age = time.time() - layout.state_file.stat().st_mtime
-    except OSError:
-        return None
-    return age < 120
+    """Whether a daemon holds this root's lock (None: cannot tell)."""
+    return root_locked(layout.root)
 
 
 def build_status(
@@ -143,7 +140,7 @@ def format_status(status: dict[str, Any]) -> str:
             f"last seen {inst['last_seen'] or '-'}  job {jobs}{extra}"
         )
     running = status["daemon_running"]
-    state = {True: "running", False: "not running (snapshot is old)", None: "unknown"}[running]
+    state = {True: "running", False: "not running", None: "unknown"}[running]
     lines.append(f"daemon: {state}; snapshot saved {status['saved_at'] or 'never'}")
     return os.linesep.join(lines)
 

@@ -26,6 +26,8 @@ from vastd.utils.exceptions import StateManagementError
 from vastd.utils.logging import get_logger
 
 SCHEMA_VERSION = 1
+# temp names save_state uses (a killed write leaves them; the daemon sweeps them at start)
+SNAPSHOT_TEMP_PATTERNS = (".state.json.tmp-*", "..state.json.tmp-*")
 log = get_logger("vastd.state")
 
 

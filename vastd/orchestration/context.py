@@ -17,6 +17,7 @@ import asyncssh
 from vastd.core.files import Layout
 from vastd.core.ssh import Endpoint, SSHPool
 from vastd.core.state import InstanceRecord, StateStore
+from vastd.daemon_lock import RootLock
 from vastd.instances.vast_api import VastClient
 from vastd.orchestration.scheduler import Scheduler
 from vastd.utils.config import Settings
@@ -184,15 +185,21 @@ async def open_context(
     """A Context built as `vastd run` builds one, closed afterwards (for library use).
 
     With `recover`, the snapshot is reconciled with the folders first, as at daemon
-    start-up. Never use it on the root of a running daemon.
+    start-up. It takes the root's lock, so it refuses the root of a running daemon.
     """
     from vastd.orchestration.workflow import recover_after_restart  # workflow imports us
 
-    ctx = build_context(settings, client_keys=client_keys)
+    Layout(settings.paths.root).ensure()
+    lock = RootLock(settings.paths.root)
+    lock.acquire()
     try:
-        if recover:
-            recover_after_restart(ctx)
-            await ctx.store.flush()
-        yield ctx
+        ctx = build_context(settings, client_keys=client_keys)
+        try:
+            if recover:
+                recover_after_restart(ctx)
+                await ctx.store.flush()
+            yield ctx
+        finally:
+            await close_context(ctx)
     finally:
-        await close_context(ctx)
+        lock.release()
