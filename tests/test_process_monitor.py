@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -279,7 +280,13 @@ async def test_process_helpers(runner: LocalRunner, remote_root: str, tmp_path: 
     """check_process_running follows the group; find_process_by_name finds the command."""
     paths, pgid = await _start(runner, remote_root, tmp_path, "j", "sleep 37.5")
     assert await check_process_running(runner, pgid, timeout_s=20)
-    found = await find_process_by_name(runner, "sleep 37.5", timeout_s=20)
+    # The start returns before the wrapper has started the command: look until it is there.
+    deadline = time.monotonic() + 20
+    while True:
+        found = await find_process_by_name(runner, "sleep 37.5", timeout_s=20)
+        if any(p.pgid == pgid for p in found) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
     assert any(p.pgid == pgid for p in found)
     await kill_job(runner, paths, grace_s=0.5, timeout_s=20)
     assert not await check_process_running(runner, pgid, timeout_s=20)

@@ -61,7 +61,10 @@ def populated_store(path: Path) -> StateStore:
 
 
 def temp_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    # (.vastd.lock is the daemon's root lock, not a temp file)
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".vastd.lock"
+    )
 
 
 # --- format and round trip -------------------------------------------------------------------

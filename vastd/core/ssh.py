@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import contextvars
 import os
+import posixpath
 import random
 import stat
 import time
@@ -25,6 +26,7 @@ from typing import Literal, Protocol, TypeVar
 import asyncssh
 import structlog
 
+from vastd.core.files import safe_name
 from vastd.utils.config import SshSettings
 from vastd.utils.exceptions import (
     HostKeyMismatchError,
@@ -280,7 +282,9 @@ class SSHConnection:
 
     async def upload(self, local_path: Path, remote_path: str, *, timeout_s: float) -> None:
         """Upload to `<remote>.part`, then rename: the remote file is whole or absent."""
-        part = remote_path + ".part"
+        folder, name = posixpath.split(remote_path)
+        # The temp name follows the 255-byte rule too (CONTRACT §3: derived names).
+        part = posixpath.join(folder, safe_name(name, ".part"))
         async with self._sftp_op("upload", timeout_s) as sftp:
             await sftp.put(str(local_path), part, max_requests=_SFTP_MAX_REQUESTS)
             await sftp.posix_rename(part, remote_path)
@@ -294,7 +298,7 @@ class SSHConnection:
         max_bytes: int | None = None,
     ) -> int:
         """Download a regular file via `<local>.part`; refuse it past `max_bytes`."""
-        part = local_path.with_name(local_path.name + ".part")
+        part = local_path.with_name(safe_name(local_path.name, ".part"))
         try:
             async with self._sftp_op("download", timeout_s) as sftp:
                 attrs = await sftp.lstat(remote_path)

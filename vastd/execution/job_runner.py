@@ -47,6 +47,7 @@ CONTROL_NAMES = frozenset(
         "attempt.tmp",
         "boot_key",
         "started_at",
+        "started_at.tmp",
         "ended_at",
         "ended_at.tmp",
         "exit_code",
@@ -248,9 +249,9 @@ BK=$(_bootkey)
 """
 
 # The wrapper runs detached with the job folder as cwd and the command as $1.
+# (`pid` is written by the start script from $!, which is this wrapper's pid.)
 _WRAPPER = (
-    "echo $$ > pid.tmp && mv -f pid.tmp pid; "
-    "date +%s > started_at; "
+    "date +%s > started_at.tmp && mv -f started_at.tmp started_at; "
     'sh -c "$1"; rc=$?; '
     "date +%s > ended_at.tmp && mv -f ended_at.tmp ended_at; "
     "echo $rc > exit_code.tmp && mv -f exit_code.tmp exit_code"
@@ -306,7 +307,11 @@ printf '%s' "$BK" > boot_key || _fail "cannot write boot_key"
 printf '%s\\n' "$A" > attempt.tmp && mv -f attempt.tmp attempt || _fail "cannot write attempt"
 setsid $NH sh -c "$W" vastd-job "$C" > {LOG_NAME} 2>&1 < /dev/null &
 # $! is the session (= process group) id: setsid does not fork outside job control.
+# The group exists only once the child has called setsid: wait for that (usually at once),
+# or a status check right after could find no group and call the job vanished.
 v=$!
+n=0
+while ! kill -0 -"$v" 2>/dev/null && [ ! -f exit_code ] && [ $n -lt 200 ]; do _tick 0.01; n=$((n+1)); done
 [ -s pid ] || {{ printf '%s\\n' "$v" > pid.start.tmp && mv -f pid.start.tmp pid; }}
 printf '%s\\nstarted %s\\n' "$M" "$v"
 """
