@@ -36,5 +36,10 @@ test: lint typecheck sshd unit
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
 
+# The chaos suite of issue 4 (the full run; `make test` runs the short one).
+chaos: $(STAMP)
+	bash scripts/ensure-test-sshd.sh
+	$(BIN)/python bench/chaos.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
