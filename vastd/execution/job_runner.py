@@ -212,7 +212,7 @@ _bootkey() {
   l=; read -r l 2>/dev/null < /proc/1/stat
   set -- ${l##*) }
   s=; [ $# -ge 20 ] && { shift 19; s=$1; }
-  printf '%s:%s' "$b" "$s"
+  BK="$b:$s"
 }
 _pgid() {
   v=; read -r v 2>/dev/null < "$1"
@@ -245,7 +245,7 @@ _num() {
 }
 FRAC=1
 _tick() { sleep "$1" 2>/dev/null || { FRAC=0; sleep 1; }; }
-BK=$(_bootkey)
+_bootkey  # sets BK without a subshell
 """
 
 # The wrapper runs detached with the job folder as cwd and the command as $1.
