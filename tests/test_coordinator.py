@@ -381,6 +381,42 @@ async def test_ssh_error_during_collection_is_not_a_failure(env: SimEnv) -> None
     assert job.state is JobState.DONE and job.attempts == 0
 
 
+async def test_local_disk_full_during_collection_keeps_the_job_collecting(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full while the results are stored: the job stays COLLECTING with no attempt,
+    nothing is left under results/ (no partial folder, no temp folder), and once there
+    is room again the same run is collected (not run again)."""
+    import errno
+    import os
+
+    from vastd.execution import result_handler
+
+    await env.start(instances=1)
+    ctx = env.context()
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await async_wait_for(lambda: job.state is JobState.COLLECTING, 20)
+
+    real_rename = os.rename
+
+    def full(src: Any, dst: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(result_handler.os, "rename", full)
+    assert await co.collect_job(ctx, job_id) is False
+    assert job.state is JobState.COLLECTING and job.attempts == 0
+    assert job_file_in(ctx, job_id) == ["running"]
+    assert list(ctx.layout.results.iterdir()) == []
+
+    monkeypatch.setattr(result_handler.os, "rename", real_rename)
+    assert await co.collect_job(ctx, job_id) is True
+    assert job.state is JobState.DONE and job.attempts == 0 and job.runs == 1
+    assert sorted(p.name for p in ctx.layout.results_dir(job_id).iterdir())[-1] == "log.txt"
+
+
 async def test_a_failed_start_frees_both_job_and_instance(env: SimEnv) -> None:
     """A start that fails on the instance (JobExecutionError: the job folder cannot be
     made) is a failed attempt: the job is not left RUNNING nor the instance assigned."""

@@ -40,7 +40,12 @@ from vastd.execution.job_runner import (
     is_job_dir_of,
     marker_lines,
 )
-from vastd.utils.exceptions import ConfigError, JobExecutionError, ResultValidationError
+from vastd.utils.exceptions import (
+    ConfigError,
+    FileOperationError,
+    JobExecutionError,
+    ResultValidationError,
+)
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.results")
@@ -343,9 +348,12 @@ async def collect_job_results(
             conn, paths, listing.log_size, tmp, cap_bytes=log_max_bytes, timeout_s=timeout_s
         )
         await asyncio.to_thread(_install_results, tmp, final)
-    except BaseException:
+    except BaseException as exc:
         # Synchronous on purpose: this must also run when the task is being cancelled.
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            # A local problem (disk full, read-only): not the job's fault, try again later.
+            raise FileOperationError(f"cannot store the results of {job_id!r}: {exc}") from exc
         raise
     return CollectedResults(
         directory=final,
