@@ -373,17 +373,7 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
         conn = await instance_connection(ctx, inst)
         if job.last_error is None:
             try:
-                collected = await collect_job_results(
-                    conn,
-                    paths,
-                    job.id,
-                    results_root=ctx.layout.results,
-                    pattern=s.job.result_glob,
-                    min_results=s.job.min_results,
-                    validate=s.job.validate_,
-                    max_bytes=s.job.max_result_bytes,
-                    timeout_s=max(s.ssh.command_timeout_s, 600.0),
-                )
+                collected = await collect_with_settings(ctx, conn, paths, job.id)
             except JobExecutionError as exc:
                 tail = await _log_tail(conn, paths, s.ssh.command_timeout_s)
                 await cleanup_remote_job(conn, paths, timeout_s=s.ssh.command_timeout_s)
@@ -407,6 +397,24 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
         ctx, job, reason=job.last_error or "failed", exit_code=job.last_exit_code, log_tail=tail
     )
     return True
+
+
+async def collect_with_settings(
+    ctx: Context, conn: SSHConnection, paths: RemoteJobPaths, job_id: str
+) -> CollectedResults:
+    """Download, validate and install a run's results as the `[job]` settings say."""
+    s = ctx.settings
+    return await collect_job_results(
+        conn,
+        paths,
+        job_id,
+        results_root=ctx.layout.results,
+        pattern=s.job.result_glob,
+        min_results=s.job.min_results,
+        validate=s.job.validate_,
+        max_bytes=s.job.max_result_bytes,
+        timeout_s=max(s.ssh.command_timeout_s, 600.0),
+    )
 
 
 def complete_job(
@@ -457,17 +465,7 @@ async def handle_orphan_status(
     conn = await instance_connection(ctx, inst)
     if outcome is CompletionStatus.SUCCEEDED and job.state in (JobState.QUEUED, JobState.RUNNING):
         try:
-            collected = await collect_job_results(
-                conn,
-                paths,
-                job.id,
-                results_root=ctx.layout.results,
-                pattern=s.job.result_glob,
-                min_results=s.job.min_results,
-                validate=s.job.validate_,
-                max_bytes=s.job.max_result_bytes,
-                timeout_s=max(s.ssh.command_timeout_s, 600.0),
-            )
+            collected = await collect_with_settings(ctx, conn, paths, job.id)
         except JobExecutionError as exc:
             log.info("orphan_results_invalid", job=job.id, instance=inst.id, error=str(exc))
         else:
