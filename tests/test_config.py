@@ -21,7 +21,18 @@ from vastd.utils.config import DEFAULT_CONFIG_PATH, Settings, load_config, resol
 from vastd.utils.exceptions import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-CONTRACT = Path("/work/shared/CONTRACT.md")
+# CI lays shared/ beside the clone; a developer's checkout has it at /work/shared.
+CONTRACT = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parents[2] / "shared" / "CONTRACT.md",
+            Path("/work/shared/CONTRACT.md"),
+        )
+        if p.is_file()
+    ),
+    Path("/work/shared/CONTRACT.md"),
+)
 SECRET = "sk-test-4f1d9c0e7a2b"
 
 # CONTRACT §4's keys, used where the contract itself is not on this machine.
