@@ -123,6 +123,10 @@ async def test_kill_between_rent_and_save_leaves_exactly_one_instance(
             lambda: (layout.done / "job_0001.csv").exists(), 60, message="job done"
         )
         await async_wait_for(lambda: not cloud.instances, 30, message="instance destroyed")
+        # The destroy is logged once confirmed by listing, a moment after the DELETE.
+        await async_wait_for(
+            lambda: daemon.events("instance_destroyed"), 30, message="destroy confirmed"
+        )
         assert cloud.stats["rent"] == 1
         claimed = [e for e in daemon.events("instance_rented") if e.get("reconciled")]
         # The first daemon's discovery may already claim it while the PUT hangs; if that

@@ -153,9 +153,7 @@ async def discovery_once(ctx: Context) -> int:
         refresh_record(inst, info, now)
         if info.actual_status in LOST_API_STATES or info.actual_status == "stopped":
             handle_instance_failure(ctx, inst, f"vast.ai reports it {info.actual_status}")
-        elif (inst.status is InstanceStatus.LOST and info.is_running) or (
-            inst.status is InstanceStatus.BOOTING and info.is_running
-        ):
+        elif info.is_running and inst.status in (InstanceStatus.LOST, InstanceStatus.BOOTING):
             inst.status = InstanceStatus.DISCOVERED
     grace = ctx.settings.vast.lost_grace_s
     for inst in list(ctx.store.instances.values()):
