@@ -35,6 +35,7 @@ test: lint typecheck sshd unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
+	$(BIN)/python bench/bench_autoscale.py --jobs 1000 --max-instances 16
 
 # The chaos suite of issue 4 (the full run; `make test` runs the short one).
 chaos: $(STAMP)
