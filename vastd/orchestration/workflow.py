@@ -21,7 +21,7 @@ from vastd.instances.discovery import InstanceInfo, parse_instance_data
 from vastd.instances.preparation import prepare_instance_for_jobs
 from vastd.orchestration import coordinator as co
 from vastd.orchestration.context import Context
-from vastd.orchestration.scheduler import TaskType, schedule_result_collection
+from vastd.orchestration.scheduler import Task, TaskType, schedule_result_collection
 from vastd.submit import submit_file
 from vastd.utils.exceptions import (
     APIShapeError,
@@ -262,36 +262,28 @@ async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> b
 
 # --- the task runner ------------------------------------------------------------------------
 async def run_tasks(ctx: Context, *, max_concurrent: int = 32) -> None:
-    """Run scheduled follow-up work (collections) as it falls due."""
+    """Run scheduled follow-up work (collections) as it falls due, a bounded number at once."""
     limit = asyncio.Semaphore(max_concurrent)
     while True:
         task = await ctx.scheduler.get_next_task()
         await limit.acquire()
+        ctx.spawn(_run_task(ctx, task, limit), name=f"task:{task.id}")
 
-        async def handle(task: object = task) -> None:
+
+async def _run_task(ctx: Context, task: Task, limit: asyncio.Semaphore) -> None:
+    try:
+        if task.type is TaskType.COLLECT_RESULTS:
+            ok = False
             try:
-                await _run_task(ctx, task)
+                ok = await co.collect_job(ctx, str(task.args["job"]))
             finally:
-                limit.release()
-
-        ctx.spawn(handle(), name=f"task:{task.id}")
-
-
-async def _run_task(ctx: Context, task: object) -> None:
-    from vastd.orchestration.scheduler import Task
-
-    assert isinstance(task, Task)
-    if task.type is TaskType.COLLECT_RESULTS:
-        job_id = str(task.args["job"])
-        ok = False
-        try:
-            ok = await co.collect_job(ctx, job_id)
-        finally:
-            if not ok:
-                ctx.scheduler.reschedule_failed_task(task, co.retry_delay(task.attempts))
-            else:
-                ctx.scheduler.mark_task_completed(task)
-            ctx.wake_dispatch()
+                if ok:
+                    ctx.scheduler.mark_task_completed(task)
+                else:
+                    ctx.scheduler.reschedule_failed_task(task, co.retry_delay(task.attempts))
+                ctx.wake_dispatch()
+    finally:
+        limit.release()
 
 
 # --- start-up recovery ----------------------------------------------------------------------
