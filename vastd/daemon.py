@@ -65,7 +65,6 @@ class Daemon:
         self._inbox_rescan_s = inbox_rescan_s
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()  # set once state is loaded and recovered
-        self.force_exit = False
         self.ctx: Context | None = None
         self._sigints = 0
         self._lock = RootLock(self.layout.root)
