@@ -153,7 +153,7 @@ class SimHost:
         for conn in conns:
             conn.abort()
         self._conns.clear()
-        self._kill_foreground()
+        await self._kill_foreground()
 
     async def kill(self) -> None:
         """The SSH server dies abruptly: no listener, connections aborted.
@@ -164,7 +164,7 @@ class SimHost:
         for conn in list(self._conns):
             conn.abort()
         self._conns.clear()  # connection_lost only comes at the next loop turn
-        self._kill_foreground()
+        await self._kill_foreground()
 
     async def restart(self) -> tuple[str, int]:
         """Start again on the same port (after `stop()` or `kill()`)."""
@@ -176,9 +176,17 @@ class SimHost:
             self._server.close()
             self._server = None
 
-    def _kill_foreground(self) -> None:
-        for proc in list(self._procs):
+    async def _kill_foreground(self) -> None:
+        """Kill the commands still attached to a channel and reap them (bounded), so no
+        subprocess transport outlives the loop that made it."""
+        procs = list(self._procs)
+        for proc in procs:
             _killpg(proc)
+        waits = [asyncio.ensure_future(proc.wait()) for proc in procs]
+        if waits:
+            await asyncio.wait(waits, timeout=_CLOSE_TIMEOUT_S)
+            for wait in waits:
+                wait.cancel()
 
     async def _handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         command = process.command
