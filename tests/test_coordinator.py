@@ -27,6 +27,7 @@ from tests.ctxfactory import (
     wait_saved,
     wait_state,
 )
+from vastd.core.files import JobFolder
 from vastd.core.state import InstanceStatus, JobState, load_state
 from vastd.orchestration import coordinator as co
 
@@ -157,6 +158,54 @@ async def test_dispatch_to_an_unreachable_instance_keeps_the_assignment(env: Sim
     co.handle_system_failures(ctx)  # what the health loop does for unwatched jobs
     await wait_state(ctx, job_id, JobState.DONE, timeout_s=20)
     assert job.runs == 1 and job.attempts == 0
+
+
+async def test_dispatch_cut_after_the_upload_restarts_instead_of_failing(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection breaks after the job folder and input exist but before the start:
+    the folder with no pid is 'never started', not 'vanished'. The start is simply done
+    again (same attempt) and the job ends DONE with no attempt counted."""
+    from vastd.execution import job_runner
+    from vastd.utils.exceptions import SSHConnectionError
+
+    await env.start(instances=1)
+    ctx = env.context(env.settings(ssh={"unreachable_grace_s": 60.0}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    real_start = job_runner.start_job_process
+    cuts = 0
+
+    async def cut_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal cuts
+        if cuts == 0:
+            cuts += 1
+            raise SSHConnectionError("connection lost")
+        return await real_start(*args, **kwargs)
+
+    monkeypatch.setattr(job_runner, "start_job_process", cut_once)
+    assert await co.coordinate_job_distribution(ctx) == 1
+    job = ctx.store.jobs[job_id]
+    await async_wait_for(lambda: not ctx.dispatching, 10, message="first dispatch ended")
+    assert remote_dir(ctx, iid, job_id).is_dir() and job.pgid is None
+    co.handle_system_failures(ctx)  # the watcher finds the folder without a pid
+    await wait_state(ctx, job_id, JobState.DONE, timeout_s=20)
+    assert job.attempts == 0 and job.runs == 1 and cuts == 1
+
+
+async def test_a_job_file_removed_from_queued_fails_once_with_a_reason(env: SimEnv) -> None:
+    """Someone deletes a queued job's CSV: the job fails with an .error.json saying so,
+    instead of being retried for ever."""
+    await env.start(instances=1)
+    ctx = env.context()
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    ctx.layout.job_file(JobFolder.QUEUED, job_id).unlink()
+    assert await co.coordinate_job_distribution(ctx) == 0
+    job = ctx.store.jobs[job_id]
+    assert job.state is JobState.FAILED
+    error = json.loads(ctx.layout.error_file(job_id).read_text())
+    assert error["job"] == job_id and "vanished" in error["reason"]
 
 
 async def test_a_failed_job_is_retried_on_another_instance(env: SimEnv) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from vastd.core import state as st
-from vastd.core.files import JobFolder, move_job_file, move_job_to_failed
+from vastd.core.files import JobFolder, move_job_file, move_job_to_failed, write_error_json
 from vastd.core.jobs import get_job_arguments
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState
@@ -73,6 +74,18 @@ async def assign_job_to_instance(ctx: Context, job: JobRecord, inst: InstanceRec
     log.info("job_dispatched", job=job.id, instance=inst.id, attempt=job.attempts + 1)
 
 
+def fail_without_file(ctx: Context, job: JobRecord, reason: str) -> None:
+    """Someone removed the job's CSV: it can never run; say so instead of retrying for ever."""
+    try:
+        write_error_json(ctx.layout, job.id, reason=reason, attempts=job.attempts)
+    except FileOperationError as exc:
+        log.error("job_fail_record_failed", job=job.id, error=str(exc))
+    job.last_error = reason
+    st.mark_job_completed(ctx.store, job.id, success=False)
+    ctx.counters.failed += 1
+    log.warning("job_failed", job=job.id, attempts=job.attempts, reason=reason)
+
+
 def balance_workload_across_instances(ctx: Context) -> dict[str, int]:
     """Jobs per usable instance (what dispatch balances on)."""
     return {i.id: len(i.current_jobs) for i in ctx.store.instances.values() if i.status in USABLE}
@@ -93,7 +106,10 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             await assign_job_to_instance(ctx, job, inst)
         except FileOperationError as exc:
             ctx.dispatching.discard(job.id)
-            log.warning("job_file_move_failed", job=job.id, error=str(exc))
+            if not ctx.layout.job_file(JobFolder.QUEUED, job.id).exists():
+                fail_without_file(ctx, job, "the job file vanished from queued/")
+            else:
+                log.warning("job_file_move_failed", job=job.id, error=str(exc))
             continue
         assigned.append((job, inst))
     if not assigned:
@@ -118,6 +134,7 @@ async def dispatch_job(ctx: Context, job_id: str, instance_id: str) -> None:
         job = ctx.store.jobs[job_id]
         inst = ctx.store.instances[instance_id]
         s = ctx.settings
+        job_file = ctx.layout.job_file(JobFolder.RUNNING, job.id)
         try:
             conn = await instance_connection(ctx, inst)
             proc = await execute_job_on_instance(
@@ -125,11 +142,12 @@ async def dispatch_job(ctx: Context, job_id: str, instance_id: str) -> None:
                 remote_root=s.remote.root,
                 instance_id=inst.id,
                 job_id=job.id,
-                local_csv=ctx.layout.job_file(JobFolder.RUNNING, job.id),
+                local_csv=job_file,
                 command_template=s.job.command,
                 vars=get_job_arguments(job.id, s.job),
                 attempt=job.attempts + 1,
-                timeout_s=s.ssh.command_timeout_s,
+                # the upload is part of it: allow 1 MB/s on top of a command's deadline
+                timeout_s=s.ssh.command_timeout_s + _size(job_file) / 1e6,
             )
         except SSHConnectionError as exc:
             # Unreachable is not failed: the start may or may not have happened, so
@@ -139,9 +157,10 @@ async def dispatch_job(ctx: Context, job_id: str, instance_id: str) -> None:
             )
             mark_unreachable(ctx, inst, exc)
             return
-        except (VastdError, ValueError) as exc:
-            # Observed on the instance (refused upload, start script error) or a bad
-            # template: an attempt, so a job never stays "running" with nothing behind it.
+        except (VastdError, ValueError, OSError) as exc:
+            # Observed on the instance (refused upload, start script error), a bad
+            # template or an unreadable local file: an attempt, so a job never stays
+            # "running" with nothing behind it.
             await record_attempt_failure(ctx, job, reason=f"could not start: {exc}", exit_code=None)
             return
         if job.state is not JobState.RUNNING or job.instance != instance_id:
@@ -155,6 +174,13 @@ async def dispatch_job(ctx: Context, job_id: str, instance_id: str) -> None:
         ensure_watcher(ctx, inst.id)
     finally:
         ctx.dispatching.discard(job_id)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 # --- watching ---------------------------------------------------------------------------------
@@ -305,9 +331,13 @@ async def handle_job_status(
         return  # it changed while the status command ran
     outcome = detect_job_completion(status)
     now = time.time()
-    if outcome is CompletionStatus.MISSING:
+    never_started = job.pgid is None and status.pid is None and status.exit_code is None
+    if outcome is CompletionStatus.MISSING or (
+        never_started and outcome is CompletionStatus.VANISHED
+    ):
         if job.pgid is None:
-            # A dispatch that broke off before the upload: start it (idempotent).
+            # A dispatch that broke off before the start (no folder yet, or a folder
+            # with the input but no pid): start it again, same attempt (idempotent).
             ctx.dispatching.add(job.id)
             ctx.spawn(dispatch_job(ctx, job.id, inst.id), name=f"dispatch:{job.id}")
         else:
