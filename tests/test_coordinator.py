@@ -208,6 +208,78 @@ async def test_a_job_file_removed_from_queued_fails_once_with_a_reason(env: SimE
     assert error["job"] == job_id and "vanished" in error["reason"]
 
 
+async def test_a_failed_start_of_a_job_requeued_meanwhile_counts_nothing(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance is declared lost while the start is under way, then the start fails:
+    the requeued job is left alone (no attempt, file in queued/), not failed."""
+    from vastd.execution import job_runner
+    from vastd.orchestration.workflow import handle_instance_failure
+    from vastd.utils.exceptions import JobExecutionError
+
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"max_attempts": 1}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    release = asyncio.Event()
+
+    async def slow_failing_start(*args: Any, **kwargs: Any) -> Any:
+        await release.wait()
+        raise JobExecutionError("job start failed: cannot enter the job folder")
+
+    monkeypatch.setattr(job_runner, "start_job_process", slow_failing_start)
+    assert await co.coordinate_job_distribution(ctx) == 1
+    job = ctx.store.jobs[job_id]
+    handle_instance_failure(ctx, ctx.store.instances[iid], "vast.ai reports it exited")
+    assert job.state is JobState.QUEUED
+    release.set()
+    await async_wait_for(lambda: not ctx.dispatching, 10, message="dispatch ended")
+    assert job.state is JobState.QUEUED and job.attempts == 0
+    assert job_file_in(ctx, job_id) == ["queued"]
+
+
+async def test_an_instance_lost_while_the_file_moves_gets_no_job(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance is lost during the queued/ -> running/ move: the assignment is undone
+    (file back in queued/, job QUEUED), never left RUNNING on a LOST instance."""
+    await env.start(instances=1)
+    ctx = env.context()
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    real_move = co.move_job_file
+
+    def move_and_lose(*args: Any, **kwargs: Any) -> Any:
+        ctx.store.instances[iid].status = InstanceStatus.LOST
+        return real_move(*args, **kwargs)
+
+    monkeypatch.setattr(co, "move_job_file", move_and_lose)
+    assert await co.coordinate_job_distribution(ctx) == 0
+    job = ctx.store.jobs[job_id]
+    assert job.state is JobState.QUEUED and job.instance is None
+    assert job_file_in(ctx, job_id) == ["queued"] and not ctx.dispatching
+
+
+async def test_a_refused_remote_cleanup_does_not_block_the_failure(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed job whose remote folder cannot be removed still ends FAILED with its
+    .error.json: the clean-up is best effort."""
+    from vastd.utils.exceptions import JobExecutionError
+
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"command": "exit 3 # {input}", "max_attempts": 1}))
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise JobExecutionError("cannot remove the remote job folder: Directory not empty")
+
+    monkeypatch.setattr(co, "cleanup_remote_job", refuse)
+    await wait_state(ctx, job_id, JobState.FAILED, timeout_s=20)
+    assert ctx.layout.error_file(job_id).exists()
+
+
 async def test_a_failed_job_is_retried_on_another_instance(env: SimEnv) -> None:
     """A job that failed on instance A is placed on B next (`avoid_instances`), and ends
     DONE there with one attempt counted."""
@@ -428,6 +500,8 @@ async def test_ssh_error_during_collection_is_not_a_failure(env: SimEnv) -> None
     await sim.hosts.revive_host(int(iid))
     assert await co.collect_job(ctx, job_id) is True
     assert job.state is JobState.DONE and job.attempts == 0
+    # with no job left to watch, the collection itself says the instance is back
+    assert ctx.store.instances[iid].status is InstanceStatus.READY
 
 
 async def test_local_disk_full_during_collection_keeps_the_job_collecting(

@@ -92,6 +92,29 @@ async def test_running_job_whose_file_is_in_done_is_done(env: SimEnv) -> None:
     assert await co.coordinate_job_distribution(ctx) == 0
 
 
+async def test_finished_record_whose_file_stayed_behind_is_not_run_again(env: SimEnv) -> None:
+    """A record marked failed (or done) whose file move did not happen (disk error, crash):
+    at start the file goes where the record says (failed/ with its .error.json), it is not
+    adopted as a new job."""
+    await env.start(instances=0)
+    ctx = env.context(api=False)
+    job = ctx.store.add_job("gave_up", "gave_up.csv", rows=1)
+    job.state, job.attempts, job.last_error = JobState.FAILED, 3, "exit code 1"
+    done = ctx.store.add_job("finished", "finished.csv", rows=1)
+    done.state = JobState.DONE
+    put(ctx, JobFolder.RUNNING, "gave_up")
+    put(ctx, JobFolder.QUEUED, "finished")
+
+    recover_after_restart(ctx)
+
+    assert set(ctx.store.jobs) == {"gave_up", "finished"}
+    assert ctx.store.jobs["gave_up"].state is JobState.FAILED
+    assert job_file_in(ctx, "gave_up") == ["failed"]
+    assert job_file_in(ctx, "finished") == ["done"]
+    assert '"reason": "exit code 1"' in ctx.layout.error_file("gave_up").read_text()
+    assert await co.coordinate_job_distribution(ctx) == 0
+
+
 async def test_recovery_reverifies_instances_and_resumes_work(env: SimEnv) -> None:
     """READY/PREPARING/UNREACHABLE instances go back to DISCOVERED (their marker decides
     whether steps run again); DRAINING and LOST stay; a COLLECTING job gets a collection

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from tests.ctxfactory import SimEnv, prepare_step, pump, wait_saved
+from tests.ctxfactory import GATED_WORKER, SimEnv, async_wait_for, prepare_step, pump, wait_saved
 from vastd.core.files import JobFolder
 from vastd.core.state import InstanceStatus, JobState
 from vastd.instances.preparation import marker_path, steps_hash
@@ -30,6 +30,7 @@ from vastd.orchestration.scheduler import (
 from vastd.orchestration.workflow import (
     coordinate_instance_preparation,
     discovery_once,
+    handle_instance_failure,
     recover_after_restart,
     run_instance_preparation_workflow,
 )
@@ -370,3 +371,21 @@ async def test_host_key_change_mid_life_drains_the_instance(env: SimEnv) -> None
 
     assert ctx.store.instances[iid].status is InstanceStatus.DRAINING
     assert ctx.store.jobs[job_id].attempts == 0
+
+
+async def test_a_lost_instance_keeps_its_started_runs_as_orphans(env: SimEnv) -> None:
+    """An instance reported offline holds a started run: the job runs elsewhere (no
+    attempt) and the first run is remembered as an orphan, to be kept if it finishes
+    first should the instance come back."""
+    await env.start(instances=2)
+    ctx = env.context(env.settings(job={"command": GATED_WORKER}))
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    await co.coordinate_job_distribution(ctx)
+    job = ctx.store.jobs[job_id]
+    await async_wait_for(lambda: job.pgid is not None, 20, message="started")
+    first = job.instance
+    assert first is not None
+    handle_instance_failure(ctx, ctx.store.instances[first], "vast.ai reports it offline")
+    assert job.state is JobState.QUEUED and job.attempts == 0
+    assert job.orphans == [first]

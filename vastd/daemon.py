@@ -191,7 +191,8 @@ def run_daemon(settings: Settings) -> int:
         return asyncio.run(daemon.run())
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, StateManagementError):
+    except (ConfigError, StateManagementError) as exc:
+        log.error("daemon_fatal", error=str(exc))
         raise  # the CLI reports these with exit code 2
     except Exception as exc:
         log.error("daemon_fatal", error=repr(exc), exc_info=exc)

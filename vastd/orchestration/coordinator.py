@@ -63,15 +63,24 @@ def find_best_instance_for_job(ctx: Context, job: JobRecord) -> InstanceRecord |
     return min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id))
 
 
-async def assign_job_to_instance(ctx: Context, job: JobRecord, inst: InstanceRecord) -> None:
-    """Move the file to running/ and record the assignment (not yet saved)."""
+async def assign_job_to_instance(ctx: Context, job: JobRecord, inst: InstanceRecord) -> bool:
+    """Move the file to running/ and record the assignment (not yet saved).
+
+    False (file moved back) when the instance was lost or drained during the move.
+    """
     # The move fsyncs a folder: keep that off the event loop.
     await asyncio.to_thread(move_job_file, ctx.layout, job.id, JobFolder.QUEUED, JobFolder.RUNNING)
+    if inst.status is not InstanceStatus.READY:
+        await asyncio.to_thread(
+            move_job_file, ctx.layout, job.id, JobFolder.RUNNING, JobFolder.QUEUED
+        )
+        return False
     st.mark_job_assigned(ctx.store, job.id, inst.id)
     if inst.id in job.orphans:
         # Same attempt, same folder: the idempotent start reattaches to that run.
         job.orphans.remove(inst.id)
     log.info("job_dispatched", job=job.id, instance=inst.id, attempt=job.attempts + 1)
+    return True
 
 
 def fail_without_file(ctx: Context, job: JobRecord, reason: str) -> None:
@@ -103,7 +112,9 @@ async def coordinate_job_distribution(ctx: Context) -> int:
         # Claimed before any await: the instance's watcher must leave it alone.
         ctx.dispatching.add(job.id)
         try:
-            await assign_job_to_instance(ctx, job, inst)
+            if not await assign_job_to_instance(ctx, job, inst):
+                ctx.dispatching.discard(job.id)  # lost during the move: next round
+                continue
         except FileOperationError as exc:
             ctx.dispatching.discard(job.id)
             if not ctx.layout.job_file(JobFolder.QUEUED, job.id).exists():
@@ -158,6 +169,8 @@ async def dispatch_job(ctx: Context, job_id: str, instance_id: str) -> None:
             mark_unreachable(ctx, inst, exc)
             return
         except (VastdError, ValueError, OSError) as exc:
+            if job.state is not JobState.RUNNING or job.instance != instance_id:
+                return  # requeued or finished meanwhile: this start no longer matters
             # Observed on the instance (refused upload, start script error), a bad
             # template or an unreadable local file: an attempt, so a job never stays
             # "running" with nothing behind it.
@@ -405,17 +418,29 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
             try:
                 collected = await collect_with_settings(ctx, conn, paths, job.id)
             except JobExecutionError as exc:
+                mark_reachable(ctx, inst)
+                if not still_collecting(job, inst):
+                    return True
                 tail = await _log_tail(conn, paths, s.ssh.command_timeout_s)
-                await cleanup_remote_job(conn, paths, timeout_s=s.ssh.command_timeout_s)
+                await cleanup_best_effort(ctx, conn, paths)
                 await record_attempt_failure(
                     ctx, job, reason=f"results invalid: {exc}", exit_code=0, log_tail=tail
                 )
                 return True
-            complete_job(ctx, job, inst, collected, JobFolder.RUNNING)
+            mark_reachable(ctx, inst)
+            if not still_collecting(job, inst):
+                # Requeued while downloading (its instance was given up): these are valid
+                # results of a finished run; keep them as the orphan path would.
+                keep_late_results(ctx, job, inst, collected)
+            else:
+                complete_job(ctx, job, inst, collected, JobFolder.RUNNING)
             ctx.spawn(cleanup_after_save(ctx, conn, paths), name=f"cleanup:{job.id}")
             return True
         tail = await _log_tail(conn, paths, s.ssh.command_timeout_s)
-        await cleanup_remote_job(conn, paths, timeout_s=s.ssh.command_timeout_s)
+        mark_reachable(ctx, inst)
+        if not still_collecting(job, inst):
+            return True
+        await cleanup_best_effort(ctx, conn, paths)
     except (SSHConnectionError, FileOperationError) as exc:
         log.warning("collection_deferred", job=job.id, instance=inst.id, error=str(exc))
         if isinstance(exc, SSHConnectionError):
@@ -427,6 +452,35 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
         ctx, job, reason=job.last_error or "failed", exit_code=job.last_exit_code, log_tail=tail
     )
     return True
+
+
+def still_collecting(job: JobRecord, inst: InstanceRecord) -> bool:
+    """Nothing moved the job on while a remote operation was awaited."""
+    return job.state is JobState.COLLECTING and job.instance == inst.id
+
+
+def keep_late_results(
+    ctx: Context, job: JobRecord, inst: InstanceRecord, collected: CollectedResults
+) -> None:
+    """Results of a finished run arrived after its job was requeued: keep them, stop a rerun."""
+    if job.state not in (JobState.QUEUED, JobState.RUNNING):
+        return  # already done or failed by another path
+    second = ctx.store.instances.get(job.instance or "") if job.state is JobState.RUNNING else None
+    folder = JobFolder.RUNNING if job.state is JobState.RUNNING else JobFolder.QUEUED
+    log.info("orphan_run_kept", job=job.id, instance=inst.id, second_run=job.instance)
+    if inst.id in job.orphans:
+        job.orphans.remove(inst.id)
+    complete_job(ctx, job, inst, collected, folder)
+    if second is not None:
+        ctx.spawn(stop_duplicate_run(ctx, second, job.id), name=f"stop:{job.id}")
+
+
+async def cleanup_best_effort(ctx: Context, conn: SSHConnection, paths: RemoteJobPaths) -> None:
+    """Remove a failed run's folder; a refusal (busy mount, read-only) must not block the job."""
+    try:
+        await cleanup_remote_job(conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s)
+    except JobExecutionError as exc:
+        log.warning("remote_cleanup_failed", path=paths.job_dir, error=str(exc))
 
 
 async def collect_with_settings(
@@ -443,7 +497,8 @@ async def collect_with_settings(
         min_results=s.job.min_results,
         validate=s.job.validate_,
         max_bytes=s.job.max_result_bytes,
-        timeout_s=max(s.ssh.command_timeout_s, 600.0),
+        # Keepalive notices a dead peer; this only bounds a live but crawling transfer.
+        timeout_s=max(s.ssh.command_timeout_s, 600.0, s.job.max_result_bytes / 1e6),
     )
 
 
@@ -499,17 +554,7 @@ async def handle_orphan_status(
         except JobExecutionError as exc:
             log.info("orphan_results_invalid", job=job.id, instance=inst.id, error=str(exc))
         else:
-            second = (
-                ctx.store.instances.get(job.instance or "")
-                if job.state is JobState.RUNNING
-                else None
-            )
-            folder = JobFolder.RUNNING if job.state is JobState.RUNNING else JobFolder.QUEUED
-            log.info("orphan_run_kept", job=job.id, instance=inst.id, second_run=job.instance)
-            job.orphans.remove(inst.id)
-            complete_job(ctx, job, inst, collected, folder)
-            if second is not None:
-                ctx.spawn(stop_duplicate_run(ctx, second, job.id), name=f"stop:{job.id}")
+            keep_late_results(ctx, job, inst, collected)
             ctx.spawn(cleanup_after_save(ctx, conn, paths), name=f"cleanup:{job.id}")
             return
     elif outcome is CompletionStatus.RUNNING:
@@ -612,15 +657,24 @@ def detect_stuck_jobs(ctx: Context, now: float | None = None) -> list[str]:
     return stuck
 
 
+GONE = (InstanceStatus.LOST, InstanceStatus.DESTROYING, InstanceStatus.DESTROYED)
+
+
 def handle_system_failures(ctx: Context) -> int:
-    """Restart watching for jobs nobody watches; returns how many instances were revived."""
-    revived = set()
+    """Watch again what nobody watches; requeue jobs left on instances that are gone.
+
+    Returns how many instances were revived or given up.
+    """
+    touched = set()
     for job_id in detect_stuck_jobs(ctx):
         job = ctx.store.jobs[job_id]
-        if job.instance and job.instance in ctx.store.instances:
-            ensure_watcher(ctx, job.instance)
-            revived.add(job.instance)
-    return len(revived)
+        inst = ctx.store.instances.get(job.instance or "")
+        if inst is None or inst.status in GONE:
+            requeue(ctx, job, reason="its instance is gone", count_attempt=False)
+        else:
+            ensure_watcher(ctx, inst.id)
+        touched.add(job.instance)
+    return len(touched)
 
 
 def retry_delay(attempt: int) -> timedelta:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from vastd.core import state as st
-from vastd.core.files import JobFolder, move_job_file
+from vastd.core.files import JobFolder, move_job_file, move_job_to_failed
 from vastd.core.jobs import InboxWatcher, accept_job_file
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState
 from vastd.instances.discovery import InstanceInfo, parse_instance_data
@@ -178,12 +178,13 @@ def handle_instance_failure(ctx: Context, inst: InstanceRecord, reason: str) -> 
     moved = 0
     for job in list(ctx.store.jobs.values()):
         if job.instance == inst.id and job.state in (JobState.RUNNING, JobState.COLLECTING):
+            if job.pgid is not None and inst.id not in job.orphans:
+                # "offline" may only mean the host lost vast.ai: should it come back, the
+                # run is watched as an orphan (kept if it finishes first, else stopped).
+                job.orphans.append(inst.id)
             co.requeue(ctx, job, reason=f"instance {inst.id} lost", count_attempt=False)
             moved += 1
     inst.current_jobs.clear()
-    for job in ctx.store.jobs.values():
-        if inst.id in job.orphans:
-            job.orphans.remove(inst.id)  # its earlier run is gone with it
     ctx.store.mark_dirty()
     ctx.spawn(ctx.pool.drop(inst.id), name=f"drop:{inst.id}")
     log.warning("instance_lost", instance=inst.id, reason=reason, requeued=moved)
@@ -253,8 +254,8 @@ async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> b
         inst.idle_since = inst.idle_since or time.time()
     ctx.store.mark_dirty()
     log.info("instance_prepared", instance=inst.id, marker=marker, already=already)
-    # Jobs the snapshot says run here are watched again (restart, reconnect).
-    if co.running_jobs_on(ctx, inst.id):
+    # Jobs the snapshot says run here, and runs given up here, are watched again.
+    if co.running_jobs_on(ctx, inst.id) or co.orphans_on(ctx, inst.id):
         co.ensure_watcher(ctx, inst.id)
     ctx.wake_dispatch()
     return True
@@ -303,12 +304,26 @@ def reconcile_folders(ctx: Context) -> None:
             if not path.is_file() or path.name.startswith(".") or not path.name.endswith(".csv"):
                 continue
             job = by_file.get(path.name)
-            if job is None or job.state in (JobState.DONE, JobState.FAILED):
+            if job is not None and job.state in (JobState.DONE, JobState.FAILED):
+                # The record finished but the move of its file did not (disk error, crash):
+                # put the file where the record says, never run the job again.
+                want = folder_of[job.state]
+                if want is JobFolder.FAILED:
+                    move_job_to_failed(
+                        layout,
+                        job.id,
+                        folder,
+                        reason=job.last_error or "failed",
+                        attempts=job.attempts,
+                        last_exit_code=job.last_exit_code,
+                    )
+                else:
+                    move_job_file(layout, job.id, folder, want, rename_on_collision=True)
+                log.info("job_file_restored", job=job.id, folder=want.value)
+                continue
+            if job is None:
                 # A file without a record: adopt it as queued, never lose it.
                 job_id = path.name[: -len(".csv")]
-                if job is not None or job_id in store.jobs:
-                    # A finished record of the same name: this file is a new run.
-                    store.jobs.pop(job_id, None)
                 if folder is JobFolder.RUNNING:
                     move_job_file(layout, job_id, JobFolder.RUNNING, JobFolder.QUEUED)
                 job = store.add_job(job_id, path.name, rows=0)
