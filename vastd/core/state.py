@@ -339,23 +339,24 @@ class StateStore:
 
 
 # --- the seed's state functions --------------------------------------------------------------
+def _update(store: StateStore, record: _Model, updates: dict[str, Any]) -> None:
+    for key in updates:
+        if key not in type(record).model_fields:
+            raise AttributeError(key)  # a typo must not silently add nothing
+    for key, value in updates.items():
+        setattr(record, key, value)
+    store.mark_dirty()
+
+
 def update_job_state(store: StateStore, job_id: str, **updates: Any) -> JobRecord:
     job = store.jobs[job_id]
-    for key, value in updates.items():
-        if key not in JobRecord.model_fields:
-            raise AttributeError(key)
-        setattr(job, key, value)
-    store.mark_dirty()
+    _update(store, job, updates)
     return job
 
 
 def update_instance_state(store: StateStore, instance_id: str, **updates: Any) -> InstanceRecord:
     inst = store.instances[instance_id]
-    for key, value in updates.items():
-        if key not in InstanceRecord.model_fields:
-            raise AttributeError(key)
-        setattr(inst, key, value)
-    store.mark_dirty()
+    _update(store, inst, updates)
     return inst
 
 
