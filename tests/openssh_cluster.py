@@ -207,17 +207,7 @@ class OpenSSHCloud:
 
     def job_processes(self) -> list[int]:
         """Pids of vastdtest's processes whose working folder is in this cluster's world."""
-        uid = pwd.getpwnam(TEST_USER).pw_uid
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                if entry.stat().st_uid != uid:
-                    continue
-                if Path(os.readlink(entry / "cwd")).is_relative_to(self.world):
-                    found.append(int(entry.name))
-        return found
+        return [pid for pid, _cmd in processes_of_user(TEST_USER, "", self.world)]
 
     async def aclose(self) -> None:
         try:
@@ -245,7 +235,8 @@ def processes_of_user(user: str, needle: str, under: Path | None = None) -> list
         with contextlib.suppress(OSError):
             if entry.stat().st_uid != uid:
                 continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = cmdline.strip()
             if needle not in cmdline:
                 continue
             if under is not None and not Path(os.readlink(entry / "cwd")).is_relative_to(under):
