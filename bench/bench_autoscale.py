@@ -90,7 +90,6 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     api = VastClient(cluster.url, cluster.api_key, timeout_s=30)
     pool = SSHPool(settings.ssh, host_keys=StoreHostKeys(store))
     ctx = Context(settings, layout, store, pool, api)
-    ctx.watch_wait_s = settings.job.poll_interval_s
     recover_after_restart(ctx)
     staging = workdir / "staging"
     staging.mkdir()

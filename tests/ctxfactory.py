@@ -134,7 +134,6 @@ class SimEnv:
         )
         pool = SSHPool(settings.ssh, host_keys=StoreHostKeys(store), backoff=Backoff(base_s=0.0))
         ctx = Context(settings, layout, store, pool, client)
-        ctx.watch_wait_s = settings.job.poll_interval_s
         self.contexts.append(ctx)
         return ctx
 

@@ -45,19 +45,6 @@ class StoreHostKeys:
 
 
 @dataclass
-class Counters:
-    """What happened since start: for `status`, the demo summary and benchmarks."""
-
-    accepted: int = 0
-    refused: int = 0
-    dispatched: int = 0
-    done: int = 0
-    failed: int = 0
-    retried: int = 0
-    loop_crashes: int = 0
-
-
-@dataclass
 class Context:
     settings: Settings
     layout: Layout
@@ -66,16 +53,19 @@ class Context:
     api: VastClient | None
     scheduler: Scheduler = field(default_factory=Scheduler)
     dispatch_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    counters: Counters = field(default_factory=Counters)
     # jobs whose upload/start is under way (the watcher leaves them alone)
     dispatching: set[str] = field(default_factory=set)
     watchers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     preparing: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
-    collecting: set[str] = field(default_factory=set)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     started_at: float = field(default_factory=time.time)
     # how long the remote status command may wait for an exit before answering
-    watch_wait_s: float = 5.0
+    # (default: [job] poll_interval_s)
+    watch_wait_s: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.watch_wait_s < 0:
+            self.watch_wait_s = self.settings.job.poll_interval_s
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
         """A background task the context owns; its crash is logged, never silent."""
@@ -90,7 +80,6 @@ class Context:
             return
         exc = task.exception()
         if exc is not None:
-            self.counters.loop_crashes += 1
             log.error("task_crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
     def wake_dispatch(self) -> None:
@@ -147,8 +136,7 @@ def build_context(
             ]
         )
     register_secret(api_key)
-    layout = Layout(settings.paths.root)
-    layout.ensure()
+    layout = Layout(settings.paths.root)  # the callers created it before locking it
     store = StateStore.open(layout.state_file)
     api = VastClient(
         settings.vast.api_url,
@@ -158,7 +146,6 @@ def build_context(
     )
     pool = SSHPool(settings.ssh, client_keys=client_keys, host_keys=StoreHostKeys(store))
     ctx = Context(settings, layout, store, pool, api)
-    ctx.watch_wait_s = settings.job.poll_interval_s
     return ctx
 
 

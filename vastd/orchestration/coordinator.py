@@ -91,7 +91,6 @@ def fail_without_file(ctx: Context, job: JobRecord, reason: str) -> None:
         log.error("job_fail_record_failed", job=job.id, error=str(exc))
     job.last_error = reason
     st.mark_job_completed(ctx.store, job.id, success=False)
-    ctx.counters.failed += 1
     log.warning("job_failed", job=job.id, attempts=job.attempts, reason=reason)
 
 
@@ -129,7 +128,6 @@ async def coordinate_job_distribution(ctx: Context) -> int:
     await ctx.store.flush()
     for job, inst in assigned:
         ctx.spawn(dispatch_job(ctx, job.id, inst.id), name=f"dispatch:{job.id}")
-    ctx.counters.dispatched += len(assigned)
     return len(assigned)
 
 
@@ -389,12 +387,7 @@ def finish_run(ctx: Context, job: JobRecord, *, exit_code: int | None, error: st
     job.exited_at = time.time()
     job.last_exit_code = exit_code
     job.last_error = error
-    inst = ctx.store.instances.get(job.instance or "")
-    if inst is not None and job.id in inst.current_jobs:
-        inst.current_jobs.remove(job.id)
-        if not inst.current_jobs:
-            inst.idle_since = time.time()
-    ctx.store.mark_dirty()
+    st.release_job(ctx.store, job.id)  # the GPU is free; job.instance still says where
     log.info("job_exited", job=job.id, instance=job.instance, exit_code=exit_code, error=error)
     schedule_result_collection(ctx.scheduler, job.id)
     ctx.wake_dispatch()
@@ -514,7 +507,6 @@ def complete_job(
     job.result_files = [p.name for p in collected.files]
     job.instance = job.instance or inst.id
     st.mark_job_completed(ctx.store, job.id, success=True)
-    ctx.counters.done += 1
     log.info(
         "results_collected",
         job=job.id,
@@ -599,7 +591,6 @@ async def record_attempt_failure(
     job.last_exit_code = exit_code
     failed_on = job.instance
     if job.attempts < ctx.settings.job.max_attempts:
-        ctx.counters.retried += 1
         log.info("job_retry", job=job.id, instance=failed_on, attempts=job.attempts, reason=reason)
         requeue(ctx, job, reason=reason, count_attempt=False, avoid=failed_on)
         return
@@ -616,7 +607,6 @@ async def record_attempt_failure(
     except FileOperationError as exc:
         log.error("job_fail_record_failed", job=job.id, error=str(exc))
     st.mark_job_completed(ctx.store, job.id, success=False)
-    ctx.counters.failed += 1
     log.warning("job_failed", job=job.id, instance=failed_on, attempts=job.attempts, reason=reason)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vastd.core import state as st
 from vastd.core.files import JobFolder, move_job_file, move_job_to_failed
-from vastd.core.jobs import InboxWatcher, accept_job_file
+from vastd.core.jobs import InboxWatcher, accept_job_file, job_id_for
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState
 from vastd.instances.discovery import InstanceInfo, parse_instance_data
 from vastd.instances.preparation import prepare_instance_for_jobs
@@ -78,10 +78,8 @@ async def accept_inbox_file(ctx: Context, path: Path) -> None:
         ctx.layout, path, ctx.settings.job, known_ids=ctx.store.active_job_ids()
     )
     if info is None:
-        ctx.counters.refused += 1
         return
     ctx.store.add_job(info.job_id, info.path.name, info.rows)
-    ctx.counters.accepted += 1
     ctx.wake_dispatch()
 
 
@@ -197,20 +195,25 @@ def coordinate_instance_preparation(ctx: Context) -> int:
     now = time.time()
     started = 0
     for inst in ctx.store.instances.values():
-        if inst.status not in (InstanceStatus.DISCOVERED, InstanceStatus.PREPARING):
-            continue
-        if not ctx.endpoints(inst):
-            continue
         if inst.next_prepare_at and inst.next_prepare_at > now:
             continue
-        task = ctx.preparing.get(inst.id)
-        if task is not None and not task.done():
-            continue
-        ctx.preparing[inst.id] = asyncio.create_task(
-            run_instance_preparation_workflow(ctx, inst.id), name=f"prepare:{inst.id}"
-        )
-        started += 1
+        started += start_preparation(ctx, inst)
     return started
+
+
+def start_preparation(ctx: Context, inst: InstanceRecord) -> bool:
+    """Prepare a discovered instance in the background, unless that is under way already."""
+    if inst.status not in (InstanceStatus.DISCOVERED, InstanceStatus.PREPARING):
+        return False
+    if not ctx.endpoints(inst):
+        return False
+    task = ctx.preparing.get(inst.id)
+    if task is not None and not task.done():
+        return False
+    ctx.preparing[inst.id] = asyncio.create_task(
+        run_instance_preparation_workflow(ctx, inst.id), name=f"prepare:{inst.id}"
+    )
+    return True
 
 
 async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> bool:
@@ -273,7 +276,13 @@ async def run_tasks(ctx: Context, *, max_concurrent: int = 32) -> None:
 
 async def _run_task(ctx: Context, task: Task, limit: asyncio.Semaphore) -> None:
     try:
-        if task.type is TaskType.COLLECT_RESULTS:
+        if task.type is TaskType.PREPARE_INSTANCE:
+            # An explicit request: the back-off of earlier failures does not hold it back.
+            inst = ctx.store.instances.get(str(task.args["instance"]))
+            if inst is not None:
+                start_preparation(ctx, inst)
+            ctx.scheduler.mark_task_completed(task)
+        elif task.type is TaskType.COLLECT_RESULTS:
             ok = False
             try:
                 ok = await co.collect_job(ctx, str(task.args["job"]))
@@ -323,7 +332,7 @@ def reconcile_folders(ctx: Context) -> None:
                 continue
             if job is None:
                 # A file without a record: adopt it as queued, never lose it.
-                job_id = path.name[: -len(".csv")]
+                job_id = job_id_for(path)
                 if folder is JobFolder.RUNNING:
                     move_job_file(layout, job_id, JobFolder.RUNNING, JobFolder.QUEUED)
                 job = store.add_job(job_id, path.name, rows=0)
@@ -415,7 +424,7 @@ async def run_complete_job_workflow(
     """Run one job file end to end with the context's instances; returns its final state."""
     ctx.layout.ensure()
     target = await asyncio.to_thread(submit_file, ctx.layout, job_file)
-    job_id = job_file.name[: -len(".csv")] if job_file.name.endswith(".csv") else job_file.name
+    job_id = job_id_for(target)
     await accept_inbox_file(ctx, target)
     if job_id not in ctx.store.jobs:
         return JobState.FAILED
