@@ -33,6 +33,7 @@ from vastd.orchestration.workflow import (
     handle_instance_failure,
     recover_after_restart,
     run_instance_preparation_workflow,
+    run_tasks,
 )
 from vastd.status import build_status
 from vastd.utils.config import PrepareStep
@@ -389,3 +390,22 @@ async def test_a_lost_instance_keeps_its_started_runs_as_orphans(env: SimEnv) ->
     handle_instance_failure(ctx, ctx.store.instances[first], "vast.ai reports it offline")
     assert job.state is JobState.QUEUED and job.attempts == 0
     assert job.orphans == [first]
+
+
+async def test_a_scheduled_preparation_is_carried_out(env: SimEnv) -> None:
+    """`schedule_instance_preparation` (the seed's name) makes the task runner prepare the
+    instance, back-off or not; a scheduled task is never dropped unhandled."""
+    await env.start(instances=1)
+    ctx = env.context()
+    await discovery_once(ctx)
+    [inst] = ctx.store.instances.values()
+    inst.next_prepare_at = time.time() + 3600  # a back-off the periodic loop would honour
+    assert coordinate_instance_preparation(ctx) == 0
+    assert schedule_instance_preparation(ctx.scheduler, inst.id)
+    runner = asyncio.create_task(run_tasks(ctx))
+    try:
+        await async_wait_for(lambda: inst.status is InstanceStatus.READY, 20, message="ready")
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert len(ctx.scheduler) == 0

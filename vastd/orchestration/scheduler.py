@@ -21,7 +21,6 @@ from typing import Any
 class TaskType(StrEnum):
     COLLECT_RESULTS = "collect_results"
     PREPARE_INSTANCE = "prepare_instance"
-    EXECUTE_JOB = "execute_job"
 
 
 @dataclass
@@ -113,13 +112,7 @@ def schedule_result_collection(scheduler: Scheduler, job_id: str, delay_s: float
 def schedule_instance_preparation(
     scheduler: Scheduler, instance_id: str, delay_s: float = 0.0
 ) -> bool:
+    """Ask for an instance to be (re-)verified and prepared, e.g. after fixing it by hand."""
     return scheduler.schedule_task(
         create_task(TaskType.PREPARE_INSTANCE, instance=instance_id), 1, delay_s
-    )
-
-
-def schedule_job_execution(scheduler: Scheduler, instance_id: str, job_id: str) -> bool:
-    """Ask for a (re)start of a job on an instance, e.g. after a dispatch that broke off."""
-    return scheduler.schedule_task(
-        create_task(TaskType.EXECUTE_JOB, job=job_id, instance=instance_id), 0
     )
