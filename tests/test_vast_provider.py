@@ -1,0 +1,159 @@
+"""VastProvider against the simulator on 127.0.0.1: list, show, search, rent, destroy and more."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from vastd.core.ssh import Endpoint
+from vastd.instances.provider import ApiState
+from vastd.instances.vast_api import VastClient
+from vastd.instances.vast_provider import INTENT_ENV, VastProvider
+from vastd.sim import SimCloud, create_sim_app
+from vastd.utils.exceptions import VastAIError
+
+KEY = "test-secret-key-0123456789"
+
+
+class Sim:
+    """The simulated cloud, the bids it was sent, and a provider talking to it."""
+
+    def __init__(self, cloud: SimCloud, provider: VastProvider) -> None:
+        self.cloud = cloud
+        self.provider = provider
+        self.bids: list[tuple[int, dict[str, Any]]] = []
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Sim]:
+    """The simulator's app plus the bid route it lacks (the official client's change_bid)."""
+    cloud = SimCloud(api_key=KEY, boot_delay_s=0.02)
+    app = create_sim_app(cloud)
+    holder: list[Sim] = []
+
+    async def change_bid(request: web.Request) -> web.Response:
+        holder[0].bids.append((int(request.match_info["id"]), await request.json()))
+        return web.json_response({"success": True})
+
+    app.router.add_put(r"/api/v0/instances/bid_price/{id:\d+}/", change_bid, name="change_bid")
+    runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    provider = VastProvider(VastClient(url, KEY, max_retries=0, timeout_s=5))
+    holder.append(Sim(cloud, provider))
+    yield holder[0]
+    await provider.aclose()
+    await runner.cleanup()
+    await cloud.aclose()
+
+
+async def test_list_returns_our_labelled_instances_in_neutral_form(sim: Sim) -> None:
+    """Only `label`'s instances, with states mapped and endpoints as Endpoints."""
+    ours = await sim.cloud.add_instance(label="vastd")
+    lost = await sim.cloud.add_instance(label="vastd", actual_status="offline")
+    await sim.cloud.add_instance(label="someone-else")
+    listed = await sim.provider.list_instances("vastd")
+    assert [i.id for i in listed] == [str(ours), str(lost)]
+    running, gone = listed
+    assert running.state is ApiState.RUNNING and running.raw_status == "running"
+    assert running.direct is not None and running.proxy is not None
+    assert isinstance(running.direct, Endpoint) and running.dph is not None
+    assert gone.state is ApiState.GONE and gone.raw_status == "offline"
+    assert len(await sim.provider.list_instances(None)) == 3
+
+
+async def test_search_rent_show_destroy_round_trip(sim: Sim) -> None:
+    """Rent the cheapest offer tagged with an intent; it boots; destroy; it is gone."""
+    offers = await sim.provider.search_offers("", order="dph_total", limit=5, disk_gb=20)
+    assert 0 < len(offers) <= 5
+    assert [o.dph for o in offers] == sorted(o.dph for o in offers)
+    offer = offers[0]
+    new_id = await sim.provider.rent(
+        offer, image="vastai/base", disk_gb=20, label="vastd", intent="intent-42"
+    )
+    [call] = [c for c in sim.cloud.calls if c["endpoint"] == "rent"]
+    assert call["path"] == f"/api/v0/asks/{offer.id}/"
+    row = sim.cloud.instances[int(new_id)]
+    assert row["extra_env"] == [[INTENT_ENV, "intent-42"]] and row["is_bid"] is False
+
+    shown = await sim.provider.show_instance(new_id)
+    assert shown is not None and shown.intent == "intent-42" and shown.label == "vastd"
+    assert shown.machine_id == offer.machine_id and shown.dph == offer.dph
+    await sim.cloud.wait_for_status(int(new_id), "running")
+    shown = await sim.provider.show_instance(new_id)
+    assert shown is not None and shown.state is ApiState.RUNNING and shown.endpoints
+
+    assert await sim.provider.destroy(new_id) is True
+    assert await sim.provider.show_instance(new_id) is None
+    assert await sim.provider.destroy(new_id) is False  # already gone: a 404, not an error
+    assert await sim.provider.list_instances("vastd") == []
+
+
+async def test_an_interruptible_rent_bids_and_a_bid_can_change(sim: Sim) -> None:
+    """A bid search prices offers at the minimum bid; the rent carries the bid; set_bid."""
+    [offer] = await sim.provider.search_offers(
+        "", order="dph_total", limit=1, disk_gb=10, interruptible=True
+    )
+    assert offer.min_bid is not None and offer.dph == offer.min_bid
+    bid = round(offer.dph * 1.2, 4)
+    new_id = await sim.provider.rent(
+        offer, image="img", disk_gb=10, label="vastd", intent="i", bid_dph=bid
+    )
+    shown = await sim.provider.show_instance(new_id)
+    assert shown is not None and shown.interruptible and shown.dph == bid
+    await sim.provider.set_bid(new_id, 0.5)
+    assert sim.bids == [(int(new_id), {"client_id": "me", "price": 0.5})]
+    with pytest.raises(ValueError, match="bid"):
+        await sim.provider.set_bid(new_id, float("nan"))
+    with pytest.raises(ValueError, match="bid_dph"):
+        await sim.provider.rent(
+            offer, image="img", disk_gb=10, label="vastd", intent="i", bid_dph=float("inf")
+        )
+
+
+async def test_offers_with_nan_prices_are_skipped(sim: Sim) -> None:
+    """A NaN price survives the JSON round trip; the provider drops that offer, logged."""
+    bad = sim.cloud.add_offer(dph_total=float("nan"), gpu_name="NaN GPU")
+    sim.cloud.add_offer(dph_total=0.01, min_bid=float("inf"), gpu_name="Cheap GPU")
+    with capture_logs() as logs:
+        offers = await sim.provider.search_offers("", order="dph_total", limit=100, disk_gb=10)
+    assert str(bad) not in {o.id for o in offers}
+    [cheap] = [o for o in offers if o.gpu_name == "Cheap GPU"]
+    assert cheap.min_bid is None and cheap.dph == 0.01
+    assert [e["offer"] for e in logs if e["event"] == "offer_skipped"] == [bad]
+
+
+async def test_ssh_key_start_and_reboot_reach_the_instance(sim: Sim) -> None:
+    """attach_ssh_key registers the key; a stopped instance starts again; reboot re-boots."""
+    iid = await sim.cloud.add_instance(label="vastd")
+    await sim.provider.attach_ssh_key(str(iid), "ssh-ed25519 AAAA test\n")
+    assert sim.cloud.ssh_keys[iid] == ["ssh-ed25519 AAAA test"]
+
+    await sim.provider.client.stop_instance(iid)
+    shown = await sim.provider.show_instance(str(iid))
+    assert shown is not None and shown.state is ApiState.STOPPED
+    await sim.provider.start(str(iid))
+    await sim.cloud.wait_for_status(iid, "running")
+
+    await sim.provider.reboot(str(iid))
+    shown = await sim.provider.show_instance(str(iid))
+    assert shown is not None and shown.raw_status in ("rebooting", "loading", "running")
+    assert shown.state in (ApiState.PENDING, ApiState.RUNNING)
+    await sim.cloud.wait_for_status(iid, "running")
+
+
+async def test_errors_stay_vast_errors_and_bad_ids_are_refused(sim: Sim) -> None:
+    """A refused call raises VastAIError with its status; a non-numeric id is a ValueError."""
+    offer = (await sim.provider.search_offers("", order="dph_total", limit=1, disk_gb=10))[0]
+    await sim.provider.rent(offer, image="img", disk_gb=10, label="vastd", intent="a")
+    with pytest.raises(VastAIError) as refused:
+        await sim.provider.rent(offer, image="img", disk_gb=10, label="vastd", intent="b")
+    assert refused.value.status is not None and 400 <= refused.value.status < 500
+    with pytest.raises(ValueError, match="instance id"):
+        await sim.provider.show_instance("i-abc")
