@@ -37,7 +37,7 @@ from vastd.core.files import Layout  # noqa: E402
 from vastd.core.ssh import SSHPool  # noqa: E402
 from vastd.core.state import InstanceStatus, JobState, StateStore  # noqa: E402
 from vastd.instances.vast_api import VastClient  # noqa: E402
-from vastd.orchestration.context import Context, StoreHostKeys  # noqa: E402
+from vastd.orchestration.context import StoreHostKeys, build_context  # noqa: E402
 from vastd.orchestration.fleet import current_dph  # noqa: E402
 from vastd.orchestration.workflow import (  # noqa: E402
     orchestrate_job_processing,
@@ -89,7 +89,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     store = StateStore.open(layout.state_file)
     api = VastClient(cluster.url, cluster.api_key, timeout_s=30)
     pool = SSHPool(settings.ssh, host_keys=StoreHostKeys(store))
-    ctx = Context(settings, layout, store, pool, api)
+    ctx = build_context(settings, store=store, pool=pool, api=api)
     recover_after_restart(ctx)
     staging = workdir / "staging"
     staging.mkdir()

@@ -30,12 +30,14 @@ from typing import Any
 
 from tests.helpers import async_wait_for
 from vastd.core.files import JobFolder, Layout
-from vastd.core.ssh import Backoff, SSHPool
+from vastd.core.ssh import SSHPool
 from vastd.core.state import InstanceStatus, JobRecord, JobState, StateStore
+from vastd.core.submit import submit_file
 from vastd.execution.job_runner import remote_job_paths
 from vastd.instances.vast_api import VastClient
 from vastd.orchestration import coordinator as co
-from vastd.orchestration.context import Context, StoreHostKeys
+from vastd.orchestration.context import Context, StoreHostKeys, build_context
+from vastd.orchestration.followups import followups_once
 from vastd.orchestration.scheduler import TaskType
 from vastd.orchestration.workflow import (
     accept_inbox_file,
@@ -43,8 +45,8 @@ from vastd.orchestration.workflow import (
     discovery_once,
 )
 from vastd.sim.cluster import SimCluster, examples_dir, load_make_jobs
-from vastd.submit import submit_file
 from vastd.utils.config import PrepareStep, Settings
+from vastd.utils.supervise import Backoff
 
 WORKER = f"{shlex.quote(sys.executable)} {shlex.quote(str(examples_dir() / 'garch_worker.py'))}"
 # The example worker, quick: a few rows, few paths.
@@ -132,8 +134,8 @@ class SimEnv:
             if api
             else None
         )
-        pool = SSHPool(settings.ssh, host_keys=StoreHostKeys(store), backoff=Backoff(base_s=0.0))
-        ctx = Context(settings, layout, store, pool, client)
+        pool = SSHPool(settings.ssh, host_keys=StoreHostKeys(store), backoff=Backoff.zero())
+        ctx = build_context(settings, store=store, pool=pool, api=client, backoff=Backoff.zero())
         self.contexts.append(ctx)
         return ctx
 
@@ -233,6 +235,9 @@ async def pump(
             collect = task.type is TaskType.COLLECT_RESULTS
             if collect and not await co.collect_job(ctx, str(task.args["job"])):
                 ctx.scheduler.schedule_task(task, delay_s=0.2)
+        # The follow-ups loop's step: recorded clean-ups, once saved (the saver's part).
+        if ctx.store.snapshot.followups and await ctx.store.flush():
+            await followups_once(ctx)
         await asyncio.sleep(0.05)
 
 

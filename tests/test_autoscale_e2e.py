@@ -17,8 +17,8 @@ import pytest
 from tests.helpers import async_wait_for, clean_env, dump_toml
 from tests.test_fleet import close_cluster, fleet_settings
 from vastd.core.files import Layout
+from vastd.core.submit import submit_file
 from vastd.sim.cluster import SimCluster
-from vastd.submit import submit_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

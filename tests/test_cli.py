@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from tests.helpers import clean_env, preserved_logging
-from vastd import submit as submit_mod
 from vastd.cli import main
+from vastd.core import state as st
+from vastd.core import submit as submit_mod
 from vastd.core.files import Layout
 from vastd.core.jobs import discover_job_files
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState, StateStore
@@ -197,7 +198,7 @@ def write_snapshot(root: Path, now: float) -> None:
         ("d2", JobState.DONE),
         ("f", JobState.FAILED),
     ]:
-        job = store.add_job(name, f"{name}.csv", 2)
+        job = st.add_job(store, name, f"{name}.csv", 2)
         job.state = state
     snap.jobs["run"].instance = "11"
     # Done jobs took 100 s and 200 s from dispatch to finish: 150 s on average.
@@ -261,7 +262,7 @@ def test_status_falls_back_to_backup_and_reports_both_bad(
     write_snapshot(root, time.time())
     layout = Layout(root)
     store = StateStore.open(layout.state_file)
-    store.add_job("newest", "newest.csv", 1)
+    st.add_job(store, "newest", "newest.csv", 1)
     store.flush_sync()  # state.json: 7 jobs, state.json.bak: 6 jobs
     layout.state_file.write_text("{broken")
     assert status_json(config, capsys)["total_jobs"] == 6

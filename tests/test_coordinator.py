@@ -241,19 +241,21 @@ async def test_a_failed_start_of_a_job_requeued_meanwhile_counts_nothing(
 async def test_an_instance_lost_while_the_file_moves_gets_no_job(
     env: SimEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The instance is lost during the queued/ -> running/ move: the assignment is undone
-    (file back in queued/, job QUEUED), never left RUNNING on a LOST instance."""
+    """The instance is lost while the assignment is being saved: nothing is uploaded, the
+    job is back in the queue (file in queued/), never left RUNNING on a LOST instance."""
+    from vastd.orchestration.inventory import handle_instance_failure
+
     await env.start(instances=1)
     ctx = env.context()
     [iid] = await env.ready(ctx)
     [job_id] = await env.submit(ctx)
-    real_move = co.move_job_file
+    real_flush = ctx.store.flush
 
-    def move_and_lose(*args: Any, **kwargs: Any) -> Any:
-        ctx.store.instances[iid].status = InstanceStatus.LOST
-        return real_move(*args, **kwargs)
+    async def flush_and_lose() -> bool:
+        handle_instance_failure(ctx, ctx.store.instances[iid], "vast.ai reports it exited")
+        return await real_flush()
 
-    monkeypatch.setattr(co, "move_job_file", move_and_lose)
+    monkeypatch.setattr(ctx.store, "flush", flush_and_lose)
     assert await co.coordinate_job_distribution(ctx) == 0
     job = ctx.store.jobs[job_id]
     assert job.state is JobState.QUEUED and job.instance is None
@@ -275,9 +277,14 @@ async def test_a_refused_remote_cleanup_does_not_block_the_failure(
     async def refuse(*args: Any, **kwargs: Any) -> None:
         raise JobExecutionError("cannot remove the remote job folder: Directory not empty")
 
-    monkeypatch.setattr(co, "cleanup_remote_job", refuse)
+    from vastd.orchestration import followups
+
+    monkeypatch.setattr(followups, "cleanup_remote_job", refuse)
     await wait_state(ctx, job_id, JobState.FAILED, timeout_s=20)
     assert ctx.layout.error_file(job_id).exists()
+    # The clean-up stays recorded (and is retried) until it can be done.
+    await pump(ctx, lambda: any(f.attempts for f in ctx.store.snapshot.followups.values()))
+    assert [f.job for f in ctx.store.snapshot.followups.values()] == [job_id]
 
 
 async def test_a_failed_job_is_retried_on_another_instance(env: SimEnv) -> None:
@@ -335,11 +342,12 @@ async def test_successful_job_is_collected_then_remote_folder_removed(env: SimEn
     assert job.result_files and job.runs == 1 and job.attempts == 0
     assert ctx.store.instances[iid].current_jobs == []
 
+    # The folder's removal is a follow-up recorded with DONE, carried out once saved.
     folder = remote_dir(ctx, iid, job_id)
-    assert folder.exists(), "removed before the snapshot said DONE"
     await wait_saved(ctx)
     assert load_state(ctx.layout.state_file).jobs[job_id].state is JobState.DONE
-    await async_wait_for(lambda: not folder.exists(), 10, message="remote folder removed")
+    await pump(ctx, lambda: not folder.exists(), message="remote folder removed")
+    assert ctx.store.snapshot.followups == {}
 
 
 async def test_failing_job_is_retried_then_failed_with_error_file(env: SimEnv) -> None:
@@ -583,7 +591,7 @@ async def test_unreachable_past_grace_requeues_and_keeps_the_first_result(env: S
         await sim.hosts.kill_host(int(first))
 
         await pump(ctx, lambda: job.instance == second and job.pgid is not None, timeout_s=20)
-        assert job.attempts == 0 and first in job.orphans
+        assert job.attempts == 0 and job.orphan_on(first) is not None
         second_pgid = job.pgid
         assert second_pgid is not None
         # The first run goes on without SSH and succeeds; the second waits at its gate.
@@ -593,12 +601,13 @@ async def test_unreachable_past_grace_requeues_and_keeps_the_first_result(env: S
         await sim.hosts.revive_host(int(first))
 
         await wait_state(ctx, job_id, JobState.DONE, timeout_s=30)
-        # The stop waits for the snapshot saying DONE: save as the saver would.
-        await save_until(ctx, lambda: events(logs, "duplicate_run_stopped"), 20)
+        # The stop is a follow-up recorded with DONE, carried out once saved.
+        await pump(ctx, lambda: not group_alive(second_pgid), 20, dispatch=False)
 
     [kept] = events(logs, "orphan_run_kept")
     assert kept["instance"] == first and kept["second_run"] == second
-    assert [e["instance"] for e in events(logs, "duplicate_run_stopped")] == [second]
+    stops = [e for e in events(logs, "remote_cleanup_done") if e["reason"] == "duplicate run"]
+    assert [e["instance"] for e in stops] == [second]
     assert len(events(logs, "job_done")) == 1
     assert job.attempts == 0 and job.orphans == []
     assert not group_alive(second_pgid)

@@ -417,7 +417,7 @@ async def test_second_sigint_forces_exit(
 def test_second_daemon_on_the_same_root_is_refused(tmp_path: Path) -> None:
     """Two daemons on one root would move the same files: the second exits 1 and says so,
     and `vastd status` reports the first as running."""
-    from vastd.daemon_lock import RootLock, RootLocked, root_locked
+    from vastd.core.lock import RootLock, RootLocked, root_locked
 
     root = tmp_path / "root"
     root.mkdir()

@@ -19,19 +19,20 @@ from typing import Any
 import pytest
 
 from tests.helpers import async_wait_for
+from vastd.core import state as st
 from vastd.core.files import Layout
 from vastd.core.ssh import SSHPool
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState, StateStore
+from vastd.core.submit import submit_file
 from vastd.instances.vast_api import VastClient
 from vastd.orchestration import fleet as fl
-from vastd.orchestration.context import Context, StoreHostKeys
+from vastd.orchestration.context import Context, StoreHostKeys, build_context
 from vastd.orchestration.workflow import (
     discovery_once,
     orchestrate_job_processing,
     recover_after_restart,
 )
 from vastd.sim.cluster import SimCluster
-from vastd.submit import submit_file
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +102,7 @@ class SimFleet:
     def add_queued(self, n: int) -> None:
         """Queued job records only (for steps that just count the queue)."""
         for i in range(n):
-            self.ctx.store.add_job(f"q{i}", f"q{i}.csv", rows=1)
+            st.add_job(self.ctx.store, f"q{i}", f"q{i}.csv", rows=1)
 
     def owned(self, *statuses: InstanceStatus) -> list[InstanceRecord]:
         return [
@@ -132,8 +133,7 @@ def _connect(cluster: SimCluster, root: Path, settings: Any) -> Context:
     store = StateStore.open(layout.state_file, coalesce_s=0.05)
     api = VastClient(cluster.url, cluster.api_key, timeout_s=10, max_retries=2, backoff_base_s=0.01)
     pool = SSHPool(settings.ssh, host_keys=StoreHostKeys(store))
-    ctx = Context(settings, layout, store, pool, api)
-    ctx.watch_wait_s = 0.2
+    ctx = build_context(settings, store=store, pool=pool, api=api, watch_wait_s=0.2)
     recover_after_restart(ctx)
     return ctx
 

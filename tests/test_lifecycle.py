@@ -17,7 +17,8 @@ from vastd.core.ssh import SSHPool
 from vastd.core.state import InstanceRecord, InstanceStatus, StateStore
 from vastd.instances import lifecycle as lc
 from vastd.instances.vast_api import VastClient
-from vastd.orchestration.context import Context
+from vastd.orchestration import renting
+from vastd.orchestration.context import Context, build_context
 from vastd.sim.cluster import SimCluster
 from vastd.utils.exceptions import VastAIError
 
@@ -36,7 +37,7 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[SimCluster, Context]]:
     layout.ensure()
     store = StateStore.open(layout.state_file)
     api = VastClient(cluster.url, cluster.api_key, timeout_s=10, max_retries=1)
-    ctx = Context(settings, layout, store, SSHPool(settings.ssh), api)
+    ctx = build_context(settings, store=store, pool=SSHPool(settings.ssh), api=api)
     try:
         yield cluster, ctx
     finally:
@@ -94,7 +95,7 @@ async def test_rent_saves_intent_before_the_call_and_attaches_the_key(
     and the public key (never the API key) is attached through the API."""
     cluster, ctx = env
     cluster.cloud.faults.add(endpoint="rent", status=None, delay_s=0.5)
-    rent = asyncio.create_task(lc.rent_instance(ctx, offer(cluster)))
+    rent = asyncio.create_task(renting.rent_instance(ctx, offer(cluster)))
 
     def intent_on_disk() -> bool:
         if not ctx.layout.state_file.exists():
@@ -124,7 +125,7 @@ async def test_interruptible_rent_bids_min_bid_times_markup(
     cluster, ctx = env
     ctx.settings.fleet.interruptible = True
     chosen = offer(cluster, 1)
-    inst = await lc.rent_instance(ctx, chosen)
+    inst = await renting.rent_instance(ctx, chosen)
     row = cluster.cloud.instances[int(inst.id)]
     assert row["is_bid"] and row["dph_total"] == pytest.approx(chosen["min_bid"] * 1.25)
     assert inst.dph == pytest.approx(chosen["min_bid"] * 1.25)
@@ -136,7 +137,7 @@ async def test_refused_rent_drops_its_intent(env: tuple[SimCluster, Context]) ->
     gone = offer(cluster)
     cluster.cloud.offers[gone["id"]]["rented"] = True
     with pytest.raises(VastAIError):
-        await lc.rent_instance(ctx, gone)
+        await renting.rent_instance(ctx, gone)
     assert ctx.store.snapshot.rent_intents == {}
     assert cluster.cloud.instances == {}
 
@@ -146,7 +147,7 @@ async def test_ambiguous_rent_failure_keeps_its_intent(env: tuple[SimCluster, Co
     cluster, ctx = env
     cluster.cloud.faults.add(endpoint="rent", status=500, after_effect=True)
     with pytest.raises(VastAIError):
-        await lc.rent_instance(ctx, offer(cluster))
+        await renting.rent_instance(ctx, offer(cluster))
     (intent,) = ctx.store.snapshot.rent_intents.values()
     assert intent["machine_id"] == 900 and len(cluster.cloud.instances) == 1
 
@@ -166,10 +167,10 @@ async def test_instances_not_owned_are_never_destroyed(env: tuple[SimCluster, Co
     iid = await cluster.cloud.add_instance(label="vastd")
     inst = InstanceRecord(id=str(iid), label="vastd", status=InstanceStatus.READY)
     ctx.store.instances[inst.id] = inst
-    assert not await lc.manage_instance_lifecycle(ctx, inst, InstanceStatus.DESTROYED)
+    assert not await renting.manage_instance_lifecycle(ctx, inst, InstanceStatus.DESTROYED)
     assert iid in cluster.cloud.instances and inst.status is InstanceStatus.READY
-    assert await lc.manage_instance_lifecycle(ctx, inst, InstanceStatus.DRAINING)
+    assert await renting.manage_instance_lifecycle(ctx, inst, InstanceStatus.DRAINING)
     assert inst.status is InstanceStatus.DRAINING
     inst.owned = True
-    assert await lc.manage_instance_lifecycle(ctx, inst, InstanceStatus.DESTROYED)
+    assert await renting.manage_instance_lifecycle(ctx, inst, InstanceStatus.DESTROYED)
     assert iid not in cluster.cloud.instances and inst.status is InstanceStatus.DESTROYED

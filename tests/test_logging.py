@@ -14,6 +14,7 @@ import pytest
 import structlog
 
 from tests.helpers import preserved_logging
+from vastd.core import state as st
 from vastd.core.state import StateStore
 from vastd.utils import logging as vlog
 from vastd.utils.logging import get_logger, register_secret, setup_logging
@@ -147,7 +148,7 @@ def test_console_renderer_masks_too(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_capture_logs_sees_events(tmp_path: Path) -> None:
     """structlog.testing.capture_logs records events of vastd's module loggers for assertions."""
     store = StateStore(tmp_path / "state.json")
-    store.add_job("j1", "j1.csv", 3)
+    st.add_job(store, "j1", "j1.csv", 3)
     with structlog.testing.capture_logs() as captured:
         await store.flush()
         get_logger("vastd.test", instance="7").warning("instance_lost", job="j1")

@@ -15,7 +15,8 @@ from vastd.core.files import Layout
 from vastd.core.ssh import SSHPool
 from vastd.core.state import InstanceRecord, InstanceStatus, StateStore
 from vastd.instances import monitoring as mon
-from vastd.orchestration.context import Context
+from vastd.orchestration import health as hl
+from vastd.orchestration.context import Context, build_context
 from vastd.utils.config import Settings
 
 DF = (
@@ -80,7 +81,9 @@ def make_ctx(
         )
         layout = Layout(settings.paths.root)
         layout.ensure()
-        return Context(settings, layout, StateStore(layout.state_file), ssh_pool(), None)
+        return build_context(
+            settings, store=StateStore(layout.state_file), pool=ssh_pool(), api=None
+        )
 
     return make
 
@@ -116,7 +119,7 @@ async def test_health_check_runs_one_command_and_reads_gpus(
     ctx = make_ctx()
     inst = add_instance(ctx, host)
     before = host.connections_total
-    health = await mon.check_instance_health(ctx, inst)
+    health = await hl.check_instance_health(ctx, inst)
     assert health.ok and health.disk is not None and health.disk.free_gb > 0
     assert health.memory is not None and health.memory.total_mb > 0
     assert health.utilization is not None and health.utilization.mean_utilization_pct == 42
@@ -136,11 +139,11 @@ async def test_low_disk_drains_until_it_recovers(
     ctx = make_ctx()
     inst = add_instance(ctx, host)
     ctx.settings.fleet.min_free_disk_gb = 1e9
-    assert await mon.monitor_instance_status(ctx, inst) is InstanceStatus.DRAINING
+    assert await hl.monitor_instance_status(ctx, inst) is InstanceStatus.DRAINING
     assert inst.drain_reason == mon.DRAIN_LOW_DISK
     assert st.get_idle_instances(ctx.store) == []
     ctx.settings.fleet.min_free_disk_gb = 0.0
-    statuses = await mon.health_once(ctx)
+    statuses = await hl.health_once(ctx)
     assert statuses == {inst.id: InstanceStatus.READY}
     assert inst.drain_reason is None and inst.disk_free_gb
 
@@ -154,7 +157,7 @@ async def test_repeated_health_failures_drain_the_instance(
     inst = add_instance(ctx, host, owned=True)
     await host.kill()
     for _ in range(mon.HEALTH_FAILURES_MAX - 1):
-        assert await mon.monitor_instance_status(ctx, inst) is InstanceStatus.READY
-    assert await mon.monitor_instance_status(ctx, inst) is InstanceStatus.DRAINING
+        assert await hl.monitor_instance_status(ctx, inst) is InstanceStatus.READY
+    assert await hl.monitor_instance_status(ctx, inst) is InstanceStatus.DRAINING
     assert inst.drain_reason == mon.DRAIN_UNHEALTHY
     assert inst.health_failures == mon.HEALTH_FAILURES_MAX

@@ -175,12 +175,12 @@ async def test_login_junk_before_marker_is_ignored(remote_root: str, tmp_path: P
 def test_truncated_output_leaves_entries_out() -> None:
     """Entries without a complete line are absent, never reported as failed."""
     entries = [("a", remote_job_paths("/r", "1", "a")), ("b", remote_job_paths("/r", "1", "b"))]
-    out = "junk\n__VASTD_BEGIN__\nJ 0 1 10 1 - 5 - 3 1 0\nJ 1 1 11 0 "
+    out = "junk\n__VASTD_BEGIN__\nJ 0 1 10 1 - 5 - 3 1 0 -\nJ 1 1 11 0 "
     statuses = parse_status_output(out, entries)
     assert list(statuses) == ["a"]
     assert statuses["a"].alive and statuses["a"].pid == 10
     assert parse_status_output("no marker at all", entries) == {}
-    assert parse_status_output("__VASTD_BEGIN__\nJ 7 0 - 0 - - - - - 0\n", entries) == {}
+    assert parse_status_output("__VASTD_BEGIN__\nJ 7 0 - 0 - - - - - 0 -\n", entries) == {}
 
 
 def test_status_script_never_contains_job_ids() -> None:

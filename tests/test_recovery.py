@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from tests.ctxfactory import GATED_WORKER, SimEnv, async_wait_for, job_file_in, wait_saved
 from vastd import daemon as daemon_mod
+from vastd.core import state as st
 from vastd.core.files import JobFolder
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState, load_state
 from vastd.orchestration import coordinator as co
@@ -78,7 +79,7 @@ async def test_running_job_whose_file_is_in_done_is_done(env: SimEnv) -> None:
     ctx = env.context(api=False)
     ctx.store.instances["i1"] = InstanceRecord(id="i1", status=InstanceStatus.READY)
     for job_id, folder in (("collected", JobFolder.DONE), ("gave_up", JobFolder.FAILED)):
-        job = ctx.store.add_job(job_id, f"{job_id}.csv", rows=1)
+        job = st.add_job(ctx.store, job_id, f"{job_id}.csv", rows=1)
         job.state, job.instance = JobState.RUNNING, "i1"
         ctx.store.instances["i1"].current_jobs.append(job_id)
         put(ctx, folder, job_id)
@@ -98,9 +99,9 @@ async def test_finished_record_whose_file_stayed_behind_is_not_run_again(env: Si
     adopted as a new job."""
     await env.start(instances=0)
     ctx = env.context(api=False)
-    job = ctx.store.add_job("gave_up", "gave_up.csv", rows=1)
+    job = st.add_job(ctx.store, "gave_up", "gave_up.csv", rows=1)
     job.state, job.attempts, job.last_error = JobState.FAILED, 3, "exit code 1"
-    done = ctx.store.add_job("finished", "finished.csv", rows=1)
+    done = st.add_job(ctx.store, "finished", "finished.csv", rows=1)
     done.state = JobState.DONE
     put(ctx, JobFolder.RUNNING, "gave_up")
     put(ctx, JobFolder.QUEUED, "finished")
@@ -130,10 +131,10 @@ async def test_recovery_reverifies_instances_and_resumes_work(env: SimEnv) -> No
     }
     for iid, status in statuses.items():
         ctx.store.instances[iid] = InstanceRecord(id=iid, status=status, next_prepare_at=1e12)
-    collecting = ctx.store.add_job("collecting", "collecting.csv", rows=1)
+    collecting = st.add_job(ctx.store, "collecting", "collecting.csv", rows=1)
     collecting.state, collecting.instance = JobState.COLLECTING, "ready"
     put(ctx, JobFolder.RUNNING, "collecting")
-    orphaned = ctx.store.add_job("orphaned", "orphaned.csv", rows=1)
+    orphaned = st.add_job(ctx.store, "orphaned", "orphaned.csv", rows=1)
     orphaned.state, orphaned.instance = JobState.RUNNING, "gone-instance"
     put(ctx, JobFolder.RUNNING, "orphaned")
 
@@ -157,7 +158,7 @@ async def test_reconcile_moves_files_to_the_folder_of_their_state(env: SimEnv) -
     back to queued/, so folders and snapshot agree."""
     await env.start(instances=0)
     ctx = env.context(api=False)
-    ctx.store.add_job("back", "back.csv", rows=1)
+    st.add_job(ctx.store, "back", "back.csv", rows=1)
     put(ctx, JobFolder.RUNNING, "back")
 
     reconcile_folders(ctx)
@@ -225,11 +226,11 @@ async def test_state_file_is_replaced_by_rename_never_rewritten(env: SimEnv) -> 
     previous one stays as state.json.bak; reopening keeps every job."""
     await env.start(instances=0)
     ctx = env.context(api=False)
-    ctx.store.add_job("one", "one.csv", rows=1)
+    st.add_job(ctx.store, "one", "one.csv", rows=1)
     await wait_saved(ctx)
     state = ctx.layout.state_file
     first = os.stat(state).st_ino
-    ctx.store.add_job("two", "two.csv", rows=1)
+    st.add_job(ctx.store, "two", "two.csv", rows=1)
     await wait_saved(ctx)
     second = os.stat(state).st_ino
 
@@ -245,7 +246,7 @@ async def test_starting_keeps_the_previous_jobs(env: SimEnv) -> None:
     await env.start(instances=0)
     settings = env.settings()
     ctx = env.context(settings, api=False)
-    ctx.store.add_job("kept", "kept.csv", rows=1)
+    st.add_job(ctx.store, "kept", "kept.csv", rows=1)
     put(ctx, JobFolder.QUEUED, "kept")
     await wait_saved(ctx)
     await env.close_context(ctx)
@@ -270,7 +271,7 @@ async def test_recovery_runs_before_any_scheduling(
     await env.start(instances=1)
     settings = env.settings()
     ctx = env.context(settings, api=False)
-    ctx.store.add_job("waiting", "waiting.csv", rows=1)
+    st.add_job(ctx.store, "waiting", "waiting.csv", rows=1)
     put(ctx, JobFolder.QUEUED, "waiting")
     await wait_saved(ctx)
     await env.close_context(ctx)
@@ -282,12 +283,15 @@ async def test_recovery_runs_before_any_scheduling(
         order.append("recover")
         real_recover(c)
 
-    async def orchestrate(c: Any, **kwargs: Any) -> None:
-        order.append("orchestrate")
-        await asyncio.Event().wait()
+    def loops(c: Any, **kwargs: Any) -> list[Any]:
+        async def idle() -> None:
+            order.append("orchestrate")
+            await asyncio.Event().wait()
+
+        return [("idle", idle)]
 
     monkeypatch.setattr(daemon_mod, "recover_after_restart", recover)
-    monkeypatch.setattr(daemon_mod, "orchestrate_job_processing", orchestrate)
+    monkeypatch.setattr(daemon_mod, "supervisors", loops)
     daemon = daemon_mod.Daemon(settings)
     monkeypatch.setattr(daemon, "install_signal_handlers", lambda: None)
     run = asyncio.create_task(daemon.run())

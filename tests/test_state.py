@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import async_wait_for, clean_env
-from vastd.core import state as state_mod
+from vastd.core import snapshot as state_mod
+from vastd.core import state as st
 from vastd.core.state import (
     InstanceRecord,
     InstanceStatus,
@@ -29,9 +30,6 @@ from vastd.core.state import (
     get_available_jobs,
     get_idle_instances,
     load_state,
-    mark_job_assigned,
-    mark_job_completed,
-    requeue_job,
 )
 from vastd.utils.exceptions import StateManagementError
 
@@ -53,8 +51,11 @@ def populated_store(path: Path) -> StateStore:
     )
     store.instances["102"] = InstanceRecord(id="102", status=InstanceStatus.PREPARING, dph=0.5)
     for name in ("a", "b", "c"):
-        store.add_job(f"job_{name}", f"job_{name}.csv", rows=10)
-    mark_job_assigned(store, "job_a", "101")
+        st.add_job(store, f"job_{name}", f"job_{name}.csv", rows=10)
+    # records only (persistence tests): set as a dispatch would
+    job_a = store.jobs["job_a"]
+    job_a.state, job_a.instance, job_a.run_id = JobState.RUNNING, "101", "00ff00ff00ff00ff"
+    store.instances["101"].current_jobs.append("job_a")
     store.jobs["job_a"].pgid = 4242
     store.jobs["job_b"].attempts = 2
     return store
@@ -113,7 +114,7 @@ async def test_files_are_private(tmp_path: Path) -> None:
     """state.json and state.json.bak are mode 0600 (they hold host keys and job names)."""
     store = populated_store(tmp_path / "state.json")
     await store.flush()
-    store.add_job("job_d", "job_d.csv", 1)
+    st.add_job(store, "job_d", "job_d.csv", 1)
     await store.flush()
     for name in ("state.json", "state.json.bak"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
@@ -193,9 +194,9 @@ CORRUPTIONS: dict[str, Callable[[Path], None]] = {
 async def two_generations(path: Path) -> StateStore:
     """state.json.bak holds jobs {a}, state.json holds jobs {a, b}."""
     store = StateStore(path)
-    store.add_job("a", "a.csv", 1)
+    st.add_job(store, "a", "a.csv", 1)
     assert await store.flush()
-    store.add_job("b", "b.csv", 1)
+    st.add_job(store, "b", "b.csv", 1)
     assert await store.flush()
     return store
 
@@ -275,7 +276,7 @@ async def test_a_burst_of_changes_is_written_a_few_times(tmp_path: Path) -> None
     saver = asyncio.create_task(store.run_saver())
     try:
         for n in range(1000):
-            store.add_job(f"j{n}", f"j{n}.csv", 1)
+            st.add_job(store, f"j{n}", f"j{n}.csv", 1)
             await asyncio.sleep(0)  # the saver may run between changes
         await async_wait_for(lambda: not store.dirty and store.writes > 0, 10)
     finally:
@@ -289,7 +290,7 @@ async def test_a_burst_of_changes_is_written_a_few_times(tmp_path: Path) -> None
 async def test_run_saver_writes_what_was_dirty_before_it_started(tmp_path: Path) -> None:
     """Changes made before the saver task starts are written by it too."""
     store = StateStore(tmp_path / "state.json", coalesce_s=0.0)
-    store.add_job("early", "early.csv", 1)
+    st.add_job(store, "early", "early.csv", 1)
     saver = asyncio.create_task(store.run_saver())
     try:
         await async_wait_for(lambda: store.writes == 1, 10)
@@ -320,10 +321,10 @@ async def test_failed_write_keeps_previous_snapshot(
     no temp file is left, the store stays dirty, and a later flush writes the change."""
     path = tmp_path / "state.json"
     store = StateStore(path)
-    store.add_job("a", "a.csv", 1)
+    st.add_job(store, "a", "a.csv", 1)
     assert await store.flush()
     previous = path.read_bytes()
-    store.add_job("b", "b.csv", 1)
+    st.add_job(store, "b", "b.csv", 1)
 
     real_replace = os.replace
 
@@ -354,7 +355,7 @@ def test_get_available_jobs_in_acceptance_order_honouring_not_before(tmp_path: P
     until its not_before has passed; running/done jobs never come."""
     store = StateStore(tmp_path / "state.json")
     for name in ("zeta", "alpha", "mid", "late", "gone"):
-        store.add_job(name, f"{name}.csv", 1)
+        st.add_job(store, name, f"{name}.csv", 1)
     store.jobs["mid"].not_before = 1000.0
     store.jobs["late"].state = JobState.RUNNING
     store.jobs["gone"].state = JobState.DONE
@@ -371,48 +372,3 @@ def test_get_idle_instances(tmp_path: Path) -> None:
     store.instances["4"] = InstanceRecord(id="4", status=InstanceStatus.PREPARING)
     assert [i.id for i in get_idle_instances(store)] == ["1"]
     assert [i.id for i in get_idle_instances(store, jobs_per_instance=2)] == ["1", "2"]
-
-
-def test_assign_complete_requeue(tmp_path: Path) -> None:
-    """mark_job_assigned ties job and instance; mark_job_completed and requeue_job untie them,
-    set the state, and mark the store dirty each time."""
-    store = StateStore(tmp_path / "state.json")
-    store.instances["1"] = InstanceRecord(id="1", status=InstanceStatus.READY, idle_since=5.0)
-    store.add_job("a", "a.csv", 1)
-    store.add_job("b", "b.csv", 1)
-    store.flush_sync()
-    assert not store.dirty
-
-    job = mark_job_assigned(store, "a", "1")
-    assert store.dirty
-    assert (job.state, job.instance) == (JobState.RUNNING, "1")
-    assert job.dispatched_at is not None
-    assert store.instances["1"].current_jobs == ["a"]
-    assert store.instances["1"].idle_since is None
-    assert get_idle_instances(store) == []
-
-    store.flush_sync()
-    done = mark_job_completed(store, "a", success=True)
-    assert store.dirty
-    assert done.state is JobState.DONE
-    assert done.finished_at is not None
-    assert store.instances["1"].current_jobs == []
-    assert store.instances["1"].idle_since is not None
-
-    mark_job_assigned(store, "b", "1")
-    store.jobs["b"].pgid = 77
-    failed_once = requeue_job(store, "b", delay_s=60, avoid=["1"])
-    assert failed_once.state is JobState.QUEUED
-    assert (failed_once.instance, failed_once.pgid) == (None, None)
-    assert failed_once.avoid_instances == ["1"]
-    assert failed_once.not_before is not None
-    assert get_available_jobs(store) == []
-    assert [j.id for j in get_available_jobs(store, now=failed_once.not_before)] == ["b"]
-    assert store.instances["1"].current_jobs == []
-
-    requeue_job(store, "b", avoid=["1"])
-    assert store.jobs["b"].avoid_instances == ["1"]  # not duplicated
-    assert store.jobs["b"].not_before is None
-    mark_job_completed(store, "b", success=False)
-    assert store.jobs["b"].state is JobState.FAILED
-    assert store.counts() == {"queued": 0, "running": 0, "collecting": 0, "done": 1, "failed": 1}

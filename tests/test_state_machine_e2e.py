@@ -261,7 +261,8 @@ async def test_rerun_never_collects_the_old_run(
     A's parquet, so a finished old run's folder sits where the rerun could find it.
     X.csv with input B (3 other rows) is then dropped: the job ends done again,
     results/X/ holds B's results (row count and parameters), results/X/previous-1/
-    holds exactly the first run's files, and the rerun's job_done says runs >= 1.
+    holds exactly the first run's files plus its input (the earlier done/X.csv), done/X.csv
+    is input B, and the rerun's job_done says runs >= 1.
     """
     cloud = await openssh_cloud(tmp_path, instances=1)
     saved = cloud.scratch / "first-run"
@@ -307,7 +308,9 @@ async def test_rerun_never_collects_the_old_run(
 
     check_results_for(results, input_b)
     assert (results / "previous-1").is_dir(), sorted(os.listdir(results))
-    assert tree_hashes(results / "previous-1") == first_run
+    earlier_input = {input_a.name: hashlib.sha256(input_a.read_bytes()).hexdigest()}
+    assert tree_hashes(results / "previous-1") == {**first_run, **earlier_input}
+    assert (root / "done" / input_b.name).read_bytes() == input_b.read_bytes()
     rerun_done = proc.find("job_done", job=job)[-1]
     assert rerun_done["runs"] >= 1, rerun_done
     assert final_record(root, job)["state"] == "done"

@@ -194,7 +194,8 @@ async def test_preparation_makes_instance_ready_and_writes_marker(env: SimEnv) -
 
     with capture_logs() as logs:
         assert coordinate_instance_preparation(ctx) == 1
-        assert await ctx.preparing[iid]
+        await ctx.preparing[iid]
+        assert ctx.store.instances[iid].status is InstanceStatus.READY
 
     inst = ctx.store.instances[iid]
     assert inst.status is InstanceStatus.READY
@@ -248,7 +249,7 @@ async def test_preparation_failure_backs_off_and_is_reported(env: SimEnv) -> Non
 
     before = time.time()
     assert coordinate_instance_preparation(ctx) == 1
-    assert await ctx.preparing[iid] is False
+    await ctx.preparing[iid]
 
     inst = ctx.store.instances[iid]
     assert inst.status is not InstanceStatus.READY
@@ -389,7 +390,7 @@ async def test_a_lost_instance_keeps_its_started_runs_as_orphans(env: SimEnv) ->
     assert first is not None
     handle_instance_failure(ctx, ctx.store.instances[first], "vast.ai reports it offline")
     assert job.state is JobState.QUEUED and job.attempts == 0
-    assert job.orphans == [first]
+    assert [o.instance for o in job.orphans] == [first]
 
 
 async def test_a_scheduled_preparation_is_carried_out(env: SimEnv) -> None:

@@ -64,7 +64,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from vastd.core.files import Layout
-    from vastd.submit import submit_files
+    from vastd.core.submit import submit_files
 
     settings = _load(args)
     layout = Layout(settings.paths.root)
@@ -109,7 +109,7 @@ def _forced_exit(_signum: int, _frame: object) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vastd.sim.demo import run_demo
+    from vastd.demo import run_demo
 
     return run_demo(
         jobs=args.jobs,

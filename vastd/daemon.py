@@ -8,6 +8,7 @@ with a bounded wait; state is saved; remote jobs keep running).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -18,11 +19,13 @@ from typing import Any
 import asyncssh
 
 from vastd.core.files import JobFolder, Layout, cleanup_temp_files
+from vastd.core.lock import RootLock
 from vastd.core.state import SNAPSHOT_TEMP_PATTERNS
-from vastd.daemon_lock import RootLock
 from vastd.execution.result_handler import cleanup_stale_result_dirs
 from vastd.orchestration.context import Context, build_context, close_context
-from vastd.orchestration.workflow import orchestrate_job_processing, recover_after_restart
+from vastd.orchestration.followups import followups_once
+from vastd.orchestration.recovery import recover_after_restart
+from vastd.orchestration.workflow import supervisors
 from vastd.utils.config import Settings
 from vastd.utils.exceptions import ConfigError, StateManagementError
 from vastd.utils.logging import get_logger
@@ -122,12 +125,7 @@ class Daemon:
         )
         sd_notify("READY=1")
         self.started.set()
-        main = asyncio.create_task(
-            orchestrate_job_processing(
-                ctx, inbox_settle_s=self._inbox_settle_s, inbox_rescan_s=self._inbox_rescan_s
-            ),
-            name="orchestrate",
-        )
+        main = asyncio.create_task(self._supervise(ctx), name="orchestrate")
         watchdog = asyncio.create_task(self._watchdog(ctx), name="watchdog")
         stop = asyncio.create_task(self.should_exit.wait(), name="stop")
         await asyncio.wait([main, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -140,6 +138,14 @@ class Daemon:
         log.info("daemon_stopped", exit_code=code, jobs=ctx.store.counts())
         return code
 
+    async def _supervise(self, ctx: Context) -> None:
+        """The daemon's TaskGroup: every supervisor loop, until cancelled or one dies."""
+        async with asyncio.TaskGroup() as tg:
+            for name, make in supervisors(
+                ctx, inbox_settle_s=self._inbox_settle_s, inbox_rescan_s=self._inbox_rescan_s
+            ):
+                tg.create_task(make(), name=name)
+
     async def shutdown(self, ctx: Context, tasks: list[asyncio.Task[Any]]) -> None:
         """Cancel the loops (bounded), save state, close connections. Remote jobs keep running."""
         for task in tasks:
@@ -149,11 +155,16 @@ class Daemon:
                 await asyncio.gather(*tasks, return_exceptions=True)
         except TimeoutError:
             self._log_stuck_tasks()
-        for watcher in [*ctx.watchers.values(), *ctx.preparing.values()]:
-            watcher.cancel()
-        # What is done is saved first; then remote clean-ups waiting for that save may run.
+        for task in [*ctx.watchers.values(), *ctx.preparing.values()]:
+            task.cancel()
+        # What is done is saved first; then the recorded remote clean-ups may run (bounded:
+        # what is left stays recorded and is done after the next start).
         await ctx.store.flush()
         await ctx.drain(timeout_s=2.0)
+        if ctx.store.snapshot.followups and await ctx.store.flush():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await followups_once(ctx)
         await close_context(ctx)
         self._lock.release()
 

@@ -17,9 +17,9 @@ from typing import TextIO
 
 from vastd.core.files import Layout
 from vastd.core.state import JobState
+from vastd.core.submit import submit_file
 from vastd.daemon import Daemon
 from vastd.sim.cluster import SimCluster, load_make_jobs
-from vastd.submit import submit_file
 from vastd.utils.logging import setup_logging
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from vastd.core.files import Layout
 from vastd.core.jobs import discover_job_files
+from vastd.core.lock import root_locked
 from vastd.core.state import InstanceStatus, JobState, Snapshot, StateStore
-from vastd.daemon_lock import root_locked
 
 
 def _iso(ts: float | None) -> str | None:

@@ -252,15 +252,23 @@ def copy_file(source: Path, destination: Path, *, overwrite: bool = False) -> Pa
     return destination
 
 
-def unique_stem(directory: Path, job_id: str, suffixes: Iterable[str] = (JOB_SUFFIX,)) -> str:
+def unique_stem(
+    directory: Path,
+    job_id: str,
+    suffixes: Iterable[str] = (JOB_SUFFIX,),
+    *,
+    duplicate: bool = False,
+) -> str:
     """`job_id`, or `<job_id>.dup-<n>` with the smallest n such that no derived name exists.
 
     Used where a finished or refused file must not replace an earlier one of the
     same name in done/ or failed/; `.error.json` then follows the returned stem.
+    With `duplicate`, always `<job_id>.dup-<n>` (n >= 1): a refused second file of a
+    job's name never takes the name the job's own failure would use.
     """
     suffixes = tuple(suffixes)
-    stem = job_id
-    n = 0
+    n = 1 if duplicate else 0
+    stem = f"{job_id}.dup-{n}" if duplicate else job_id
     while any(os.path.lexists(directory / safe_name(stem, s)) for s in suffixes):
         n += 1
         stem = f"{job_id}.dup-{n}"
@@ -404,8 +412,11 @@ def move_job_to_failed(
     attempts: int = 0,
     last_exit_code: int | None = None,
     log_tail: str = "",
+    duplicate: bool = False,
 ) -> Path:
     """Move a job file into failed/ beside its `.error.json`; return the file's new path.
+
+    With `duplicate` the stem is always `<job>.dup-<n>` (a refused file of a job's name).
 
     `source` is a job folder (the file is `<folder>/<job>.csv`) or a path (e.g. an inbox
     entry, moved as an entry, never opened). Nothing in failed/ is replaced: when the
@@ -413,7 +424,7 @@ def move_job_to_failed(
     file just written is removed again and FileOperationError is raised.
     """
     path = layout.job_file(source, job_id) if isinstance(source, JobFolder) else source
-    stem = unique_stem(layout.failed, job_id, (JOB_SUFFIX, ERROR_SUFFIX))
+    stem = unique_stem(layout.failed, job_id, (JOB_SUFFIX, ERROR_SUFFIX), duplicate=duplicate)
     error_path = write_error_json(
         layout,
         job_id,

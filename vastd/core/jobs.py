@@ -51,6 +51,7 @@ class JobFileInfo:
     size: int
     columns: list[str]
     rows: int
+    rerun: bool = False  # the name of a finished job, accepted as a new run
 
 
 def _kind(mode: int) -> str:
@@ -220,11 +221,16 @@ def prioritize_jobs(paths: Iterable[Path]) -> list[Path]:
 # --- acceptance ------------------------------------------------------------------------
 
 
-def _refuse(layout: Layout, path: Path, job_id: str, reason: str) -> None:
+def _refuse(
+    layout: Layout, path: Path, job_id: str, reason: str, *, duplicate: bool = False
+) -> None:
     """Move the entry itself (never opened) to failed/ under a free name, with its error file."""
-    log.warning("job_refused", job=job_id, reason=reason)
+    if duplicate:
+        log.warning("job_duplicate_refused", job=job_id, reason=reason)
+    else:
+        log.warning("job_refused", job=job_id, reason=reason)
     try:
-        move_job_to_failed(layout, job_id, path, reason=reason)
+        move_job_to_failed(layout, job_id, path, reason=reason, duplicate=duplicate)
     except FileOperationError:
         if os.path.lexists(path):
             raise
@@ -237,8 +243,25 @@ def _collides(layout: Layout, job_id: str, known_ids: set[str]) -> bool:
     )
 
 
+def _is_done(layout: Layout, job_id: str, done_ids: set[str]) -> bool:
+    return job_id in done_ids or os.path.lexists(layout.job_file(JobFolder.DONE, job_id))
+
+
+def duplicate_reason(job_id: str) -> str:
+    return (
+        f"a job named {job_id!r} is already done (its results are in results/); "
+        "the earlier results are untouched. To run it again, set [job] on_duplicate = "
+        '"rerun" and submit it again (its results then replace results/<job>/, the '
+        "earlier ones kept as previous-<n>/), or submit it under another name"
+    )
+
+
 def _accept(
-    layout: Layout, path: Path, settings: JobSettings, known_ids: set[str]
+    layout: Layout,
+    path: Path,
+    settings: JobSettings,
+    known_ids: set[str],
+    done_ids: set[str],
 ) -> JobFileInfo | None:
     job_id = job_id_for(path)
     if not os.path.lexists(path):
@@ -246,6 +269,12 @@ def _accept(
     if _collides(layout, job_id, known_ids):
         _refuse(layout, path, job_id, f"a job named {job_id!r} is already queued or running")
         return None
+    rerun = False
+    if _is_done(layout, job_id, done_ids):
+        if settings.on_duplicate != "rerun":
+            _refuse(layout, path, job_id, duplicate_reason(job_id), duplicate=True)
+            return None
+        rerun = True
     try:
         info, st = _validate(path, settings.max_input_bytes)
     except JobValidationError as exc:
@@ -278,21 +307,30 @@ def _accept(
         return None
     except OSError as exc:
         raise FileOperationError(f"cannot check {destination}: {exc}") from exc
-    info = dataclasses.replace(info, path=destination)
-    log.info("job_accepted", job=job_id, rows=info.rows, size=info.size)
+    info = dataclasses.replace(info, path=destination, rerun=rerun)
+    log.info("job_accepted", job=job_id, rows=info.rows, size=info.size, rerun=rerun)
     return info
 
 
 async def accept_job_file(
-    layout: Layout, path: Path, settings: JobSettings, *, known_ids: set[str]
+    layout: Layout,
+    path: Path,
+    settings: JobSettings,
+    *,
+    known_ids: set[str],
+    done_ids: set[str] | None = None,
 ) -> JobFileInfo | None:
     """Validate an inbox file and move it to queued/ (returning its info), or refuse it.
 
     Refused (invalid, or its id is in `known_ids` -- the unfinished jobs -- or already
     in queued/ or running/): the file goes to failed/ with `<name>.error.json`; if
     failed/ already holds that name, under `<job>.dup-<n>.csv` beside
-    `<job>.dup-<n>.error.json` (`job` inside holds the real id). Returns None then, and
-    when the file vanished. Raises only FileOperationError, for the folders themselves
-    (disk full, read-only); the file then stays in the inbox.
+    `<job>.dup-<n>.error.json` (`job` inside holds the real id). The name of a job
+    that is done (in `done_ids`, or in done/) is refused as `<job>.dup-<n>.csv` unless
+    `[job] on_duplicate = "rerun"`, when it is accepted with `rerun` set. Returns None
+    when refused, and when the file vanished. Raises only FileOperationError, for the
+    folders themselves (disk full, read-only); the file then stays in the inbox.
     """
-    return await asyncio.to_thread(_accept, layout, path, settings, known_ids)
+    return await asyncio.to_thread(
+        _accept, layout, path, settings, known_ids, done_ids if done_ids is not None else set()
+    )

@@ -15,7 +15,6 @@ import contextlib
 import contextvars
 import os
 import posixpath
-import random
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -36,6 +35,7 @@ from vastd.utils.exceptions import (
     VastdError,
 )
 from vastd.utils.logging import get_logger
+from vastd.utils.supervise import Backoff as Backoff
 
 T = TypeVar("T")
 log = get_logger("vastd.ssh")
@@ -52,7 +52,7 @@ _WINDOW = 16 * 1024 * 1024
 _SFTP_MAX_REQUESTS = 32
 _CLOSE_TIMEOUT_S = 2.0
 _CHANNEL_OPEN_RETRIES = 5
-_CHANNEL_OPEN_DELAY_S = 0.05
+CHANNEL_OPEN_BACKOFF = Backoff(base_s=0.05, max_s=0.4, jitter="none")
 
 
 @dataclass(frozen=True)
@@ -118,17 +118,6 @@ class MemoryHostKeyStore:
         self.keys[instance_id] = key
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter; set `base_s=0` in tests."""
-
-    base_s: float = 0.5
-    max_s: float = 10.0
-
-    def delay_s(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_s, self.base_s * 2**attempt))
-
-
 def _kind(attrs: asyncssh.SFTPAttrs) -> Literal["file", "dir", "symlink", "other"]:
     mode = attrs.permissions or 0
     if attrs.type == asyncssh.FILEXFER_TYPE_SYMLINK or stat.S_ISLNK(mode):
@@ -189,7 +178,7 @@ class SSHConnection:
                 # sshd frees a session slot a little after we see the close.
                 if attempt == _CHANNEL_OPEN_RETRIES - 1 or self.is_closed:
                     raise
-                await asyncio.sleep(_CHANNEL_OPEN_DELAY_S * 2**attempt)
+                await asyncio.sleep(CHANNEL_OPEN_BACKOFF.delay_s(attempt))
         raise AssertionError("unreachable")
 
     async def run(

@@ -1,372 +1,629 @@
-"""The state snapshot (CONTRACT §7): the only writer of state.json.
+"""The state machines of jobs and instances: the only code that changes them.
 
-Mutations happen in memory on the event loop and mark the store dirty; a saver
-task coalesces them into few atomic writes (temp, fsync, rename, fsync folder).
-The previous snapshot is kept as state.json.bak (a hard link, so it is never
-half-written). A corrupt snapshot falls back to the backup; if both are bad the
-store refuses to load rather than start empty over them.
+Every change of a job's `state`, an instance's `status`, or the reason kept with
+either goes through a named transition below, checked against one table
+(`JOB_TRANSITIONS`, `INSTANCE_TRANSITIONS`); anything else raises
+IllegalTransitionError. A job's file moves with its record (queued/, running/,
+done/, failed/). Transitions change memory and mark the store dirty; callers that
+are about to do something irreversible await `store.flush()` first (write-ahead).
+
+Remote work a transition decides on (removing a finished or failed run's folder,
+stopping a duplicate run) is recorded as a FollowUp in the same change, so it is
+saved with it and carried out after the save, retried until done, across restarts.
+
+Records and persistence live in core/records.py and core/snapshot.py; their names
+are re-exported here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import os
-import secrets
 import time
 from collections.abc import Iterable
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from vastd.utils.exceptions import StateManagementError
+from vastd.core.files import (
+    JobFolder,
+    atomic_file_move,
+    move_job_file,
+    move_job_to_failed,
+    safe_name,
+    write_error_json,
+)
+from vastd.core.records import FINISHED as FINISHED
+from vastd.core.records import SCHEMA_VERSION as SCHEMA_VERSION
+from vastd.core.records import FollowUp as FollowUp
+from vastd.core.records import InstanceRecord as InstanceRecord
+from vastd.core.records import InstanceStatus as InstanceStatus
+from vastd.core.records import JobRecord as JobRecord
+from vastd.core.records import JobState as JobState
+from vastd.core.records import OrphanRun as OrphanRun
+from vastd.core.records import Snapshot as Snapshot
+from vastd.core.records import new_run_id
+from vastd.core.snapshot import SNAPSHOT_TEMP_PATTERNS as SNAPSHOT_TEMP_PATTERNS
+from vastd.core.snapshot import StateStore as StateStore
+from vastd.core.snapshot import load_state as load_state
+from vastd.core.snapshot import save_state as save_state
+from vastd.utils.exceptions import FileOperationError, IllegalTransitionError
 from vastd.utils.logging import get_logger
 
-SCHEMA_VERSION = 1
-# temp names save_state uses (a killed write leaves them; the daemon sweeps them at start)
-SNAPSHOT_TEMP_PATTERNS = (".state.json.tmp-*", "..state.json.tmp-*")
 log = get_logger("vastd.state")
 
+J, S = JobState, InstanceStatus
 
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    COLLECTING = "collecting"
-    DONE = "done"
-    FAILED = "failed"
+# --- the tables ---------------------------------------------------------------------------------
+# None: a job that does not exist yet (accepted from the inbox).
+JOB_TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
+    None: frozenset({J.QUEUED}),
+    # dispatched | its file vanished | an earlier (orphaned) run's results were kept
+    J.QUEUED: frozenset({J.RUNNING, J.FAILED, J.DONE}),
+    # exited | requeued (lost, drained, retry) | failed to start for good | orphan kept
+    J.RUNNING: frozenset({J.COLLECTING, J.QUEUED, J.FAILED, J.DONE}),
+    # results valid | attempt failed, retries left (or instance lost) | failed for good
+    J.COLLECTING: frozenset({J.DONE, J.QUEUED, J.FAILED}),
+    # accepted again with [job] on_duplicate = "rerun"
+    J.DONE: frozenset({J.QUEUED}),
+    # resubmitted by name (or retried)
+    J.FAILED: frozenset({J.QUEUED}),
+}
 
-
-class InstanceStatus(StrEnum):
-    BOOTING = "booting"  # rented by us, not running yet
-    DISCOVERED = "discovered"  # running in the API, SSH not confirmed
-    PREPARING = "preparing"
-    READY = "ready"
-    UNREACHABLE = "unreachable"  # SSH fails; jobs keep their attempt during the grace
-    DRAINING = "draining"  # gets no new jobs; destroyed once empty
-    LOST = "lost"  # gone from the API or exited/offline
-    DESTROYING = "destroying"
-    DESTROYED = "destroyed"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", validate_assignment=False)
-
-
-class JobRecord(_Model):
-    id: str
-    file_name: str
-    state: JobState = JobState.QUEUED
-    seq: int = 0
-    rows: int = 0
-    attempts: int = 0  # failures observed on an instance (exit code, bad results)
-    runs: int = 0  # remote starts, whatever their outcome
-    instance: str | None = None
-    pgid: int | None = None
-    accepted_at: float = Field(default_factory=time.time)
-    dispatched_at: float | None = None
-    started_at: float | None = None
-    exited_at: float | None = None
-    finished_at: float | None = None
-    last_exit_code: int | None = None
-    last_error: str | None = None
-    not_before: float | None = None  # retry back-off
-    avoid_instances: list[str] = Field(default_factory=list)
-    # instances holding an earlier run that was given up while unreachable
-    orphans: list[str] = Field(default_factory=list)
-    result_files: list[str] = Field(default_factory=list)
+_ALIVE = frozenset({S.DRAINING, S.LOST, S.DESTROYING})
+INSTANCE_TRANSITIONS: dict[InstanceStatus, frozenset[InstanceStatus]] = {
+    S.BOOTING: frozenset({S.DISCOVERED} | _ALIVE),
+    S.DISCOVERED: frozenset({S.PREPARING, S.READY, S.UNREACHABLE} | _ALIVE),
+    S.PREPARING: frozenset({S.READY, S.DISCOVERED, S.UNREACHABLE} | _ALIVE),
+    # DISCOVERED: re-verified after a restart; BOOTING: rebooted on request
+    S.READY: frozenset({S.UNREACHABLE, S.DISCOVERED, S.BOOTING} | _ALIVE),
+    S.UNREACHABLE: frozenset({S.READY, S.DISCOVERED} | _ALIVE),
+    # READY: undrained (by hand, or its disk recovered)
+    S.DRAINING: frozenset({S.READY, S.LOST, S.DESTROYING}),
+    # DISCOVERED: listed as running again
+    S.LOST: frozenset({S.DISCOVERED, S.DESTROYING}),
+    S.DESTROYING: frozenset({S.DESTROYED}),
+    S.DESTROYED: frozenset(),
+}
+GONE = frozenset({S.LOST, S.DESTROYING, S.DESTROYED})
+HELD = frozenset({J.RUNNING, J.COLLECTING})  # a job tied to its instance
+FOLDER_OF = {
+    J.QUEUED: JobFolder.QUEUED,
+    J.RUNNING: JobFolder.RUNNING,
+    J.COLLECTING: JobFolder.RUNNING,
+    J.DONE: JobFolder.DONE,
+    J.FAILED: JobFolder.FAILED,
+}
 
 
-class InstanceRecord(_Model):
-    id: str  # the vast.ai instance id, as text
-    label: str | None = None
-    status: InstanceStatus = InstanceStatus.DISCOVERED
-    api_status: str | None = None  # vast.ai actual_status
-    ssh_host: str | None = None
-    ssh_port: int | None = None
-    public_ipaddr: str | None = None
-    direct_port: int | None = None
-    host_key: str | None = None
-    prepared_hash: str | None = None
-    prepare_failures: int = 0
-    prepare_error: str | None = None
-    next_prepare_at: float | None = None
-    current_jobs: list[str] = Field(default_factory=list)
-    dph: float = 0.0
-    machine_id: int | None = None
-    gpu_name: str | None = None
-    owned: bool = False  # rented by this vastd
-    first_seen: float = Field(default_factory=time.time)
-    last_seen: float | None = None  # in the API list
-    last_contact: float | None = None  # SSH answered
-    unreachable_since: float | None = None
-    missing_since: float | None = None
-    idle_since: float | None = None
-    booting_since: float | None = None
-    # fleet (autoscale): ownership, money and teardown
-    intent_id: str | None = None  # the rent intent this instance was created for
-    rented_at: float | None = None
-    accrued_until: float | None = None  # spend is accrued up to here
-    ssh_key_attached: bool = False
-    destroy_reason: str | None = None
-    destroy_attempts: int = 0
-    next_destroy_at: float | None = None
-    destroyed_at: float | None = None
-    # health (monitoring.py)
-    health_failures: int = 0
-    drain_reason: str | None = None
-    disk_free_gb: float | None = None
-    health_checked_at: float | None = None
+def can_job(job: JobRecord | None, to: JobState) -> bool:
+    return to in JOB_TRANSITIONS[job.state if job is not None else None]
 
 
-class Snapshot(_Model):
-    version: int = SCHEMA_VERSION
-    saved_at: float | None = None
-    next_seq: int = 1
-    jobs: dict[str, JobRecord] = Field(default_factory=dict)
-    instances: dict[str, InstanceRecord] = Field(default_factory=dict)
-    blocked_machines: dict[str, float] = Field(default_factory=dict)  # machine id -> until
-    rent_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    spend_total: float = 0.0  # dollars accrued by owned instances
-    last_discovery_at: float | None = None  # last successful instance listing
+def can_instance(inst: InstanceRecord, to: InstanceStatus) -> bool:
+    return inst.status is to or to in INSTANCE_TRANSITIONS[inst.status]
 
 
-def load_state(file_path: Path) -> Snapshot:
-    """Parse one snapshot file; StateManagementError if it is unreadable or invalid."""
-    try:
-        raw = file_path.read_bytes()
-        data = json.loads(raw)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StateManagementError(f"{file_path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("version") != SCHEMA_VERSION:
-        raise StateManagementError(f"{file_path}: not a version {SCHEMA_VERSION} snapshot")
-    try:
-        return Snapshot.model_validate(data)
-    except ValidationError as exc:
-        raise StateManagementError(f"{file_path}: invalid snapshot: {exc}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_state(data: bytes, file_path: Path, backup_path: Path | None = None) -> None:
-    """Write bytes atomically; the file it replaces becomes `backup_path`."""
-    tmp = file_path.with_name(f".{file_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if backup_path is not None and file_path.exists():
-            bak_tmp = backup_path.with_name(f".{tmp.name}.bak")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(bak_tmp)
-            os.link(file_path, bak_tmp)
-            os.replace(bak_tmp, backup_path)
-        os.replace(tmp, file_path)
-        _fsync_dir(file_path.parent)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise StateManagementError(f"cannot write {file_path}: {exc}") from exc
-
-
-class StateStore:
-    """Owns the in-memory snapshot and its persistence."""
-
-    def __init__(
-        self,
-        path: Path,
-        snapshot: Snapshot | None = None,
-        *,
-        coalesce_s: float = 0.25,
-    ) -> None:
-        self.path = path
-        self.backup_path = path.with_name(path.name + ".bak")
-        self.snapshot = snapshot or Snapshot()
-        self.coalesce_s = coalesce_s
-        self.writes = 0
-        self.write_failures = 0
-        # asyncio primitives bind to a loop only when first awaited (3.10+).
-        self._dirty = asyncio.Event()
-        self._dirty_flag = False
-        self._lock = asyncio.Lock()
-        # change generations: marked by mark_dirty, saved once a write holding them lands
-        self._marked_gen = 0
-        self._saved_gen = 0
-        self._saved = asyncio.Condition()
-
-    # --- loading -------------------------------------------------------------------------
-    @classmethod
-    def open(cls, path: Path, *, coalesce_s: float = 0.25) -> StateStore:
-        """Load state.json, else its backup; a fresh store only when neither exists."""
-        backup = path.with_name(path.name + ".bak")
-        errors = []
-        for candidate in (path, backup):
-            if not candidate.exists():
-                continue
-            try:
-                snap = load_state(candidate)
-            except StateManagementError as exc:
-                errors.append(str(exc))
-                continue
-            if candidate is backup:
-                log.warning("state_restored_from_backup", path=str(backup), errors=errors)
-            return cls(path, snap, coalesce_s=coalesce_s)
-        if errors:
-            raise StateManagementError(
-                "refusing to start: the snapshot and its backup are both unreadable ("
-                + "; ".join(errors)
-                + "). Move them aside to start fresh."
-            )
-        return cls(path, Snapshot(), coalesce_s=coalesce_s)
-
-    # --- persistence ---------------------------------------------------------------------
-    @property
-    def jobs(self) -> dict[str, JobRecord]:
-        return self.snapshot.jobs
-
-    @property
-    def instances(self) -> dict[str, InstanceRecord]:
-        return self.snapshot.instances
-
-    def mark_dirty(self) -> None:
-        self._dirty_flag = True
-        self._marked_gen += 1
-        self._dirty.set()
-
-    async def wait_saved(self) -> None:
-        """Return once every change made so far is on disk (without forcing a write)."""
-        target = self._marked_gen
-        async with self._saved:
-            await self._saved.wait_for(lambda: self._saved_gen >= target)
-
-    async def _note_saved(self, gen: int) -> None:
-        async with self._saved:
-            self._saved_gen = max(self._saved_gen, gen)
-            self._saved.notify_all()
-
-    @property
-    def dirty(self) -> bool:
-        return self._dirty_flag
-
-    def serialize(self) -> bytes:
-        self.snapshot.saved_at = time.time()
-        return self.snapshot.model_dump_json(indent=None).encode()
-
-    async def flush(self) -> bool:
-        """Write now if anything changed; False (and still dirty) when the write failed."""
-        async with self._lock:
-            if not self._dirty_flag:
-                return True
-            self._dirty_flag = False
-            self._dirty.clear()
-            gen = self._marked_gen
-            data = self.serialize()
-            write = asyncio.ensure_future(
-                asyncio.to_thread(save_state, data, self.path, self.backup_path)
-            )
-            try:
-                # A cancelled caller must not leave a write running behind the next one.
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await write
-                self.mark_dirty()
-                raise
-            except StateManagementError as exc:
-                self.write_failures += 1
-                self.mark_dirty()
-                log.error("state_save_failed", error=str(exc))
-                return False
-            self.writes += 1
-            await self._note_saved(gen)
-            log.info(
-                "state_saved",
-                jobs=len(self.snapshot.jobs),
-                instances=len(self.snapshot.instances),
-                bytes=len(data),
-            )
-            return True
-
-    def flush_sync(self) -> None:
-        """Blocking write, for the CLI outside a loop."""
-        if self._dirty_flag:
-            save_state(self.serialize(), self.path, self.backup_path)
-            self._dirty_flag = False
-            self.writes += 1
-
-    async def run_saver(self, *, retry_s: float = 2.0) -> None:
-        """Coalesce changes: wait for one, let a burst gather, write once."""
-        if self._dirty_flag:
-            self._dirty.set()
-        while True:
-            await self._dirty.wait()
-            await asyncio.sleep(self.coalesce_s)
-            if not await self.flush():
-                await asyncio.sleep(retry_s)
-
-    # --- jobs ----------------------------------------------------------------------------
-    def add_job(self, job_id: str, file_name: str, rows: int) -> JobRecord:
-        seq = self.snapshot.next_seq
-        self.snapshot.next_seq += 1
-        job = JobRecord(id=job_id, file_name=file_name, rows=rows, seq=seq)
-        self.snapshot.jobs[job_id] = job
-        self.mark_dirty()
-        return job
-
-    def active_job_ids(self) -> set[str]:
-        finished = (JobState.DONE, JobState.FAILED)
-        return {j.id for j in self.snapshot.jobs.values() if j.state not in finished}
-
-    def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in JobState}
-        for job in self.snapshot.jobs.values():
-            out[job.state.value] += 1
-        return out
-
-
-# --- the seed's state functions --------------------------------------------------------------
-def _update(store: StateStore, record: _Model, updates: dict[str, Any]) -> None:
-    for key in updates:
-        if key not in type(record).model_fields:
-            raise AttributeError(key)  # a typo must not silently add nothing
-    for key, value in updates.items():
-        setattr(record, key, value)
+def set_job_state(store: StateStore, job: JobRecord, to: JobState) -> None:
+    """The one place a job's state is set: checked against JOB_TRANSITIONS."""
+    if not can_job(job, to):
+        raise IllegalTransitionError(f"job {job.id!r}: {job.state.value} -> {to.value}")
+    job.state = to
     store.mark_dirty()
 
 
-def update_job_state(store: StateStore, job_id: str, **updates: Any) -> JobRecord:
-    job = store.jobs[job_id]
-    _update(store, job, updates)
+def set_instance_status(store: StateStore, inst: InstanceRecord, to: InstanceStatus) -> None:
+    """The one place an instance's status is set: checked against INSTANCE_TRANSITIONS."""
+    if not can_instance(inst, to):
+        raise IllegalTransitionError(f"instance {inst.id}: {inst.status.value} -> {to.value}")
+    inst.status = to
+    store.mark_dirty()
+
+
+# --- job files ---------------------------------------------------------------------------------
+def _move(
+    store: StateStore,
+    job: JobRecord,
+    src: JobFolder,
+    dst: JobFolder,
+    *,
+    rename_on_collision: bool = False,
+) -> bool:
+    """Move the job's file with its record; False when the file is gone (removed by hand).
+
+    Only a missing source counts as gone; any other failure (disk full, read-only)
+    raises FileOperationError and the record is left as it was.
+    """
+    layout = store.layout
+    source = layout.job_file(src, job.id)
+    if not os.path.lexists(source):
+        if os.path.lexists(layout.job_file(dst, job.id)):
+            return True  # moved already (a step interrupted between the move and the save)
+        log.warning("job_file_missing", job=job.id, folder=src.value)
+        return False
+    move_job_file(layout, job.id, src, dst, rename_on_collision=rename_on_collision)
+    return True
+
+
+def _release(store: StateStore, job: JobRecord) -> None:
+    """Free the job's slot on its instance (job.instance still says where it ran)."""
+    inst = store.instances.get(job.instance or "")
+    if inst is not None and job.id in inst.current_jobs:
+        inst.current_jobs.remove(job.id)
+        if not inst.current_jobs:
+            inst.idle_since = time.time()
+    store.mark_dirty()
+
+
+def _clean_up_run(store: StateStore, job: JobRecord, reason: str) -> None:
+    """Record the removal of the job's current run folder (after the save, retried)."""
+    if job.instance is not None and (job.pgid is not None or job.run_id is not None):
+        add_followup(store, instance=job.instance, job=job.id, run=job.run_id, reason=reason)
+
+
+# --- job transitions ---------------------------------------------------------------------------
+def add_job(
+    store: StateStore, job_id: str, file_name: str, rows: int, *, keep_previous: bool = False
+) -> JobRecord:
+    """A file accepted into queued/ becomes a job (a finished one of the name is replaced).
+
+    A failed job resubmitted by name leaves failed/ at once: its `<job>.csv` and
+    `.error.json` are removed (the refused `.dup-<n>` files stay).
+    """
+    old = store.jobs.get(job_id)
+    if not can_job(old, J.QUEUED) or (old is not None and old.state not in FINISHED):
+        raise IllegalTransitionError(f"job {job_id!r} is {old.state.value if old else '?'}")
+    seq = store.snapshot.next_seq
+    store.snapshot.next_seq += 1
+    job = JobRecord(id=job_id, file_name=file_name, rows=rows, seq=seq)
+    job.keep_previous = keep_previous
+    store.snapshot.jobs[job_id] = job
+    store.mark_dirty()
+    if old is not None and old.state is J.FAILED:
+        layout = store.layout
+        for path in (layout.job_file(JobFolder.FAILED, job_id), layout.error_file(job_id)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("failed_file_not_removed", job=job_id, path=str(path), error=str(exc))
     return job
 
 
-def update_instance_state(store: StateStore, instance_id: str, **updates: Any) -> InstanceRecord:
+def mark_job_assigned(store: StateStore, job_id: str, instance_id: str) -> JobRecord | None:
+    """queued -> running on an instance, with a new run id; None when its file is gone.
+
+    The caller saves the store before anything is uploaded (a crash then finds it).
+    """
+    job = store.jobs[job_id]
     inst = store.instances[instance_id]
-    _update(store, inst, updates)
-    return inst
+    if not can_job(job, J.RUNNING):
+        raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> running")
+    if not _move(store, job, JobFolder.QUEUED, JobFolder.RUNNING):
+        mark_job_failed(store, job_id, reason="the job file vanished from queued/")
+        return None
+    set_job_state(store, job, J.RUNNING)
+    job.instance = instance_id
+    job.run_id = new_run_id()
+    job.dispatched_at = time.time()
+    job.pgid = None
+    job.started_at = None
+    job.exited_at = None
+    job.kill_reason = None
+    # A run of this job left here earlier is replaced by this one's start.
+    job.orphans = [o for o in job.orphans if o.instance != instance_id]
+    if job_id not in inst.current_jobs:
+        inst.current_jobs.append(job_id)
+    inst.idle_since = None
+    return job
 
 
+def mark_job_started(
+    store: StateStore, job_id: str, *, run_id: str | None, pgid: int, new: bool
+) -> bool:
+    """The start of run `run_id` was confirmed; False when the job moved on meanwhile."""
+    job = store.jobs.get(job_id)
+    if job is None or job.state is not J.RUNNING or job.run_id != run_id:
+        return False
+    job.pgid = pgid
+    job.started_at = job.started_at or time.time()
+    if new:
+        job.runs += 1
+    store.mark_dirty()
+    return True
+
+
+def note_run_seen(store: StateStore, job: JobRecord, pid: int | None) -> None:
+    """A status check found the run's process group (a start that broke off after it)."""
+    if job.state is not J.RUNNING or pid is None:
+        return
+    if job.pgid is None:
+        job.pgid = pid
+    job.started_at = job.started_at or time.time()
+    store.mark_dirty()
+
+
+def request_kill(store: StateStore, job: JobRecord, reason: str) -> None:
+    """The run must be killed (timeout): saved before the kill, carried out until it is."""
+    if job.state is not J.RUNNING:
+        raise IllegalTransitionError(f"job {job.id!r}: kill while {job.state.value}")
+    job.kill_reason = reason
+    store.mark_dirty()
+
+
+def mark_job_exited(
+    store: StateStore, job_id: str, *, exit_code: int | None, error: str | None
+) -> JobRecord:
+    """running -> collecting: the remote process ended; the instance's slot is free."""
+    job = store.jobs[job_id]
+    set_job_state(store, job, J.COLLECTING)
+    job.exited_at = time.time()
+    job.last_exit_code = exit_code
+    job.last_error = error
+    job.kill_reason = None
+    _release(store, job)
+    return job
+
+
+def mark_job_completed(
+    store: StateStore,
+    job_id: str,
+    *,
+    instance_id: str,
+    run_id: str | None,
+    result_files: list[str],
+    previous_dir: Path | None = None,
+) -> JobRecord:
+    """-> done: run `run_id`'s validated results are in results/<job>/; the file to done/.
+
+    From collecting (the normal way), or from queued/running when the results of an
+    earlier (orphaned) run were kept: a second run still going is stopped. The
+    collected run's remote folder is removed once this is saved. For a rerun, the
+    earlier run's `done/<job>.csv` joins its results in `previous_dir`. A file removed
+    by hand does not undo the results.
+    """
+    job = store.jobs[job_id]
+    if not can_job(job, J.DONE):
+        raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> done")
+    layout = store.layout
+    if previous_dir is not None:
+        earlier = layout.job_file(JobFolder.DONE, job_id)
+        if os.path.lexists(earlier):
+            atomic_file_move(earlier, previous_dir / earlier.name)
+    if job.state is J.RUNNING and job.instance is not None:
+        add_followup(
+            store, instance=job.instance, job=job_id, run=job.run_id, reason="duplicate run"
+        )
+    _move(store, job, FOLDER_OF[job.state], JobFolder.DONE, rename_on_collision=True)
+    _release(store, job)
+    set_job_state(store, job, J.DONE)
+    add_followup(store, instance=instance_id, job=job_id, run=run_id, reason="collected")
+    job.result_files = list(result_files)
+    job.instance = instance_id
+    job.run_id = run_id
+    job.finished_at = time.time()
+    job.kill_reason = None
+    job.last_error = None
+    return job
+
+
+def requeue_job(
+    store: StateStore,
+    job_id: str,
+    *,
+    reason: str,
+    delay_s: float = 0.0,
+    avoid: Iterable[str] = (),
+    orphan: bool = False,
+) -> JobRecord:
+    """Back to the queue (not an attempt); the instance is avoided next time when possible.
+
+    With `orphan`, a run that was started is remembered as an orphan of its instance:
+    should that instance answer again, its results are kept if it finished first,
+    else it is stopped. Without, a started run's folder is cleaned up. A job whose
+    file was removed from running/ by hand cannot run again: it fails instead.
+    """
+    job = store.jobs[job_id]
+    if not can_job(job, J.QUEUED) or job.state not in HELD:
+        raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> queued")
+    if not _move(store, job, JobFolder.RUNNING, JobFolder.QUEUED):
+        mark_job_failed(store, job_id, reason=f"the job file was removed from running/ ({reason})")
+        return job
+    if job.instance is not None and job.pgid is not None:
+        if orphan:
+            if job.orphan_on(job.instance) is None:
+                job.orphans.append(OrphanRun(instance=job.instance, run=job.run_id))
+        else:
+            _clean_up_run(store, job, reason)
+    _release(store, job)
+    set_job_state(store, job, J.QUEUED)
+    job.instance = None
+    job.pgid = None
+    job.run_id = None
+    job.kill_reason = None
+    job.not_before = time.time() + delay_s if delay_s > 0 else None
+    job.last_error = reason
+    for inst in avoid:
+        if inst not in job.avoid_instances:
+            job.avoid_instances.append(inst)
+    return job
+
+
+def mark_job_failed(
+    store: StateStore,
+    job_id: str,
+    *,
+    reason: str,
+    exit_code: int | None = None,
+    log_tail: str = "",
+) -> JobRecord:
+    """-> failed for good: the file goes to failed/ beside `<job>.error.json`."""
+    job = store.jobs[job_id]
+    if not can_job(job, J.FAILED):
+        raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> failed")
+    folder = FOLDER_OF[job.state]
+    layout = store.layout
+    try:
+        if os.path.lexists(layout.job_file(folder, job_id)):
+            move_job_to_failed(
+                layout,
+                job_id,
+                folder,
+                reason=reason,
+                attempts=job.attempts,
+                last_exit_code=exit_code,
+                log_tail=log_tail,
+            )
+        else:
+            write_error_json(
+                layout,
+                job_id,
+                reason=reason,
+                attempts=job.attempts,
+                last_exit_code=exit_code,
+                log_tail=log_tail,
+            )
+    except FileOperationError as exc:
+        # The record still says why; the next start puts the file where it says.
+        log.error("job_fail_record_failed", job=job_id, error=str(exc))
+    _clean_up_run(store, job, f"failed: {reason}")
+    _release(store, job)
+    set_job_state(store, job, J.FAILED)
+    job.last_error = reason
+    job.last_exit_code = exit_code
+    job.finished_at = time.time()
+    job.kill_reason = None
+    return job
+
+
+def record_attempt_failure(
+    store: StateStore,
+    job_id: str,
+    *,
+    reason: str,
+    exit_code: int | None,
+    max_attempts: int,
+    log_tail: str = "",
+    retry_delay_s: float = 2.0,
+) -> JobRecord:
+    """Something observed on the instance failed this attempt: requeue it, or fail it.
+
+    The attempt is counted in the same change that records the run's clean-up, so
+    the remote folder cannot go before the count is saved.
+    """
+    job = store.jobs[job_id]
+    job.attempts += 1
+    job.last_exit_code = exit_code
+    failed_on = job.instance
+    if job.attempts < max_attempts and job.state in HELD:
+        requeue_job(
+            store,
+            job_id,
+            reason=reason,
+            delay_s=retry_delay_s,
+            avoid=[failed_on] if failed_on else [],
+        )
+        job.last_exit_code = exit_code
+        return job
+    return mark_job_failed(store, job_id, reason=reason, exit_code=exit_code, log_tail=log_tail)
+
+
+def mark_job_recovered(store: StateStore, job_id: str, to: JobState) -> JobRecord:
+    """The folders say the job finished (a crash came before the save): records only."""
+    job = store.jobs[job_id]
+    _release(store, job)
+    set_job_state(store, job, to)
+    job.finished_at = job.finished_at or time.time()
+    return job
+
+
+def drop_orphan(store: StateStore, job: JobRecord, instance_id: str) -> None:
+    before = len(job.orphans)
+    job.orphans = [o for o in job.orphans if o.instance != instance_id]
+    if len(job.orphans) != before:
+        store.mark_dirty()
+
+
+# --- instance transitions ----------------------------------------------------------------------
+def jobs_on_instance(store: StateStore, instance_id: str) -> list[JobRecord]:
+    """Jobs tied to an instance: running there, or results not yet collected."""
+    return [j for j in store.jobs.values() if j.instance == instance_id and j.state in HELD]
+
+
+def requeue_instance_jobs(
+    store: StateStore, inst: InstanceRecord, reason: str, *, orphan: bool
+) -> int:
+    """Every job the instance holds goes back to the queue (not an attempt)."""
+    moved = 0
+    for job in jobs_on_instance(store, inst.id):
+        requeue_job(store, job.id, reason=reason, orphan=orphan)
+        log.info("job_requeued", job=job.id, instance=inst.id, reason=reason)
+        moved += 1
+    inst.current_jobs.clear()
+    store.mark_dirty()
+    return moved
+
+
+def mark_instance_discovered(store: StateStore, inst: InstanceRecord) -> None:
+    """Running (again) per the API, or to be re-verified after a restart."""
+    set_instance_status(store, inst, S.DISCOVERED)
+    inst.next_prepare_at = None
+    inst.lost_reason = None
+
+
+def mark_instance_booting(store: StateStore, inst: InstanceRecord, now: float) -> None:
+    set_instance_status(store, inst, S.BOOTING)
+    inst.booting_since = now
+
+
+def mark_instance_preparing(store: StateStore, inst: InstanceRecord) -> None:
+    set_instance_status(store, inst, S.PREPARING)
+
+
+def mark_instance_ready(store: StateStore, inst: InstanceRecord, marker: str) -> bool:
+    """Prepared. False (nothing changed) when it was drained or lost meanwhile."""
+    if inst.status not in (S.DISCOVERED, S.PREPARING):
+        return False
+    set_instance_status(store, inst, S.READY)
+    inst.prepared_hash = marker
+    inst.prepare_error = None
+    inst.prepare_failures = 0
+    inst.unreachable_since = None
+    if not inst.current_jobs:
+        inst.idle_since = inst.idle_since or time.time()
+    return True
+
+
+def mark_instance_unreachable(store: StateStore, inst: InstanceRecord, error: str) -> None:
+    """SSH failed: the clock of `[ssh] unreachable_grace_s` starts (jobs keep their run)."""
+    if inst.status in GONE:
+        return
+    if inst.unreachable_since is None:
+        inst.unreachable_since = time.time()
+        log.warning("instance_unreachable", instance=inst.id, error=error)
+    if inst.status is S.READY:
+        set_instance_status(store, inst, S.UNREACHABLE)
+    store.mark_dirty()
+
+
+def mark_instance_reachable(store: StateStore, inst: InstanceRecord) -> bool:
+    """SSH answered; True when an unreachable instance is usable again."""
+    inst.last_contact = time.time()
+    back = False
+    if inst.unreachable_since is not None or inst.status is S.UNREACHABLE:
+        inst.unreachable_since = None
+        if inst.status is S.UNREACHABLE:
+            set_instance_status(store, inst, S.READY)
+            log.info("instance_reachable", instance=inst.id)
+            back = True
+        store.mark_dirty()
+    return back
+
+
+def drain_instance(
+    store: StateStore, inst: InstanceRecord, reason: str, *, requeue_jobs: bool
+) -> bool:
+    """No new jobs. With `requeue_jobs` its jobs run elsewhere at once (not an attempt),
+    as for a changed host key; without, they finish here. True when newly drained."""
+    if inst.status in GONE:
+        return False
+    newly = inst.status is not S.DRAINING
+    if newly:
+        set_instance_status(store, inst, S.DRAINING)
+        inst.drain_reason = reason
+        log.warning("instance_drained", instance=inst.id, reason=reason)
+    moved = 0
+    if requeue_jobs:
+        moved = requeue_instance_jobs(
+            store, inst, f"instance {inst.id} drained: {reason}", orphan=False
+        )
+        if not newly and moved:
+            log.warning("instance_drained", instance=inst.id, reason=reason, requeued=moved)
+    store.mark_dirty()
+    return newly
+
+
+def undrain_instance(store: StateStore, inst: InstanceRecord) -> bool:
+    if inst.status is not S.DRAINING:
+        return False
+    set_instance_status(store, inst, S.READY)
+    inst.drain_reason = None
+    return True
+
+
+def mark_instance_lost(store: StateStore, inst: InstanceRecord, reason: str) -> int:
+    """Gone from vast.ai (or exited/offline): its jobs run elsewhere, not an attempt.
+
+    A started run is kept as an orphan: "offline" may only mean the host lost
+    vast.ai; should it come back, the run is kept if it finishes first, else stopped.
+    Returns how many jobs were requeued.
+    """
+    if inst.status in GONE:
+        return 0
+    set_instance_status(store, inst, S.LOST)
+    inst.lost_reason = reason
+    moved = requeue_instance_jobs(store, inst, f"instance {inst.id} lost", orphan=True)
+    log.warning("instance_lost", instance=inst.id, reason=reason, requeued=moved)
+    return moved
+
+
+def mark_instance_destroying(store: StateStore, inst: InstanceRecord, reason: str) -> int:
+    """Teardown decided (owned instances only, checked by the caller): jobs requeued."""
+    if inst.status in (S.DESTROYING, S.DESTROYED):
+        return 0
+    moved = requeue_instance_jobs(
+        store, inst, f"instance {inst.id} torn down: {reason}", orphan=False
+    )
+    set_instance_status(store, inst, S.DESTROYING)
+    inst.destroy_reason = reason
+    inst.destroy_attempts = 0
+    inst.next_destroy_at = time.time()
+    return moved
+
+
+def mark_instance_destroyed(store: StateStore, inst: InstanceRecord, now: float) -> None:
+    set_instance_status(store, inst, S.DESTROYED)
+    inst.destroyed_at = now
+    inst.next_destroy_at = None
+    inst.current_jobs.clear()
+    for fid in [f.id for f in store.snapshot.followups.values() if f.instance == inst.id]:
+        del store.snapshot.followups[fid]
+
+
+# --- follow-up work ----------------------------------------------------------------------------
+def add_followup(
+    store: StateStore, *, instance: str, job: str, run: str | None, reason: str
+) -> FollowUp:
+    """Record a run's clean-up; the same (instance, job, run) is recorded once."""
+    fid = f"cleanup:{instance}:{safe_name(job)}:{run or '-'}"
+    existing = store.snapshot.followups.get(fid)
+    if existing is not None:
+        return existing
+    followup = FollowUp(id=fid, instance=instance, job=job, run=run, reason=reason)
+    store.snapshot.followups[fid] = followup
+    store.mark_dirty()
+    return followup
+
+
+def followup_done(store: StateStore, fid: str) -> None:
+    if store.snapshot.followups.pop(fid, None) is not None:
+        store.mark_dirty()
+
+
+def followup_failed(store: StateStore, fid: str, error: str, delay_s: float) -> None:
+    followup = store.snapshot.followups.get(fid)
+    if followup is None:
+        return
+    followup.attempts += 1
+    followup.last_error = error
+    followup.next_at = time.time() + delay_s
+    store.mark_dirty()
+
+
+# --- queries -----------------------------------------------------------------------------------
 def get_available_jobs(store: StateStore, now: float | None = None) -> list[JobRecord]:
     """Queued jobs whose back-off has passed, in acceptance order."""
     now = time.time() if now is None else now
     jobs = [
         j
         for j in store.jobs.values()
-        if j.state is JobState.QUEUED and (j.not_before is None or j.not_before <= now)
+        if j.state is J.QUEUED and (j.not_before is None or j.not_before <= now)
     ]
     jobs.sort(key=lambda j: j.seq)
     return jobs
@@ -377,60 +634,18 @@ def get_idle_instances(store: StateStore, jobs_per_instance: int = 1) -> list[In
     return [
         i
         for i in store.instances.values()
-        if i.status is InstanceStatus.READY and len(i.current_jobs) < jobs_per_instance
+        if i.status is S.READY and len(i.current_jobs) < jobs_per_instance
     ]
 
 
-def mark_job_assigned(store: StateStore, job_id: str, instance_id: str) -> JobRecord:
-    """Record the assignment before anything is uploaded (a crash then finds it)."""
-    job = store.jobs[job_id]
-    inst = store.instances[instance_id]
-    job.state = JobState.RUNNING
-    job.instance = instance_id
-    job.dispatched_at = time.time()
-    job.pgid = None
-    job.started_at = None
-    job.exited_at = None
-    if job_id not in inst.current_jobs:
-        inst.current_jobs.append(job_id)
-    inst.idle_since = None
-    store.mark_dirty()
-    return job
+def running_jobs_on(store: StateStore, instance_id: str) -> list[JobRecord]:
+    """RUNNING jobs assigned to an instance (its current_jobs: no scan of every job)."""
+    inst = store.instances.get(instance_id)
+    if inst is None:
+        return []
+    jobs = (store.jobs.get(job_id) for job_id in inst.current_jobs)
+    return [j for j in jobs if j is not None and j.state is J.RUNNING and j.instance == instance_id]
 
 
-def release_job(store: StateStore, job_id: str) -> None:
-    """Detach a job from its instance (the instance may be gone)."""
-    job = store.jobs[job_id]
-    if job.instance and job.instance in store.instances:
-        inst = store.instances[job.instance]
-        if job_id in inst.current_jobs:
-            inst.current_jobs.remove(job_id)
-        if not inst.current_jobs:
-            inst.idle_since = time.time()
-    store.mark_dirty()
-
-
-def mark_job_completed(store: StateStore, job_id: str, success: bool) -> JobRecord:
-    release_job(store, job_id)
-    job = store.jobs[job_id]
-    job.state = JobState.DONE if success else JobState.FAILED
-    job.finished_at = time.time()
-    store.mark_dirty()
-    return job
-
-
-def requeue_job(
-    store: StateStore, job_id: str, *, delay_s: float = 0.0, avoid: Iterable[str] = ()
-) -> JobRecord:
-    """Back to the queue; the instance it ran on is avoided next time when possible."""
-    release_job(store, job_id)
-    job = store.jobs[job_id]
-    job.state = JobState.QUEUED
-    job.instance = None
-    job.pgid = None
-    job.not_before = time.time() + delay_s if delay_s > 0 else None
-    for inst in avoid:
-        if inst not in job.avoid_instances:
-            job.avoid_instances.append(inst)
-    store.mark_dirty()
-    return job
+def orphans_on(store: StateStore, instance_id: str) -> list[JobRecord]:
+    return [j for j in store.jobs.values() if j.orphan_on(instance_id) is not None]

@@ -2,8 +2,10 @@
 
 Remote layout: `<remote root>/<instance id>/jobs/<safe job>/` holds the input CSV
 (`<safe job>.csv`, the GARCH script writes its parquet beside it), `out/`,
-`log.txt` (stdout+stderr), `pid` (= the process-group id), `attempt`, `boot_key`,
-`started_at`, `ended_at` and `exit_code` (written last, atomically).
+`log.txt` (stdout+stderr), `pid` (= the process-group id), `attempt`, `run` (the
+run id: the start, the status and the collection are keyed by it, so a new run never
+reattaches to, or collects, an older run's folder), `boot_key`, `started_at`,
+`ended_at` and `exit_code` (written last, atomically).
 
 The seed's `create_job_log_file` is folded into the start script: the script's
 redirection creates `log.txt`. Every script is POSIX sh, run as `sh -c '<script>'`
@@ -29,12 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from vastd.core.files import safe_name
+from vastd.core.remote_layout import LOG_NAME as LOG_NAME
+from vastd.core.remote_layout import OUT_NAME as OUT_NAME
+from vastd.core.remote_layout import RemoteJobPaths as RemoteJobPaths
+from vastd.core.remote_layout import instance_root as instance_root
+from vastd.core.remote_layout import is_job_dir_of as is_job_dir_of
+from vastd.core.remote_layout import remote_job_paths as remote_job_paths
 from vastd.utils.exceptions import ConfigError, JobExecutionError
 
 MARKER = "__VASTD_BEGIN__"
-LOG_NAME = "log.txt"
-OUT_NAME = "out"
 # Files the wrapper and vastd keep in a job folder: never results.
 CONTROL_NAMES = frozenset(
     {
@@ -45,6 +50,8 @@ CONTROL_NAMES = frozenset(
         "pid.start.tmp",
         "attempt",
         "attempt.tmp",
+        "run",
+        "run.tmp",
         "boot_key",
         "started_at",
         "started_at.tmp",
@@ -56,6 +63,7 @@ CONTROL_NAMES = frozenset(
     }
 )
 _START_WAIT_TICKS = 40  # x 0.05 s: how long the start script waits for the pid file
+_RUN_ID = re.compile(r"^[0-9a-f]{1,40}$")
 
 
 class RemoteResult(Protocol):
@@ -97,75 +105,12 @@ class RemoteRunner(Protocol):
 
 
 @dataclass(frozen=True)
-class RemoteJobPaths:
-    """Absolute remote paths of one job's folder and the files in it."""
-
-    instance_root: str
-    job_dir: str
-    input: str
-    out_dir: str
-    log: str
-    pid: str
-    attempt: str
-    started_at: str
-    ended_at: str
-    exit_code: str
-    timed_out: str
-    boot_key: str
-
-
-@dataclass(frozen=True)
 class ProcessInfo:
     """The remote job's process group; `started` is False when the same attempt was running."""
 
     pid: int
     pgid: int
     started: bool
-
-
-def _component(name: str, what: str) -> str:
-    if name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise ValueError(f"{what} {name!r} cannot be a remote folder name")
-    return name
-
-
-def instance_root(remote_root: str, instance_id: str) -> str:
-    """`<remote root>/<instance id>`: everything vastd writes on an instance lives below."""
-    root = remote_root.rstrip("/") or ""
-    if not remote_root.startswith("/"):
-        raise ValueError(f"remote root {remote_root!r} must be absolute")
-    return f"{root}/{_component(safe_name(instance_id), 'instance id')}"
-
-
-def remote_job_paths(remote_root: str, instance_id: str, job_id: str) -> RemoteJobPaths:
-    """The remote paths of a job on an instance (names shortened by `safe_name`)."""
-    inst = instance_root(remote_root, instance_id)
-    job_dir = f"{inst}/jobs/{_component(safe_name(job_id), 'job id')}"
-    return RemoteJobPaths(
-        instance_root=inst,
-        job_dir=job_dir,
-        input=f"{job_dir}/{_component(safe_name(job_id, '.csv'), 'job id')}",
-        out_dir=f"{job_dir}/{OUT_NAME}",
-        log=f"{job_dir}/{LOG_NAME}",
-        pid=f"{job_dir}/pid",
-        attempt=f"{job_dir}/attempt",
-        started_at=f"{job_dir}/started_at",
-        ended_at=f"{job_dir}/ended_at",
-        exit_code=f"{job_dir}/exit_code",
-        timed_out=f"{job_dir}/timed_out",
-        boot_key=f"{job_dir}/boot_key",
-    )
-
-
-def is_job_dir_of(paths: RemoteJobPaths) -> bool:
-    """True when `paths.job_dir` is exactly one folder below `<instance root>/jobs`."""
-    job_dir = paths.job_dir
-    return (
-        posixpath.normpath(job_dir) == job_dir
-        and posixpath.dirname(job_dir) == f"{paths.instance_root}/jobs"
-        and posixpath.basename(job_dir) not in ("", ".", "..")
-        and paths.instance_root.startswith("/")
-    )
 
 
 def generate_job_command(
@@ -263,16 +208,31 @@ def as_sh_command(script: str) -> str:
     return "sh -c " + shlex.quote(script)
 
 
-def build_start_script(paths: RemoteJobPaths, command: str, attempt: int) -> str:
+def build_start_script(
+    paths: RemoteJobPaths, command: str, attempt: int, run_id: str | None = None
+) -> str:
     """The idempotent start script; it prints the marker, then `started|existing PID` or `error …`.
 
-    A second run for the same attempt reports the existing pid and does nothing. Otherwise
-    a still-running earlier attempt is killed, everything but the input is removed,
-    `out/` and `attempt` are written, and the wrapper is started in its own session.
+    A second start of the same run (`run` file = `run_id`; without a run id, the same
+    attempt) reports the existing pid and does nothing. Otherwise a still-running
+    earlier run is killed, everything but the input is removed, `out/`, `attempt` and
+    `run` are written, and the wrapper is started in its own session.
     """
     if attempt < 0:
         raise ValueError("attempt must be >= 0")
+    if run_id is not None and not _RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r} must be hex digits")
     q = shlex.quote
+    same = (
+        f'[ "$(head -c 40 run 2>/dev/null)" = {run_id} ]'
+        if run_id is not None
+        else '[ "$(head -c 32 attempt 2>/dev/null)" = "$A" ]'
+    )
+    write_run = (
+        f"printf '%s\\n' {run_id} > run.tmp && mv -f run.tmp run || _fail \"cannot write run\"\n"
+        if run_id is not None
+        else ""
+    )
     input_name = posixpath.basename(paths.input)
     return f"""{SH_HELPERS}
 D={q(paths.job_dir)}
@@ -285,7 +245,7 @@ _waitpid() {{ n=0; while [ ! -s pid ] && [ $n -lt {_START_WAIT_TICKS} ]; do _tic
 cd "$D" 2>/dev/null || _fail "cannot enter the job folder"
 command -v setsid >/dev/null 2>&1 || _fail "setsid not found on the instance"
 NH=nohup; command -v nohup >/dev/null 2>&1 || NH=
-if [ "$(head -c 32 attempt 2>/dev/null)" = "$A" ]; then
+if {same}; then
   _waitpid
   _pgid pid
   if [ -n "$v" ]; then printf '%s\\nexisting %s\\n' "$M" "$v"; exit 0; fi
@@ -305,7 +265,7 @@ done
 mkdir out || _fail "cannot create out/"
 printf '%s' "$BK" > boot_key || _fail "cannot write boot_key"
 printf '%s\\n' "$A" > attempt.tmp && mv -f attempt.tmp attempt || _fail "cannot write attempt"
-setsid $NH sh -c "$W" vastd-job "$C" > {LOG_NAME} 2>&1 < /dev/null &
+{write_run}setsid $NH sh -c "$W" vastd-job "$C" > {LOG_NAME} 2>&1 < /dev/null &
 # $! is the session (= process group) id: setsid does not fork outside job control.
 # The group exists only once the child has called setsid: wait for that (usually at once),
 # or a status check right after could find no group and call the job vanished.
@@ -343,10 +303,16 @@ _START_LINE = re.compile(r"^(started|existing) ([0-9]+)$")
 
 
 async def start_job_process(
-    conn: RemoteRunner, paths: RemoteJobPaths, command: str, attempt: int, *, timeout_s: float
+    conn: RemoteRunner,
+    paths: RemoteJobPaths,
+    command: str,
+    attempt: int,
+    *,
+    timeout_s: float,
+    run_id: str | None = None,
 ) -> ProcessInfo:
-    """Start `command` detached (idempotent per attempt); JobExecutionError if it cannot."""
-    script = build_start_script(paths, command, attempt)
+    """Start `command` detached (idempotent per run); JobExecutionError if it cannot."""
+    script = build_start_script(paths, command, attempt, run_id)
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
     lines = marker_lines(result.stdout)
     if lines:
@@ -373,9 +339,12 @@ async def execute_job_on_instance(
     vars: dict[str, str],
     attempt: int,
     timeout_s: float,
+    run_id: str | None = None,
 ) -> ProcessInfo:
-    """Upload the job's CSV and start its command; the seed's composite."""
+    """Upload the job's CSV and start its command (run `run_id`); the seed's composite."""
     paths = remote_job_paths(remote_root, instance_id, job_id)
     command = generate_job_command(command_template, paths=paths, job_id=job_id, vars=vars)
     await upload_job_file(conn, local_csv, paths, timeout_s=timeout_s)
-    return await start_job_process(conn, paths, command, attempt, timeout_s=timeout_s)
+    return await start_job_process(
+        conn, paths, command, attempt, timeout_s=timeout_s, run_id=run_id
+    )

@@ -8,9 +8,10 @@ Status output, after the marker, one line per entry, keyed by the entry's index
 (job ids are never echoed: they may hold newlines):
 
     J <index> <exists 0|1> <pgid|-> <alive 0|1> <exit_code> <started_at> <ended_at>
-      <log_size> <attempt> <timed_out 0|1>
+      <log_size> <attempt> <timed_out 0|1> <run>
 
-where a number field is `-` when its file is absent and `!` when it holds garbage.
+where a number field is `-` when its file is absent and `!` when it holds garbage,
+and `run` is the folder's run id (`-` when absent or not hex).
 `log_size` is always `-`: measuring it costs two processes per job and cycle, and
 the cycle runs on every instance every few seconds. Every read is a shell builtin.
 """
@@ -51,6 +52,7 @@ class RemoteJobStatus:
     log_size: int | None = None
     attempt: int | None = None
     timed_out: bool = False
+    run: str | None = None  # the run id the folder holds
 
 
 class CompletionStatus(StrEnum):
@@ -95,10 +97,11 @@ if [ -d "$d" ]; then
   _num "$d/attempt"; at=$v
   ls=
   if [ -e "$d/timed_out" ]; then to=1; else to=0; fi
-  printf 'J {index} 1 %s %s %s %s %s %s %s %s\\n' "${{p:--}}" "$al" "$e" "$s" "$en" \\
-    "${{ls:--}}" "$at" "$to"
+  r=; read -r r 2>/dev/null < "$d/run"; case $r in ''|*[!0-9a-f]*) r=- ;; esac
+  printf 'J {index} 1 %s %s %s %s %s %s %s %s %s\\n' "${{p:--}}" "$al" "$e" "$s" "$en" \\
+    "${{ls:--}}" "$at" "$to" "$r"
 else
-  printf 'J {index} 0 - 0 - - - - - 0\\n'
+  printf 'J {index} 0 - 0 - - - - - 0 -\\n'
 fi
 """
 
@@ -130,7 +133,7 @@ def build_status_script(entries: list[tuple[str, RemoteJobPaths]], *, wait_s: fl
 
 
 _STATUS_LINE = re.compile(
-    r"^J ([0-9]+) ([01]) (-|[0-9]+) ([01]) (\S+) (\S+) (\S+) (-|[0-9]+) (\S+) ([01])$"
+    r"^J ([0-9]+) ([01]) (-|[0-9]+) ([01]) (\S+) (\S+) (\S+) (-|[0-9]+) (\S+) ([01]) (-|[0-9a-f]+)$"
 )
 _NUMBER = re.compile(r"^[+-]?[0-9]{1,18}$")
 
@@ -171,6 +174,7 @@ def parse_status_output(
             log_size=_number(match.group(8)),
             attempt=_number(match.group(9)),
             timed_out=match.group(10) == "1",
+            run=None if match.group(11) == "-" else match.group(11),
         )
     return statuses
 

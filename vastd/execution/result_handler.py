@@ -8,8 +8,15 @@ The candidates are the job folder's own entries and those of `out/` (one level),
 symlink, folder or device that matches is skipped and reported, never downloaded.
 The input CSV and the wrapper's files (log.txt, pid, exit_code, ...) never count.
 
-Listing output, after the marker: `F <type l|f|d|o> <size> <hex of the name>` lines,
-then `END`; names travel hex-encoded, so newlines and non-UTF-8 bytes are harmless.
+Listing output, after the marker: `R <run id|->` (the folder's `run` file), then
+`F <type l|f|d|o> <size> <hex of the name>` lines, then `END`; names travel
+hex-encoded, so newlines and non-UTF-8 bytes are harmless. A collection asked for
+one run refuses a folder that holds another (RunMismatchError).
+
+A rerun of a finished job (`keep_previous`) installs its results as
+`results/<job>/` and keeps the earlier ones as `results/<job>/previous-<n>/`:
+the earlier folder is first renamed to `results/.keep-<job>`, which a crash leaves
+in place and the next install picks up again, so no step loses either set.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from vastd.utils.exceptions import (
     FileOperationError,
     JobExecutionError,
     ResultValidationError,
+    RunMismatchError,
 )
 from vastd.utils.logging import get_logger
 
@@ -70,6 +78,7 @@ class CollectedResults:
     rows: int
     log: Path | None = None
     skipped: list[str] = field(default_factory=list)
+    previous: Path | None = None  # where the earlier run's results were kept (a rerun)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class _Listing:
     files: list[RemoteFile]
     skipped: list[str]
     log_size: int | None
+    run: str | None = None
 
 
 _LIST_SCRIPT = r"""
@@ -96,6 +106,8 @@ _one() {
   esac
 }
 printf '%s\n' "$M"
+r=; read -r r 2>/dev/null < run; case $r in ''|*[!0-9a-f]*) r=- ;; esac
+printf 'R %s\n' "$r"
 # Only names the glob may match are looked at (the shell's case prefilters; vastd
 # matches exactly afterwards).
 for f in *; do case $f in log.txt|$P) _one "$f" ;; esac; done
@@ -104,6 +116,7 @@ echo END
 """
 _ENTRY = re.compile(r"^F ([lfdo]) ([0-9]+) ((?:[0-9a-f]{2})+)$")
 _PLAIN_ENTRY = re.compile(r"^P ([lfdo]) ([0-9]+) ([A-Za-z0-9._/+-]+)$")
+_RUN_LINE = re.compile(r"^R (-|[0-9a-f]+)$")
 _KIND = {"l": "a symlink", "d": "a folder", "o": "not a regular file"}
 
 
@@ -138,7 +151,12 @@ async def _list_job_dir(
     files: list[RemoteFile] = []
     skipped: list[str] = []
     log_size: int | None = None
+    run: str | None = None
     for line in lines:
+        run_line = _RUN_LINE.match(line.strip())
+        if run_line:
+            run = None if run_line.group(1) == "-" else run_line.group(1)
+            continue
         match = _ENTRY.match(line.strip())
         plain = None if match else _PLAIN_ENTRY.match(line.strip())
         if plain:
@@ -164,7 +182,7 @@ async def _list_job_dir(
         files.append(RemoteFile(name=name, path=f"{paths.job_dir}/{name}", size=size))
     for reason in skipped:
         log.warning("result_file_skipped", reason=reason)
-    return _Listing(files=files, skipped=skipped, log_size=log_size)
+    return _Listing(files=files, skipped=skipped, log_size=log_size, run=run)
 
 
 async def find_result_files(
@@ -303,6 +321,61 @@ def _install_results(tmp: Path, final: Path) -> None:
             aside.unlink(missing_ok=True)
 
 
+PREVIOUS_PREFIX = "previous-"
+
+
+def keep_folder(final: Path) -> Path:
+    """Where a rerun parks the earlier results while it installs its own."""
+    return final.with_name(safe_name(f".keep-{final.name}"))
+
+
+def _previous_dirs(folder: Path) -> list[Path]:
+    with contextlib.suppress(FileNotFoundError):
+        return [
+            p
+            for p in folder.iterdir()
+            if p.name.startswith(PREVIOUS_PREFIX)
+            and p.name[len(PREVIOUS_PREFIX) :].isdigit()
+            and p.is_dir()
+            and not p.is_symlink()
+        ]
+    return []
+
+
+def _install_keeping_previous(tmp: Path, final: Path) -> Path | None:
+    """Install `tmp` as `final`, the results it replaces kept as `final/previous-<n>/`.
+
+    Returns that folder (None when there was nothing to keep). Every step is a rename;
+    `keep_folder(final)` holds the earlier results until they are in place, and an
+    install that finds it (a crash came between) starts from it again.
+    """
+    _fsync_tree(tmp)
+    keep = keep_folder(final)
+    if keep.is_dir():
+        # An interrupted install: `final`, if there, holds this same run's results
+        # (replaced now); earlier previous-<n> folders it got go back first.
+        if final.is_dir() and not final.is_symlink():
+            for prev in _previous_dirs(final):
+                os.rename(prev, keep / prev.name)
+            shutil.rmtree(final)
+    elif final.is_dir() and not final.is_symlink():
+        os.rename(final, keep)
+        fsync_directory(final.parent)
+    else:
+        _install_results(tmp, final)
+        return None
+    os.rename(tmp, final)
+    numbers = [0]
+    for prev in _previous_dirs(keep):
+        numbers.append(int(prev.name[len(PREVIOUS_PREFIX) :]))
+        os.rename(prev, final / prev.name)
+    target = final / f"{PREVIOUS_PREFIX}{max(numbers) + 1}"
+    os.rename(keep, target)
+    fsync_directory(final)
+    fsync_directory(final.parent)
+    return target
+
+
 async def collect_job_results(
     conn: RemoteRunner,
     paths: RemoteJobPaths,
@@ -315,6 +388,8 @@ async def collect_job_results(
     max_bytes: int,
     timeout_s: float,
     log_max_bytes: int = LOG_TAIL_BYTES,
+    run_id: str | None = None,
+    keep_previous: bool = False,
 ) -> CollectedResults:
     """Download, validate and install a job's results as `results_root/<safe job>/`.
 
@@ -323,6 +398,10 @@ async def collect_job_results(
     failure the temp folder is removed and the final name is left as it was.
     """
     listing = await _list_job_dir(conn, paths, pattern, timeout_s=timeout_s)
+    if run_id is not None and listing.run != run_id:
+        raise RunMismatchError(
+            f"the remote job folder holds run {listing.run or '(none)'}, not run {run_id}"
+        )
     remote_files = sorted(listing.files, key=lambda f: f.name)
     if len(remote_files) < min_results:
         raise ResultValidationError(
@@ -347,7 +426,11 @@ async def collect_job_results(
         log_path = await _download_log(
             conn, paths, listing.log_size, tmp, cap_bytes=log_max_bytes, timeout_s=timeout_s
         )
-        await asyncio.to_thread(_install_results, tmp, final)
+        previous: Path | None = None
+        if keep_previous:
+            previous = await asyncio.to_thread(_install_keeping_previous, tmp, final)
+        else:
+            await asyncio.to_thread(_install_results, tmp, final)
     except BaseException as exc:
         # Synchronous on purpose: this must also run when the task is being cancelled.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,6 +444,7 @@ async def collect_job_results(
         rows=rows,
         log=final / LOG_NAME if log_path is not None else None,
         skipped=listing.skipped,
+        previous=previous,
     )
 
 
@@ -376,22 +460,35 @@ def cleanup_stale_result_dirs(results_root: Path) -> int:
 
 
 async def cleanup_remote_job(
-    conn: RemoteRunner, paths: RemoteJobPaths, *, timeout_s: float
-) -> None:
+    conn: RemoteRunner, paths: RemoteJobPaths, *, timeout_s: float, run_id: str | None = None
+) -> bool:
     """Kill what is left of the job's process group, then `rm -rf` its remote folder.
 
     A job may exit leaving children behind, or write garbage into `exit_code` while
     still running: once the folder (and its `pid`) is gone nothing could find them.
+    With `run_id`, only a folder holding that run is touched (another run of the same
+    job may have replaced it); returns False when it held another run (left alone).
     Refuses any path not directly under `<instance>/jobs`.
     """
     if not is_job_dir_of(paths):
         raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
+    if run_id is not None and not re.match(r"^[0-9a-f]{1,40}$", run_id):
+        raise ValueError(f"run id {run_id!r} must be hex digits")
     d = shlex.quote(paths.job_dir)
+    guard = ""
+    if run_id is not None:
+        guard = (
+            f'[ -d {d} ] || {{ echo "$M"; echo gone; exit 0; }}\n'
+            f"r=; read -r r 2>/dev/null < {d}/run\n"
+            f'[ "$r" = {run_id} ] || {{ echo "$M"; echo other; exit 0; }}\n'
+        )
     script = (
-        f"{SH_HELPERS}\n"
+        f"{SH_HELPERS}\n{guard}"
         f'_pgid {d}/pid; if [ -n "$v" ] && _alive {d} "$v"; then kill -KILL -"$v" 2>/dev/null; fi\n'
         f"rm -rf -- {d}\n"
     )
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
     if not result.ok:
         raise JobExecutionError(f"cannot remove the remote job folder: {result.stderr[-300:]}")
+    lines = marker_lines(result.stdout) or []
+    return not (lines and lines[0].strip() == "other")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
+from vastd.instances.provider import ApiState
 from vastd.instances.vast_api import VastClient
+from vastd.instances.vast_status import api_state
 from vastd.utils.exceptions import APIShapeError
 
 # "unknown" is "no heartbeat": a candidate for lost, judged with a grace period upstream.
-LOST_STATUSES: Final = frozenset({"exited", "offline", "unknown"})
 
 
 def _opt_str(value: Any) -> str | None:
@@ -61,13 +62,17 @@ class InstanceInfo:
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
+    def state(self) -> ApiState:
+        return api_state(self.actual_status)
+
+    @property
     def is_running(self) -> bool:
-        return self.actual_status == "running"
+        return self.state is ApiState.RUNNING
 
     @property
     def is_lost(self) -> bool:
         """Exited, offline or without heartbeat: may never run again."""
-        return self.actual_status in LOST_STATUSES
+        return self.state is ApiState.GONE
 
     @property
     def proxy_endpoint(self) -> tuple[str, int] | None:

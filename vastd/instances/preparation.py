@@ -14,8 +14,8 @@ import json
 import shlex
 from collections.abc import Sequence
 
+from vastd.core.remote_layout import instance_root
 from vastd.core.ssh import CommandResult, SSHConnection
-from vastd.execution.job_runner import instance_root
 from vastd.utils.config import PrepareStep
 from vastd.utils.exceptions import PreparationError
 from vastd.utils.logging import get_logger

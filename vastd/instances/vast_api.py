@@ -21,14 +21,16 @@ from urllib.parse import quote_plus
 import aiohttp
 from yarl import URL
 
-# Moved to offer_query.py; re-exported so existing imports keep working.
-from vastd.instances.offer_query import OFFER_ALIASES as OFFER_ALIASES
-from vastd.instances.offer_query import OFFER_FIELDS as OFFER_FIELDS
-from vastd.instances.offer_query import OFFER_MULTIPLIERS as OFFER_MULTIPLIERS
-from vastd.instances.offer_query import parse_offer_query as parse_offer_query
-from vastd.instances.offer_query import parse_order as parse_order
 from vastd.utils.exceptions import APIShapeError, VastAIError
 from vastd.utils.logging import get_logger, register_secret
+
+# Moved to offer_query.py; re-exported so existing imports keep working.
+from vastd.utils.offer_query import OFFER_ALIASES as OFFER_ALIASES
+from vastd.utils.offer_query import OFFER_FIELDS as OFFER_FIELDS
+from vastd.utils.offer_query import OFFER_MULTIPLIERS as OFFER_MULTIPLIERS
+from vastd.utils.offer_query import parse_offer_query as parse_offer_query
+from vastd.utils.offer_query import parse_order as parse_order
+from vastd.utils.supervise import Backoff
 
 log = get_logger(__name__)
 
@@ -144,8 +146,7 @@ class VastClient:
         return text.replace(self._api_key, "**********") if self._api_key else text
 
     def _backoff_s(self, attempt: int) -> float:
-        cap = min(self._backoff_max_s, self._backoff_base_s * (2**attempt))
-        return self._rng.uniform(0, cap)
+        return Backoff(self._backoff_base_s, self._backoff_max_s).delay_s(attempt, rng=self._rng)
 
     async def _retry_wait(
         self, method: str, path: str, attempt: int, delay_s: float, status: int | str

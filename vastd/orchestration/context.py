@@ -1,14 +1,16 @@
-"""The explicit context every loop and workflow takes: settings, store, pool, API.
+"""The context every loop and workflow takes: the daemon's resources, frozen.
 
-No globals: the daemon builds one Context and hands it down; tests build their own.
+No globals: `build_context(settings, **overrides)` makes the one Context that
+`vastd run` uses, and the tests' too (with a store, pool, API or timings of their
+own). The Context holds resources (settings, layout, store, SSH pool, API client,
+scheduler, the TaskSet that starts every background task, the Backoff every retry
+uses); the subsystems' working state (jobs being dispatched, watchers, preparations)
+lives in their own small holders, reached through it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +19,12 @@ import asyncssh
 from vastd.core.files import Layout
 from vastd.core.ssh import Endpoint, SSHPool
 from vastd.core.state import InstanceRecord, StateStore
-from vastd.daemon_lock import RootLock
 from vastd.instances.vast_api import VastClient
 from vastd.orchestration.scheduler import Scheduler
 from vastd.utils.config import Settings
 from vastd.utils.exceptions import ConfigError
 from vastd.utils.logging import get_logger, register_secret
+from vastd.utils.supervise import Backoff, TaskSet
 
 log = get_logger("vastd")
 
@@ -45,6 +47,15 @@ class StoreHostKeys:
 
 
 @dataclass
+class Dispatch:
+    """The dispatcher's working state: jobs whose upload/start is under way, its wakeup."""
+
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # the watcher leaves these jobs alone until their start has answered
+    in_flight: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
 class Context:
     settings: Settings
     layout: Layout
@@ -52,38 +63,34 @@ class Context:
     pool: SSHPool
     api: VastClient | None
     scheduler: Scheduler = field(default_factory=Scheduler)
-    dispatch_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    # jobs whose upload/start is under way (the watcher leaves them alone)
-    dispatching: set[str] = field(default_factory=set)
+    tasks: TaskSet = field(default_factory=TaskSet)
+    backoff: Backoff = field(default_factory=Backoff)
+    dispatch: Dispatch = field(default_factory=Dispatch)
+    # per instance: the task watching its jobs, the task preparing it
     watchers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    preparing: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    started_at: float = field(default_factory=time.time)
+    preparing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # how long the remote status command may wait for an exit before answering
     # (default: [job] poll_interval_s)
     watch_wait_s: float = -1.0
 
     def __post_init__(self) -> None:
         if self.watch_wait_s < 0:
-            self.watch_wait_s = self.settings.job.poll_interval_s
+            object.__setattr__(self, "watch_wait_s", self.settings.job.poll_interval_s)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
-        """A background task the context owns; its crash is logged, never silent."""
-        task = asyncio.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
+    @property
+    def dispatching(self) -> set[str]:
+        return self.dispatch.in_flight
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("task_crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
+    @property
+    def dispatch_wakeup(self) -> asyncio.Event:
+        return self.dispatch.wakeup
+
+    def spawn(self, coro: Any, *, name: str) -> asyncio.Task[None]:
+        """A background task (through the TaskSet: its crash is logged, never silent)."""
+        return self.tasks.spawn(coro, name=name)
 
     def wake_dispatch(self) -> None:
-        self.dispatch_wakeup.set()
+        self.dispatch.wakeup.set()
 
     def endpoints(self, inst: InstanceRecord) -> list[Endpoint]:
         """The SSH endpoints to try for an instance, per `[ssh] endpoint`."""
@@ -108,45 +115,54 @@ class Context:
 
     async def drain(self, timeout_s: float) -> None:
         """Give the background tasks (uploads, collections, clean-ups) a bounded time."""
-        tasks = list(self.tasks)
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+        await self.tasks.wait_all(timeout_s)
 
     async def aclose(self) -> None:
-        """Cancel what the context spawned and wait for it, bounded (resources stay open)."""
-        tasks = [*self.tasks, *self.watchers.values(), *self.preparing.values()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel what the context started and wait for it, bounded (resources stay open)."""
+        await self.tasks.cancel_all(timeout_s=5.0)
+        self.watchers.clear()
+        self.preparing.clear()
+
+
+_UNSET: Any = object()
 
 
 def build_context(
-    settings: Settings, *, client_keys: list[asyncssh.SSHKey] | None = None
+    settings: Settings,
+    *,
+    client_keys: list[asyncssh.SSHKey] | None = None,
+    store: StateStore | None = None,
+    pool: SSHPool | None = None,
+    api: VastClient | None = _UNSET,
+    **overrides: Any,
 ) -> Context:
-    """The snapshot, API client and SSH pool that `vastd run` uses, as one Context."""
-    api_key = settings.api_key()
-    if not api_key:
-        raise ConfigError(
-            [
-                "vast.api_key: no vast.ai API key (set VASTD_VAST__API_KEY or "
-                "VAST_API_KEY, or write it to [vast] api_key_file)"
-            ]
-        )
-    register_secret(api_key)
+    """The Context `vastd run` uses: the snapshot, the API client and the SSH pool.
+
+    Tests pass their own `store`, `pool` or `api` (`api=None`: no API, no key needed)
+    and any other Context field (`backoff`, `watch_wait_s`, ...) as overrides.
+    """
     layout = Layout(settings.paths.root)  # the callers created it before locking it
-    store = StateStore.open(layout.state_file)
-    api = VastClient(
-        settings.vast.api_url,
-        api_key,
-        timeout_s=settings.vast.request_timeout_s,
-        max_retries=settings.vast.max_retries,
-    )
-    pool = SSHPool(settings.ssh, client_keys=client_keys, host_keys=StoreHostKeys(store))
-    ctx = Context(settings, layout, store, pool, api)
-    return ctx
+    if store is None:
+        store = StateStore.open(layout.state_file)
+    if api is _UNSET:
+        api_key = settings.api_key()
+        if not api_key:
+            raise ConfigError(
+                [
+                    "vast.api_key: no vast.ai API key (set VASTD_VAST__API_KEY or "
+                    "VAST_API_KEY, or write it to [vast] api_key_file)"
+                ]
+            )
+        register_secret(api_key)
+        api = VastClient(
+            settings.vast.api_url,
+            api_key,
+            timeout_s=settings.vast.request_timeout_s,
+            max_retries=settings.vast.max_retries,
+        )
+    if pool is None:
+        pool = SSHPool(settings.ssh, client_keys=client_keys, host_keys=StoreHostKeys(store))
+    return Context(settings, layout, store, pool, api, **overrides)
 
 
 async def close_context(ctx: Context) -> None:
@@ -160,33 +176,3 @@ async def close_context(ctx: Context) -> None:
         finally:
             if ctx.api is not None:
                 await ctx.api.aclose()
-
-
-@contextlib.asynccontextmanager
-async def open_context(
-    settings: Settings,
-    *,
-    client_keys: list[asyncssh.SSHKey] | None = None,
-    recover: bool = True,
-) -> AsyncIterator[Context]:
-    """A Context built as `vastd run` builds one, closed afterwards (for library use).
-
-    With `recover`, the snapshot is reconciled with the folders first, as at daemon
-    start-up. It takes the root's lock, so it refuses the root of a running daemon.
-    """
-    from vastd.orchestration.workflow import recover_after_restart  # workflow imports us
-
-    Layout(settings.paths.root).ensure()
-    lock = RootLock(settings.paths.root)
-    lock.acquire()
-    try:
-        ctx = build_context(settings, client_keys=client_keys)
-        try:
-            if recover:
-                recover_after_restart(ctx)
-                await ctx.store.flush()
-            yield ctx
-        finally:
-            await close_context(ctx)
-    finally:
-        lock.release()

@@ -27,10 +27,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState
-from vastd.instances.discovery import InstanceInfo
-from vastd.instances.lifecycle import (
-    INTENT_ENV,
+from vastd.instances.provider import ApiState
+from vastd.instances.vast_status import api_state
+from vastd.orchestration.context import Context
+from vastd.orchestration.inventory import claim_unknown_instance as claim_unknown_instance
+from vastd.orchestration.renting import (
     accrue_instance,
     attach_public_key,
     cleanup_failed_instance,
@@ -38,10 +41,9 @@ from vastd.instances.lifecycle import (
     offer_dph,
     rent_instance,
 )
-from vastd.orchestration.context import Context
-from vastd.orchestration.workflow import record_from_info, run_loop
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
+from vastd.utils.supervise import run_loop
 
 log = get_logger("vastd.fleet")
 
@@ -55,8 +57,6 @@ LIVE = frozenset(
         InstanceStatus.UNREACHABLE,
     }
 )
-BOOT_FAILED_API = frozenset({"exited", "unknown", "offline"})
-MACHINE_FAILED_API = frozenset({"exited", "offline"})
 INTENT_TTL_S = 600.0  # an intent with no instance this long after a listing is dropped
 DESTROYED_KEEP_S = 86400.0  # destroyed records stay visible in `status` this long
 PREPARE_FAILURES_MAX = 5
@@ -124,69 +124,6 @@ def live_instances(ctx: Context) -> list[InstanceRecord]:
     return [i for i in ctx.store.instances.values() if i.status in LIVE]
 
 
-# --- reconciliation (called by discovery) -----------------------------------------------------
-def intent_of(info: InstanceInfo) -> str | None:
-    """The `VASTD_INTENT` an instance was rented with, from its `extra_env`."""
-    env = info.raw.get("extra_env")
-    pairs: list[Any] = []
-    if isinstance(env, dict):
-        pairs = list(env.items())
-    elif isinstance(env, list):
-        pairs = [p for p in env if isinstance(p, list | tuple) and len(p) == 2]
-    for key, value in pairs:
-        if key == INTENT_ENV and isinstance(value, str) and value:
-            return value
-    return None
-
-
-def claim_unknown_instance(ctx: Context, info: InstanceInfo, now: float) -> InstanceRecord | None:
-    """A labelled instance the snapshot does not know: ours, adopted, or left alone.
-
-    Ours when its `VASTD_INTENT` matches a saved rent intent (a crash or an ambiguous
-    answer came between the rent and the save): recorded as owned, booting since the
-    intent; the fleet then uses it or tears it down. Otherwise adopted (not owned)
-    only in adopt mode or with `adopt_foreign_labelled`; else None: never touched.
-    """
-    fleet = ctx.settings.fleet
-    intent_id = intent_of(info)
-    intent = ctx.store.snapshot.rent_intents.pop(intent_id, None) if intent_id else None
-    if intent is not None:
-        at = float(intent.get("at") or now)
-        inst = InstanceRecord(
-            id=str(info.id),
-            label=info.label,
-            status=InstanceStatus.BOOTING,
-            owned=True,
-            first_seen=now,
-            booting_since=at,
-            rented_at=at,
-            accrued_until=at,
-            dph=info.dph_total or float(intent.get("dph") or 0.0),
-            machine_id=info.machine_id,
-            intent_id=intent_id,
-        )
-        ctx.store.instances[inst.id] = inst
-        ctx.store.mark_dirty()
-        log.info(
-            "instance_rented",
-            instance=inst.id,
-            machine=info.machine_id,
-            dph=inst.dph,
-            reconciled=True,
-            intent=intent_id,
-        )
-        return inst
-    if fleet.mode == "adopt" or fleet.adopt_foreign_labelled:
-        inst = record_from_info(info, now)
-        ctx.store.instances[inst.id] = inst
-        ctx.store.mark_dirty()
-        log.info(
-            "instance_discovered", instance=inst.id, status=info.actual_status, dph=info.dph_total
-        )
-        return inst
-    return None
-
-
 def expire_rent_intents(ctx: Context, now: float) -> int:
     """Drop intents that a listing long after them did not show an instance for."""
     snap = ctx.store.snapshot
@@ -227,12 +164,12 @@ def teardown_reason(
     fleet = ctx.settings.fleet
     booting = inst.booting_since is not None
     if inst.status is InstanceStatus.LOST:
-        if inst.api_status == "stopped":
+        if api_state(inst.api_status) is ApiState.STOPPED:
             return "preempted (stopped)", False
-        if inst.api_status in MACHINE_FAILED_API:
+        if api_state(inst.api_status) is ApiState.GONE:
             return f"lost ({inst.api_status})", True
         return "lost", booting
-    if booting and inst.api_status in BOOT_FAILED_API:
+    if booting and api_state(inst.api_status) is ApiState.GONE:
         return f"{inst.api_status} while booting", True
     if inst.booting_since is not None and now - inst.booting_since > fleet.boot_timeout_s:
         return f"not ready within {fleet.boot_timeout_s:g}s", True
@@ -283,10 +220,7 @@ def judge_instances(ctx: Context, now: float) -> list[str]:
             and inst.status is InstanceStatus.READY
             and (jobs_on(ctx, inst) or inst.current_jobs)
         ):
-            inst.status = InstanceStatus.DRAINING
-            inst.drain_reason = "spend cap reached"
-            ctx.store.mark_dirty()
-            log.warning("instance_draining", instance=inst.id, reason=inst.drain_reason)
+            st.drain_instance(ctx.store, inst, "spend cap reached", requeue_jobs=False)
             continue
         verdict = teardown_reason(ctx, inst, now, queued)
         if verdict is None:

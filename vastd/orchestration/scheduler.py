@@ -17,6 +17,11 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
+from vastd.utils.supervise import Backoff
+
+# a collection that could not finish: 2 s, 4 s, ... up to a minute
+RETRY_BACKOFF = Backoff(base_s=2.0, max_s=60.0, jitter="none")
+
 
 class TaskType(StrEnum):
     COLLECT_RESULTS = "collect_results"
@@ -116,3 +121,8 @@ def schedule_instance_preparation(
     return scheduler.schedule_task(
         create_task(TaskType.PREPARE_INSTANCE, instance=instance_id), 1, delay_s
     )
+
+
+def retry_delay(attempt: int) -> timedelta:
+    """How long follow-up work that could not finish waits before its next try."""
+    return timedelta(seconds=RETRY_BACKOFF.delay_s(attempt))

@@ -119,6 +119,9 @@ class JobSettings(_Section):
     max_result_bytes: int = Field(default=10 * 1024**3, gt=0)
     poll_interval_s: float = Field(default=5.0, gt=0)
     jobs_per_instance: int = Field(default=1, ge=1)
+    # a file named like a finished job: refused (to failed/ as <job>.dup-<n>.csv), or
+    # run again with the earlier results kept as results/<job>/previous-<n>/
+    on_duplicate: Literal["refuse", "rerun"] = "refuse"
     vars: dict[str, str] = Field(default_factory=lambda: {"num_sim": "1000000"})
     patterns: list[JobPattern] = Field(default_factory=list)
 
@@ -188,7 +191,7 @@ class FleetSettings(_Section):
     @field_validator("offer_query")
     @classmethod
     def _query_parses(cls, value: str) -> str:
-        from vastd.instances.vast_api import parse_offer_query  # the API layer owns the syntax
+        from vastd.utils.offer_query import parse_offer_query
 
         parse_offer_query(value)
         return value

@@ -69,3 +69,11 @@ class FileOperationError(VastdError):
 
 class StateManagementError(VastdError):
     """The state snapshot cannot be read or written."""
+
+
+class IllegalTransitionError(VastdError):
+    """A state change the transition table (core/state.py) does not allow: a bug."""
+
+
+class RunMismatchError(VastdError):
+    """The remote job folder holds another run than the one asked for (never an attempt)."""

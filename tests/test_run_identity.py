@@ -1,0 +1,205 @@
+"""Write-ahead, run identity, durable follow-ups and the local deadline, against a SimCluster.
+
+Each test drives the daemon's own steps (tests/ctxfactory.pump) on a Context from
+`build_context`, and judges the snapshot on disk, the folders and the remote root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.ctxfactory import (
+    GATED_WORKER,
+    SimEnv,
+    async_wait_for,
+    job_file_in,
+    pump,
+    remote_dir,
+    wait_saved,
+    wait_state,
+)
+from vastd.core import snapshot as snapshot_mod
+from vastd.core import state as st
+from vastd.core.state import JobState, load_state
+from vastd.orchestration import coordinator as co
+from vastd.orchestration.followups import followups_once, sweep_remote_folders
+from vastd.orchestration.inventory import handle_instance_failure
+from vastd.utils.exceptions import StateManagementError
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[SimEnv]:
+    async with SimEnv(tmp_path) as e:
+        yield e
+
+
+def group_alive(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+# --- 3. write-ahead ----------------------------------------------------------------------------
+async def test_no_upload_when_the_assignment_cannot_be_saved(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full at the save: nothing is uploaded or started, the job stays queued (file in
+    queued/), `dispatch_deferred` says why, and once the disk is back it runs normally."""
+    await env.start(instances=1)
+    ctx = env.context()
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    real_save = snapshot_mod.save_state
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise StateManagementError(f"cannot write: {errno.errorcode[errno.ENOSPC]}")
+
+    monkeypatch.setattr(snapshot_mod, "save_state", disk_full)
+    with capture_logs() as logs:
+        assert await co.coordinate_job_distribution(ctx) == 0
+    job = ctx.store.jobs[job_id]
+    assert job.state is JobState.QUEUED and job.run_id is None
+    assert job_file_in(ctx, job_id) == ["queued"]
+    assert not remote_dir(ctx, iid, job_id).exists(), "uploaded before the record was saved"
+    [deferred] = [e for e in logs if e["event"] == "dispatch_deferred"]
+    assert "ENOSPC" in deferred["reason"] and ctx.store.save_error is not None
+    assert ctx.store.instances[iid].current_jobs == []
+
+    monkeypatch.setattr(snapshot_mod, "save_state", real_save)
+    await wait_state(ctx, job_id, JobState.DONE)
+    assert job.runs == 1 and ctx.store.save_error is None
+
+
+# --- 9. a start that completes after its job moved on -------------------------------------------
+async def test_a_start_answering_after_its_instance_was_lost_is_stopped(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance is declared lost while the start runs: the run that started anyway is
+    recorded for clean-up and killed, never left running untracked."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"command": GATED_WORKER}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    real_execute = co.execute_job_on_instance
+    started: list[int] = []
+
+    async def start_then_lose(*args: Any, **kwargs: Any) -> Any:
+        proc = await real_execute(*args, **kwargs)
+        started.append(proc.pgid)
+        handle_instance_failure(ctx, ctx.store.instances[iid], "vast.ai reports it exited")
+        return proc
+
+    monkeypatch.setattr(co, "execute_job_on_instance", start_then_lose)
+    assert await co.coordinate_job_distribution(ctx) == 1
+    await async_wait_for(lambda: started and not ctx.dispatching, 10)
+    [pgid] = started
+    env.track_group(pgid)
+    job = ctx.store.jobs[job_id]
+    assert job.state is JobState.QUEUED
+    [followup] = ctx.store.snapshot.followups.values()
+    assert followup.instance == iid and followup.reason == "started after the job moved on"
+    # The instance is back (listed as running): the recorded stop is carried out.
+    st.mark_instance_discovered(ctx.store, ctx.store.instances[iid])
+    await env.ready(ctx)
+    await pump(ctx, lambda: not group_alive(pgid), 20, dispatch=False)
+    assert ctx.store.snapshot.followups == {}
+
+
+# --- 6. follow-ups are durable -------------------------------------------------------------------
+async def test_a_recorded_cleanup_survives_a_restart_and_waits_for_the_save(
+    env: SimEnv,
+) -> None:
+    """A finished job's clean-up is in the snapshot with DONE; a daemon that died before
+    doing it does it after the restart; and it never runs before its record is saved."""
+    await env.start(instances=1)
+    settings = env.settings()
+    ctx = env.context(settings)
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    await co.coordinate_job_distribution(ctx)
+    # Collect without running follow-ups (a crash right after the DONE save).
+    job = ctx.store.jobs[job_id]
+    await async_wait_for(lambda: job.state is JobState.COLLECTING, 20)
+    assert await co.collect_job(ctx, job_id)
+    assert job.state is JobState.DONE
+    folder = remote_dir(ctx, iid, job_id)
+    assert folder.exists()
+    # Not saved yet: the clean-up waits for the save.
+    waiting = asyncio.create_task(followups_once(ctx))
+    await asyncio.sleep(0.3)
+    assert not waiting.done() and folder.exists()
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    await wait_saved(ctx)
+    assert len(load_state(ctx.layout.state_file).followups) == 1
+    await env.close_context(ctx)
+
+    ctx2 = env.context(settings)
+    await env.ready(ctx2)
+    await pump(ctx2, lambda: not folder.exists(), 20, dispatch=False)
+    assert ctx2.store.snapshot.followups == {}
+
+
+async def test_preparation_sweeps_job_folders_nothing_accounts_for(env: SimEnv) -> None:
+    """A job folder on an instance that no job, orphan or follow-up needs (a finished run
+    whose clean-up a crash forgot, a run never recorded) is killed and removed before the
+    instance gets a job; a running job's folder is kept."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"command": GATED_WORKER}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    await co.coordinate_job_distribution(ctx)
+    job = ctx.store.jobs[job_id]
+    await pump(ctx, lambda: job.pgid is not None, dispatch=False)
+    stray = remote_dir(ctx, iid, "forgotten_job")
+    stray.mkdir(parents=True)
+    (stray / "exit_code").write_text("0\n")
+    conn = await ctx.pool.get(iid, ctx.endpoints(ctx.store.instances[iid]))
+    with capture_logs():
+        assert await sweep_remote_folders(ctx, ctx.store.instances[iid], conn) == 1
+    assert not stray.exists()
+    assert remote_dir(ctx, iid, job_id).exists() and group_alive(job.pgid or 0)
+
+
+# --- 8. the local deadline -----------------------------------------------------------------------
+async def test_the_deadline_counts_from_the_local_start_and_survives_a_reattach(
+    env: SimEnv,
+) -> None:
+    """`timeout_s` counts from the first start recorded locally: a reattach (the same run
+    started again) keeps it, and a start_at written by the instance's clock is ignored."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"command": GATED_WORKER, "timeout_s": 30}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    await co.coordinate_job_distribution(ctx)
+    job = ctx.store.jobs[job_id]
+    await pump(ctx, lambda: job.pgid is not None and not ctx.dispatching, dispatch=False)
+    first = job.started_at
+    assert first is not None and abs(first - time.time()) < 10
+    # A reattach: the idempotent start of the same run.
+    ctx.dispatching.add(job_id)
+    await co.dispatch_job(ctx, job_id, iid, job.run_id)
+    assert job.started_at == first and job.runs == 1
+    # A dispatch that broke off before its start was saved; the instance's clock is off.
+    job.pgid, job.started_at = None, None
+    (remote_dir(ctx, iid, job_id) / "started_at").write_text("1000\n")
+    inst = ctx.store.instances[iid]
+    statuses = await co.check_instance_jobs(ctx, inst, [job])
+    await co.handle_job_status(ctx, inst, job, statuses[job_id])
+    assert job.state is JobState.RUNNING and job.kill_reason is None
+    assert job.started_at is not None and job.started_at > time.time() - 10
+    env.open_gate(iid)
+    await wait_state(ctx, job_id, JobState.DONE)

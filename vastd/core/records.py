@@ -1,0 +1,178 @@
+"""The records the snapshot holds (CONTRACT §7): jobs, instances, follow-up work.
+
+Plain data. Who may change a record's `state`, `status` or reason is decided in
+core/state.py (the transition table); persistence lives in core/snapshot.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COLLECTING = "collecting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+FINISHED = frozenset({JobState.DONE, JobState.FAILED})
+
+
+class InstanceStatus(StrEnum):
+    BOOTING = "booting"  # rented by us, not running yet
+    DISCOVERED = "discovered"  # running in the API, SSH not confirmed
+    PREPARING = "preparing"
+    READY = "ready"
+    UNREACHABLE = "unreachable"  # SSH fails; jobs keep their attempt during the grace
+    DRAINING = "draining"  # gets no new jobs; destroyed once empty
+    LOST = "lost"  # gone from the API or exited/offline
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+
+
+def new_run_id() -> str:
+    """A run id: 16 hex digits (safe in a shell word and a file name)."""
+    return secrets.token_hex(8)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", validate_assignment=False)
+
+
+class OrphanRun(_Model):
+    """A run given up while its instance was silent; kept if it finishes first."""
+
+    instance: str
+    run: str | None = None  # None: recorded before run ids existed
+
+
+class JobRecord(_Model):
+    id: str
+    file_name: str
+    state: JobState = JobState.QUEUED
+    seq: int = 0
+    rows: int = 0
+    attempts: int = 0  # failures observed on an instance (exit code, bad results)
+    runs: int = 0  # remote starts, whatever their outcome
+    instance: str | None = None
+    # the current run: given at dispatch and saved before the upload; the remote
+    # folder's `run` file, the idempotent start and the collection are keyed by it
+    run_id: str | None = None
+    pgid: int | None = None
+    accepted_at: float = Field(default_factory=time.time)
+    dispatched_at: float | None = None
+    # when this run's start was first confirmed, by the local clock: the deadline
+    # (`[job] timeout_s`) counts from here and survives reattaches
+    started_at: float | None = None
+    exited_at: float | None = None
+    finished_at: float | None = None
+    last_exit_code: int | None = None
+    last_error: str | None = None
+    kill_reason: str | None = None  # the run must be killed (timeout); saved before the kill
+    not_before: float | None = None  # retry back-off
+    avoid_instances: list[str] = Field(default_factory=list)
+    # runs on instances given up while unreachable
+    orphans: list[OrphanRun] = Field(default_factory=list)
+    result_files: list[str] = Field(default_factory=list)
+    # accepted again after it was done ([job] on_duplicate = "rerun"): the earlier
+    # results are kept as results/<job>/previous-<n>/ when this run's are installed
+    keep_previous: bool = False
+
+    @field_validator("orphans", mode="before")
+    @classmethod
+    def _legacy_orphans(cls, value: Any) -> Any:
+        # Snapshots written before run ids held bare instance ids.
+        if isinstance(value, list):
+            return [{"instance": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    def orphan_on(self, instance_id: str) -> OrphanRun | None:
+        return next((o for o in self.orphans if o.instance == instance_id), None)
+
+
+class InstanceRecord(_Model):
+    id: str  # the vast.ai instance id, as text
+    label: str | None = None
+    status: InstanceStatus = InstanceStatus.DISCOVERED
+    api_status: str | None = None  # vast.ai actual_status
+    ssh_host: str | None = None
+    ssh_port: int | None = None
+    public_ipaddr: str | None = None
+    direct_port: int | None = None
+    host_key: str | None = None
+    prepared_hash: str | None = None
+    prepare_failures: int = 0
+    prepare_error: str | None = None
+    next_prepare_at: float | None = None
+    current_jobs: list[str] = Field(default_factory=list)
+    dph: float = 0.0
+    machine_id: int | None = None
+    gpu_name: str | None = None
+    owned: bool = False  # rented by this vastd
+    first_seen: float = Field(default_factory=time.time)
+    last_seen: float | None = None  # in the API list
+    last_contact: float | None = None  # SSH answered
+    unreachable_since: float | None = None
+    missing_since: float | None = None
+    idle_since: float | None = None
+    booting_since: float | None = None
+    # fleet (autoscale): ownership, money and teardown
+    intent_id: str | None = None  # the rent intent this instance was created for
+    rented_at: float | None = None
+    accrued_until: float | None = None  # spend is accrued up to here
+    ssh_key_attached: bool = False
+    destroy_reason: str | None = None
+    destroy_attempts: int = 0
+    next_destroy_at: float | None = None
+    destroyed_at: float | None = None
+    lost_reason: str | None = None
+    # health (monitoring.py) and every other drain: why it gets no new jobs
+    health_failures: int = 0
+    drain_reason: str | None = None
+    disk_free_gb: float | None = None
+    health_checked_at: float | None = None
+
+
+FollowUpKind = Literal["cleanup"]
+
+
+class FollowUp(_Model):
+    """Remote work that must happen once the snapshot says so, retried until done.
+
+    `cleanup`: kill what is left of run `run` of `job` on `instance` and remove its
+    remote folder, only if the folder still holds that run (its `run` file).
+    A finished run's folder, a failed attempt's, and a duplicate run all go this way.
+    """
+
+    id: str
+    kind: FollowUpKind = "cleanup"
+    instance: str
+    job: str
+    run: str | None = None
+    reason: str = ""
+    created_at: float = Field(default_factory=time.time)
+    attempts: int = 0
+    next_at: float = 0.0
+    last_error: str | None = None
+
+
+class Snapshot(_Model):
+    version: int = SCHEMA_VERSION
+    saved_at: float | None = None
+    next_seq: int = 1
+    jobs: dict[str, JobRecord] = Field(default_factory=dict)
+    instances: dict[str, InstanceRecord] = Field(default_factory=dict)
+    followups: dict[str, FollowUp] = Field(default_factory=dict)
+    blocked_machines: dict[str, float] = Field(default_factory=dict)  # machine id -> until
+    rent_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    spend_total: float = 0.0  # dollars accrued by owned instances
+    last_discovery_at: float | None = None  # last successful instance listing

@@ -1,0 +1,99 @@
+"""The steps every loop shares: connect, reachability, requeue, an attempt's failure.
+
+Thin: each one is a transition of core/state.py plus what the running daemon does
+around it (wake the dispatcher, drop a connection, log the event).
+"""
+
+from __future__ import annotations
+
+import time
+
+from vastd.core import state as st
+from vastd.core.ssh import SSHConnection
+from vastd.core.state import InstanceRecord, JobRecord, JobState
+from vastd.orchestration.context import Context
+from vastd.utils.exceptions import HostKeyMismatchError, SSHConnectionError
+from vastd.utils.logging import get_logger
+
+log = get_logger("vastd.coordinator")
+RETRY_DELAY_S = 2.0
+
+
+async def instance_connection(ctx: Context, inst: InstanceRecord) -> SSHConnection:
+    conn = await ctx.pool.get(inst.id, ctx.endpoints(inst))
+    inst.last_contact = time.time()
+    return conn
+
+
+def mark_unreachable(ctx: Context, inst: InstanceRecord, exc: SSHConnectionError) -> None:
+    """SSH failed. A changed host key is not a blip: drained for good, its jobs requeued."""
+    if isinstance(exc, HostKeyMismatchError):
+        if st.drain_instance(ctx.store, inst, str(exc), requeue_jobs=True):
+            ctx.spawn(ctx.pool.drop(inst.id), name=f"drop:{inst.id}")
+        ctx.wake_dispatch()
+        return
+    st.mark_instance_unreachable(ctx.store, inst, str(exc))
+
+
+def mark_reachable(ctx: Context, inst: InstanceRecord) -> None:
+    if st.mark_instance_reachable(ctx.store, inst):
+        ctx.wake_dispatch()
+
+
+def abandon_if_past_grace(ctx: Context, inst: InstanceRecord) -> int:
+    """Jobs on an instance silent past the grace run elsewhere; their runs become orphans.
+
+    Not an attempt. If an orphan later turns out to have succeeded, its results are
+    kept and the second run is stopped (see collection.handle_orphan_status).
+    """
+    since = inst.unreachable_since
+    if since is None or time.time() - since < ctx.settings.ssh.unreachable_grace_s:
+        return 0
+    moved = st.requeue_instance_jobs(
+        ctx.store, inst, f"instance {inst.id} unreachable", orphan=True
+    )
+    if moved:
+        ctx.wake_dispatch()
+    return moved
+
+
+def record_attempt_failure(
+    ctx: Context,
+    job: JobRecord,
+    *,
+    reason: str,
+    exit_code: int | None,
+    log_tail: str = "",
+) -> None:
+    """Something observed on the instance failed this attempt: retry or give up.
+
+    The attempt count and the run's clean-up are one change: the remote folder is
+    removed only once the count is on disk.
+    """
+    failed_on = job.instance
+    st.record_attempt_failure(
+        ctx.store,
+        job.id,
+        reason=reason,
+        exit_code=exit_code,
+        max_attempts=ctx.settings.job.max_attempts,
+        log_tail=log_tail,
+        retry_delay_s=RETRY_DELAY_S,
+    )
+    if job.state is JobState.QUEUED:
+        log.info("job_retry", job=job.id, instance=failed_on, attempts=job.attempts, reason=reason)
+    else:
+        log.warning(
+            "job_failed", job=job.id, instance=failed_on, attempts=job.attempts, reason=reason
+        )
+    ctx.wake_dispatch()
+
+
+def requeue(ctx: Context, job: JobRecord, *, reason: str, orphan: bool = False) -> None:
+    """Put a held job back in the queue (file and record), never counting an attempt."""
+    st.requeue_job(ctx.store, job.id, reason=reason, orphan=orphan)
+    if job.state is JobState.FAILED:
+        log.warning("job_failed", job=job.id, attempts=job.attempts, reason=job.last_error)
+    else:
+        log.info("job_requeued", job=job.id, reason=reason)
+    ctx.wake_dispatch()

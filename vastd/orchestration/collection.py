@@ -1,0 +1,225 @@
+"""Collection: a finished run's results become a done job, or an attempt's failure.
+
+Keyed by run id: a collection only takes a remote folder that holds the run it was
+asked for. The remote folder is removed by a recorded follow-up once the snapshot
+says the job is done (or the attempt is counted), never before: until then it is the
+only copy that lets a restarted daemon collect the job instead of running it again.
+"""
+
+from __future__ import annotations
+
+from vastd.core import state as st
+from vastd.core.ssh import SSHConnection
+from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState, OrphanRun
+from vastd.execution.job_runner import RemoteJobPaths, remote_job_paths
+from vastd.execution.process_monitor import (
+    CompletionStatus,
+    RemoteJobStatus,
+    detect_job_completion,
+    get_process_output,
+)
+from vastd.execution.result_handler import CollectedResults, collect_job_results
+from vastd.orchestration.actions import (
+    abandon_if_past_grace,
+    instance_connection,
+    mark_reachable,
+    mark_unreachable,
+    record_attempt_failure,
+    requeue,
+)
+from vastd.orchestration.context import Context
+from vastd.utils.exceptions import (
+    FileOperationError,
+    JobExecutionError,
+    RunMismatchError,
+    SSHConnectionError,
+    VastdError,
+)
+from vastd.utils.logging import get_logger
+
+log = get_logger("vastd.coordinator")
+
+
+def still_collecting(job: JobRecord, inst: InstanceRecord, run_id: str | None) -> bool:
+    """Nothing moved the job on while a remote operation was awaited."""
+    return job.state is JobState.COLLECTING and job.instance == inst.id and job.run_id == run_id
+
+
+async def collect_job(ctx: Context, job_id: str) -> bool:
+    """Collect a finished job: results, or an attempt failure. False: try again later."""
+    job = ctx.store.jobs.get(job_id)
+    if job is None or job.state is not JobState.COLLECTING:
+        return True
+    inst = ctx.store.instances.get(job.instance or "")
+    if inst is None or inst.status in (InstanceStatus.LOST, InstanceStatus.DESTROYED):
+        requeue(ctx, job, reason="instance lost before results were collected", orphan=True)
+        return True
+    run_id = job.run_id
+    paths = remote_job_paths(ctx.settings.remote.root, inst.id, job.id)
+    try:
+        conn = await instance_connection(ctx, inst)
+        if job.last_error is None:
+            try:
+                collected = await collect_with_settings(ctx, conn, paths, job, run_id)
+            except RunMismatchError as exc:
+                mark_reachable(ctx, inst)
+                if still_collecting(job, inst, run_id):
+                    # Its folder was replaced (not the job's fault): run it again.
+                    requeue(ctx, job, reason=f"results lost: {exc}")
+                return True
+            except JobExecutionError as exc:
+                mark_reachable(ctx, inst)
+                if not still_collecting(job, inst, run_id):
+                    return True
+                tail = await _log_tail(conn, paths, ctx.settings.ssh.command_timeout_s)
+                if still_collecting(job, inst, run_id):
+                    record_attempt_failure(
+                        ctx, job, reason=f"results invalid: {exc}", exit_code=0, log_tail=tail
+                    )
+                return True
+            mark_reachable(ctx, inst)
+            if still_collecting(job, inst, run_id):
+                complete_job(ctx, job, inst, collected, run_id)
+            else:
+                # Requeued while downloading (its instance was given up): these are valid
+                # results of a finished run; keep them as the orphan path would.
+                keep_late_results(ctx, job, inst, collected, run_id)
+            return True
+        tail = await _log_tail(conn, paths, ctx.settings.ssh.command_timeout_s)
+        mark_reachable(ctx, inst)
+        if not still_collecting(job, inst, run_id):
+            return True
+    except SSHConnectionError as exc:
+        log.warning("collection_deferred", job=job.id, instance=inst.id, error=str(exc))
+        mark_unreachable(ctx, inst, exc)
+        abandon_if_past_grace(ctx, inst)
+        return False
+    except FileOperationError as exc:
+        log.warning("collection_deferred", job=job.id, instance=inst.id, error=str(exc))
+        return False
+    record_attempt_failure(
+        ctx, job, reason=job.last_error or "failed", exit_code=job.last_exit_code, log_tail=tail
+    )
+    return True
+
+
+async def collect_with_settings(
+    ctx: Context,
+    conn: SSHConnection,
+    paths: RemoteJobPaths,
+    job: JobRecord,
+    run_id: str | None,
+) -> CollectedResults:
+    """Download, validate and install run `run_id`'s results as the `[job]` settings say."""
+    s = ctx.settings
+    return await collect_job_results(
+        conn,
+        paths,
+        job.id,
+        results_root=ctx.layout.results,
+        pattern=s.job.result_glob,
+        min_results=s.job.min_results,
+        validate=s.job.validate_,
+        max_bytes=s.job.max_result_bytes,
+        # Keepalive notices a dead peer; this only bounds a live but crawling transfer.
+        timeout_s=max(s.ssh.command_timeout_s, 600.0, s.job.max_result_bytes / 1e6),
+        run_id=run_id,
+        keep_previous=job.keep_previous,
+    )
+
+
+def complete_job(
+    ctx: Context,
+    job: JobRecord,
+    inst: InstanceRecord,
+    collected: CollectedResults,
+    run_id: str | None,
+) -> None:
+    """Validated results are in results/<job>/: the job is done, its file in done/."""
+    st.mark_job_completed(
+        ctx.store,
+        job.id,
+        instance_id=inst.id,
+        run_id=run_id,
+        result_files=[p.name for p in collected.files],
+        previous_dir=collected.previous,
+    )
+    log.info(
+        "results_collected",
+        job=job.id,
+        instance=inst.id,
+        files=len(collected.files),
+        rows=collected.rows,
+        run=run_id,
+    )
+    log.info("job_done", job=job.id, instance=inst.id, runs=job.runs, attempts=job.attempts)
+    ctx.wake_dispatch()
+
+
+def keep_late_results(
+    ctx: Context,
+    job: JobRecord,
+    inst: InstanceRecord,
+    collected: CollectedResults,
+    run_id: str | None,
+) -> None:
+    """Results of a finished run arrived after its job was requeued: keep them, stop a rerun."""
+    if job.state not in (JobState.QUEUED, JobState.RUNNING):
+        # Already done or failed by another path: these results are not used.
+        st.add_followup(ctx.store, instance=inst.id, job=job.id, run=run_id, reason="superseded")
+        return
+    log.info(
+        "orphan_run_kept",
+        job=job.id,
+        instance=inst.id,
+        second_run=job.instance if job.state is JobState.RUNNING else None,
+    )
+    st.drop_orphan(ctx.store, job, inst.id)
+    # From RUNNING, the transition records the second run's stop with the change.
+    complete_job(ctx, job, inst, collected, run_id)
+
+
+async def handle_orphan_status(
+    ctx: Context, inst: InstanceRecord, job: JobRecord, status: RemoteJobStatus
+) -> None:
+    """An earlier run, given up while its instance was silent, is visible again."""
+    orphan = job.orphan_on(inst.id)
+    if orphan is None:
+        return
+    if orphan.run is not None and status.exists and status.run != orphan.run:
+        # The folder now holds another run of this job: the orphan is gone.
+        st.drop_orphan(ctx.store, job, inst.id)
+        return
+    outcome = detect_job_completion(status)
+    finished = job.state in st.FINISHED
+    if outcome is CompletionStatus.RUNNING and not finished:
+        return  # it may still finish first
+    if outcome is CompletionStatus.SUCCEEDED and not finished:
+        paths = remote_job_paths(ctx.settings.remote.root, inst.id, job.id)
+        conn = await instance_connection(ctx, inst)
+        try:
+            collected = await collect_with_settings(ctx, conn, paths, job, orphan.run)
+        except JobExecutionError as exc:
+            log.info("orphan_results_invalid", job=job.id, instance=inst.id, error=str(exc))
+        else:
+            if job.orphan_on(inst.id) is not None:
+                keep_late_results(ctx, job, inst, collected, orphan.run)
+            return
+    # Finished elsewhere (a duplicate, still running or not), or no usable results:
+    # its stop and clean-up are recorded, and carried out once saved.
+    _drop_orphan_run(ctx, job, inst, orphan, "orphaned run not needed")
+
+
+def _drop_orphan_run(
+    ctx: Context, job: JobRecord, inst: InstanceRecord, orphan: OrphanRun, reason: str
+) -> None:
+    st.drop_orphan(ctx.store, job, inst.id)
+    st.add_followup(ctx.store, instance=inst.id, job=job.id, run=orphan.run, reason=reason)
+    log.info("orphan_run_dropped", job=job.id, instance=inst.id, reason=reason)
+
+
+async def _log_tail(conn: SSHConnection, paths: RemoteJobPaths, timeout_s: float) -> str:
+    try:
+        return await get_process_output(conn, paths, tail_lines=50, timeout_s=timeout_s)
+    except VastdError:
+        return ""

@@ -1,0 +1,208 @@
+"""Durable follow-up work: recorded remote clean-ups carried out after the save.
+
+A transition that decides a run's folder must go (collected, failed attempt,
+duplicate or untracked run, orphan no longer needed) records a FollowUp in the same
+change. `followups_once` runs the due ones once that change is on disk, each keyed
+by its run id (a folder that holds another run is left alone), and retries a failed
+one with back-off until it is done, across restarts. Nothing is dropped while the
+instance may still run it: only a destroyed or forgotten instance ends its work.
+
+`sweep_remote_folders` runs when an instance is (re)prepared, before it gets a job:
+a job folder on it that no job or orphan of this instance accounts for (a finished
+run whose clean-up a crash forgot, a run vastd never recorded) is killed and removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+
+from vastd.core import state as st
+from vastd.core.files import safe_name
+from vastd.core.ssh import SSHConnection
+from vastd.core.state import FollowUp, InstanceRecord, InstanceStatus
+from vastd.execution.job_runner import (
+    RemoteJobPaths,
+    as_sh_command,
+    instance_root,
+    marker_lines,
+    remote_job_paths,
+)
+from vastd.execution.result_handler import cleanup_remote_job
+from vastd.orchestration.actions import instance_connection
+from vastd.orchestration.context import Context
+from vastd.utils.exceptions import JobExecutionError, SSHConnectionError, VastdError
+from vastd.utils.logging import get_logger
+
+log = get_logger("vastd.followups")
+FOLLOWUP_BACKOFF_MAX_S = 600.0
+WAITING = frozenset({InstanceStatus.LOST, InstanceStatus.DESTROYING, InstanceStatus.BOOTING})
+
+
+def _blocked(ctx: Context, followup: FollowUp) -> bool:
+    """A newer run of the same job is on that instance (or being started there):
+    its start replaces the old folder itself, and a removal now could race the upload."""
+    job = ctx.store.jobs.get(followup.job)
+    return (
+        job is not None
+        and job.instance == followup.instance
+        and job.state in st.HELD
+        and job.run_id != followup.run
+    )
+
+
+def _retry_delay(ctx: Context, followup: FollowUp) -> float:
+    return min(FOLLOWUP_BACKOFF_MAX_S, 4 * ctx.backoff.cap_s(followup.attempts + 1))
+
+
+async def run_followup(ctx: Context, followup: FollowUp) -> bool:
+    """Carry out one follow-up; True once it is done (or can never apply)."""
+    inst = ctx.store.instances.get(followup.instance)
+    if inst is None or inst.status is InstanceStatus.DESTROYED:
+        st.followup_done(ctx.store, followup.id)
+        log.info("followup_dropped", job=followup.job, instance=followup.instance, why="gone")
+        return True
+    if inst.status in WAITING or _blocked(ctx, followup):
+        st.followup_failed(ctx.store, followup.id, "waiting", _retry_delay(ctx, followup))
+        return False
+    paths = remote_job_paths(ctx.settings.remote.root, inst.id, followup.job)
+    try:
+        conn = await instance_connection(ctx, inst)
+        removed = await cleanup_remote_job(
+            conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s, run_id=followup.run
+        )
+    except (SSHConnectionError, JobExecutionError) as exc:
+        st.followup_failed(ctx.store, followup.id, str(exc), _retry_delay(ctx, followup))
+        if followup.attempts == 0 or followup.attempts % 10 == 0:
+            log.warning(
+                "remote_cleanup_failed",
+                job=followup.job,
+                instance=inst.id,
+                error=str(exc),
+                attempts=followup.attempts + 1,
+            )
+        return False
+    except ValueError as exc:  # not a job folder: nothing this could ever remove
+        st.followup_done(ctx.store, followup.id)
+        log.error("followup_invalid", job=followup.job, instance=inst.id, error=str(exc))
+        return True
+    st.followup_done(ctx.store, followup.id)
+    log.info(
+        "remote_cleanup_done",
+        job=followup.job,
+        instance=inst.id,
+        run=followup.run,
+        reason=followup.reason,
+        removed=removed,
+    )
+    return True
+
+
+async def followups_once(ctx: Context, *, limit: int = 64) -> int:
+    """Run the follow-ups that are due (after their record is saved); returns how many ended."""
+    now = time.time()
+    due = [f for f in ctx.store.snapshot.followups.values() if f.next_at <= now][:limit]
+    if not due:
+        return 0
+    # Never before the change that decided them is on disk.
+    await ctx.store.wait_saved()
+    by_instance: dict[str, list[FollowUp]] = {}
+    for followup in due:
+        by_instance.setdefault(followup.instance, []).append(followup)
+
+    async def one_instance(items: list[FollowUp]) -> int:
+        done = 0
+        for followup in items:
+            if followup.id in ctx.store.snapshot.followups:
+                done += await run_followup(ctx, followup)
+        return done
+
+    results = await asyncio.gather(*(one_instance(items) for items in by_instance.values()))
+    return sum(results)
+
+
+# --- the sweep at preparation -------------------------------------------------------------------
+_LIST = (
+    'cd "$R/jobs" 2>/dev/null || { echo "$M"; exit 0; }\n'
+    'echo "$M"\n'
+    "for d in * .[!.]* ..?*; do\n"
+    '  [ -d "$d" ] && [ ! -L "$d" ] || continue\n'
+    "  printf 'D %s\\n' \"$(printf '%s' \"$d\" | od -An -v -tx1 | tr -d ' \\n')\"\n"
+    "done\n"
+)
+
+
+async def list_job_folders(conn: SSHConnection, inst: InstanceRecord, ctx: Context) -> list[str]:
+    """The names of the job folders under `<remote root>/<instance>/jobs/`."""
+    root = instance_root(ctx.settings.remote.root, inst.id)
+    script = f"M=__VASTD_BEGIN__\nR={shlex.quote(root)}\n{_LIST}"
+    result = await conn.run(as_sh_command(script), timeout_s=ctx.settings.ssh.command_timeout_s)
+    lines = marker_lines(result.stdout)
+    if lines is None:
+        raise JobExecutionError(f"job folder listing failed (exit {result.exit_status})")
+    names = []
+    for line in lines:
+        parts = line.strip().split(" ")
+        if len(parts) == 2 and parts[0] == "D":
+            try:
+                names.append(bytes.fromhex(parts[1]).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                continue
+    return names
+
+
+def _folder_paths(ctx: Context, inst: InstanceRecord, folder: str) -> RemoteJobPaths:
+    base = remote_job_paths(ctx.settings.remote.root, inst.id, "x")
+    job_dir = f"{base.instance_root}/jobs/{folder}"
+    return RemoteJobPaths(
+        instance_root=base.instance_root,
+        job_dir=job_dir,
+        input=f"{job_dir}/{folder}.csv",
+        out_dir=f"{job_dir}/out",
+        log=f"{job_dir}/log.txt",
+        pid=f"{job_dir}/pid",
+        attempt=f"{job_dir}/attempt",
+        started_at=f"{job_dir}/started_at",
+        ended_at=f"{job_dir}/ended_at",
+        exit_code=f"{job_dir}/exit_code",
+        timed_out=f"{job_dir}/timed_out",
+        boot_key=f"{job_dir}/boot_key",
+    )
+
+
+def accounted_folders(ctx: Context, instance_id: str) -> set[str]:
+    """Job folders on an instance that a job, an orphan or a follow-up still needs."""
+    keep = {safe_name(j.id) for j in st.jobs_on_instance(ctx.store, instance_id)}
+    keep |= {safe_name(j.id) for j in st.orphans_on(ctx.store, instance_id)}
+    keep |= {
+        safe_name(f.job) for f in ctx.store.snapshot.followups.values() if f.instance == instance_id
+    }
+    return keep
+
+
+async def sweep_remote_folders(ctx: Context, inst: InstanceRecord, conn: SSHConnection) -> int:
+    """Remove the job folders nothing accounts for (before the instance gets new jobs)."""
+    try:
+        names = await list_job_folders(conn, inst, ctx)
+    except (JobExecutionError, SSHConnectionError) as exc:
+        log.warning("remote_sweep_failed", instance=inst.id, error=str(exc))
+        return 0
+    keep = accounted_folders(ctx, inst.id)
+    removed = 0
+    for name in names:
+        if name in keep or name in ("", ".", "..") or "/" in name:
+            continue
+        try:
+            await cleanup_remote_job(
+                conn,
+                _folder_paths(ctx, inst, name),
+                timeout_s=ctx.settings.ssh.command_timeout_s,
+            )
+        except (VastdError, ValueError) as exc:
+            log.warning("remote_sweep_failed", instance=inst.id, folder=name, error=str(exc))
+            continue
+        removed += 1
+    if removed:
+        log.info("remote_folders_swept", instance=inst.id, removed=removed)
+    return removed

@@ -1,0 +1,239 @@
+"""The instances vastd knows: discovery (the vast.ai listing) and preparation (SSH).
+
+Every status change is a transition of core/state.py. Discovery never reads a
+failed listing as "no instances"; preparation ends READY only if nothing drained
+or lost the instance meanwhile, and sweeps job folders nothing accounts for before
+the instance gets a job.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vastd.core import state as st
+from vastd.core.state import InstanceRecord, InstanceStatus
+from vastd.instances.discovery import InstanceInfo, parse_instance_data
+from vastd.instances.preparation import prepare_instance_for_jobs
+from vastd.instances.provider import ApiState
+from vastd.instances.vast_provider import intent_of
+from vastd.orchestration.actions import (
+    abandon_if_past_grace,
+    instance_connection,
+    mark_unreachable,
+)
+from vastd.orchestration.context import Context
+from vastd.orchestration.coordinator import ensure_watcher
+from vastd.orchestration.followups import sweep_remote_folders
+from vastd.utils.exceptions import (
+    APIShapeError,
+    HostKeyMismatchError,
+    PreparationError,
+    SSHConnectionError,
+    VastAIError,
+)
+from vastd.utils.logging import get_logger
+from vastd.utils.supervise import Backoff
+
+log = get_logger("vastd.workflow")
+# 4 s, 8 s, ... up to 10 min, jittered into the upper half
+PREPARE_BACKOFF = Backoff(base_s=2.0, max_s=600.0, jitter="equal")
+
+
+# --- discovery ----------------------------------------------------------------------------------
+def record_from_info(info: InstanceInfo, now: float) -> InstanceRecord:
+    return InstanceRecord(id=str(info.id), label=info.label, first_seen=now)
+
+
+def refresh_record(inst: InstanceRecord, info: InstanceInfo, now: float) -> None:
+    inst.label = info.label
+    inst.api_status = info.actual_status
+    proxy = info.proxy_endpoint
+    direct = info.direct_endpoint
+    inst.ssh_host, inst.ssh_port = proxy if proxy else (None, None)
+    inst.public_ipaddr, inst.direct_port = direct if direct else (None, None)
+    inst.dph = info.dph_total
+    inst.machine_id = info.machine_id
+    inst.gpu_name = info.gpu_name
+    inst.last_seen = now
+    inst.missing_since = None
+
+
+# --- reconciliation of rent intents -----------------------------------------------------------
+def claim_unknown_instance(ctx: Context, info: InstanceInfo, now: float) -> InstanceRecord | None:
+    """A labelled instance the snapshot does not know: ours, adopted, or left alone.
+
+    Ours when its `VASTD_INTENT` matches a saved rent intent (a crash or an ambiguous
+    answer came between the rent and the save): recorded as owned, booting since the
+    intent; the fleet then uses it or tears it down. Otherwise adopted (not owned)
+    only in adopt mode or with `adopt_foreign_labelled`; else None: never touched.
+    """
+    fleet = ctx.settings.fleet
+    intent_id = intent_of(info.raw)
+    intent = ctx.store.snapshot.rent_intents.pop(intent_id, None) if intent_id else None
+    if intent is not None:
+        at = float(intent.get("at") or now)
+        inst = InstanceRecord(
+            id=str(info.id),
+            label=info.label,
+            status=InstanceStatus.BOOTING,
+            owned=True,
+            first_seen=now,
+            booting_since=at,
+            rented_at=at,
+            accrued_until=at,
+            dph=info.dph_total or float(intent.get("dph") or 0.0),
+            machine_id=info.machine_id,
+            intent_id=intent_id,
+        )
+        ctx.store.instances[inst.id] = inst
+        ctx.store.mark_dirty()
+        log.info(
+            "instance_rented",
+            instance=inst.id,
+            machine=info.machine_id,
+            dph=inst.dph,
+            reconciled=True,
+            intent=intent_id,
+        )
+        return inst
+    if fleet.mode == "adopt" or fleet.adopt_foreign_labelled:
+        inst = record_from_info(info, now)
+        ctx.store.instances[inst.id] = inst
+        ctx.store.mark_dirty()
+        log.info(
+            "instance_discovered", instance=inst.id, status=info.actual_status, dph=info.dph_total
+        )
+        return inst
+    return None
+
+
+async def discovery_once(ctx: Context) -> int:
+    """List labelled instances and reconcile them with the store; returns how many are known."""
+    assert ctx.api is not None
+    label = ctx.settings.vast.label
+    try:
+        raw = await ctx.api.list_instances(label=label)
+        infos = [parse_instance_data(r) for r in raw]
+    except (VastAIError, APIShapeError) as exc:
+        # Never read a failed listing as "no instances".
+        log.warning("discovery_failed", error=str(exc))
+        return len(ctx.store.instances)
+    now = time.time()
+    ctx.store.snapshot.last_discovery_at = now
+    seen: set[str] = set()
+    for info in infos:
+        if info.label != label:
+            continue  # never touch what is not ours
+        iid = str(info.id)
+        seen.add(iid)
+        inst = ctx.store.instances.get(iid)
+        if inst is None:
+            # Ours through a rent intent, adopted, or (None) left alone entirely.
+            inst = claim_unknown_instance(ctx, info, now)
+            if inst is None:
+                continue
+        if inst.status in (InstanceStatus.DESTROYED, InstanceStatus.DESTROYING):
+            continue
+        refresh_record(inst, info, now)
+        if info.state in (ApiState.GONE, ApiState.STOPPED):
+            handle_instance_failure(ctx, inst, f"vast.ai reports it {info.actual_status}")
+        elif info.is_running and inst.status in (InstanceStatus.LOST, InstanceStatus.BOOTING):
+            st.mark_instance_discovered(ctx.store, inst)
+    grace = ctx.settings.vast.lost_grace_s
+    for inst in list(ctx.store.instances.values()):
+        if inst.id in seen or inst.status in st.GONE:
+            continue
+        inst.missing_since = inst.missing_since or now
+        if now - inst.missing_since >= grace:
+            handle_instance_failure(ctx, inst, "absent from the vast.ai list")
+    ctx.store.mark_dirty()
+    return len(seen)
+
+
+def handle_instance_failure(ctx: Context, inst: InstanceRecord, reason: str) -> int:
+    """The instance is gone: requeue its jobs (not an attempt). Returns how many."""
+    if inst.status in st.GONE:
+        return 0
+    task = ctx.preparing.pop(inst.id, None)
+    if task is not None:
+        task.cancel()
+    moved = st.mark_instance_lost(ctx.store, inst, reason)
+    ctx.spawn(ctx.pool.drop(inst.id), name=f"drop:{inst.id}")
+    ctx.wake_dispatch()
+    return moved
+
+
+# --- preparation --------------------------------------------------------------------------------
+def coordinate_instance_preparation(ctx: Context) -> int:
+    """Start preparing every discovered instance that is due; returns how many started."""
+    now = time.time()
+    started = 0
+    for inst in ctx.store.instances.values():
+        if inst.next_prepare_at and inst.next_prepare_at > now:
+            continue
+        started += start_preparation(ctx, inst)
+    return started
+
+
+def start_preparation(ctx: Context, inst: InstanceRecord) -> bool:
+    """Prepare a discovered instance in the background, unless that is under way already."""
+    if inst.status not in (InstanceStatus.DISCOVERED, InstanceStatus.PREPARING):
+        return False
+    if not ctx.endpoints(inst):
+        return False
+    task = ctx.preparing.get(inst.id)
+    if task is not None and not task.done():
+        return False
+    ctx.preparing[inst.id] = ctx.spawn(
+        run_instance_preparation_workflow(ctx, inst.id), name=f"prepare:{inst.id}"
+    )
+    return True
+
+
+async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> bool:
+    """SSH answers, then the [[prepare]] steps (skipped when the marker matches), then the
+    sweep of job folders nothing accounts for; READY unless drained or lost meanwhile."""
+    inst = ctx.store.instances[instance_id]
+    s = ctx.settings
+    try:
+        conn = await instance_connection(ctx, inst)
+        if inst.status is InstanceStatus.DISCOVERED:
+            log.info("instance_ready", instance=inst.id)
+            st.mark_instance_preparing(ctx.store, inst)
+        marker = await prepare_instance_for_jobs(
+            conn, s.prepare, s.remote.root, inst.id, timeout_s=s.ssh.command_timeout_s
+        )
+        if inst.status is InstanceStatus.PREPARING:
+            await sweep_remote_folders(ctx, inst, conn)
+    except HostKeyMismatchError as exc:
+        # Met first here (e.g. after a restart): drained, its jobs requeued, as anywhere.
+        mark_unreachable(ctx, inst, exc)
+        return False
+    except (SSHConnectionError, PreparationError) as exc:
+        inst.prepare_failures += 1
+        inst.prepare_error = str(exc)
+        delay = PREPARE_BACKOFF.delay_s(inst.prepare_failures)
+        inst.next_prepare_at = time.time() + delay
+        ctx.store.mark_dirty()
+        if isinstance(exc, SSHConnectionError):
+            # Silent: its jobs keep their run through the grace, then run elsewhere.
+            mark_unreachable(ctx, inst, exc)
+            abandon_if_past_grace(ctx, inst)
+        log.warning(
+            "instance_prepare_failed",
+            instance=inst.id,
+            error=str(exc),
+            failures=inst.prepare_failures,
+            retry_in_s=round(delay, 1),
+        )
+        return False
+    already = inst.prepared_hash == marker
+    if not st.mark_instance_ready(ctx.store, inst, marker):
+        log.info("instance_prepare_superseded", instance=inst.id, status=inst.status.value)
+        return False
+    log.info("instance_prepared", instance=inst.id, marker=marker, already=already)
+    # Jobs the snapshot says run here, and runs given up here, are watched again.
+    if st.running_jobs_on(ctx.store, inst.id) or st.orphans_on(ctx.store, inst.id):
+        ensure_watcher(ctx, inst.id)
+    ctx.wake_dispatch()
+    return True

@@ -1,0 +1,276 @@
+"""Renting, destroying and billing owned instances: the fleet's steps on the snapshot.
+
+- `rent_instance`: the rent intent is on disk before the PUT (a crash then cannot
+  rent twice: discovery claims the instance through its `VASTD_INTENT`).
+- `cleanup_failed_instance` decides a teardown (owned instances only) through
+  core/state.py; `confirm_destroy` sends the DELETE only once that record is saved,
+  and counts the instance destroyed once the API no longer has it.
+- Spend is accrued per owned instance from its rent to its confirmed destroy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import asyncssh
+
+from vastd.core import state as st
+from vastd.core.state import InstanceRecord, InstanceStatus
+from vastd.instances.lifecycle import (
+    DESTROY_BACKOFF_MAX_S,
+    DESTROY_BACKOFF_S,
+    INTENT_ENV,
+    MACHINE_BLOCK_S,
+    RUNTYPE,
+    public_key_line,
+    restart_instance,
+    start_instance,
+    terminate_instance,
+)
+from vastd.instances.provider import ApiState
+from vastd.instances.vast_status import api_state
+from vastd.orchestration.context import Context
+from vastd.utils.exceptions import VastAIError
+from vastd.utils.logging import get_logger
+from vastd.utils.supervise import Backoff
+
+log = get_logger("vastd.lifecycle")
+DESTROY_BACKOFF = Backoff(DESTROY_BACKOFF_S, DESTROY_BACKOFF_MAX_S, jitter="none")
+
+
+def offer_dph(ctx: Context, offer: dict[str, Any]) -> float:
+    """What renting this offer costs per hour: the bid when interruptible."""
+    fleet = ctx.settings.fleet
+    if fleet.interruptible:
+        return round(
+            float(offer.get("min_bid") or offer.get("dph_total") or 0.0) * fleet.bid_markup, 6
+        )
+    return float(offer.get("dph_total") or 0.0)
+
+
+def block_machine(ctx: Context, machine_id: int | None, reason: str, *, now: float) -> None:
+    """Avoid a machine for MACHINE_BLOCK_S (persisted in the snapshot)."""
+    if machine_id is None:
+        return
+    until = now + MACHINE_BLOCK_S
+    ctx.store.snapshot.blocked_machines[str(machine_id)] = until
+    ctx.store.mark_dirty()
+    log.warning("machine_blocked", machine=machine_id, reason=reason, until=until)
+
+
+# --- composites -------------------------------------------------------------------------------
+async def rent_instance(ctx: Context, offer: dict[str, Any]) -> InstanceRecord:
+    """Rent `offer`: intent saved first, the record saved at once, then the SSH key attached.
+
+    Raises VastAIError when the rent failed or may have failed; the intent then
+    stays (unless the API clearly refused) and discovery reconciles it.
+    """
+    assert ctx.api is not None
+    s = ctx.settings
+    store = ctx.store
+    intent_id = uuid.uuid4().hex
+    dph = offer_dph(ctx, offer)
+    machine_id = offer.get("machine_id")
+    store.snapshot.rent_intents[intent_id] = {
+        "offer_id": int(offer["id"]),
+        "machine_id": machine_id,
+        "dph": dph,
+        "at": time.time(),
+    }
+    store.mark_dirty()
+    if not await store.flush():
+        # Without the intent on disk a crash could rent twice: do not rent.
+        store.snapshot.rent_intents.pop(intent_id, None)
+        raise VastAIError("rent skipped: the rent intent could not be saved")
+    try:
+        new_id = await ctx.api.rent(
+            int(offer["id"]),
+            image=s.fleet.image,
+            disk_gb=s.fleet.disk_gb,
+            label=s.vast.label,
+            env={INTENT_ENV: intent_id},
+            price=dph if s.fleet.interruptible else None,
+            runtype=RUNTYPE,
+        )
+    except VastAIError as exc:
+        refused = exc.status is not None and 400 <= exc.status < 500
+        if refused:
+            store.snapshot.rent_intents.pop(intent_id, None)
+            store.mark_dirty()
+        log.warning(
+            "instance_rent_failed",
+            offer=offer.get("id"),
+            error=str(exc),
+            intent=None if refused else intent_id,
+        )
+        raise
+    now = time.time()
+    iid = str(new_id)
+    inst = store.instances.get(iid)
+    if inst is None:
+        inst = InstanceRecord(
+            id=iid,
+            label=s.vast.label,
+            status=InstanceStatus.BOOTING,
+            owned=True,
+            first_seen=now,
+            booting_since=now,
+            rented_at=now,
+            accrued_until=now,
+            dph=dph,
+            machine_id=machine_id if isinstance(machine_id, int) else None,
+            gpu_name=offer.get("gpu_name"),
+            intent_id=intent_id,
+        )
+        store.instances[iid] = inst
+    # else: discovery claimed it through the intent while the PUT was answering.
+    store.snapshot.rent_intents.pop(intent_id, None)
+    store.mark_dirty()
+    await store.flush()
+    log.info(
+        "instance_rented",
+        instance=iid,
+        offer=offer.get("id"),
+        machine=machine_id,
+        dph=dph,
+        gpu=offer.get("gpu_name"),
+        interruptible=s.fleet.interruptible,
+    )
+    await attach_public_key(ctx, inst)
+    return inst
+
+
+async def attach_public_key(ctx: Context, inst: InstanceRecord) -> bool:
+    """Register `[ssh] key_file`'s public key through the API (never an onstart script)."""
+    assert ctx.api is not None
+    try:
+        key = await asyncio.to_thread(public_key_line, ctx.settings.ssh.key_file)
+    except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+        log.error("ssh_key_unreadable", instance=inst.id, error=str(exc))
+        return False
+    try:
+        await ctx.api.attach_ssh_key(int(inst.id), key)
+    except VastAIError as exc:
+        log.warning("ssh_key_attach_failed", instance=inst.id, error=str(exc))
+        return False
+    inst.ssh_key_attached = True
+    ctx.store.mark_dirty()
+    return True
+
+
+def release_instance_jobs(ctx: Context, inst: InstanceRecord, reason: str) -> int:
+    """Requeue the jobs an instance holds (not an attempt); returns how many."""
+    moved = st.requeue_instance_jobs(ctx.store, inst, reason, orphan=False)
+    ctx.wake_dispatch()
+    return moved
+
+
+def cleanup_failed_instance(
+    ctx: Context, inst: InstanceRecord, reason: str, *, block: bool = True
+) -> bool:
+    """Start destroying an owned instance (jobs requeued), blocking its machine.
+
+    The destroy itself is sent and confirmed by the fleet loop (`advance_destroys`),
+    which retries with back-off until the API no longer lists the instance.
+    Returns False for an instance vastd does not own (left alone).
+    """
+    if not inst.owned:
+        log.warning("instance_not_owned", instance=inst.id, refused="destroy", reason=reason)
+        return False
+    if inst.status in (InstanceStatus.DESTROYING, InstanceStatus.DESTROYED):
+        return True
+    now = time.time()
+    task = ctx.preparing.pop(inst.id, None)
+    if task is not None:
+        task.cancel()  # its end would mark the instance ready again
+    requeued = st.mark_instance_destroying(ctx.store, inst, reason)
+    if block:
+        block_machine(ctx, inst.machine_id, reason, now=now)
+    ctx.wake_dispatch()
+    ctx.spawn(ctx.pool.drop(inst.id), name=f"drop:{inst.id}")
+    log.info("instance_destroying", instance=inst.id, reason=reason, requeued=requeued)
+    return True
+
+
+async def confirm_destroy(ctx: Context, inst: InstanceRecord, now: float | None = None) -> bool:
+    """One destroy + confirmation for a DESTROYING instance; schedules the next try.
+
+    Write-ahead: the DELETE goes out only once the snapshot says DESTROYING (else a
+    crash could forget an instance it destroyed halfway, or destroy one twice over).
+    """
+    assert ctx.api is not None
+    if not await ctx.store.flush():
+        log.warning("instance_destroy_deferred", instance=inst.id, reason=ctx.store.save_error)
+        return False
+    if inst.status is not InstanceStatus.DESTROYING:
+        return False
+    if await terminate_instance(ctx.api, int(inst.id), attempts=1):
+        now = time.time() if now is None else now
+        accrue_instance(ctx, inst, now)
+        st.mark_instance_destroyed(ctx.store, inst, now)
+        log.info(
+            "instance_destroyed",
+            instance=inst.id,
+            reason=inst.destroy_reason,
+            attempts=inst.destroy_attempts + 1,
+            owned_s=round(now - (inst.rented_at or inst.first_seen), 1),
+        )
+        return True
+    inst.destroy_attempts += 1
+    delay = DESTROY_BACKOFF.delay_s(inst.destroy_attempts - 1)
+    inst.next_destroy_at = time.time() + delay
+    ctx.store.mark_dirty()
+    log.warning(
+        "instance_destroy_retry", instance=inst.id, attempts=inst.destroy_attempts, retry_in_s=delay
+    )
+    return False
+
+
+def accrue_instance(ctx: Context, inst: InstanceRecord, now: float) -> float:
+    """Add this instance's cost since its last accrual to `spend_total`; returns dollars."""
+    if not inst.owned or inst.status is InstanceStatus.DESTROYED:
+        return 0.0
+    since = inst.accrued_until or inst.rented_at or inst.first_seen
+    if now <= since:
+        return 0.0
+    dollars = inst.dph * (now - since) / 3600.0
+    ctx.store.snapshot.spend_total += dollars
+    inst.accrued_until = now
+    ctx.store.mark_dirty()
+    return dollars
+
+
+async def manage_instance_lifecycle(
+    ctx: Context, inst: InstanceRecord, desired: InstanceStatus
+) -> bool:
+    """Move an instance toward `desired`; True when the step was taken.
+
+    DESTROYED: destroy and confirm (owned only). DRAINING: no new jobs.
+    BOOTING: reboot the container. READY/DISCOVERED: start it if it is stopped.
+    """
+    assert ctx.api is not None
+    if desired is InstanceStatus.DESTROYED:
+        if not cleanup_failed_instance(ctx, inst, "requested", block=False):
+            return False
+        return await confirm_destroy(ctx, inst)
+    if desired is InstanceStatus.DRAINING:
+        if inst.status in (InstanceStatus.READY, InstanceStatus.UNREACHABLE):
+            st.drain_instance(ctx.store, inst, "requested", requeue_jobs=False)
+        return inst.status is InstanceStatus.DRAINING
+    if desired is InstanceStatus.BOOTING:
+        if not st.can_instance(inst, InstanceStatus.BOOTING):
+            return False
+        restarted = await restart_instance(ctx.api, int(inst.id))
+        # (re-checked: the status may have changed while the API answered)
+        if restarted and st.can_instance(inst, InstanceStatus.BOOTING):
+            st.mark_instance_booting(ctx.store, inst, time.time())
+            return True
+        return False
+    if desired in (InstanceStatus.READY, InstanceStatus.DISCOVERED):
+        if api_state(inst.api_status) is ApiState.STOPPED:
+            return await start_instance(ctx.api, int(inst.id))
+        return True
+    raise ValueError(f"cannot steer an instance to {desired.value}")
