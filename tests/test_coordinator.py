@@ -614,5 +614,5 @@ async def test_unreachable_past_grace_requeues_and_keeps_the_first_result(env: S
     assert job_file_in(ctx, job_id) == ["done"]
     names = sorted(p.name for p in ctx.layout.results_dir(job_id).iterdir())
     assert len([n for n in names if n.endswith(".parquet")]) == 1
-    assert set(names) == {*job.result_files, "log.txt"}
+    assert set(names) == {*job.result_files, "log.txt", "MANIFEST.json"}
     assert all(not i.current_jobs for i in ctx.store.instances.values())

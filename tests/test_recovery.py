@@ -205,7 +205,7 @@ async def test_restart_mid_job_does_not_start_it_again(env: SimEnv) -> None:
             await async_wait_for(lambda: inst.status is InstanceStatus.READY, 20)
             assert not (remote / "exit_code").exists(), "too late to try a second start"
             # A repeated start of the same attempt (a dispatch that broke off) is a no-op.
-            ctx2.dispatching.add(job_id)
+            ctx2.dispatch.claim(job_id, ctx2.store.jobs[job_id].run_id)
             await co.dispatch_job(ctx2, job_id, iid)
             env.open_gate(iid)
             await async_wait_for(lambda: job.state is JobState.DONE, 30)

@@ -190,7 +190,7 @@ async def test_the_deadline_counts_from_the_local_start_and_survives_a_reattach(
     first = job.started_at
     assert first is not None and abs(first - time.time()) < 10
     # A reattach: the idempotent start of the same run.
-    ctx.dispatching.add(job_id)
+    ctx.dispatch.claim(job_id, job.run_id)
     await co.dispatch_job(ctx, job_id, iid, job.run_id)
     assert job.started_at == first and job.runs == 1
     # A dispatch that broke off before its start was saved; the instance's clock is off.

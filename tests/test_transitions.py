@@ -230,8 +230,28 @@ def test_resubmitting_a_failed_name_clears_its_failed_files(tmp_path: Path) -> N
     put_file(store, JobFolder.QUEUED, job.id)
     again = st.add_job(store, job.id, job.file_name, 1)
     assert again.state is JobState.QUEUED and again.attempts == 0
+    # Not before the record saying it is queued again is on disk (a crash keeps them).
+    assert layout.job_file(JobFolder.FAILED, job.id).exists()
+    store.flush_sync()
+    st.clear_earlier_failure(store, job.id)
     assert not layout.job_file(JobFolder.FAILED, job.id).exists()
     assert not layout.error_file(job.id).exists()
+    assert again.earlier_failed_stem is None
+
+
+def test_clearing_a_failure_removes_only_that_jobs_own_files(tmp_path: Path) -> None:
+    """A refused second file that took failed/<job>.csv is not the job's failure: the
+    job's own files (as <job>.dup-1) are the ones removed on resubmission."""
+    store = store_at(tmp_path)
+    layout = store.layout
+    (layout.failed / "j.csv").write_text("someone else's refused file\n")
+    (layout.failed / "j.error.json").write_text("{}\n")
+    job = job_in(store, JobState.FAILED)
+    assert job.failed_stem == "j.dup-1"
+    put_file(store, JobFolder.QUEUED, job.id)
+    st.add_job(store, job.id, job.file_name, 1)
+    st.clear_earlier_failure(store, job.id)
+    assert sorted(p.name for p in layout.failed.iterdir()) == ["j.csv", "j.error.json"]
 
 
 def test_every_dispatch_gets_a_new_run_id(tmp_path: Path) -> None:

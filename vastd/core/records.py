@@ -53,6 +53,7 @@ class OrphanRun(_Model):
 
     instance: str
     run: str | None = None  # None: recorded before run ids existed
+    started_at: float | None = None  # its deadline counts from here, as the job's did
 
 
 class JobRecord(_Model):
@@ -86,6 +87,11 @@ class JobRecord(_Model):
     # accepted again after it was done ([job] on_duplicate = "rerun"): the earlier
     # results are kept as results/<job>/previous-<n>/ when this run's are installed
     keep_previous: bool = False
+    # the stem its own files have in failed/ (`<job>` or `<job>.dup-<n>`) once failed
+    failed_stem: str | None = None
+    # resubmitted after it failed: that failure's files in failed/, removed once this
+    # record is saved (a crash before the save must not lose them)
+    earlier_failed_stem: str | None = None
 
     @field_validator("orphans", mode="before")
     @classmethod
@@ -135,6 +141,9 @@ class InstanceRecord(_Model):
     next_destroy_at: float | None = None
     destroyed_at: float | None = None
     lost_reason: str | None = None
+    # job folders on it may be left that nothing accounts for (its jobs were given up
+    # while it was silent, or vastd restarted): swept before it gets a new job
+    resweep: bool = False
     # health (monitoring.py) and every other drain: why it gets no new jobs
     health_failures: int = 0
     drain_reason: str | None = None

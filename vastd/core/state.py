@@ -23,11 +23,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vastd.core.files import (
+    ERROR_SUFFIX,
+    JOB_SUFFIX,
     JobFolder,
     atomic_file_move,
     move_job_file,
     move_job_to_failed,
     safe_name,
+    unique_stem,
     write_error_json,
 )
 from vastd.core.records import FINISHED as FINISHED
@@ -63,8 +66,8 @@ JOB_TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     J.COLLECTING: frozenset({J.DONE, J.QUEUED, J.FAILED}),
     # accepted again with [job] on_duplicate = "rerun"
     J.DONE: frozenset({J.QUEUED}),
-    # resubmitted by name (or retried)
-    J.FAILED: frozenset({J.QUEUED}),
+    # resubmitted by name (or retried) | an orphaned run's results came in after all
+    J.FAILED: frozenset({J.QUEUED, J.DONE}),
 }
 
 _ALIVE = frozenset({S.DRAINING, S.LOST, S.DESTROYING})
@@ -164,8 +167,9 @@ def add_job(
 ) -> JobRecord:
     """A file accepted into queued/ becomes a job (a finished one of the name is replaced).
 
-    A failed job resubmitted by name leaves failed/ at once: its `<job>.csv` and
-    `.error.json` are removed (the refused `.dup-<n>` files stay).
+    A failed job resubmitted by name: its `failed/` files go once this record is saved
+    (`clear_earlier_failure`). Runs the earlier record still had out as orphans are
+    recorded for their stop.
     """
     old = store.jobs.get(job_id)
     if not can_job(old, J.QUEUED) or (old is not None and old.state not in FINISHED):
@@ -174,16 +178,37 @@ def add_job(
     store.snapshot.next_seq += 1
     job = JobRecord(id=job_id, file_name=file_name, rows=rows, seq=seq)
     job.keep_previous = keep_previous
+    if old is not None:
+        for orphan in old.orphans:
+            add_followup(
+                store, instance=orphan.instance, job=job_id, run=orphan.run, reason="superseded"
+            )
+        if old.state is J.FAILED:
+            job.earlier_failed_stem = old.failed_stem or job_id
     store.snapshot.jobs[job_id] = job
     store.mark_dirty()
-    if old is not None and old.state is J.FAILED:
-        layout = store.layout
-        for path in (layout.job_file(JobFolder.FAILED, job_id), layout.error_file(job_id)):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("failed_file_not_removed", job=job_id, path=str(path), error=str(exc))
     return job
+
+
+def clear_earlier_failure(store: StateStore, job_id: str) -> None:
+    """Remove the failed/ files of the failure a resubmitted job replaces (call once the
+    record saying it is queued again is saved)."""
+    job = store.jobs.get(job_id)
+    if job is None or job.earlier_failed_stem is None:
+        return
+    layout = store.layout
+    stem = job.earlier_failed_stem
+    for path in (
+        layout.failed / safe_name(stem, JOB_SUFFIX),
+        layout.failed / safe_name(stem, ERROR_SUFFIX),
+    ):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("failed_file_not_removed", job=job_id, path=str(path), error=str(exc))
+            return
+    job.earlier_failed_stem = None
+    store.mark_dirty()
 
 
 def mark_job_assigned(store: StateStore, job_id: str, instance_id: str) -> JobRecord | None:
@@ -272,8 +297,8 @@ def mark_job_completed(
 ) -> JobRecord:
     """-> done: run `run_id`'s validated results are in results/<job>/; the file to done/.
 
-    From collecting (the normal way), or from queued/running when the results of an
-    earlier (orphaned) run were kept: a second run still going is stopped. The
+    From collecting (the normal way), or from queued/running/failed when the results of
+    an earlier (orphaned) run were kept: another run of the job is stopped. The
     collected run's remote folder is removed once this is saved. For a rerun, the
     earlier run's `done/<job>.csv` joins its results in `previous_dir`. A file removed
     by hand does not undo the results.
@@ -286,11 +311,25 @@ def mark_job_completed(
         earlier = layout.job_file(JobFolder.DONE, job_id)
         if os.path.lexists(earlier):
             atomic_file_move(earlier, previous_dir / earlier.name)
-    if job.state is J.RUNNING and job.instance is not None:
+    if (
+        job.state in HELD
+        and job.instance is not None
+        and (job.instance, job.run_id) != (instance_id, run_id)
+    ):
+        # Another run of the job (running, or exited and not yet collected) is not needed.
         add_followup(
             store, instance=job.instance, job=job_id, run=job.run_id, reason="duplicate run"
         )
-    _move(store, job, FOLDER_OF[job.state], JobFolder.DONE, rename_on_collision=True)
+    if job.state is J.FAILED:
+        # It had failed for good, but an orphaned run's results came in after all.
+        stem = job.failed_stem or job_id
+        source = layout.failed / safe_name(stem, JOB_SUFFIX)
+        if os.path.lexists(source):
+            atomic_file_move(source, layout.job_file(JobFolder.DONE, job_id))
+        (layout.failed / safe_name(stem, ERROR_SUFFIX)).unlink(missing_ok=True)
+        job.failed_stem = None
+    else:
+        _move(store, job, FOLDER_OF[job.state], JobFolder.DONE, rename_on_collision=True)
     _release(store, job)
     set_job_state(store, job, J.DONE)
     add_followup(store, instance=instance_id, job=job_id, run=run_id, reason="collected")
@@ -325,10 +364,14 @@ def requeue_job(
     if not _move(store, job, JobFolder.RUNNING, JobFolder.QUEUED):
         mark_job_failed(store, job_id, reason=f"the job file was removed from running/ ({reason})")
         return job
-    if job.instance is not None and job.pgid is not None:
+    # A run was started, or may have been (a start whose answer was lost).
+    if job.instance is not None and (job.pgid is not None or job.run_id is not None):
         if orphan:
             if job.orphan_on(job.instance) is None:
-                job.orphans.append(OrphanRun(instance=job.instance, run=job.run_id))
+                started = job.started_at or job.dispatched_at
+                job.orphans.append(
+                    OrphanRun(instance=job.instance, run=job.run_id, started_at=started)
+                )
         else:
             _clean_up_run(store, job, reason)
     _release(store, job)
@@ -361,7 +404,7 @@ def mark_job_failed(
     layout = store.layout
     try:
         if os.path.lexists(layout.job_file(folder, job_id)):
-            move_job_to_failed(
+            moved = move_job_to_failed(
                 layout,
                 job_id,
                 folder,
@@ -370,7 +413,9 @@ def mark_job_failed(
                 last_exit_code=exit_code,
                 log_tail=log_tail,
             )
+            job.failed_stem = moved.name.removesuffix(JOB_SUFFIX)
         else:
+            stem = unique_stem(layout.failed, job_id, (JOB_SUFFIX, ERROR_SUFFIX))
             write_error_json(
                 layout,
                 job_id,
@@ -378,7 +423,9 @@ def mark_job_failed(
                 attempts=job.attempts,
                 last_exit_code=exit_code,
                 log_tail=log_tail,
+                name=stem,
             )
+            job.failed_stem = stem
     except FileOperationError as exc:
         # The record still says why; the next start puts the file where it says.
         log.error("job_fail_record_failed", job=job_id, error=str(exc))
@@ -427,6 +474,7 @@ def record_attempt_failure(
 def mark_job_recovered(store: StateStore, job_id: str, to: JobState) -> JobRecord:
     """The folders say the job finished (a crash came before the save): records only."""
     job = store.jobs[job_id]
+    _clean_up_run(store, job, f"recovered as {to.value}")
     _release(store, job)
     set_job_state(store, job, to)
     job.finished_at = job.finished_at or time.time()
@@ -452,10 +500,15 @@ def requeue_instance_jobs(
     """Every job the instance holds goes back to the queue (not an attempt)."""
     moved = 0
     for job in jobs_on_instance(store, inst.id):
-        requeue_job(store, job.id, reason=reason, orphan=orphan)
+        try:
+            requeue_job(store, job.id, reason=reason, orphan=orphan)
+        except FileOperationError as exc:
+            # Its file cannot move (disk, a stray file in queued/): it stays tied to the
+            # instance and the stuck-job sweep tries again; the other jobs still move.
+            log.error("job_requeue_failed", job=job.id, instance=inst.id, error=str(exc))
+            continue
         log.info("job_requeued", job=job.id, instance=inst.id, reason=reason)
         moved += 1
-    inst.current_jobs.clear()
     store.mark_dirty()
     return moved
 
@@ -503,17 +556,28 @@ def mark_instance_unreachable(store: StateStore, inst: InstanceRecord, error: st
 
 
 def mark_instance_reachable(store: StateStore, inst: InstanceRecord) -> bool:
-    """SSH answered; True when an unreachable instance is usable again."""
+    """SSH answered; True when an unreachable instance is usable again.
+
+    One whose jobs were given up while it was silent goes through preparation again
+    (DISCOVERED), whose sweep removes what their runs left before it gets a new job.
+    """
     inst.last_contact = time.time()
     back = False
     if inst.unreachable_since is not None or inst.status is S.UNREACHABLE:
         inst.unreachable_since = None
         if inst.status is S.UNREACHABLE:
-            set_instance_status(store, inst, S.READY)
-            log.info("instance_reachable", instance=inst.id)
-            back = True
+            back = not inst.resweep
+            set_instance_status(store, inst, S.READY if back else S.DISCOVERED)
+            log.info("instance_reachable", instance=inst.id, resweep=inst.resweep)
         store.mark_dirty()
     return back
+
+
+def note_resweep(store: StateStore, inst: InstanceRecord, needed: bool) -> None:
+    """Whether the instance's job folders must be swept before it gets a new job."""
+    if inst.resweep != needed:
+        inst.resweep = needed
+        store.mark_dirty()
 
 
 def drain_instance(
@@ -582,8 +646,11 @@ def mark_instance_destroyed(store: StateStore, inst: InstanceRecord, now: float)
     inst.destroyed_at = now
     inst.next_destroy_at = None
     inst.current_jobs.clear()
+    # Nothing on it can be cleaned up or collected any more.
     for fid in [f.id for f in store.snapshot.followups.values() if f.instance == inst.id]:
         del store.snapshot.followups[fid]
+    for job in orphans_on(store, inst.id):
+        drop_orphan(store, job, inst.id)
 
 
 # --- follow-up work ----------------------------------------------------------------------------
@@ -603,6 +670,14 @@ def add_followup(
 
 def followup_done(store: StateStore, fid: str) -> None:
     if store.snapshot.followups.pop(fid, None) is not None:
+        store.mark_dirty()
+
+
+def followup_wait(store: StateStore, fid: str, delay_s: float) -> None:
+    """Not now (its instance is away): look again later, no attempt counted."""
+    followup = store.snapshot.followups.get(fid)
+    if followup is not None:
+        followup.next_at = time.time() + delay_s
         store.mark_dirty()
 
 

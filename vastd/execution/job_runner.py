@@ -48,6 +48,7 @@ CONTROL_NAMES = frozenset(
         "pid",
         "pid.tmp",
         "pid.start.tmp",
+        "pid.w.tmp",
         "attempt",
         "attempt.tmp",
         "run",
@@ -196,6 +197,9 @@ _bootkey  # sets BK without a subshell
 # The wrapper runs detached with the job folder as cwd and the command as $1.
 # (`pid` is written by the start script from $!, which is this wrapper's pid.)
 _WRAPPER = (
+    # its own pid first: a start script cut off right after launching it (a dropped
+    # channel) must not make the next start of the same run launch a second wrapper
+    "[ -s pid ] || { echo $$ > pid.w.tmp && mv -f pid.w.tmp pid; }; "
     "date +%s > started_at.tmp && mv -f started_at.tmp started_at; "
     'sh -c "$1"; rc=$?; '
     "date +%s > ended_at.tmp && mv -f ended_at.tmp ended_at; "

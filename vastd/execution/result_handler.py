@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import posixpath
 import re
@@ -30,13 +32,15 @@ import secrets
 import shlex
 import shutil
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
-from vastd.core.files import TEMP_PREFIX, fsync_directory, safe_name
+from vastd.core.files import TEMP_PREFIX, atomic_write_json, fsync_directory, safe_name
 from vastd.execution.job_runner import (
     CONTROL_NAMES,
     LOG_NAME,
@@ -342,12 +346,27 @@ def _previous_dirs(folder: Path) -> list[Path]:
     return []
 
 
-def _install_keeping_previous(tmp: Path, final: Path) -> Path | None:
+MANIFEST_NAME = "MANIFEST.json"
+
+
+def manifest_run(folder: Path) -> str | None:
+    """The run id a results folder's MANIFEST.json names (None when unreadable)."""
+    try:
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    run = data.get("run") if isinstance(data, dict) else None
+    return run if isinstance(run, str) else None
+
+
+def _install_keeping_previous(tmp: Path, final: Path, run_id: str | None = None) -> Path | None:
     """Install `tmp` as `final`, the results it replaces kept as `final/previous-<n>/`.
 
     Returns that folder (None when there was nothing to keep). Every step is a rename;
     `keep_folder(final)` holds the earlier results until they are in place, and an
-    install that finds it (a crash came between) starts from it again.
+    install that finds it (a crash came between) starts from it again. A `final` whose
+    MANIFEST names this same run was installed by this run before a crash: it is
+    replaced, not kept a second time.
     """
     _fsync_tree(tmp)
     keep = keep_folder(final)
@@ -359,6 +378,11 @@ def _install_keeping_previous(tmp: Path, final: Path) -> Path | None:
                 os.rename(prev, keep / prev.name)
             shutil.rmtree(final)
     elif final.is_dir() and not final.is_symlink():
+        if run_id is not None and manifest_run(final) == run_id:
+            for prev in _previous_dirs(final):
+                os.rename(prev, tmp / prev.name)
+            _install_results(tmp, final)
+            return None
         os.rename(final, keep)
         fsync_directory(final.parent)
     else:
@@ -376,6 +400,37 @@ def _install_keeping_previous(tmp: Path, final: Path) -> Path | None:
     return target
 
 
+def restore_kept(final: Path) -> bool:
+    """Undo an install interrupted by a crash whose run then never completed: the
+    earlier results set aside in `keep_folder(final)` become `final` again."""
+    keep = keep_folder(final)
+    if not keep.is_dir():
+        return False
+    if final.is_dir() and not final.is_symlink():
+        for prev in _previous_dirs(final):
+            os.rename(prev, keep / prev.name)
+        shutil.rmtree(final)
+    os.rename(keep, final)
+    fsync_directory(final.parent)
+    return True
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(tmp: Path, files: list[Path], fields: Mapping[str, Any]) -> None:
+    entries = [
+        {"name": p.name, "bytes": (tmp / p.name).stat().st_size, "sha256": _sha256(tmp / p.name)}
+        for p in files
+    ]
+    atomic_write_json(tmp / MANIFEST_NAME, {**fields, "files": entries})
+
+
 async def collect_job_results(
     conn: RemoteRunner,
     paths: RemoteJobPaths,
@@ -390,6 +445,7 @@ async def collect_job_results(
     log_max_bytes: int = LOG_TAIL_BYTES,
     run_id: str | None = None,
     keep_previous: bool = False,
+    manifest: Mapping[str, Any] | None = None,
 ) -> CollectedResults:
     """Download, validate and install a job's results as `results_root/<safe job>/`.
 
@@ -426,9 +482,13 @@ async def collect_job_results(
         log_path = await _download_log(
             conn, paths, listing.log_size, tmp, cap_bytes=log_max_bytes, timeout_s=timeout_s
         )
+        if manifest is not None:
+            # With the results, before the job is done: what run, where, which bytes.
+            fields = {**manifest, "job": job_id, "run": run_id, "rows_out": rows}
+            await asyncio.to_thread(_write_manifest, tmp, files, fields)
         previous: Path | None = None
         if keep_previous:
-            previous = await asyncio.to_thread(_install_keeping_previous, tmp, final)
+            previous = await asyncio.to_thread(_install_keeping_previous, tmp, final, run_id)
         else:
             await asyncio.to_thread(_install_results, tmp, final)
     except BaseException as exc:

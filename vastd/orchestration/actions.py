@@ -53,6 +53,7 @@ def abandon_if_past_grace(ctx: Context, inst: InstanceRecord) -> int:
         ctx.store, inst, f"instance {inst.id} unreachable", orphan=True
     )
     if moved:
+        st.note_resweep(ctx.store, inst, True)
         ctx.wake_dispatch()
     return moved
 

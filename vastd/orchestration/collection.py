@@ -8,6 +8,8 @@ only copy that lets a restarted daemon collect the job instead of running it aga
 
 from __future__ import annotations
 
+import time
+
 from vastd.core import state as st
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState, OrphanRun
@@ -46,7 +48,16 @@ def still_collecting(job: JobRecord, inst: InstanceRecord, run_id: str | None) -
 
 
 async def collect_job(ctx: Context, job_id: str) -> bool:
-    """Collect a finished job: results, or an attempt failure. False: try again later."""
+    """Collect a finished job: results, or an attempt failure. False: try again later.
+
+    One collection of a job at a time (this, or an orphaned run's): results/<job>/ is
+    only ever installed by one of them, and the record says which run it holds.
+    """
+    async with ctx.job_locks.hold(job_id):
+        return await _collect(ctx, job_id)
+
+
+async def _collect(ctx: Context, job_id: str) -> bool:
     job = ctx.store.jobs.get(job_id)
     if job is None or job.state is not JobState.COLLECTING:
         return True
@@ -60,7 +71,9 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
         conn = await instance_connection(ctx, inst)
         if job.last_error is None:
             try:
-                collected = await collect_with_settings(ctx, conn, paths, job, run_id)
+                collected = await collect_with_settings(
+                    ctx, conn, inst, job, run_id, started_at=job.started_at, ended_at=job.exited_at
+                )
             except RunMismatchError as exc:
                 mark_reachable(ctx, inst)
                 if still_collecting(job, inst, run_id):
@@ -106,12 +119,30 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
 async def collect_with_settings(
     ctx: Context,
     conn: SSHConnection,
-    paths: RemoteJobPaths,
+    inst: InstanceRecord,
     job: JobRecord,
     run_id: str | None,
+    *,
+    started_at: float | None = None,
+    ended_at: float | None = None,
 ) -> CollectedResults:
-    """Download, validate and install run `run_id`'s results as the `[job]` settings say."""
+    """Download, validate and install run `run_id`'s results as the `[job]` settings say,
+    with their MANIFEST.json (which run, where, which bytes, what it cost)."""
     s = ctx.settings
+    paths = remote_job_paths(s.remote.root, inst.id, job.id)
+    cost = None
+    if started_at is not None and ended_at is not None and ended_at >= started_at:
+        cost = round(inst.dph * (ended_at - started_at) / 3600.0, 6)
+    manifest = {
+        "instance": inst.id,
+        "machine": inst.machine_id,
+        "gpu": inst.gpu_name,
+        "attempt": job.attempts + 1,
+        "rows_in": job.rows,
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "cost": cost,
+    }
     return await collect_job_results(
         conn,
         paths,
@@ -125,6 +156,7 @@ async def collect_with_settings(
         timeout_s=max(s.ssh.command_timeout_s, 600.0, s.job.max_result_bytes / 1e6),
         run_id=run_id,
         keep_previous=job.keep_previous,
+        manifest=manifest,
     )
 
 
@@ -164,8 +196,8 @@ def keep_late_results(
     run_id: str | None,
 ) -> None:
     """Results of a finished run arrived after its job was requeued: keep them, stop a rerun."""
-    if job.state not in (JobState.QUEUED, JobState.RUNNING):
-        # Already done or failed by another path: these results are not used.
+    if job.state not in LATE_OK:
+        # Done by another path meanwhile: these results are not used.
         st.add_followup(ctx.store, instance=inst.id, job=job.id, run=run_id, reason="superseded")
         return
     log.info(
@@ -173,10 +205,16 @@ def keep_late_results(
         job=job.id,
         instance=inst.id,
         second_run=job.instance if job.state is JobState.RUNNING else None,
+        was=job.state.value,
     )
     st.drop_orphan(ctx.store, job, inst.id)
     # From RUNNING, the transition records the second run's stop with the change.
     complete_job(ctx, job, inst, collected, run_id)
+
+
+# A job may still take an orphaned run's valid results in these states (a job that
+# failed for good too: its results are worth more than its failure).
+LATE_OK = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FAILED})
 
 
 async def handle_orphan_status(
@@ -191,20 +229,26 @@ async def handle_orphan_status(
         st.drop_orphan(ctx.store, job, inst.id)
         return
     outcome = detect_job_completion(status)
-    finished = job.state in st.FINISHED
-    if outcome is CompletionStatus.RUNNING and not finished:
-        return  # it may still finish first
-    if outcome is CompletionStatus.SUCCEEDED and not finished:
-        paths = remote_job_paths(ctx.settings.remote.root, inst.id, job.id)
-        conn = await instance_connection(ctx, inst)
-        try:
-            collected = await collect_with_settings(ctx, conn, paths, job, orphan.run)
-        except JobExecutionError as exc:
-            log.info("orphan_results_invalid", job=job.id, instance=inst.id, error=str(exc))
-        else:
-            if job.orphan_on(inst.id) is not None:
+    if outcome is CompletionStatus.RUNNING and job.state is not JobState.DONE:
+        deadline = (orphan.started_at or time.time()) + ctx.settings.job.timeout_s
+        if time.time() <= deadline:
+            return  # it may still finish first
+        _drop_orphan_run(ctx, job, inst, orphan, "orphaned run past its deadline")
+        return
+    if outcome is CompletionStatus.SUCCEEDED and job.state is not JobState.DONE:
+        async with ctx.job_locks.hold(job.id):
+            if job.orphan_on(inst.id) is None or job.state not in LATE_OK:
+                return  # settled meanwhile; a collecting job: looked at again next cycle
+            conn = await instance_connection(ctx, inst)
+            try:
+                collected = await collect_with_settings(
+                    ctx, conn, inst, job, orphan.run, started_at=orphan.started_at
+                )
+            except JobExecutionError as exc:
+                log.info("orphan_results_invalid", job=job.id, instance=inst.id, error=str(exc))
+            else:
                 keep_late_results(ctx, job, inst, collected, orphan.run)
-            return
+                return
     # Finished elsewhere (a duplicate, still running or not), or no usable results:
     # its stop and clean-up are recorded, and carried out once saved.
     _drop_orphan_run(ctx, job, inst, orphan, "orphaned run not needed")

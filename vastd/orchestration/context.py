@@ -11,6 +11,8 @@ lives in their own small holders, reached through it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,11 +50,46 @@ class StoreHostKeys:
 
 @dataclass
 class Dispatch:
-    """The dispatcher's working state: jobs whose upload/start is under way, its wakeup."""
+    """The dispatcher's working state: jobs whose upload/start is under way, its wakeup.
+
+    A claim is for one run: a dispatch of an older run that ends late releases only
+    its own claim, never the claim of the run that replaced it.
+    """
 
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    # the watcher leaves these jobs alone until their start has answered
-    in_flight: set[str] = field(default_factory=set)
+    # job id -> the run whose start is under way (the watcher leaves it alone until then)
+    in_flight: dict[str, str | None] = field(default_factory=dict)
+
+    def claim(self, job_id: str, run_id: str | None) -> None:
+        self.in_flight[job_id] = run_id
+
+    def release(self, job_id: str, run_id: str | None) -> None:
+        if job_id in self.in_flight and self.in_flight[job_id] == run_id:
+            del self.in_flight[job_id]
+
+
+class KeyedLocks:
+    """One asyncio.Lock per key, forgotten once nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, asyncio.Lock] = {}
+        self._users: dict[Hashable, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key]
+                del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 @dataclass(frozen=True)
@@ -66,6 +103,13 @@ class Context:
     tasks: TaskSet = field(default_factory=TaskSet)
     backoff: Backoff = field(default_factory=Backoff)
     dispatch: Dispatch = field(default_factory=Dispatch)
+    # (instance, job): a job's remote folder is uploaded into, started in, or removed by
+    # one task at a time (a clean-up of an older run never races a new run's upload)
+    remote_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # job: one collection (download, validation, install into results/<job>/) at a time
+    job_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # instance -> when a drained instance's job folders may next be swept (followups.py)
+    sweeps: dict[str, float] = field(default_factory=dict)
     # per instance: the task watching its jobs, the task preparing it
     watchers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     preparing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -78,7 +122,7 @@ class Context:
             object.__setattr__(self, "watch_wait_s", self.settings.job.poll_interval_s)
 
     @property
-    def dispatching(self) -> set[str]:
+    def dispatching(self) -> dict[str, str | None]:
         return self.dispatch.in_flight
 
     @property

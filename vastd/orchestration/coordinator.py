@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 
 from vastd.core import state as st
@@ -45,21 +46,41 @@ USABLE = (InstanceStatus.READY,)
 
 
 # --- placing jobs ------------------------------------------------------------------------------
-def find_best_instance_for_job(ctx: Context, job: JobRecord) -> InstanceRecord | None:
-    """A ready instance with room: one the job has not failed on (nor left a run on),
-    least loaded first."""
-    room = st.get_idle_instances(ctx.store, ctx.settings.job.jobs_per_instance)
+def find_best_instance_for_job(
+    ctx: Context, job: JobRecord, orphan_load: Counter[str] | None = None
+) -> InstanceRecord | None:
+    """A ready instance with room, least loaded first, preferring one the job has not
+    failed on. Never one that holds an orphaned run of this job: that run may still
+    finish first (or has, and is about to be collected). Orphaned runs count as load:
+    they occupy their instance until they are settled."""
+    load = orphan_load if orphan_load is not None else Counter()
+    per = ctx.settings.job.jobs_per_instance
+    orphaned = {o.instance for o in job.orphans}
+    room = [
+        i
+        for i in st.get_idle_instances(ctx.store, per)
+        if i.id not in orphaned and len(i.current_jobs) + load[i.id] < per
+    ]
     if not room:
         return None
-    orphaned = {o.instance for o in job.orphans}
-    fresh = [i for i in room if i.id not in job.avoid_instances and i.id not in orphaned]
-    pool = fresh or [i for i in room if i.id not in job.avoid_instances] or room
+    fresh = [i for i in room if i.id not in job.avoid_instances]
+    pool = fresh or room
     return min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id))
+
+
+def orphan_load(ctx: Context) -> Counter[str]:
+    """Orphaned runs per instance (each may still hold a GPU)."""
+    return Counter(o.instance for j in ctx.store.jobs.values() for o in j.orphans)
 
 
 def balance_workload_across_instances(ctx: Context) -> dict[str, int]:
     """Jobs per usable instance (what dispatch balances on)."""
     return {i.id: len(i.current_jobs) for i in ctx.store.instances.values() if i.status in USABLE}
+
+
+def in_dispatch(ctx: Context, job: JobRecord) -> bool:
+    """The start of the job's current run is under way (its answer is awaited)."""
+    return job.id in ctx.dispatching and ctx.dispatching[job.id] == job.run_id
 
 
 def is_current(job: JobRecord | None, instance_id: str, run_id: str | None) -> bool:
@@ -75,22 +96,24 @@ def is_current(job: JobRecord | None, instance_id: str, run_id: str | None) -> b
 async def coordinate_job_distribution(ctx: Context) -> int:
     """Give every waiting job a free instance; save; then start them. Returns the count."""
     assigned: list[tuple[str, str, str | None]] = []
-    for job in st.get_available_jobs(ctx.store):
-        inst = find_best_instance_for_job(ctx, job)
+    waiting = st.get_available_jobs(ctx.store)
+    load = orphan_load(ctx) if waiting else Counter()
+    for job in waiting:
+        inst = find_best_instance_for_job(ctx, job, load)
         if inst is None:
-            break
-        # Claimed before any await: the instance's watcher must leave it alone.
-        ctx.dispatching.add(job.id)
+            if not job.orphans:
+                break  # no room anywhere: later jobs would not find any either
+            continue
         try:
             record = st.mark_job_assigned(ctx.store, job.id, inst.id)
         except FileOperationError as exc:
-            ctx.dispatching.discard(job.id)
             log.warning("job_file_move_failed", job=job.id, error=str(exc))
             continue
         if record is None:
-            ctx.dispatching.discard(job.id)
             log.warning("job_failed", job=job.id, attempts=job.attempts, reason=job.last_error)
             continue
+        # Claimed before any await: the instance's watcher leaves this run alone.
+        ctx.dispatch.claim(job.id, job.run_id)
         log.info(
             "job_dispatched", job=job.id, instance=inst.id, attempt=job.attempts + 1, run=job.run_id
         )
@@ -101,15 +124,16 @@ async def coordinate_job_distribution(ctx: Context) -> int:
     if not await ctx.store.flush():
         reason = f"not dispatched: the state could not be saved ({ctx.store.save_error})"
         for job_id, instance_id, run_id in assigned:
-            ctx.dispatching.discard(job_id)
+            ctx.dispatch.release(job_id, run_id)
             if is_current(ctx.store.jobs.get(job_id), instance_id, run_id):
                 st.requeue_job(ctx.store, job_id, reason=reason)
         log.error("dispatch_deferred", jobs=len(assigned), reason=reason)
         return 0
     started = 0
     for job_id, instance_id, run_id in assigned:
+        st.clear_earlier_failure(ctx.store, job_id)  # its record is on disk now
         if not is_current(ctx.store.jobs.get(job_id), instance_id, run_id):
-            ctx.dispatching.discard(job_id)  # lost or drained while the save ran
+            ctx.dispatch.release(job_id, run_id)  # lost or drained while the save ran
             continue
         ctx.spawn(dispatch_job(ctx, job_id, instance_id, run_id), name=f"dispatch:{job_id}")
         started += 1
@@ -119,71 +143,82 @@ async def coordinate_job_distribution(ctx: Context) -> int:
 async def dispatch_job(
     ctx: Context, job_id: str, instance_id: str, run_id: str | None = None
 ) -> None:
-    """Upload the CSV and start run `run_id` of the job (idempotent for the same run)."""
+    """Upload the CSV and start run `run_id` of the job (idempotent for the same run).
+
+    The job's remote folder on this instance is held for the whole upload and start,
+    so a recorded clean-up of an older run can never remove this run's upload.
+    """
+    job = ctx.store.jobs.get(job_id)
+    if run_id is None and job is not None:
+        run_id = job.run_id
     try:
-        job = ctx.store.jobs.get(job_id)
-        if run_id is None and job is not None:
-            run_id = job.run_id
-        inst = ctx.store.instances.get(instance_id)
-        if job is None or inst is None or not is_current(job, instance_id, run_id):
-            return
-        s = ctx.settings
-        job_file = ctx.layout.job_file(st.FOLDER_OF[JobState.RUNNING], job.id)
-        try:
-            conn = await instance_connection(ctx, inst)
-            proc = await execute_job_on_instance(
-                conn,
-                remote_root=s.remote.root,
-                instance_id=inst.id,
-                job_id=job.id,
-                local_csv=job_file,
-                command_template=s.job.command,
-                vars=get_job_arguments(job.id, s.job),
-                attempt=job.attempts + 1,
-                run_id=run_id,
-                # the upload is part of it: allow 1 MB/s on top of a command's deadline
-                timeout_s=s.ssh.command_timeout_s + _size(job_file) / 1e6,
-            )
-        except SSHConnectionError as exc:
-            # Unreachable is not failed: the start may or may not have happened, so
-            # keep the assignment; the watcher re-runs the idempotent start.
-            log.warning(
-                "job_dispatch_interrupted", job=job_id, instance=instance_id, error=str(exc)
-            )
-            mark_unreachable(ctx, inst, exc)
-            return
-        except (VastdError, ValueError, OSError) as exc:
-            if not is_current(job, instance_id, run_id):
-                return  # requeued or finished meanwhile: this start no longer matters
-            # Observed on the instance (refused upload, start script error), a bad
-            # template or an unreadable local file: an attempt, so a job never stays
-            # "running" with nothing behind it.
-            record_attempt_failure(ctx, job, reason=f"could not start: {exc}", exit_code=None)
-            return
-        if not is_current(job, instance_id, run_id):
-            # Started after the job moved on (its instance was declared lost or drained):
-            # nobody would watch this run. Its stop is recorded and carried out.
-            st.add_followup(
-                ctx.store,
-                instance=instance_id,
-                job=job_id,
-                run=run_id,
-                reason="started after the job moved on",
-            )
-            log.warning("untracked_run_stopping", job=job_id, instance=instance_id, run=run_id)
-            return
-        st.mark_job_started(ctx.store, job_id, run_id=run_id, pgid=proc.pid, new=proc.started)
-        log.info(
-            "job_started",
-            job=job_id,
-            instance=instance_id,
-            pgid=proc.pid,
-            new=proc.started,
-            run=run_id,
-        )
-        ensure_watcher(ctx, instance_id)
+        async with ctx.remote_locks.hold((instance_id, job_id)):
+            await _dispatch(ctx, job_id, instance_id, run_id)
     finally:
-        ctx.dispatching.discard(job_id)
+        ctx.dispatch.release(job_id, run_id)
+
+
+def _forget_run(ctx: Context, job_id: str, instance_id: str, run_id: str | None, why: str) -> None:
+    """A start that may have happened after the job moved on: nobody would watch it, so
+    its stop and clean-up are recorded (and carried out once saved)."""
+    st.add_followup(ctx.store, instance=instance_id, job=job_id, run=run_id, reason=why)
+    log.warning("untracked_run_stopping", job=job_id, instance=instance_id, run=run_id, why=why)
+
+
+async def _dispatch(ctx: Context, job_id: str, instance_id: str, run_id: str | None) -> None:
+    job = ctx.store.jobs.get(job_id)
+    inst = ctx.store.instances.get(instance_id)
+    if job is None or inst is None or not is_current(job, instance_id, run_id):
+        return
+    s = ctx.settings
+    job_file = ctx.layout.job_file(st.FOLDER_OF[JobState.RUNNING], job.id)
+    try:
+        conn = await instance_connection(ctx, inst)
+        proc = await execute_job_on_instance(
+            conn,
+            remote_root=s.remote.root,
+            instance_id=inst.id,
+            job_id=job.id,
+            local_csv=job_file,
+            command_template=s.job.command,
+            vars=get_job_arguments(job.id, s.job),
+            attempt=job.attempts + 1,
+            run_id=run_id,
+            # the upload is part of it: allow 1 MB/s on top of a command's deadline
+            timeout_s=s.ssh.command_timeout_s + _size(job_file) / 1e6,
+        )
+    except SSHConnectionError as exc:
+        if not is_current(job, instance_id, run_id):
+            _forget_run(ctx, job_id, instance_id, run_id, "start unconfirmed, job moved on")
+            return
+        # Unreachable is not failed: the start may or may not have happened, so keep
+        # the assignment; the watcher re-runs the idempotent start of this run.
+        log.warning("job_dispatch_interrupted", job=job_id, instance=instance_id, error=str(exc))
+        mark_unreachable(ctx, inst, exc)
+        return
+    except (VastdError, ValueError, OSError) as exc:
+        if not is_current(job, instance_id, run_id):
+            _forget_run(ctx, job_id, instance_id, run_id, "start failed, job moved on")
+            return
+        # Observed on the instance (refused upload, start script error), a bad
+        # template or an unreadable local file: an attempt, so a job never stays
+        # "running" with nothing behind it.
+        record_attempt_failure(ctx, job, reason=f"could not start: {exc}", exit_code=None)
+        return
+    if not is_current(job, instance_id, run_id):
+        # Started after the job moved on (its instance was declared lost or drained).
+        _forget_run(ctx, job_id, instance_id, run_id, "started after the job moved on")
+        return
+    st.mark_job_started(ctx.store, job_id, run_id=run_id, pgid=proc.pid, new=proc.started)
+    log.info(
+        "job_started",
+        job=job_id,
+        instance=instance_id,
+        pgid=proc.pid,
+        new=proc.started,
+        run=run_id,
+    )
+    ensure_watcher(ctx, instance_id)
 
 
 def _size(path: Path) -> int:
@@ -210,7 +245,7 @@ async def watch_instance(ctx: Context, instance_id: str) -> None:
         if inst is None or inst.status in (InstanceStatus.LOST, InstanceStatus.DESTROYED):
             return
         running = st.running_jobs_on(ctx.store, instance_id)
-        jobs = [j for j in running if j.id not in ctx.dispatching]
+        jobs = [j for j in running if not in_dispatch(ctx, j)]
         job_ids = {j.id for j in jobs}
         orphans = [j for j in st.orphans_on(ctx.store, instance_id) if j.id not in job_ids]
         if not jobs and not orphans:
@@ -266,7 +301,7 @@ def _restart_or_requeue(ctx: Context, inst: InstanceRecord, job: JobRecord, why:
     if job.pgid is None:
         # A dispatch that broke off before the start (no folder yet, or a folder
         # with the input but no pid): start the same run again (idempotent).
-        ctx.dispatching.add(job.id)
+        ctx.dispatch.claim(job.id, job.run_id)
         ctx.spawn(dispatch_job(ctx, job.id, inst.id, job.run_id), name=f"dispatch:{job.id}")
     else:
         # The run's folder vanished or was replaced under a started job: not its fault.
@@ -277,7 +312,7 @@ def _restart_or_requeue(ctx: Context, inst: InstanceRecord, job: JobRecord, why:
 async def handle_job_status(
     ctx: Context, inst: InstanceRecord, job: JobRecord, status: RemoteJobStatus
 ) -> None:
-    if not is_current(job, inst.id, job.run_id) or job.id in ctx.dispatching:
+    if not is_current(job, inst.id, job.run_id) or in_dispatch(ctx, job):
         return  # it changed while the status command ran
     outcome = detect_job_completion(status)
     never_started = job.pgid is None and status.pid is None and status.exit_code is None
@@ -338,7 +373,7 @@ def detect_stuck_jobs(ctx: Context, now: float | None = None) -> list[str]:
         watcher = ctx.watchers.get(job.instance or "")
         deadline = (job.started_at or job.dispatched_at or now) + ctx.settings.job.timeout_s
         if (
-            (watcher is None or watcher.done()) and job.id not in ctx.dispatching
+            (watcher is None or watcher.done()) and not in_dispatch(ctx, job)
         ) or now > deadline + 60:
             stuck.append(job.id)
     return stuck

@@ -32,24 +32,18 @@ from vastd.execution.job_runner import (
 from vastd.execution.result_handler import cleanup_remote_job
 from vastd.orchestration.actions import instance_connection
 from vastd.orchestration.context import Context
-from vastd.utils.exceptions import JobExecutionError, SSHConnectionError, VastdError
+from vastd.utils.exceptions import (
+    HostKeyMismatchError,
+    JobExecutionError,
+    SSHConnectionError,
+    VastdError,
+)
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.followups")
 FOLLOWUP_BACKOFF_MAX_S = 600.0
+FOLLOWUP_WAIT_S = 30.0  # how often a follow-up on a lost or booting instance looks again
 WAITING = frozenset({InstanceStatus.LOST, InstanceStatus.DESTROYING, InstanceStatus.BOOTING})
-
-
-def _blocked(ctx: Context, followup: FollowUp) -> bool:
-    """A newer run of the same job is on that instance (or being started there):
-    its start replaces the old folder itself, and a removal now could race the upload."""
-    job = ctx.store.jobs.get(followup.job)
-    return (
-        job is not None
-        and job.instance == followup.instance
-        and job.state in st.HELD
-        and job.run_id != followup.run
-    )
 
 
 def _retry_delay(ctx: Context, followup: FollowUp) -> float:
@@ -57,30 +51,42 @@ def _retry_delay(ctx: Context, followup: FollowUp) -> float:
 
 
 async def run_followup(ctx: Context, followup: FollowUp) -> bool:
-    """Carry out one follow-up; True once it is done (or can never apply)."""
+    """Carry out one follow-up; True once it is done (or can never apply).
+
+    It holds the job's remote folder on that instance while it works, so it never
+    races the upload and start of a newer run of the same job (whose `run` file then
+    tells the clean-up to leave the folder alone).
+    """
     inst = ctx.store.instances.get(followup.instance)
     if inst is None or inst.status is InstanceStatus.DESTROYED:
         st.followup_done(ctx.store, followup.id)
         log.info("followup_dropped", job=followup.job, instance=followup.instance, why="gone")
         return True
-    if inst.status in WAITING or _blocked(ctx, followup):
-        st.followup_failed(ctx.store, followup.id, "waiting", _retry_delay(ctx, followup))
+    if inst.status in WAITING:
+        # May come back (lost) or is being destroyed (which ends its follow-ups).
+        st.followup_wait(ctx.store, followup.id, FOLLOWUP_WAIT_S)
         return False
     paths = remote_job_paths(ctx.settings.remote.root, inst.id, followup.job)
     try:
-        conn = await instance_connection(ctx, inst)
-        removed = await cleanup_remote_job(
-            conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s, run_id=followup.run
-        )
+        async with ctx.remote_locks.hold((inst.id, followup.job)):
+            conn = await instance_connection(ctx, inst)
+            removed = await cleanup_remote_job(
+                conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s, run_id=followup.run
+            )
+    except HostKeyMismatchError as exc:
+        # An instance that is not the one we knew: nothing there can be cleaned safely.
+        st.followup_done(ctx.store, followup.id)
+        log.warning("followup_dropped", job=followup.job, instance=inst.id, why=str(exc))
+        return True
     except (SSHConnectionError, JobExecutionError) as exc:
         st.followup_failed(ctx.store, followup.id, str(exc), _retry_delay(ctx, followup))
-        if followup.attempts == 0 or followup.attempts % 10 == 0:
+        if followup.attempts == 1 or followup.attempts % 10 == 0:
             log.warning(
                 "remote_cleanup_failed",
                 job=followup.job,
                 instance=inst.id,
                 error=str(exc),
-                attempts=followup.attempts + 1,
+                attempts=followup.attempts,
             )
         return False
     except ValueError as exc:  # not a job folder: nothing this could ever remove
@@ -100,8 +106,12 @@ async def run_followup(ctx: Context, followup: FollowUp) -> bool:
 
 
 async def followups_once(ctx: Context, *, limit: int = 64) -> int:
-    """Run the follow-ups that are due (after their record is saved); returns how many ended."""
+    """Run the follow-ups that are due (after their record is saved); returns how many ended.
+
+    Drained instances waiting for a sweep (preparation sweeps the others) are swept too.
+    """
     now = time.time()
+    await sweep_drained(ctx, now)
     due = [f for f in ctx.store.snapshot.followups.values() if f.next_at <= now][:limit]
     if not due:
         return 0
@@ -181,15 +191,18 @@ def accounted_folders(ctx: Context, instance_id: str) -> set[str]:
     return keep
 
 
-async def sweep_remote_folders(ctx: Context, inst: InstanceRecord, conn: SSHConnection) -> int:
-    """Remove the job folders nothing accounts for (before the instance gets new jobs)."""
+async def sweep_remote_folders(ctx: Context, inst: InstanceRecord, conn: SSHConnection) -> bool:
+    """Remove the job folders nothing accounts for (before the instance gets new jobs).
+
+    True when every such folder is gone (False: the listing or a removal failed).
+    """
     try:
         names = await list_job_folders(conn, inst, ctx)
     except (JobExecutionError, SSHConnectionError) as exc:
         log.warning("remote_sweep_failed", instance=inst.id, error=str(exc))
-        return 0
+        return False
     keep = accounted_folders(ctx, inst.id)
-    removed = 0
+    removed = failed = 0
     for name in names:
         if name in keep or name in ("", ".", "..") or "/" in name:
             continue
@@ -201,8 +214,36 @@ async def sweep_remote_folders(ctx: Context, inst: InstanceRecord, conn: SSHConn
             )
         except (VastdError, ValueError) as exc:
             log.warning("remote_sweep_failed", instance=inst.id, folder=name, error=str(exc))
+            failed += 1
             continue
         removed += 1
     if removed:
         log.info("remote_folders_swept", instance=inst.id, removed=removed)
-    return removed
+    return failed == 0
+
+
+SWEEP_RETRY_S = 300.0
+
+
+async def sweep_drained(ctx: Context, now: float) -> int:
+    """Sweep drained instances marked for it (they are not prepared again, and get no new
+    job, so nothing can race the sweep); returns how many were swept."""
+    swept = 0
+    for inst in list(ctx.store.instances.values()):
+        if inst.status is not InstanceStatus.DRAINING or not inst.resweep:
+            continue
+        if ctx.sweeps.get(inst.id, 0.0) > now:
+            continue
+        ctx.sweeps[inst.id] = now + SWEEP_RETRY_S
+        try:
+            conn = await instance_connection(ctx, inst)
+        except HostKeyMismatchError:
+            st.note_resweep(ctx.store, inst, False)  # never ours to touch again
+            continue
+        except SSHConnectionError:
+            continue
+        if inst.status is InstanceStatus.DRAINING and await sweep_remote_folders(ctx, inst, conn):
+            st.note_resweep(ctx.store, inst, False)
+            ctx.sweeps.pop(inst.id, None)
+            swept += 1
+    return swept

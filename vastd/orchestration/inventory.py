@@ -203,8 +203,8 @@ async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> b
         marker = await prepare_instance_for_jobs(
             conn, s.prepare, s.remote.root, inst.id, timeout_s=s.ssh.command_timeout_s
         )
-        if inst.status is InstanceStatus.PREPARING:
-            await sweep_remote_folders(ctx, inst, conn)
+        if inst.status is InstanceStatus.PREPARING and await sweep_remote_folders(ctx, inst, conn):
+            st.note_resweep(ctx.store, inst, False)
     except HostKeyMismatchError as exc:
         # Met first here (e.g. after a restart): drained, its jobs requeued, as anywhere.
         mark_unreachable(ctx, inst, exc)

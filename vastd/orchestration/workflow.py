@@ -16,7 +16,7 @@ from typing import Any
 import asyncssh
 
 from vastd.core import state as st
-from vastd.core.files import Layout
+from vastd.core.files import Layout, move_job_to_failed
 from vastd.core.jobs import InboxWatcher, accept_job_file, job_id_for
 from vastd.core.lock import RootLock
 from vastd.core.state import JobState
@@ -62,10 +62,17 @@ async def accept_inbox_file(ctx: Context, path: Path) -> None:
     job = ctx.store.jobs.get(info.job_id)
     if job is not None and job.state not in st.FINISHED:
         # Became active while the file was checked (a rescan raced the watcher): never merge.
-        log.warning("job_refused", job=info.job_id, reason="already queued or running")
+        reason = f"a job named {info.job_id!r} is already queued or running"
+        log.warning("job_refused", job=info.job_id, reason=reason)
+        await asyncio.to_thread(
+            move_job_to_failed, ctx.layout, info.job_id, info.path, reason=reason, duplicate=True
+        )
         return
-    st.add_job(ctx.store, info.job_id, info.path.name, info.rows, keep_previous=info.rerun)
+    job = st.add_job(ctx.store, info.job_id, info.path.name, info.rows, keep_previous=info.rerun)
     ctx.wake_dispatch()
+    if job.earlier_failed_stem is not None and await ctx.store.flush():
+        # Queued again, on disk: the earlier failure's files in failed/ can go.
+        st.clear_earlier_failure(ctx.store, job.id)
 
 
 def make_inbox_watcher(
