@@ -284,6 +284,34 @@ async def test_invalid_file_goes_to_failed(layout: Layout, settings: JobSettings
     assert list(layout.queued.iterdir()) == []
 
 
+async def test_file_swapped_after_validation_is_checked_again(
+    layout: Layout, settings: JobSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file replaced between its validation and the rename to queued/ is validated again
+    where it landed: an invalid swap is refused, a valid one accepted with its own rows."""
+    import vastd.core.jobs as jobs
+
+    real = jobs.validate_job_file
+    swaps = {"bad": "a,b\n", "good": "a,b\n1,2\n3,4\n5,6\n"}
+
+    def validate_then_swap(path: Path, max_bytes: int) -> JobFileInfo:
+        info = real(path, max_bytes)
+        if path.parent == layout.inbox:
+            replacement = path.with_name(".swap")
+            replacement.write_text(swaps[info.job_id])
+            os.rename(replacement, path)  # a new inode under the validated name
+        return info
+
+    monkeypatch.setattr(jobs, "validate_job_file", validate_then_swap)
+    bad = _write(layout.inbox, "bad.csv", GOOD)
+    assert await accept_job_file(layout, bad, settings, known_ids=set()) is None
+    assert (layout.failed / "bad.csv").read_text() == "a,b\n"
+    assert "no data rows" in _refusal(layout, "bad")
+    good = _write(layout.inbox, "good.csv", GOOD)
+    info = await accept_job_file(layout, good, settings, known_ids=set())
+    assert info is not None and info.rows == 3 and info.path == layout.queued / "good.csv"
+
+
 async def test_collision_with_known_or_queued_job_is_refused(
     layout: Layout, settings: JobSettings
 ) -> None:

@@ -17,7 +17,7 @@ import io
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,6 +52,8 @@ class JobFileInfo:
     columns: list[str]
     rows: int
     rerun: bool = False  # the name of a finished job, accepted as a new run
+    # (inode, size, mtime_ns) of what was read: acceptance compares it after the rename
+    identity: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
 
 
 def _kind(mode: int) -> str:
@@ -100,7 +102,11 @@ def _check_csv(text: str) -> tuple[list[str], int]:
     return header, rows
 
 
-def _validate(path: Path, max_bytes: int) -> tuple[JobFileInfo, os.stat_result]:
+def validate_job_file(path: Path, max_bytes: int) -> JobFileInfo:
+    """Check a job file against CONTRACT §3; JobValidationError(reason) when refused.
+
+    Never follows a symlink and never blocks on a FIFO or device.
+    """
     job_id = job_id_for(path)
     try:
         st = os.lstat(path)
@@ -137,16 +143,14 @@ def _validate(path: Path, max_bytes: int) -> tuple[JobFileInfo, os.stat_result]:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise JobValidationError(f"line {line} contains a NUL byte")
     columns, rows = _check_csv(text)
-    info = JobFileInfo(job_id=job_id, path=path, size=len(data), columns=columns, rows=rows)
-    return info, st
-
-
-def validate_job_file(path: Path, max_bytes: int) -> JobFileInfo:
-    """Check a job file against CONTRACT §3; JobValidationError(reason) when refused.
-
-    Never follows a symlink and never blocks on a FIFO or device.
-    """
-    return _validate(path, max_bytes)[0]
+    return JobFileInfo(
+        job_id=job_id,
+        path=path,
+        size=len(data),
+        columns=columns,
+        rows=rows,
+        identity=(st.st_ino, st.st_size, st.st_mtime_ns),
+    )
 
 
 def parse_job_file(path: Path) -> list[dict[str, str]]:
@@ -276,7 +280,7 @@ def _accept(
             return None
         rerun = True
     try:
-        info, st = _validate(path, settings.max_input_bytes)
+        info = validate_job_file(path, settings.max_input_bytes)
     except JobValidationError as exc:
         if not os.path.lexists(path):
             return None
@@ -295,13 +299,8 @@ def _accept(
     # The name was validated, the inode moved: if they differ, the file was swapped between.
     try:
         moved = os.lstat(destination)
-        swapped = (moved.st_ino, moved.st_size, moved.st_mtime_ns) != (
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-        )
-        if swapped:
-            info, st = _validate(destination, settings.max_input_bytes)
+        if (moved.st_ino, moved.st_size, moved.st_mtime_ns) != info.identity:
+            info = validate_job_file(destination, settings.max_input_bytes)
     except JobValidationError as exc:
         _refuse(layout, destination, job_id, str(exc))
         return None
