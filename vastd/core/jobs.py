@@ -16,9 +16,7 @@ import fnmatch
 import io
 import os
 import stat
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 from vastd.core.files import (
@@ -38,8 +36,6 @@ from vastd.utils.exceptions import FileOperationError, JobValidationError
 from vastd.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-DEFAULT_SECONDS_PER_ROW = 120.0  # 1M paths ≈ 2 min a row (reference/workload.md)
 
 
 @dataclass(frozen=True)
@@ -153,17 +149,6 @@ def validate_job_file(path: Path, max_bytes: int) -> JobFileInfo:
     )
 
 
-def parse_job_file(path: Path) -> list[dict[str, str]]:
-    """The rows of a job file as dicts keyed by the header (a BOM is dropped)."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            return [dict(row) for row in csv.DictReader(handle)]
-    except OSError as exc:
-        raise FileOperationError(f"cannot read {path}: {exc}") from exc
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise JobValidationError(f"cannot parse {path.name}: {exc}") from None
-
-
 def get_job_arguments(job_id: str, settings: JobSettings) -> dict[str, str]:
     """`[job.vars]`, overridden by the first `[[job.patterns]]` whose glob matches `<job>.csv`."""
     arguments = dict(settings.vars)
@@ -173,13 +158,6 @@ def get_job_arguments(job_id: str, settings: JobSettings) -> dict[str, str]:
             arguments.update(pattern.vars)
             break
     return arguments
-
-
-def estimate_job_duration(
-    info: JobFileInfo, seconds_per_row: float = DEFAULT_SECONDS_PER_ROW
-) -> timedelta:
-    """A rough wall time: rows x seconds per row."""
-    return timedelta(seconds=info.rows * seconds_per_row)
 
 
 def discover_job_files(directory: Path) -> list[Path]:
@@ -195,31 +173,6 @@ def discover_job_files(directory: Path) -> list[Path]:
         return []
     except OSError as exc:
         raise FileOperationError(f"cannot list {directory}: {exc}") from exc
-
-
-def categorize_jobs_by_type(paths: Iterable[Path]) -> dict[str, list[Path]]:
-    """Group by the id's prefix before `_job_` (`garch_test`, `garch_training`), else "other"."""
-    groups: dict[str, list[Path]] = {}
-    for path in paths:
-        prefix, sep, _ = job_id_for(path).partition("_job_")
-        groups.setdefault(prefix if sep and prefix else "other", []).append(path)
-    return groups
-
-
-def prioritize_jobs(paths: Iterable[Path]) -> list[Path]:
-    """Oldest first (mtime), then by name: first come, first served.
-
-    Names are not in numeric order (padding is "at least 4 digits"), so arrival
-    order is the only fair one. A vanished file sorts last.
-    """
-
-    def key(path: Path) -> tuple[float, str]:
-        try:
-            return (os.lstat(path).st_mtime_ns, path.name)
-        except OSError:
-            return (float("inf"), path.name)
-
-    return sorted(paths, key=key)
 
 
 # --- acceptance ------------------------------------------------------------------------
