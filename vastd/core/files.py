@@ -312,6 +312,13 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def utc_iso(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 UTC to the second with a `Z`; None stays None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def write_error_json(
     layout: Layout,
     job_id: str,
