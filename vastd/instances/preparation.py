@@ -100,8 +100,7 @@ async def prepare_instance_for_jobs(
     Raises PreparationError (an instance problem) or SSHConnectionError (unreachable).
     """
     wanted = steps_hash(steps)
-    marker = await read_marker(conn, remote_root, instance_id, timeout_s=timeout_s)
-    if marker == wanted:
+    if await verify_instance_readiness(conn, steps, remote_root, instance_id, timeout_s=timeout_s):
         return wanted
     for step in steps:
         ran = await run_step(conn, step)
