@@ -41,7 +41,6 @@ from vastd.utils.exceptions import FileOperationError, SSHConnectionError, Vastd
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.coordinator")
-USABLE = (InstanceStatus.READY,)
 
 
 # --- placing jobs ------------------------------------------------------------------------------
@@ -55,11 +54,6 @@ def find_best_instance_for_job(ctx: Context, job: JobRecord) -> InstanceRecord |
     fresh = [i for i in room if i.id not in job.avoid_instances and i.id not in orphaned]
     pool = fresh or [i for i in room if i.id not in job.avoid_instances] or room
     return min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id))
-
-
-def balance_workload_across_instances(ctx: Context) -> dict[str, int]:
-    """Jobs per usable instance (what dispatch balances on)."""
-    return {i.id: len(i.current_jobs) for i in ctx.store.instances.values() if i.status in USABLE}
 
 
 def is_current(job: JobRecord | None, instance_id: str, run_id: str | None) -> bool:
