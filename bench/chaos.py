@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -781,8 +782,13 @@ class Chaos:
             return "no results folder"
         names = sorted(os.listdir(folder))
         parquets = [n for n in names if n.endswith(".parquet")]
-        if len(parquets) != 1 or set(names) != {"log.txt", parquets[0]}:
+        if len(parquets) != 1 or set(names) != {"log.txt", "MANIFEST.json", parquets[0]}:
             return f"results folder holds {names}"
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        listed = {f["name"]: f["sha256"] for f in manifest.get("files", [])}
+        digest = hashlib.sha256((folder / parquets[0]).read_bytes()).hexdigest()
+        if listed != {parquets[0]: digest} or not isinstance(manifest.get("run"), str):
+            return f"MANIFEST.json does not describe the results: {manifest}"
         table = pq.read_table(folder / parquets[0]).to_pydict()
         rows = job.rows
         if sorted(set(table["job_row"])) != list(range(len(rows))):

@@ -19,10 +19,7 @@ from vastd.core.files import (
     atomic_write_bytes,
     atomic_write_json,
     cleanup_temp_files,
-    copy_file,
     ensure_directory_exists,
-    list_files,
-    move_file,
     move_job_file,
     move_job_to_failed,
     safe_name,
@@ -123,17 +120,7 @@ def test_ensure_directory_exists_refuses_a_file(tmp_path: Path) -> None:
         ensure_directory_exists(tmp_path / "f")
 
 
-# --- listing and cleanup -------------------------------------------------------------------
-
-
-def test_list_files_regular_sorted_no_dotfiles(tmp_path: Path) -> None:
-    """list_files returns sorted regular files only: no dot-files, folders or symlinks."""
-    for name in ("b.csv", "a.csv", ".hidden.csv", "c.txt"):
-        (tmp_path / name).write_text("x")
-    (tmp_path / "d.csv").mkdir()
-    (tmp_path / "e.csv").symlink_to(tmp_path / "a.csv")
-    assert list_files(tmp_path, "*.csv") == [tmp_path / "a.csv", tmp_path / "b.csv"]
-    assert list_files(tmp_path / "missing") == []
+# --- cleanup -------------------------------------------------------------------
 
 
 def test_cleanup_temp_files_removes_only_ours(tmp_path: Path) -> None:
@@ -193,20 +180,6 @@ def test_move_job_file_collision_raises_or_renames(layout: Layout) -> None:
     assert out == layout.failed / "j.dup-1.csv"
     assert (layout.failed / "j.csv").read_text() == "first"
     assert out.read_text() == "second"
-
-
-def test_move_and_copy_file(tmp_path: Path) -> None:
-    """move_file and copy_file carry the content and refuse to overwrite unless asked."""
-    (tmp_path / "a").write_text("A")
-    copy_file(tmp_path / "a", tmp_path / "b")
-    assert (tmp_path / "b").read_text() == "A"
-    with pytest.raises(FileOperationError):
-        copy_file(tmp_path / "a", tmp_path / "b")
-    move_file(tmp_path / "a", tmp_path / "c")
-    assert (tmp_path / "c").read_text() == "A" and not (tmp_path / "a").exists()
-    move_file(tmp_path / "c", tmp_path / "b", overwrite=True)
-    assert (tmp_path / "b").read_text() == "A"
-    assert _leftovers(tmp_path) == []
 
 
 # --- atomic writes ----------------------------------------------------------------------------

@@ -329,7 +329,6 @@ async def test_whole_job_over_real_openssh(
     from vastd.core.ssh import Endpoint
     from vastd.execution.process_monitor import (
         CompletionStatus,
-        check_process_running,
         detect_job_completion,
         handle_job_timeout,
         monitor_job_execution,
@@ -359,7 +358,7 @@ async def test_whole_job_over_real_openssh(
         command_template=f"sleep 1; {shlex.quote(TEST_PYTHON)} -c {code} {{output_dir}}",
         **common,
     )
-    slow = await execute_job_on_instance(
+    await execute_job_on_instance(
         conn, job_id="slow", command_template="sleep 100 & sleep 100", **common
     )
     paths = remote_job_paths(root, "o1", job_id)
@@ -382,6 +381,5 @@ async def test_whole_job_over_real_openssh(
     assert collected.rows == 2 and [p.name for p in collected.files] == ["r.parquet"]
     outcome = await handle_job_timeout(conn, slow_paths, grace_s=1, timeout_s=30)
     assert outcome.was_alive and not outcome.still_alive
-    assert not await check_process_running(conn, slow.pgid, timeout_s=30)
     final = await monitor_job_execution(conn, [("slow", slow_paths)], timeout_s=30)
     assert final["slow"].exit_code == 124 and final["slow"].timed_out

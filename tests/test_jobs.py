@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,9 @@ from vastd.core.files import Layout
 from vastd.core.jobs import (
     JobFileInfo,
     accept_job_file,
-    categorize_jobs_by_type,
     discover_job_files,
-    estimate_job_duration,
     get_job_arguments,
     job_id_for,
-    parse_job_file,
-    prioritize_jobs,
     validate_job_file,
 )
 from vastd.utils.config import JobPattern, JobSettings
@@ -161,13 +156,7 @@ def test_directory_and_missing_file_are_refused(tmp_path: Path) -> None:
         validate_job_file(tmp_path / "gone.csv", 4096)
 
 
-def test_parse_job_file_gives_dicts(tmp_path: Path) -> None:
-    """parse_job_file returns one dict per data row keyed by the header."""
-    rows = parse_job_file(_write(tmp_path, "j.csv", GOOD))
-    assert len(rows) == 2 and rows[0]["eta"] == "10" and rows[1]["p"] == "0.7"
-
-
-# --- arguments, discovery, ordering ----------------------------------------------------------------
+# --- arguments, discovery, names ----------------------------------------------------------------
 
 
 def test_job_arguments_take_the_first_matching_pattern() -> None:
@@ -204,22 +193,8 @@ def test_discover_ignores_dotfiles_and_temp_names(tmp_path: Path) -> None:
     assert discover_job_files(tmp_path / "missing") == []
 
 
-def test_categorize_prioritize_and_estimate(tmp_path: Path) -> None:
-    """Types come from the prefix before _job_; order is oldest first then name; rows set the estimate."""
-    a = _write(tmp_path, "garch_training_job_63000_63099.csv", GOOD)
-    b = _write(tmp_path, "garch_test_job_0000_0099.csv", GOOD)
-    c = _write(tmp_path, "misc.csv", GOOD)
-    os.utime(a, ns=(1_000, 1_000))
-    os.utime(b, ns=(2_000, 2_000))
-    os.utime(c, ns=(1_000, 1_000))
-    assert categorize_jobs_by_type([a, b, c]) == {
-        "garch_training": [a],
-        "garch_test": [b],
-        "other": [c],
-    }
-    assert prioritize_jobs([b, c, a, tmp_path / "gone.csv"]) == [a, c, b, tmp_path / "gone.csv"]
-    info = validate_job_file(b, 4096)
-    assert estimate_job_duration(info, seconds_per_row=60) == timedelta(minutes=2)
+def test_job_id_is_the_name_without_csv() -> None:
+    """The job id is the file name less `.csv`; other dots stay, folders do not count."""
     assert job_id_for(Path("x/a.b.csv")) == "a.b"
 
 
@@ -282,6 +257,34 @@ async def test_invalid_file_goes_to_failed(layout: Layout, settings: JobSettings
     assert not path.exists() and (layout.failed / "bad.csv").exists()
     assert _refusal(layout, "bad") == "line 3 has 1 fields, the header has 2"
     assert list(layout.queued.iterdir()) == []
+
+
+async def test_file_swapped_after_validation_is_checked_again(
+    layout: Layout, settings: JobSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file replaced between its validation and the rename to queued/ is validated again
+    where it landed: an invalid swap is refused, a valid one accepted with its own rows."""
+    import vastd.core.jobs as jobs
+
+    real = jobs.validate_job_file
+    swaps = {"bad": "a,b\n", "good": "a,b\n1,2\n3,4\n5,6\n"}
+
+    def validate_then_swap(path: Path, max_bytes: int) -> JobFileInfo:
+        info = real(path, max_bytes)
+        if path.parent == layout.inbox:
+            replacement = path.with_name(".swap")
+            replacement.write_text(swaps[info.job_id])
+            os.rename(replacement, path)  # a new inode under the validated name
+        return info
+
+    monkeypatch.setattr(jobs, "validate_job_file", validate_then_swap)
+    bad = _write(layout.inbox, "bad.csv", GOOD)
+    assert await accept_job_file(layout, bad, settings, known_ids=set()) is None
+    assert (layout.failed / "bad.csv").read_text() == "a,b\n"
+    assert "no data rows" in _refusal(layout, "bad")
+    good = _write(layout.inbox, "good.csv", GOOD)
+    info = await accept_job_file(layout, good, settings, known_ids=set())
+    assert info is not None and info.rows == 3 and info.path == layout.queued / "good.csv"
 
 
 async def test_collision_with_known_or_queued_job_is_refused(

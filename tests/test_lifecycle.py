@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import async_wait_for
+from vastd.core import state as st
 from vastd.core.files import Layout
 from vastd.core.ssh import SSHPool
 from vastd.core.state import InstanceRecord, InstanceStatus, StateStore
@@ -53,22 +54,15 @@ def offer(cluster: SimCluster, index: int = 0) -> dict[str, Any]:
     return dict(sorted(cluster.cloud.offers.values(), key=lambda o: o["id"])[index])
 
 
-async def test_start_stop_restart_and_terminate(env: tuple[SimCluster, Context]) -> None:
-    """stop -> `stopped`; start -> boots to `running`; restart -> reboots; terminate destroys
-    and confirms, and a second terminate of the gone instance is also confirmed."""
+async def test_terminate_destroys_and_confirms(env: tuple[SimCluster, Context]) -> None:
+    """terminate destroys and confirms, and a second terminate of the gone instance is also
+    confirmed."""
     cluster, ctx = env
     assert ctx.api is not None
     iid = await cluster.cloud.add_instance(label="vastd")
-    assert await lc.stop_instance(ctx.api, iid)
-    assert cluster.cloud.instances[iid]["actual_status"] == "stopped"
-    assert await lc.start_instance(ctx.api, iid)
-    await cluster.cloud.wait_for_status(iid, "running")
-    assert await lc.restart_instance(ctx.api, iid)
-    await cluster.cloud.wait_for_status(iid, "running")
     assert await lc.terminate_instance(ctx.api, iid)
     assert iid not in cluster.cloud.instances
     assert await lc.terminate_instance(ctx.api, iid)
-    assert not await lc.start_instance(ctx.api, iid)
 
 
 async def test_terminate_retries_a_failing_destroy_until_confirmed(
@@ -162,15 +156,18 @@ async def test_attached_key_reaches_a_running_sim_host(env: tuple[SimCluster, Co
 
 
 async def test_instances_not_owned_are_never_destroyed(env: tuple[SimCluster, Context]) -> None:
-    """manage_instance_lifecycle refuses to destroy an instance vastd did not rent."""
+    """The teardown step refuses an instance vastd did not rent, even a drained one; an
+    owned one is destroyed and confirmed."""
     cluster, ctx = env
     iid = await cluster.cloud.add_instance(label="vastd")
     inst = InstanceRecord(id=str(iid), label="vastd", status=InstanceStatus.READY)
     ctx.store.instances[inst.id] = inst
-    assert not await renting.manage_instance_lifecycle(ctx, inst, InstanceStatus.DESTROYED)
+    assert not renting.cleanup_failed_instance(ctx, inst, "requested", block=False)
     assert iid in cluster.cloud.instances and inst.status is InstanceStatus.READY
-    assert await renting.manage_instance_lifecycle(ctx, inst, InstanceStatus.DRAINING)
-    assert inst.status is InstanceStatus.DRAINING
+    st.drain_instance(ctx.store, inst, "requested", requeue_jobs=False)
+    assert not renting.cleanup_failed_instance(ctx, inst, "requested", block=False)
+    assert iid in cluster.cloud.instances and inst.status is InstanceStatus.DRAINING
     inst.owned = True
-    assert await renting.manage_instance_lifecycle(ctx, inst, InstanceStatus.DESTROYED)
+    assert renting.cleanup_failed_instance(ctx, inst, "requested", block=False)
+    assert await renting.confirm_destroy(ctx, inst)
     assert iid not in cluster.cloud.instances and inst.status is InstanceStatus.DESTROYED

@@ -66,6 +66,32 @@ def test_truncated_or_markerless_output_is_a_probe_failure() -> None:
         mon.parse_probe(f"{mon.MARKER}\n[df]\n{DF}")
 
 
+def test_instance_summary_is_its_status_entry() -> None:
+    """get_instance_summary gives what `vastd status` shows of an instance, times in ISO UTC."""
+    inst = InstanceRecord(
+        id="7",
+        status=InstanceStatus.READY,
+        api_status="running",
+        current_jobs=["j"],
+        dph=0.5,
+        gpu_name="RTX 4090",
+        owned=True,
+        last_seen=1_800_000_000.9,
+    )
+    assert mon.get_instance_summary(inst) == {
+        "id": "7",
+        "state": "ready",
+        "api_status": "running",
+        "current_jobs": ["j"],
+        "dph": 0.5,
+        "gpu": "RTX 4090",
+        "owned": True,
+        "last_seen": "2027-01-15T08:00:00Z",
+        "last_contact": None,
+        "prepare_error": None,
+    }
+
+
 @pytest.fixture
 def make_ctx(
     tmp_path: Path, ssh_pool: Callable[..., SSHPool], client_key: Any
@@ -124,8 +150,6 @@ async def test_health_check_runs_one_command_and_reads_gpus(
     assert health.memory is not None and health.memory.total_mb > 0
     assert health.utilization is not None and health.utilization.mean_utilization_pct == 42
     assert host.connections_total == before + 1
-    summary = mon.get_instance_summary(inst, health)
-    assert summary["healthy"] and summary["gpu_util_pct"] == 42
 
 
 async def test_low_disk_drains_until_it_recovers(

@@ -104,8 +104,8 @@ async def test_control_files_and_input_never_count(
 ) -> None:
     """A glob matching everything still never yields the input, log.txt, pid or exit_code."""
     write_parquet(Path(paths.job_dir, "r.parquet"), 1)
-    files = await find_result_files(runner, paths, "*", timeout_s=20)
-    assert [f.name for f in files] == ["r.parquet"]
+    listing = await find_result_files(runner, paths, "*", timeout_s=20)
+    assert [f.name for f in listing.files] == ["r.parquet"]
 
 
 async def test_symlink_in_out_is_ignored_and_reported(
@@ -130,8 +130,8 @@ async def test_glob_is_relative_to_job_folder(runner: LocalRunner, paths: Remote
     """`*.parquet` finds files beside the input only; `out/*.parquet` those in out/ only."""
     write_parquet(Path(paths.job_dir, "top.parquet"), 1)
     write_parquet(Path(paths.out_dir, "inner.parquet"), 1)
-    top = await find_result_files(runner, paths, "*.parquet", timeout_s=20)
-    inner = await find_result_files(runner, paths, "out/*.parquet", timeout_s=20)
+    top = (await find_result_files(runner, paths, "*.parquet", timeout_s=20)).files
+    inner = (await find_result_files(runner, paths, "out/*.parquet", timeout_s=20)).files
     assert [f.name for f in top] == ["top.parquet"]
     assert [f.name for f in inner] == ["out/inner.parquet"]
     assert inner[0].path == f"{paths.out_dir}/inner.parquet"

@@ -17,14 +17,7 @@ from vastd.core.ssh import (
     CommandResult,
     Endpoint,
     MemoryHostKeyStore,
-    SSHConnection,
     SSHPool,
-    download_file,
-    execute_command,
-    execute_with_retry,
-    test_ssh_connectivity,
-    upload_file,
-    with_ssh_connection,
 )
 from vastd.sim.hosts import SimHost
 from vastd.utils.exceptions import (
@@ -60,7 +53,7 @@ async def test_run_exit_codes_stdout_stderr_and_stdin(
     result = await conn.run("echo out; echo err >&2; exit 3", timeout_s=10)
     assert result == CommandResult(3, "out\n", "err\n")
     assert not result.ok
-    assert (await execute_command(conn, "cat", input="hello\n")).stdout == "hello\n"
+    assert (await conn.run("cat", timeout_s=10, input="hello\n")).stdout == "hello\n"
     # Without input the command sees EOF at once instead of hanging.
     assert (await conn.run("cat; echo end", timeout_s=10)).stdout == "end\n"
     assert (await conn.run("true", timeout_s=10)).ok
@@ -101,11 +94,11 @@ async def test_upload_download_round_trip(
     src = local / "src.bin"
     src.write_bytes(data)
     remote = str(host.root / "up.bin")
-    await upload_file(conn, src, remote)
+    await conn.upload(src, remote, timeout_s=30)
     assert (host.root / "up.bin").read_bytes() == data
     assert not (host.root / "up.bin.part").exists()
     dst = local / "dst.bin"
-    assert await download_file(conn, remote, dst) == len(data)
+    assert await conn.download(remote, dst, timeout_s=30) == len(data)
     assert dst.read_bytes() == data
     assert sorted(p.name for p in local.iterdir()) == ["dst.bin", "src.bin"]
 
@@ -209,35 +202,10 @@ async def test_dead_server_raises_then_pool_reconnects(
         await conn.run("true", timeout_s=5)
     with pytest.raises(SSHConnectionError):
         await pool.get("i1", ep(host))
-    assert not await test_ssh_connectivity(pool, "i1", ep(host), timeout_s=5)
     await host.start()
     conn2 = await pool.get("i1", ep(host))
     assert conn2 is not conn
     assert (await conn2.run("echo back", timeout_s=5)).stdout == "back\n"
-    assert await test_ssh_connectivity(pool, "i1", ep(host))
-
-
-async def test_execute_with_retry_reconnects_but_not_on_exit_codes(
-    sim_host: SimHostFactory, ssh_pool: PoolFactory
-) -> None:
-    """Connection errors are retried through the factory; a non-zero exit is returned as is."""
-    host = await sim_host()
-    pool = ssh_pool()
-    calls = 0
-
-    async def factory() -> SSHConnection:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise SSHConnectionError("first attempt fails")
-        return await pool.get("i1", ep(host))
-
-    result = await execute_with_retry(factory, "exit 7", backoff_s=0)
-    assert result.exit_status == 7 and calls == 2
-    result = await with_ssh_connection(
-        pool, "i1", ep(host), lambda c: c.run("echo via", timeout_s=5)
-    )
-    assert result.stdout == "via\n"
 
 
 async def test_hanging_command_times_out_and_frees_its_channel(

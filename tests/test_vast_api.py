@@ -13,9 +13,7 @@ import structlog
 from vastd.instances.discovery import (
     InstanceInfo,
     discover_active_instances,
-    discover_new_instances,
     filter_instances_by_criteria,
-    get_instance_by_id,
     parse_instance_data,
 )
 from vastd.instances.vast_api import (
@@ -539,7 +537,7 @@ def test_filter_instances_by_criteria() -> None:
 
 
 async def test_discovery_functions(sim: tuple[SimCloud, str], client: VastClient) -> None:
-    """Active = labelled, running, with an endpoint; new = active and not yet known."""
+    """Active = labelled, running, with an endpoint; one instance is shown by id, or None."""
     cloud, _ = sim
     running = await cloud.add_instance(label="vastd")
     await cloud.add_instance(label="vastd", actual_status="loading")
@@ -549,10 +547,9 @@ async def test_discovery_functions(sim: tuple[SimCloud, str], client: VastClient
     active = await discover_active_instances(client, "vastd")
     assert [i.id for i in active] == [running]
     assert active[0].proxy_endpoint is not None and active[0].direct_endpoint is not None
-    assert await discover_new_instances(client, "vastd", {running}) == []
-    info = await get_instance_by_id(client, offline)
-    assert info is not None and info.is_lost
-    assert await get_instance_by_id(client, 999) is None
+    row = await client.show_instance(offline)
+    assert row is not None and parse_instance_data(row).is_lost
+    assert await client.show_instance(999) is None
 
 
 async def test_rows_without_any_label_field_are_a_shape_error(

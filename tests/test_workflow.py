@@ -24,7 +24,6 @@ from vastd.orchestration.scheduler import (
     Scheduler,
     TaskType,
     create_task,
-    schedule_instance_preparation,
     schedule_result_collection,
 )
 from vastd.orchestration.workflow import (
@@ -33,7 +32,6 @@ from vastd.orchestration.workflow import (
     handle_instance_failure,
     recover_after_restart,
     run_instance_preparation_workflow,
-    run_tasks,
 )
 from vastd.status import build_status
 from vastd.utils.config import PrepareStep
@@ -297,9 +295,8 @@ async def test_scheduler_dedups_by_key() -> None:
     sched = Scheduler()
     assert schedule_result_collection(sched, "job-a")
     assert not schedule_result_collection(sched, "job-a")
-    assert schedule_result_collection(sched, "job-b")
-    assert schedule_instance_preparation(sched, "job-a")  # another type: other work
-    assert len(sched) == 3
+    assert schedule_result_collection(sched, "job-b")  # other args: other work
+    assert len(sched) == 2
     assert len(sched.pending(TaskType.COLLECT_RESULTS)) == 2
 
 
@@ -333,11 +330,11 @@ async def test_scheduler_priority_decides_among_due_tasks() -> None:
     """Among tasks that are all due, the lower priority value runs first (the docstring of
     schedule_task: "lower priority runs first")."""
     sched = Scheduler()
-    sched.schedule_task(create_task(TaskType.PREPARE_INSTANCE, instance="i"), priority=1)
+    sched.schedule_task(create_task(TaskType.COLLECT_RESULTS, job="later"), priority=1)
     sched.schedule_task(create_task(TaskType.COLLECT_RESULTS, job="j"), priority=0)
     async with asyncio.timeout(5):
         first = await sched.get_next_task()
-    assert first.type is TaskType.COLLECT_RESULTS
+    assert first.args == {"job": "j"}
 
 
 async def test_scheduler_reschedule_failed_task() -> None:
@@ -391,22 +388,3 @@ async def test_a_lost_instance_keeps_its_started_runs_as_orphans(env: SimEnv) ->
     handle_instance_failure(ctx, ctx.store.instances[first], "vast.ai reports it offline")
     assert job.state is JobState.QUEUED and job.attempts == 0
     assert [o.instance for o in job.orphans] == [first]
-
-
-async def test_a_scheduled_preparation_is_carried_out(env: SimEnv) -> None:
-    """`schedule_instance_preparation` (the seed's name) makes the task runner prepare the
-    instance, back-off or not; a scheduled task is never dropped unhandled."""
-    await env.start(instances=1)
-    ctx = env.context()
-    await discovery_once(ctx)
-    [inst] = ctx.store.instances.values()
-    inst.next_prepare_at = time.time() + 3600  # a back-off the periodic loop would honour
-    assert coordinate_instance_preparation(ctx) == 0
-    assert schedule_instance_preparation(ctx.scheduler, inst.id)
-    runner = asyncio.create_task(run_tasks(ctx))
-    try:
-        await async_wait_for(lambda: inst.status is InstanceStatus.READY, 20, message="ready")
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-    assert len(ctx.scheduler) == 0

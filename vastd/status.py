@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import UTC, datetime
 from typing import Any
 
-from vastd.core.files import Layout
+from vastd.core.files import Layout, utc_iso
 from vastd.core.jobs import discover_job_files
 from vastd.core.lock import root_locked
 from vastd.core.state import InstanceStatus, JobState, Snapshot, StateStore
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+from vastd.instances.monitoring import get_instance_summary
 
 
 def daemon_running(layout: Layout) -> bool | None:
@@ -59,22 +53,10 @@ def build_status(
         per_job = sum(durations) / len(durations)
         per_slot = max(1, len(usable))
         eta_s = round(per_job * remaining / per_slot, 1)
-    instances = []
-    for inst in sorted(snapshot.instances.values(), key=lambda i: i.id):
-        instances.append(
-            {
-                "id": inst.id,
-                "state": inst.status.value,
-                "api_status": inst.api_status,
-                "current_jobs": list(inst.current_jobs),
-                "dph": inst.dph,
-                "gpu": inst.gpu_name,
-                "owned": inst.owned,
-                "last_seen": _iso(inst.last_seen),
-                "last_contact": _iso(inst.last_contact),
-                "prepare_error": inst.prepare_error,
-            }
-        )
+    instances = [
+        get_instance_summary(inst)
+        for inst in sorted(snapshot.instances.values(), key=lambda i: i.id)
+    ]
     dph_now = round(sum(i.dph for i in live), 4)
     # What finishing costs at today's rate: the work left, then the idle tail before teardown.
     if remaining:
@@ -86,7 +68,7 @@ def build_status(
             if i.owned and not i.current_jobs
         )
     return {
-        "saved_at": _iso(snapshot.saved_at),
+        "saved_at": utc_iso(snapshot.saved_at),
         "daemon_running": daemon_running(layout),
         "jobs": jobs,
         "inbox_waiting": waiting_in_inbox,

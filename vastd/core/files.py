@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -172,29 +171,6 @@ def ensure_directory_exists(path: Path, mode: int = 0o700) -> Path:
     return path
 
 
-def list_files(directory: Path, pattern: str = "*") -> list[Path]:
-    """Regular files (not symlinks) in `directory` matching `pattern`, sorted, no dot-files.
-
-    A missing folder has no files.
-    """
-    found: list[Path] = []
-    try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or not fnmatchcase(entry.name, pattern):
-                    continue
-                try:
-                    if entry.is_file(follow_symlinks=False):
-                        found.append(Path(entry.path))
-                except OSError:
-                    continue
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise FileOperationError(f"cannot list {directory}: {exc}") from exc
-    return sorted(found)
-
-
 def atomic_file_move(source: Path, destination: Path) -> Path:
     """Rename `source` to `destination` (same file system), never over an existing entry.
 
@@ -211,44 +187,6 @@ def atomic_file_move(source: Path, destination: Path) -> Path:
     fsync_directory(destination.parent)
     if source.parent != destination.parent:
         fsync_directory(source.parent)
-    return destination
-
-
-def move_file(source: Path, destination: Path, *, overwrite: bool = False) -> Path:
-    """Move a file, across file systems if needed (copy, fsync, rename, then unlink)."""
-    if not overwrite and os.path.lexists(destination):
-        raise FileOperationError(f"cannot move {source} to {destination}: destination exists")
-    try:
-        os.replace(source, destination)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise FileOperationError(f"cannot move {source} to {destination}: {exc}") from exc
-        copy_file(source, destination, overwrite=overwrite)
-        try:
-            os.unlink(source)
-        except OSError as exc2:
-            raise FileOperationError(f"cannot remove {source} after copying: {exc2}") from exc2
-        return destination
-    fsync_directory(destination.parent)
-    return destination
-
-
-def copy_file(source: Path, destination: Path, *, overwrite: bool = False) -> Path:
-    """Copy a regular file's content to `destination` atomically (temp name, fsync, rename)."""
-    if not overwrite and os.path.lexists(destination):
-        raise FileOperationError(f"cannot copy {source} to {destination}: destination exists")
-    temp = destination.parent / _temp_name(destination.name)
-    try:
-        with open(source, "rb") as src, open(temp, "xb") as dst:
-            shutil.copyfileobj(src, dst, 1024 * 1024)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(temp, destination)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise FileOperationError(f"cannot copy {source} to {destination}: {exc}") from exc
-    fsync_directory(destination.parent)
     return destination
 
 
@@ -372,6 +310,13 @@ def atomic_write_json(path: Path, obj: Any, mode: int = 0o600) -> None:
 def utc_now_iso() -> str:
     """The current time as ISO 8601 UTC with a `Z`, like the log lines."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utc_iso(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 UTC to the second with a `Z`; None stays None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def write_error_json(

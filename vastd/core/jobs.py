@@ -16,9 +16,7 @@ import fnmatch
 import io
 import os
 import stat
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vastd.core.files import (
@@ -39,8 +37,6 @@ from vastd.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-DEFAULT_SECONDS_PER_ROW = 120.0  # 1M paths ≈ 2 min a row (reference/workload.md)
-
 
 @dataclass(frozen=True)
 class JobFileInfo:
@@ -52,6 +48,8 @@ class JobFileInfo:
     columns: list[str]
     rows: int
     rerun: bool = False  # the name of a finished job, accepted as a new run
+    # (inode, size, mtime_ns) of what was read: acceptance compares it after the rename
+    identity: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
 
 
 def _kind(mode: int) -> str:
@@ -100,7 +98,11 @@ def _check_csv(text: str) -> tuple[list[str], int]:
     return header, rows
 
 
-def _validate(path: Path, max_bytes: int) -> tuple[JobFileInfo, os.stat_result]:
+def validate_job_file(path: Path, max_bytes: int) -> JobFileInfo:
+    """Check a job file against CONTRACT §3; JobValidationError(reason) when refused.
+
+    Never follows a symlink and never blocks on a FIFO or device.
+    """
     job_id = job_id_for(path)
     try:
         st = os.lstat(path)
@@ -137,27 +139,14 @@ def _validate(path: Path, max_bytes: int) -> tuple[JobFileInfo, os.stat_result]:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise JobValidationError(f"line {line} contains a NUL byte")
     columns, rows = _check_csv(text)
-    info = JobFileInfo(job_id=job_id, path=path, size=len(data), columns=columns, rows=rows)
-    return info, st
-
-
-def validate_job_file(path: Path, max_bytes: int) -> JobFileInfo:
-    """Check a job file against CONTRACT §3; JobValidationError(reason) when refused.
-
-    Never follows a symlink and never blocks on a FIFO or device.
-    """
-    return _validate(path, max_bytes)[0]
-
-
-def parse_job_file(path: Path) -> list[dict[str, str]]:
-    """The rows of a job file as dicts keyed by the header (a BOM is dropped)."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            return [dict(row) for row in csv.DictReader(handle)]
-    except OSError as exc:
-        raise FileOperationError(f"cannot read {path}: {exc}") from exc
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise JobValidationError(f"cannot parse {path.name}: {exc}") from None
+    return JobFileInfo(
+        job_id=job_id,
+        path=path,
+        size=len(data),
+        columns=columns,
+        rows=rows,
+        identity=(st.st_ino, st.st_size, st.st_mtime_ns),
+    )
 
 
 def get_job_arguments(job_id: str, settings: JobSettings) -> dict[str, str]:
@@ -169,13 +158,6 @@ def get_job_arguments(job_id: str, settings: JobSettings) -> dict[str, str]:
             arguments.update(pattern.vars)
             break
     return arguments
-
-
-def estimate_job_duration(
-    info: JobFileInfo, seconds_per_row: float = DEFAULT_SECONDS_PER_ROW
-) -> timedelta:
-    """A rough wall time: rows x seconds per row."""
-    return timedelta(seconds=info.rows * seconds_per_row)
 
 
 def discover_job_files(directory: Path) -> list[Path]:
@@ -191,31 +173,6 @@ def discover_job_files(directory: Path) -> list[Path]:
         return []
     except OSError as exc:
         raise FileOperationError(f"cannot list {directory}: {exc}") from exc
-
-
-def categorize_jobs_by_type(paths: Iterable[Path]) -> dict[str, list[Path]]:
-    """Group by the id's prefix before `_job_` (`garch_test`, `garch_training`), else "other"."""
-    groups: dict[str, list[Path]] = {}
-    for path in paths:
-        prefix, sep, _ = job_id_for(path).partition("_job_")
-        groups.setdefault(prefix if sep and prefix else "other", []).append(path)
-    return groups
-
-
-def prioritize_jobs(paths: Iterable[Path]) -> list[Path]:
-    """Oldest first (mtime), then by name: first come, first served.
-
-    Names are not in numeric order (padding is "at least 4 digits"), so arrival
-    order is the only fair one. A vanished file sorts last.
-    """
-
-    def key(path: Path) -> tuple[float, str]:
-        try:
-            return (os.lstat(path).st_mtime_ns, path.name)
-        except OSError:
-            return (float("inf"), path.name)
-
-    return sorted(paths, key=key)
 
 
 # --- acceptance ------------------------------------------------------------------------
@@ -276,7 +233,7 @@ def _accept(
             return None
         rerun = True
     try:
-        info, st = _validate(path, settings.max_input_bytes)
+        info = validate_job_file(path, settings.max_input_bytes)
     except JobValidationError as exc:
         if not os.path.lexists(path):
             return None
@@ -295,13 +252,8 @@ def _accept(
     # The name was validated, the inode moved: if they differ, the file was swapped between.
     try:
         moved = os.lstat(destination)
-        swapped = (moved.st_ino, moved.st_size, moved.st_mtime_ns) != (
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-        )
-        if swapped:
-            info, st = _validate(destination, settings.max_input_bytes)
+        if (moved.st_ino, moved.st_size, moved.st_mtime_ns) != info.identity:
+            info = validate_job_file(destination, settings.max_input_bytes)
     except JobValidationError as exc:
         _refuse(layout, destination, job_id, str(exc))
         return None

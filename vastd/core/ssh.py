@@ -5,7 +5,9 @@ client. Every operation has a deadline (`asyncio.timeout`, since asyncssh's own
 timeouts do not cover opening a channel). Connection problems surface as
 `SSHConnectionError` and drop the connection, so the next `get()` reconnects.
 Remote commands run through the login shell, which may print junk first: callers
-that parse output use markers.
+that parse output use markers. The seed's `create_ssh_connection` is `SSHPool.get`,
+its `execute_command`, `upload_file` and `download_file` are `SSHConnection.run`,
+`upload` and `download`: the daemon calls those directly.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 import asyncssh
 import structlog
@@ -37,7 +39,6 @@ from vastd.utils.exceptions import (
 from vastd.utils.logging import get_logger
 from vastd.utils.supervise import Backoff as Backoff
 
-T = TypeVar("T")
 log = get_logger("vastd.ssh")
 
 # aes128-gcm measured ~50% faster than asyncssh's default chacha20 on these hosts.
@@ -472,88 +473,3 @@ class SSHPool:
         self._closed = True
         conns, self._conns = list(self._conns.values()), {}
         await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
-
-
-# The seed's vocabulary, as thin functions over the pool.
-
-
-async def create_ssh_connection(
-    pool: SSHPool, instance_id: str, endpoints: Sequence[Endpoint]
-) -> SSHConnection:
-    return await pool.get(instance_id, endpoints)
-
-
-async def execute_command(
-    conn: SSHConnection, command: str, timeout_s: float = 30, input: str | None = None
-) -> CommandResult:
-    return await conn.run(command, timeout_s=timeout_s, input=input)
-
-
-async def execute_with_retry(
-    conn_factory: Callable[[], Awaitable[SSHConnection]],
-    command: str,
-    *,
-    timeout_s: float = 30,
-    max_retries: int = 3,
-    backoff_s: float = 0.5,
-    input: str | None = None,
-) -> CommandResult:
-    """Retry on SSHConnectionError only (never a non-zero exit, never a host key mismatch).
-
-    A command that timed out is run again too: only use this for idempotent commands.
-    """
-    backoff = Backoff(base_s=backoff_s)
-    for attempt in range(max_retries + 1):
-        try:
-            conn = await conn_factory()
-            return await conn.run(command, timeout_s=timeout_s, input=input)
-        except HostKeyMismatchError:
-            raise
-        except SSHConnectionError as exc:
-            if attempt >= max_retries:
-                raise
-            log.info("ssh_retry", attempt=attempt + 1, error=str(exc))
-            await asyncio.sleep(backoff.delay_s(attempt))
-    raise AssertionError("unreachable")
-
-
-async def upload_file(
-    conn: SSHConnection, local_path: Path, remote_path: str, *, timeout_s: float = 300
-) -> None:
-    await conn.upload(local_path, remote_path, timeout_s=timeout_s)
-
-
-async def download_file(
-    conn: SSHConnection,
-    remote_path: str,
-    local_path: Path,
-    *,
-    timeout_s: float = 3600,
-    max_bytes: int | None = None,
-) -> int:
-    return await conn.download(remote_path, local_path, timeout_s=timeout_s, max_bytes=max_bytes)
-
-
-async def test_ssh_connectivity(
-    pool: SSHPool, instance_id: str, endpoints: Sequence[Endpoint], timeout_s: float = 30
-) -> bool:
-    """True if the instance answers `true` over SSH; never raises for SSH problems."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            conn = await pool.get(instance_id, endpoints)
-            return (await conn.run("true", timeout_s=timeout_s)).ok
-    except (SSHConnectionError, TimeoutError):
-        return False
-
-
-test_ssh_connectivity.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
-
-
-async def with_ssh_connection(
-    pool: SSHPool,
-    instance_id: str,
-    endpoints: Sequence[Endpoint],
-    func: Callable[[SSHConnection], Awaitable[T]],
-) -> T:
-    """Call `func` with the instance's pooled connection (it stays in the pool)."""
-    return await func(await pool.get(instance_id, endpoints))

@@ -75,8 +75,8 @@ INSTANCE_TRANSITIONS: dict[InstanceStatus, frozenset[InstanceStatus]] = {
     S.BOOTING: frozenset({S.DISCOVERED} | _ALIVE),
     S.DISCOVERED: frozenset({S.PREPARING, S.READY, S.UNREACHABLE} | _ALIVE),
     S.PREPARING: frozenset({S.READY, S.DISCOVERED, S.UNREACHABLE} | _ALIVE),
-    # DISCOVERED: re-verified after a restart; BOOTING: rebooted on request
-    S.READY: frozenset({S.UNREACHABLE, S.DISCOVERED, S.BOOTING} | _ALIVE),
+    # DISCOVERED: re-verified after a restart
+    S.READY: frozenset({S.UNREACHABLE, S.DISCOVERED} | _ALIVE),
     S.UNREACHABLE: frozenset({S.READY, S.DISCOVERED} | _ALIVE),
     # READY: undrained (by hand, or its disk recovered)
     S.DRAINING: frozenset({S.READY, S.LOST, S.DESTROYING}),
@@ -518,11 +518,6 @@ def mark_instance_discovered(store: StateStore, inst: InstanceRecord) -> None:
     set_instance_status(store, inst, S.DISCOVERED)
     inst.next_prepare_at = None
     inst.lost_reason = None
-
-
-def mark_instance_booting(store: StateStore, inst: InstanceRecord, now: float) -> None:
-    set_instance_status(store, inst, S.BOOTING)
-    inst.booting_since = now
 
 
 def mark_instance_preparing(store: StateStore, inst: InstanceRecord) -> None:

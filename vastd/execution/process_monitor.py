@@ -2,7 +2,7 @@
 
 Completion is judged only from the job folder: `exit_code` (written by the wrapper)
 and whether the process group still has members. `ps` output and log keywords are
-never used for that (`find_process_by_name` is for diagnostics only).
+never used for that.
 
 Status output, after the marker, one line per entry, keyed by the entry's index
 (job ids are never echoed: they may hold newlines):
@@ -65,26 +65,12 @@ class CompletionStatus(StrEnum):
 
 
 @dataclass(frozen=True)
-class JobLogInfo:
-    rows_done: int
-    last_row: int | None
-    last_line: str
-
-
-@dataclass(frozen=True)
 class KillOutcome:
     """`was_alive`: the group had members; `still_alive`: it survived SIGKILL."""
 
     was_alive: bool
     still_alive: bool
     exit_code_written: bool
-
-
-@dataclass(frozen=True)
-class RemoteProcess:
-    pid: int
-    pgid: int
-    command: str
 
 
 def _entry_report(index: int) -> str:
@@ -297,41 +283,3 @@ async def get_process_output(
         return _hex_payload(lines).decode("utf-8", errors="replace")
     except ValueError:
         return ""
-
-
-_ROW = re.compile(r"^\s*Row (\d+):")
-
-
-def parse_job_log(text: str) -> JobLogInfo:
-    """Progress from the GARCH script's `Row N:` lines, and the last non-empty line."""
-    rows = {int(m.group(1)) for line in text.splitlines() if (m := _ROW.match(line))}
-    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
-    return JobLogInfo(rows_done=len(rows), last_row=max(rows) if rows else None, last_line=last)
-
-
-async def check_process_running(conn: RemoteRunner, pgid: int, *, timeout_s: float) -> bool:
-    """Whether the process group still has members (`kill -0 -PGID`)."""
-    if pgid <= 1:
-        raise ValueError(f"refusing process group {pgid}")
-    script = (
-        f"{SH_HELPERS}\nprintf '%s\\n' \"$M\"\n"
-        f"if kill -0 -{pgid} 2>/dev/null && _live_member {pgid}; then echo 1; else echo 0; fi\n"
-    )
-    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
-    return (marker_lines(result.stdout) or ["0"])[0].strip() == "1"
-
-
-async def find_process_by_name(
-    conn: RemoteRunner, name: str, *, timeout_s: float
-) -> list[RemoteProcess]:
-    """Processes whose command line contains `name` (diagnostics only, never completion)."""
-    script = "printf '%s\\n' __VASTD_BEGIN__; ps -eo pid=,pgid=,args= 2>/dev/null"
-    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
-    found = []
-    for line in marker_lines(result.stdout) or []:
-        parts = line.split(None, 2)
-        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit() and name in parts[2]:
-            if "__VASTD_BEGIN__" in parts[2]:
-                continue  # our own ps pipeline
-            found.append(RemoteProcess(int(parts[0]), int(parts[1]), parts[2]))
-    return found

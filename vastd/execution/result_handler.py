@@ -86,7 +86,10 @@ class CollectedResults:
 
 
 @dataclass(frozen=True)
-class _Listing:
+class ResultListing:
+    """A job folder's result candidates (sorted by name), what was skipped, the log's size
+    and the folder's run id."""
+
     files: list[RemoteFile]
     skipped: list[str]
     log_size: int | None
@@ -140,9 +143,10 @@ def matches_result_glob(name: str, pattern: str) -> bool:
     )
 
 
-async def _list_job_dir(
+async def find_result_files(
     conn: RemoteRunner, paths: RemoteJobPaths, pattern: str, *, timeout_s: float
-) -> _Listing:
+) -> ResultListing:
+    """Regular files of the job folder (and `out/`) matching `pattern`, in one round trip."""
     _check_pattern(pattern)
     script = f"D={shlex.quote(paths.job_dir)}\nP={shlex.quote(pattern)}\n{_LIST_SCRIPT}"
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
@@ -186,15 +190,8 @@ async def _list_job_dir(
         files.append(RemoteFile(name=name, path=f"{paths.job_dir}/{name}", size=size))
     for reason in skipped:
         log.warning("result_file_skipped", reason=reason)
-    return _Listing(files=files, skipped=skipped, log_size=log_size, run=run)
-
-
-async def find_result_files(
-    conn: RemoteRunner, paths: RemoteJobPaths, pattern: str, *, timeout_s: float
-) -> list[RemoteFile]:
-    """Regular files of the job folder (and `out/`) matching `pattern`, sorted by name."""
-    listing = await _list_job_dir(conn, paths, pattern, timeout_s=timeout_s)
-    return sorted(listing.files, key=lambda f: f.name)
+    files.sort(key=lambda f: f.name)
+    return ResultListing(files=files, skipped=skipped, log_size=log_size, run=run)
 
 
 def local_result_name(name: str) -> str:
@@ -453,12 +450,12 @@ async def collect_job_results(
     final folder (an earlier attempt's folder is removed, never merged). On any
     failure the temp folder is removed and the final name is left as it was.
     """
-    listing = await _list_job_dir(conn, paths, pattern, timeout_s=timeout_s)
+    listing = await find_result_files(conn, paths, pattern, timeout_s=timeout_s)
     if run_id is not None and listing.run != run_id:
         raise RunMismatchError(
             f"the remote job folder holds run {listing.run or '(none)'}, not run {run_id}"
         )
-    remote_files = sorted(listing.files, key=lambda f: f.name)
+    remote_files = listing.files
     if len(remote_files) < min_results:
         raise ResultValidationError(
             f"{len(remote_files)} result file(s) match {pattern!r}, at least {min_results} needed"

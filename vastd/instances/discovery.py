@@ -159,17 +159,3 @@ async def discover_active_instances(client: VastClient, label: str) -> list[Inst
     return filter_instances_by_criteria(
         rows, {"label": label, "is_running": True, "has_endpoint": True}
     )
-
-
-async def discover_new_instances(
-    client: VastClient, label: str, known_ids: set[int]
-) -> list[InstanceInfo]:
-    """Active labelled instances whose id is not in `known_ids`."""
-    active = await discover_active_instances(client, label)
-    return [info for info in active if info.id not in known_ids]
-
-
-async def get_instance_by_id(client: VastClient, instance_id: int) -> InstanceInfo | None:
-    """One instance, or None when the API says it does not exist."""
-    row = await client.show_instance(instance_id)
-    return parse_instance_data(row) if row is not None else None

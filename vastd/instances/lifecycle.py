@@ -1,4 +1,4 @@
-"""Instance lifecycle primitives over the vast.ai client: start, stop, restart, destroy.
+"""Instance lifecycle primitives over the vast.ai client: destroy (confirmed), the SSH key.
 
 Policies written down here because they cost money when wrong (the steps that
 apply them to the snapshot are orchestration/renting.py's):
@@ -38,36 +38,6 @@ _public_keys: dict[Path, str] = {}
 
 
 # --- primitives -------------------------------------------------------------------------------
-async def start_instance(client: VastClient, instance_id: int) -> bool:
-    """Ask a stopped instance to run; False when the API refused."""
-    try:
-        await client.start_instance(instance_id)
-    except VastAIError as exc:
-        log.warning("instance_start_failed", instance=str(instance_id), error=str(exc))
-        return False
-    return True
-
-
-async def stop_instance(client: VastClient, instance_id: int) -> bool:
-    """Stop an instance. Its disk keeps billing: the fleet never uses this to save money."""
-    try:
-        await client.stop_instance(instance_id)
-    except VastAIError as exc:
-        log.warning("instance_stop_failed", instance=str(instance_id), error=str(exc))
-        return False
-    return True
-
-
-async def restart_instance(client: VastClient, instance_id: int) -> bool:
-    """Reboot an instance's container; False when the API refused."""
-    try:
-        await client.reboot_instance(instance_id)
-    except VastAIError as exc:
-        log.warning("instance_restart_failed", instance=str(instance_id), error=str(exc))
-        return False
-    return True
-
-
 async def terminate_instance(
     client: VastClient,
     instance_id: int,

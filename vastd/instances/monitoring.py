@@ -19,11 +19,14 @@ import re
 import shlex
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vastd.core.ssh import SSHConnection
+from vastd.core.files import utc_iso
 from vastd.core.state import InstanceRecord
 from vastd.utils.logging import get_logger
+
+if TYPE_CHECKING:  # `vastd status` uses this module and needs no SSH
+    from vastd.core.ssh import SSHConnection
 
 log = get_logger("vastd.monitoring")
 
@@ -217,25 +220,17 @@ def detect_instance_issues(probe: InstanceProbe, *, min_free_disk_gb: float) -> 
     return issues
 
 
-def get_instance_summary(
-    inst: InstanceRecord, health: HealthStatus | None = None
-) -> dict[str, Any]:
-    """One instance in a few plain fields (for status output and logs)."""
-    out: dict[str, Any] = {
+def get_instance_summary(inst: InstanceRecord) -> dict[str, Any]:
+    """One instance in a few plain fields: its entry in `vastd status`."""
+    return {
         "id": inst.id,
         "state": inst.status.value,
-        "owned": inst.owned,
+        "api_status": inst.api_status,
+        "current_jobs": list(inst.current_jobs),
         "dph": inst.dph,
-        "jobs": len(inst.current_jobs),
-        "drain_reason": inst.drain_reason,
-        "health_failures": inst.health_failures,
-        "disk_free_gb": inst.disk_free_gb,
+        "gpu": inst.gpu_name,
+        "owned": inst.owned,
+        "last_seen": utc_iso(inst.last_seen),
+        "last_contact": utc_iso(inst.last_contact),
+        "prepare_error": inst.prepare_error,
     }
-    if health is not None:
-        out["healthy"] = health.ok
-        out["issues"] = [i.kind for i in health.issues]
-        if health.memory is not None:
-            out["mem_available_mb"] = round(health.memory.available_mb)
-        if health.utilization is not None and health.utilization.gpu_present:
-            out["gpu_util_pct"] = health.utilization.mean_utilization_pct
-    return out

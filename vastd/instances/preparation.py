@@ -100,8 +100,7 @@ async def prepare_instance_for_jobs(
     Raises PreparationError (an instance problem) or SSHConnectionError (unreachable).
     """
     wanted = steps_hash(steps)
-    marker = await read_marker(conn, remote_root, instance_id, timeout_s=timeout_s)
-    if marker == wanted:
+    if await verify_instance_readiness(conn, steps, remote_root, instance_id, timeout_s=timeout_s):
         return wanted
     for step in steps:
         ran = await run_step(conn, step)
@@ -117,23 +116,3 @@ async def prepare_instance_for_jobs(
     if not result.ok:
         raise PreparationError(f"cannot write the preparation marker: {result.stderr.strip()}")
     return wanted
-
-
-# The seed's torch / density-engine checks, as ready-made steps for configs to use.
-def check_torch_installation_step(timeout_s: float = 300.0) -> PrepareStep:
-    return PrepareStep(
-        name="torch",
-        check="python3 -c 'import torch; assert torch.cuda.is_available()'",
-        install="",
-        timeout_s=timeout_s,
-    )
-
-
-def clone_repository_step(repo_url: str, target_dir: str, timeout_s: float = 1800.0) -> PrepareStep:
-    target = shlex.quote(target_dir)
-    return PrepareStep(
-        name=f"clone {target_dir}",
-        check=f"test -d {target}/.git",
-        install=f"git clone --depth 1 {shlex.quote(repo_url)} {target}",
-        timeout_s=timeout_s,
-    )

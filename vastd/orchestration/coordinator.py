@@ -42,7 +42,6 @@ from vastd.utils.exceptions import FileOperationError, SSHConnectionError, Vastd
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.coordinator")
-USABLE = (InstanceStatus.READY,)
 
 
 # --- placing jobs ------------------------------------------------------------------------------
@@ -71,11 +70,6 @@ def find_best_instance_for_job(
 def orphan_load(ctx: Context) -> Counter[str]:
     """Orphaned runs per instance (each may still hold a GPU)."""
     return Counter(o.instance for j in ctx.store.jobs.values() for o in j.orphans)
-
-
-def balance_workload_across_instances(ctx: Context) -> dict[str, int]:
-    """Jobs per usable instance (what dispatch balances on)."""
-    return {i.id: len(i.current_jobs) for i in ctx.store.instances.values() if i.status in USABLE}
 
 
 def in_dispatch(ctx: Context, job: JobRecord) -> bool:

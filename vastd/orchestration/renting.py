@@ -26,12 +26,8 @@ from vastd.instances.lifecycle import (
     MACHINE_BLOCK_S,
     RUNTYPE,
     public_key_line,
-    restart_instance,
-    start_instance,
     terminate_instance,
 )
-from vastd.instances.provider import ApiState
-from vastd.instances.vast_status import api_state
 from vastd.orchestration.context import Context
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
@@ -161,13 +157,6 @@ async def attach_public_key(ctx: Context, inst: InstanceRecord) -> bool:
     return True
 
 
-def release_instance_jobs(ctx: Context, inst: InstanceRecord, reason: str) -> int:
-    """Requeue the jobs an instance holds (not an attempt); returns how many."""
-    moved = st.requeue_instance_jobs(ctx.store, inst, reason, orphan=False)
-    ctx.wake_dispatch()
-    return moved
-
-
 def cleanup_failed_instance(
     ctx: Context, inst: InstanceRecord, reason: str, *, block: bool = True
 ) -> bool:
@@ -241,36 +230,3 @@ def accrue_instance(ctx: Context, inst: InstanceRecord, now: float) -> float:
     inst.accrued_until = now
     ctx.store.mark_dirty()
     return dollars
-
-
-async def manage_instance_lifecycle(
-    ctx: Context, inst: InstanceRecord, desired: InstanceStatus
-) -> bool:
-    """Move an instance toward `desired`; True when the step was taken.
-
-    DESTROYED: destroy and confirm (owned only). DRAINING: no new jobs.
-    BOOTING: reboot the container. READY/DISCOVERED: start it if it is stopped.
-    """
-    assert ctx.api is not None
-    if desired is InstanceStatus.DESTROYED:
-        if not cleanup_failed_instance(ctx, inst, "requested", block=False):
-            return False
-        return await confirm_destroy(ctx, inst)
-    if desired is InstanceStatus.DRAINING:
-        if inst.status in (InstanceStatus.READY, InstanceStatus.UNREACHABLE):
-            st.drain_instance(ctx.store, inst, "requested", requeue_jobs=False)
-        return inst.status is InstanceStatus.DRAINING
-    if desired is InstanceStatus.BOOTING:
-        if not st.can_instance(inst, InstanceStatus.BOOTING):
-            return False
-        restarted = await restart_instance(ctx.api, int(inst.id))
-        # (re-checked: the status may have changed while the API answered)
-        if restarted and st.can_instance(inst, InstanceStatus.BOOTING):
-            st.mark_instance_booting(ctx.store, inst, time.time())
-            return True
-        return False
-    if desired in (InstanceStatus.READY, InstanceStatus.DISCOVERED):
-        if api_state(inst.api_status) is ApiState.STOPPED:
-            return await start_instance(ctx.api, int(inst.id))
-        return True
-    raise ValueError(f"cannot steer an instance to {desired.value}")

@@ -1,9 +1,10 @@
 """Task scheduling: a delay-aware priority queue of follow-up work.
 
 Dispatch itself is event driven (a queued job and a free instance meet in
-`coordinate_job_distribution`); the scheduler holds the work that must happen
+`coordinate_job_distribution`), and so is preparation (`coordinate_instance_preparation`
+honours each instance's back-off); the scheduler holds the work that must happen
 later or again: collecting a job's results, re-trying a collection after a
-network or disk error, re-preparing an instance after a back-off.
+network or disk error.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ RETRY_BACKOFF = Backoff(base_s=2.0, max_s=60.0, jitter="none")
 
 class TaskType(StrEnum):
     COLLECT_RESULTS = "collect_results"
-    PREPARE_INSTANCE = "prepare_instance"
 
 
 @dataclass
@@ -112,15 +112,6 @@ def create_task(task_type: TaskType, **kwargs: Any) -> Task:
 
 def schedule_result_collection(scheduler: Scheduler, job_id: str, delay_s: float = 0.0) -> bool:
     return scheduler.schedule_task(create_task(TaskType.COLLECT_RESULTS, job=job_id), 0, delay_s)
-
-
-def schedule_instance_preparation(
-    scheduler: Scheduler, instance_id: str, delay_s: float = 0.0
-) -> bool:
-    """Ask for an instance to be (re-)verified and prepared, e.g. after fixing it by hand."""
-    return scheduler.schedule_task(
-        create_task(TaskType.PREPARE_INSTANCE, instance=instance_id), 1, delay_s
-    )
 
 
 def retry_delay(attempt: int) -> timedelta:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import asyncssh
 
@@ -35,7 +35,6 @@ from vastd.orchestration.inventory import handle_instance_failure as handle_inst
 from vastd.orchestration.inventory import (
     run_instance_preparation_workflow as run_instance_preparation_workflow,
 )
-from vastd.orchestration.inventory import start_preparation
 from vastd.orchestration.recovery import reconcile_folders as reconcile_folders
 from vastd.orchestration.recovery import recover_after_restart as recover_after_restart
 from vastd.orchestration.scheduler import Task, TaskType, retry_delay
@@ -104,13 +103,7 @@ async def run_tasks(ctx: Context, *, max_concurrent: int = 32) -> None:
 
 async def _run_task(ctx: Context, task: Task, limit: asyncio.Semaphore) -> None:
     try:
-        if task.type is TaskType.PREPARE_INSTANCE:
-            # An explicit request: the back-off of earlier failures does not hold it back.
-            inst = ctx.store.instances.get(str(task.args["instance"]))
-            if inst is not None:
-                start_preparation(ctx, inst)
-            ctx.scheduler.mark_task_completed(task)
-        elif task.type is TaskType.COLLECT_RESULTS:
+        if task.type is TaskType.COLLECT_RESULTS:
             ok = False
             try:
                 ok = await collect_job(ctx, str(task.args["job"]))
@@ -120,6 +113,8 @@ async def _run_task(ctx: Context, task: Task, limit: asyncio.Semaphore) -> None:
                 else:
                     ctx.scheduler.reschedule_failed_task(task, retry_delay(task.attempts))
                 ctx.wake_dispatch()
+        else:
+            assert_never(task.type)  # a new kind of task must be carried out here, not dropped
     finally:
         limit.release()
 

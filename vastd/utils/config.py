@@ -301,27 +301,3 @@ def load_config(config_file: str | Path | None = None, *, require_file: bool = F
         return Settings(**raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from None
-
-
-def validate_config(config: dict[str, Any]) -> list[str]:
-    """The seed's validate_config: every problem of a raw config mapping, or []."""
-    try:
-        Settings(**config)
-    except ValidationError as exc:
-        return _format_errors(exc)
-    return []
-
-
-def get_config_value(settings: Settings, key: str) -> Any:
-    """A value by dotted key ("fleet.max_instances"); KeyError when there is none."""
-    node: Any = settings
-    for part in key.split("."):
-        if isinstance(node, BaseModel):
-            if part not in type(node).model_fields:
-                raise KeyError(key)
-            node = getattr(node, part)
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            raise KeyError(key)
-    return node

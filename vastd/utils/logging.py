@@ -6,18 +6,12 @@ on stdout is JSON. Event names are the stable snake_case ones of CONTRACT §8.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 _SECRETS: set[str] = set()
 
@@ -115,20 +109,3 @@ def get_logger(name: str = "vastd", **initial: Any) -> structlog.stdlib.BoundLog
     """A structlog logger; `initial` values are bound to every line."""
     logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
     return logger.bind(**initial) if initial else logger
-
-
-def log_execution_time(
-    func: Callable[P, Awaitable[R]],
-) -> Callable[P, Awaitable[R]]:
-    """Log an async function's wall time at DEBUG, as `<name>_timed` with `duration_s`."""
-    log = get_logger(func.__module__)
-
-    @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        started = time.monotonic()
-        try:
-            return await func(*args, **kwargs)
-        finally:
-            log.debug(f"{func.__name__}_timed", duration_s=round(time.monotonic() - started, 6))
-
-    return wrapper
