@@ -37,12 +37,12 @@ from vastd.execution.job_runner import remote_job_paths
 from vastd.instances.vast_api import VastClient
 from vastd.orchestration import coordinator as co
 from vastd.orchestration.context import Context, StoreHostKeys, build_context
-from vastd.orchestration.followups import followups_once
-from vastd.orchestration.scheduler import TaskType
 from vastd.orchestration.workflow import (
     accept_inbox_file,
     coordinate_instance_preparation,
     discovery_once,
+    loop_steps,
+    run_due_tasks,
 )
 from vastd.sim.cluster import SimCluster, examples_dir, load_make_jobs
 from vastd.utils.config import PrepareStep, Settings
@@ -225,19 +225,17 @@ async def pump(
         jobs = {j.id: (j.state.value, j.instance, j.attempts) for j in ctx.store.jobs.values()}
         return f"{base} jobs={jobs}"
 
+    steps = loop_steps(ctx)
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s: {text()}")
         if dispatch:
-            await co.coordinate_job_distribution(ctx)
-        co.handle_system_failures(ctx)  # the health step: watch what nobody watches
-        while (task := ctx.scheduler.pop_due()) is not None:
-            collect = task.type is TaskType.COLLECT_RESULTS
-            if collect and not await co.collect_job(ctx, str(task.args["job"])):
-                ctx.scheduler.schedule_task(task, delay_s=0.2)
-        # The follow-ups loop's step: recorded clean-ups, once saved (the saver's part).
+            await steps.dispatch()
+        co.handle_system_failures(ctx)  # the preparation loop's sweep of unwatched jobs
+        await run_due_tasks(ctx)  # the tasks loop: collections that are due
+        # The follow-ups loop's step, once the saver would have written.
         if ctx.store.snapshot.followups and await ctx.store.flush():
-            await followups_once(ctx)
+            await steps.followups()
         await asyncio.sleep(0.05)
 
 

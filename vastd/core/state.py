@@ -17,6 +17,7 @@ are re-exported here.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterable
@@ -217,14 +218,42 @@ def mark_job_assigned(store: StateStore, job_id: str, instance_id: str) -> JobRe
     The caller saves the store before anything is uploaded (a crash then finds it).
     """
     job = store.jobs[job_id]
-    inst = store.instances[instance_id]
     if not can_job(job, J.RUNNING):
         raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> running")
     if not _move(store, job, JobFolder.QUEUED, JobFolder.RUNNING):
         mark_job_failed(store, job_id, reason="the job file vanished from queued/")
         return None
+    return _assign(store, job, store.instances[instance_id])
+
+
+async def assign_job(store: StateStore, job_id: str, instance_id: str) -> JobRecord | None:
+    """`mark_job_assigned` with the file move (two fsyncs) off the event loop.
+
+    Re-checked after the move: if the job or the instance changed meanwhile (no longer
+    queued; lost, drained), the file goes back and None is returned.
+    """
+    job = store.jobs[job_id]
+    if not can_job(job, J.RUNNING):
+        raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> running")
+    moved = await asyncio.to_thread(_move, store, job, JobFolder.QUEUED, JobFolder.RUNNING)
+    if not moved:
+        if job.state is J.QUEUED:
+            mark_job_failed(store, job_id, reason="the job file vanished from queued/")
+        return None
+    inst = store.instances.get(instance_id)
+    if (
+        store.jobs.get(job_id) is not job
+        or job.state is not J.QUEUED
+        or (inst is None or inst.status is not S.READY)
+    ):
+        await asyncio.to_thread(_move, store, job, JobFolder.RUNNING, JobFolder.QUEUED)
+        return None
+    return _assign(store, job, inst)
+
+
+def _assign(store: StateStore, job: JobRecord, inst: InstanceRecord) -> JobRecord:
     set_job_state(store, job, J.RUNNING)
-    job.instance = instance_id
+    job.instance = inst.id
     job.run_id = new_run_id()
     job.dispatched_at = time.time()
     job.pgid = None
@@ -232,9 +261,9 @@ def mark_job_assigned(store: StateStore, job_id: str, instance_id: str) -> JobRe
     job.exited_at = None
     job.kill_reason = None
     # A run of this job left here earlier is replaced by this one's start.
-    job.orphans = [o for o in job.orphans if o.instance != instance_id]
-    if job_id not in inst.current_jobs:
-        inst.current_jobs.append(job_id)
+    job.orphans = [o for o in job.orphans if o.instance != inst.id]
+    if job.id not in inst.current_jobs:
+        inst.current_jobs.append(job.id)
     inst.idle_since = None
     return job
 

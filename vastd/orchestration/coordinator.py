@@ -99,13 +99,14 @@ async def coordinate_job_distribution(ctx: Context) -> int:
                 break  # no room anywhere: later jobs would not find any either
             continue
         try:
-            record = st.mark_job_assigned(ctx.store, job.id, inst.id)
+            record = await st.assign_job(ctx.store, job.id, inst.id)
         except FileOperationError as exc:
             log.warning("job_file_move_failed", job=job.id, error=str(exc))
             continue
         if record is None:
-            log.warning("job_failed", job=job.id, attempts=job.attempts, reason=job.last_error)
-            continue
+            if job.state is JobState.FAILED:
+                log.warning("job_failed", job=job.id, attempts=job.attempts, reason=job.last_error)
+            continue  # lost or drained during the move: next round
         # Claimed before any await: the instance's watcher leaves this run alone.
         ctx.dispatch.claim(job.id, job.run_id)
         log.info(

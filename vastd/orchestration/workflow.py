@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -101,6 +102,18 @@ async def run_tasks(ctx: Context, *, max_concurrent: int = 32) -> None:
         ctx.spawn(_run_task(ctx, task, limit), name=f"task:{task.id}")
 
 
+async def run_due_tasks(ctx: Context) -> int:
+    """Carry out, one after another, the scheduled tasks that are due now (the tasks
+    loop's work, for callers that drive the steps themselves); returns how many ran."""
+    ran = 0
+    limit = asyncio.Semaphore(1)
+    while (task := ctx.scheduler.pop_due()) is not None:
+        await limit.acquire()
+        await _run_task(ctx, task, limit)
+        ran += 1
+    return ran
+
+
 async def _run_task(ctx: Context, task: Task, limit: asyncio.Semaphore) -> None:
     try:
         if task.type is TaskType.COLLECT_RESULTS:
@@ -133,41 +146,56 @@ def supervisors(
     """
     s = ctx.settings
     watcher = make_inbox_watcher(ctx, settle_s=inbox_settle_s, rescan_interval_s=inbox_rescan_s)
-
-    async def dispatch_step() -> None:
-        await co.coordinate_job_distribution(ctx)
-
-    async def health_step() -> None:
-        coordinate_instance_preparation(ctx)
-        co.handle_system_failures(ctx)
-
-    async def followups_step() -> None:
-        await followups_once(ctx)
-
+    steps = loop_steps(ctx)
     loops: list[Supervisor] = [
         ("saver", ctx.store.run_saver),
         ("inbox", watcher.run),
-        ("preparation", lambda: run_loop("preparation", health_step, interval_s=1.0)),
+        ("preparation", lambda: run_loop("preparation", steps.preparation, interval_s=1.0)),
         (
             "dispatch",
-            lambda: run_loop("dispatch", dispatch_step, interval_s=1.0, wakeup=ctx.dispatch_wakeup),
+            lambda: run_loop(
+                "dispatch", steps.dispatch, interval_s=1.0, wakeup=ctx.dispatch_wakeup
+            ),
         ),
         ("tasks", lambda: run_tasks(ctx)),
-        ("followups", lambda: run_loop("followups", followups_step, interval_s=0.25)),
+        ("followups", lambda: run_loop("followups", steps.followups, interval_s=0.25)),
         ("health", lambda: run_health(ctx)),
     ]
     if ctx.api is not None:
         loops.append(
             (
                 "discovery",
-                lambda: run_loop(
-                    "discovery", lambda: discovery_once(ctx), interval_s=s.vast.poll_interval_s
-                ),
+                lambda: run_loop("discovery", steps.discovery, interval_s=s.vast.poll_interval_s),
             )
         )
         if s.fleet.mode == "autoscale":
             loops.append(("fleet", lambda: run_fleet(ctx)))
     return loops
+
+
+@dataclass(frozen=True)
+class LoopSteps:
+    """One step of each periodic loop: what the supervisors repeat, and what a caller
+    driving the daemon by hand (the tests' pump, a library user) calls."""
+
+    ctx: Context
+
+    async def dispatch(self) -> None:
+        await co.coordinate_job_distribution(self.ctx)
+
+    async def preparation(self) -> None:
+        coordinate_instance_preparation(self.ctx)
+        co.handle_system_failures(self.ctx)  # watch what nobody watches
+
+    async def followups(self) -> None:
+        await followups_once(self.ctx)
+
+    async def discovery(self) -> None:
+        await discovery_once(self.ctx)
+
+
+def loop_steps(ctx: Context) -> LoopSteps:
+    return LoopSteps(ctx)
 
 
 async def orchestrate_job_processing(
