@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from vastd.core import inbox as inbox_mod
 from vastd.core.files import Layout
 from vastd.core.jobs import InboxWatcher, accept_job_file
 from vastd.utils.config import JobSettings
@@ -221,6 +223,46 @@ async def test_events_wake_the_watcher_before_the_rescan(tmp_path: Path) -> None
         await _wait_for(lambda: watcher.watching)
         path = _renamed_in(inbox, "j.csv")
         await _wait_for(lambda: seen == [path])
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+async def test_a_file_dropped_before_the_watch_is_in_place_is_not_left_to_the_rescan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file renamed in after the first scan but before inotify watches (no event for it)
+    is taken once the watch is in place, not at the next rescan an hour later."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    seen: list[Path] = []
+    scans: list[int] = []
+
+    async def on_ready(path: Path) -> None:
+        seen.append(path)
+
+    watcher = InboxWatcher(inbox, on_ready, settle_s=0.05, rescan_interval_s=3600)
+    real_scan = watcher.scan_once
+
+    async def scan_then_drop() -> list[Path]:
+        ready = await real_scan()
+        if not scans:
+            _renamed_in(inbox, "early.csv")  # lands right after the first scan
+        scans.append(len(ready))
+        return ready
+
+    async def late_watch(*args: Any, **kwargs: Any) -> AsyncIterator[set[Any]]:
+        # inotify in place only after the drop: it never reports that file
+        await asyncio.sleep(0.3)
+        while True:
+            yield set()  # a timeout batch: the watch is in place
+            await asyncio.sleep(0.1)
+
+    monkeypatch.setattr(watcher, "scan_once", scan_then_drop)
+    monkeypatch.setattr(inbox_mod.watchfiles, "awatch", late_watch)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await _wait_for(lambda: [p.name for p in seen] == ["early.csv"])
     finally:
         task.cancel()
         await asyncio.wait([task])

@@ -170,6 +170,11 @@ class InboxWatcher:
                 ) as batches:
                     async for changes in batches:
                         # An empty batch is a timeout: proof that the watch is in place.
+                        if not self.watching:
+                            # A file that arrived between the last scan and this moment
+                            # raised no event: look once more now instead of at the
+                            # next periodic rescan.
+                            self._hint.set()
                         self.watching = True
                         if changes:
                             self._hint.set()

@@ -71,14 +71,15 @@ JOB_TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     J.FAILED: frozenset({J.QUEUED, J.DONE}),
 }
 
-_ALIVE = frozenset({S.DRAINING, S.LOST, S.DESTROYING})
+# every live instance may be drained, found lost, or torn down
+_WAYS_OUT = frozenset({S.DRAINING, S.LOST, S.DESTROYING})
 INSTANCE_TRANSITIONS: dict[InstanceStatus, frozenset[InstanceStatus]] = {
-    S.BOOTING: frozenset({S.DISCOVERED} | _ALIVE),
-    S.DISCOVERED: frozenset({S.PREPARING, S.READY, S.UNREACHABLE} | _ALIVE),
-    S.PREPARING: frozenset({S.READY, S.DISCOVERED, S.UNREACHABLE} | _ALIVE),
+    S.BOOTING: frozenset({S.DISCOVERED} | _WAYS_OUT),
+    S.DISCOVERED: frozenset({S.PREPARING, S.READY, S.UNREACHABLE} | _WAYS_OUT),
+    S.PREPARING: frozenset({S.READY, S.DISCOVERED, S.UNREACHABLE} | _WAYS_OUT),
     # DISCOVERED: re-verified after a restart
-    S.READY: frozenset({S.UNREACHABLE, S.DISCOVERED} | _ALIVE),
-    S.UNREACHABLE: frozenset({S.READY, S.DISCOVERED} | _ALIVE),
+    S.READY: frozenset({S.UNREACHABLE, S.DISCOVERED} | _WAYS_OUT),
+    S.UNREACHABLE: frozenset({S.READY, S.DISCOVERED} | _WAYS_OUT),
     # READY: undrained (by hand, or its disk recovered)
     S.DRAINING: frozenset({S.READY, S.LOST, S.DESTROYING}),
     # DISCOVERED: listed as running again
