@@ -145,9 +145,9 @@ class SimEnv:
             await ctx.aclose()
         with contextlib.suppress(Exception):
             await ctx.pool.aclose()
-        if ctx.api is not None:
+        if ctx.cloud is not None:
             with contextlib.suppress(Exception):
-                await ctx.api.aclose()
+                await ctx.cloud.aclose()
         if ctx in self.contexts:
             self.contexts.remove(ctx)
 

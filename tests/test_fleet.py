@@ -145,8 +145,8 @@ async def _close(ctx: Context, task: asyncio.Task[None] | None) -> None:
     await ctx.aclose()
     await ctx.store.flush()
     await ctx.pool.aclose()
-    assert ctx.api is not None
-    await ctx.api.aclose()
+    assert ctx.cloud is not None
+    await ctx.cloud.aclose()
 
 
 @pytest.fixture

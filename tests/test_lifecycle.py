@@ -17,7 +17,9 @@ from vastd.core.files import Layout
 from vastd.core.ssh import SSHPool
 from vastd.core.state import InstanceRecord, InstanceStatus, StateStore
 from vastd.instances import lifecycle as lc
+from vastd.instances.provider import Offer
 from vastd.instances.vast_api import VastClient
+from vastd.instances.vast_provider import offer_from_dict
 from vastd.orchestration import renting
 from vastd.orchestration.context import Context, build_context
 from vastd.sim.cluster import SimCluster
@@ -54,15 +56,22 @@ def offer(cluster: SimCluster, index: int = 0) -> dict[str, Any]:
     return dict(sorted(cluster.cloud.offers.values(), key=lambda o: o["id"])[index])
 
 
+def rentable(row: dict[str, Any]) -> Offer:
+    """The offer as the provider hands it to the fleet (from the simulator's row)."""
+    found = offer_from_dict(row)
+    assert found is not None, row
+    return found
+
+
 async def test_terminate_destroys_and_confirms(env: tuple[SimCluster, Context]) -> None:
     """terminate destroys and confirms, and a second terminate of the gone instance is also
     confirmed."""
     cluster, ctx = env
-    assert ctx.api is not None
+    assert ctx.cloud is not None
     iid = await cluster.cloud.add_instance(label="vastd")
-    assert await lc.terminate_instance(ctx.api, iid)
+    assert await lc.terminate_instance(ctx.cloud, str(iid))
     assert iid not in cluster.cloud.instances
-    assert await lc.terminate_instance(ctx.api, iid)
+    assert await lc.terminate_instance(ctx.cloud, str(iid))
 
 
 async def test_terminate_retries_a_failing_destroy_until_confirmed(
@@ -71,11 +80,11 @@ async def test_terminate_retries_a_failing_destroy_until_confirmed(
     """Two HTTP 500 answers to DELETE, then success: terminate_instance retries (with back-off)
     and returns True only once the API no longer shows the instance; one attempt is False."""
     cluster, ctx = env
-    assert ctx.api is not None
+    assert ctx.cloud is not None
     iid = await cluster.cloud.add_instance(label="vastd")
     cluster.cloud.faults.add(endpoint="destroy", status=500, count=2)
-    assert not await lc.terminate_instance(ctx.api, iid, attempts=1)
-    assert await lc.terminate_instance(ctx.api, iid, attempts=3, backoff_s=0.01)
+    assert not await lc.terminate_instance(ctx.cloud, str(iid), attempts=1)
+    assert await lc.terminate_instance(ctx.cloud, str(iid), attempts=3, backoff_s=0.01)
     assert iid not in cluster.cloud.instances
     statuses = [c["status"] for c in cluster.cloud.calls if c["endpoint"] == "destroy"]
     assert statuses == [500, 500, 200]
@@ -89,7 +98,7 @@ async def test_rent_saves_intent_before_the_call_and_attaches_the_key(
     and the public key (never the API key) is attached through the API."""
     cluster, ctx = env
     cluster.cloud.faults.add(endpoint="rent", status=None, delay_s=0.5)
-    rent = asyncio.create_task(renting.rent_instance(ctx, offer(cluster)))
+    rent = asyncio.create_task(renting.rent_instance(ctx, rentable(offer(cluster))))
 
     def intent_on_disk() -> bool:
         if not ctx.layout.state_file.exists():
@@ -119,7 +128,7 @@ async def test_interruptible_rent_bids_min_bid_times_markup(
     cluster, ctx = env
     ctx.settings.fleet.interruptible = True
     chosen = offer(cluster, 1)
-    inst = await renting.rent_instance(ctx, chosen)
+    inst = await renting.rent_instance(ctx, rentable(chosen))
     row = cluster.cloud.instances[int(inst.id)]
     assert row["is_bid"] and row["dph_total"] == pytest.approx(chosen["min_bid"] * 1.25)
     assert inst.dph == pytest.approx(chosen["min_bid"] * 1.25)
@@ -131,7 +140,7 @@ async def test_refused_rent_drops_its_intent(env: tuple[SimCluster, Context]) ->
     gone = offer(cluster)
     cluster.cloud.offers[gone["id"]]["rented"] = True
     with pytest.raises(VastAIError):
-        await renting.rent_instance(ctx, gone)
+        await renting.rent_instance(ctx, rentable(gone))
     assert ctx.store.snapshot.rent_intents == {}
     assert cluster.cloud.instances == {}
 
@@ -141,7 +150,7 @@ async def test_ambiguous_rent_failure_keeps_its_intent(env: tuple[SimCluster, Co
     cluster, ctx = env
     cluster.cloud.faults.add(endpoint="rent", status=500, after_effect=True)
     with pytest.raises(VastAIError):
-        await renting.rent_instance(ctx, offer(cluster))
+        await renting.rent_instance(ctx, rentable(offer(cluster)))
     (intent,) = ctx.store.snapshot.rent_intents.values()
     assert intent["machine_id"] == 900 and len(cluster.cloud.instances) == 1
 
@@ -149,9 +158,9 @@ async def test_ambiguous_rent_failure_keeps_its_intent(env: tuple[SimCluster, Co
 async def test_attached_key_reaches_a_running_sim_host(env: tuple[SimCluster, Context]) -> None:
     """A key attached through the API to a running instance is authorized on its SSH host."""
     cluster, ctx = env
-    assert ctx.api is not None
+    assert ctx.cloud is not None
     iid = await cluster.cloud.add_instance(label="vastd")
-    await ctx.api.attach_ssh_key(iid, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample extra")
+    await ctx.cloud.attach_ssh_key(str(iid), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample extra")
     assert any("extra" in k for k in cluster.hosts.get(iid).authorized_keys)
 
 

@@ -259,8 +259,8 @@ async def test_starting_keeps_the_previous_jobs(env: SimEnv) -> None:
         assert "kept" in load_state(ctx2.layout.state_file).jobs
     finally:
         await ctx2.pool.aclose()
-        if ctx2.api is not None:
-            await ctx2.api.aclose()
+        if ctx2.cloud is not None:
+            await ctx2.cloud.aclose()
 
 
 async def test_recovery_runs_before_any_scheduling(

@@ -1,4 +1,4 @@
-"""Instance lifecycle primitives over the vast.ai client: destroy (confirmed), the SSH key.
+"""Instance lifecycle primitives over a CloudProvider: destroy (confirmed), the SSH key.
 
 Policies written down here because they cost money when wrong (the steps that
 apply them to the snapshot are orchestration/renting.py's):
@@ -21,26 +21,24 @@ from pathlib import Path
 
 import asyncssh
 
-from vastd.instances.vast_api import VastClient
+from vastd.instances.provider import CloudProvider
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
 from vastd.utils.supervise import Backoff
 
 log = get_logger("vastd.lifecycle")
 
-INTENT_ENV = "VASTD_INTENT"
 MACHINE_BLOCK_S = 6 * 3600.0  # a machine that failed to boot is avoided this long
 DESTROY_BACKOFF_S = 1.0
 DESTROY_BACKOFF_MAX_S = 60.0
-RUNTYPE = "ssh_direc ssh_proxy"  # what the official CLI sends for `--ssh --direct`
 
 _public_keys: dict[Path, str] = {}
 
 
 # --- primitives -------------------------------------------------------------------------------
 async def terminate_instance(
-    client: VastClient,
-    instance_id: int,
+    cloud: CloudProvider,
+    instance_id: str,
     *,
     attempts: int = 5,
     backoff_s: float = DESTROY_BACKOFF_S,
@@ -57,14 +55,14 @@ async def terminate_instance(
                 Backoff(backoff_s, DESTROY_BACKOFF_MAX_S, jitter="none").delay_s(attempt - 1)
             )
         try:
-            await client.destroy_instance(instance_id)
-            if await client.show_instance(instance_id) is None:
+            await cloud.destroy(instance_id)
+            if await cloud.show_instance(instance_id) is None:
                 return True
-            log.info("instance_destroy_unconfirmed", instance=str(instance_id))
+            log.info("instance_destroy_unconfirmed", instance=instance_id)
         except VastAIError as exc:
             log.warning(
                 "instance_destroy_failed",
-                instance=str(instance_id),
+                instance=instance_id,
                 error=str(exc),
                 attempt=attempt + 1,
             )

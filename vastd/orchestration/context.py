@@ -21,7 +21,9 @@ import asyncssh
 from vastd.core.files import Layout
 from vastd.core.ssh import Endpoint, SSHPool
 from vastd.core.state import InstanceRecord, StateStore
+from vastd.instances.provider import CloudProvider
 from vastd.instances.vast_api import VastClient
+from vastd.instances.vast_provider import VastProvider
 from vastd.orchestration.scheduler import Scheduler
 from vastd.utils.config import Settings
 from vastd.utils.exceptions import ConfigError
@@ -98,7 +100,7 @@ class Context:
     layout: Layout
     store: StateStore
     pool: SSHPool
-    api: VastClient | None
+    cloud: CloudProvider | None  # None: no cloud API (tests of the SSH side only)
     scheduler: Scheduler = field(default_factory=Scheduler)
     tasks: TaskSet = field(default_factory=TaskSet)
     backoff: Backoff = field(default_factory=Backoff)
@@ -178,17 +180,21 @@ def build_context(
     store: StateStore | None = None,
     pool: SSHPool | None = None,
     api: VastClient | None = _UNSET,
+    cloud: CloudProvider | None = _UNSET,
     **overrides: Any,
 ) -> Context:
-    """The Context `vastd run` uses: the snapshot, the API client and the SSH pool.
+    """The Context `vastd run` uses: the snapshot, vast.ai as a CloudProvider, the SSH pool.
 
-    Tests pass their own `store`, `pool` or `api` (`api=None`: no API, no key needed)
-    and any other Context field (`backoff`, `watch_wait_s`, ...) as overrides.
+    Tests pass their own `store`, `pool`, `api` (a VastClient, wrapped) or `cloud`
+    (`api=None`: no cloud, no key needed) and any other Context field (`backoff`,
+    `watch_wait_s`, ...) as overrides.
     """
     layout = Layout(settings.paths.root)  # the callers created it before locking it
     if store is None:
         store = StateStore.open(layout.state_file)
-    if api is _UNSET:
+    if cloud is not _UNSET:
+        api = None
+    elif api is _UNSET:
         api_key = settings.api_key()
         if not api_key:
             raise ConfigError(
@@ -206,7 +212,9 @@ def build_context(
         )
     if pool is None:
         pool = SSHPool(settings.ssh, client_keys=client_keys, host_keys=StoreHostKeys(store))
-    return Context(settings, layout, store, pool, api, **overrides)
+    if cloud is _UNSET:
+        cloud = VastProvider(api) if api is not None else None
+    return Context(settings, layout, store, pool, cloud, **overrides)
 
 
 async def close_context(ctx: Context) -> None:
@@ -218,5 +226,5 @@ async def close_context(ctx: Context) -> None:
         try:
             await ctx.pool.aclose()
         finally:
-            if ctx.api is not None:
-                await ctx.api.aclose()
+            if ctx.cloud is not None:
+                await ctx.cloud.aclose()

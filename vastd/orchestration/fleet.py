@@ -25,11 +25,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState
-from vastd.instances.provider import ApiState
+from vastd.instances.provider import ApiState, Offer
 from vastd.instances.vast_status import api_state
 from vastd.orchestration.context import Context
 from vastd.orchestration.inventory import claim_unknown_instance as claim_unknown_instance
@@ -255,22 +254,22 @@ async def attach_missing_keys(ctx: Context) -> None:
 
 
 # --- scaling up -------------------------------------------------------------------------------
-async def choose_offers(ctx: Context, now: float) -> list[dict[str, Any]]:
+async def choose_offers(ctx: Context, now: float) -> list[Offer]:
     """Offers for `offer_query`, in `order`, minus blocked machines and machines we rent."""
-    assert ctx.api is not None
+    assert ctx.cloud is not None
     fleet = ctx.settings.fleet
-    offers = await ctx.api.search_offers(
+    offers = await ctx.cloud.search_offers(
         fleet.offer_query,
         order=fleet.order,
         limit=OFFER_LIMIT,
         disk_gb=fleet.disk_gb,
-        offer_type="bid" if fleet.interruptible else "on-demand",
+        interruptible=fleet.interruptible,
     )
     snap = ctx.store.snapshot
     blocked = {m for m, until in snap.blocked_machines.items() if until > now}
     ours = {str(i.machine_id) for i in ctx.store.instances.values() if billing(i) and i.machine_id}
     ours |= {str(x.get("machine_id")) for x in snap.rent_intents.values()}
-    return [o for o in offers if str(o.get("machine_id")) not in blocked | ours and o.get("id")]
+    return [o for o in offers if str(o.machine_id) not in blocked | ours]
 
 
 async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
@@ -313,13 +312,13 @@ async def fleet_once(ctx: Context) -> FleetReport:
     expire_rent_intents(ctx, now)
     report = FleetReport()
     report.destroying = judge_instances(ctx, now)
-    if ctx.api is not None:
+    if ctx.cloud is not None:
         report.destroyed = await advance_destroys(ctx, now)
         await attach_missing_keys(ctx)
     report.desired = desired_instances(ctx)
     report.live = len(live_instances(ctx))
     report.pending_intents = len(ctx.store.snapshot.rent_intents)
-    if ctx.api is not None and ctx.settings.fleet.mode == "autoscale":
+    if ctx.cloud is not None and ctx.settings.fleet.mode == "autoscale":
         await scale_up(ctx, now, report)
     report.dph_now = round(current_dph(ctx), 6)
     if report.rented or report.destroying or report.destroyed:

@@ -12,10 +12,8 @@ import time
 
 from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
-from vastd.instances.discovery import InstanceInfo, parse_instance_data
 from vastd.instances.preparation import prepare_instance_for_jobs
-from vastd.instances.provider import ApiState
-from vastd.instances.vast_provider import intent_of
+from vastd.instances.provider import ApiState, ProviderInstance
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
@@ -25,7 +23,6 @@ from vastd.orchestration.context import Context
 from vastd.orchestration.coordinator import ensure_watcher
 from vastd.orchestration.followups import sweep_remote_folders
 from vastd.utils.exceptions import (
-    APIShapeError,
     HostKeyMismatchError,
     PreparationError,
     SSHConnectionError,
@@ -40,26 +37,35 @@ PREPARE_BACKOFF = Backoff(base_s=2.0, max_s=600.0, jitter="equal")
 
 
 # --- discovery ----------------------------------------------------------------------------------
-def record_from_info(info: InstanceInfo, now: float) -> InstanceRecord:
-    return InstanceRecord(id=str(info.id), label=info.label, first_seen=now)
+def record_from_info(info: ProviderInstance, now: float) -> InstanceRecord:
+    return InstanceRecord(id=info.id, label=info.label, first_seen=now)
 
 
-def refresh_record(inst: InstanceRecord, info: InstanceInfo, now: float) -> None:
+def _machine(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def refresh_record(inst: InstanceRecord, info: ProviderInstance, now: float) -> None:
     inst.label = info.label
-    inst.api_status = info.actual_status
-    proxy = info.proxy_endpoint
-    direct = info.direct_endpoint
-    inst.ssh_host, inst.ssh_port = proxy if proxy else (None, None)
-    inst.public_ipaddr, inst.direct_port = direct if direct else (None, None)
-    inst.dph = info.dph_total
-    inst.machine_id = info.machine_id
+    inst.api_status = info.raw_status
+    inst.ssh_host, inst.ssh_port = (
+        (info.proxy.host, info.proxy.port) if info.proxy else (None, None)
+    )
+    inst.public_ipaddr, inst.direct_port = (
+        (info.direct.host, info.direct.port) if info.direct else (None, None)
+    )
+    if info.dph is not None:
+        inst.dph = info.dph
+    inst.machine_id = _machine(info.machine_id)
     inst.gpu_name = info.gpu_name
     inst.last_seen = now
     inst.missing_since = None
 
 
 # --- reconciliation of rent intents -----------------------------------------------------------
-def claim_unknown_instance(ctx: Context, info: InstanceInfo, now: float) -> InstanceRecord | None:
+def claim_unknown_instance(
+    ctx: Context, info: ProviderInstance, now: float
+) -> InstanceRecord | None:
     """A labelled instance the snapshot does not know: ours, adopted, or left alone.
 
     Ours when its `VASTD_INTENT` matches a saved rent intent (a crash or an ambiguous
@@ -68,12 +74,12 @@ def claim_unknown_instance(ctx: Context, info: InstanceInfo, now: float) -> Inst
     only in adopt mode or with `adopt_foreign_labelled`; else None: never touched.
     """
     fleet = ctx.settings.fleet
-    intent_id = intent_of(info.raw)
+    intent_id = info.intent
     intent = ctx.store.snapshot.rent_intents.pop(intent_id, None) if intent_id else None
     if intent is not None:
         at = float(intent.get("at") or now)
         inst = InstanceRecord(
-            id=str(info.id),
+            id=info.id,
             label=info.label,
             status=InstanceStatus.BOOTING,
             owned=True,
@@ -81,8 +87,8 @@ def claim_unknown_instance(ctx: Context, info: InstanceInfo, now: float) -> Inst
             booting_since=at,
             rented_at=at,
             accrued_until=at,
-            dph=info.dph_total or float(intent.get("dph") or 0.0),
-            machine_id=info.machine_id,
+            dph=info.dph or float(intent.get("dph") or 0.0),
+            machine_id=_machine(info.machine_id),
             intent_id=intent_id,
         )
         ctx.store.instances[inst.id] = inst
@@ -90,7 +96,7 @@ def claim_unknown_instance(ctx: Context, info: InstanceInfo, now: float) -> Inst
         log.info(
             "instance_rented",
             instance=inst.id,
-            machine=info.machine_id,
+            machine=inst.machine_id,
             dph=inst.dph,
             reconciled=True,
             intent=intent_id,
@@ -100,21 +106,18 @@ def claim_unknown_instance(ctx: Context, info: InstanceInfo, now: float) -> Inst
         inst = record_from_info(info, now)
         ctx.store.instances[inst.id] = inst
         ctx.store.mark_dirty()
-        log.info(
-            "instance_discovered", instance=inst.id, status=info.actual_status, dph=info.dph_total
-        )
+        log.info("instance_discovered", instance=inst.id, status=info.raw_status, dph=info.dph)
         return inst
     return None
 
 
 async def discovery_once(ctx: Context) -> int:
     """List labelled instances and reconcile them with the store; returns how many are known."""
-    assert ctx.api is not None
+    assert ctx.cloud is not None
     label = ctx.settings.vast.label
     try:
-        raw = await ctx.api.list_instances(label=label)
-        infos = [parse_instance_data(r) for r in raw]
-    except (VastAIError, APIShapeError) as exc:
+        infos = await ctx.cloud.list_instances(label)
+    except VastAIError as exc:
         # Never read a failed listing as "no instances".
         log.warning("discovery_failed", error=str(exc))
         return len(ctx.store.instances)
@@ -124,7 +127,7 @@ async def discovery_once(ctx: Context) -> int:
     for info in infos:
         if info.label != label:
             continue  # never touch what is not ours
-        iid = str(info.id)
+        iid = info.id
         seen.add(iid)
         inst = ctx.store.instances.get(iid)
         if inst is None:
@@ -136,8 +139,11 @@ async def discovery_once(ctx: Context) -> int:
             continue
         refresh_record(inst, info, now)
         if info.state in (ApiState.GONE, ApiState.STOPPED):
-            handle_instance_failure(ctx, inst, f"vast.ai reports it {info.actual_status}")
-        elif info.is_running and inst.status in (InstanceStatus.LOST, InstanceStatus.BOOTING):
+            handle_instance_failure(ctx, inst, f"vast.ai reports it {info.raw_status}")
+        elif info.state is ApiState.RUNNING and inst.status in (
+            InstanceStatus.LOST,
+            InstanceStatus.BOOTING,
+        ):
             st.mark_instance_discovered(ctx.store, inst)
     grace = ctx.settings.vast.lost_grace_s
     for inst in list(ctx.store.instances.values()):

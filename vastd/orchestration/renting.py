@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
 
 import asyncssh
 
@@ -22,12 +21,11 @@ from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.lifecycle import (
     DESTROY_BACKOFF_MAX_S,
     DESTROY_BACKOFF_S,
-    INTENT_ENV,
     MACHINE_BLOCK_S,
-    RUNTYPE,
     public_key_line,
     terminate_instance,
 )
+from vastd.instances.provider import Offer
 from vastd.orchestration.context import Context
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
@@ -37,14 +35,12 @@ log = get_logger("vastd.lifecycle")
 DESTROY_BACKOFF = Backoff(DESTROY_BACKOFF_S, DESTROY_BACKOFF_MAX_S, jitter="none")
 
 
-def offer_dph(ctx: Context, offer: dict[str, Any]) -> float:
+def offer_dph(ctx: Context, offer: Offer) -> float:
     """What renting this offer costs per hour: the bid when interruptible."""
     fleet = ctx.settings.fleet
     if fleet.interruptible:
-        return round(
-            float(offer.get("min_bid") or offer.get("dph_total") or 0.0) * fleet.bid_markup, 6
-        )
-    return float(offer.get("dph_total") or 0.0)
+        return round((offer.min_bid or offer.dph) * fleet.bid_markup, 6)
+    return offer.dph
 
 
 def block_machine(ctx: Context, machine_id: int | None, reason: str, *, now: float) -> None:
@@ -58,20 +54,24 @@ def block_machine(ctx: Context, machine_id: int | None, reason: str, *, now: flo
 
 
 # --- composites -------------------------------------------------------------------------------
-async def rent_instance(ctx: Context, offer: dict[str, Any]) -> InstanceRecord:
+def _machine(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+async def rent_instance(ctx: Context, offer: Offer) -> InstanceRecord:
     """Rent `offer`: intent saved first, the record saved at once, then the SSH key attached.
 
     Raises VastAIError when the rent failed or may have failed; the intent then
     stays (unless the API clearly refused) and discovery reconciles it.
     """
-    assert ctx.api is not None
+    assert ctx.cloud is not None
     s = ctx.settings
     store = ctx.store
     intent_id = uuid.uuid4().hex
     dph = offer_dph(ctx, offer)
-    machine_id = offer.get("machine_id")
+    machine_id = _machine(offer.machine_id)
     store.snapshot.rent_intents[intent_id] = {
-        "offer_id": int(offer["id"]),
+        "offer_id": offer.id,
         "machine_id": machine_id,
         "dph": dph,
         "at": time.time(),
@@ -82,14 +82,13 @@ async def rent_instance(ctx: Context, offer: dict[str, Any]) -> InstanceRecord:
         store.snapshot.rent_intents.pop(intent_id, None)
         raise VastAIError("rent skipped: the rent intent could not be saved")
     try:
-        new_id = await ctx.api.rent(
-            int(offer["id"]),
+        new_id = await ctx.cloud.rent(
+            offer,
             image=s.fleet.image,
             disk_gb=s.fleet.disk_gb,
             label=s.vast.label,
-            env={INTENT_ENV: intent_id},
-            price=dph if s.fleet.interruptible else None,
-            runtype=RUNTYPE,
+            intent=intent_id,
+            bid_dph=dph if s.fleet.interruptible else None,
         )
     except VastAIError as exc:
         refused = exc.status is not None and 400 <= exc.status < 500
@@ -98,7 +97,7 @@ async def rent_instance(ctx: Context, offer: dict[str, Any]) -> InstanceRecord:
             store.mark_dirty()
         log.warning(
             "instance_rent_failed",
-            offer=offer.get("id"),
+            offer=offer.id,
             error=str(exc),
             intent=None if refused else intent_id,
         )
@@ -117,8 +116,8 @@ async def rent_instance(ctx: Context, offer: dict[str, Any]) -> InstanceRecord:
             rented_at=now,
             accrued_until=now,
             dph=dph,
-            machine_id=machine_id if isinstance(machine_id, int) else None,
-            gpu_name=offer.get("gpu_name"),
+            machine_id=machine_id,
+            gpu_name=offer.gpu_name,
             intent_id=intent_id,
         )
         store.instances[iid] = inst
@@ -129,10 +128,10 @@ async def rent_instance(ctx: Context, offer: dict[str, Any]) -> InstanceRecord:
     log.info(
         "instance_rented",
         instance=iid,
-        offer=offer.get("id"),
+        offer=offer.id,
         machine=machine_id,
         dph=dph,
-        gpu=offer.get("gpu_name"),
+        gpu=offer.gpu_name,
         interruptible=s.fleet.interruptible,
     )
     await attach_public_key(ctx, inst)
@@ -141,14 +140,14 @@ async def rent_instance(ctx: Context, offer: dict[str, Any]) -> InstanceRecord:
 
 async def attach_public_key(ctx: Context, inst: InstanceRecord) -> bool:
     """Register `[ssh] key_file`'s public key through the API (never an onstart script)."""
-    assert ctx.api is not None
+    assert ctx.cloud is not None
     try:
         key = await asyncio.to_thread(public_key_line, ctx.settings.ssh.key_file)
     except (OSError, ValueError, asyncssh.KeyImportError) as exc:
         log.error("ssh_key_unreadable", instance=inst.id, error=str(exc))
         return False
     try:
-        await ctx.api.attach_ssh_key(int(inst.id), key)
+        await ctx.cloud.attach_ssh_key(inst.id, key)
     except VastAIError as exc:
         log.warning("ssh_key_attach_failed", instance=inst.id, error=str(exc))
         return False
@@ -190,13 +189,13 @@ async def confirm_destroy(ctx: Context, inst: InstanceRecord, now: float | None 
     Write-ahead: the DELETE goes out only once the snapshot says DESTROYING (else a
     crash could forget an instance it destroyed halfway, or destroy one twice over).
     """
-    assert ctx.api is not None
+    assert ctx.cloud is not None
     if not await ctx.store.flush():
         log.warning("instance_destroy_deferred", instance=inst.id, reason=ctx.store.save_error)
         return False
     if inst.status is not InstanceStatus.DESTROYING:
         return False
-    if await terminate_instance(ctx.api, int(inst.id), attempts=1):
+    if await terminate_instance(ctx.cloud, inst.id, attempts=1):
         now = time.time() if now is None else now
         accrue_instance(ctx, inst, now)
         st.mark_instance_destroyed(ctx.store, inst, now)

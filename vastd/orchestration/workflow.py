@@ -161,7 +161,7 @@ def supervisors(
         ("followups", lambda: run_loop("followups", steps.followups, interval_s=0.25)),
         ("health", lambda: run_health(ctx)),
     ]
-    if ctx.api is not None:
+    if ctx.cloud is not None:
         loops.append(
             (
                 "discovery",
