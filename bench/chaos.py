@@ -706,6 +706,9 @@ class Chaos:
             self.note("all jobs finished and every fault injected; SIGTERM")
             d = self.daemon
             assert d is not None
+            # A daemon restarted just now (killed last) is still starting its interpreter:
+            # the SIGTERM that judges a clean stop goes to one that runs (daemon_started).
+            await d.wait_event("daemon_started", 60)
             started = time.monotonic()
             code = await d.stop(timeout_s=15)
             self.report.graceful_stop_s = time.monotonic() - started

@@ -20,6 +20,7 @@ import pytest
 
 from tests.helpers import async_wait_for, clean_env, dump_toml
 from vastd.core.state import load_state
+from vastd.daemon import status_line
 from vastd.sim.cluster import SimCluster, load_make_jobs
 
 pytestmark = pytest.mark.e2e
@@ -444,3 +445,13 @@ def test_second_daemon_on_the_same_root_is_refused(tmp_path: Path) -> None:
     finally:
         first.release()
     assert root_locked(root) is False
+
+
+def test_status_line_says_why_dispatch_is_paused() -> None:
+    """A snapshot that cannot be written pauses dispatch (write-ahead); systemd's status
+    line says so, with the reason, and says nothing of it once saves work again."""
+    counts = {"queued": 2, "running": 1, "collecting": 0, "done": 5, "failed": 0}
+    ok = status_line(counts, None)
+    assert ok == "STATUS=queued 2 running 1 done 5 failed 0"
+    full = status_line(counts, "cannot write state.json: [Errno 28] No space left on device")
+    assert full.startswith(ok) and "dispatch paused" in full and "No space left" in full

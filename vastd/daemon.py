@@ -50,6 +50,18 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+def status_line(counts: dict[str, int], save_error: str | None) -> str:
+    """systemd's STATUS= line (`systemctl status`): the jobs, and why nothing is
+    dispatched while the snapshot cannot be written."""
+    line = (
+        f"STATUS=queued {counts['queued']} running {counts['running']} "
+        f"done {counts['done']} failed {counts['failed']}"
+    )
+    if save_error is not None:
+        line += f"; state not saved, dispatch paused: {save_error}"
+    return line
+
+
 class Daemon:
     """`vastd run`: one event loop, concurrent supervisor tasks, a JSON snapshot."""
 
@@ -187,10 +199,7 @@ class Daemon:
             await asyncio.sleep(interval_s)
             lag = time.monotonic() - started - interval_s
             counts = ctx.store.counts()
-            sd_notify(
-                f"STATUS=queued {counts['queued']} running {counts['running']} "
-                f"done {counts['done']} failed {counts['failed']}"
-            )
+            sd_notify(status_line(counts, ctx.store.save_error))
             if usec and lag < interval_s:
                 sd_notify("WATCHDOG=1")
 
