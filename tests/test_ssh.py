@@ -13,6 +13,7 @@ import pytest
 import structlog
 
 from tests.sshd import TEST_PYTHON
+from vastd.core import ssh as ssh_mod
 from vastd.core.ssh import (
     CommandResult,
     Endpoint,
@@ -23,6 +24,7 @@ from vastd.sim.hosts import SimHost
 from vastd.utils.exceptions import (
     HostKeyMismatchError,
     RemoteCommandTimeout,
+    RemoteOutputTooLarge,
     ResultValidationError,
     SSHConnectionError,
 )
@@ -57,6 +59,29 @@ async def test_run_exit_codes_stdout_stderr_and_stdin(
     # Without input the command sees EOF at once instead of hanging.
     assert (await conn.run("cat; echo end", timeout_s=10)).stdout == "end\n"
     assert (await conn.run("true", timeout_s=10)).ok
+
+
+async def test_a_flood_of_output_fails_the_command_instead_of_filling_memory(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host printing more than vastd reads: the command fails as a host error (never held
+    whole in memory, the remote command is killed); a flood on stderr keeps only its end;
+    the connection stays usable."""
+    monkeypatch.setattr(ssh_mod, "MAX_STDOUT_CHARS", 100_000)
+    monkeypatch.setattr(ssh_mod, "STDERR_TAIL_CHARS", 1_000)
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    started = time.monotonic()
+    with pytest.raises(RemoteOutputTooLarge):
+        # endless: only the cap (not the timeout) can end it this soon
+        await conn.run("yes 0123456789", timeout_s=30)
+    assert time.monotonic() - started < 20
+    flood = await conn.run(
+        "i=0; while [ $i -lt 3000 ]; do echo e$i >&2; i=$((i+1)); done; echo ok", timeout_s=30
+    )
+    assert flood.stdout == "ok\n" and len(flood.stderr) <= 1_000
+    assert flood.stderr.endswith("e2999\n")
+    assert (await conn.run("echo still", timeout_s=10)).stdout == "still\n"
 
 
 async def test_one_connection_is_reused(sim_host: SimHostFactory, ssh_pool: PoolFactory) -> None:

@@ -235,6 +235,22 @@ async def test_preparation_is_skipped_when_the_marker_matches(env: SimEnv) -> No
     assert (lines(host_root / "installs.txt"), lines(host_root / "checks.txt")) == (1, 3)
 
 
+async def test_a_huge_install_error_is_kept_short(env: SimEnv) -> None:
+    """An install that floods stderr with one huge line: prepare_error (in the snapshot and
+    the log) holds only its end, a bounded text."""
+    await env.start(instances=1)
+    flood = "head -c 200000 /dev/zero | tr '\\0' x >&2; echo; echo the-real-error >&2; exit 1"
+    steps = [prepare_step("noisy", check="false", install=flood)]
+    ctx = env.context(env.settings(prepare=steps))
+    await discovery_once(ctx)
+    [iid] = list(ctx.store.instances)
+    with capture_logs():
+        assert coordinate_instance_preparation(ctx) == 1
+        await ctx.preparing[iid]
+    error = ctx.store.instances[iid].prepare_error
+    assert error is not None and "the-real-error" in error and len(error) < 1200
+
+
 async def test_preparation_failure_backs_off_and_is_reported(env: SimEnv) -> None:
     """A failing install: prepare_failures counts it, next_prepare_at is in the future (the
     loop does not retry at once), prepare_error says why, and the instance gets no job."""

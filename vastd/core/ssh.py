@@ -32,6 +32,7 @@ from vastd.utils.config import SshSettings
 from vastd.utils.exceptions import (
     HostKeyMismatchError,
     RemoteCommandTimeout,
+    RemoteOutputTooLarge,
     ResultValidationError,
     SSHConnectionError,
     VastdError,
@@ -135,6 +136,50 @@ def _entry(name: str, attrs: asyncssh.SFTPAttrs) -> RemoteEntry:
     return RemoteEntry(name=name, kind=_kind(attrs), size=attrs.size or 0, mtime=mtime)
 
 
+# What vastd reads of a remote command: its own scripts print far less than this; a host
+# that prints more is broken (or hostile) and is never read into memory whole.
+MAX_STDOUT_CHARS = 16 * 1024 * 1024
+STDERR_TAIL_CHARS = 64 * 1024  # only the end of stderr is kept (error texts, logs)
+_READ_CHUNK = 65536
+
+
+async def _read_capped(stream: asyncssh.SSHReader[str], cap: int) -> str | None:
+    """Everything `stream` gives, or None as soon as it passes `cap` characters."""
+    parts: list[str] = []
+    size = 0
+    while chunk := await stream.read(_READ_CHUNK):
+        size += len(chunk)
+        if size > cap:
+            return None
+        parts.append(chunk)
+    return "".join(parts)
+
+
+async def _read_tail(stream: asyncssh.SSHReader[str], keep: int) -> str:
+    """The last `keep` characters of `stream` (the rest is read and dropped)."""
+    tail = ""
+    while chunk := await stream.read(_READ_CHUNK):
+        tail = (tail + chunk)[-keep:]
+    return tail
+
+
+async def _read_output(proc: asyncssh.SSHClientProcess[str], instance_id: str) -> tuple[str, str]:
+    """stdout (capped: over the cap the command fails as a host error) and stderr's tail."""
+    err = asyncio.ensure_future(_read_tail(proc.stderr, STDERR_TAIL_CHARS))
+    try:
+        out = await _read_capped(proc.stdout, MAX_STDOUT_CHARS)
+        if out is None:
+            raise RemoteOutputTooLarge(
+                f"{instance_id}: a command printed more than {MAX_STDOUT_CHARS} characters"
+            )
+        return out, await err
+    finally:
+        if not err.done():
+            err.cancel()
+            with contextlib.suppress(asyncio.CancelledError, asyncssh.Error, OSError):
+                await err
+
+
 class SSHConnection:
     """One pooled connection to one instance; safe to share between tasks."""
 
@@ -194,8 +239,9 @@ class SSHConnection:
                     if input:
                         proc.stdin.write(input)
                     proc.stdin.write_eof()
-                    stdout, stderr = await proc.communicate()
-                    return CommandResult(proc.returncode, stdout or "", stderr or "")
+                    stdout, stderr = await _read_output(proc, self.instance_id)
+                    await proc.wait()
+                    return CommandResult(proc.returncode, stdout, stderr)
             except TimeoutError:
                 raise RemoteCommandTimeout(
                     f"{self.instance_id}: command timed out after {timeout_s:g}s"

@@ -21,6 +21,15 @@ from vastd.utils.exceptions import PreparationError
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.preparation")
+ERROR_TEXT_MAX = 1000  # of a remote error text kept in a record, the snapshot and the log
+
+
+def _clip(text: str, limit: int = ERROR_TEXT_MAX) -> str:
+    """The end of a remote error text (where the error usually is), at most `limit` chars."""
+    text = text.strip()
+    return text if len(text) <= limit else "..." + text[-(limit - 3) :]
+
+
 MARK = "__VASTD_BEGIN__"
 
 
@@ -48,7 +57,7 @@ async def read_marker(
         timeout_s=timeout_s,
     )
     if MARK not in result.stdout:
-        raise PreparationError(f"cannot create {root} on the instance: {result.stderr.strip()}")
+        raise PreparationError(f"cannot create {root} on the instance: {_clip(result.stderr)}")
     after = result.stdout.split(MARK, 1)[1].strip()
     return after or None
 
@@ -65,7 +74,7 @@ async def run_step(conn: SSHConnection, step: PrepareStep) -> CommandResult | No
     if not install.ok:
         tail = (install.stderr or install.stdout).strip().splitlines()[-5:]
         raise PreparationError(
-            f"step {step.name!r}: install exited {install.exit_status}: " + " | ".join(tail)
+            f"step {step.name!r}: install exited {install.exit_status}: " + _clip(" | ".join(tail))
         )
     if step.check:
         again = await conn.run(step.check, timeout_s=step.timeout_s)
@@ -114,5 +123,5 @@ async def prepare_instance_for_jobs(
     tmp = shlex.quote(marker_path(remote_root, instance_id) + ".tmp")
     result = await conn.run(f"echo {wanted} > {tmp} && mv {tmp} {path}", timeout_s=timeout_s)
     if not result.ok:
-        raise PreparationError(f"cannot write the preparation marker: {result.stderr.strip()}")
+        raise PreparationError(f"cannot write the preparation marker: {_clip(result.stderr)}")
     return wanted

@@ -47,6 +47,11 @@ class HostKeyMismatchError(SSHConnectionError):
     """The instance presented a host key other than the one pinned for it."""
 
 
+class RemoteOutputTooLarge(SSHConnectionError):
+    """A remote command printed more than vastd reads: the host is treated as broken
+    (like an unreachable one), never its output held in memory."""
+
+
 class RemoteCommandTimeout(SSHConnectionError):
     """A remote command or transfer did not finish before its deadline."""
 
