@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.helpers import async_wait_for
 from vastd.core import state as st
 from vastd.core.files import Layout
 from vastd.core.ssh import SSHPool
-from vastd.core.state import InstanceRecord, InstanceStatus, JobState, StateStore
+from vastd.core.state import InstanceRecord, InstanceStatus, JobState, StateStore, load_state
 from vastd.core.submit import submit_file
 from vastd.instances.vast_api import VastClient
 from vastd.orchestration import fleet as fl
@@ -277,6 +278,24 @@ async def test_dph_budget_holds_with_mixed_prices(
     assert sf.cloud.stats["rent"] == 3
     assert fl.current_dph(sf.ctx) == pytest.approx(0.9)
     assert sum(r["dph_total"] for r in sf.cloud.instances.values()) <= 1.0
+
+
+async def test_a_non_finite_price_never_turns_the_budget_off(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """An offer priced NaN (json.loads takes NaN) is skipped at the provider boundary: the
+    budget still holds (1.26 $/h is not rented under a 0.5 cap), and nothing non-finite
+    reaches the snapshot, which loads again (issue 10, item 3)."""
+    sf = await sim_fleet(offers=[float("nan"), 1.26, 0.2], max_instances=3, max_total_dph=0.5)
+    sf.add_queued(3)
+    with capture_logs() as logs:
+        report = await fl.fleet_once(sf.ctx)
+    assert [sf.cloud.instances[int(i)]["dph_total"] for i in report.rented] == [0.2]
+    assert any(e["event"] == "offer_skipped" for e in logs)
+    assert await sf.ctx.store.flush()
+    assert "NaN" not in sf.ctx.layout.state_file.read_text()
+    saved = load_state(sf.ctx.layout.state_file)
+    assert all(i.dph == 0.2 for i in saved.instances.values())
 
 
 async def test_adopt_mode_never_rents(sim_fleet: Callable[..., Awaitable[SimFleet]]) -> None:
