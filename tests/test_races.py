@@ -317,7 +317,8 @@ def test_a_reinstall_after_a_crash_does_not_keep_the_same_run_as_previous(
 
     assert _install_keeping_previous(new_tmp(1), final, "0a0b") == final / "previous-1"
     # crash before the DONE save; after the restart the same run is collected again
-    assert _install_keeping_previous(new_tmp(2), final, "0a0b") is None
+    # (the earlier run's folder comes back: the earlier input CSV still belongs there)
+    assert _install_keeping_previous(new_tmp(2), final, "0a0b") == final / "previous-1"
     assert sorted(p.name for p in final.iterdir()) == ["MANIFEST.json", "a.parquet", "previous-1"]
     assert (final / "previous-1" / "a.parquet").read_text() == "earlier run"
 

@@ -89,6 +89,7 @@ class JobRecord(_Model):
     keep_previous: bool = False
     # the stem its own files have in failed/ (`<job>` or `<job>.dup-<n>`) once failed
     failed_stem: str | None = None
+    failed_csv: bool = True  # whether that failure left `<stem>.csv` (or only its .error.json)
     # resubmitted after it failed: that failure's files in failed/, removed once this
     # record is saved (a crash before the save must not lose them)
     earlier_failed_stem: str | None = None

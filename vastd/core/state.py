@@ -247,7 +247,12 @@ async def assign_job(store: StateStore, job_id: str, instance_id: str) -> JobRec
         or job.state is not J.QUEUED
         or (inst is None or inst.status is not S.READY)
     ):
-        await asyncio.to_thread(_move, store, job, JobFolder.RUNNING, JobFolder.QUEUED)
+        # Changed while the file moved: it goes where the record now says (queued/, or
+        # done/ when an orphaned run's results completed the job meanwhile).
+        home = JobFolder.DONE if job.state is J.DONE else JobFolder.QUEUED
+        await asyncio.to_thread(
+            _move, store, job, JobFolder.RUNNING, home, rename_on_collision=home is JobFolder.DONE
+        )
         return None
     return _assign(store, job, inst)
 
@@ -337,10 +342,20 @@ def mark_job_completed(
     if not can_job(job, J.DONE):
         raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> done")
     layout = store.layout
+    # Every file move first (each may raise): a failed one leaves the record as it was.
     if previous_dir is not None:
         earlier = layout.job_file(JobFolder.DONE, job_id)
         if os.path.lexists(earlier):
             atomic_file_move(earlier, previous_dir / earlier.name)
+    if job.state is J.FAILED:
+        # It had failed for good, but an orphaned run's results came in after all.
+        stem = job.failed_stem or job_id
+        source = layout.failed / safe_name(stem, JOB_SUFFIX)
+        if os.path.lexists(source):
+            atomic_file_move(source, layout.job_file(JobFolder.DONE, job_id))
+        (layout.failed / safe_name(stem, ERROR_SUFFIX)).unlink(missing_ok=True)
+    else:
+        _move(store, job, FOLDER_OF[job.state], JobFolder.DONE, rename_on_collision=True)
     if (
         job.state in HELD
         and job.instance is not None
@@ -350,16 +365,7 @@ def mark_job_completed(
         add_followup(
             store, instance=job.instance, job=job_id, run=job.run_id, reason="duplicate run"
         )
-    if job.state is J.FAILED:
-        # It had failed for good, but an orphaned run's results came in after all.
-        stem = job.failed_stem or job_id
-        source = layout.failed / safe_name(stem, JOB_SUFFIX)
-        if os.path.lexists(source):
-            atomic_file_move(source, layout.job_file(JobFolder.DONE, job_id))
-        (layout.failed / safe_name(stem, ERROR_SUFFIX)).unlink(missing_ok=True)
-        job.failed_stem = None
-    else:
-        _move(store, job, FOLDER_OF[job.state], JobFolder.DONE, rename_on_collision=True)
+    job.failed_stem = None
     _release(store, job)
     set_job_state(store, job, J.DONE)
     add_followup(store, instance=instance_id, job=job_id, run=run_id, reason="collected")
@@ -444,6 +450,7 @@ def mark_job_failed(
                 log_tail=log_tail,
             )
             job.failed_stem = moved.name.removesuffix(JOB_SUFFIX)
+            job.failed_csv = True
         else:
             stem = unique_stem(layout.failed, job_id, (JOB_SUFFIX, ERROR_SUFFIX))
             write_error_json(
@@ -456,6 +463,7 @@ def mark_job_failed(
                 name=stem,
             )
             job.failed_stem = stem
+            job.failed_csv = False
     except FileOperationError as exc:
         # The record still says why; the next start puts the file where it says.
         log.error("job_fail_record_failed", job=job_id, error=str(exc))

@@ -376,10 +376,13 @@ def _install_keeping_previous(tmp: Path, final: Path, run_id: str | None = None)
             shutil.rmtree(final)
     elif final.is_dir() and not final.is_symlink():
         if run_id is not None and manifest_run(final) == run_id:
-            for prev in _previous_dirs(final):
+            previous = _previous_dirs(final)
+            for prev in previous:
                 os.rename(prev, tmp / prev.name)
             _install_results(tmp, final)
-            return None
+            # The earlier run's folder from that first install (its input goes there).
+            newest = max(previous, key=lambda p: int(p.name[len(PREVIOUS_PREFIX) :]), default=None)
+            return final / newest.name if newest is not None else None
         os.rename(final, keep)
         fsync_directory(final.parent)
     else:

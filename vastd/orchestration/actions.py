@@ -12,7 +12,7 @@ from vastd.core import state as st
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import InstanceRecord, JobRecord, JobState
 from vastd.orchestration.context import Context
-from vastd.utils.exceptions import HostKeyMismatchError, SSHConnectionError
+from vastd.utils.exceptions import FileOperationError, HostKeyMismatchError, SSHConnectionError
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.coordinator")
@@ -90,11 +90,20 @@ def record_attempt_failure(
     ctx.wake_dispatch()
 
 
-def requeue(ctx: Context, job: JobRecord, *, reason: str, orphan: bool = False) -> None:
-    """Put a held job back in the queue (file and record), never counting an attempt."""
-    st.requeue_job(ctx.store, job.id, reason=reason, orphan=orphan)
+def requeue(ctx: Context, job: JobRecord, *, reason: str, orphan: bool = False) -> bool:
+    """Put a held job back in the queue (file and record), never counting an attempt.
+
+    False when its file cannot move (disk, a stray copy in queued/): the job stays as it
+    was, logged, and the step that asked goes on with its other jobs.
+    """
+    try:
+        st.requeue_job(ctx.store, job.id, reason=reason, orphan=orphan)
+    except FileOperationError as exc:
+        log.error("job_requeue_failed", job=job.id, reason=reason, error=str(exc))
+        return False
     if job.state is JobState.FAILED:
         log.warning("job_failed", job=job.id, attempts=job.attempts, reason=job.last_error)
     else:
         log.info("job_requeued", job=job.id, reason=reason)
     ctx.wake_dispatch()
+    return True

@@ -207,9 +207,9 @@ def keep_late_results(
         second_run=job.instance if job.state is JobState.RUNNING else None,
         was=job.state.value,
     )
-    st.drop_orphan(ctx.store, job, inst.id)
     # From RUNNING, the transition records the second run's stop with the change.
     complete_job(ctx, job, inst, collected, run_id)
+    st.drop_orphan(ctx.store, job, inst.id)
 
 
 # A job may still take an orphaned run's valid results in these states (a job that
@@ -236,6 +236,8 @@ async def handle_orphan_status(
         _drop_orphan_run(ctx, job, inst, orphan, "orphaned run past its deadline")
         return
     if outcome is CompletionStatus.SUCCEEDED and job.state is not JobState.DONE:
+        if job.state not in LATE_OK or ctx.job_locks.locked(job.id):
+            return  # collecting (here or elsewhere): looked at again next cycle
         async with ctx.job_locks.hold(job.id):
             if job.orphan_on(inst.id) is None or job.state not in LATE_OK:
                 return  # settled meanwhile; a collecting job: looked at again next cycle

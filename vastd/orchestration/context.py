@@ -90,6 +90,11 @@ class KeyedLocks:
                 del self._users[key]
                 del self._locks[key]
 
+    def locked(self, key: Hashable) -> bool:
+        """Whether someone holds the key now (to skip, rather than wait)."""
+        lock = self._locks.get(key)
+        return lock is not None and lock.locked()
+
     def __len__(self) -> int:
         return len(self._locks)
 

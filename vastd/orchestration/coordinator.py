@@ -118,10 +118,12 @@ async def coordinate_job_distribution(ctx: Context) -> int:
     # Write-ahead: the assignment and its run id are on disk before anything is uploaded.
     if not await ctx.store.flush():
         reason = f"not dispatched: the state could not be saved ({ctx.store.save_error})"
-        for job_id, instance_id, run_id in assigned:
+        for job_id, _instance_id, run_id in assigned:
             ctx.dispatch.release(job_id, run_id)
-            if is_current(ctx.store.jobs.get(job_id), instance_id, run_id):
-                st.requeue_job(ctx.store, job_id, reason=reason)
+        for job_id, instance_id, run_id in assigned:
+            held = ctx.store.jobs.get(job_id)
+            if held is not None and is_current(held, instance_id, run_id):
+                requeue(ctx, held, reason=reason)
         log.error("dispatch_deferred", jobs=len(assigned), reason=reason)
         return 0
     started = 0
@@ -151,6 +153,16 @@ async def dispatch_job(
             await _dispatch(ctx, job_id, instance_id, run_id)
     finally:
         ctx.dispatch.release(job_id, run_id)
+
+
+async def redispatch(ctx: Context, job_id: str, instance_id: str, run_id: str | None) -> None:
+    """Start a run again, write-ahead too: only once the record of its assignment is
+    saved (it may not be, when the save that preceded the first start failed)."""
+    if not await ctx.store.flush():
+        ctx.dispatch.release(job_id, run_id)
+        log.warning("dispatch_deferred", job=job_id, reason=ctx.store.save_error)
+        return
+    await dispatch_job(ctx, job_id, instance_id, run_id)
 
 
 def _forget_run(ctx: Context, job_id: str, instance_id: str, run_id: str | None, why: str) -> None:
@@ -297,7 +309,7 @@ def _restart_or_requeue(ctx: Context, inst: InstanceRecord, job: JobRecord, why:
         # A dispatch that broke off before the start (no folder yet, or a folder
         # with the input but no pid): start the same run again (idempotent).
         ctx.dispatch.claim(job.id, job.run_id)
-        ctx.spawn(dispatch_job(ctx, job.id, inst.id, job.run_id), name=f"dispatch:{job.id}")
+        ctx.spawn(redispatch(ctx, job.id, inst.id, job.run_id), name=f"dispatch:{job.id}")
     else:
         # The run's folder vanished or was replaced under a started job: not its fault.
         log.warning("job_folder_vanished", job=job.id, instance=inst.id, reason=why)

@@ -181,7 +181,9 @@ def teardown_reason(
         and now - inst.unreachable_since > grace
     ):
         return f"SSH silent for more than {grace:g}s", True
-    busy = jobs_on(ctx, inst) > 0 or bool(inst.current_jobs)
+    # (an orphaned run counts: it may still bring results, and a destroy would lose them)
+    orphaned = bool(st.orphans_on(ctx.store, inst.id))
+    busy = jobs_on(ctx, inst) > 0 or bool(inst.current_jobs) or orphaned
     if inst.status is InstanceStatus.DRAINING and not busy:
         return f"drained ({inst.drain_reason or 'no reason'})", False
     if spend_exhausted(ctx):

@@ -209,7 +209,11 @@ async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> b
         marker = await prepare_instance_for_jobs(
             conn, s.prepare, s.remote.root, inst.id, timeout_s=s.ssh.command_timeout_s
         )
-        if inst.status is InstanceStatus.PREPARING and await sweep_remote_folders(ctx, inst, conn):
+        if inst.status is InstanceStatus.PREPARING:
+            # Nothing unaccounted may sit beside its next job: a sweep that could not
+            # finish fails the preparation (retried with back-off), never READY.
+            if not await sweep_remote_folders(ctx, inst, conn):
+                raise PreparationError("could not sweep the job folders nothing accounts for")
             st.note_resweep(ctx.store, inst, False)
     except HostKeyMismatchError as exc:
         # Met first here (e.g. after a restart): drained, its jobs requeued, as anywhere.

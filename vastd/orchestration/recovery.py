@@ -112,6 +112,8 @@ def resubmitted(ctx: Context, job: JobRecord) -> bool:
     if job.state is JobState.DONE:
         return ctx.layout.job_file(JobFolder.DONE, job.id).exists()
     if job.state is JobState.FAILED:
+        if job.failed_stem is not None and not job.failed_csv:
+            return True  # that failure left no CSV behind: any file here is a new one
         stem = job.failed_stem or job.id
         return (ctx.layout.failed / safe_name(stem, JOB_SUFFIX)).exists()
     return False
