@@ -19,6 +19,7 @@ from vastd.core.files import JobFolder, Layout
 from vastd.core.ssh import SSHPool
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState, StateStore
 from vastd.execution.process_monitor import RemoteJobStatus
+from vastd.execution.result_handler import CollectedResults
 from vastd.orchestration import collection as coll
 from vastd.orchestration import coordinator as co
 from vastd.orchestration import inventory as inv
@@ -302,3 +303,22 @@ def test_a_rerun_reinstalled_after_a_crash_keeps_inputs_with_their_results(tmp_p
         ctx.store, "j", instance_id="i1", run_id=run, result_files=[], previous_dir=previous
     )
     assert ctx.layout.job_file(JobFolder.DONE, "j").read_text() == "rerun input\n"
+
+
+def test_results_installed_late_are_kept_over_another_exited_run(tmp_path: Path) -> None:
+    """Run R1's download ends while the job (requeued, run again as R2, exited) is being
+    collected as R2: R1's valid results are already in results/<job>/, so the job is done
+    with R1 (record and folder agree) and R2's folder is cleaned up, not collected."""
+    ctx = make_ctx(tmp_path)
+    i1 = add_instance(ctx, "i1", InstanceStatus.READY)
+    add_instance(ctx, "i2", InstanceStatus.READY)
+    job = running_job(ctx, "j", "i2")
+    second = job.run_id
+    st.mark_job_exited(ctx.store, "j", exit_code=0, error=None)
+    collected = CollectedResults(
+        directory=ctx.layout.results_dir("j"), files=[ctx.layout.results_dir("j") / "r"], rows=1
+    )
+    coll.keep_late_results(ctx, job, i1, collected, "c" * 16)
+    assert job.state is JobState.DONE and job.run_id == "c" * 16 and job.instance == "i1"
+    stops = {(f.instance, f.run) for f in ctx.store.snapshot.followups.values()}
+    assert ("i2", second) in stops

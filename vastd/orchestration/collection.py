@@ -42,6 +42,14 @@ from vastd.utils.logging import get_logger
 log = get_logger("vastd.coordinator")
 
 
+# A job may still take an orphaned run's valid results in these states (a job that
+# failed for good too: its results are worth more than its failure).
+LATE_OK = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FAILED})
+# ... and keeps valid results a collection already installed in these (another run of
+# it that exited meanwhile is then not needed: its folder is cleaned up, never collected).
+KEEP_OK = LATE_OK | {JobState.COLLECTING}
+
+
 def still_collecting(job: JobRecord, inst: InstanceRecord, run_id: str | None) -> bool:
     """Nothing moved the job on while a remote operation was awaited."""
     return job.state is JobState.COLLECTING and job.instance == inst.id and job.run_id == run_id
@@ -196,7 +204,7 @@ def keep_late_results(
     run_id: str | None,
 ) -> None:
     """Results of a finished run arrived after its job was requeued: keep them, stop a rerun."""
-    if job.state not in LATE_OK:
+    if job.state not in KEEP_OK:
         # Done by another path meanwhile: these results are not used.
         st.add_followup(ctx.store, instance=inst.id, job=job.id, run=run_id, reason="superseded")
         return
@@ -210,11 +218,6 @@ def keep_late_results(
     # From RUNNING, the transition records the second run's stop with the change.
     complete_job(ctx, job, inst, collected, run_id)
     st.drop_orphan(ctx.store, job, inst.id)
-
-
-# A job may still take an orphaned run's valid results in these states (a job that
-# failed for good too: its results are worth more than its failure).
-LATE_OK = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FAILED})
 
 
 async def handle_orphan_status(
