@@ -24,6 +24,7 @@ from vastd.execution.result_handler import CollectedResults, collect_job_results
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
+    job_outcome,
     mark_reachable,
     mark_unreachable,
     record_attempt_failure,
@@ -184,7 +185,7 @@ def complete_job(
         rows=collected.rows,
         run=run_id,
     )
-    log.info("job_done", job=job.id, instance=inst.id, runs=job.runs, attempts=job.attempts)
+    log.info("job_done", job=job.id, instance=inst.id, run=run_id, **job_outcome(job))
     ctx.wake_dispatch()
 
 
