@@ -299,3 +299,53 @@ def test_every_option_has_help() -> None:
             if not action.help or action.help == argparse.SUPPRESS:
                 missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert missing == []
+
+
+# --- check-config --online -------------------------------------------------------------------
+@pytest.mark.e2e
+async def test_check_config_online_against_the_simulator(tmp_path: Path) -> None:
+    """--online: the key is tried on the API and SSH on a labelled instance, one line each;
+    a rejected key is one FAILED line and exit 1."""
+    import asyncio
+
+    from vastd.sim.cluster import SimCluster
+
+    sim = await SimCluster.start(tmp_path / "sim", instances=1)
+    try:
+        settings = sim.settings(tmp_path / "root")
+        data = settings.model_dump(mode="json", by_alias=True, exclude={"vast": {"api_key"}})
+        config = tmp_path / "config.toml"
+        config.write_text(dump_toml(data))
+
+        async def online(key: str) -> tuple[int, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "vastd",
+                "check-config",
+                "--online",
+                "--config",
+                str(config),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=clean_env({"VAST_API_KEY": key}),
+                cwd=REPO,
+            )
+            async with asyncio.timeout(60):
+                _out, err = await proc.communicate()
+            assert proc.returncode is not None
+            return proc.returncode, err.decode()
+
+        code, err = await online(sim.api_key)
+        assert code == 0, err
+        assert "# online: ok: vast.api_key: accepted by" in err
+        assert f"# online: ok: ssh: {settings.ssh.user}@instance" in err
+        assert sim.api_key not in err
+
+        code, err = await online("wrong-key-123456")
+        assert code == 1, err
+        lines = [line for line in err.splitlines() if line.startswith("# online:")]
+        assert len(lines) == 1 and "FAILED: vast.api_key" in lines[0] and "401" in lines[0]
+        assert "Traceback" not in err and "wrong-key-123456" not in err
+    finally:
+        await sim.aclose()

@@ -76,7 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("files", nargs="+", metavar="FILE", help="CSV job files to submit")
     status = with_config(sub.add_parser("status", help="jobs, instances, progress"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    with_config(sub.add_parser("check-config", help="validate and print the effective config"))
+    check = with_config(
+        sub.add_parser("check-config", help="validate and print the effective config")
+    )
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also try the API key (GET /users/current) and SSH to one labelled instance",
+    )
     demo = sub.add_parser("demo", help="the whole system against the built-in simulator")
     demo.add_argument(
         "--jobs", type=_at_least_one, default=12, help="job files to run (default: 12)"
@@ -111,6 +118,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(
             "# warning: no vast.ai API key found (vastd run will refuse to start)", file=sys.stderr
         )
+    if args.online:
+        import asyncio
+
+        from vastd.orchestration.preflight import online_checks
+
+        checks = asyncio.run(online_checks(settings))
+        for ok, text in checks:
+            print(f"# online: {'ok' if ok else 'FAILED'}: {text}", file=sys.stderr)
+        if not all(ok for ok, _text in checks):
+            return EXIT_FATAL
     return EXIT_OK
 
 

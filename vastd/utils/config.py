@@ -442,6 +442,9 @@ def check_files(settings: Settings) -> list[str]:
         other_source = bool(
             (settings.vast.api_key is not None and settings.vast.api_key.get_secret_value())
             or os.environ.get("VAST_API_KEY", "").strip()
+            or (
+                Path(os.environ.get("CREDENTIALS_DIRECTORY") or "/nonexistent") / API_KEY_CREDENTIAL
+            ).is_file()
         )
         problems += _check_secret_file(key_file, "vast.api_key_file", required=False)
         if other_source:
