@@ -28,6 +28,7 @@ from vastd.execution.result_handler import cleanup_stale_result_dirs
 from vastd.orchestration.context import Context, build_context, close_context
 from vastd.orchestration.followups import followups_once
 from vastd.orchestration.recovery import recover_after_restart
+from vastd.orchestration.sharing import group_id, share_folders
 from vastd.orchestration.workflow import supervisors
 from vastd.utils.config import Settings, apply_live_keys, check_files, diff_settings, read_config
 from vastd.utils.exceptions import ConfigError, StateManagementError, VastdError
@@ -144,6 +145,7 @@ class Daemon:
         self.layout.ensure()
         self._lock.acquire()  # before anything is read or moved
         try:
+            share_folders(self.layout, group_id(self.settings.paths.group))
             ctx = build_context(self.settings, client_keys=self._client_keys)
         except BaseException:
             self._lock.release()

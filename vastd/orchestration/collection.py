@@ -31,6 +31,7 @@ from vastd.orchestration.actions import (
     requeue,
 )
 from vastd.orchestration.context import Context
+from vastd.orchestration.sharing import share_results
 from vastd.utils.exceptions import (
     FileOperationError,
     JobExecutionError,
@@ -177,6 +178,7 @@ def complete_job(
         result_files=[p.name for p in collected.files],
         previous_dir=collected.previous,
     )
+    share_results(ctx.layout.results_dir(job.id), ctx.settings.paths.group)
     log.info(
         "results_collected",
         job=job.id,

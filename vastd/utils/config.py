@@ -44,6 +44,8 @@ class _Section(BaseModel):
 
 class PathsSettings(_Section):
     root: Path = Path("/var/lib/vastd")
+    # a group that may drop files into inbox/ and read results/ (2770/2750); "" = owner only
+    group: str = ""
 
     @field_validator("root")
     @classmethod
@@ -449,6 +451,13 @@ def check_files(settings: Settings) -> list[str]:
         problems += _check_secret_file(key_file, "vast.api_key_file", required=False)
         if other_source:
             problems = [p for p in problems if not p.startswith("vast.api_key_file")]
+    if settings.paths.group:
+        import grp
+
+        try:
+            grp.getgrnam(settings.paths.group)
+        except KeyError:
+            problems.append(f"paths.group: no group named {settings.paths.group!r}")
     known_hosts = settings.ssh.known_hosts
     if known_hosts not in KNOWN_HOSTS_MODES:
         path = Path(known_hosts).expanduser()
