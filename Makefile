@@ -3,19 +3,36 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 SRC := vastd tests bench examples
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# `make install DESTDIR=/tmp/stage PREFIX=/opt/vastd`: see scripts/install-service.sh
+PREFIX ?= /opt/vastd
+DESTDIR ?=
 
-.PHONY: venv demo test lint typecheck unit sshd bench chaos clean
+.PHONY: venv demo test lint typecheck unit sshd systemd bench chaos clean install uninstall
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $(STAMP)
+	$(PIP) -e '.[test]'
+	touch $(STAMP) $(RUNTIME_STAMP)
+
+# The demo needs the runtime dependencies only (not the test tools or the vastai CLI).
+$(RUNTIME_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $(RUNTIME_STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(BIN)/vastd demo
+
+install:
+	bash scripts/install-service.sh --prefix $(PREFIX) $(if $(DESTDIR),--root $(DESTDIR))
+
+uninstall:
+	bash scripts/install-service.sh --uninstall --prefix $(PREFIX) $(if $(DESTDIR),--root $(DESTDIR))
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SRC)
@@ -28,10 +45,14 @@ typecheck: $(STAMP)
 sshd:
 	bash scripts/ensure-test-sshd.sh
 
+# The unit's tests need systemd-analyze (verify, security --offline); no running systemd.
+systemd:
+	bash scripts/ensure-systemd-tools.sh
+
 unit: $(STAMP)
 	$(BIN)/pytest
 
-test: lint typecheck sshd unit
+test: lint typecheck sshd systemd unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py

@@ -93,14 +93,21 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def write_key(path: Path, mode: int = 0o600, text: str = "not really a key\n") -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
-    """A small valid config whose API key file does not exist."""
+    """A small valid config whose API key file does not exist (its SSH key file does)."""
     return write_config(
         tmp_path / "config.toml",
         {
             "paths": {"root": str(tmp_path / "root")},
             "vast": {"api_key_file": str(tmp_path / "no-such-key"), "label": "mine"},
+            "ssh": {"key_file": str(write_key(tmp_path / "id_ed25519"))},
             "fleet": {"max_instances": 3, "mode": "autoscale", "max_total_dph": 1.5},
             "job": {"validate": "none", "vars": {"num_sim": "10"}},
         },

@@ -311,6 +311,9 @@ async def test_a_failed_job_is_retried_on_another_instance(env: SimEnv) -> None:
     [retry] = events(logs, "job_retry")
     assert retry["instance"] == a and retry["attempts"] == 1
     assert [e["instance"] for e in events(logs, "job_done")] == [b]
+    [done] = events(logs, "job_done")
+    assert (done["attempts"], done["runs"]) == (1, 2)
+    assert done["duration_s"] >= done["run_s"] >= 0 and done["run"] == job.run_id
 
 
 # --- watching and collecting ----------------------------------------------------------------
@@ -370,7 +373,8 @@ async def test_failing_job_is_retried_then_failed_with_error_file(env: SimEnv) -
         await wait_state(ctx, job_id, JobState.FAILED)
 
     assert [e["attempts"] for e in events(logs, "job_retry")] == [1]
-    assert len(events(logs, "job_failed")) == 1
+    [failed] = events(logs, "job_failed")
+    assert (failed["attempts"], failed["runs"]) == (2, 2) and failed["duration_s"] >= 0
     assert job.attempts == 2 and job.last_exit_code == 3
     assert job_file_in(ctx, job_id) == ["failed"]
     error = json.loads(ctx.layout.error_file(job_id).read_text())

@@ -430,7 +430,10 @@ def test_second_daemon_on_the_same_root_is_refused(tmp_path: Path) -> None:
         with pytest.raises(RootLocked, match=str(os.getpid())):
             RootLock(root).acquire()
         config = tmp_path / "c.toml"
-        config.write_text(f'[paths]\nroot = "{root}"\n')
+        key = tmp_path / "id_ed25519"  # `vastd run` refuses to start without a readable SSH key
+        key.write_text("key\n")
+        key.chmod(0o600)
+        config.write_text(f'[paths]\nroot = "{root}"\n[ssh]\nkey_file = "{key}"\n')
         env = {**clean_env(), "VASTD_VAST__API_KEY": "k"}
         proc = subprocess.run(
             [sys.executable, "-m", "vastd", "run", "--config", str(config)],

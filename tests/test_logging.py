@@ -161,3 +161,31 @@ async def test_capture_logs_sees_events(tmp_path: Path) -> None:
         "job": "j1",
         "log_level": "warning",
     }
+
+
+def test_journal_priority_prefix_when_stdout_is_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$JOURNAL_STREAM naming our stream: each JSON line starts with journald's `<N>`
+    priority; the same stream without it (or another stream) gets bare JSON lines."""
+    path = tmp_path / "journal"
+    with path.open("w+") as stream:
+        st_ = path.stat()
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st_.st_dev}:{st_.st_ino}")
+        setup_logging("DEBUG", json=True, stream=stream)
+        log = get_logger("vastd.test")
+        log.debug("state_saved")
+        log.info("job_done", job="j")
+        log.warning("job_retry")
+        log.error("daemon_fatal")
+        logging.getLogger("asyncssh").error("from a library")
+        stream.flush()
+    got = path.read_text().splitlines()
+    assert [line[:3] for line in got] == ["<7>", "<6>", "<4>", "<3>", "<3>"]
+    assert [json.loads(line[3:])["event"] for line in got][:2] == ["state_saved", "job_done"]
+
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")  # someone else's journal stream
+    other = io.StringIO()
+    setup_logging(json=True, stream=other)
+    get_logger("vastd.test").info("job_done")
+    assert json.loads(other.getvalue())["event"] == "job_done"

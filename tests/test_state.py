@@ -242,9 +242,12 @@ async def test_vastd_run_refuses_both_bad_snapshots(tmp_path: Path) -> None:
     names = ("state.json", "state.json.bak")
     before = {n: ((root / n).read_bytes(), (root / n).stat().st_mtime_ns) for n in names}
     config = tmp_path / "config.toml"
+    key = tmp_path / "id_ed25519"  # `vastd run` refuses to start without a readable SSH key
+    key.write_text("key\n")
+    key.chmod(0o600)
     config.write_text(
         f'[paths]\nroot = "{root}"\n[vast]\napi_url = "http://127.0.0.1:9"\n'
-        f'api_key_file = "{tmp_path / "none"}"\n'
+        f'api_key_file = "{tmp_path / "none"}"\n[ssh]\nkey_file = "{key}"\n'
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

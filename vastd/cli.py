@@ -14,7 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vastd.utils.config import Settings, load_config, resolve_config_path
+from vastd import __version__
+from vastd.utils.config import (
+    Settings,
+    check_files,
+    load_config,
+    normalise_log_level,
+    read_config,
+    resolve_config_path,
+)
 from vastd.utils.exceptions import ConfigError, StateManagementError, VastdError
 
 EXIT_OK = 0
@@ -22,9 +30,33 @@ EXIT_FATAL = 1
 EXIT_USAGE = 2
 
 
+def _log_level(value: str) -> str:
+    try:
+        return normalise_log_level(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _at_least_one(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {number})")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vastd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="vastd",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"vastd {__version__}", help="print the version"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(
@@ -33,16 +65,35 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     run = with_config(sub.add_parser("run", help="the daemon, in the foreground"))
-    run.add_argument("--log-level", default=os.environ.get("VASTD_LOG_LEVEL", "INFO"))
+    run.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=os.environ.get("VASTD_LOG_LEVEL") or None,
+        help="debug, info, warning, error or critical "
+        "(default: $VASTD_LOG_LEVEL, else [log] level; overrides the config, also on SIGHUP)",
+    )
     submit = with_config(sub.add_parser("submit", help="put job files into the inbox atomically"))
-    submit.add_argument("files", nargs="+", metavar="FILE")
+    submit.add_argument("files", nargs="+", metavar="FILE", help="CSV job files to submit")
     status = with_config(sub.add_parser("status", help="jobs, instances, progress"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    with_config(sub.add_parser("check-config", help="validate and print the effective config"))
+    check = with_config(
+        sub.add_parser("check-config", help="validate and print the effective config")
+    )
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also try the API key (GET /users/current) and SSH to one labelled instance",
+    )
     demo = sub.add_parser("demo", help="the whole system against the built-in simulator")
-    demo.add_argument("--jobs", type=int, default=12)
-    demo.add_argument("--instances", type=int, default=3)
-    demo.add_argument("--rows", type=int, default=5, help="rows per job file")
+    demo.add_argument(
+        "--jobs", type=_at_least_one, default=12, help="job files to run (default: 12)"
+    )
+    demo.add_argument(
+        "--instances", type=_at_least_one, default=3, help="simulated instances (default: 3)"
+    )
+    demo.add_argument(
+        "--rows", type=_at_least_one, default=5, help="rows per job file (default: 5)"
+    )
     demo.add_argument("--workdir", help="where to keep the demo's folders (default: a temp dir)")
     return parser
 
@@ -52,13 +103,31 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings, notes = read_config(args.config, require_file=True)
+    problems = check_files(settings)
+    if problems:
+        raise ConfigError(problems)
     print(json.dumps(settings.redacted(), indent=2, sort_keys=True))
-    print(f"# config: {resolve_config_path(args.config)}: valid", file=sys.stderr)
+    for note in notes:
+        print(f"# {note}", file=sys.stderr)
+    print(
+        f"# config: {Path(os.path.abspath(resolve_config_path(args.config)))}: valid",
+        file=sys.stderr,
+    )
     if settings.api_key() is None:
         print(
             "# warning: no vast.ai API key found (vastd run will refuse to start)", file=sys.stderr
         )
+    if args.online:
+        import asyncio
+
+        from vastd.orchestration.preflight import online_checks
+
+        checks = asyncio.run(online_checks(settings))
+        for ok, text in checks:
+            print(f"# online: {'ok' if ok else 'FAILED'}: {text}", file=sys.stderr)
+        if not all(ok for ok, _text in checks):
+            return EXIT_FATAL
     return EXIT_OK
 
 
@@ -95,9 +164,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vastd.daemon import run_daemon
     from vastd.utils.logging import setup_logging
 
+    config_path = Path(os.path.abspath(resolve_config_path(args.config)))
     settings = _load(args)
-    setup_logging(args.log_level)
-    code = run_daemon(settings)
+    # Without a readable SSH key every instance's preparation would fail, for ever.
+    problems = [
+        p for p in check_files(settings) if p.startswith("ssh.key_file") and "mode" not in p
+    ]
+    if problems:
+        raise ConfigError(problems)
+    setup_logging(args.log_level or settings.log.level)
+    code = run_daemon(settings, config_path=config_path, log_level_override=args.log_level)
     # The interpreter may still wait for library threads (watchfiles' worker) after the
     # loop ended: a SIGINT then must still force the exit, not print a traceback.
     signal.signal(signal.SIGINT, _forced_exit)
@@ -117,6 +193,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rows=args.rows,
         workdir=Path(args.workdir) if args.workdir else None,
     )
+
+
+def format_config_error(exc: ConfigError) -> str:
+    """One line for one problem; a list (every problem, one a line) for several."""
+    if len(exc.problems) == 1:
+        return f"vastd: invalid configuration: {exc.problems[0]}"
+    return "vastd: invalid configuration:\n" + "\n".join(f"  {p}" for p in exc.problems)
 
 
 COMMANDS = {
@@ -139,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"vastd: {exc}", file=sys.stderr)
+        print(format_config_error(exc), file=sys.stderr)
         return EXIT_USAGE
     except StateManagementError as exc:
         print(f"vastd: {exc}", file=sys.stderr)

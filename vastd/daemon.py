@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncssh
 
+from vastd import __version__
 from vastd.core.files import JobFolder, Layout, cleanup_temp_files
 from vastd.core.lock import RootLock
 from vastd.core.state import SNAPSHOT_TEMP_PATTERNS
@@ -25,9 +28,10 @@ from vastd.execution.result_handler import cleanup_stale_result_dirs
 from vastd.orchestration.context import Context, build_context, close_context
 from vastd.orchestration.followups import followups_once
 from vastd.orchestration.recovery import recover_after_restart
+from vastd.orchestration.sharing import group_id, share_folders
 from vastd.orchestration.workflow import supervisors
-from vastd.utils.config import Settings
-from vastd.utils.exceptions import ConfigError, StateManagementError
+from vastd.utils.config import Settings, apply_live_keys, check_files, diff_settings, read_config
+from vastd.utils.exceptions import ConfigError, StateManagementError, VastdError
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.daemon")
@@ -72,8 +76,12 @@ class Daemon:
         client_keys: list[asyncssh.SSHKey] | None = None,
         inbox_settle_s: float = 1.0,
         inbox_rescan_s: float = 30.0,
+        config_path: Path | None = None,
+        log_level_override: str | None = None,
     ) -> None:
         self.settings = settings
+        self.config_path = config_path  # what SIGHUP re-reads
+        self._log_level_override = log_level_override  # `--log-level` wins over [log] level
         self.layout = Layout(settings.paths.root)
         self._client_keys = client_keys
         self._inbox_settle_s = inbox_settle_s
@@ -82,6 +90,7 @@ class Daemon:
         self.started = asyncio.Event()  # set once state is loaded and recovered
         self.ctx: Context | None = None
         self._sigints = 0
+        self._reloads: set[asyncio.Task[bool]] = set()
         self._lock = RootLock(self.layout.root)
 
     # --- signals: they only set flags ----------------------------------------------------
@@ -99,12 +108,56 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config file; apply the live keys, or change nothing and say why.
+
+        The new values are assigned to the running Settings' own section objects, which
+        every holder (the Context, the SSH pool) shares and reads at use time.
+        """
+        if self.config_path is None:
+            log.warning("config_reload_refused", reason="the daemon was not started from a file")
+            return False
+        try:
+            new, _notes = await asyncio.to_thread(read_config, self.config_path, require_file=True)
+            problems = [p for p in check_files(new) if p.startswith("ssh.key_file")]
+            if problems:
+                raise ConfigError(problems)
+        except ConfigError as exc:
+            log.warning(
+                "config_reload_refused",
+                config=str(self.config_path),
+                reason="invalid configuration",
+                problems=exc.problems,
+            )
+            return False
+        live, restart = diff_settings(self.settings, new)
+        if restart:
+            log.warning(
+                "config_reload_refused",
+                config=str(self.config_path),
+                reason="these keys change only with a restart; nothing was applied",
+                keys=restart,
+            )
+            return False
+        apply_live_keys(self.settings, new)
+        if "log.level" in live and self._log_level_override is None:
+            logging.getLogger().setLevel(self.settings.log.level.upper())
+        log.info("config_reloaded", config=str(self.config_path), changed=live)
+        return True
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> Context:
         self.layout.ensure()
         self._lock.acquire()  # before anything is read or moved
         try:
+            share_folders(self.layout, group_id(self.settings.paths.group))
             ctx = build_context(self.settings, client_keys=self._client_keys)
         except BaseException:
             self._lock.release()
@@ -129,6 +182,8 @@ class Daemon:
         counts = ctx.store.counts()
         log.info(
             "daemon_started",
+            version=__version__,
+            config=str(self.config_path) if self.config_path else None,
             pid=os.getpid(),
             root=str(self.layout.root),
             mode=self.settings.fleet.mode,
@@ -204,16 +259,21 @@ class Daemon:
                 sd_notify("WATCHDOG=1")
 
 
-def run_daemon(settings: Settings) -> int:
+def run_daemon(
+    settings: Settings, *, config_path: Path | None = None, log_level_override: str | None = None
+) -> int:
     """Entry point of `vastd run`."""
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, config_path=config_path, log_level_override=log_level_override)
     try:
         return asyncio.run(daemon.run())
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, StateManagementError) as exc:
+    except (ConfigError, StateManagementError):
+        raise  # the CLI reports these, once, with exit code 2
+    except (VastdError, OSError) as exc:
+        # expected (another daemon on this root, a folder it may not write): one line
         log.error("daemon_fatal", error=str(exc))
-        raise  # the CLI reports these with exit code 2
+        return 1
     except Exception as exc:
         log.error("daemon_fatal", error=repr(exc), exc_info=exc)
         return 1

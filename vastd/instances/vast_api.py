@@ -236,6 +236,16 @@ class VastClient:
                 f"{method} {path}: HTTP {status}: not JSON: {start!r}", status=status
             ) from None
 
+    # -- account -------------------------------------------------------------------
+
+    async def current_user(self) -> dict[str, Any]:
+        """GET /users/current: the account the API key belongs to (a key check)."""
+        path = "/api/v0/users/current/"
+        data = await self._request("GET", path)
+        if not isinstance(data, dict):
+            raise APIShapeError(f"GET {path}: expected an object")
+        return data
+
     # -- instances -----------------------------------------------------------------
 
     async def list_instances(self, label: str | None = None) -> list[dict[str, Any]]:

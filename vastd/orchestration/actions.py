@@ -16,6 +16,24 @@ from vastd.utils.exceptions import FileOperationError, HostKeyMismatchError, SSH
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.coordinator")
+
+
+def job_outcome(job: JobRecord) -> dict[str, object]:
+    """What `job_done` / `job_failed` report besides the job: attempts, runs and durations.
+
+    `duration_s` counts from acceptance (queueing included) to the end; `run_s` is the
+    last run's time on its instance, from its confirmed start.
+    """
+    end = job.finished_at or time.time()
+    run_s = round(end - job.started_at, 3) if job.started_at is not None else None
+    return {
+        "attempts": job.attempts,
+        "runs": job.runs,
+        "duration_s": round(max(0.0, end - job.accepted_at), 3),
+        "run_s": run_s,
+    }
+
+
 RETRY_DELAY_S = 2.0
 
 
@@ -84,9 +102,7 @@ def record_attempt_failure(
     if job.state is JobState.QUEUED:
         log.info("job_retry", job=job.id, instance=failed_on, attempts=job.attempts, reason=reason)
     else:
-        log.warning(
-            "job_failed", job=job.id, instance=failed_on, attempts=job.attempts, reason=reason
-        )
+        log.warning("job_failed", job=job.id, instance=failed_on, reason=reason, **job_outcome(job))
     ctx.wake_dispatch()
 
 
@@ -102,7 +118,7 @@ def requeue(ctx: Context, job: JobRecord, *, reason: str, orphan: bool = False) 
         log.error("job_requeue_failed", job=job.id, reason=reason, error=str(exc))
         return False
     if job.state is JobState.FAILED:
-        log.warning("job_failed", job=job.id, attempts=job.attempts, reason=job.last_error)
+        log.warning("job_failed", job=job.id, reason=job.last_error, **job_outcome(job))
     else:
         log.info("job_requeued", job=job.id, reason=reason)
     ctx.wake_dispatch()

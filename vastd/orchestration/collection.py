@@ -24,12 +24,14 @@ from vastd.execution.result_handler import CollectedResults, collect_job_results
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
+    job_outcome,
     mark_reachable,
     mark_unreachable,
     record_attempt_failure,
     requeue,
 )
 from vastd.orchestration.context import Context
+from vastd.orchestration.sharing import share_results
 from vastd.utils.exceptions import (
     FileOperationError,
     JobExecutionError,
@@ -184,6 +186,7 @@ def complete_job(
         result_files=[p.name for p in collected.files],
         previous_dir=collected.previous,
     )
+    share_results(ctx.layout.results_dir(job.id), ctx.settings.paths.group)
     log.info(
         "results_collected",
         job=job.id,
@@ -192,7 +195,7 @@ def complete_job(
         rows=collected.rows,
         run=run_id,
     )
-    log.info("job_done", job=job.id, instance=inst.id, runs=job.runs, attempts=job.attempts)
+    log.info("job_done", job=job.id, instance=inst.id, run=run_id, **job_outcome(job))
     ctx.wake_dispatch()
 
 

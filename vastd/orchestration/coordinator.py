@@ -28,6 +28,7 @@ from vastd.execution.process_monitor import (
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
+    job_outcome,
     mark_reachable,
     mark_unreachable,
     record_attempt_failure,
@@ -105,7 +106,7 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             continue
         if record is None:
             if job.state is JobState.FAILED:
-                log.warning("job_failed", job=job.id, attempts=job.attempts, reason=job.last_error)
+                log.warning("job_failed", job=job.id, reason=job.last_error, **job_outcome(job))
             continue  # lost or drained during the move: next round
         # Claimed before any await: the instance's watcher leaves this run alone.
         ctx.dispatch.claim(job.id, job.run_id)

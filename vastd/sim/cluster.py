@@ -25,14 +25,13 @@ from vastd.utils.config import PrepareStep, Settings
 
 
 def examples_dir() -> Path:
-    """The repository's examples/ folder (the demo worker and job generator)."""
-    here = Path(__file__).resolve().parents[2] / "examples"
+    """The demo's worker and job generator, shipped as package data (examples/ links to them)."""
+    here = Path(__file__).resolve().parent / "examples"
     env = os.environ.get("VASTD_EXAMPLES_DIR")
     path = Path(env) if env else here
     if not (path / "garch_worker.py").is_file():
         raise FileNotFoundError(
-            f"{path}/garch_worker.py not found: run the demo from a vastd checkout "
-            "or set VASTD_EXAMPLES_DIR"
+            f"{path}/garch_worker.py not found: reinstall vastd or set VASTD_EXAMPLES_DIR"
         )
     return path
 

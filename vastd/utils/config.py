@@ -31,6 +31,11 @@ from pydantic_settings import (
 from vastd.utils.exceptions import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/vastd/config.toml")
+KNOWN_HOSTS_MODES = ("tofu", "ignore")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# systemd LoadCredential= names the daemon looks for in $CREDENTIALS_DIRECTORY.
+API_KEY_CREDENTIAL = "vast_api_key"
+SSH_KEY_CREDENTIAL = "ssh_key"
 
 
 class _Section(BaseModel):
@@ -39,6 +44,8 @@ class _Section(BaseModel):
 
 class PathsSettings(_Section):
     root: Path = Path("/var/lib/vastd")
+    # a group that may drop files into inbox/ and read results/ (2770/2750); "" = owner only
+    group: str = ""
 
     @field_validator("root")
     @classmethod
@@ -66,7 +73,7 @@ class VastSettings(_Section):
 
 
 class SshSettings(_Section):
-    user: str = "root"
+    user: str = Field(default="root", min_length=1)
     key_file: Path = Path("/etc/vastd/id_ed25519")
     known_hosts: str = "tofu"
     endpoint: Literal["auto", "proxy", "direct"] = "auto"
@@ -76,6 +83,17 @@ class SshSettings(_Section):
     max_channels: int = Field(default=4, ge=1, le=9)
     # how long a job may stay on an instance that does not answer before it runs elsewhere
     unreachable_grace_s: float = Field(default=900.0, ge=0)
+
+    @field_validator("known_hosts")
+    @classmethod
+    def _known_hosts(cls, value: str) -> str:
+        # "tofoo" must not silently become a (missing) known_hosts file in the cwd.
+        if value in KNOWN_HOSTS_MODES or "/" in value or value.startswith("~"):
+            return value
+        raise ValueError(
+            f'must be "tofu", "ignore" or the path of a known_hosts file (got {value!r};'
+            " write a file in the config folder as ./NAME)"
+        )
 
 
 class RemoteSettings(_Section):
@@ -196,6 +214,38 @@ class FleetSettings(_Section):
         parse_offer_query(value)
         return value
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty (the docker image to rent instances with)")
+        return value.strip()
+
+    @field_validator("order")
+    @classmethod
+    def _order_fields(cls, value: str) -> str:
+        from vastd.utils.offer_query import check_order
+
+        check_order(value)
+        return value
+
+
+def normalise_log_level(value: str) -> str:
+    """'INFO' / 'info' -> 'info'; ValueError naming the choices otherwise."""
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (got {value!r})")
+    return level
+
+
+class LogSettings(_Section):
+    level: str = "info"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        return normalise_log_level(value)
+
 
 class Settings(BaseSettings):
     """The whole configuration; sections mirror the TOML tables of CONTRACT §4."""
@@ -214,6 +264,7 @@ class Settings(BaseSettings):
     prepare: list[PrepareStep] = Field(default_factory=list)
     job: JobSettings = Field(default_factory=JobSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -237,9 +288,9 @@ class Settings(BaseSettings):
             return env_key
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
         if cred_dir:
-            cred = Path(cred_dir) / "vast_api_key"
+            cred = Path(cred_dir) / API_KEY_CREDENTIAL
             if cred.is_file():
-                return _read_key(cred, "$CREDENTIALS_DIRECTORY/vast_api_key")
+                return _read_key(cred, f"$CREDENTIALS_DIRECTORY/{API_KEY_CREDENTIAL}")
         if self.vast.api_key_file is not None and self.vast.api_key_file.is_file():
             return _read_key(self.vast.api_key_file, "vast.api_key_file")
         return None
@@ -284,20 +335,177 @@ def _format_errors(exc: ValidationError) -> list[str]:
     return problems
 
 
-def load_config(config_file: str | Path | None = None, *, require_file: bool = False) -> Settings:
-    """Read and validate the configuration; raise ConfigError listing every problem."""
+# Keys holding paths: a relative value in the file is relative to the file's folder.
+PATH_KEYS = (
+    ("paths", "root"),
+    ("vast", "api_key_file"),
+    ("ssh", "key_file"),
+    ("ssh", "known_hosts"),
+)
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> list[str]:
+    """Make the file's relative path values absolute against `base`; notes for what changed."""
+    notes = []
+    for section, key in PATH_KEYS:
+        table = raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        value = table.get(key)
+        if not isinstance(value, str) or not value or value.startswith(("/", "~")):
+            continue
+        if (section, key) == ("ssh", "known_hosts") and "/" not in value:
+            continue  # "tofu", "ignore", or a bare word the validator refuses
+        resolved = os.path.normpath(base.absolute() / Path(value).expanduser())
+        table[key] = resolved
+        notes.append(f"{section}.{key}: {value!r} is relative to the config file: {resolved}")
+    return notes
+
+
+def _unknown_env_sections() -> list[str]:
+    """VASTD_<SECTION>__<KEY> variables whose section does not exist (pydantic drops them)."""
+    sections = set(Settings.model_fields)
+    problems = []
+    for name in sorted(os.environ):
+        if not name.startswith("VASTD_") or "__" not in name:
+            continue
+        section = name.removeprefix("VASTD_").split("__", 1)[0].lower()
+        if section not in sections:
+            problems.append(
+                f"{name}: unknown section {section!r} (known: {', '.join(sorted(sections))})"
+            )
+    return problems
+
+
+def read_config(
+    config_file: str | Path | None = None, *, require_file: bool = False
+) -> tuple[Settings, list[str]]:
+    """`load_config`, also returning notes on the relative paths that were resolved."""
     path = resolve_config_path(config_file)
     raw: dict[str, Any] = {}
+    notes: list[str] = []
     if path.exists():
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([f"{path}: cannot be read: {exc}"]) from None
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError([f"{path}: cannot be read: {reason}"]) from None
+        notes = _resolve_relative_paths(raw, path.absolute().parent)
     elif require_file or config_file is not None:
         raise ConfigError([f"{path}: config file not found"])
+    problems = _unknown_env_sections()
     try:
-        return Settings(**raw)
+        settings = Settings(**raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        raise ConfigError(problems + _format_errors(exc)) from None
+    if problems:
+        raise ConfigError(problems)
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / SSH_KEY_CREDENTIAL).is_file():
+        # systemd LoadCredential=ssh_key:...: the copy only this service can read wins.
+        settings.ssh.key_file = Path(cred_dir) / SSH_KEY_CREDENTIAL
+        notes.append(f"ssh.key_file: the systemd credential {settings.ssh.key_file}")
+    return settings, notes
+
+
+def load_config(config_file: str | Path | None = None, *, require_file: bool = False) -> Settings:
+    """Read and validate the configuration; raise ConfigError listing every problem."""
+    return read_config(config_file, require_file=require_file)[0]
+
+
+def _check_secret_file(path: Path, key: str, *, required: bool) -> list[str]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return [f"{key}: {path} does not exist"] if required else []
+    except OSError as exc:
+        return [f"{key}: {path} cannot be read: {exc.strerror}"]
+    if not path.is_file():
+        return [f"{key}: {path} is not a file"]
+    if not os.access(path, os.R_OK):
+        return [f"{key}: {path} is not readable by this user (uid {os.getuid()})"]
+    if st.st_mode & 0o077:
+        return [f"{key}: {path} is mode {st.st_mode & 0o777:04o}; make it 0600 (chmod 600)"]
+    return []
+
+
+def check_files(settings: Settings) -> list[str]:
+    """Problems with the files the config names: the SSH key, the API key file, known_hosts.
+
+    The API key file only matters when no other source has a key; the SSH key always
+    does (without it, preparation would fail on every instance, for ever).
+    """
+    problems = []
+    problems += _check_secret_file(settings.ssh.key_file, "ssh.key_file", required=True)
+    key_file = settings.vast.api_key_file
+    if key_file is not None:
+        other_source = bool(
+            (settings.vast.api_key is not None and settings.vast.api_key.get_secret_value())
+            or os.environ.get("VAST_API_KEY", "").strip()
+            or (
+                Path(os.environ.get("CREDENTIALS_DIRECTORY") or "/nonexistent") / API_KEY_CREDENTIAL
+            ).is_file()
+        )
+        problems += _check_secret_file(key_file, "vast.api_key_file", required=False)
+        if other_source:
+            problems = [p for p in problems if not p.startswith("vast.api_key_file")]
+    if settings.paths.group:
+        import grp
+
+        try:
+            grp.getgrnam(settings.paths.group)
+        except KeyError:
+            problems.append(f"paths.group: no group named {settings.paths.group!r}")
+    known_hosts = settings.ssh.known_hosts
+    if known_hosts not in KNOWN_HOSTS_MODES:
+        path = Path(known_hosts).expanduser()
+        if not path.is_file() or not os.access(path, os.R_OK):
+            problems.append(f"ssh.known_hosts: {path} is not a readable file")
+    return problems
+
+
+# --- SIGHUP: what may change while the daemon runs (CONTRACT §10) ------------------------------
+# Each is read at use time as `ctx.settings.<section>.<key>`, so assigning the new value to
+# the running section object is enough; every other key needs a restart.
+LIVE_KEYS: tuple[tuple[str, str], ...] = (
+    ("fleet", "max_instances"),
+    ("fleet", "max_total_dph"),
+    ("fleet", "max_total_spend"),
+    ("fleet", "idle_timeout_s"),
+    ("fleet", "boot_timeout_s"),
+    ("fleet", "min_free_disk_gb"),
+    ("job", "max_attempts"),
+    ("job", "timeout_s"),
+    ("log", "level"),
+)
+
+
+def _flat(settings: Settings) -> dict[str, Any]:
+    data = settings.model_dump(mode="json", by_alias=True, exclude={"vast": {"api_key"}})
+    flat: dict[str, Any] = {}
+    for section, values in data.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value
+        else:
+            flat[section] = values
+    return flat
+
+
+def diff_settings(old: Settings, new: Settings) -> tuple[dict[str, list[Any]], list[str]]:
+    """({"fleet.max_instances": [old, new], ...} for live keys, [keys that need a restart])."""
+    before, after = _flat(old), _flat(new)
+    live = {f"{s}.{k}" for s, k in LIVE_KEYS}
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return (
+        {k: [before.get(k), after.get(k)] for k in changed if k in live},
+        [k for k in changed if k not in live],
+    )
+
+
+def apply_live_keys(target: Settings, source: Settings) -> None:
+    """Copy the live keys' values from `source` into `target`'s section objects, in place."""
+    for section, key in LIVE_KEYS:
+        setattr(getattr(target, section), key, getattr(getattr(source, section), key))

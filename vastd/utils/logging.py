@@ -7,6 +7,7 @@ on stdout is JSON. Event names are the stable snake_case ones of CONTRACT §8.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -48,6 +49,30 @@ _dict_tracebacks = structlog.processors.ExceptionRenderer(
 )
 
 
+# sd-daemon(3) priority prefixes: journald reads `<N>` at the start of a stdout line.
+_JOURNAL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def stream_is_journal(stream: Any) -> bool:
+    """True when `stream` is the journal's stream socket ($JOURNAL_STREAM = "dev:inode")."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return bool(expected) and expected == f"{st.st_dev}:{st.st_ino}"
+
+
+def _journal_priority(renderer: Processor) -> Processor:
+    def render(logger: WrappedLogger, name: str, event_dict: EventDict) -> Any:
+        priority = _JOURNAL_PRIORITY.get(str(event_dict.get("level", "info")), 6)
+        line = renderer(logger, name, event_dict)
+        text = line.decode() if isinstance(line, bytes) else str(line)
+        return f"<{priority}>{text}"
+
+    return render
+
+
 def _shared_processors() -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -66,6 +91,9 @@ def setup_logging(log_level: str = "INFO", *, json: bool | None = None, stream: 
     renderer: Processor
     if json:
         renderer = structlog.processors.JSONRenderer()
+        if stream_is_journal(stream):
+            # the line stays JSON after the prefix, which journald strips into PRIORITY=
+            renderer = _journal_priority(renderer)
         final: list[Processor] = [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _dict_tracebacks,  # before _redact, so exception texts are redacted too

@@ -38,6 +38,24 @@ OFFER_MULTIPLIERS: Final[dict[str, float]] = {
     "gpu_total_ram": 1000,
     "duration": 24.0 * 60.0 * 60.0,
 }
+# Fields whose values are numbers / booleans: `dph_total<=abc` is a mistake, not a string.
+NUMERIC_FIELDS: Final = frozenset(
+    {
+        "bw_nvlink", "compute_cap", "cpu_cores", "cpu_cores_effective", "cpu_ghz", "cpu_ram",
+        "cuda_max_good", "direct_port_count", "disk_bw", "disk_space", "dlperf",
+        "dlperf_per_dphtotal", "dph_total", "driver_version", "duration", "flops_per_dphtotal",
+        "gpu_frac", "gpu_mem_bw", "gpu_ram", "gpu_total_ram", "gpu_max_power", "gpu_max_temp",
+        "host_id", "id", "inet_down", "inet_down_cost", "inet_up", "inet_up_cost", "machine_id",
+        "min_bid", "num_gpus", "pci_gen", "pcie_bw", "reliability", "reliability2",
+        "storage_cost", "total_flops", "cluster_id", "score",
+    }
+)  # fmt: skip
+BOOL_FIELDS: Final = frozenset(
+    {
+        "datacenter", "external", "gpu_display_active", "has_avx", "rentable", "rented",
+        "static_ip", "verified", "vms_enabled",
+    }
+)  # fmt: skip
 _OP_NAMES: Final[dict[str, str]] = {
     ">=": "gte", ">": "gt", "gt": "gt", "gte": "gte",
     "<=": "lte", "<": "lt", "lt": "lt", "lte": "lte",
@@ -128,8 +146,31 @@ def parse_offer_query(query: str) -> dict[str, dict[str, Any]]:
                 )
             except (TypeError, ValueError):
                 raise ValueError(f"{field} needs a number in {term!r}") from None
+        _check_type(field, value, term)
         result.setdefault(field, {})[op_name] = value
     return result
+
+
+def _check_type(field: str, value: Any, term: str) -> None:
+    for item in value if isinstance(value, list) else [value]:
+        if item is None:
+            continue
+        if field in NUMERIC_FIELDS and (
+            isinstance(item, bool) or not isinstance(item, int | float)
+        ):
+            raise ValueError(f"{field} needs a number in {term!r}")
+        if field in BOOL_FIELDS and not isinstance(item, bool):
+            raise ValueError(f"{field} needs true or false in {term!r}")
+
+
+def check_order(order: str) -> None:
+    """Raise ValueError unless every field of `order` is a known offer field."""
+    fields = parse_order(order)
+    if not fields:
+        raise ValueError("must name at least one offer field")
+    for field, _direction in fields:
+        if field not in OFFER_FIELDS:
+            raise ValueError(f"unknown offer field {field!r}")
 
 
 def parse_order(order: str) -> list[list[str]]:
