@@ -707,6 +707,12 @@ class Chaos:
             self.note("all jobs finished and every fault injected; SIGTERM")
             d = self.daemon
             assert d is not None
+            # The last kill may have come just now: SIGTERM the daemon started after it
+            # once it runs, not while Python still imports (that exit is no stop).
+            try:
+                await d.wait_event("daemon_started", 60)
+            except AssertionError as exc:
+                self.fail(f"the last daemon did not start: {exc}")
             started = time.monotonic()
             code = await d.stop(timeout_s=15)
             self.report.graceful_stop_s = time.monotonic() - started
