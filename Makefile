@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SRC := vastd tests bench examples
 
-.PHONY: venv demo test lint typecheck unit sshd bench chaos clean
+.PHONY: venv demo test lint typecheck unit sshd bench bench-scale chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: lint typecheck sshd unit
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
 	$(BIN)/python bench/bench_autoscale.py --jobs 1000 --max-instances 16
+
+# Issue 9: a campaign's bookkeeping at scale (no SSH); JOBS=100000 for the full size.
+JOBS ?= 20000
+INSTANCES ?= 500
+bench-scale: $(STAMP)
+	$(BIN)/python bench/bench_scale.py --jobs $(JOBS) --instances $(INSTANCES)
 
 # The chaos suite of issue 4 (the full run; `make test` runs the short one).
 chaos: $(STAMP)
