@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 PREFIX ?= /opt/vastd
 DESTDIR ?=
 
-.PHONY: venv demo test lint typecheck unit sshd systemd bench chaos clean install uninstall
+.PHONY: venv demo test lint typecheck unit sshd systemd bench bench-scale chaos clean install uninstall
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ test: lint typecheck sshd systemd unit
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
 	$(BIN)/python bench/bench_autoscale.py --jobs 1000 --max-instances 16
+
+# Issue 9: a campaign's bookkeeping at scale (no SSH); JOBS=100000 for the full size.
+JOBS ?= 20000
+INSTANCES ?= 500
+bench-scale: $(STAMP)
+	$(BIN)/python bench/bench_scale.py --jobs $(JOBS) --instances $(INSTANCES)
 
 # The chaos suite of issue 4 (the full run; `make test` runs the short one).
 chaos: $(STAMP)

@@ -57,6 +57,7 @@ if str(REPO) not in sys.path:
 
 import pyarrow.parquet as pq  # noqa: E402
 
+from tests.helpers import saved_jobs  # noqa: E402
 from tests.hostile_inbox import CANARY_PREFIX, HostileEntry, build_corpus, drop, stage  # noqa: E402
 from tests.openssh_cluster import DaemonProcess, OpenSSHCloud  # noqa: E402
 from tests.sshd import TEST_PYTHON, TEST_USER, unavailable_reason  # noqa: E402
@@ -821,7 +822,7 @@ class Chaos:
         done_valid, failed_valid = self.outcomes()
         errors = self.error_files()
         runs = self.remote_runs()
-        state = json.loads((self.root / "state.json").read_text())["jobs"]
+        state = saved_jobs(self.root)  # state.json's jobs over history.jsonl's
 
         for name, job in self.valid.items():
             jid = job.job_id
@@ -848,7 +849,8 @@ class Chaos:
                     self.fail(f"{short(jid)} is done but the runs log never saw it run")
                 if state.get(jid, {}).get("state") != "done":
                     self.fail(
-                        f"state.json says {state.get(jid, {}).get('state')} for done {short(jid)}"
+                        f"the saved record says {state.get(jid, {}).get('state')} for done "
+                        f"{short(jid)}"
                     )
                 if name == self.duplicate:
                     refused = [e for e in errors.get(jid, []) if "already" in e["reason"]]

@@ -143,3 +143,18 @@ def preserved_logging() -> Iterator[None]:
         for handler in handlers:
             root.addHandler(handler)
         root.setLevel(level)
+
+
+def saved_jobs(root: os.PathLike[str] | str) -> dict[str, dict[str, Any]]:
+    """Every job's last saved record: history.jsonl's last line per name, overridden by
+    state.json (work in flight), as a restarted daemon reads them."""
+    base = os.fspath(root)
+    out: dict[str, dict[str, Any]] = {}
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(base, "history.jsonl")) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                out[record["id"]] = record
+    with open(os.path.join(base, "state.json")) as f:
+        out.update(json.load(f)["jobs"])
+    return out

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import async_wait_for, clean_env, dump_toml
+from tests.helpers import async_wait_for, clean_env, dump_toml, saved_jobs
 from tests.test_fleet import close_cluster, fleet_settings
 from vastd.core.files import Layout
 from vastd.core.submit import submit_file
@@ -80,6 +80,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[SimCluster]:
 def state(layout: Layout) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads(layout.state_file.read_text())
+        data["jobs"] = saved_jobs(layout.root)  # finished jobs are in history.jsonl
     except (OSError, ValueError):
         return {}
     return data

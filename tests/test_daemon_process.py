@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import async_wait_for, clean_env, dump_toml
-from vastd.core.state import load_state
+from tests.helpers import async_wait_for, clean_env, dump_toml, saved_jobs
+from vastd.core.state import JobRecord, load_state
 from vastd.daemon import status_line
 from vastd.sim.cluster import SimCluster, load_make_jobs
 
@@ -276,8 +276,7 @@ async def test_daemon_runs_jobs_to_done_and_stops_on_sigterm(
         str(i) for i in sim.cloud.instances
     }
 
-    snapshot = load_state(root / "state.json")
-    assert {j.state.value for j in snapshot.jobs.values()} == {"done"}
+    assert {j["state"] for j in saved_jobs(root).values()} == {"done"}
     assert b"Traceback" not in daemon.stderr
     assert key not in b"".join(daemon.lines) + daemon.stderr
     assert files_containing(root, key) == []
@@ -344,7 +343,7 @@ async def test_sigterm_leaves_remote_job_running_and_restart_adopts_it(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-    final = load_state(root / "state.json").jobs[job]
+    final = JobRecord.model_validate(saved_jobs(root)[job])
     assert (final.state.value, final.instance, final.pgid, final.runs) == (
         "done",
         instance,

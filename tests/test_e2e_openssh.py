@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from tests.helpers import saved_jobs
 from tests.openssh_cluster import DaemonProcess, OpenSSHCloud, processes_of_user
 from tests.sshd import TEST_USER, unavailable_reason
 from vastd.sim.cluster import load_make_jobs
@@ -69,7 +70,9 @@ def daemon() -> Iterator[Callable[[OpenSSHCloud, Path, Path], DaemonProcess]]:
 
 # --- helpers ----------------------------------------------------------------------------------
 def read_state(root: Path) -> dict[str, Any]:
+    """state.json, its jobs completed by history.jsonl (where finished jobs go)."""
     data: dict[str, Any] = json.loads((root / "state.json").read_text())
+    data["jobs"] = saved_jobs(root)
     return data
 
 

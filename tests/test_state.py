@@ -83,11 +83,11 @@ async def test_round_trip_keeps_jobs_and_instances(tmp_path: Path) -> None:
 
 
 async def test_file_format_is_the_contract(tmp_path: Path) -> None:
-    """state.json holds version 1, saved_at, jobs and instances keyed by id (CONTRACT §7)."""
+    """state.json holds version 2, saved_at, jobs and instances keyed by id (CONTRACT §7)."""
     store = populated_store(tmp_path / "state.json")
     await store.flush()
     data = json.loads((tmp_path / "state.json").read_text())
-    assert data["version"] == 1
+    assert data["version"] == 2
     assert isinstance(data["saved_at"], float)
     assert set(data["jobs"]) == {"job_a", "job_b", "job_c"}
     assert set(data["instances"]) == {"101", "102"}

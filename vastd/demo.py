@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vastd.core.files import Layout
+from vastd.core.history import read_history_records
 from vastd.core.state import JobState
 from vastd.core.submit import submit_file
 from vastd.daemon import Daemon
@@ -72,8 +73,10 @@ async def demo(
         ctx = daemon.ctx
         assert ctx is not None
         store = ctx.store
-        done = [j for j in store.jobs.values() if j.state is JobState.DONE]
-        failed = [j for j in store.jobs.values() if j.state is JobState.FAILED]
+        await store.flush()
+        records = read_history_records(store.history_path) | store.jobs
+        done = [j for j in records.values() if j.state is JobState.DONE]
+        failed = [j for j in records.values() if j.state is JobState.FAILED]
         elapsed = time.monotonic() - started
         print("", file=out)
         print(

@@ -27,9 +27,13 @@ def build_status(
     idle_timeout_s: float = 0.0,
 ) -> dict[str, Any]:
     now = time.time() if now is None else now
+    # Finished jobs in history.jsonl are counted by the snapshot's summary (no parse).
+    past = snapshot.history
     jobs = {s.value: 0 for s in JobState}
     for job in snapshot.jobs.values():
         jobs[job.state.value] += 1
+    jobs[JobState.DONE.value] += past.done
+    jobs[JobState.FAILED.value] += past.failed
     try:
         waiting_in_inbox = len(discover_job_files(layout.inbox))
     except OSError:
@@ -41,6 +45,8 @@ def build_status(
         for j in snapshot.jobs.values()
         if j.state is JobState.DONE and j.finished_at and j.dispatched_at
     ]
+    timed = len(durations) + past.done_timed
+    duration_sum = sum(durations) + past.done_duration_s
     live = [
         i
         for i in snapshot.instances.values()
@@ -49,8 +55,8 @@ def build_status(
     usable = [i for i in live if i.status is InstanceStatus.READY]
     remaining = total - finished + waiting_in_inbox
     eta_s: float | None = None
-    if durations and remaining and usable:
-        per_job = sum(durations) / len(durations)
+    if timed and remaining and usable:
+        per_job = duration_sum / timed
         per_slot = max(1, len(usable))
         eta_s = round(per_job * remaining / per_slot, 1)
     instances = [
@@ -92,7 +98,7 @@ def load_snapshot_readonly(layout: Layout) -> Snapshot:
     """The snapshot as on disk (backup if needed), without writing anything."""
     if not layout.state_file.exists() and not layout.state_backup.exists():
         return Snapshot()
-    return StateStore.open(layout.state_file).snapshot
+    return StateStore.open(layout.state_file, read_only=True).snapshot
 
 
 def format_status(status: dict[str, Any]) -> str:

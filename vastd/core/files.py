@@ -114,6 +114,10 @@ class Layout:
     def state_backup(self) -> Path:
         return self.root / "state.json.bak"
 
+    @property
+    def history_file(self) -> Path:
+        return self.root / "history.jsonl"
+
     def folder(self, folder: JobFolder) -> Path:
         return self.root / folder.value
 

@@ -16,6 +16,7 @@ import fnmatch
 import io
 import os
 import stat
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,14 +194,14 @@ def _refuse(
             raise
 
 
-def _collides(layout: Layout, job_id: str, known_ids: set[str]) -> bool:
+def _collides(layout: Layout, job_id: str, known_ids: Container[str]) -> bool:
     return job_id in known_ids or any(
         os.path.lexists(layout.job_file(folder, job_id))
         for folder in (JobFolder.QUEUED, JobFolder.RUNNING)
     )
 
 
-def _is_done(layout: Layout, job_id: str, done_ids: set[str]) -> bool:
+def _is_done(layout: Layout, job_id: str, done_ids: Container[str]) -> bool:
     return job_id in done_ids or os.path.lexists(layout.job_file(JobFolder.DONE, job_id))
 
 
@@ -217,8 +218,8 @@ def _accept(
     layout: Layout,
     path: Path,
     settings: JobSettings,
-    known_ids: set[str],
-    done_ids: set[str],
+    known_ids: Container[str],
+    done_ids: Container[str],
 ) -> JobFileInfo | None:
     job_id = job_id_for(path)
     if not os.path.lexists(path):
@@ -269,8 +270,8 @@ async def accept_job_file(
     path: Path,
     settings: JobSettings,
     *,
-    known_ids: set[str],
-    done_ids: set[str] | None = None,
+    known_ids: Container[str],
+    done_ids: Container[str] | None = None,
 ) -> JobFileInfo | None:
     """Validate an inbox file and move it to queued/ (returning its info), or refuse it.
 

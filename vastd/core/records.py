@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: finished jobs live in history.jsonl, not here
 
 
 class JobState(StrEnum):
@@ -175,6 +175,19 @@ class FollowUp(_Model):
     last_error: str | None = None
 
 
+class HistorySummary(_Model):
+    """What history.jsonl holds, kept with the snapshot so readers need not parse it.
+
+    Counts the distinct finished jobs whose last line is there and that are not in
+    the snapshot's `jobs` (a name accepted again leaves it).
+    """
+
+    done: int = 0
+    failed: int = 0
+    done_duration_s: float = 0.0  # dispatch to finish, summed over the done jobs timed
+    done_timed: int = 0
+
+
 class Snapshot(_Model):
     version: int = SCHEMA_VERSION
     saved_at: float | None = None
@@ -186,3 +199,4 @@ class Snapshot(_Model):
     rent_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
     spend_total: float = 0.0  # dollars accrued by owned instances
     last_discovery_at: float | None = None  # last successful instance listing
+    history: HistorySummary = Field(default_factory=HistorySummary)

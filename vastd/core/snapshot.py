@@ -8,6 +8,11 @@ backup; if both are bad the store refuses to load rather than start empty over t
 
 Write-ahead: a caller about to do something irreversible (upload, start, kill, rent,
 destroy) awaits `flush()` and stops when it returns False; `save_error` then says why.
+
+Finished jobs leave the snapshot for history.jsonl (core/history.py): the saver
+appends and fsyncs their lines, then drops them from memory, then saves. A version 1
+snapshot (finished jobs inside) is migrated on load; the old file is kept as
+state.json.v1.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from vastd.core.files import Layout
+from vastd.core.history import (
+    HistoryIndex,
+    append_history,
+    find_record,
+    history_line,
+    retirable,
+)
 from vastd.core.records import (
     FINISHED,
     SCHEMA_VERSION,
@@ -36,6 +48,8 @@ from vastd.utils.logging import get_logger
 
 # temp names save_state uses (a killed write leaves them; the daemon sweeps them at start)
 SNAPSHOT_TEMP_PATTERNS = (".state.json.tmp-*", "..state.json.tmp-*")
+READABLE_VERSIONS = (1, SCHEMA_VERSION)  # 1: finished jobs inside, migrated on load
+HISTORY_NAME = "history.jsonl"
 log = get_logger("vastd.state")
 
 
@@ -46,8 +60,10 @@ def load_state(file_path: Path) -> Snapshot:
         data = json.loads(raw)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StateManagementError(f"{file_path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("version") != SCHEMA_VERSION:
-        raise StateManagementError(f"{file_path}: not a version {SCHEMA_VERSION} snapshot")
+    if not isinstance(data, dict) or data.get("version") not in READABLE_VERSIONS:
+        raise StateManagementError(
+            f"{file_path}: not a snapshot of version {' or '.join(map(str, READABLE_VERSIONS))}"
+        )
     try:
         return Snapshot.model_validate(data)
     except ValidationError as exc:
@@ -98,10 +114,19 @@ class StateStore:
         snapshot: Snapshot | None = None,
         *,
         coalesce_s: float = 0.25,
+        history: HistoryIndex | None = None,
     ) -> None:
         self.path = path
         self.backup_path = path.with_name(path.name + ".bak")
+        self.history_path = path.with_name(HISTORY_NAME)
         self.snapshot = snapshot or Snapshot()
+        # finished jobs whose record is in history.jsonl only (never one in `jobs`)
+        self.history = history or HistoryIndex()
+        for job_id in self.snapshot.jobs:
+            self.history.pop(job_id)  # the snapshot wins over an older line
+        self.history_error: str | None = None  # why the last append failed
+        self._retiring = asyncio.Lock()
+        self._loaded_from: Path | None = None  # the file open() read (state.json or .bak)
         self.coalesce_s = coalesce_s
         self.writes = 0
         self.write_failures = 0
@@ -117,9 +142,27 @@ class StateStore:
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path, *, coalesce_s: float = 0.25) -> StateStore:
-        """Load state.json, else its backup; a fresh store only when neither exists."""
+    def open(cls, path: Path, *, coalesce_s: float = 0.25, read_only: bool = False) -> StateStore:
+        """Load state.json, else its backup; a fresh store only when neither exists.
+
+        The history index is loaded from history.jsonl and an older snapshot migrated,
+        unless `read_only` (`vastd status`: the snapshot's summary is enough).
+        """
+        store = cls._load(path, coalesce_s=coalesce_s, read_only=read_only)
+        if not read_only and store.snapshot.version < SCHEMA_VERSION:
+            store._migrate()
+        return store
+
+    @classmethod
+    def _load(cls, path: Path, *, coalesce_s: float, read_only: bool) -> StateStore:
         backup = path.with_name(path.name + ".bak")
+
+        def make(snap: Snapshot, source: Path) -> StateStore:
+            history = None if read_only else HistoryIndex.load(path.with_name(HISTORY_NAME))
+            store = cls(path, snap, coalesce_s=coalesce_s, history=history)
+            store._loaded_from = source
+            return store
+
         errors = []
         for candidate in (path, backup):
             if not candidate.exists():
@@ -131,14 +174,125 @@ class StateStore:
                 continue
             if candidate is backup:
                 log.warning("state_restored_from_backup", path=str(backup), errors=errors)
-            return cls(path, snap, coalesce_s=coalesce_s)
+            return make(snap, candidate)
         if errors:
             raise StateManagementError(
                 "refusing to start: the snapshot and its backup are both unreadable ("
                 + "; ".join(errors)
                 + "). Move them aside to start fresh."
             )
-        return cls(path, Snapshot(), coalesce_s=coalesce_s)
+        return make(Snapshot(), path)
+
+    def _migrate(self) -> None:
+        """A version 1 snapshot: its file is kept as state.json.v1, its finished jobs go
+        to history.jsonl, then it is saved as the current version (blocking, at start).
+
+        A crash part-way leaves the v1 file to migrate again (its lines, appended once
+        more, are the same records: the last one counts)."""
+        old = self.snapshot.version
+        source = self._loaded_from or self.path
+        kept = self.path.with_name(f"{self.path.name}.v{old}")
+        save_state(source.read_bytes(), kept)
+        self.snapshot.version = SCHEMA_VERSION
+        moved = self.retire_now()
+        save_state(self.serialize(), self.path, self.backup_path)
+        log.info(
+            "state_migrated",
+            from_version=old,
+            to_version=SCHEMA_VERSION,
+            kept=str(kept),
+            to_history=moved,
+            left=len(self.snapshot.jobs),
+        )
+
+    # --- history -------------------------------------------------------------------------
+    def _retirable(self) -> list[JobRecord]:
+        return [j for j in self.snapshot.jobs.values() if retirable(j)]
+
+    def _drop_retired(self, jobs: list[JobRecord], lines: list[bytes]) -> int:
+        """Remove the appended jobs whose record did not change meanwhile."""
+        moved = 0
+        for job, line in zip(jobs, lines, strict=True):
+            if (
+                self.snapshot.jobs.get(job.id) is job
+                and retirable(job)
+                and history_line(job) == line
+            ):
+                del self.snapshot.jobs[job.id]
+                self.history.add_record(job)
+                moved += 1
+        if moved:
+            self.mark_dirty()
+        return moved
+
+    def _history_failed(self, exc: OSError) -> None:
+        error = f"cannot append to {self.history_path}: {exc}"
+        if self.history_error != error:
+            log.error("history_write_failed", error=error)
+        self.history_error = error
+
+    def _history_ok(self) -> None:
+        if self.history_error is not None:
+            log.info("history_write_recovered")
+            self.history_error = None
+
+    def retire_now(self) -> int:
+        """`retire_finished`, blocking (migration at start, tools outside a loop)."""
+        jobs = self._retirable()
+        lines = [history_line(j) for j in jobs]
+        try:
+            append_history(self.history_path, lines)
+        except OSError as exc:
+            self._history_failed(exc)
+            return 0
+        self._history_ok()
+        return self._drop_retired(jobs, lines)
+
+    async def retire_finished(self) -> int:
+        """Append the finished jobs' final records to history.jsonl (fsynced, off the
+        loop), then drop them from the snapshot; the next save makes that durable.
+
+        A history that cannot be written keeps them here (tried again next time).
+        Returns how many left the snapshot.
+        """
+        async with self._retiring:
+            jobs = self._retirable()
+            if not jobs:
+                return 0
+            lines = [history_line(j) for j in jobs]
+            try:
+                await asyncio.to_thread(append_history, self.history_path, lines)
+            except OSError as exc:
+                self._history_failed(exc)
+                return 0
+            self._history_ok()
+            return self._drop_retired(jobs, lines)
+
+    def job_state(self, job_id: str) -> JobState | None:
+        """The job's state, from the snapshot or else from history (None: unknown)."""
+        job = self.snapshot.jobs.get(job_id)
+        if job is not None:
+            return job.state
+        entry = self.history.get(job_id)
+        return entry.state if entry is not None else None
+
+    def record(self, job_id: str) -> JobRecord | None:
+        """The job's record: in the snapshot, else its last line in history (a file read:
+        for tools and tests, not for the loops)."""
+        job = self.snapshot.jobs.get(job_id)
+        if job is not None or job_id not in self.history:
+            return job
+        return find_record(self.history_path, job_id)
+
+    @property
+    def active_ids(self) -> _ActiveIds:
+        """The names of unfinished jobs, as a container (no set built per call)."""
+        return _ActiveIds(self)
+
+    @property
+    def done_ids(self) -> _DoneIds:
+        """The names of done jobs (snapshot or history), as a container."""
+        return _DoneIds(self)
 
     # --- persistence ---------------------------------------------------------------------
     @property
@@ -176,6 +330,7 @@ class StateStore:
 
     def serialize(self) -> bytes:
         self.snapshot.saved_at = time.time()
+        self.snapshot.history = self.history.summary()
         return self.snapshot.model_dump_json(indent=None).encode()
 
     async def flush(self) -> bool:
@@ -226,12 +381,16 @@ class StateStore:
             self.writes += 1
 
     async def run_saver(self, *, retry_s: float = 2.0) -> None:
-        """Coalesce changes: wait for one, let a burst gather, write once."""
+        """Coalesce changes: wait for one, let a burst gather, write once.
+
+        Finished jobs move to history.jsonl first, so the save that follows drops them.
+        """
         if self._dirty_flag:
             self._dirty.set()
         while True:
             await self._dirty.wait()
             await asyncio.sleep(self.coalesce_s)
+            await self.retire_finished()
             if not await self.flush():
                 await asyncio.sleep(retry_s)
 
@@ -239,7 +398,31 @@ class StateStore:
         return {j.id for j in self.snapshot.jobs.values() if j.state not in FINISHED}
 
     def counts(self) -> dict[str, int]:
+        """Jobs per state: the snapshot's (work in flight) plus history's counts."""
         out = {s.value: 0 for s in JobState}
         for job in self.snapshot.jobs.values():
             out[job.state.value] += 1
+        out[JobState.DONE.value] += self.history.done
+        out[JobState.FAILED.value] += self.history.failed
         return out
+
+
+class _ActiveIds:
+    __slots__ = ("_store",)
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    def __contains__(self, job_id: object) -> bool:
+        job = self._store.snapshot.jobs.get(job_id) if isinstance(job_id, str) else None
+        return job is not None and job.state not in FINISHED
+
+
+class _DoneIds:
+    __slots__ = ("_store",)
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    def __contains__(self, job_id: object) -> bool:
+        return isinstance(job_id, str) and self._store.job_state(job_id) is JobState.DONE

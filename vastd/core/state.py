@@ -176,6 +176,8 @@ def add_job(
     old = store.jobs.get(job_id)
     if not can_job(old, J.QUEUED) or (old is not None and old.state not in FINISHED):
         raise IllegalTransitionError(f"job {job_id!r} is {old.state.value if old else '?'}")
+    # A name whose final record is in history.jsonl only: this starts a new record.
+    earlier = store.history.get(job_id) if old is None else None
     seq = store.snapshot.next_seq
     store.snapshot.next_seq += 1
     job = JobRecord(id=job_id, file_name=file_name, rows=rows, seq=seq)
@@ -187,6 +189,9 @@ def add_job(
             )
         if old.state is J.FAILED:
             job.earlier_failed_stem = old.failed_stem or job_id
+    elif earlier is not None and earlier.state is J.FAILED:
+        job.earlier_failed_stem = earlier.failed_stem or job_id
+    store.history.pop(job_id)
     store.snapshot.jobs[job_id] = job
     store.mark_dirty()
     return job

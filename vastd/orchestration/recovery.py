@@ -91,6 +91,17 @@ def _reconcile_file(ctx: Context, folder: JobFolder, path: Path, job: JobRecord 
     if job is None:
         # A file without a record: adopt it as queued, never lose it.
         job_id = job_id_for(path)
+        earlier = store.history.get(job_id)
+        if folder is JobFolder.QUEUED and earlier is not None and earlier.state is JobState.DONE:
+            # A done name (its record in history only) accepted again before the crash.
+            if ctx.settings.job.on_duplicate != "rerun":
+                reason = duplicate_reason(job_id)
+                move_job_to_failed(layout, job_id, folder, reason=reason, duplicate=True)
+                log.warning("job_duplicate_refused", job=job_id, reason=reason)
+                return
+            st.add_job(store, job_id, path.name, rows=0, keep_previous=True)
+            log.info("job_resubmission_recovered", job=job_id)
+            return
         if folder is JobFolder.RUNNING:
             move_job_file(layout, job_id, JobFolder.RUNNING, JobFolder.QUEUED)
         job = st.add_job(store, job_id, path.name, rows=0)

@@ -49,13 +49,13 @@ log = get_logger("vastd.workflow")
 
 # --- inbox ----------------------------------------------------------------------------------
 async def accept_inbox_file(ctx: Context, path: Path) -> None:
-    done = {j.id for j in ctx.store.jobs.values() if j.state is JobState.DONE}
+    # Containers over the snapshot and the history index: no scan of every job per file.
     info = await accept_job_file(
         ctx.layout,
         path,
         ctx.settings.job,
-        known_ids=ctx.store.active_job_ids(),
-        done_ids=done,
+        known_ids=ctx.store.active_ids,
+        done_ids=ctx.store.done_ids,
     )
     if info is None:
         return
@@ -251,11 +251,11 @@ async def run_complete_job_workflow(
     try:
         async with asyncio.timeout(timeout_s):
             # The in-memory store is cheap to look at; no event is worth adding for this.
-            while ctx.store.jobs[job_id].state not in (JobState.DONE, JobState.FAILED):  # noqa: ASYNC110
+            while ctx.store.job_state(job_id) not in st.FINISHED:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await ctx.aclose()
         await ctx.store.flush()
-    return ctx.store.jobs[job_id].state
+    return ctx.store.job_state(job_id) or JobState.FAILED
