@@ -6,7 +6,7 @@ with its own `tests.sshd.OpenSSHServer` (one sshd per instance, user `vastdtest`
 instances; `daemon_config()` writes a `vastd run` config pointing at it; `DaemonProcess`
 runs `python -m vastd run` as a real subprocess and reads its JSON log lines.
 
-Instances share this machine's file system (CONTRACT §5 allows it): the remote root
+Instances share this machine's file system (the remote layout allows it): the remote root
 lives in a world-traversable temp folder outside pytest's mode-700 tree, owned by
 vastdtest, next to a copy of the example worker that vastdtest can read.
 """

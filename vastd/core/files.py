@@ -1,4 +1,4 @@
-"""The local folder layout (CONTRACT §3) and the file operations that keep it consistent.
+"""The local folder layout (README: "Folders") and the file operations that keep it consistent.
 
 Every move between job folders is one `rename` within one file system, so a crash
 leaves each job file in exactly one folder. Writes go to a temp name in the same
@@ -78,7 +78,7 @@ def _temp_name(final_name: str) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """Paths under `[paths] root`; the folder names are fixed by CONTRACT §3."""
+    """Paths under `[paths] root`; the folder names are fixed (README: "Folders")."""
 
     root: Path
 

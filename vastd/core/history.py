@@ -1,4 +1,4 @@
-"""history.jsonl (CONTRACT §10): one line per finished job, its final record.
+"""history.jsonl (README): one line per finished job, its final record.
 
 A finished job's line is appended and fsynced before the job leaves state.json
 (`StateStore.retire_finished`), so a crash between the two leaves it in both; the

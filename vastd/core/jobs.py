@@ -1,7 +1,7 @@
 """Job files: validation, arguments, discovery and acceptance.
 
 A job is one CSV file; its name without `.csv` is the job id (any characters a file
-name can hold; it is data, never shell text). Acceptance (CONTRACT §3) validates a
+name can hold; it is data, never shell text). Acceptance (README: "Folders") validates a
 complete file and renames it inbox/ -> queued/; a refused file goes to failed/
 beside its `.error.json`. Nothing about a bad file raises out of here.
 The inbox watcher and the name rules are in inbox.py (re-exported here).
@@ -100,7 +100,7 @@ def _check_csv(text: str) -> tuple[list[str], int]:
 
 
 def validate_job_file(path: Path, max_bytes: int) -> JobFileInfo:
-    """Check a job file against CONTRACT §3; JobValidationError(reason) when refused.
+    """Check a job file against the README's acceptance rules ("Folders"); JobValidationError(reason) when refused.
 
     Never follows a symlink and never blocks on a FIFO or device.
     """

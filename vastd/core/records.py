@@ -1,4 +1,4 @@
-"""The records the snapshot holds (CONTRACT §7): jobs, instances, follow-up work.
+"""The records the snapshot holds (README: "Folders", state.json): jobs, instances, follow-up work.
 
 Plain data. Who may change a record's `state`, `status` or reason is decided in
 core/state.py (the transition table); persistence lives in core/snapshot.py.

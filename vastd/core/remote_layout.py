@@ -1,4 +1,4 @@
-"""Where vastd writes on an instance (CONTRACT §5): every path below `<remote root>/<instance id>/`.
+"""Where vastd writes on an instance (docs/ARCHITECTURE.md: "Remote layout"): every path below `<remote root>/<instance id>/`.
 
 Per job: `<remote root>/<instance id>/jobs/<safe job>/` (names shortened by
 `safe_name`, never pasted into a shell unquoted). The preparation marker sits at

@@ -1,4 +1,4 @@
-"""The state snapshot's persistence (CONTRACT §7): the only writer of state.json.
+"""The state snapshot's persistence (README: "Folders", state.json): the only writer of state.json.
 
 Mutations happen in memory on the event loop (through core/state.py's transitions)
 and mark the store dirty; a saver task coalesces them into few atomic writes (temp,

@@ -319,7 +319,7 @@ class SSHConnection:
     async def upload(self, local_path: Path, remote_path: str, *, timeout_s: float) -> None:
         """Upload to `<remote>.part`, then rename: the remote file is whole or absent."""
         folder, name = posixpath.split(remote_path)
-        # The temp name follows the 255-byte rule too (CONTRACT §3: derived names).
+        # The temp name follows the 255-byte rule too (the 255-byte rule for derived names, README "Folders").
         part = posixpath.join(folder, safe_name(name, ".part"))
         async with self._sftp_op("upload", timeout_s) as sftp:
             await sftp.put(str(local_path), part, max_requests=_SFTP_MAX_REQUESTS)

@@ -1,4 +1,4 @@
-"""The remote job folder, the wrapper, and the detached start of a job (CONTRACT §5).
+"""The remote job folder, the wrapper, and the detached start of a job (docs/ARCHITECTURE.md: "Remote layout").
 
 Remote layout: `<remote root>/<instance id>/jobs/<safe job>/` holds the input CSV
 (`<safe job>.csv`, the GARCH script writes its parquet beside it), `out/`,

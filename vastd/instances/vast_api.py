@@ -1,4 +1,4 @@
-"""The aiohttp client of the vast.ai REST API; the only caller of vast.ai (CONTRACT §6).
+"""The aiohttp client of the vast.ai REST API; the only caller of vast.ai (the endpoints the official `vastai` client uses).
 
 Endpoints and shapes follow the official client (`vastai` 1.9.1). Retries: 429/502/503/504
 and transport errors, full-jitter backoff, `Retry-After` honoured. A rent is never

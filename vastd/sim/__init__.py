@@ -1,4 +1,4 @@
-"""The local simulator of vast.ai (CONTRACT §9): a fake API and local SSH hosts."""
+"""The local simulator of vast.ai (README: `vastd demo`): a fake API and local SSH hosts."""
 
 from vastd.sim.api import Fault, Faults, HostProvider, SimCloud, create_sim_app, start_sim_api
 

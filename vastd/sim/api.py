@@ -1,4 +1,4 @@
-"""A local stand-in for the vast.ai REST API (CONTRACT §9), with fault injection.
+"""A local stand-in for the vast.ai REST API (README: `vastd demo`), with fault injection.
 
 `SimCloud` holds offers and instances in memory; `create_sim_app` serves them with
 the official client's shapes (the `vastai` CLI works against it with `--url`).

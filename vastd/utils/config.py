@@ -119,7 +119,7 @@ class JobPattern(_Section):
     vars: dict[str, str] = Field(default_factory=dict)
 
 
-# Placeholders every [job] command may use besides the [job.vars] keys (CONTRACT §4).
+# Placeholders every [job] command may use besides the [job.vars] keys (config.example.toml).
 BUILTIN_PLACEHOLDERS = ("input", "job_dir", "output_dir", "job")
 
 
@@ -248,7 +248,7 @@ class LogSettings(_Section):
 
 
 class Settings(BaseSettings):
-    """The whole configuration; sections mirror the TOML tables of CONTRACT §4."""
+    """The whole configuration; sections mirror the TOML tables of config.example.toml."""
 
     model_config = SettingsConfigDict(
         env_prefix="VASTD_",
@@ -466,7 +466,7 @@ def check_files(settings: Settings) -> list[str]:
     return problems
 
 
-# --- SIGHUP: what may change while the daemon runs (CONTRACT §10) ------------------------------
+# --- SIGHUP: what may change while the daemon runs (README) ------------------------------
 # Each is read at use time as `ctx.settings.<section>.<key>`, so assigning the new value to
 # the running section object is enough; every other key needs a restart.
 LIVE_KEYS: tuple[tuple[str, str], ...] = (

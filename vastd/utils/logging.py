@@ -1,7 +1,7 @@
 """structlog set-up: one JSON object a line on stdout (journald), readable on a TTY.
 
 Stdlib records (asyncssh, aiohttp) go through the same formatter, so every line
-on stdout is JSON. Event names are the stable snake_case ones of CONTRACT §8.
+on stdout is JSON. Event names are the stable snake_case ones of the README (log events).
 """
 
 from __future__ import annotations
