@@ -128,3 +128,43 @@ async def ssh_pool(
     yield make
     for pool in pools:
         await pool.aclose()
+
+
+# --- the OpenSSH tier: a simulated account whose instances are real sshds ---------------------
+@pytest.fixture
+async def openssh_cloud() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: `await openssh_cloud(tmp_path, instances=3)`; everything is torn down after."""
+    from tests.openssh_cluster import OpenSSHCloud
+
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI") or os.environ.get("VASTD_REQUIRE_SSHD"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    clouds: list[OpenSSHCloud] = []
+
+    async def make(workdir: Path, *, instances: int = 3) -> OpenSSHCloud:
+        cloud = await OpenSSHCloud.start(workdir, instances=instances)
+        clouds.append(cloud)
+        return cloud
+
+    yield make
+    for cloud in clouds:
+        await cloud.aclose()
+
+
+@pytest.fixture
+def daemon() -> Iterator[Callable[..., Any]]:
+    """Factory: `daemon(cloud, config_path, log_path)` starts `vastd run`; killed if left over."""
+    from tests.openssh_cluster import DaemonProcess, OpenSSHCloud
+
+    started: list[DaemonProcess] = []
+
+    def start(cloud: OpenSSHCloud, config: Path, log_path: Path) -> DaemonProcess:
+        proc = DaemonProcess(config, cloud.daemon_env(), log_path)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

@@ -253,6 +253,18 @@ async def wait_saved(ctx: Context) -> None:
         assert await ctx.store.flush()
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether the process group has a member that is not a zombie (pid 1 may not reap)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
 def remote_dir(ctx: Context, instance_id: str, job_id: str) -> Path:
     return Path(remote_job_paths(ctx.settings.remote.root, instance_id, job_id).job_dir)
 
@@ -286,6 +298,7 @@ __all__ = [
     "WORKER_COMMAND",
     "SimEnv",
     "async_wait_for",
+    "group_alive",
     "job_file_in",
     "kill_remote_jobs",
     "prepare_step",

@@ -21,6 +21,7 @@ from tests.ctxfactory import (
     WORKER_COMMAND,
     SimEnv,
     async_wait_for,
+    group_alive,
     job_file_in,
     pump,
     remote_dir,
@@ -40,18 +41,6 @@ async def env(tmp_path: Path) -> AsyncIterator[SimEnv]:
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in logs if e.get("event") == name]
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether the process group has a member that is not a zombie (pid 1 may not reap)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 async def save_until(ctx: Any, predicate: Any, timeout_s: float) -> None:

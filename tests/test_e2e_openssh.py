@@ -15,7 +15,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,48 +23,12 @@ import pytest
 
 from tests.helpers import saved_jobs
 from tests.openssh_cluster import DaemonProcess, OpenSSHCloud, processes_of_user
-from tests.sshd import TEST_USER, unavailable_reason
+from tests.sshd import TEST_USER
 from vastd.sim.cluster import load_make_jobs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.sshd, pytest.mark.timeout(150)]
 
 PARAMS = ("eta", "lam", "var0", "alpha", "gamma", "beta", "p")
-
-
-# --- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture
-async def openssh_cloud() -> AsyncIterator[Callable[..., Awaitable[OpenSSHCloud]]]:
-    """Factory: `await openssh_cloud(tmp_path, instances=3)`; everything is torn down after."""
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI") or os.environ.get("VASTD_REQUIRE_SSHD"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    clouds: list[OpenSSHCloud] = []
-
-    async def make(workdir: Path, *, instances: int = 3) -> OpenSSHCloud:
-        cloud = await OpenSSHCloud.start(workdir, instances=instances)
-        clouds.append(cloud)
-        return cloud
-
-    yield make
-    for cloud in clouds:
-        await cloud.aclose()
-
-
-@pytest.fixture
-def daemon() -> Iterator[Callable[[OpenSSHCloud, Path, Path], DaemonProcess]]:
-    """Factory: `daemon(cloud, config_path, log_path)` starts `vastd run`; killed if left over."""
-    started: list[DaemonProcess] = []
-
-    def start(cloud: OpenSSHCloud, config: Path, log_path: Path) -> DaemonProcess:
-        proc = DaemonProcess(config, cloud.daemon_env(), log_path)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tests.ctxfactory import (
     GATED_WORKER,
     SimEnv,
     async_wait_for,
+    group_alive,
     pump,
     remote_dir,
     wait_saved,
@@ -45,17 +46,6 @@ CSV = "eta,lam,var0,alpha,gamma,beta,p\n5.0,0.1,1.0,0.05,0.05,0.85,0.5\n"
 async def env(tmp_path: Path) -> AsyncIterator[SimEnv]:
     async with SimEnv(tmp_path) as e:
         yield e
-
-
-def group_alive(pgid: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
 
 
 # --- R1: a start whose answer was lost, then the instance given up: untracked process ----------

@@ -20,6 +20,7 @@ from tests.ctxfactory import (
     GATED_WORKER,
     SimEnv,
     async_wait_for,
+    group_alive,
     job_file_in,
     pump,
     remote_dir,
@@ -39,17 +40,6 @@ from vastd.utils.exceptions import StateManagementError
 async def env(tmp_path: Path) -> AsyncIterator[SimEnv]:
     async with SimEnv(tmp_path) as e:
         yield e
-
-
-def group_alive(pgid: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
 
 
 # --- 3. write-ahead ----------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.openssh_cluster import DaemonProcess, OpenSSHCloud
-from tests.sshd import TEST_USER, unavailable_reason
+from tests.sshd import TEST_USER
 from vastd.sim.cluster import load_make_jobs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.sshd, pytest.mark.timeout(90)]
@@ -44,42 +43,6 @@ PARAMS = ("eta", "lam", "var0", "alpha", "gamma", "beta", "p")
 # A gated job waits until its instance's folder (<remote root>/<instance id>/) holds `go`;
 # the command runs in <remote root>/<instance id>/jobs/<job>/ (same gate as ctxfactory.GATE).
 GATE = "until [ -e ../../go ]; do sleep 0.05; done"
-
-
-# --- fixtures (as in tests/test_e2e_openssh.py) ------------------------------------------------
-@pytest.fixture
-async def openssh_cloud() -> AsyncIterator[Callable[..., Awaitable[OpenSSHCloud]]]:
-    """Factory: `await openssh_cloud(tmp_path, instances=2)`; everything is torn down after."""
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI") or os.environ.get("VASTD_REQUIRE_SSHD"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    clouds: list[OpenSSHCloud] = []
-
-    async def make(workdir: Path, *, instances: int = 1) -> OpenSSHCloud:
-        cloud = await OpenSSHCloud.start(workdir, instances=instances)
-        clouds.append(cloud)
-        return cloud
-
-    yield make
-    for cloud in clouds:
-        await cloud.aclose()
-
-
-@pytest.fixture
-def daemon() -> Iterator[Callable[[OpenSSHCloud, Path, Path], DaemonProcess]]:
-    """Factory: `daemon(cloud, config_path, log_path)` starts `vastd run`; killed if left over."""
-    started: list[DaemonProcess] = []
-
-    def start(cloud: OpenSSHCloud, config: Path, log_path: Path) -> DaemonProcess:
-        proc = DaemonProcess(config, cloud.daemon_env(), log_path)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from vastd.core.files import safe_name
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import FollowUp, InstanceRecord, InstanceStatus
 from vastd.execution.job_runner import (
-    RemoteJobPaths,
     as_sh_command,
     instance_root,
     marker_lines,
@@ -162,25 +161,6 @@ async def list_job_folders(conn: SSHConnection, inst: InstanceRecord, ctx: Conte
     return names
 
 
-def _folder_paths(ctx: Context, inst: InstanceRecord, folder: str) -> RemoteJobPaths:
-    base = remote_job_paths(ctx.settings.remote.root, inst.id, "x")
-    job_dir = f"{base.instance_root}/jobs/{folder}"
-    return RemoteJobPaths(
-        instance_root=base.instance_root,
-        job_dir=job_dir,
-        input=f"{job_dir}/{folder}.csv",
-        out_dir=f"{job_dir}/out",
-        log=f"{job_dir}/log.txt",
-        pid=f"{job_dir}/pid",
-        attempt=f"{job_dir}/attempt",
-        started_at=f"{job_dir}/started_at",
-        ended_at=f"{job_dir}/ended_at",
-        exit_code=f"{job_dir}/exit_code",
-        timed_out=f"{job_dir}/timed_out",
-        boot_key=f"{job_dir}/boot_key",
-    )
-
-
 def accounted_folders(ctx: Context, instance_id: str) -> set[str]:
     """Job folders on an instance that a job, an orphan or a follow-up still needs."""
     keep = {safe_name(j.id) for j in st.jobs_on_instance(ctx.store, instance_id)}
@@ -209,7 +189,8 @@ async def sweep_remote_folders(ctx: Context, inst: InstanceRecord, conn: SSHConn
         try:
             await cleanup_remote_job(
                 conn,
-                _folder_paths(ctx, inst, name),
+                # a folder name on the instance is already safe_name()'s output
+                remote_job_paths(ctx.settings.remote.root, inst.id, name),
                 timeout_s=ctx.settings.ssh.command_timeout_s,
             )
         except (VastdError, ValueError) as exc:
