@@ -231,7 +231,7 @@ class Daemon:
         if ctx.store.snapshot.followups and await ctx.store.flush():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
-                    await followups_once(ctx)
+                    await followups_once(ctx, sweep=False)
         await close_context(ctx)
         self._lock.release()
 
