@@ -69,6 +69,11 @@ class Offer:
     end_date: float | None
 
 
+def machine_number(machine_id: str | None) -> int | None:
+    """A provider's machine id as the snapshot keeps it (a number), or None."""
+    return int(machine_id) if machine_id is not None and machine_id.isdigit() else None
+
+
 @runtime_checkable
 class CloudProvider(Protocol):
     """The operations the fleet needs from a cloud.

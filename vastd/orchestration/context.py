@@ -95,9 +95,6 @@ class KeyedLocks:
         lock = self._locks.get(key)
         return lock is not None and lock.locked()
 
-    def __len__(self) -> int:
-        return len(self._locks)
-
 
 @dataclass(frozen=True)
 class Context:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from vastd.core import state as st
-from vastd.core.state import InstanceRecord, InstanceStatus, JobState
+from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.provider import ApiState, Offer
 from vastd.instances.vast_status import api_state
 from vastd.orchestration.context import Context
@@ -102,11 +102,7 @@ def spend_exhausted(ctx: Context) -> bool:
 
 def jobs_on(ctx: Context, inst: InstanceRecord) -> int:
     """Jobs still tied to this instance (running, or results not yet collected)."""
-    return sum(
-        1
-        for j in ctx.store.jobs.values()
-        if j.instance == inst.id and j.state in (JobState.RUNNING, JobState.COLLECTING)
-    )
+    return len(st.jobs_on_instance(ctx.store, inst.id))
 
 
 def desired_instances(ctx: Context) -> int:

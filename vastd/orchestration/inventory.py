@@ -13,7 +13,7 @@ import time
 from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.preparation import prepare_instance_for_jobs
-from vastd.instances.provider import ApiState, ProviderInstance
+from vastd.instances.provider import ApiState, ProviderInstance, machine_number
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
@@ -41,10 +41,6 @@ def record_from_info(info: ProviderInstance, now: float) -> InstanceRecord:
     return InstanceRecord(id=info.id, label=info.label, first_seen=now)
 
 
-def _machine(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() else None
-
-
 def refresh_record(inst: InstanceRecord, info: ProviderInstance, now: float) -> None:
     inst.label = info.label
     inst.api_status = info.raw_status
@@ -56,7 +52,7 @@ def refresh_record(inst: InstanceRecord, info: ProviderInstance, now: float) -> 
     )
     if info.dph is not None:
         inst.dph = info.dph
-    inst.machine_id = _machine(info.machine_id)
+    inst.machine_id = machine_number(info.machine_id)
     inst.gpu_name = info.gpu_name
     inst.last_seen = now
     inst.missing_since = None
@@ -88,7 +84,7 @@ def claim_unknown_instance(
             rented_at=at,
             accrued_until=at,
             dph=info.dph or float(intent.get("dph") or 0.0),
-            machine_id=_machine(info.machine_id),
+            machine_id=machine_number(info.machine_id),
             intent_id=intent_id,
         )
         ctx.store.instances[inst.id] = inst

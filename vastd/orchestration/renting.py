@@ -25,7 +25,7 @@ from vastd.instances.lifecycle import (
     public_key_line,
     terminate_instance,
 )
-from vastd.instances.provider import Offer
+from vastd.instances.provider import Offer, machine_number
 from vastd.orchestration.context import Context
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
@@ -43,7 +43,7 @@ def offer_dph(ctx: Context, offer: Offer) -> float:
     return offer.dph
 
 
-def block_machine(ctx: Context, machine_id: int | None, reason: str, *, now: float) -> None:
+def blockmachine_number(ctx: Context, machine_id: int | None, reason: str, *, now: float) -> None:
     """Avoid a machine for MACHINE_BLOCK_S (persisted in the snapshot)."""
     if machine_id is None:
         return
@@ -54,10 +54,6 @@ def block_machine(ctx: Context, machine_id: int | None, reason: str, *, now: flo
 
 
 # --- composites -------------------------------------------------------------------------------
-def _machine(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() else None
-
-
 async def rent_instance(ctx: Context, offer: Offer) -> InstanceRecord:
     """Rent `offer`: intent saved first, the record saved at once, then the SSH key attached.
 
@@ -69,7 +65,7 @@ async def rent_instance(ctx: Context, offer: Offer) -> InstanceRecord:
     store = ctx.store
     intent_id = uuid.uuid4().hex
     dph = offer_dph(ctx, offer)
-    machine_id = _machine(offer.machine_id)
+    machine_id = machine_number(offer.machine_id)
     store.snapshot.rent_intents[intent_id] = {
         "offer_id": offer.id,
         "machine_id": machine_id,
@@ -176,7 +172,7 @@ def cleanup_failed_instance(
         task.cancel()  # its end would mark the instance ready again
     requeued = st.mark_instance_destroying(ctx.store, inst, reason)
     if block:
-        block_machine(ctx, inst.machine_id, reason, now=now)
+        blockmachine_number(ctx, inst.machine_id, reason, now=now)
     ctx.wake_dispatch()
     ctx.spawn(ctx.pool.drop(inst.id), name=f"drop:{inst.id}")
     log.info("instance_destroying", instance=inst.id, reason=reason, requeued=requeued)
