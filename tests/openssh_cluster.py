@@ -327,3 +327,22 @@ class DaemonProcess:
             self.proc.wait(timeout=10)
         self._stdout.close()
         self._stderr.close()
+
+
+def submit(config: Path, files: list[Path]) -> None:
+    """`vastd submit FILE... --config CFG`, as a user would."""
+    subprocess.run(
+        [sys.executable, "-m", "vastd", "submit", *map(str, files), "--config", str(config)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def drop_into_inbox(root: Path, src: Path) -> None:
+    """Write under a dot-name, then rename into the inbox (the other way to submit)."""
+    inbox = root / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = inbox / f".{src.name}.part"
+    tmp.write_bytes(src.read_bytes())
+    tmp.rename(inbox / src.name)

@@ -13,8 +13,6 @@ import csv
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import saved_jobs
-from tests.openssh_cluster import DaemonProcess, OpenSSHCloud, processes_of_user
+from tests.openssh_cluster import (
+    DaemonProcess,
+    OpenSSHCloud,
+    drop_into_inbox,
+    processes_of_user,
+    submit,
+)
 from tests.sshd import TEST_USER
 from vastd.sim.cluster import load_make_jobs
 
@@ -67,25 +71,6 @@ def check_garch_result(result_dir: Path, source_csv: Path) -> None:
 def remote_job_dirs(cloud: OpenSSHCloud) -> list[Path]:
     """Job folders left anywhere under the remote root."""
     return [p for p in cloud.remote_root.glob("*/jobs/*")]
-
-
-def submit(config: Path, files: list[Path]) -> None:
-    """`vastd submit FILE... --config CFG`, as a user would."""
-    subprocess.run(
-        [sys.executable, "-m", "vastd", "submit", *map(str, files), "--config", str(config)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
-def drop_into_inbox(root: Path, src: Path) -> None:
-    """Write under a dot-name, then rename into the inbox (the other way to submit)."""
-    inbox = root / "inbox"
-    inbox.mkdir(parents=True, exist_ok=True)
-    tmp = inbox / f".{src.name}.part"
-    tmp.write_bytes(src.read_bytes())
-    tmp.rename(inbox / src.name)
 
 
 def dispatched_to(proc: DaemonProcess, job: str | None = None) -> list[str]:

@@ -25,7 +25,6 @@ import os
 import pwd
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from tests.openssh_cluster import DaemonProcess, OpenSSHCloud
+from tests.openssh_cluster import DaemonProcess, OpenSSHCloud, drop_into_inbox, submit
 from tests.sshd import TEST_USER
 from vastd.sim.cluster import load_make_jobs
 
@@ -106,25 +105,6 @@ def tree_hashes(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-def submit(config: Path, files: list[Path]) -> None:
-    """`vastd submit FILE... --config CFG`, as a user would."""
-    subprocess.run(
-        [sys.executable, "-m", "vastd", "submit", *map(str, files), "--config", str(config)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
-def drop_into_inbox(root: Path, src: Path) -> None:
-    """Write under a dot-name, then rename into the inbox (the other way to submit)."""
-    inbox = root / "inbox"
-    inbox.mkdir(parents=True, exist_ok=True)
-    tmp = inbox / f".{src.name}.part"
-    tmp.write_bytes(src.read_bytes())
-    tmp.rename(inbox / src.name)
 
 
 def dispatched_to(proc: DaemonProcess, job: str) -> list[str]:
