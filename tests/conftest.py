@@ -15,6 +15,10 @@ from typing import Any
 import asyncssh
 import pytest
 
+# Every save and index query in the suite (daemons started by it too) is checked against a
+# full dump and scan: a record changed without its store hearing of it fails loudly.
+os.environ.setdefault("VASTD_CHECK_STATE", "1")
+
 # Make `tests.sshd` (and other helpers under tests/) importable without tests/__init__.py.
 _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:

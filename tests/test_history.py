@@ -86,18 +86,18 @@ async def test_a_finished_job_is_appended_and_fsynced_before_it_leaves_the_snaps
     queue(store, "b")
     assert await store.flush()
     seen: list[tuple[bool, bool]] = []
-    real_append, real_fsync = history_mod.append_history, history_mod.os.fsync
+    real_append, real_fsync = history_mod.append_history_async, history_mod.os.fsync
     fsynced: list[int] = []
 
-    def append(path: Path, lines: list[bytes]) -> None:
+    async def append(path: Path, lines: list[bytes]) -> None:
         seen.append(("a" in store.jobs, "a" in saved_ids(store)))
-        real_append(path, lines)
+        await real_append(path, lines)
 
     def fsync(fd: int) -> None:
         fsynced.append(fd)
         real_fsync(fd)
 
-    monkeypatch.setattr("vastd.core.snapshot.append_history", append)
+    monkeypatch.setattr("vastd.core.snapshot.append_history_async", append)
     monkeypatch.setattr(history_mod.os, "fsync", fsync)
     assert await store.retire_finished() == 1
     assert seen == [(True, True)]
@@ -141,13 +141,13 @@ async def test_a_record_changed_during_the_append_stays(
     """A job accepted again while its line was being appended keeps its new record."""
     store = new_store(tmp_path)
     finish(store, "a", ok=False)
-    real = history_mod.append_history
+    real = history_mod.append_history_async
 
-    def append(path: Path, lines: list[bytes]) -> None:
-        real(path, lines)
+    async def append(path: Path, lines: list[bytes]) -> None:
+        await real(path, lines)
         queue(store, "a")  # resubmitted meanwhile (as the event loop could)
 
-    monkeypatch.setattr("vastd.core.snapshot.append_history", append)
+    monkeypatch.setattr("vastd.core.snapshot.append_history_async", append)
     assert await store.retire_finished() == 0
     assert store.jobs["a"].state is JobState.QUEUED
     assert "a" not in store.history

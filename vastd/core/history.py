@@ -19,7 +19,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import aiofiles
+import aiofiles.os
+from pydantic_core import from_json
 
 from vastd.core.records import FINISHED, HistorySummary, JobRecord, JobState
 from vastd.utils.logging import get_logger
@@ -27,8 +31,7 @@ from vastd.utils.logging import get_logger
 log = get_logger("vastd.state")
 
 
-@dataclass(frozen=True, slots=True)
-class Finished:
+class Finished(NamedTuple):
     """What the daemon needs of a finished job whose record is in history only."""
 
     state: JobState
@@ -73,6 +76,39 @@ def append_history(path: Path, lines: list[bytes]) -> None:
             os.fsync(fd)  # a new file: its name is durable too
         finally:
             os.close(fd)
+
+
+async def _fsync(fd: int) -> None:
+    await aiofiles.os.wrap(os.fsync)(fd)
+
+
+async def _fsync_folder(path: Path) -> None:
+    fd = await aiofiles.os.wrap(os.open)(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        await _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def append_history_async(path: Path, lines: list[bytes]) -> None:
+    """`append_history` with every read, write and fsync off the event loop (aiofiles).
+
+    OSError on failure; the lines are then not durable and the caller keeps the jobs.
+    """
+    if not lines:
+        return
+    data = b"".join(lines)
+    async with aiofiles.open(path, "a+b") as handle:  # O_APPEND: each write at the end
+        size = await handle.seek(0, os.SEEK_END)
+        if size:
+            await handle.seek(size - 1)
+            if await handle.read(1) != b"\n":
+                data = b"\n" + data  # the last line was cut short (a crash mid-append)
+        await handle.write(data)
+        await handle.flush()
+        await _fsync(handle.fileno())
+    if size == 0:
+        await _fsync_folder(path.parent)  # a new file: its name is durable too
 
 
 def iter_history(path: Path) -> Iterator[dict[str, Any]]:
@@ -156,11 +192,46 @@ class HistoryIndex:
 
     @classmethod
     def load(cls, path: Path) -> HistoryIndex:
+        """The index of a history file, read in one pass (at start: keep it quick).
+
+        A line that does not parse is skipped with a warning, as in `iter_history`.
+        """
         index = cls()
-        for data in iter_history(path):
-            entry = _entry(data)
-            if entry is not None:
-                index.put(data["id"], entry)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return index
+        entries, done, failed = index.entries, JobState.DONE, JobState.FAILED
+        states = {"done": done, "failed": failed}
+        for number, line in enumerate(raw.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                data = from_json(line)
+                job_id = data["id"]
+                state = states.get(data["state"])
+            except (ValueError, TypeError, KeyError):
+                data, job_id, state = None, None, None
+            if not isinstance(job_id, str) or not isinstance(data, dict):
+                log.warning(
+                    "history_line_skipped",
+                    path=str(path),
+                    line=number,
+                    truncated=not raw.endswith(b"\n") and number == raw.count(b"\n") + 1,
+                )
+                continue
+            if state is None:
+                continue  # not finished: not a line vastd writes
+            duration = None
+            if state is done:
+                finished_at, dispatched_at = data.get("finished_at"), data.get("dispatched_at")
+                if isinstance(finished_at, int | float) and isinstance(dispatched_at, int | float):
+                    duration = float(finished_at) - float(dispatched_at)
+            stem = data.get("failed_stem")
+            entries.pop(job_id, None)  # the last line of a name counts, in file order
+            entries[job_id] = Finished(state, stem if isinstance(stem, str) else None, duration)
+        for entry in entries.values():
+            index._count(entry, 1)
         return index
 
     def get(self, job_id: str) -> Finished | None:

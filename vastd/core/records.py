@@ -2,16 +2,23 @@
 
 Plain data. Who may change a record's `state`, `status` or reason is decided in
 core/state.py (the transition table); persistence lives in core/snapshot.py.
+
+Job and instance records tell their store of every field assigned (`Tracked`): the
+store keeps each record's JSON and its indexes (jobs by state, by instance, the queue)
+up to date from that, instead of walking every record. So a field is changed by
+assigning it (`job.orphans = [*job.orphans, run]`), never in place
+(`job.orphans.append(run)` would go unseen).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 SCHEMA_VERSION = 2  # 2: finished jobs live in history.jsonl, not here
 
@@ -48,16 +55,43 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", validate_assignment=False)
 
 
+class Tracked(_Model):
+    """A record whose watcher (its store) hears of every public field assigned."""
+
+    id: str  # a job's name; an instance's vast.ai id, as text
+    _watcher: Callable[[Any], None] | None = PrivateAttr(default=None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name[0] != "_":
+            private = self.__pydantic_private__
+            watcher = private.get("_watcher") if private else None
+            if watcher is not None:
+                watcher(self)
+
+    def watch(self, watcher: Callable[[Any], None] | None) -> None:
+        self._watcher = watcher
+
+    def __eq__(self, other: object) -> bool:
+        # The fields only: who watches a record is not part of it.
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class OrphanRun(_Model):
     """A run given up while its instance was silent; kept if it finishes first."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     instance: str
     run: str | None = None  # None: recorded before run ids existed
     started_at: float | None = None  # its deadline counts from here, as the job's did
 
 
-class JobRecord(_Model):
-    id: str
+class JobRecord(Tracked):
     file_name: str
     state: JobState = JobState.QUEUED
     seq: int = 0
@@ -106,8 +140,7 @@ class JobRecord(_Model):
         return next((o for o in self.orphans if o.instance == instance_id), None)
 
 
-class InstanceRecord(_Model):
-    id: str  # the vast.ai instance id, as text
+class InstanceRecord(Tracked):
     label: str | None = None
     status: InstanceStatus = InstanceStatus.DISCOVERED
     api_status: str | None = None  # vast.ai actual_status

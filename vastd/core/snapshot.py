@@ -31,6 +31,7 @@ from vastd.core.files import Layout
 from vastd.core.history import (
     HistoryIndex,
     append_history,
+    append_history_async,
     find_record,
     history_line,
     retirable,
@@ -43,6 +44,7 @@ from vastd.core.records import (
     JobState,
     Snapshot,
 )
+from vastd.core.tracking import JobIndex, RecordTable, checking
 from vastd.utils.exceptions import StateManagementError
 from vastd.utils.logging import get_logger
 
@@ -120,6 +122,7 @@ class StateStore:
         self.backup_path = path.with_name(path.name + ".bak")
         self.history_path = path.with_name(HISTORY_NAME)
         self.snapshot = snapshot or Snapshot()
+        self._index = self._adopt()
         # finished jobs whose record is in history.jsonl only (never one in `jobs`)
         self.history = history or HistoryIndex()
         for job_id in self.snapshot.jobs:
@@ -205,9 +208,60 @@ class StateStore:
             left=len(self.snapshot.jobs),
         )
 
+    # --- the tables and their index -------------------------------------------------------
+    def _adopt(self) -> JobIndex:
+        """Put the snapshot's records in tables that keep their JSON, and index the jobs."""
+        snap = self.snapshot
+        jobs: RecordTable[JobRecord] = RecordTable(snap.jobs)
+        snap.jobs = jobs
+        snap.instances = RecordTable(snap.instances)
+        index = JobIndex(jobs)
+        jobs._on_change = index.changed
+        return index
+
+    @property
+    def index(self) -> JobIndex:
+        """The job index, up to date (the tables again if the snapshot was replaced)."""
+        if self._index.jobs is not self.snapshot.jobs or not isinstance(
+            self.snapshot.instances, RecordTable
+        ):
+            self._index = self._adopt()
+        self._index.refresh()
+        return self._index
+
+    def jobs_in(self, *states: JobState) -> list[JobRecord]:
+        """The jobs in these states (in the order they entered them)."""
+        index, jobs = self.index, self.snapshot.jobs
+        return [jobs[job_id] for state in states for job_id in index.ids_in(state)]
+
+    def held_on(self, instance_id: str) -> list[JobRecord]:
+        """Jobs tied to an instance: running there, or results not yet collected."""
+        index, jobs = self.index, self.snapshot.jobs
+        return [jobs[job_id] for job_id in index.held_on(instance_id)]
+
+    def orphans_on(self, instance_id: str) -> list[JobRecord]:
+        """Jobs with an orphaned run on the instance."""
+        index, jobs = self.index, self.snapshot.jobs
+        return [jobs[job_id] for job_id in index.orphaned_on(instance_id)]
+
+    def orphan_load(self) -> dict[str, int]:
+        """Orphaned runs per instance."""
+        return self.index.orphan_load()
+
+    def queued(self, now: float | None = None, limit: int | None = None) -> list[JobRecord]:
+        """Queued jobs whose back-off has passed, in acceptance order (at most `limit`)."""
+        return self.index.queued(time.time() if now is None else now, limit)
+
     # --- history -------------------------------------------------------------------------
     def _retirable(self) -> list[JobRecord]:
-        return [j for j in self.snapshot.jobs.values() if retirable(j)]
+        return [j for j in self.jobs_in(JobState.DONE, JobState.FAILED) if retirable(j)]
+
+    def _history_line(self, job: JobRecord) -> bytes:
+        """The job's history line: its record's JSON as the snapshot keeps it."""
+        jobs = self.snapshot.jobs
+        if isinstance(jobs, RecordTable) and jobs.get(job.id) is job:
+            return jobs.record_json(job.id) + b"\n"
+        return history_line(job)
 
     def _drop_retired(self, jobs: list[JobRecord], lines: list[bytes]) -> int:
         """Remove the appended jobs whose record did not change meanwhile."""
@@ -216,7 +270,7 @@ class StateStore:
             if (
                 self.snapshot.jobs.get(job.id) is job
                 and retirable(job)
-                and history_line(job) == line
+                and self._history_line(job) == line
             ):
                 del self.snapshot.jobs[job.id]
                 self.history.add_record(job)
@@ -239,7 +293,7 @@ class StateStore:
     def retire_now(self) -> int:
         """`retire_finished`, blocking (migration at start, tools outside a loop)."""
         jobs = self._retirable()
-        lines = [history_line(j) for j in jobs]
+        lines = [self._history_line(j) for j in jobs]
         try:
             append_history(self.history_path, lines)
         except OSError as exc:
@@ -259,9 +313,9 @@ class StateStore:
             jobs = self._retirable()
             if not jobs:
                 return 0
-            lines = [history_line(j) for j in jobs]
+            lines = [self._history_line(j) for j in jobs]
             try:
-                await asyncio.to_thread(append_history, self.history_path, lines)
+                await append_history_async(self.history_path, lines)
             except OSError as exc:
                 self._history_failed(exc)
                 return 0
@@ -329,9 +383,24 @@ class StateStore:
         return self._dirty_flag
 
     def serialize(self) -> bytes:
-        self.snapshot.saved_at = time.time()
-        self.snapshot.history = self.history.summary()
-        return self.snapshot.model_dump_json(indent=None).encode()
+        """The snapshot as JSON, assembled from the records' kept entries: only records
+        changed since the last save are dumped (the rest is a join of bytes)."""
+        self.index  # noqa: B018 (the tables again if the snapshot was replaced)
+        snap = self.snapshot
+        snap.saved_at = time.time()
+        snap.history = self.history.summary()
+        jobs, instances = snap.jobs, snap.instances
+        assert isinstance(jobs, RecordTable) and isinstance(instances, RecordTable)
+        head = snap.model_dump_json(exclude={"jobs", "instances"}).encode()
+        data = b"".join(
+            (head[:-1], b',"jobs":', jobs.dump(), b',"instances":', instances.dump(), b"}")
+        )
+        if checking():
+            jobs.check()
+            instances.check()
+            if json.loads(data) != json.loads(snap.model_dump_json()):
+                raise AssertionError("the assembled snapshot differs from a full dump")
+        return data
 
     async def flush(self) -> bool:
         """Write now if anything changed; False (and still dirty) when the write failed."""
@@ -395,13 +464,13 @@ class StateStore:
                 await asyncio.sleep(retry_s)
 
     def active_job_ids(self) -> set[str]:
-        return {j.id for j in self.snapshot.jobs.values() if j.state not in FINISHED}
+        index = self.index
+        return {i for s in JobState if s not in FINISHED for i in index.ids_in(s)}
 
     def counts(self) -> dict[str, int]:
         """Jobs per state: the snapshot's (work in flight) plus history's counts."""
-        out = {s.value: 0 for s in JobState}
-        for job in self.snapshot.jobs.values():
-            out[job.state.value] += 1
+        index = self.index
+        out = {s.value: index.count(s) for s in JobState}
         out[JobState.DONE.value] += self.history.done
         out[JobState.FAILED.value] += self.history.failed
         return out

@@ -48,6 +48,7 @@ from vastd.core.snapshot import SNAPSHOT_TEMP_PATTERNS as SNAPSHOT_TEMP_PATTERNS
 from vastd.core.snapshot import StateStore as StateStore
 from vastd.core.snapshot import load_state as load_state
 from vastd.core.snapshot import save_state as save_state
+from vastd.core.tracking import HELD as TRACKED_HELD
 from vastd.utils.exceptions import FileOperationError, IllegalTransitionError
 from vastd.utils.logging import get_logger
 
@@ -88,7 +89,7 @@ INSTANCE_TRANSITIONS: dict[InstanceStatus, frozenset[InstanceStatus]] = {
     S.DESTROYED: frozenset(),
 }
 GONE = frozenset({S.LOST, S.DESTROYING, S.DESTROYED})
-HELD = frozenset({J.RUNNING, J.COLLECTING})  # a job tied to its instance
+HELD = TRACKED_HELD  # a job tied to its instance
 FOLDER_OF = {
     J.QUEUED: JobFolder.QUEUED,
     J.RUNNING: JobFolder.RUNNING,
@@ -151,7 +152,7 @@ def _release(store: StateStore, job: JobRecord) -> None:
     """Free the job's slot on its instance (job.instance still says where it ran)."""
     inst = store.instances.get(job.instance or "")
     if inst is not None and job.id in inst.current_jobs:
-        inst.current_jobs.remove(job.id)
+        inst.current_jobs = [j for j in inst.current_jobs if j != job.id]
         if not inst.current_jobs:
             inst.idle_since = time.time()
     store.mark_dirty()
@@ -274,7 +275,7 @@ def _assign(store: StateStore, job: JobRecord, inst: InstanceRecord) -> JobRecor
     # A run of this job left here earlier is replaced by this one's start.
     job.orphans = [o for o in job.orphans if o.instance != inst.id]
     if job.id not in inst.current_jobs:
-        inst.current_jobs.append(job.id)
+        inst.current_jobs = [*inst.current_jobs, job.id]
     inst.idle_since = None
     return job
 
@@ -410,9 +411,8 @@ def requeue_job(
         if orphan:
             if job.orphan_on(job.instance) is None:
                 started = job.started_at or job.dispatched_at
-                job.orphans.append(
-                    OrphanRun(instance=job.instance, run=job.run_id, started_at=started)
-                )
+                orphan_run = OrphanRun(instance=job.instance, run=job.run_id, started_at=started)
+                job.orphans = [*job.orphans, orphan_run]
         else:
             _clean_up_run(store, job, reason)
     _release(store, job)
@@ -423,9 +423,9 @@ def requeue_job(
     job.kill_reason = None
     job.not_before = time.time() + delay_s if delay_s > 0 else None
     job.last_error = reason
-    for inst in avoid:
-        if inst not in job.avoid_instances:
-            job.avoid_instances.append(inst)
+    avoided = [i for i in dict.fromkeys(avoid) if i not in job.avoid_instances]
+    if avoided:
+        job.avoid_instances = [*job.avoid_instances, *avoided]
     return job
 
 
@@ -533,8 +533,8 @@ def drop_orphan(store: StateStore, job: JobRecord, instance_id: str) -> None:
 
 # --- instance transitions ----------------------------------------------------------------------
 def jobs_on_instance(store: StateStore, instance_id: str) -> list[JobRecord]:
-    """Jobs tied to an instance: running there, or results not yet collected."""
-    return [j for j in store.jobs.values() if j.instance == instance_id and j.state in HELD]
+    """Jobs tied to an instance: running there, or results not yet collected (indexed)."""
+    return store.held_on(instance_id)
 
 
 def requeue_instance_jobs(
@@ -683,7 +683,7 @@ def mark_instance_destroyed(store: StateStore, inst: InstanceRecord, now: float)
     set_instance_status(store, inst, S.DESTROYED)
     inst.destroyed_at = now
     inst.next_destroy_at = None
-    inst.current_jobs.clear()
+    inst.current_jobs = []
     # Nothing on it can be cleaned up or collected any more.
     for fid in [f.id for f in store.snapshot.followups.values() if f.instance == inst.id]:
         del store.snapshot.followups[fid]
@@ -730,16 +730,12 @@ def followup_failed(store: StateStore, fid: str, error: str, delay_s: float) -> 
 
 
 # --- queries -----------------------------------------------------------------------------------
-def get_available_jobs(store: StateStore, now: float | None = None) -> list[JobRecord]:
-    """Queued jobs whose back-off has passed, in acceptance order."""
-    now = time.time() if now is None else now
-    jobs = [
-        j
-        for j in store.jobs.values()
-        if j.state is J.QUEUED and (j.not_before is None or j.not_before <= now)
-    ]
-    jobs.sort(key=lambda j: j.seq)
-    return jobs
+def get_available_jobs(
+    store: StateStore, now: float | None = None, limit: int | None = None
+) -> list[JobRecord]:
+    """Queued jobs whose back-off has passed, in acceptance order (the queue's heap:
+    no scan of every job; at most `limit`)."""
+    return store.queued(now, limit)
 
 
 def get_idle_instances(store: StateStore, jobs_per_instance: int = 1) -> list[InstanceRecord]:
@@ -761,4 +757,5 @@ def running_jobs_on(store: StateStore, instance_id: str) -> list[JobRecord]:
 
 
 def orphans_on(store: StateStore, instance_id: str) -> list[JobRecord]:
-    return [j for j in store.jobs.values() if j.orphan_on(instance_id) is not None]
+    """Jobs with an orphaned run on the instance (indexed)."""
+    return store.orphans_on(instance_id)

@@ -43,6 +43,7 @@ from vastd.utils.exceptions import FileOperationError, SSHConnectionError, Vastd
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.coordinator")
+DISPATCH_SLACK = 64  # queued jobs looked at beyond the free slots, per dispatch round
 
 
 # --- placing jobs ------------------------------------------------------------------------------
@@ -69,8 +70,8 @@ def find_best_instance_for_job(
 
 
 def orphan_load(ctx: Context) -> Counter[str]:
-    """Orphaned runs per instance (each may still hold a GPU)."""
-    return Counter(o.instance for j in ctx.store.jobs.values() for o in j.orphans)
+    """Orphaned runs per instance (each may still hold a GPU), from the job index."""
+    return Counter(ctx.store.orphan_load())
 
 
 def in_dispatch(ctx: Context, job: JobRecord) -> bool:
@@ -91,7 +92,11 @@ def is_current(job: JobRecord | None, instance_id: str, run_id: str | None) -> b
 async def coordinate_job_distribution(ctx: Context) -> int:
     """Give every waiting job a free instance; save; then start them. Returns the count."""
     assigned: list[tuple[str, str, str | None]] = []
-    waiting = st.get_available_jobs(ctx.store)
+    per = ctx.settings.job.jobs_per_instance
+    free = sum(per - len(i.current_jobs) for i in st.get_idle_instances(ctx.store, per))
+    # Only the head of the queue can be placed this round (a few more for jobs that
+    # must skip an instance holding an orphaned run of theirs): no walk of the queue.
+    waiting = st.get_available_jobs(ctx.store, limit=free + DISPATCH_SLACK) if free else []
     load = orphan_load(ctx) if waiting else Counter()
     for job in waiting:
         inst = find_best_instance_for_job(ctx, job, load)
@@ -375,9 +380,7 @@ def detect_stuck_jobs(ctx: Context, now: float | None = None) -> list[str]:
     """Running jobs that nobody is watching or that are past their deadline."""
     now = time.time() if now is None else now
     stuck = []
-    for job in ctx.store.jobs.values():
-        if job.state is not JobState.RUNNING:
-            continue
+    for job in ctx.store.jobs_in(JobState.RUNNING):
         watcher = ctx.watchers.get(job.instance or "")
         deadline = (job.started_at or job.dispatched_at or now) + ctx.settings.job.timeout_s
         if (
@@ -403,7 +406,7 @@ def handle_system_failures(ctx: Context) -> int:
         else:
             ensure_watcher(ctx, inst.id)
         touched.add(job.instance)
-    orphaned = {o.instance for j in ctx.store.jobs.values() for o in j.orphans}
+    orphaned = set(ctx.store.orphan_load())
     for instance_id in orphaned:
         inst = ctx.store.instances.get(instance_id)
         watcher = ctx.watchers.get(instance_id)

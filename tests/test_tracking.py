@@ -1,0 +1,206 @@
+"""The store's kept JSON and job index (core/tracking.py): they agree with a full dump
+and a full scan after any sequence of transitions; a save dumps only the records that
+changed; a change made in place, which the store cannot hear of, fails the check."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from vastd.core import state as st
+from vastd.core.files import JobFolder, Layout
+from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState, StateStore
+from vastd.core.tracking import HELD, RecordTable
+
+INSTANCES = ("i1", "i2", "i3")
+
+
+def store_at(tmp_path: Path) -> StateStore:
+    layout = Layout(tmp_path / "root")
+    layout.ensure()
+    store = StateStore(layout.state_file)
+    for inst_id in INSTANCES:
+        store.instances[inst_id] = InstanceRecord(id=inst_id, status=InstanceStatus.READY)
+    return store
+
+
+def accept(store: StateStore, job_id: str) -> JobRecord:
+    store.layout.job_file(JobFolder.QUEUED, job_id).write_text("a,b\n1,2\n")
+    return st.add_job(store, job_id, f"{job_id}.csv", 1)
+
+
+def scan(store: StateStore) -> dict[str, object]:
+    """What the index answers, computed the slow way from every record."""
+    jobs = list(store.jobs.values())
+    queued = sorted((j for j in jobs if j.state is JobState.QUEUED), key=lambda j: j.seq)
+    return {
+        "counts": {s.value: sum(j.state is s for j in jobs) for s in JobState},
+        "held": {
+            i: sorted(j.id for j in jobs if j.instance == i and j.state in HELD)
+            for i in INSTANCES
+        },
+        "orphans": {
+            i: sorted(j.id for j in jobs if any(o.instance == i for o in j.orphans))
+            for i in INSTANCES
+        },
+        "queue": [j.id for j in queued],
+        "running": sorted(j.id for j in jobs if j.state is JobState.RUNNING),
+    }
+
+
+def indexed(store: StateStore) -> dict[str, object]:
+    counts = store.counts()
+    counts["done"] -= store.history.done
+    counts["failed"] -= store.history.failed
+    return {
+        "counts": counts,
+        "held": {i: sorted(j.id for j in st.jobs_on_instance(store, i)) for i in INSTANCES},
+        "orphans": {i: sorted(j.id for j in st.orphans_on(store, i)) for i in INSTANCES},
+        "queue": [j.id for j in st.get_available_jobs(store, now=float("inf"))],
+        "running": sorted(j.id for j in store.jobs_in(JobState.RUNNING)),
+    }
+
+
+def random_step(store: StateStore, rng: random.Random, names: list[str]) -> None:
+    """One transition picked at random among those the job's state allows."""
+    job_id = rng.choice(names)
+    job = store.jobs.get(job_id)
+    if job is None or job.state in st.FINISHED:
+        if job is not None and rng.random() < 0.3:
+            del store.jobs[job_id]  # as retirement to history does
+            return
+        accept(store, job_id)
+        return
+    inst = rng.choice(INSTANCES)
+    if job.state is JobState.QUEUED:
+        if rng.random() < 0.8:
+            st.mark_job_assigned(store, job_id, inst)
+            st.mark_job_started(store, job_id, run_id=job.run_id, pgid=7, new=True)
+        else:
+            st.mark_job_failed(store, job_id, reason="cancelled")
+    elif job.state is JobState.RUNNING:
+        pick = rng.random()
+        if pick < 0.4:
+            st.mark_job_exited(store, job_id, exit_code=0, error=None)
+        elif pick < 0.7:
+            st.requeue_job(
+                store, job_id, reason="lost", orphan=rng.random() < 0.5, delay_s=0.0, avoid=[inst]
+            )
+        else:
+            st.record_attempt_failure(
+                store, job_id, reason="exit 1", exit_code=1, max_attempts=3, retry_delay_s=0
+            )
+    elif job.state is JobState.COLLECTING:
+        if rng.random() < 0.7:
+            st.mark_job_completed(
+                store, job_id, instance_id=job.instance or inst, run_id=job.run_id, result_files=[]
+            )
+        else:
+            st.record_attempt_failure(
+                store, job_id, reason="bad results", exit_code=0, max_attempts=3, retry_delay_s=0
+            )
+    for orphaned in st.orphans_on(store, inst):
+        if rng.random() < 0.2:
+            st.drop_orphan(store, orphaned, inst)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_the_index_and_the_kept_json_agree_with_a_full_scan(
+    tmp_path: Path, seed: int
+) -> None:
+    rng = random.Random(seed)
+    store = store_at(tmp_path)
+    names = [f"job_{n}" for n in range(12)]
+    for step in range(400):
+        random_step(store, rng, names)
+        if step % 7 == 0:
+            assert indexed(store) == scan(store), f"step {step}"
+        if step % 50 == 0:
+            data = store.serialize()
+            fresh = json.loads(store.snapshot.model_dump_json())
+            assert json.loads(data) == fresh, f"step {step}"
+    assert indexed(store) == scan(store)
+    assert await store.flush()
+    reloaded = StateStore.open(store.path)
+    assert reloaded.snapshot.jobs == store.snapshot.jobs
+    assert indexed(reloaded) == scan(reloaded) == scan(store)
+
+
+def test_the_queue_keeps_acceptance_order_and_skips_backed_off_jobs(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    for name in ("a", "b", "c", "d"):
+        accept(store, name)
+    st.mark_job_assigned(store, "a", "i1")
+    st.mark_job_assigned(store, "c", "i2")
+    assert [j.id for j in st.get_available_jobs(store)] == ["b", "d"]
+    st.requeue_job(store, "c", reason="lost")  # back in the queue, ahead of d
+    st.requeue_job(store, "a", reason="retry", delay_s=3600)  # backed off
+    assert [j.id for j in st.get_available_jobs(store)] == ["b", "c", "d"]
+    assert [j.id for j in st.get_available_jobs(store, limit=2)] == ["b", "c"]
+    assert [j.id for j in st.get_available_jobs(store, now=float("inf"))] == ["a", "b", "c", "d"]
+    # A finished name accepted again queues behind everything accepted before it.
+    st.mark_job_assigned(store, "b", "i3")
+    st.mark_job_failed(store, "b", reason="broken")
+    accept(store, "b")
+    assert [j.id for j in st.get_available_jobs(store)] == ["c", "d", "b"]
+
+
+def test_a_save_dumps_only_the_records_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VASTD_CHECK_STATE", raising=False)  # its full dumps would count
+    store = store_at(tmp_path)
+    for n in range(200):
+        accept(store, f"job_{n}")
+    store.serialize()
+    dumped: list[str] = []
+    real = JobRecord.model_dump_json
+
+    def counting(self: JobRecord, **kwargs: object) -> str:
+        dumped.append(self.id)
+        return real(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(JobRecord, "model_dump_json", counting)
+    store.serialize()
+    assert dumped == []
+    st.mark_job_assigned(store, "job_7", "i1")
+    data = store.serialize()
+    assert dumped == ["job_7"]
+    assert json.loads(data)["jobs"]["job_7"]["state"] == "running"
+    assert json.loads(data)["instances"]["i1"]["current_jobs"] == ["job_7"]
+
+
+def test_a_record_changed_in_place_fails_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The safety net the suite runs with: a change the store cannot see is caught."""
+    monkeypatch.setenv("VASTD_CHECK_STATE", "1")
+    store = store_at(tmp_path)
+    job = accept(store, "a")
+    store.serialize()
+    job.avoid_instances.append("i1")  # in place: no assignment, so no notice
+    with pytest.raises(AssertionError, match="changed without its store hearing"):
+        store.serialize()
+    job.avoid_instances = [*job.avoid_instances]  # assigned: seen
+    store.serialize()
+
+
+def test_every_way_of_changing_the_table_is_seen(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    accept(store, "a")
+    accept(store, "b")
+    assert isinstance(store.jobs, RecordTable)
+    store.jobs.pop("a")
+    store.jobs.update({"c": JobRecord(id="c", file_name="c.csv", seq=99)})
+    store.jobs.setdefault("d", JobRecord(id="d", file_name="d.csv", seq=100))
+    assert indexed(store) == scan(store)
+    assert set(json.loads(store.serialize())["jobs"]) == {"b", "c", "d"}
+    store.jobs.clear()
+    assert store.counts()["queued"] == 0 and json.loads(store.serialize())["jobs"] == {}
+    # A snapshot replaced wholesale is taken up again.
+    store.snapshot = st.Snapshot(jobs={"e": JobRecord(id="e", file_name="e.csv")})
+    assert [j.id for j in st.get_available_jobs(store)] == ["e"]
+    assert set(json.loads(store.serialize())["jobs"]) == {"e"}
