@@ -84,9 +84,9 @@ async def campaign(root: Path, jobs: int, instances: int, batch: int) -> dict[st
         serialize_s.append(time.perf_counter() - t0)
         return data
 
-    def timed_save(data: bytes, path: Path, backup: Path | None = None) -> None:
+    def timed_save(data: bytes, path: Path, backup: Path | None = None, **kw: Any) -> None:
         t0 = time.perf_counter()
-        real_save(data, path, backup)
+        real_save(data, path, backup, **kw)
         write_s.append(time.perf_counter() - t0)
 
     store.serialize = timed_serialize  # type: ignore[method-assign]

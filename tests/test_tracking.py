@@ -39,8 +39,7 @@ def scan(store: StateStore) -> dict[str, object]:
     return {
         "counts": {s.value: sum(j.state is s for j in jobs) for s in JobState},
         "held": {
-            i: sorted(j.id for j in jobs if j.instance == i and j.state in HELD)
-            for i in INSTANCES
+            i: sorted(j.id for j in jobs if j.instance == i and j.state in HELD) for i in INSTANCES
         },
         "orphans": {
             i: sorted(j.id for j in jobs if any(o.instance == i for o in j.orphans))
@@ -204,3 +203,77 @@ def test_every_way_of_changing_the_table_is_seen(tmp_path: Path) -> None:
     store.snapshot = st.Snapshot(jobs={"e": JobRecord(id="e", file_name="e.csv")})
     assert [j.id for j in st.get_available_jobs(store)] == ["e"]
     assert set(json.loads(store.serialize())["jobs"]) == {"e"}
+
+
+async def test_job_file_moves_are_fsynced_off_the_loop_before_the_save_that_records_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from vastd.core import files as files_mod
+    from vastd.core import snapshot as snapshot_mod
+
+    store = store_at(tmp_path)
+    job = accept(store, "a")
+    st.mark_job_assigned(store, "a", "i1")
+    st.mark_job_exited(store, "a", exit_code=0, error=None)
+    assert await store.flush()
+    events: list[tuple[str, str, bool]] = []
+    loop_thread = threading.get_ident()
+    real_fsync, real_replace = files_mod.fsync_directory, snapshot_mod.os.replace
+
+    def fsync(path: Path) -> None:
+        events.append(("fsync", Path(path).name, threading.get_ident() == loop_thread))
+        real_fsync(path)
+
+    def replace(src: object, dst: object) -> None:
+        events.append(("replace", Path(str(dst)).name, threading.get_ident() == loop_thread))
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files_mod, "fsync_directory", fsync)
+    monkeypatch.setattr(snapshot_mod, "fsync_directory", fsync)
+    monkeypatch.setattr(snapshot_mod.os, "replace", replace)
+    st.mark_job_completed(store, "a", instance_id="i1", run_id=job.run_id, result_files=[])
+    assert store.layout.job_file(JobFolder.DONE, "a").exists()
+    assert events == [], "the move fsynced its folders on the event loop"
+    assert await store.flush()
+    fsynced = {name for kind, name, _ in events if kind == "fsync"}
+    assert {"done", "running"} <= fsynced
+    first_state_write = next(i for i, e in enumerate(events) if e[:2] == ("replace", "state.json"))
+    assert all(
+        e[0] == "fsync" for e in events[:first_state_write] if e[1] in ("done", "running")
+    )
+    assert max(i for i, e in enumerate(events) if e[1] in ("done", "running")) < first_state_write
+    assert not any(on_loop for _, _, on_loop in events), "the save's work ran on the loop"
+
+
+async def test_a_folder_that_cannot_be_fsynced_fails_the_save_and_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vastd.core import snapshot as snapshot_mod
+    from vastd.utils.exceptions import FileOperationError
+
+    store = store_at(tmp_path)
+    accept(store, "a")
+    assert await store.flush()
+    st.mark_job_assigned(store, "a", "i1")
+    real = snapshot_mod.fsync_directory
+
+    def broken(path: Path) -> None:
+        raise FileOperationError(f"cannot fsync folder {path}: EIO")
+
+    monkeypatch.setattr(snapshot_mod, "fsync_directory", broken)
+    assert not await store.flush()
+    assert "EIO" in (store.save_error or "")
+    saved = json.loads(store.path.read_text())
+    assert saved["jobs"]["a"]["state"] == "queued"  # the record did not get ahead of its file
+    seen: list[str] = []
+
+    def recording(path: Path) -> None:
+        seen.append(Path(path).name)
+        real(path)
+
+    monkeypatch.setattr(snapshot_mod, "fsync_directory", recording)
+    assert await store.flush()
+    assert {"queued", "running"} <= set(seen)
+    assert json.loads(store.path.read_text())["jobs"]["a"]["state"] == "running"

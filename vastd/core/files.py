@@ -16,7 +16,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -175,12 +175,16 @@ def ensure_directory_exists(path: Path, mode: int = 0o700) -> Path:
     return path
 
 
-def atomic_file_move(source: Path, destination: Path) -> Path:
+def atomic_file_move(
+    source: Path, destination: Path, *, defer_fsync: Callable[[Path], None] | None = None
+) -> Path:
     """Rename `source` to `destination` (same file system), never over an existing entry.
 
     The entry itself moves (a symlink or FIFO is never opened). Both folders are
-    fsynced. vastd is the only process moving files between its folders, so the
-    check-then-rename is not raced by another writer.
+    fsynced, or handed to `defer_fsync`, whose caller fsyncs them before it records
+    where the file is (the state store does, before its next save). vastd is the only
+    process moving files between its folders, so the check-then-rename is not raced by
+    another writer.
     """
     if os.path.lexists(destination):
         raise FileOperationError(f"cannot move {source} to {destination}: destination exists")
@@ -188,9 +192,10 @@ def atomic_file_move(source: Path, destination: Path) -> Path:
         os.rename(source, destination)
     except OSError as exc:
         raise FileOperationError(f"cannot move {source} to {destination}: {exc}") from exc
-    fsync_directory(destination.parent)
+    sync = defer_fsync or fsync_directory
+    sync(destination.parent)
     if source.parent != destination.parent:
-        fsync_directory(source.parent)
+        sync(source.parent)
     return destination
 
 
@@ -224,6 +229,7 @@ def move_job_file(
     to_folder: JobFolder,
     *,
     rename_on_collision: bool = False,
+    defer_fsync: Callable[[Path], None] | None = None,
 ) -> Path:
     """Move `<job>.csv` between job folders atomically; return its new path.
 
@@ -238,7 +244,7 @@ def move_job_file(
         destination = target_dir / safe_name(stem, JOB_SUFFIX)
     else:
         destination = layout.job_file(to_folder, job_id)
-    return atomic_file_move(source, destination)
+    return atomic_file_move(source, destination, defer_fsync=defer_fsync)
 
 
 def cleanup_temp_files(directory: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> int:

@@ -23,11 +23,12 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from vastd.core.files import Layout
+from vastd.core.files import Layout, fsync_directory
 from vastd.core.history import (
     HistoryIndex,
     append_history,
@@ -45,7 +46,7 @@ from vastd.core.records import (
     Snapshot,
 )
 from vastd.core.tracking import JobIndex, RecordTable, checking
-from vastd.utils.exceptions import StateManagementError
+from vastd.utils.exceptions import FileOperationError, StateManagementError
 from vastd.utils.logging import get_logger
 
 # temp names save_state uses (a killed write leaves them; the daemon sweeps them at start)
@@ -80,8 +81,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_state(data: bytes, file_path: Path, backup_path: Path | None = None) -> None:
-    """Write bytes atomically; the file it replaces becomes `backup_path`."""
+def save_state(
+    data: bytes,
+    file_path: Path,
+    backup_path: Path | None = None,
+    *,
+    folders: Iterable[Path] = (),
+) -> None:
+    """Write bytes atomically; the file it replaces becomes `backup_path`.
+
+    `folders` (where job files were renamed since the last save) are fsynced first, so
+    the files are where the snapshot says before it says so.
+    """
+    try:
+        for folder in folders:
+            fsync_directory(folder)
+    except FileOperationError as exc:
+        raise StateManagementError(f"cannot write {file_path}: {exc}") from exc
     tmp = file_path.with_name(f".{file_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -128,6 +144,7 @@ class StateStore:
         for job_id in self.snapshot.jobs:
             self.history.pop(job_id)  # the snapshot wins over an older line
         self.history_error: str | None = None  # why the last append failed
+        self._unsynced: set[Path] = set()  # folders with renames the next save fsyncs first
         self._retiring = asyncio.Lock()
         self._loaded_from: Path | None = None  # the file open() read (state.json or .bak)
         self.coalesce_s = coalesce_s
@@ -198,7 +215,8 @@ class StateStore:
         save_state(source.read_bytes(), kept)
         self.snapshot.version = SCHEMA_VERSION
         moved = self.retire_now()
-        save_state(self.serialize(), self.path, self.backup_path)
+        save_state(self.serialize(), self.path, self.backup_path, folders=self._unsynced)
+        self._unsynced = set()
         log.info(
             "state_migrated",
             from_version=old,
@@ -362,6 +380,11 @@ class StateStore:
     def instances(self) -> dict[str, InstanceRecord]:
         return self.snapshot.instances
 
+    def defer_fsync(self, folder: Path) -> None:
+        """A job file was renamed in `folder`: fsynced before the next save (its thread)."""
+        self._unsynced.add(folder)
+        self.mark_dirty()
+
     def mark_dirty(self) -> None:
         self._dirty_flag = True
         self._marked_gen += 1
@@ -411,8 +434,9 @@ class StateStore:
             self._dirty.clear()
             gen = self._marked_gen
             data = self.serialize()
+            folders, self._unsynced = self._unsynced, set()
             write = asyncio.ensure_future(
-                asyncio.to_thread(save_state, data, self.path, self.backup_path)
+                asyncio.to_thread(save_state, data, self.path, self.backup_path, folders=folders)
             )
             try:
                 # A cancelled caller must not leave a write running behind the next one.
@@ -420,10 +444,12 @@ class StateStore:
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await write
+                self._unsynced |= folders
                 self.mark_dirty()
                 raise
             except StateManagementError as exc:
                 self.write_failures += 1
+                self._unsynced |= folders
                 self.mark_dirty()
                 if self.save_error != str(exc):
                     log.error("state_save_failed", error=str(exc))
@@ -445,7 +471,8 @@ class StateStore:
     def flush_sync(self) -> None:
         """Blocking write, for the CLI outside a loop."""
         if self._dirty_flag:
-            save_state(self.serialize(), self.path, self.backup_path)
+            save_state(self.serialize(), self.path, self.backup_path, folders=self._unsynced)
+            self._unsynced = set()
             self._dirty_flag = False
             self.writes += 1
 

@@ -144,7 +144,16 @@ def _move(
             return True  # moved already (a step interrupted between the move and the save)
         log.warning("job_file_missing", job=job.id, folder=src.value)
         return False
-    move_job_file(layout, job.id, src, dst, rename_on_collision=rename_on_collision)
+    # The folders' fsyncs run in the saver's thread, before the save that records the
+    # move: the file is durable in its new folder before the record says it is there.
+    move_job_file(
+        layout,
+        job.id,
+        src,
+        dst,
+        rename_on_collision=rename_on_collision,
+        defer_fsync=store.defer_fsync,
+    )
     return True
 
 
