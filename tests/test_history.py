@@ -22,6 +22,7 @@ from vastd.core.history import HistoryIndex, iter_history, read_history_records
 from vastd.core.state import (
     InstanceRecord,
     InstanceStatus,
+    JobRecord,
     JobState,
     OrphanRun,
     StateStore,
@@ -387,3 +388,43 @@ def test_status_reads_a_v1_snapshot_without_writing_and_counts_history(tmp_path:
     status = build_status(layout, load_snapshot_readonly(layout))
     assert status["jobs"] == {"queued": 1, "running": 1, "collecting": 0, "done": 2, "failed": 2}
     assert status["total_jobs"] == 6
+
+
+def test_the_index_loaded_from_a_file_agrees_with_a_full_parse(tmp_path: Path) -> None:
+    """The quick loader (only the index's fields validated) keeps the last line of each
+    name, skips what is not a finished job's line, and counts as a full parse does."""
+    path = tmp_path / "history.jsonl"
+    lines = []
+    for n in range(30):
+        job = JobRecord(id=f"j{n}", file_name=f"j{n}.csv", seq=n)
+        job.state = JobState.DONE if n % 3 else JobState.FAILED
+        job.dispatched_at, job.finished_at = 100.0 + n, 110.0 + 2 * n
+        job.failed_stem = f"j{n}.dup-1" if n % 3 == 0 else None
+        lines.append(job.model_dump_json())
+    again = JobRecord(id="j1", file_name="j1.csv", state=JobState.FAILED, failed_stem="j1")
+    lines += [
+        again.model_dump_json(),  # the same name finished again: this line counts
+        '{"file_name": "no id"}',
+        "not json at all",
+        '{"id": 7, "state": "done"}',
+        JobRecord(id="q", file_name="q.csv").model_dump_json(),  # queued: not vastd's line
+        '{"id": "j2", "state": "done", "finished_at": 5',  # cut short
+    ]
+    path.write_text("\n".join(lines))
+    with capture_logs() as logs:
+        index = HistoryIndex.load(path)
+    skipped = [e for e in logs if e["event"] == "history_line_skipped"]
+    assert [e["line"] for e in skipped] == [32, 33, 34, 36]
+    assert [e["truncated"] for e in skipped] == [False, False, False, True]
+    full = read_history_records(path)
+    finished = {k: v for k, v in full.items() if v.state in (JobState.DONE, JobState.FAILED)}
+    assert set(index.entries) == set(finished)
+    assert index.done == sum(v.state is JobState.DONE for v in finished.values())
+    assert index.failed == sum(v.state is JobState.FAILED for v in finished.values())
+    assert index.get("j1") == ("failed", "j1", None)
+    assert index.get("j3") == ("failed", "j3.dup-1", None)
+    timed = [v for v in finished.values() if v.state is JobState.DONE]
+    assert index.done_timed == len(timed)
+    assert index.done_duration_s == pytest.approx(
+        sum((v.finished_at or 0) - (v.dispatched_at or 0) for v in timed)
+    )

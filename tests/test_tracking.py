@@ -240,9 +240,7 @@ async def test_job_file_moves_are_fsynced_off_the_loop_before_the_save_that_reco
     fsynced = {name for kind, name, _ in events if kind == "fsync"}
     assert {"done", "running"} <= fsynced
     first_state_write = next(i for i, e in enumerate(events) if e[:2] == ("replace", "state.json"))
-    assert all(
-        e[0] == "fsync" for e in events[:first_state_write] if e[1] in ("done", "running")
-    )
+    assert all(e[0] == "fsync" for e in events[:first_state_write] if e[1] in ("done", "running"))
     assert max(i for i, e in enumerate(events) if e[1] in ("done", "running")) < first_state_write
     assert not any(on_loop for _, _, on_loop in events), "the save's work ran on the loop"
 

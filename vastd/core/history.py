@@ -19,16 +19,31 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Required
 
 import aiofiles
 import aiofiles.os
-from pydantic_core import from_json
+from pydantic import TypeAdapter
+from typing_extensions import TypedDict
 
 from vastd.core.records import FINISHED, HistorySummary, JobRecord, JobState
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.state")
+
+
+class _IndexFields(TypedDict, total=False):
+    """The fields of a history line the index keeps (validated in pydantic-core: the
+    other fields of the line are skipped, not built into Python objects)."""
+
+    id: Required[str]
+    state: str
+    failed_stem: str | None
+    finished_at: float | None
+    dispatched_at: float | None
+
+
+_INDEX_FIELDS = TypeAdapter(_IndexFields)
 
 
 class Finished(NamedTuple):
@@ -203,16 +218,13 @@ class HistoryIndex:
             return index
         entries, done, failed = index.entries, JobState.DONE, JobState.FAILED
         states = {"done": done, "failed": failed}
+        parse = _INDEX_FIELDS.validate_json
         for number, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
-                data = from_json(line)
-                job_id = data["id"]
-                state = states.get(data["state"])
-            except (ValueError, TypeError, KeyError):
-                data, job_id, state = None, None, None
-            if not isinstance(job_id, str) or not isinstance(data, dict):
+                data = parse(line)  # the fields the index needs; the rest is only skipped
+            except ValueError:
                 log.warning(
                     "history_line_skipped",
                     path=str(path),
@@ -220,16 +232,16 @@ class HistoryIndex:
                     truncated=not raw.endswith(b"\n") and number == raw.count(b"\n") + 1,
                 )
                 continue
+            job_id, state = data["id"], states.get(data.get("state", ""))
             if state is None:
                 continue  # not finished: not a line vastd writes
             duration = None
             if state is done:
                 finished_at, dispatched_at = data.get("finished_at"), data.get("dispatched_at")
-                if isinstance(finished_at, int | float) and isinstance(dispatched_at, int | float):
-                    duration = float(finished_at) - float(dispatched_at)
-            stem = data.get("failed_stem")
+                if finished_at is not None and dispatched_at is not None:
+                    duration = finished_at - dispatched_at
             entries.pop(job_id, None)  # the last line of a name counts, in file order
-            entries[job_id] = Finished(state, stem if isinstance(stem, str) else None, duration)
+            entries[job_id] = Finished(state, data.get("failed_stem"), duration)
         for entry in entries.values():
             index._count(entry, 1)
         return index
