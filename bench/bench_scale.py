@@ -1,31 +1,47 @@
-"""`make bench-scale`: a campaign's bookkeeping at scale, in one process, without SSH.
+"""`make bench-scale` (issue 9): a campaign at scale, by default through the real daemon.
 
-What it runs: the daemon's own acceptance (`accept_inbox_file`), the transitions a job
-goes through (`assign_job` with its file move off the loop, `mark_job_started`,
-`mark_job_exited`, `mark_job_completed`) over M READY instance records, and the real
-saver (`StateStore.run_saver`, which moves finished jobs to history.jsonl first), all
-on one event loop. Files are dropped into inbox/ in batches. No SSH, no simulator: the
-remote side of a job is not part of these figures (see bench/run_bench.py for that),
-so CPU per job here is the local bookkeeping only.
+Default run: the simulator (fake vast.ai API, M instances sharing `--sshd` asyncssh SSH
+servers on 127.0.0.1, commands run as local `/bin/sh` processes; each instance has its
+own remote folder `<remote root>/<instance id>/`) lives in this process; the daemon is
+a real `python -m vastd run` subprocess (as in bench/run_bench.py). N trivial job files
+(`: > out/r`, collected with `validate = "none"`) are staged, then renamed into inbox/
+in batches of `--batch`: the first at once, each next one when fewer than half a batch
+is left unfinished. Recorded, from /proc and the daemon's JSON log:
 
-It records: jobs/s; CPU per job for the first 1,000 and the last 10,000 (or the last
-N/10 when N is smaller), acceptance excluded, and acceptance CPU per file of the first
-and the last batch; peak RSS; event-loop lag p50/p99 (a 10 ms ticker inside the
-loop); state.json bytes and save time p99 (serialise + write); history bytes; load
-time and `vastd status` latency (a fresh process) with every job in history; the time
-to accept the first batch dropped at once.
+- jobs/s: N / (last `job_done` - first rename);
+- daemon CPU per job (utime+stime) for the first 1,000 finished jobs (from the first
+  rename) and the last 10,000 (or N/10), with how many acceptances fell in each window;
+- daemon peak RSS (VmHWM);
+- event-loop lag p50/p99/max measured inside the daemon (its final `loop_lag` event);
+- state.json bytes (the largest `state_saved`, and the file after the campaign), save
+  time p99 when `state_saved` carries a duration, history.jsonl bytes;
+- `vastd status --json` latency with the campaign finished (best of 3);
+- load at start: a second daemon on the same root, spawn -> `daemon_started`;
+- the time for each batch dropped at once to be accepted (rename -> last `job_accepted`).
 
-    .venv/bin/python bench/bench_scale.py [--jobs 20000] [--instances 500] [--batch 10000]
-    .venv/bin/python bench/bench_scale.py --quick     # 2,000 jobs, 50 instances
+`--bookkeeping`: the earlier in-process run without SSH (the daemon's acceptance, the
+transitions and the real saver on one loop; CPU, loop lag, serialise/write times,
+load and status), which is cheap at 100,000 jobs.
+
+    .venv/bin/python bench/bench_scale.py [--jobs 100000] [--instances 500] [--sshd 4] [--batch 10000]
+    .venv/bin/python bench/bench_scale.py --jobs 3000 --instances 500 --sshd 4 --batch 1000
+    .venv/bin/python bench/bench_scale.py --quick                # 300 jobs, 50 instances, 2 servers
+    .venv/bin/python bench/bench_scale.py --bookkeeping [--jobs 20000] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
+import math
 import os
 import resource
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,11 +53,24 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.run_bench import (  # noqa: E402
+    TROUBLE_EVENTS,
+    DaemonLog,
+    _tail,
+    machine_info,
+    parse_ts,
+    percentile,
+    proc_cpu_s,
+    proc_status_kib,
+    toml_dumps,
+    wait_for,
+)
 from vastd.core import snapshot as snapshot_mod  # noqa: E402
 from vastd.core import state as st  # noqa: E402
 from vastd.core.state import InstanceRecord, InstanceStatus, StateStore  # noqa: E402
 from vastd.orchestration.context import build_context  # noqa: E402
 from vastd.orchestration.workflow import accept_inbox_file  # noqa: E402
+from vastd.sim.cluster import SimCluster  # noqa: E402
 from vastd.utils.config import Settings  # noqa: E402
 from vastd.utils.logging import setup_logging  # noqa: E402
 
@@ -63,6 +92,7 @@ async def lag_ticker(samples: list[float], stop: asyncio.Event, interval_s: floa
         samples.append(max(0.0, loop.time() - before - interval_s))
 
 
+# === --bookkeeping: in one process, no SSH ==============================================
 async def campaign(root: Path, jobs: int, instances: int, batch: int) -> dict[str, Any]:
     settings = Settings(paths={"root": str(root)})  # type: ignore[arg-type]
     layout_root = settings.paths.root
@@ -210,13 +240,8 @@ def after(root: Path) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=20000)
-    parser.add_argument("--instances", type=int, default=500)
-    parser.add_argument("--batch", type=int, default=10000)
-    parser.add_argument("--quick", action="store_true", help="2,000 jobs on 50 instances")
-    args = parser.parse_args()
+def bookkeeping_main(args: argparse.Namespace) -> int:
+    """`--bookkeeping`: the in-process run above (no daemon, no SSH)."""
     if args.quick:
         args.jobs, args.instances, args.batch = 2000, 50, 1000
     setup_logging("WARNING")
@@ -226,6 +251,452 @@ def main() -> int:
         figures.update(after(root))
     print(json.dumps(figures, indent=2))
     return 0
+
+
+# === the default: the real daemon against the simulator =================================
+# The remote job: one shell builtin writing the one result file (no fork beyond the sh).
+DAEMON_JOB_COMMAND = ": > {output_dir}/r"
+DAEMON_RESULT_GLOB = "out/r"
+
+
+_WANTED = (b"job_accepted", b"job_done", b"job_failed", b"loop_lag", b"state_saved")
+
+
+class ScaleLog(DaemonLog):
+    """The daemon's JSON log, plus what the scale bench needs: acceptance times per job,
+    CPU marks at given counts of finished jobs, loop_lag and state_saved events."""
+
+    def __init__(self, expect_instances: int, pid_of: Any, marks: set[int]) -> None:
+        super().__init__(expect_instances=expect_instances)
+        self.pid_of = pid_of
+        self.marks = marks
+        self.cpu_at: dict[int, float] = {}  # finished count -> daemon CPU seconds
+        self.accepted_at_mark: dict[int, int] = {}  # finished count -> jobs accepted so far
+        self.accepted: dict[str, float] = {}
+        self.finished = 0
+        self.loop_lag: list[dict[str, Any]] = []
+        self.saves: list[dict[str, Any]] = []
+
+    def feed(self, raw: bytes) -> None:
+        super().feed(raw)
+        if not any(word in raw for word in _WANTED):
+            return
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            return
+        event = rec.get("event")
+        if event == "job_accepted" and "job" in rec:
+            self.accepted.setdefault(rec["job"], parse_ts(rec["timestamp"]))
+        elif event in ("job_done", "job_failed"):
+            self.finished = len(self.done_at) + len(self.failed)
+            if self.finished in self.marks and self.finished not in self.cpu_at:
+                self.cpu_at[self.finished] = proc_cpu_s(self.pid_of())
+                self.accepted_at_mark[self.finished] = len(self.accepted)
+        elif event == "loop_lag":
+            self.loop_lag.append(rec)
+        elif event == "state_saved":
+            self.saves.append(rec)
+
+
+def stage_jobs(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"scale_job_{i:06d}.csv"
+        path.write_text(f"i,x\n0,{i}\n")
+        paths.append(path)
+    return paths
+
+
+async def start_daemon(
+    config: Path, env: dict[str, str], workdir: Path, log: ScaleLog, tag: str
+) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+    stderr = (workdir / f"daemon{tag}.stderr").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vastd",
+        "run",
+        "--config",
+        str(config),
+        cwd=str(workdir),
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        limit=1 << 22,
+    )
+    stderr.close()
+    assert proc.stdout is not None
+    pump = asyncio.create_task(log.pump(proc.stdout, workdir / f"daemon{tag}.log"))
+    return proc, pump
+
+
+async def stop_daemon(proc: asyncio.subprocess.Process, pump: asyncio.Task[None]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(60):
+            code = await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise RuntimeError("the daemon did not stop within 60 s of SIGTERM") from None
+    await pump
+    return code
+
+
+async def timed_command(argv: list[str], runs: int = 3) -> tuple[float, str]:
+    """Best wall time of `runs` runs of a command, and its last stdout."""
+    best, out = math.inf, b""
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{shlex.join(argv)} exited {proc.returncode}: {err[-500:]!r}")
+        best = min(best, time.perf_counter() - t0)
+    return best, out.decode()
+
+
+def loadavg() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+async def daemon_campaign(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    n, m, batch = args.jobs, args.instances, min(args.batch, args.jobs)
+    first_n = min(1000, n)
+    last_n = max(1, min(10000, n // 10))
+    print(
+        f"vastd scale bench: {n} jobs on {m} simulated instances sharing {args.sshd} SSH "
+        f"servers, dropped in batches of {batch} (load average {loadavg()})",
+        flush=True,
+    )
+    cluster = await SimCluster.start(
+        workdir / "sim", instances=m, shared_servers=args.sshd, boot_delay_s=0.2
+    )
+    proc: asyncio.subprocess.Process | None = None
+    pump: asyncio.Task[None] | None = None
+    try:
+        root = workdir / "root"  # not "vastd": the daemon's cwd is workdir
+        settings = cluster.settings(
+            root,
+            vast={"poll_interval_s": args.api_poll_s, "lost_grace_s": 120.0},
+            ssh={"connect_timeout_s": 60.0, "command_timeout_s": 120.0},
+            prepare=[{"name": "nothing", "check": "true", "install": "", "timeout_s": 60}],
+            job={
+                "command": DAEMON_JOB_COMMAND,
+                "result_glob": DAEMON_RESULT_GLOB,
+                "min_results": 1,
+                "validate": "none",
+                "poll_interval_s": args.job_poll_s,
+                "timeout_s": 600,
+                "max_attempts": 2,
+                "vars": {},
+            },
+            fleet={"mode": "adopt", "max_instances": m},
+        )
+        data = settings.model_dump(mode="json", by_alias=True)
+        data["vast"].pop("api_key", None)  # through the environment
+        config = workdir / "config.toml"
+        config.write_text(toml_dumps(data))
+        t0 = time.perf_counter()
+        staged = stage_jobs(root / "bench-stage", n)
+        print(f"  {n} job files staged in {time.perf_counter() - t0:.1f} s", flush=True)
+        inbox = root / "inbox"
+        inbox.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, VASTD_VAST__API_KEY=cluster.api_key, PYTHONUNBUFFERED="1")
+        env.pop("VASTD_CONFIG", None)
+
+        marks = {first_n, n - last_n, n}
+        log = ScaleLog(m, lambda: proc.pid if proc is not None else 0, marks)
+        proc, pump = await start_daemon(config, env, workdir, log, "")
+        print(f"  daemon pid {proc.pid}", flush=True)
+        await wait_for(log.started, proc, "daemon_started", 120)
+        t0 = time.perf_counter()
+        await wait_for(log.all_prepared, proc, f"{m} instance_prepared events", 120 + m)
+        print(f"  {m} instances prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+
+        sim_cpu0 = time.process_time()
+        kids0 = os.times()
+        cpu0 = proc_cpu_s(proc.pid)
+        drops: list[tuple[int, int, float]] = []  # (first index, count, rename time)
+        deadline = time.monotonic() + args.deadline_s
+        last_report = time.monotonic()
+        dropped = 0
+        while log.finished < n:
+            if proc.returncode is not None:
+                raise RuntimeError(f"the daemon exited with {proc.returncode} mid-run")
+            # The next batch once the backlog is under half a batch (the first at once).
+            if dropped < n and dropped - log.finished <= batch // 2:
+                count = min(batch, n - dropped)
+                at = time.time()
+                for src in staged[dropped : dropped + count]:
+                    os.rename(src, inbox / src.name)
+                drops.append((dropped, count, at))
+                dropped += count
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(log.done_at)} done, {len(log.failed)} failed of {n} "
+                    f"after {args.deadline_s:.0f} s"
+                )
+            log.progress.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await log.progress.wait()
+            if time.monotonic() - last_report >= 15:
+                last_report = time.monotonic()
+                elapsed = time.time() - drops[0][2]
+                print(
+                    f"  ... {elapsed:.0f} s: {len(log.accepted)} accepted, "
+                    f"{len(log.done_at)} done, {len(log.failed)} failed of {n} "
+                    f"({log.finished / elapsed:.1f} jobs/s; load {loadavg()})",
+                    flush=True,
+                )
+        first = drops[0][2]
+        wall = max([*log.done_at.values(), *[first]]) - first
+        sim_cpu = time.process_time() - sim_cpu0
+        kids1 = os.times()
+        shell_cpu = (kids1.children_user + kids1.children_system) - (
+            kids0.children_user + kids0.children_system
+        )
+        hwm_kib = proc_status_kib(proc.pid, "VmHWM") or 0
+        load_end = loadavg()
+
+        # Acceptance of each batch dropped at once: rename -> its last job_accepted.
+        accept_s = []
+        for start, count, at in drops:
+            times = [log.accepted.get(p.stem) for p in staged[start : start + count]]
+            got = [t for t in times if t is not None]
+            accept_s.append(max(got) - at if len(got) == count else math.nan)
+
+        # The finished jobs leave state.json for history.jsonl: wait for that save.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                while not (log.saves and log.saves[-1].get("jobs") == 0):
+                    await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
+        state_bytes = (root / "state.json").stat().st_size
+        history_bytes = (root / "history.jsonl").stat().st_size
+        in_done = sum(1 for _ in (root / "done").glob("*.csv"))
+
+        status_argv = [sys.executable, "-m", "vastd", "status", "--json", "--config", str(config)]
+        status_s, status_out = await timed_command(status_argv)
+        status = json.loads(status_out)
+        import_s, _ = await timed_command([sys.executable, "-c", "import vastd.cli"])
+
+        code = await stop_daemon(proc, pump)
+        lag_final = next((e for e in reversed(log.loop_lag) if e.get("final")), None)
+        lag_windows = [e for e in log.loop_lag if not e.get("final")]
+
+        # Load at start with the history present: a fresh daemon on the same root.
+        relog = ScaleLog(m, lambda: 0, set())
+        t0 = time.perf_counter()
+        proc, pump = await start_daemon(config, env, workdir, relog, "-restart")
+        await wait_for(relog.started, proc, "daemon_started after the restart", 300)
+        restart_ready_s = time.perf_counter() - t0
+        restart_code = await stop_daemon(proc, pump)
+        proc = None
+
+        save_ms = [
+            float(e[k])
+            for e in log.saves
+            for k in ("duration_ms", "save_ms", "elapsed_ms")
+            if isinstance(e.get(k), int | float)
+        ]
+        cpu = log.cpu_at
+        acc = log.accepted_at_mark
+        nan = math.nan
+        cpu_total = cpu.get(n, nan) - cpu0
+        return {
+            "command": "",
+            "jobs": n,
+            "instances": m,
+            "sshd": args.sshd,
+            "batch": batch,
+            "batches": len(drops),
+            "done": len(log.done_at),
+            "failed": len(log.failed),
+            "in_done_folder": in_done,
+            "wall_s": wall,
+            "jobs_per_s": len(log.done_at) / wall if wall > 0 else math.nan,
+            "daemon_cpu_ms_per_job": 1000 * cpu_total / n,
+            "daemon_cpu_s": cpu_total,
+            "cpu_ms_first": 1000 * (cpu.get(first_n, nan) - cpu0) / first_n,
+            "first_n": first_n,
+            "accepted_by_first_mark": acc.get(first_n),
+            "cpu_ms_last": 1000 * (cpu.get(n, nan) - cpu.get(n - last_n, nan)) / last_n,
+            "last_n": last_n,
+            "accepted_in_last_window": acc.get(n, 0) - acc.get(n - last_n, 0),
+            "peak_rss_mib": hwm_kib / 1024,
+            "lag_p50_ms": lag_final.get("p50_ms") if lag_final else None,
+            "lag_p99_ms": lag_final.get("p99_ms") if lag_final else None,
+            "lag_max_ms": lag_final.get("max_ms") if lag_final else None,
+            "lag_samples": lag_final.get("samples") if lag_final else None,
+            "lag_worst_window_p99_ms": max(
+                (e.get("window_p99_ms", 0) for e in lag_windows), default=None
+            ),
+            "saves": len(log.saves),
+            "state_bytes_peak": max((int(e.get("bytes", 0)) for e in log.saves), default=0),
+            "state_bytes_end": state_bytes,
+            "save_p99_ms": percentile(save_ms, 99) if save_ms else None,
+            "history_bytes": history_bytes,
+            "status_s": status_s,
+            "status_done": status.get("jobs", {}).get("done"),
+            "python_import_s": import_s,
+            "restart_ready_s": restart_ready_s,
+            "first_batch_accept_s": accept_s[0],
+            "batch_accept_s_max": max(accept_s),
+            "sim_cpu_ms_per_job": 1000 * sim_cpu / n,
+            "shell_cpu_ms_per_job": 1000 * shell_cpu / n,
+            "exit_code": code,
+            "restart_exit_code": restart_code,
+            "trouble": {e: log.counts[e] for e in TROUBLE_EVENTS if log.counts.get(e)},
+            "problems": log.problems[:5],
+            "load_start_end": "",
+            "load_end": load_end,
+        }
+    except BaseException:
+        if tail := _tail(workdir / "daemon.log") + _tail(workdir / "daemon.stderr"):
+            print("  --- the daemon's last output ---\n" + tail, file=sys.stderr)
+        raise
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        await cluster.aclose()
+
+
+def _ms(value: Any, digits: int = 1) -> str:
+    return "n/a" if value is None or value != value else f"{value:.{digits}f} ms"
+
+
+def daemon_report(f: dict[str, Any]) -> str:
+    ratio = f["cpu_ms_last"] / f["cpu_ms_first"] if f["cpu_ms_first"] else math.nan
+    rows = [
+        ("jobs done / failed (in done/)", f"{f['done']} / {f['failed']} ({f['in_done_folder']})"),
+        ("batches dropped", f"{f['batches']} of up to {f['batch']}"),
+        ("wall time, first rename to last job_done", f"{f['wall_s']:.1f} s"),
+        ("jobs/s", f"{f['jobs_per_s']:.1f}"),
+        ("daemon CPU per job, whole run", _ms(f["daemon_cpu_ms_per_job"])),
+        (
+            f"daemon CPU per job, first {f['first_n']} / last {f['last_n']}",
+            f"{_ms(f['cpu_ms_first'])} / {_ms(f['cpu_ms_last'])} (x{ratio:.2f}); "
+            f"acceptance inside: {f['accepted_by_first_mark']} files in the first window, "
+            f"{f['accepted_in_last_window']} in the last",
+        ),
+        ("daemon peak RSS (VmHWM)", f"{f['peak_rss_mib']:.0f} MiB"),
+        (
+            "event-loop lag inside the daemon, p50 / p99 / max (samples)",
+            f"{_ms(f['lag_p50_ms'], 2)} / {_ms(f['lag_p99_ms'])} / {_ms(f['lag_max_ms'])} "
+            f"({f['lag_samples']}); worst 60 s window p99 {_ms(f['lag_worst_window_p99_ms'])}",
+        ),
+        (
+            "state.json bytes, peak saved / after the campaign",
+            f"{f['state_bytes_peak']:,} / {f['state_bytes_end']:,} ({f['saves']} saves)",
+        ),
+        (
+            "snapshot save time p99",
+            _ms(f["save_p99_ms"])
+            if f["save_p99_ms"] is not None
+            else "n/a (state_saved carries no duration)",
+        ),
+        ("history.jsonl bytes", f"{f['history_bytes']:,}"),
+        (
+            "`vastd status --json`, campaign finished (best of 3)",
+            f"{f['status_s']:.2f} s (python + import vastd.cli alone: {f['python_import_s']:.2f} s)",
+        ),
+        (
+            "load at start: restart -> daemon_started, history present",
+            f"{f['restart_ready_s']:.2f} s",
+        ),
+        (
+            f"first batch of {f['batch']} dropped at once: rename -> last job_accepted",
+            f"{f['first_batch_accept_s']:.1f} s (slowest batch {f['batch_accept_s_max']:.1f} s)",
+        ),
+        ("simulator + SSH servers CPU (this process), per job", _ms(f["sim_cpu_ms_per_job"])),
+        ("instances' shell commands CPU, per job", _ms(f["shell_cpu_ms_per_job"])),
+        (
+            "daemon exit codes after SIGTERM (run, restart)",
+            f"{f['exit_code']}, {f['restart_exit_code']}",
+        ),
+        ("load average at start / end", f"{f['load_start_end']} / {f['load_end']}"),
+    ]
+    out = [f"`{f['command']}`", "", "| figure | value |", "|---|---|"]
+    out += [f"| {a} | {b} |" for a, b in rows]
+    trouble = ", ".join(f"{k} {v}" for k, v in f["trouble"].items()) or "none"
+    out += ["", f"Retries and crashes in the daemon log: {trouble}"]
+    out += [f"- {p[:300]}" for p in f["problems"]]
+    return "\n".join(out) + "\n"
+
+
+def daemon_main(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.jobs, args.instances, args.sshd, args.batch = 300, 50, 2, 100
+    if min(args.jobs, args.instances, args.sshd, args.batch) < 1:
+        raise SystemExit("--jobs, --instances, --sshd and --batch must be at least 1")
+    args.deadline_s = args.deadline_s or 600 + args.jobs / 2
+    # 2 fds per SSH connection end and 3 pipes per remote command, hundreds at once.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    setup_logging("WARNING", json=False, stream=sys.stderr)
+    logging.getLogger("asyncssh").setLevel(logging.ERROR)
+    load_start = loadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="vastd-scale-"))
+    try:
+        figures = asyncio.run(daemon_campaign(args, workdir))
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"vastd scale bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"  kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    figures["command"] = "python bench/bench_scale.py " + shlex.join(sys.argv[1:])
+    figures["load_start_end"] = load_start
+    info = machine_info()
+    print()
+    print(
+        f"machine: {info['cores']} cores ({info['cpu']}), {info['memory']}, "
+        f"Python {info['python']}, Linux {info['kernel']}"
+    )
+    print(daemon_report(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, **figures}, indent=2) + "\n")
+    if figures["done"] != figures["jobs"] or figures["exit_code"] != 0:
+        print("vastd scale bench: FAILED: not every job done, or a bad exit code")
+        return 1
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=100000)
+    parser.add_argument("--instances", type=int, default=500)
+    parser.add_argument("--sshd", type=int, default=4, help="SSH servers the instances share")
+    parser.add_argument("--batch", type=int, default=10000, help="files dropped at once")
+    parser.add_argument(
+        "--bookkeeping",
+        action="store_true",
+        help="the in-process bookkeeping-only run (no daemon, no SSH)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke-sized run")
+    parser.add_argument("--api-poll-s", type=float, default=2.0, help="[vast] poll_interval_s")
+    parser.add_argument("--job-poll-s", type=float, default=2.0, help="[job] poll_interval_s")
+    parser.add_argument("--deadline-s", type=float, default=None, help="give up after this long")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args()
+    return bookkeeping_main(args) if args.bookkeeping else daemon_main(args)
 
 
 if __name__ == "__main__":

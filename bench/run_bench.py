@@ -293,7 +293,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
     proc: asyncio.subprocess.Process | None = None
     pump: asyncio.Task[None] | None = None
     try:
-        root = workdir / "vastd"
+        # Not "vastd": a folder of that name in the daemon's cwd shadows the package.
+        root = workdir / "root"
         config = workdir / "config.toml"
         config.write_text(toml_dumps(make_config(cluster, root, args)))
         # Written long before they are renamed in: the inbox takes a file at once when

@@ -227,6 +227,7 @@ CONTRACT_EVENTS = {
     "instance_discovered",
     "instance_prepared",
     "state_saved",
+    "loop_lag",
     "daemon_stopped",
 }
 
@@ -265,6 +266,13 @@ async def test_daemon_runs_jobs_to_done_and_stops_on_sigterm(
 
     assert await daemon.stop(signal.SIGTERM) == 0
     assert daemon.events("daemon_stopped")
+    # the loop-lag monitor reports once at shutdown, before daemon_stopped
+    final_lag = [e for e in daemon.events("loop_lag") if e["final"]]
+    assert len(final_lag) == 1, daemon.tail()
+    assert final_lag[0]["samples"] > 0
+    assert 0 <= final_lag[0]["p50_ms"] <= final_lag[0]["p99_ms"] <= final_lag[0]["max_ms"]
+    names = [r["event"] for r in daemon.records]
+    assert names.index("loop_lag") < names.index("daemon_stopped")
     for line in daemon.lines:
         record = json.loads(line)
         assert {"timestamp", "level", "event"} <= set(record), line

@@ -95,3 +95,28 @@ async def test_local_host_provider_lifecycle(
         assert refuses_connections(addr)
     finally:
         await provider.aclose()
+
+
+async def test_instances_can_share_a_few_servers(
+    tmp_path: Path, client_key: ClientKey, ssh_pool: PoolFactory
+) -> None:
+    """shared_servers=2: five instances on two servers (round robin); a shared server
+    stops only once every instance on it has stopped."""
+    provider = LocalHostProvider(tmp_path, shared_servers=2)
+    try:
+        addrs = [await provider.start_host(i, [client_key.public]) for i in range(5)]
+        assert len(set(addrs)) == 2 and len(provider.servers) == 2
+        assert addrs[0] == addrs[2] == addrs[4] and addrs[1] == addrs[3]
+        assert provider.get(0) is provider.get(4)
+        pool = ssh_pool()
+        for i in (0, 2):  # two instances, one server, separate connections
+            conn = await pool.get(str(i), [Endpoint(*addrs[i])])
+            assert (await conn.run("echo up", timeout_s=5)).stdout == "up\n"
+        await provider.stop_host(0)
+        await provider.stop_host(2)
+        assert provider.get(4).running  # instance 4 is still on it
+        await provider.stop_host(4)
+        assert refuses_connections(addrs[0])
+        assert provider.get(1).running
+    finally:
+        await provider.aclose()

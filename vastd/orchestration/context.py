@@ -28,6 +28,7 @@ from vastd.orchestration.scheduler import Scheduler
 from vastd.utils.config import Settings
 from vastd.utils.exceptions import ConfigError
 from vastd.utils.logging import get_logger, register_secret
+from vastd.utils.looplag import LoopLagMonitor
 from vastd.utils.supervise import Backoff, TaskSet
 
 log = get_logger("vastd")
@@ -120,6 +121,8 @@ class Context:
     # how long the remote status command may wait for an exit before answering
     # (default: [job] poll_interval_s)
     watch_wait_s: float = -1.0
+    # the event loop's lag, measured by the `loop_lag` supervisor (utils/looplag.py)
+    loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
 
     def __post_init__(self) -> None:
         if self.watch_wait_s < 0:

@@ -160,6 +160,7 @@ def supervisors(
         ("tasks", lambda: run_tasks(ctx)),
         ("followups", lambda: run_loop("followups", steps.followups, interval_s=0.25)),
         ("health", lambda: run_health(ctx)),
+        ("loop_lag", ctx.loop_lag.run),
     ]
     if ctx.cloud is not None:
         loops.append(

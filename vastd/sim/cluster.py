@@ -85,12 +85,16 @@ class SimCluster:
         boot_delay_s: float = 0.2,
         n_offers: int = 24,
         login_banner: str = "",
+        shared_servers: int = 0,
         **cloud_kwargs: Any,
     ) -> SimCluster:
+        """`shared_servers=N`: the instances share N SSH servers (see LocalHostProvider)."""
         workdir.mkdir(parents=True, exist_ok=True)
         key_file, public = write_client_key(workdir / "keys")
         api_key = "sim-" + secrets.token_hex(16)
-        hosts = LocalHostProvider(workdir / "hosts", login_banner=login_banner)
+        hosts = LocalHostProvider(
+            workdir / "hosts", login_banner=login_banner, shared_servers=shared_servers
+        )
         cloud = SimCloud(
             api_key,
             host_provider=hosts,

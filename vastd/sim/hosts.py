@@ -271,33 +271,56 @@ def _killpg(proc: asyncio.subprocess.Process) -> None:
 
 
 class LocalHostProvider:
-    """Starts a SimHost per simulated instance, each with a folder under `base_dir`."""
+    """Starts a SimHost per simulated instance, each with a folder under `base_dir`.
 
-    def __init__(self, base_dir: Path, *, login_banner: str = "") -> None:
+    With `shared_servers=N`, instances share N SSH servers instead (instance k of this
+    provider gets server k % N), as many instances sharing a few machines: vastd keeps
+    each instance's files under `<remote root>/<instance id>/`, so they do not collide.
+    A shared server stops only once every instance on it has stopped; `kill_host` and
+    `revive_host` act on the whole server (every instance on it).
+    """
+
+    def __init__(self, base_dir: Path, *, login_banner: str = "", shared_servers: int = 0) -> None:
         self.base_dir = base_dir
         self.login_banner = login_banner
+        self.shared_servers = shared_servers
         self.hosts: dict[int, SimHost] = {}
+        self._servers: list[SimHost] = []
+        self._started: dict[int, SimHost] = {}  # instance -> its (shared) server, while up
 
     def get(self, instance_id: int) -> SimHost:
         return self.hosts[instance_id]
 
+    @property
+    def servers(self) -> list[SimHost]:
+        """The distinct SSH servers (one per instance unless shared)."""
+        return list({id(h): h for h in self.hosts.values()}.values())
+
+    def _new_host(self, instance_id: int, authorized_keys: list[str]) -> SimHost:
+        if not self.shared_servers:
+            name = str(instance_id)
+        elif len(self._servers) < self.shared_servers:
+            name = f"shared-{len(self._servers)}"
+        else:
+            return self._servers[len(self.hosts) % self.shared_servers]
+        host = SimHost(name, self.base_dir / name, authorized_keys, login_banner=self.login_banner)
+        if self.shared_servers:
+            self._servers.append(host)
+        return host
+
     async def start_host(self, instance_id: int, authorized_keys: list[str]) -> tuple[str, int]:
         host = self.hosts.get(instance_id)
         if host is None:
-            host = SimHost(
-                str(instance_id),
-                self.base_dir / str(instance_id),
-                authorized_keys,
-                login_banner=self.login_banner,
-            )
+            host = self._new_host(instance_id, authorized_keys)
             self.hosts[instance_id] = host
         else:
             host.set_authorized_keys(authorized_keys)
+        self._started[instance_id] = host
         return await host.start()
 
     async def stop_host(self, instance_id: int) -> None:
-        host = self.hosts.get(instance_id)
-        if host is not None:
+        host = self._started.pop(instance_id, None) or self.hosts.get(instance_id)
+        if host is not None and host not in self._started.values():
             await host.stop()
 
     async def kill_host(self, instance_id: int) -> None:
@@ -317,4 +340,4 @@ class LocalHostProvider:
 
     async def aclose(self) -> None:
         """Stop every host (detached jobs they started are left alone)."""
-        await asyncio.gather(*(h.stop() for h in self.hosts.values()), return_exceptions=True)
+        await asyncio.gather(*(h.stop() for h in self.servers), return_exceptions=True)
