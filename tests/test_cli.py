@@ -288,3 +288,64 @@ def test_status_subprocess_without_daemon(root: Path, config: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["jobs"]["done"] == 2
+
+
+# What `vastd status` must not import: the daemon's machinery, and libraries that cost a
+# short command more than its work (structlog brings rich; pydantic-settings brings asyncio).
+STATUS_MUST_NOT_IMPORT = (
+    "asyncio",
+    "asyncssh",
+    "aiohttp",
+    "watchfiles",
+    "structlog",
+    "pydantic_settings",
+    "vastd.core.state",
+    "vastd.core.snapshot",
+    "vastd.core.jobs",
+    "vastd.daemon",
+    "vastd.orchestration",
+)
+_IMPORTS_AFTER_STATUS = """
+import sys
+from vastd.cli import main
+code = main(sys.argv[1:])
+print("\\n".join(sorted(sys.modules)), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_status_imports_no_daemon_machinery(root: Path, config: str) -> None:
+    """A fresh `vastd status --json` (the snapshot read from its backup, so it logs a
+    warning) imports none of STATUS_MUST_NOT_IMPORT but structlog, which the warning
+    needs; that goes to stderr as JSON and stdout stays the status alone. A VASTD_
+    override brings pydantic-settings, which reads it."""
+
+    def run(*extra: str) -> tuple[dict[str, Any], str, set[str]]:
+        proc = subprocess.run(
+            [sys.executable, "-c", _IMPORTS_AFTER_STATUS, "status", "--json", "--config", config],
+            capture_output=True,
+            text=True,
+            env=clean_env(dict(pair.split("=", 1) for pair in extra)),
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        modules = set(proc.stderr.splitlines())
+        return json.loads(proc.stdout), proc.stderr, set(STATUS_MUST_NOT_IMPORT) & modules
+
+    write_snapshot(root, time.time())
+    data, _err, heavy = run()
+    assert data["jobs"]["done"] == 2
+    assert heavy == set()
+    layout = Layout(root)
+    shutil.copy(layout.state_file, layout.state_backup)
+    layout.state_file.write_text("{broken")
+    data, err, heavy = run()
+    assert data["jobs"]["done"] == 2
+    assert heavy == {"structlog", "asyncio"}  # structlog imports asyncio
+    warning = json.loads(next(line for line in err.splitlines() if line.startswith("{")))
+    assert warning["event"] == "state_restored_from_backup"
+    assert warning["level"] == "warning"
+    data, _err, heavy = run("VASTD_FLEET__IDLE_TIMEOUT_S=0")
+    assert "pydantic_settings" in heavy

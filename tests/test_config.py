@@ -510,3 +510,42 @@ def test_bad_offer_query_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert any(p.startswith("fleet.offer_query:") for p in info.value.problems)
+
+
+def _built(make: Any, values: dict[str, Any]) -> Any:
+    try:
+        settings = make(**values)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    return sorted(settings.model_fields_set), settings.model_dump(mode="json")
+
+
+@pytest.mark.parametrize("with_env", [False, True])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"paths": {"root": "/srv/vastd"}, "fleet": {"max_instances": 2}},
+        {"PATHS": {"root": "/srv/vastd"}},  # pydantic-settings matches sections in any case
+        {"Fleet": {"max_instances": 2}, "fleet": {"max_instances": 3}},
+        {"nosuchsection": {}},
+        {"job": {"timeout_s": -1}, "ssh": {"known_hosts": "tofoo"}},
+        {"prepare": [{"name": "cuda", "check": "true"}]},
+    ],
+)
+def test_settings_read_as_pydantic_settings_reads_them(
+    monkeypatch: pytest.MonkeyPatch, values: dict[str, Any], with_env: bool
+) -> None:
+    """Settings(...) without pydantic-settings (no VASTD_ override set) validates as the
+    pydantic-settings class does: same values, same keys set, same errors; with an
+    override set, that class reads it."""
+    from vastd.utils.config import _env_settings_class
+
+    if with_env:
+        monkeypatch.setenv("vastd_log__level", "ERROR")  # any case, as pydantic-settings
+    built = _built(Settings, values)
+    assert built == _built(_env_settings_class(), values)
+    if built[0] != "ValidationError":
+        settings = Settings(**values)
+        assert type(settings) is Settings
+        assert settings.log.level == ("error" if with_env else "info")

@@ -189,3 +189,29 @@ def test_journal_priority_prefix_when_stdout_is_the_journal(
     setup_logging(json=True, stream=other)
     get_logger("vastd.test").info("job_done")
     assert json.loads(other.getvalue())["event"] == "job_done"
+
+
+@pytest.mark.parametrize("first", ["stdlib", "structlog"])
+def test_deferred_setup_completes_on_the_first_record(first: str) -> None:
+    """setup_logging(deferred=True) configures nothing of structlog until a record comes;
+    the first one (stdlib's or structlog's) completes the set-up and is written as it
+    would have been, and so are the ones after it; records below the level are not."""
+    stream = io.StringIO()
+    log = get_logger("vastd.test", instance="101")
+    setup_logging("WARNING", json=True, stream=stream, deferred=True)
+    assert vlog._deferred is not None
+    logging.getLogger("vastd.lib").info("below_the_level")
+    assert stream.getvalue() == ""
+    if first == "stdlib":
+        logging.getLogger("vastd.lib").warning("from_stdlib")
+        log.warning("from_structlog", job="j1")
+    else:
+        log.warning("from_structlog", job="j1")
+        logging.getLogger("vastd.lib").warning("from_stdlib")
+    log.info("below_the_level")
+    assert vlog._deferred is None
+    records = {r["event"]: r for r in lines(stream)}
+    assert set(records) == {"from_stdlib", "from_structlog"}
+    assert records["from_structlog"]["instance"] == "101"
+    assert records["from_structlog"]["level"] == "warning"
+    assert records["from_stdlib"]["logger"] == "vastd.lib"

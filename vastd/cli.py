@@ -218,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # which carries `status --json` and `check-config` output.
         from vastd.utils.logging import setup_logging
 
-        setup_logging("WARNING", stream=sys.stderr)
+        # Deferred: structlog is imported only if something logs (status stays quick).
+        setup_logging("WARNING", stream=sys.stderr, deferred=True)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

@@ -1,17 +1,33 @@
-"""`vastd status`: what the snapshot and the folders say, whether or not the daemon runs."""
+"""`vastd status`: what the snapshot and the folders say, whether or not the daemon runs.
+
+A fresh process runs it, often from scripts, so it imports little: the records, not the
+daemon's store (core/snapshot.py, core/state.py bring asyncio), nor the inbox watcher
+(core/jobs.py, core/inbox.py bring watchfiles). `load_snapshot_readonly` and
+`inbox_waiting` read the files the way those modules do (tests/test_status.py compares).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
-from vastd.core.files import Layout, utc_iso
-from vastd.core.jobs import discover_job_files
+from pydantic import ValidationError
+
+from vastd.core.files import JOB_SUFFIX, TEMP_PREFIX, Layout, utc_iso
 from vastd.core.lock import root_locked
-from vastd.core.state import InstanceStatus, JobState, Snapshot, StateStore
+from vastd.core.records import SCHEMA_VERSION, InstanceStatus, JobState, Snapshot
 from vastd.instances.monitoring import get_instance_summary
+from vastd.utils.exceptions import FileOperationError, StateManagementError
+from vastd.utils.logging import get_logger
+
+# as core/snapshot.py: the versions it reads, and its logger (the backup warning's name)
+READABLE_VERSIONS = (1, SCHEMA_VERSION)
+log = get_logger("vastd.state")
+# as core/inbox.py: editors' and downloaders' temp names
+_TEMP_ENDINGS = (".part", ".tmp", ".swp", "~", ".crdownload")
 
 
 def daemon_running(layout: Layout) -> bool | None:
@@ -35,7 +51,7 @@ def build_status(
     jobs[JobState.DONE.value] += past.done
     jobs[JobState.FAILED.value] += past.failed
     try:
-        waiting_in_inbox = len(discover_job_files(layout.inbox))
+        waiting_in_inbox = inbox_waiting(layout.inbox)
     except OSError:
         waiting_in_inbox = 0
     total = sum(jobs.values())
@@ -94,11 +110,66 @@ def build_status(
     }
 
 
+def _is_candidate_name(name: str) -> bool:
+    """core/inbox.py's `is_candidate_name`: `*.csv`, not a dot-file, not a temp name."""
+    if name.startswith(".") or not name.endswith(JOB_SUFFIX) or name == JOB_SUFFIX:
+        return False
+    return not name.endswith(_TEMP_ENDINGS) and not name.startswith(TEMP_PREFIX)
+
+
+def inbox_waiting(directory: Path) -> int:
+    """How many entries `discover_job_files(directory)` would list (core/jobs.py)."""
+    try:
+        with os.scandir(directory) as entries:
+            return sum(1 for e in entries if _is_candidate_name(e.name))
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise FileOperationError(f"cannot list {directory}: {exc}") from exc
+
+
+def _load_state(file_path: Path) -> Snapshot:
+    """core/snapshot.py's `load_state`: one snapshot file, or StateManagementError."""
+    try:
+        raw = file_path.read_bytes()
+        data = json.loads(raw)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StateManagementError(f"{file_path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("version") not in READABLE_VERSIONS:
+        raise StateManagementError(
+            f"{file_path}: not a snapshot of version {' or '.join(map(str, READABLE_VERSIONS))}"
+        )
+    try:
+        return Snapshot.model_validate(data)
+    except ValidationError as exc:
+        raise StateManagementError(f"{file_path}: invalid snapshot: {exc}") from None
+
+
 def load_snapshot_readonly(layout: Layout) -> Snapshot:
-    """The snapshot as on disk (backup if needed), without writing anything."""
-    if not layout.state_file.exists() and not layout.state_backup.exists():
-        return Snapshot()
-    return StateStore.open(layout.state_file, read_only=True).snapshot
+    """The snapshot as on disk (backup if needed), without writing anything.
+
+    What `StateStore.open(layout.state_file, read_only=True).snapshot` gives, warning
+    and refusal included, without importing the store.
+    """
+    errors = []
+    for candidate in (layout.state_file, layout.state_backup):
+        if not candidate.exists():
+            continue
+        try:
+            snap = _load_state(candidate)
+        except StateManagementError as exc:
+            errors.append(str(exc))
+            continue
+        if candidate == layout.state_backup:
+            log.warning("state_restored_from_backup", path=str(candidate), errors=errors)
+        return snap
+    if errors:
+        raise StateManagementError(
+            "refusing to start: the snapshot and its backup are both unreadable ("
+            + "; ".join(errors)
+            + "). Move them aside to start fresh."
+        )
+    return Snapshot()
 
 
 def format_status(status: dict[str, Any]) -> str:

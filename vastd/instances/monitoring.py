@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vastd.core.files import utc_iso
-from vastd.core.state import InstanceRecord
+from vastd.core.records import InstanceRecord  # not core.state: `vastd status` stays light
 from vastd.utils.logging import get_logger
 
 if TYPE_CHECKING:  # `vastd status` uses this module and needs no SSH

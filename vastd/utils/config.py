@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import string
 import tomllib
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -22,13 +23,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
 
 from vastd.utils.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 DEFAULT_CONFIG_PATH = Path("/etc/vastd/config.toml")
 KNOWN_HOSTS_MODES = ("tofu", "ignore")
@@ -247,15 +246,18 @@ class LogSettings(_Section):
         return normalise_log_level(value)
 
 
-class Settings(BaseSettings):
-    """The whole configuration; sections mirror the TOML tables of config.example.toml."""
+class Settings(BaseModel):
+    """The whole configuration; sections mirror the TOML tables of config.example.toml.
 
-    model_config = SettingsConfigDict(
-        env_prefix="VASTD_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        populate_by_name=True,
-    )
+    `VASTD_<SECTION>__<KEY>` environment variables override the values given, as a
+    pydantic-settings `BaseSettings` with env_prefix "VASTD_" and env_nested_delimiter
+    "__" reads them (`_env_settings_class`). pydantic-settings is imported only when such
+    a variable is set (or a key is not a plain section name): it costs a short command
+    such as `vastd status` a good part of its run.
+    """
+
+    # BaseSettings' own defaults that shape validation (extra, validate_default)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
     paths: PathsSettings = Field(default_factory=PathsSettings)
     vast: VastSettings = Field(default_factory=VastSettings)
@@ -266,18 +268,11 @@ class Settings(BaseSettings):
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML content arrives through init kwargs (see load_config) and must lose
-        # against the environment, so the env source comes first.
-        return (env_settings, init_settings)
+    def __init__(self, **values: Any) -> None:
+        if type(self) is Settings and not _plain_values(values):
+            with_env = _env_settings_class()(**values)
+            values = {name: getattr(with_env, name) for name in with_env.model_fields_set}
+        super().__init__(**values)
 
     def api_key(self) -> str | None:
         """The vast.ai API key from the first place that has one, or None."""
@@ -301,6 +296,49 @@ class Settings(BaseSettings):
         key = self.api_key()
         data["vast"]["api_key"] = "**********" if key else None
         return data
+
+
+_PlainSettings = Settings
+
+
+def _plain_values(values: dict[str, Any]) -> bool:
+    """Whether `Settings(**values)` is plain validation: every key a section's name as
+    written, no environment variable that pydantic-settings would read (its env source
+    matches `vastd_<section>` and `vastd_<section>__...`, in any case)."""
+    names = Settings.model_fields
+    if not all(key in names for key in values):
+        return False  # pydantic-settings matches section names in any case
+    env_names = {f"vastd_{name}" for name in names}
+    return not any(var.lower().split("__", 1)[0] in env_names for var in os.environ)
+
+
+@cache
+def _env_settings_class() -> type[Settings]:
+    """`Settings` as a pydantic-settings `BaseSettings`: the environment over the values."""
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    class Settings(_PlainSettings, BaseSettings):  # the name its validation errors show
+        model_config = SettingsConfigDict(
+            env_prefix="VASTD_",
+            env_nested_delimiter="__",
+            extra="forbid",
+            populate_by_name=True,
+        )
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            # The TOML content arrives through init kwargs (see load_config) and must
+            # lose against the environment, so the env source comes first.
+            return (env_settings, init_settings)
+
+    return Settings
 
 
 def _read_key(path: Path, key: str) -> str | None:

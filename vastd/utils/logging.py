@@ -2,6 +2,11 @@
 
 Stdlib records (asyncssh, aiohttp) go through the same formatter, so every line
 on stdout is JSON. Event names are the stable snake_case ones of the README (log events).
+
+structlog (with rich, which it imports when installed) costs a short command such as
+`vastd status` more than its whole work: it is imported on first use only. Loggers
+from `get_logger` stand in for structlog's until they log, and `setup_logging(...,
+deferred=True)` sets up on the first record (structlog's or stdlib's).
 """
 
 from __future__ import annotations
@@ -9,10 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+if TYPE_CHECKING:
+    import structlog
+    from structlog.typing import EventDict, Processor, WrappedLogger
 
 _SECRETS: set[str] = set()
 
@@ -43,10 +49,13 @@ def _redact(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventD
     return {k: v if k == "exc_info" else _redact_value(v) for k, v in event_dict.items()}
 
 
-# Frame locals could hold a key file's content: tracebacks carry no locals.
-_dict_tracebacks = structlog.processors.ExceptionRenderer(
-    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-)
+def _dict_tracebacks() -> Processor:
+    import structlog
+
+    # Frame locals could hold a key file's content: tracebacks carry no locals.
+    return structlog.processors.ExceptionRenderer(
+        structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+    )
 
 
 # sd-daemon(3) priority prefixes: journald reads `<N>` at the start of a stdout line.
@@ -74,6 +83,8 @@ def _journal_priority(renderer: Processor) -> Processor:
 
 
 def _shared_processors() -> list[Processor]:
+    import structlog
+
     return [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -82,11 +93,77 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
-def setup_logging(log_level: str = "INFO", *, json: bool | None = None, stream: Any = None) -> None:
-    """Route structlog and stdlib logging to one handler on stdout."""
+class _DeferredSetup(logging.Handler):
+    """The root logger's handler until the first record: that one completes the set-up."""
+
+    def __init__(self, log_level: str, json: bool, stream: Any) -> None:
+        super().__init__()
+        self.settings = (log_level, json, stream)
+
+    def complete(self) -> None:
+        log_level, json, stream = self.settings
+        setup_logging(log_level, json=json, stream=stream)  # replaces this handler
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.complete()
+        for handler in logging.getLogger().handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+_deferred: _DeferredSetup | None = None
+
+
+def _complete_deferred_setup() -> None:
+    """Before a structlog logger is first used: finish a deferred set-up that still stands."""
+    global _deferred
+    pending, _deferred = _deferred, None
+    if pending is not None and pending in logging.getLogger().handlers:
+        pending.complete()
+
+
+def _quiet_libraries() -> None:
+    # asyncssh logs every channel at INFO; aiohttp's access log is noise here.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # watchfiles reports "N changes detected" at INFO: not one of our events.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+
+
+def _replace_root_handlers(handler: logging.Handler, log_level: str) -> None:
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(log_level.upper())
+    _quiet_libraries()
+
+
+def setup_logging(
+    log_level: str = "INFO",
+    *,
+    json: bool | None = None,
+    stream: Any = None,
+    deferred: bool = False,
+) -> None:
+    """Route structlog and stdlib logging to one handler on stdout.
+
+    `deferred`: the same, but structlog is imported and configured only when the first
+    record comes (a short command that logs nothing never pays for it).
+    """
+    global _deferred
     stream = stream if stream is not None else sys.stdout
     if json is None:
         json = not (hasattr(stream, "isatty") and stream.isatty())
+    if deferred:
+        # the stream and its kind as they are now, as without `deferred`
+        pending = _DeferredSetup(log_level, json, stream)
+        _replace_root_handlers(pending, log_level)
+        _deferred = pending
+        return
+    _deferred = None
+    import structlog
+
     shared = _shared_processors()
     renderer: Processor
     if json:
@@ -96,7 +173,7 @@ def setup_logging(log_level: str = "INFO", *, json: bool | None = None, stream: 
             renderer = _journal_priority(renderer)
         final: list[Processor] = [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            _dict_tracebacks,  # before _redact, so exception texts are redacted too
+            _dict_tracebacks(),  # before _redact, so exception texts are redacted too
             _redact,
             renderer,
         ]
@@ -121,19 +198,33 @@ def setup_logging(log_level: str = "INFO", *, json: bool | None = None, stream: 
     formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(log_level.upper())
-    # asyncssh logs every channel at INFO; aiohttp's access log is noise here.
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    # watchfiles reports "N changes detected" at INFO: not one of our events.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    _replace_root_handlers(handler, log_level)
+
+
+class _LazyLogger:
+    """structlog's logger for `name`, fetched (structlog imported) on first use."""
+
+    __slots__ = ("_initial", "_name", "_target")
+
+    def __init__(self, name: str, initial: dict[str, Any]) -> None:
+        self._name = name
+        self._initial = initial
+        self._target: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if _deferred is not None:
+            _complete_deferred_setup()
+        target = self._target
+        if target is None:
+            import structlog
+
+            target = structlog.stdlib.get_logger(self._name)
+            if self._initial:
+                target = target.bind(**self._initial)
+            self._target = target
+        return getattr(target, attr)
 
 
 def get_logger(name: str = "vastd", **initial: Any) -> structlog.stdlib.BoundLogger:
     """A structlog logger; `initial` values are bound to every line."""
-    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
-    return logger.bind(**initial) if initial else logger
+    return cast("structlog.stdlib.BoundLogger", _LazyLogger(name, initial))
