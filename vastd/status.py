@@ -2,8 +2,9 @@
 
 A fresh process runs it, often from scripts, so it imports little: the records, not the
 daemon's store (core/snapshot.py, core/state.py bring asyncio), nor the inbox watcher
-(core/jobs.py, core/inbox.py bring watchfiles). `load_snapshot_readonly` and
-`inbox_waiting` read the files the way those modules do (tests/test_status.py compares).
+(core/jobs.py, core/inbox.py bring watchfiles). The snapshot is read through
+core/snapshot_file.py, as the store reads it; `inbox_waiting` counts the inbox the way
+core/jobs.py lists it (tests/test_status.py compares).
 """
 
 from __future__ import annotations
@@ -14,18 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from vastd.core.files import JOB_SUFFIX, TEMP_PREFIX, Layout, utc_iso
 from vastd.core.lock import root_locked
-from vastd.core.records import SCHEMA_VERSION, InstanceStatus, JobState, Snapshot
+from vastd.core.records import InstanceStatus, JobState, Snapshot
+from vastd.core.snapshot_file import read_snapshot
 from vastd.instances.monitoring import get_instance_summary
-from vastd.utils.exceptions import FileOperationError, StateManagementError
-from vastd.utils.logging import get_logger
+from vastd.utils.exceptions import FileOperationError
 
-# as core/snapshot.py: the versions it reads, and its logger (the backup warning's name)
-READABLE_VERSIONS = (1, SCHEMA_VERSION)
-log = get_logger("vastd.state")
 # as core/inbox.py: editors' and downloaders' temp names
 _TEMP_ENDINGS = (".part", ".tmp", ".swp", "~", ".crdownload")
 
@@ -128,48 +124,9 @@ def inbox_waiting(directory: Path) -> int:
         raise FileOperationError(f"cannot list {directory}: {exc}") from exc
 
 
-def _load_state(file_path: Path) -> Snapshot:
-    """core/snapshot.py's `load_state`: one snapshot file, or StateManagementError."""
-    try:
-        raw = file_path.read_bytes()
-        data = json.loads(raw)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StateManagementError(f"{file_path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("version") not in READABLE_VERSIONS:
-        raise StateManagementError(
-            f"{file_path}: not a snapshot of version {' or '.join(map(str, READABLE_VERSIONS))}"
-        )
-    try:
-        return Snapshot.model_validate(data)
-    except ValidationError as exc:
-        raise StateManagementError(f"{file_path}: invalid snapshot: {exc}") from None
-
-
 def load_snapshot_readonly(layout: Layout) -> Snapshot:
-    """The snapshot as on disk (backup if needed), without writing anything.
-
-    What `StateStore.open(layout.state_file, read_only=True).snapshot` gives, warning
-    and refusal included, without importing the store.
-    """
-    errors = []
-    for candidate in (layout.state_file, layout.state_backup):
-        if not candidate.exists():
-            continue
-        try:
-            snap = _load_state(candidate)
-        except StateManagementError as exc:
-            errors.append(str(exc))
-            continue
-        if candidate == layout.state_backup:
-            log.warning("state_restored_from_backup", path=str(candidate), errors=errors)
-        return snap
-    if errors:
-        raise StateManagementError(
-            "refusing to start: the snapshot and its backup are both unreadable ("
-            + "; ".join(errors)
-            + "). Move them aside to start fresh."
-        )
-    return Snapshot()
+    """The snapshot as on disk (backup if needed), without writing anything."""
+    return read_snapshot(layout.state_file)[0]
 
 
 def format_status(status: dict[str, Any]) -> str:

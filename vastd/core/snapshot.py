@@ -26,8 +26,6 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from vastd.core.files import Layout, fsync_directory
 from vastd.core.history import (
     HistoryIndex,
@@ -45,32 +43,17 @@ from vastd.core.records import (
     JobState,
     Snapshot,
 )
+from vastd.core.snapshot_file import READABLE_VERSIONS as READABLE_VERSIONS
+from vastd.core.snapshot_file import load_state as load_state
+from vastd.core.snapshot_file import read_snapshot
 from vastd.core.tracking import JobIndex, RecordTable, checking
 from vastd.utils.exceptions import FileOperationError, StateManagementError
 from vastd.utils.logging import get_logger
 
 # temp names save_state uses (a killed write leaves them; the daemon sweeps them at start)
 SNAPSHOT_TEMP_PATTERNS = (".state.json.tmp-*", "..state.json.tmp-*")
-READABLE_VERSIONS = (1, SCHEMA_VERSION)  # 1: finished jobs inside, migrated on load
 HISTORY_NAME = "history.jsonl"
 log = get_logger("vastd.state")
-
-
-def load_state(file_path: Path) -> Snapshot:
-    """Parse one snapshot file; StateManagementError if it is unreadable or invalid."""
-    try:
-        raw = file_path.read_bytes()
-        data = json.loads(raw)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StateManagementError(f"{file_path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("version") not in READABLE_VERSIONS:
-        raise StateManagementError(
-            f"{file_path}: not a snapshot of version {' or '.join(map(str, READABLE_VERSIONS))}"
-        )
-    try:
-        return Snapshot.model_validate(data)
-    except ValidationError as exc:
-        raise StateManagementError(f"{file_path}: invalid snapshot: {exc}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -175,33 +158,11 @@ class StateStore:
 
     @classmethod
     def _load(cls, path: Path, *, coalesce_s: float, read_only: bool) -> StateStore:
-        backup = path.with_name(path.name + ".bak")
-
-        def make(snap: Snapshot, source: Path) -> StateStore:
-            history = None if read_only else HistoryIndex.load(path.with_name(HISTORY_NAME))
-            store = cls(path, snap, coalesce_s=coalesce_s, history=history)
-            store._loaded_from = source
-            return store
-
-        errors = []
-        for candidate in (path, backup):
-            if not candidate.exists():
-                continue
-            try:
-                snap = load_state(candidate)
-            except StateManagementError as exc:
-                errors.append(str(exc))
-                continue
-            if candidate is backup:
-                log.warning("state_restored_from_backup", path=str(backup), errors=errors)
-            return make(snap, candidate)
-        if errors:
-            raise StateManagementError(
-                "refusing to start: the snapshot and its backup are both unreadable ("
-                + "; ".join(errors)
-                + "). Move them aside to start fresh."
-            )
-        return make(Snapshot(), path)
+        snap, source = read_snapshot(path)
+        history = None if read_only else HistoryIndex.load(path.with_name(HISTORY_NAME))
+        store = cls(path, snap, coalesce_s=coalesce_s, history=history)
+        store._loaded_from = source
+        return store
 
     def _migrate(self) -> None:
         """A version 1 snapshot: its file is kept as state.json.v1, its finished jobs go
