@@ -237,7 +237,13 @@ def _rename_each(moves: Sequence[tuple[Path, Path]]) -> list[FileOperationError 
     return [_rename_new(source, destination) for source, destination in moves]
 
 
+def _fsync_directories(folders: Iterable[Path]) -> None:
+    for folder in folders:
+        fsync_directory(folder)
+
+
 _rename_each_off_loop = aiofiles.os.wrap(_rename_each)
+_fsync_directories_off_loop = aiofiles.os.wrap(_fsync_directories)
 
 # Renames per trip to the executor: one trip per rename costs ~8 times the rename itself.
 MOVES_PER_CALL = 128
@@ -265,8 +271,7 @@ async def atomic_file_moves(
     sources = dict.fromkeys(
         source.parent for source, _ in moved if source.parent not in destinations
     )
-    for folder in [*destinations, *sources]:
-        await fsync_directory_async(folder)
+    await _fsync_directories_off_loop([*destinations, *sources])
     return outcomes
 
 

@@ -82,7 +82,7 @@ class InboxWatcher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if (on_ready is None) == (on_batch is None):
-            raise ValueError("give on_ready or on_batch, not both")
+            raise ValueError("give exactly one of on_ready and on_batch")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.inbox = inbox
