@@ -2,8 +2,9 @@
 
 A job is one CSV file; its name without `.csv` is the job id (any characters a file
 name can hold; it is data, never shell text). Acceptance (README: "Folders") validates a
-complete file and renames it inbox/ -> queued/; a refused file goes to failed/
-beside its `.error.json`. Nothing about a bad file raises out of here.
+complete file and renames it inbox/ -> queued/ (many at once with `accept_job_files`:
+one fsync of each folder per batch); a refused file goes to failed/ beside its
+`.error.json`. Nothing about a bad file raises out of here.
 The inbox watcher and the name rules are in inbox.py (re-exported here).
 """
 
