@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -233,7 +233,7 @@ def _rename_new(source: Path, destination: Path) -> FileOperationError | None:
     return None
 
 
-def _rename_each(moves: Sequence[tuple[Path, Path]]) -> list[FileOperationError | None]:
+def _rename_each(moves: list[tuple[Path, Path]]) -> list[FileOperationError | None]:
     return [_rename_new(source, destination) for source, destination in moves]
 
 
@@ -250,7 +250,7 @@ MOVES_PER_CALL = 128
 
 
 async def atomic_file_moves(
-    moves: Sequence[tuple[Path, Path]],
+    moves: list[tuple[Path, Path]],
 ) -> list[FileOperationError | None]:
     """Many `atomic_file_move`s made durable together, off the event loop.
 
