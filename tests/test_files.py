@@ -8,6 +8,7 @@ import os
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,6 +160,109 @@ def test_atomic_file_move_missing_source_is_file_operation_error(tmp_path: Path)
     """A vanished source surfaces as FileOperationError."""
     with pytest.raises(FileOperationError):
         atomic_file_move(tmp_path / "nope", tmp_path / "dest")
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
+    """Patch os.fsync: each call records (the path fsynced, a folder's entries then)."""
+    calls: list[tuple[str, list[str]]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        calls.append((path, sorted(os.listdir(path)) if os.path.isdir(path) else []))
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    return calls
+
+
+async def test_atomic_file_move_async_moves_the_entry_and_fsyncs_both_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async move: the entry itself (a symlink stays one), never over an existing
+    entry, the destination's folder fsynced, then the source's."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (tmp_path / "target").write_text("secret")
+    (src / "link").symlink_to(tmp_path / "target")
+    (src / "a").write_text("new")
+    (dst / "a").write_text("old")
+    calls = record_fsyncs(monkeypatch)
+    assert await files.atomic_file_move_async(src / "link", dst / "link") == dst / "link"
+    assert (dst / "link").is_symlink() and (tmp_path / "target").read_text() == "secret"
+    assert [path for path, _ in calls] == [str(dst), str(src)]
+    with pytest.raises(FileOperationError, match="exists"):
+        await files.atomic_file_move_async(src / "a", dst / "a")
+    with pytest.raises(FileOperationError):
+        await files.atomic_file_move_async(src / "gone", dst / "gone")
+    assert (src / "a").read_text() == "new" and (dst / "a").read_text() == "old"
+
+
+async def test_atomic_file_moves_fsync_each_folder_once_after_every_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch (larger than one executor trip): every entry renamed first, then the
+    destination folder fsynced once and the source folder once, in that order."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    names = [f"f{n:03d}" for n in range(files.MOVES_PER_CALL * 2 + 5)]
+    for name in names:
+        (src / name).write_text(name)
+    calls = record_fsyncs(monkeypatch)
+    outcomes = await files.atomic_file_moves([(src / n, dst / n) for n in names])
+    assert outcomes == [None] * len(names)
+    assert calls == [(str(dst), names), (str(src), [])]
+    assert all((dst / n).read_text() == n for n in names)
+
+
+async def test_atomic_file_moves_a_failed_rename_stops_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moves that fail (destination taken, source gone, disk full) are their own
+    outcome; the others in the batch still move and are still made durable."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for name in ("a", "taken", "full", "z"):
+        (src / name).write_text(name)
+    (dst / "taken").write_text("earlier")
+    real_rename = os.rename
+
+    def rename(a: Any, b: Any) -> None:
+        if Path(a).name == "full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_rename(a, b)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    calls = record_fsyncs(monkeypatch)
+    names = ["a", "taken", "gone", "full", "z"]
+    outcomes = await files.atomic_file_moves([(src / n, dst / n) for n in names])
+    assert [o is None for o in outcomes] == [True, False, False, False, True]
+    assert "destination exists" in str(outcomes[1])
+    assert "No space left" in str(outcomes[3])
+    assert sorted(p.name for p in src.iterdir()) == ["full", "taken"]
+    assert (dst / "taken").read_text() == "earlier" and (dst / "z").read_text() == "z"
+    assert [path for path, _ in calls] == [str(dst), str(src)]
+
+
+async def test_atomic_file_moves_raises_when_a_folder_cannot_be_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync that fails (EIO) is FileOperationError for the batch: it is not durable."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "a").write_text("a")
+
+    def fsync(_fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    with pytest.raises(FileOperationError, match="cannot fsync folder"):
+        await files.atomic_file_moves([(src / "a", dst / "a")])
+    assert await files.atomic_file_moves([]) == []
 
 
 def test_move_job_file_between_folders(layout: Layout) -> None:

@@ -312,3 +312,60 @@ async def test_watcher_with_acceptance_end_to_end(tmp_path: Path) -> None:
     finally:
         task.cancel()
         await asyncio.wait([task])
+
+
+async def test_on_batch_gets_the_ready_files_of_a_look_in_batches(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """With on_batch, one look's ready files go out batch_size at a time, by name."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    names = [f"j{n}.csv" for n in range(5)]
+    for name in names:
+        _renamed_in(inbox, name)
+    batches: list[list[str]] = []
+
+    async def on_batch(paths: list[Path]) -> None:
+        batches.append([p.name for p in paths])
+
+    watcher = InboxWatcher(inbox, None, on_batch=on_batch, batch_size=2, clock=clock)
+    await watcher.deliver(await watcher.scan_once())
+    assert batches == [names[0:2], names[2:4], names[4:5]]
+    await watcher.deliver(await watcher.scan_once())
+    assert len(batches) == 3  # reported once
+
+
+async def test_a_failing_batch_callback_offers_the_whole_batch_again(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """An exception in on_batch is logged and every file of the batch is offered again."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    paths = [_renamed_in(inbox, f"j{n}.csv") for n in range(3)]
+    calls: list[list[Path]] = []
+
+    async def on_batch(batch: list[Path]) -> None:
+        calls.append(batch)
+        if len(calls) == 1:
+            raise RuntimeError("disk trouble")
+
+    watcher = InboxWatcher(inbox, None, on_batch=on_batch, clock=clock)
+    with capture_logs() as logs:
+        await watcher.deliver(await watcher.scan_once())
+    assert any(e["event"] == "inbox_callback_failed" and e["files"] == 3 for e in logs)
+    await watcher.deliver(await watcher.scan_once())
+    assert calls == [paths, paths]
+
+
+def test_a_watcher_takes_one_callback(tmp_path: Path) -> None:
+    """on_ready or on_batch, exactly one; a batch holds at least one file."""
+
+    async def on_batch(_paths: list[Path]) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="exactly one"):
+        InboxWatcher(tmp_path, _ignore, on_batch=on_batch)
+    with pytest.raises(ValueError, match="exactly one"):
+        InboxWatcher(tmp_path, None)
+    with pytest.raises(ValueError, match="batch_size"):
+        InboxWatcher(tmp_path, None, on_batch=on_batch, batch_size=0)

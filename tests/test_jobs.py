@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from vastd.core import files, jobs
 from vastd.core.files import Layout
 from vastd.core.jobs import (
     JobFileInfo,
     accept_job_file,
+    accept_job_files,
     discover_job_files,
     get_job_arguments,
     job_id_for,
     validate_job_file,
 )
 from vastd.utils.config import JobPattern, JobSettings
-from vastd.utils.exceptions import JobValidationError
+from vastd.utils.exceptions import FileOperationError, JobValidationError
 
 GOOD = (
     "eta,lam,var0,alpha,gamma,beta,p\n10,0.1,1.0,0.05,0.1,0.85,0.3\n5,-0.2,0.5,0.03,0.05,0.9,0.7\n"
@@ -350,3 +354,129 @@ async def test_vanished_file_is_ignored(layout: Layout, settings: JobSettings) -
         await accept_job_file(layout, layout.inbox / "gone.csv", settings, known_ids=set()) is None
     )
     assert list(layout.failed.iterdir()) == []
+
+
+# --- acceptance in batches ------------------------------------------------------------------
+
+
+def _fsyncs_of(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[list[str]]:
+    """Patch os.fsync: for each fsync of `folder`, the names it held at that moment."""
+    seen: list[list[str]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(folder):
+            seen.append(sorted(os.listdir(folder)))
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    return seen
+
+
+async def test_a_batch_is_accepted_in_order_with_one_fsync_of_queued(
+    layout: Layout, settings: JobSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many files at once: each outcome is what a call per file gives, in order (good to
+    queued/, bad and taken names refused), and queued/ is fsynced once, after every
+    accepted file is in it."""
+    _write(layout.queued, "taken.csv", "old\n1\n")
+    good = [f"j{n:03d}" for n in range(300)]
+    paths = [_write(layout.inbox, f"{name}.csv", GOOD) for name in good]
+    paths.insert(7, _write(layout.inbox, "bad.csv", "a,b\n1\n"))
+    paths.insert(150, _write(layout.inbox, "taken.csv", GOOD))
+    paths.insert(200, layout.inbox / "gone.csv")
+    queued_fsyncs = _fsyncs_of(monkeypatch, layout.queued)
+    outcomes = await accept_job_files(layout, paths, settings, known_ids=set())
+    infos = [o for o in outcomes if isinstance(o, JobFileInfo)]
+    assert [i.job_id for i in infos] == good
+    assert all(i.path == layout.queued / f"{i.job_id}.csv" and i.rows == 2 for i in infos)
+    assert [outcomes[n] for n in (7, 150, 200)] == [None, None, None]
+    assert queued_fsyncs == [sorted([*(f"{n}.csv" for n in good), "taken.csv"])]
+    assert "fields" in _refusal(layout, "bad")
+    assert "already queued or running" in _refusal(layout, "taken")
+    assert (layout.queued / "taken.csv").read_text() == "old\n1\n"
+    assert list(layout.inbox.iterdir()) == []
+
+
+async def test_a_failing_move_in_a_batch_loses_nothing(
+    layout: Layout, settings: JobSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename into queued/ that fails mid-batch (disk full) leaves that file in the
+    inbox as it was, with its error; a name taken in queued/ meanwhile is refused; the
+    files before and after it are accepted and durable."""
+    paths = [_write(layout.inbox, f"{name}.csv", GOOD) for name in ("a", "full", "raced", "z")]
+    real_rename, real_validate = os.rename, jobs.validate_job_file
+
+    def rename(source: Any, destination: Any) -> None:
+        if Path(destination).parent == layout.queued and Path(source).name == "full.csv":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_rename(source, destination)
+
+    def validate(path: Path, max_bytes: int) -> JobFileInfo:
+        if path == layout.inbox / "raced.csv":  # the name taken after its checks passed
+            (layout.queued / "raced.csv").write_text("someone else's\n1\n")
+        return real_validate(path, max_bytes)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    monkeypatch.setattr(jobs, "validate_job_file", validate)
+    queued_fsyncs = _fsyncs_of(monkeypatch, layout.queued)
+    with capture_logs() as logs:
+        a, full, raced, z = await accept_job_files(layout, paths, settings, known_ids=set())
+    assert isinstance(a, JobFileInfo) and isinstance(z, JobFileInfo)
+    assert isinstance(full, FileOperationError) and "No space left" in str(full)
+    assert raced is None
+    assert (layout.inbox / "full.csv").read_text() == GOOD
+    assert "already queued or running" in _refusal(layout, "raced")
+    assert (layout.failed / "raced.csv").read_text() == GOOD
+    assert (layout.queued / "raced.csv").read_text() == "someone else's\n1\n"
+    assert queued_fsyncs[0] == ["a.csv", "raced.csv", "z.csv"]
+    assert sorted(e["job"] for e in logs if e["event"] == "job_accepted") == ["a", "z"]
+    # The one-file form raises the folders' error; the file stays.
+    with pytest.raises(FileOperationError, match="No space left"):
+        await accept_job_file(layout, layout.inbox / "full.csv", settings, known_ids=set())
+    assert (layout.inbox / "full.csv").read_text() == GOOD
+
+
+async def test_a_failed_fsync_accepts_nothing_of_the_batch(
+    layout: Layout, settings: JobSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """queued/ cannot be fsynced (EIO): no file of the batch is reported accepted."""
+    paths = [_write(layout.inbox, f"{name}.csv", GOOD) for name in ("a", "b")]
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(layout.queued):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    with capture_logs() as logs:
+        outcomes = await accept_job_files(layout, paths, settings, known_ids=set())
+    assert all(isinstance(o, FileOperationError) for o in outcomes)
+    assert not any(e["event"] == "job_accepted" for e in logs)
+
+
+async def test_duplicate_names_within_one_batch(
+    layout: Layout, settings: JobSettings, tmp_path: Path
+) -> None:
+    """A name met twice in one batch is checked once the first is settled, as a call per
+    file would: the second is refused (never merged, never over the first), the same
+    path twice is taken once; names known or done are refused as before."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    first = _write(layout.inbox, "twice.csv", GOOD)
+    second = _write(elsewhere, "twice.csv", "x,y\n1,2\n3,4\n")
+    _write(layout.done, "old.csv", GOOD)
+    known = _write(layout.inbox, "known.csv", GOOD)
+    old = _write(layout.inbox, "old.csv", GOOD)
+    outcomes = await accept_job_files(
+        layout, [first, second, first, known, old], settings, known_ids={"known"}
+    )
+    assert isinstance(outcomes[0], JobFileInfo) and outcomes[0].rows == 2
+    assert outcomes[1:] == [None, None, None, None]
+    assert (layout.queued / "twice.csv").read_text() == GOOD
+    assert (layout.failed / "twice.csv").read_text() == "x,y\n1,2\n3,4\n"
+    assert "already queued or running" in _refusal(layout, "twice")
+    assert "already queued or running" in _refusal(layout, "known")
+    assert (layout.failed / "old.dup-1.csv").exists()
+    assert list(layout.inbox.iterdir()) == [] and list(elsewhere.iterdir()) == []

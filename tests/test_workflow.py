@@ -7,19 +7,24 @@ StateStore, SSH pool and API client) built by tests/ctxfactory.py against a SimC
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from tests.ctxfactory import GATED_WORKER, SimEnv, async_wait_for, prepare_step, pump, wait_saved
-from vastd.core.files import JobFolder
-from vastd.core.state import InstanceStatus, JobState
+from vastd.core import files
+from vastd.core.files import JobFolder, Layout
+from vastd.core.state import InstanceStatus, JobState, StateStore
 from vastd.instances.preparation import marker_path, steps_hash
 from vastd.orchestration import coordinator as co
+from vastd.orchestration.context import Context, build_context
 from vastd.orchestration.scheduler import (
     Scheduler,
     TaskType,
@@ -27,14 +32,16 @@ from vastd.orchestration.scheduler import (
     schedule_result_collection,
 )
 from vastd.orchestration.workflow import (
+    accept_inbox_files,
     coordinate_instance_preparation,
     discovery_once,
     handle_instance_failure,
+    make_inbox_watcher,
     recover_after_restart,
     run_instance_preparation_workflow,
 )
 from vastd.status import build_status
-from vastd.utils.config import PrepareStep
+from vastd.utils.config import PrepareStep, Settings
 
 
 @pytest.fixture
@@ -404,3 +411,102 @@ async def test_a_lost_instance_keeps_its_started_runs_as_orphans(env: SimEnv) ->
     handle_instance_failure(ctx, ctx.store.instances[first], "vast.ai reports it offline")
     assert job.state is JobState.QUEUED and job.attempts == 0
     assert [o.instance for o in job.orphans] == [first]
+
+
+# --- the inbox, in batches ----------------------------------------------------------------------
+CSV = "a,b\n1,2\n"
+
+
+def offline_context(tmp_path: Path) -> Context:
+    """A Context over real folders and a real snapshot; no cloud, no SSH."""
+    settings = Settings(paths={"root": str(tmp_path / "root")}, vast={"api_key": "x"})
+    layout = Layout(settings.paths.root)
+    layout.ensure()
+    return build_context(settings, store=StateStore(layout.state_file), cloud=None)
+
+
+def drop(inbox: Path, name: str, content: str = CSV) -> Path:
+    """Written under a temp name, then renamed in (its mtime set earlier, as cp -p leaves
+    it, so the watcher takes it at once)."""
+    temp = inbox / f".{name}.part"
+    temp.write_text(content)
+    os.utime(temp, (1_700_000_000, 1_700_000_000))
+    return temp.rename(inbox / name)
+
+
+async def test_a_batch_is_recorded_only_once_its_files_are_durable_in_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accept_inbox_files: no record of the batch exists when queued/ and the inbox are
+    fsynced (once each, after every rename); then each file is a queued record, in order."""
+    ctx = offline_context(tmp_path)
+    names = [f"j{n:03d}" for n in range(300)]
+    paths = [drop(ctx.layout.inbox, f"{name}.csv") for name in names]
+    records_at_fsync: dict[str, int] = {}
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path in (str(ctx.layout.queued), str(ctx.layout.inbox)):
+            assert path not in records_at_fsync, "one fsync per folder per batch"
+            records_at_fsync[path] = len(ctx.store.jobs)
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    assert await accept_inbox_files(ctx, paths) == {}
+    assert records_at_fsync == {str(ctx.layout.queued): 0, str(ctx.layout.inbox): 0}
+    jobs = sorted(ctx.store.jobs.values(), key=lambda j: j.seq)
+    assert [j.id for j in jobs] == names
+    assert all(j.state is JobState.QUEUED for j in jobs)
+    assert sorted(p.name for p in ctx.layout.queued.iterdir()) == [f"{n}.csv" for n in names]
+
+
+async def test_disk_full_in_a_batch_keeps_the_files_in_the_inbox_and_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the daemon's watcher: renames into queued/ fail (ENOSPC) for part of a
+    batch; those files stay in the inbox unrecorded (job_accept_failed) and are offered
+    again, and accepted, once the disk has room; the rest of the batch is accepted."""
+    ctx = offline_context(tmp_path)
+    watcher = make_inbox_watcher(ctx)
+    for n in range(6):
+        drop(ctx.layout.inbox, f"j{n}.csv")
+    real_rename = os.rename
+    full = {"j1.csv", "j4.csv"}
+
+    def rename(source: Any, destination: Any) -> None:
+        if Path(destination).parent == ctx.layout.queued and Path(source).name in full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_rename(source, destination)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    with capture_logs() as logs:
+        await watcher.deliver(await watcher.scan_once())
+    assert sorted(ctx.store.jobs) == ["j0", "j2", "j3", "j5"]
+    assert sorted(p.name for p in ctx.layout.inbox.iterdir() if p.suffix == ".csv") == sorted(full)
+    assert sorted(Path(str(e["path"])).name for e in events(logs, "job_accept_failed")) == sorted(
+        full
+    )
+    full.clear()
+    await watcher.deliver(await watcher.scan_once())
+    assert sorted(ctx.store.jobs) == [f"j{n}" for n in range(6)]
+    assert all(j.state is JobState.QUEUED for j in ctx.store.jobs.values())
+
+
+async def test_the_watcher_accepts_a_burst_in_batches(tmp_path: Path) -> None:
+    """Files renamed in at once all become queued records through watcher.run(), a batch
+    per fsync of queued/, not one fsync per file."""
+    ctx = offline_context(tmp_path)
+    watcher = make_inbox_watcher(ctx, settle_s=0.05, rescan_interval_s=0.2)
+    watcher.batch_size = 40
+    task = asyncio.create_task(watcher.run())
+    try:
+        for n in range(200):
+            drop(ctx.layout.inbox, f"burst{n:03d}.csv")
+        await async_wait_for(lambda: len(ctx.store.jobs) == 200, 20, message="all accepted")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sorted(p.name for p in ctx.layout.queued.iterdir()) == [
+        f"burst{n:03d}.csv" for n in range(200)
+    ]

@@ -1,7 +1,8 @@
 """The inbox: which file names are jobs (and their ids), and the watcher of complete files.
 
-`InboxWatcher` reports each complete candidate file once; acceptance (validation and
-the move to queued/) is vastd/core/jobs.py's `accept_job_file`.
+`InboxWatcher` reports each complete candidate file once, one at a time or in batches;
+acceptance (validation and the move to queued/) is vastd/core/jobs.py's
+`accept_job_file` / `accept_job_files`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def is_candidate_name(name: str) -> bool:
     return not name.endswith(_TEMP_ENDINGS) and not name.startswith(TEMP_PREFIX)
 
 
+# Names looked at between two yields to the event loop (a few milliseconds' work).
+_NAMES_PER_STEP = 1024
+
 _Signature = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
 
 
@@ -47,7 +51,8 @@ def _signature(st: os.stat_result) -> _Signature:
 
 
 class InboxWatcher:
-    """Reports each complete candidate file in the inbox once to `on_ready(path)`.
+    """Reports each complete candidate file in the inbox once to `on_ready(path)`, or
+    with `on_batch` to `on_batch(paths)`, up to `batch_size` files of one look at a time.
 
     watchfiles events are only hints to look sooner: it reports a file as soon as it
     appears and has no close-write event. Readiness comes from looking:
@@ -67,15 +72,23 @@ class InboxWatcher:
     def __init__(
         self,
         inbox: Path,
-        on_ready: Callable[[Path], Awaitable[object]],
+        on_ready: Callable[[Path], Awaitable[object]] | None,
         *,
+        on_batch: Callable[[list[Path]], Awaitable[object]] | None = None,
+        batch_size: int = 512,
         settle_s: float = 1.0,
         rescan_interval_s: float = 30.0,
         use_events: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if (on_ready is None) == (on_batch is None):
+            raise ValueError("give exactly one of on_ready and on_batch")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
         self.inbox = inbox
         self._on_ready = on_ready
+        self._on_batch = on_batch
+        self.batch_size = batch_size
         self.settle_s = settle_s
         self.rescan_interval_s = rescan_interval_s
         self._use_events = use_events
@@ -126,7 +139,9 @@ class InboxWatcher:
             del self._looks[name]
         for name in [n for n in self._reported if n not in listing]:
             del self._reported[name]
-        for name, st in sorted(listing.items()):
+        for n, (name, st) in enumerate(sorted(listing.items())):
+            if n and n % _NAMES_PER_STEP == 0:
+                await asyncio.sleep(0)  # a big inbox never holds the loop for long
             sig = _signature(st)
             if name in self._reported:
                 if self._reported[name][0] == sig[0]:
@@ -145,12 +160,32 @@ class InboxWatcher:
         return ready
 
     async def _deliver(self, path: Path) -> None:
+        assert self._on_ready is not None
         try:
             await self._on_ready(path)
         except Exception as exc:
             # The file stays in the inbox; the next full rescan offers it again.
             log.warning("inbox_callback_failed", job=job_id_for(path), error=repr(exc))
             self.forget(path)
+
+    async def _deliver_batch(self, paths: list[Path]) -> None:
+        assert self._on_batch is not None
+        try:
+            await self._on_batch(paths)
+        except Exception as exc:
+            # What stayed in the inbox is offered again by the next full rescan.
+            log.warning("inbox_callback_failed", files=len(paths), error=repr(exc))
+            for path in paths:
+                self.forget(path)
+
+    async def deliver(self, ready: list[Path]) -> None:
+        """Hand files to the callback: one at a time, or in batches of `batch_size`."""
+        if self._on_batch is None:
+            for path in ready:
+                await self._deliver(path)
+            return
+        for start in range(0, len(ready), self.batch_size):
+            await self._deliver_batch(ready[start : start + self.batch_size])
 
     async def _watch_events(self, stop: asyncio.Event) -> None:
         """Set the hint on every batch of events; back off and retry if watching fails."""
@@ -194,7 +229,7 @@ class InboxWatcher:
         self._hint.clear()
 
     async def run(self) -> None:
-        """Watch until cancelled; every ready file goes to `on_ready`, one at a time."""
+        """Watch until cancelled; every ready file goes to `on_ready` (or `on_batch`)."""
         stop = asyncio.Event()
         watcher: asyncio.Task[None] | None = None
         if self._use_events:
@@ -206,8 +241,7 @@ class InboxWatcher:
                 except Exception as exc:
                     log.warning("inbox_scan_failed", error=repr(exc))
                     ready = []
-                for path in ready:
-                    await self._deliver(path)
+                await self.deliver(ready)
                 await self._wait_for_next_look()
         finally:
             # The stop event ends watchfiles' thread promptly; then the task itself.

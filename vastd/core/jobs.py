@@ -2,8 +2,9 @@
 
 A job is one CSV file; its name without `.csv` is the job id (any characters a file
 name can hold; it is data, never shell text). Acceptance (README: "Folders") validates a
-complete file and renames it inbox/ -> queued/; a refused file goes to failed/
-beside its `.error.json`. Nothing about a bad file raises out of here.
+complete file and renames it inbox/ -> queued/ (many at once with `accept_job_files`:
+one fsync of each folder per batch); a refused file goes to failed/ beside its
+`.error.json`. Nothing about a bad file raises out of here.
 The inbox watcher and the name rules are in inbox.py (re-exported here).
 """
 
@@ -16,15 +17,16 @@ import fnmatch
 import io
 import os
 import stat
-from collections.abc import Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from vastd.core.files import (
     JOB_SUFFIX,
     JobFolder,
     Layout,
-    atomic_file_move,
+    atomic_file_moves,
     move_job_to_failed,
 )
 
@@ -37,6 +39,8 @@ from vastd.utils.exceptions import FileOperationError, JobValidationError
 from vastd.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -214,13 +218,17 @@ def duplicate_reason(job_id: str) -> str:
     )
 
 
-def _accept(
+def _check(
     layout: Layout,
     path: Path,
     settings: JobSettings,
     known_ids: Container[str],
     done_ids: Container[str],
 ) -> JobFileInfo | None:
+    """Everything acceptance decides before the move: the name, then the contents.
+
+    A refused file goes to failed/ here; None when refused or vanished.
+    """
     job_id = job_id_for(path)
     if not os.path.lexists(path):
         return None
@@ -240,16 +248,28 @@ def _accept(
             return None
         _refuse(layout, path, job_id, str(exc))
         return None
+    return dataclasses.replace(info, rerun=rerun)
+
+
+def _not_moved(
+    layout: Layout, path: Path, destination: Path, error: FileOperationError
+) -> FileOperationError | None:
+    """After a failed rename into queued/: vanished (None), taken meanwhile (refused,
+    None), or the folders' own error, returned (the file stays in the inbox)."""
+    if not os.path.lexists(path):
+        return None
+    job_id = job_id_for(path)
+    if os.path.lexists(destination):
+        _refuse(layout, path, job_id, f"a job named {job_id!r} is already queued or running")
+        return None
+    return error
+
+
+def _verify(layout: Layout, info: JobFileInfo, settings: JobSettings) -> JobFileInfo | None:
+    """After the move (durable): the file in queued/ is the one validated, or is checked
+    again; its info now points at queued/."""
+    job_id, rerun = info.job_id, info.rerun
     destination = layout.job_file(JobFolder.QUEUED, job_id)
-    try:
-        atomic_file_move(path, destination)
-    except FileOperationError:
-        if not os.path.lexists(path):
-            return None
-        if os.path.lexists(destination):
-            _refuse(layout, path, job_id, f"a job named {job_id!r} is already queued or running")
-            return None
-        raise
     # The name was validated, the inode moved: if they differ, the file was swapped between.
     try:
         moved = os.lstat(destination)
@@ -263,6 +283,104 @@ def _accept(
     info = dataclasses.replace(info, path=destination, rerun=rerun)
     log.info("job_accepted", job=job_id, rows=info.rows, size=info.size, rerun=rerun)
     return info
+
+
+_Outcome = JobFileInfo | FileOperationError | None
+
+
+def _each(call: Callable[[_T], _Outcome], items: Sequence[_T]) -> list[_Outcome]:
+    """`call` on each item; a FileOperationError is that item's outcome, not the batch's."""
+    out: list[_Outcome] = []
+    for item in items:
+        try:
+            out.append(call(item))
+        except FileOperationError as exc:
+            out.append(exc)
+    return out
+
+
+# Files per trip to a worker thread: the trip costs about as much as checking three files.
+FILES_PER_CALL = 128
+
+
+async def _in_threads(call: Callable[[_T], _Outcome], items: Sequence[_T]) -> list[_Outcome]:
+    """`_each` off the loop, a slice at a time (the loop runs between slices)."""
+    out: list[_Outcome] = []
+    for start in range(0, len(items), FILES_PER_CALL):
+        out.extend(await asyncio.to_thread(_each, call, items[start : start + FILES_PER_CALL]))
+    return out
+
+
+async def _accept_round(
+    layout: Layout,
+    paths: Sequence[Path],
+    settings: JobSettings,
+    known_ids: Container[str],
+    done_ids: Container[str],
+) -> list[_Outcome]:
+    """Accept files of distinct names together: check each, rename the good ones into
+    queued/, fsync queued/ and the inbox once, then verify each where it landed."""
+    outcomes = await _in_threads(
+        lambda path: _check(layout, path, settings, known_ids, done_ids), paths
+    )
+    checked = [(n, o) for n, o in enumerate(outcomes) if isinstance(o, JobFileInfo)]
+    if not checked:
+        return outcomes
+    moves = [(info.path, layout.job_file(JobFolder.QUEUED, info.job_id)) for _, info in checked]
+    try:
+        errors = await atomic_file_moves(moves)
+    except FileOperationError as exc:
+        # A folder could not be fsynced: whatever was renamed is not known durable, so
+        # nothing is accepted (a file left in queued/ is adopted at the next start).
+        for n, _ in checked:
+            outcomes[n] = exc
+        return outcomes
+    failed = [(n, move, e) for (n, _), move, e in zip(checked, moves, errors, strict=True) if e]
+    if failed:
+        again = await _in_threads(lambda f: _not_moved(layout, *f[1], f[2]), failed)
+        for (n, _, _), outcome in zip(failed, again, strict=True):
+            outcomes[n] = outcome
+    moved = [(n, info) for (n, info), e in zip(checked, errors, strict=True) if e is None]
+    verified = await _in_threads(lambda m: _verify(layout, m[1], settings), moved)
+    for (n, _), outcome in zip(moved, verified, strict=True):
+        outcomes[n] = outcome
+    return outcomes
+
+
+async def accept_job_files(
+    layout: Layout,
+    paths: Sequence[Path],
+    settings: JobSettings,
+    *,
+    known_ids: Container[str],
+    done_ids: Container[str] | None = None,
+) -> list[JobFileInfo | FileOperationError | None]:
+    """`accept_job_file` for many files at once, with one fsync of each folder per batch.
+
+    Returns, per path and in order: the info of a file now in queued/ (durable there),
+    None when refused or vanished, or the FileOperationError that kept it from being
+    accepted (the folders themselves: disk full, read-only; the file stays in the inbox,
+    or, when queued/ or the inbox cannot be fsynced, may be in queued/ unaccepted).
+    Each outcome is the one a call per file, in order, would give: a name met again in
+    `paths` is checked only once the earlier one is settled.
+    """
+    done = done_ids if done_ids is not None else set()
+    rounds: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for n, path in enumerate(paths):
+        again = seen.get(job_id_for(path), 0)
+        seen[job_id_for(path)] = again + 1
+        if again == len(rounds):
+            rounds.append([])
+        rounds[again].append(n)
+    outcomes: list[JobFileInfo | FileOperationError | None] = [None] * len(paths)
+    for members in rounds:
+        results = await _accept_round(
+            layout, [paths[n] for n in members], settings, known_ids, done
+        )
+        for n, outcome in zip(members, results, strict=True):
+            outcomes[n] = outcome
+    return outcomes
 
 
 async def accept_job_file(
@@ -283,7 +401,11 @@ async def accept_job_file(
     `[job] on_duplicate = "rerun"`, when it is accepted with `rerun` set. Returns None
     when refused, and when the file vanished. Raises only FileOperationError, for the
     folders themselves (disk full, read-only); the file then stays in the inbox.
+    The file is durable in queued/ (both folders fsynced) when this returns its info.
     """
-    return await asyncio.to_thread(
-        _accept, layout, path, settings, known_ids, done_ids if done_ids is not None else set()
+    (outcome,) = await accept_job_files(
+        layout, [path], settings, known_ids=known_ids, done_ids=done_ids
     )
+    if isinstance(outcome, FileOperationError):
+        raise outcome
+    return outcome

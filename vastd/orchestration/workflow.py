@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, assert_never
@@ -18,7 +18,7 @@ import asyncssh
 
 from vastd.core import state as st
 from vastd.core.files import Layout, move_job_to_failed
-from vastd.core.jobs import InboxWatcher, accept_job_file, job_id_for
+from vastd.core.jobs import InboxWatcher, accept_job_files, job_id_for
 from vastd.core.lock import RootLock
 from vastd.core.state import JobState
 from vastd.core.submit import submit_file
@@ -48,46 +48,92 @@ log = get_logger("vastd.workflow")
 
 
 # --- inbox ----------------------------------------------------------------------------------
-async def accept_inbox_file(ctx: Context, path: Path) -> None:
+# Records added between two yields to the loop.
+_RECORDS_PER_STEP = 256
+
+
+async def accept_inbox_files(ctx: Context, paths: Sequence[Path]) -> dict[Path, FileOperationError]:
+    """Accept many inbox files together: each becomes a queued job record, in order, only
+    once the batch's files are durable in queued/ (one fsync of queued/ and the inbox for
+    the batch). Returns the files that could not be accepted for the folders' own reasons
+    (disk full, read-only) with the error; refused files are in failed/ as usual.
+    """
     # Containers over the snapshot and the history index: no scan of every job per file.
-    info = await accept_job_file(
+    outcomes = await accept_job_files(
         ctx.layout,
-        path,
+        paths,
         ctx.settings.job,
         known_ids=ctx.store.active_ids,
         done_ids=ctx.store.done_ids,
     )
-    if info is None:
-        return
-    job = ctx.store.jobs.get(info.job_id)
-    if job is not None and job.state not in st.FINISHED:
-        # Became active while the file was checked (a rescan raced the watcher): never merge.
-        reason = f"a job named {info.job_id!r} is already queued or running"
-        log.warning("job_refused", job=info.job_id, reason=reason)
-        await asyncio.to_thread(
-            move_job_to_failed, ctx.layout, info.job_id, info.path, reason=reason, duplicate=True
+    problems: dict[Path, FileOperationError] = {}
+    added: list[str] = []
+    for n, (path, info) in enumerate(zip(paths, outcomes, strict=True)):
+        if n and n % _RECORDS_PER_STEP == 0:
+            await asyncio.sleep(0)  # a big batch never holds the loop
+        if isinstance(info, FileOperationError):
+            problems[path] = info
+            continue
+        if info is None:
+            continue
+        job = ctx.store.jobs.get(info.job_id)
+        if job is not None and job.state not in st.FINISHED:
+            # Became active while the file was checked (a rescan raced the watcher): never merge.
+            reason = f"a job named {info.job_id!r} is already queued or running"
+            log.warning("job_refused", job=info.job_id, reason=reason)
+            try:
+                await asyncio.to_thread(
+                    move_job_to_failed,
+                    ctx.layout,
+                    info.job_id,
+                    info.path,
+                    reason=reason,
+                    duplicate=True,
+                )
+            except FileOperationError as exc:
+                problems[path] = exc
+            continue
+        job = st.add_job(
+            ctx.store, info.job_id, info.path.name, info.rows, keep_previous=info.rerun
         )
-        return
-    job = st.add_job(ctx.store, info.job_id, info.path.name, info.rows, keep_previous=info.rerun)
-    ctx.wake_dispatch()
-    if job.earlier_failed_stem is not None and await ctx.store.flush():
-        # Queued again, on disk: the earlier failure's files in failed/ can go.
-        st.clear_earlier_failure(ctx.store, job.id)
+        added.append(job.id)
+    if added:
+        ctx.wake_dispatch()
+    resubmitted = [
+        job_id
+        for job_id in added
+        if (job := ctx.store.jobs.get(job_id)) is not None and job.earlier_failed_stem is not None
+    ]
+    if resubmitted and await ctx.store.flush():
+        # Queued again, on disk: the earlier failures' files in failed/ can go.
+        for job_id in resubmitted:
+            st.clear_earlier_failure(ctx.store, job_id)
+    return problems
+
+
+async def accept_inbox_file(ctx: Context, path: Path) -> None:
+    """`accept_inbox_files` for one file; raises its FileOperationError (the file stays)."""
+    problems = await accept_inbox_files(ctx, [path])
+    if path in problems:
+        raise problems[path]
 
 
 def make_inbox_watcher(
     ctx: Context, *, settle_s: float = 1.0, rescan_interval_s: float = 30.0
 ) -> InboxWatcher:
-    async def on_ready(path: Path) -> None:
-        try:
-            await accept_inbox_file(ctx, path)
-        except FileOperationError as exc:
+    async def on_batch(paths: list[Path]) -> None:
+        problems = await accept_inbox_files(ctx, paths)
+        for path, exc in problems.items():
             # Disk full or read-only: the file stays in the inbox; look at it again later.
             log.error("job_accept_failed", path=str(path), error=str(exc))
             watcher.forget(path)
 
     watcher = InboxWatcher(
-        ctx.layout.inbox, on_ready, settle_s=settle_s, rescan_interval_s=rescan_interval_s
+        ctx.layout.inbox,
+        None,
+        on_batch=on_batch,
+        settle_s=settle_s,
+        rescan_interval_s=rescan_interval_s,
     )
     return watcher
 
