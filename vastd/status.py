@@ -15,15 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vastd.core.files import JOB_SUFFIX, TEMP_PREFIX, Layout, utc_iso
+from vastd.core.files import Layout, is_candidate_name, utc_iso
 from vastd.core.lock import root_locked
 from vastd.core.records import InstanceStatus, JobState, Snapshot
 from vastd.core.snapshot_file import read_snapshot
 from vastd.instances.monitoring import get_instance_summary
 from vastd.utils.exceptions import FileOperationError
-
-# as core/inbox.py: editors' and downloaders' temp names
-_TEMP_ENDINGS = (".part", ".tmp", ".swp", "~", ".crdownload")
 
 
 def daemon_running(layout: Layout) -> bool | None:
@@ -106,18 +103,11 @@ def build_status(
     }
 
 
-def _is_candidate_name(name: str) -> bool:
-    """core/inbox.py's `is_candidate_name`: `*.csv`, not a dot-file, not a temp name."""
-    if name.startswith(".") or not name.endswith(JOB_SUFFIX) or name == JOB_SUFFIX:
-        return False
-    return not name.endswith(_TEMP_ENDINGS) and not name.startswith(TEMP_PREFIX)
-
-
 def inbox_waiting(directory: Path) -> int:
     """How many entries `discover_job_files(directory)` would list (core/jobs.py)."""
     try:
         with os.scandir(directory) as entries:
-            return sum(1 for e in entries if _is_candidate_name(e.name))
+            return sum(1 for e in entries if is_candidate_name(e.name))
     except FileNotFoundError:
         return 0
     except OSError as exc:

@@ -71,6 +71,17 @@ def safe_name(name: str, suffix: str = "", limit: int = NAME_MAX_BYTES) -> str:
     return name[:cut] + tail + suffix
 
 
+# Editors' and downloaders' temp names (they also never end in `.csv`, but say so).
+_TEMP_ENDINGS = (".part", ".tmp", ".swp", "~", ".crdownload")
+
+
+def is_candidate_name(name: str) -> bool:
+    """A name the inbox takes: `*.csv`, not a dot-file, not a temp name."""
+    if name.startswith(".") or not name.endswith(JOB_SUFFIX) or name == JOB_SUFFIX:
+        return False
+    return not name.endswith(_TEMP_ENDINGS) and not name.startswith(TEMP_PREFIX)
+
+
 def job_file_name(job_id: str) -> str:
     """The file name of a job: `<job>.csv`."""
     return safe_name(job_id, JOB_SUFFIX)

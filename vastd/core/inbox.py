@@ -17,27 +17,18 @@ from pathlib import Path
 
 import watchfiles
 
-from vastd.core.files import JOB_SUFFIX, TEMP_PREFIX
+from vastd.core.files import JOB_SUFFIX
+from vastd.core.files import is_candidate_name as is_candidate_name
 from vastd.utils.logging import get_logger
 
 # The logger name it had before the split from jobs.py: log lines stay the same.
 log = get_logger("vastd.core.jobs")
-
-# Editors' and downloaders' temp names (they also never end in `.csv`, but say so).
-_TEMP_ENDINGS = (".part", ".tmp", ".swp", "~", ".crdownload")
 
 
 def job_id_for(path: Path) -> str:
     """The job id: the file name without `.csv`."""
     name = path.name
     return name[: -len(JOB_SUFFIX)] if name.endswith(JOB_SUFFIX) else name
-
-
-def is_candidate_name(name: str) -> bool:
-    """A name the inbox takes: `*.csv`, not a dot-file, not a temp name."""
-    if name.startswith(".") or not name.endswith(JOB_SUFFIX) or name == JOB_SUFFIX:
-        return False
-    return not name.endswith(_TEMP_ENDINGS) and not name.startswith(TEMP_PREFIX)
 
 
 # Names looked at between two yields to the event loop (a few milliseconds' work).
