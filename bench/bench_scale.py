@@ -427,6 +427,11 @@ async def daemon_campaign(args: argparse.Namespace, workdir: Path) -> dict[str, 
         log = ScaleLog(m, lambda: proc.pid if proc is not None else 0, marks)
         proc, pump = await start_daemon(config, env, workdir, log, "")
         print(f"  daemon pid {proc.pid}", flush=True)
+        if args.nice_world:
+            # The simulated world (this process: the API, the SSH servers, and the shells
+            # they start from now on) yields the cores to the daemon, which stays at its
+            # priority: on 2 shared cores its loop lag is then its own, not the world's.
+            os.nice(args.nice_world)
         await wait_for(log.started, proc, "daemon_started", 120)
         t0 = time.perf_counter()
         await wait_for(log.all_prepared, proc, f"{m} instance_prepared events", 120 + m)
@@ -706,6 +711,12 @@ def main() -> int:
     parser.add_argument("--api-poll-s", type=float, default=2.0, help="[vast] poll_interval_s")
     parser.add_argument("--job-poll-s", type=float, default=2.0, help="[job] poll_interval_s")
     parser.add_argument("--deadline-s", type=float, default=None, help="give up after this long")
+    parser.add_argument(
+        "--nice-world",
+        type=int,
+        default=10,
+        help="niceness of the simulated world once the daemon runs (0: share the cores evenly)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
