@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vastd.core import files
+from vastd.core import files, files_async
 from vastd.core.files import (
     JobFolder,
     Layout,
@@ -176,29 +176,6 @@ def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]
     return calls
 
 
-async def test_atomic_file_move_async_moves_the_entry_and_fsyncs_both_folders(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The async move: the entry itself (a symlink stays one), never over an existing
-    entry, the destination's folder fsynced, then the source's."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
-    (tmp_path / "target").write_text("secret")
-    (src / "link").symlink_to(tmp_path / "target")
-    (src / "a").write_text("new")
-    (dst / "a").write_text("old")
-    calls = record_fsyncs(monkeypatch)
-    assert await files.atomic_file_move_async(src / "link", dst / "link") == dst / "link"
-    assert (dst / "link").is_symlink() and (tmp_path / "target").read_text() == "secret"
-    assert [path for path, _ in calls] == [str(dst), str(src)]
-    with pytest.raises(FileOperationError, match="exists"):
-        await files.atomic_file_move_async(src / "a", dst / "a")
-    with pytest.raises(FileOperationError):
-        await files.atomic_file_move_async(src / "gone", dst / "gone")
-    assert (src / "a").read_text() == "new" and (dst / "a").read_text() == "old"
-
-
 async def test_atomic_file_moves_fsync_each_folder_once_after_every_rename(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,11 +184,11 @@ async def test_atomic_file_moves_fsync_each_folder_once_after_every_rename(
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
-    names = [f"f{n:03d}" for n in range(files.MOVES_PER_CALL * 2 + 5)]
+    names = [f"f{n:03d}" for n in range(files_async.MOVES_PER_CALL * 2 + 5)]
     for name in names:
         (src / name).write_text(name)
     calls = record_fsyncs(monkeypatch)
-    outcomes = await files.atomic_file_moves([(src / n, dst / n) for n in names])
+    outcomes = await files_async.atomic_file_moves([(src / n, dst / n) for n in names])
     assert outcomes == [None] * len(names)
     assert calls == [(str(dst), names), (str(src), [])]
     assert all((dst / n).read_text() == n for n in names)
@@ -238,7 +215,7 @@ async def test_atomic_file_moves_a_failed_rename_stops_nothing_else(
     monkeypatch.setattr(files.os, "rename", rename)
     calls = record_fsyncs(monkeypatch)
     names = ["a", "taken", "gone", "full", "z"]
-    outcomes = await files.atomic_file_moves([(src / n, dst / n) for n in names])
+    outcomes = await files_async.atomic_file_moves([(src / n, dst / n) for n in names])
     assert [o is None for o in outcomes] == [True, False, False, False, True]
     assert "destination exists" in str(outcomes[1])
     assert "No space left" in str(outcomes[3])
@@ -261,8 +238,8 @@ async def test_atomic_file_moves_raises_when_a_folder_cannot_be_fsynced(
 
     monkeypatch.setattr(files.os, "fsync", fsync)
     with pytest.raises(FileOperationError, match="cannot fsync folder"):
-        await files.atomic_file_moves([(src / "a", dst / "a")])
-    assert await files.atomic_file_moves([]) == []
+        await files_async.atomic_file_moves([(src / "a", dst / "a")])
+    assert await files_async.atomic_file_moves([]) == []
 
 
 def test_move_job_file_between_folders(layout: Layout) -> None:

@@ -4,9 +4,8 @@ Every move between job folders is one `rename` within one file system, so a cras
 leaves each job file in exactly one folder. Writes go to a temp name in the same
 folder, are fsynced, then renamed over the final name: a reader never sees half a
 file. Every OSError (disk full, read-only, permission) surfaces as FileOperationError.
-These functions block; async callers run them with `asyncio.to_thread`, except the
-moves that have an async form here (`atomic_file_move_async`, `atomic_file_moves`),
-which run their renames and fsyncs off the loop through aiofiles.
+These functions block; async callers run them off the loop (`asyncio.to_thread`, or
+core/files_async.py's `atomic_file_moves` for a batch of moves, through aiofiles).
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from enum import StrEnum
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
-
-import aiofiles.os
 
 from vastd.utils.exceptions import FileOperationError
 
@@ -212,83 +209,6 @@ def atomic_file_move(
     if source.parent != destination.parent:
         sync(source.parent)
     return destination
-
-
-# The blocking pieces, run in the loop's executor by aiofiles (`aiofiles.os.wrap`).
-_fsync_directory_off_loop = aiofiles.os.wrap(fsync_directory)
-_lexists_off_loop = aiofiles.os.wrap(os.path.lexists)
-
-
-async def fsync_directory_async(path: Path) -> None:
-    """`fsync_directory` off the event loop."""
-    await _fsync_directory_off_loop(path)
-
-
-async def atomic_file_move_async(source: Path, destination: Path) -> Path:
-    """`atomic_file_move` off the event loop (aiofiles): the same checks, rename and fsyncs."""
-    if await _lexists_off_loop(destination):
-        raise FileOperationError(f"cannot move {source} to {destination}: destination exists")
-    try:
-        await aiofiles.os.rename(source, destination)
-    except OSError as exc:
-        raise FileOperationError(f"cannot move {source} to {destination}: {exc}") from exc
-    await fsync_directory_async(destination.parent)
-    if source.parent != destination.parent:
-        await fsync_directory_async(source.parent)
-    return destination
-
-
-def _rename_new(source: Path, destination: Path) -> FileOperationError | None:
-    """`atomic_file_move` without its fsyncs; the error is returned, not raised."""
-    if os.path.lexists(destination):
-        return FileOperationError(f"cannot move {source} to {destination}: destination exists")
-    try:
-        os.rename(source, destination)
-    except OSError as exc:
-        return FileOperationError(f"cannot move {source} to {destination}: {exc}")
-    return None
-
-
-def _rename_each(moves: list[tuple[Path, Path]]) -> list[FileOperationError | None]:
-    return [_rename_new(source, destination) for source, destination in moves]
-
-
-def _fsync_directories(folders: Iterable[Path]) -> None:
-    for folder in folders:
-        fsync_directory(folder)
-
-
-_rename_each_off_loop = aiofiles.os.wrap(_rename_each)
-_fsync_directories_off_loop = aiofiles.os.wrap(_fsync_directories)
-
-# Renames per trip to the executor: one trip per rename costs ~8 times the rename itself.
-MOVES_PER_CALL = 128
-
-
-async def atomic_file_moves(
-    moves: list[tuple[Path, Path]],
-) -> list[FileOperationError | None]:
-    """Many `atomic_file_move`s made durable together, off the event loop.
-
-    Each `(source, destination)` is renamed as `atomic_file_move` does (the entry
-    itself, never over an existing one); a failed one does not stop the others. Then
-    every destination folder, and after them every source folder, is fsynced once
-    (not once per file): when this returns, every move it reports done is durable.
-
-    Returns, per move and in order, None (moved) or the FileOperationError that kept
-    it where it was. Raises FileOperationError when a folder cannot be fsynced: the
-    entries already renamed then stay where they are, not known to be durable.
-    """
-    outcomes: list[FileOperationError | None] = []
-    for start in range(0, len(moves), MOVES_PER_CALL):
-        outcomes.extend(await _rename_each_off_loop(moves[start : start + MOVES_PER_CALL]))
-    moved = [move for move, outcome in zip(moves, outcomes, strict=True) if outcome is None]
-    destinations = dict.fromkeys(destination.parent for _, destination in moved)
-    sources = dict.fromkeys(
-        source.parent for source, _ in moved if source.parent not in destinations
-    )
-    await _fsync_directories_off_loop([*destinations, *sources])
-    return outcomes
 
 
 def unique_stem(

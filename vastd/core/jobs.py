@@ -26,9 +26,9 @@ from vastd.core.files import (
     JOB_SUFFIX,
     JobFolder,
     Layout,
-    atomic_file_moves,
     move_job_to_failed,
 )
+from vastd.core.files_async import atomic_file_moves
 
 # Moved to inbox.py; re-exported so existing imports keep working.
 from vastd.core.inbox import InboxWatcher as InboxWatcher
