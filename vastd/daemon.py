@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from vastd.utils.config import Settings, apply_live_keys, check_files, diff_sett
 from vastd.utils.exceptions import ConfigError, StateManagementError, VastdError
 from vastd.utils.logging import get_logger
 
+GC_YOUNG_THRESHOLD = 50_000  # allocations between collections of the young generation (700)
 log = get_logger("vastd.daemon")
 STOP_TIMEOUT_S = 8.0
 
@@ -78,8 +80,10 @@ class Daemon:
         inbox_rescan_s: float = 30.0,
         config_path: Path | None = None,
         log_level_override: str | None = None,
+        tune_gc: bool = False,
     ) -> None:
         self.settings = settings
+        self._tune_gc = tune_gc  # the process's collector (`vastd run` only, not in tests)
         self.config_path = config_path  # what SIGHUP re-reads
         self._log_level_override = log_level_override  # `--log-level` wins over [log] level
         self.layout = Layout(settings.paths.root)
@@ -179,6 +183,8 @@ class Daemon:
         """Run until SIGTERM/SIGINT (0) or a fatal error (1)."""
         self.install_signal_handlers()
         ctx = await self.startup()
+        if self._tune_gc:
+            tune_gc()
         counts = ctx.store.counts()
         log.info(
             "daemon_started",
@@ -189,6 +195,7 @@ class Daemon:
             mode=self.settings.fleet.mode,
             jobs=counts,
             instances=len(ctx.store.instances),
+            gc_frozen=gc.get_freeze_count(),
         )
         sd_notify("READY=1")
         self.started.set()
@@ -259,11 +266,27 @@ class Daemon:
                 sd_notify("WATCHDOG=1")
 
 
+def tune_gc() -> None:
+    """Keep the cyclic collector's pauses off the event loop's critical path.
+
+    What start-up made for good (modules, schemas, the loaded state and history index)
+    leaves the collector's view (`gc.freeze`), so a full pass walks only what the
+    campaign makes; and the young generation is collected every GC_YOUNG_THRESHOLD
+    allocations instead of 700, so full passes (measured at 0.1-0.3 s with 500 instances'
+    connections) come far less often. A young pass of that size is about a millisecond.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def run_daemon(
     settings: Settings, *, config_path: Path | None = None, log_level_override: str | None = None
 ) -> int:
     """Entry point of `vastd run`."""
-    daemon = Daemon(settings, config_path=config_path, log_level_override=log_level_override)
+    daemon = Daemon(
+        settings, config_path=config_path, log_level_override=log_level_override, tune_gc=True
+    )
     try:
         return asyncio.run(daemon.run())
     except KeyboardInterrupt:
