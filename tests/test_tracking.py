@@ -165,6 +165,11 @@ def test_a_save_dumps_only_the_records_that_changed(
     monkeypatch.setattr(JobRecord, "model_dump_json", counting)
     store.serialize()
     assert dumped == []
+    accept(store, "late")  # a new job is dumped as it is accepted, not by the next save
+    assert dumped == ["late"]
+    dumped.clear()
+    store.serialize()
+    assert dumped == []
     st.mark_job_assigned(store, "job_7", "i1")
     data = store.serialize()
     assert dumped == ["job_7"]

@@ -208,6 +208,13 @@ class StateStore:
         self._index.refresh()
         return self._index
 
+    def keep_json(self, job: JobRecord) -> None:
+        """Dump a new job's record now: a save after 10,000 files are accepted then joins
+        kept bytes instead of dumping 10,000 records on the loop at once."""
+        jobs = self.snapshot.jobs
+        if isinstance(jobs, RecordTable) and jobs.get(job.id) is job:
+            jobs.entry(job.id, job)
+
     def jobs_in(self, *states: JobState) -> list[JobRecord]:
         """The jobs in these states (in the order they entered them)."""
         index, jobs = self.index, self.snapshot.jobs

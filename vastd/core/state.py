@@ -203,6 +203,7 @@ def add_job(
         job.earlier_failed_stem = earlier.failed_stem or job_id
     store.history.pop(job_id)
     store.snapshot.jobs[job_id] = job
+    store.keep_json(job)  # dumped now, while accepting, not all at once in the next save
     store.mark_dirty()
     return job
 
