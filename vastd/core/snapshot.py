@@ -349,9 +349,12 @@ class StateStore:
         return self.snapshot.instances
 
     def defer_fsync(self, folder: Path) -> None:
-        """A job file was renamed in `folder`: fsynced before the next save (its thread)."""
+        """A job file was renamed in `folder`: fsynced before the next save (its thread).
+
+        May be called from a worker thread (a move run off the loop), so it only notes
+        the folder: the transition that records the move marks the store dirty.
+        """
         self._unsynced.add(folder)
-        self.mark_dirty()
 
     def mark_dirty(self) -> None:
         self._dirty_flag = True

@@ -173,7 +173,8 @@ class JobIndex:
     def _apply(self) -> None:
         if self._stale:
             jobs = self.jobs
-            for job_id in self._stale:
+            stale, self._stale = self._stale, set()
+            for job_id in stale:
                 old = self._keys.pop(job_id, None)
                 if old is not None:
                     self._remove(job_id, old)
@@ -182,7 +183,6 @@ class JobIndex:
                     key = _key(job)
                     self._keys[job_id] = key
                     self._insert(job_id, key)
-            self._stale.clear()
 
     def _insert(self, job_id: str, key: _Key) -> None:
         state, holder, orphaned_on, seq = key
