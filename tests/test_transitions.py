@@ -402,7 +402,7 @@ def test_retry_without_its_csv_is_refused(tmp_path: Path) -> None:
     assert not store.layout.job_file(JobFolder.QUEUED, job.id).exists()
 
 
-def test_undrain_prepares_an_instance_first_when_it_was_never_prepared(tmp_path: Path) -> None:
+def test_undrain_by_hand_prepares_first_when_asked(tmp_path: Path) -> None:
     store = store_at(tmp_path)
     inst = store.instances["i1"]
     inst.prepared_hash = "marker"
@@ -411,5 +411,6 @@ def test_undrain_prepares_an_instance_first_when_it_was_never_prepared(tmp_path:
     fresh = InstanceRecord(id="i2", status=InstanceStatus.DISCOVERED)
     store.instances["i2"] = fresh
     st.drain_instance(store, fresh, st.MANUAL_DRAIN, requeue_jobs=False)
-    assert st.undrain_instance(store, fresh) and fresh.status is InstanceStatus.DISCOVERED
+    assert st.undrain_instance(store, fresh, prepare_first=True)
+    assert fresh.status is InstanceStatus.DISCOVERED
     assert fresh.drain_reason is None

@@ -707,12 +707,14 @@ def drain_instance(
 MANUAL_DRAIN = "drained by hand (vastd drain)"
 
 
-def undrain_instance(store: StateStore, inst: InstanceRecord) -> bool:
-    """New jobs again. One never prepared, or with job folders to sweep, is prepared
-    (and swept) first."""
+def undrain_instance(
+    store: StateStore, inst: InstanceRecord, *, prepare_first: bool = False
+) -> bool:
+    """New jobs again. With `prepare_first` (an undrain by hand of one never prepared, or
+    with job folders to sweep) it is prepared, and swept, before it gets one."""
     if inst.status is not S.DRAINING:
         return False
-    ready = inst.prepared_hash is not None and not inst.resweep
+    ready = not prepare_first
     set_instance_status(store, inst, S.READY if ready else S.DISCOVERED)
     inst.drain_reason = None
     if ready and not inst.current_jobs:

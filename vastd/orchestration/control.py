@@ -277,7 +277,8 @@ class ControlServer:
             return _result(
                 instance_id, False, f"drained by the daemon ({inst.drain_reason}): stays drained"
             )
-        st.undrain_instance(store, inst)
+        prepare_first = inst.prepared_hash is None or inst.resweep
+        st.undrain_instance(store, inst, prepare_first=prepare_first)
         log.info("instance_undrained", instance=instance_id, status=inst.status.value)
         self.ctx.wake_dispatch()
         return _result(instance_id, True, "undrained")
