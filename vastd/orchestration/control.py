@@ -76,10 +76,10 @@ class ControlServer:
         dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         server: asyncio.AbstractServer | None = None
         try:
-            # The root lock is ours: a socket file here is a killed daemon's.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
             try:
+                # The root lock is ours: a socket file here is a killed daemon's.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
                 server = await asyncio.start_unix_server(
                     self._serve, path=bindable(self.path, dir_fd), limit=MAX_LINE
                 )
@@ -110,7 +110,11 @@ class ControlServer:
                 if request is None:
                     return
                 async with self._command_lock:
-                    answer = await self.handle(request)
+                    try:
+                        answer = await self.handle(request)
+                    except Exception as exc:  # a bug in a command: said, logged, survived
+                        log.error("control_command_failed", error=repr(exc), exc_info=exc)
+                        answer = _error(f"the command failed inside the daemon: {exc!r}")
                 if not await self._answer(writer, answer):
                     return
         except Exception as exc:  # one client's trouble never reaches the daemon
