@@ -10,6 +10,7 @@ operator types them. Judged: exit codes and lines, the root's folders, the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -67,7 +68,8 @@ def ask(root: Path, raw: bytes, timeout_s: float = 15.0) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         sock.connect(str(root / "control.sock"))
-        sock.sendall(raw)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(raw)  # an over-long line is answered before it is all sent
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

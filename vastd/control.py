@@ -41,10 +41,15 @@ def request(root: Path, payload: dict[str, Any], *, timeout_s: float = ANSWER_TI
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout_s)
             sock.connect(address)
-            sock.sendall(json.dumps(payload).encode() + b"\n")
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                # A refusal ("busy") may be answered before the request was read.
+                sock.sendall(json.dumps(payload).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
                 if not chunk:
                     break
                 data += chunk
