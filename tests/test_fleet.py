@@ -485,3 +485,27 @@ async def test_owned_instance_silent_past_the_grace_is_replaced(
     assert str(inst.machine_id) in sf.ctx.store.snapshot.blocked_machines
     (second,) = report.rented
     assert sf.ctx.store.instances[second].machine_id != inst.machine_id
+
+
+# --- a drain by hand (`vastd drain`) ------------------------------------------------------------
+async def test_drained_owned_instance_finishes_its_job_then_is_destroyed(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """`drain` over the control socket: the owned instance's running job finishes there (done,
+    not requeued), and once empty the instance is destroyed, though idle teardown is far off."""
+    from vastd.orchestration.control import ControlServer
+
+    sf = await sim_fleet(job_s=1.5, idle_timeout_s=600.0, max_instances=1)
+    [job_id] = sf.submit(1)
+    sf.run()
+    await sf.wait(lambda: sf.ctx.store.job_state(job_id) is JobState.RUNNING, msg="running")
+    job = sf.ctx.store.jobs[job_id]
+    inst = sf.ctx.store.instances[job.instance or ""]
+    answer = await ControlServer(sf.ctx).handle({"command": "drain", "instance": inst.id})
+    assert answer["ok"] is True, answer
+    assert inst.status is InstanceStatus.DRAINING and inst.drain_reason == st.MANUAL_DRAIN
+    await sf.wait(lambda: sf.ctx.store.job_state(job_id) is JobState.DONE, msg="job done")
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, msg="drained one destroyed")
+    assert inst.destroy_reason is not None and inst.destroy_reason.startswith("drained")
+    record = sf.ctx.store.record(job_id)
+    assert record is not None and record.instance == inst.id and record.runs == 1

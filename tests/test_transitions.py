@@ -22,7 +22,7 @@ from vastd.core.state import (
     StateStore,
     load_state,
 )
-from vastd.utils.exceptions import IllegalTransitionError
+from vastd.utils.exceptions import FileOperationError, IllegalTransitionError
 
 VASTD = Path(__file__).resolve().parent.parent / "vastd"
 
@@ -315,3 +315,102 @@ def test_the_owner_check_finds_an_assignment(tmp_path: Path) -> None:
     (tmp_path / "other.py").write_text("def f(job, inst):\n    job.state, inst.status = 1, 2\n")
     found = owner_violations(tmp_path, {tmp_path / "core" / "state.py"})
     assert found == ["other.py:2 .state", "other.py:2 .status"]
+
+
+# --- operators' transitions: cancel, retry, undrain ------------------------------------------------
+@pytest.mark.parametrize("source", list(JobState))
+def test_cancel_fails_an_unfinished_job_with_reason_cancelled(
+    tmp_path: Path, source: JobState
+) -> None:
+    """Queued, running, collecting -> failed/ with reason `cancelled`, a started run's stop
+    recorded; done or failed -> IllegalTransitionError, nothing changed."""
+    store = store_at(tmp_path)
+    job = job_in(store, source)
+    run = job.run_id
+    if source in st.FINISHED:
+        before = job.model_dump()
+        with pytest.raises(IllegalTransitionError):
+            st.cancel_job(store, job.id)
+        assert store.jobs[job.id].model_dump() == before
+        return
+    st.cancel_job(store, job.id)
+    assert job.state is JobState.FAILED and job.last_error == st.CANCELLED
+    assert store.layout.job_file(JobFolder.FAILED, job.id).exists()
+    error = (store.layout.failed / f"{job.id}.error.json").read_text()
+    assert '"reason": "cancelled"' in error
+    stops = {(f.instance, f.run) for f in store.snapshot.followups.values()}
+    assert stops == (set() if source is JobState.QUEUED else {("i1", run)})
+    assert store.instances["i1"].current_jobs == []
+
+
+def test_cancel_stops_orphaned_runs_too(tmp_path: Path) -> None:
+    """A queued job with a run left on a lost instance: that run's stop is recorded and the
+    orphan forgotten, so its results can never complete the cancelled job."""
+    store = store_at(tmp_path)
+    job = job_in(store, JobState.RUNNING)
+    run = job.run_id
+    st.requeue_job(store, job.id, reason="lost", orphan=True)
+    assert job.orphans
+    st.cancel_job(store, job.id)
+    assert job.orphans == [] and job.state is JobState.FAILED
+    assert ("i1", run) in {(f.instance, f.run) for f in store.snapshot.followups.values()}
+
+
+def test_cancel_of_an_unknown_job_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(IllegalTransitionError):
+        st.cancel_job(store_at(tmp_path), "nobody")
+
+
+@pytest.mark.parametrize("source", list(JobState))
+def test_retry_queues_only_a_failed_job_again(tmp_path: Path, source: JobState) -> None:
+    """Failed -> a new queued record (attempts 0), its CSV linked back into queued/ and its
+    failed/ files removed only by clear_earlier_failure; any other state is refused."""
+    store = store_at(tmp_path)
+    job = job_in(store, source)
+    if source is not JobState.FAILED:
+        before = job.model_dump()
+        with pytest.raises(IllegalTransitionError):
+            st.retry_job(store, job.id, rows=1)
+        assert store.jobs[job.id].model_dump() == before
+        return
+    job.attempts = 3
+    new = st.retry_job(store, job.id, rows=1)
+    assert new.state is JobState.QUEUED and new.attempts == 0 and new is not job
+    assert store.layout.job_file(JobFolder.QUEUED, job.id).read_text() == "a,b\n1,2\n"
+    assert (store.layout.failed / f"{job.id}.csv").exists()  # until the save
+    st.clear_earlier_failure(store, job.id)
+    assert sorted(p.name for p in store.layout.failed.iterdir()) == []
+    assert store.layout.job_file(JobFolder.QUEUED, job.id).exists()
+
+
+def test_retry_of_a_failed_job_in_history_only(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    job = job_in(store, JobState.FAILED)
+    assert store.retire_now() == 1 and job.id not in store.jobs
+    new = st.retry_job(store, job.id, rows=1)
+    assert new.state is JobState.QUEUED and new.earlier_failed_stem == job.id
+    assert store.job_state(job.id) is JobState.QUEUED
+
+
+def test_retry_without_its_csv_is_refused(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    job = job_in(store, JobState.FAILED)
+    (store.layout.failed / f"{job.id}.csv").unlink()
+    with pytest.raises(FileOperationError):
+        st.retry_job(store, job.id, rows=1)
+    assert store.jobs[job.id].state is JobState.FAILED
+    assert not store.layout.job_file(JobFolder.QUEUED, job.id).exists()
+
+
+def test_undrain_by_hand_prepares_first_when_asked(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    inst = store.instances["i1"]
+    inst.prepared_hash = "marker"
+    st.drain_instance(store, inst, st.MANUAL_DRAIN, requeue_jobs=False)
+    assert st.undrain_instance(store, inst) and inst.status is InstanceStatus.READY
+    fresh = InstanceRecord(id="i2", status=InstanceStatus.DISCOVERED)
+    store.instances["i2"] = fresh
+    st.drain_instance(store, fresh, st.MANUAL_DRAIN, requeue_jobs=False)
+    assert st.undrain_instance(store, fresh, prepare_first=True)
+    assert fresh.status is InstanceStatus.DISCOVERED
+    assert fresh.drain_reason is None

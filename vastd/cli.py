@@ -1,4 +1,4 @@
-"""The `vastd` command: run, submit, status, check-config, demo.
+"""The `vastd` command: run, submit, status, check-config, demo, cancel, retry, drain, undrain.
 
 Exit codes: 0 clean stop, 2 bad config or arguments (a message naming the key,
 never a traceback), 1 any other fatal error.
@@ -84,6 +84,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also try the API key (GET /users/current) and SSH to one labelled instance",
     )
+    for name, what in (
+        ("cancel", "cancel jobs: queued ones leave the queue, running ones are killed"),
+        ("retry", "queue failed (or cancelled) jobs again, their attempts reset"),
+    ):
+        p = with_config(sub.add_parser(name, help=f"{what} (a running daemon)"))
+        p.add_argument("jobs", nargs="+", metavar="JOB", help="job names (the CSV's name, no .csv)")
+    for name, what in (
+        ("drain", "give the instance no new jobs (its running jobs finish)"),
+        ("undrain", "let a drained instance take new jobs again"),
+    ):
+        p = with_config(sub.add_parser(name, help=f"{what} (a running daemon)"))
+        p.add_argument("instance", metavar="INSTANCE", help="the instance id")
     demo = sub.add_parser("demo", help="the whole system against the built-in simulator")
     demo.add_argument(
         "--jobs", type=_at_least_one, default=12, help="job files to run (default: 12)"
@@ -160,6 +172,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    """cancel, retry, drain, undrain: a request over the running daemon's control socket."""
+    from vastd.control import ControlError, run_command
+
+    settings = _load(args)
+    if args.command in ("cancel", "retry"):
+        payload: dict[str, object] = {"command": args.command, "jobs": args.jobs}
+    else:
+        payload = {"command": args.command, "instance": args.instance}
+    try:
+        code, lines = run_command(settings.paths.root, payload, f"vastd {args.command}")
+    except ControlError as exc:
+        print(f"vastd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    for ok, line in lines:
+        print(line, file=sys.stdout if ok else sys.stderr)
+    return code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from vastd.daemon import run_daemon
     from vastd.utils.logging import setup_logging
@@ -208,6 +239,10 @@ COMMANDS = {
     "status": cmd_status,
     "check-config": cmd_check_config,
     "demo": cmd_demo,
+    "cancel": cmd_control,
+    "retry": cmd_control,
+    "drain": cmd_control,
+    "undrain": cmd_control,
 }
 
 

@@ -27,6 +27,7 @@ from vastd.core.lock import RootLock
 from vastd.core.state import SNAPSHOT_TEMP_PATTERNS
 from vastd.execution.result_handler import cleanup_stale_result_dirs
 from vastd.orchestration.context import Context, build_context, close_context
+from vastd.orchestration.control import ControlServer
 from vastd.orchestration.followups import followups_once
 from vastd.orchestration.recovery import recover_after_restart
 from vastd.orchestration.sharing import group_id, share_folders
@@ -201,6 +202,9 @@ class Daemon:
         self.started.set()
         main = asyncio.create_task(self._supervise(ctx), name="orchestrate")
         watchdog = asyncio.create_task(self._watchdog(ctx), name="watchdog")
+        # `vastd cancel/retry/drain/undrain` (<root>/control.sock), removed at shutdown
+        gid = group_id(self.settings.paths.group)
+        control = asyncio.create_task(ControlServer(ctx, gid).run(), name="control")
         stop = asyncio.create_task(self.should_exit.wait(), name="stop")
         await asyncio.wait([main, stop], return_when=asyncio.FIRST_COMPLETED)
         code = 0
@@ -208,7 +212,7 @@ class Daemon:
             exc = main.exception()
             log.error("daemon_fatal", error=repr(exc), exc_info=exc)
             code = 1
-        await self.shutdown(ctx, [main, watchdog, stop])
+        await self.shutdown(ctx, [main, watchdog, control, stop])
         log.info("daemon_stopped", exit_code=code, jobs=ctx.store.counts())
         return code
 

@@ -81,8 +81,9 @@ INSTANCE_TRANSITIONS: dict[InstanceStatus, frozenset[InstanceStatus]] = {
     # DISCOVERED: re-verified after a restart
     S.READY: frozenset({S.UNREACHABLE, S.DISCOVERED} | _WAYS_OUT),
     S.UNREACHABLE: frozenset({S.READY, S.DISCOVERED} | _WAYS_OUT),
-    # READY: undrained (by hand, or its disk recovered)
-    S.DRAINING: frozenset({S.READY, S.LOST, S.DESTROYING}),
+    # READY: undrained (by hand, or its disk recovered) | DISCOVERED: undrained before it
+    # was prepared, or with job folders to sweep (it is prepared first)
+    S.DRAINING: frozenset({S.READY, S.DISCOVERED, S.LOST, S.DESTROYING}),
     # DISCOVERED: listed as running again
     S.LOST: frozenset({S.DISCOVERED, S.DESTROYING}),
     S.DESTROYING: frozenset({S.DESTROYED}),
@@ -524,6 +525,59 @@ def record_attempt_failure(
     return mark_job_failed(store, job_id, reason=reason, exit_code=exit_code, log_tail=log_tail)
 
 
+CANCELLED = "cancelled"  # the reason of a job cancelled by hand (`vastd cancel`)
+
+
+def cancel_job(store: StateStore, job_id: str) -> JobRecord:
+    """`vastd cancel`: an unfinished job ends in failed/ with reason `cancelled`.
+
+    A queued job just leaves the queue. A running one's run is recorded for its stop
+    (its whole process group is killed, then its folder removed, once this is saved),
+    and so is every orphaned run of it: a cancelled job never completes after all.
+    The caller holds the job's collection lock (no collection is half-way).
+    """
+    job = store.jobs.get(job_id)
+    if job is None or job.state in FINISHED:
+        state = job.state.value if job is not None else "unknown"
+        raise IllegalTransitionError(f"job {job_id!r}: cancel while {state}")
+    for orphan in job.orphans:
+        add_followup(store, instance=orphan.instance, job=job_id, run=orphan.run, reason=CANCELLED)
+    job.orphans = []
+    return mark_job_failed(store, job_id, reason=CANCELLED, exit_code=job.last_exit_code)
+
+
+def retry_job(store: StateStore, job_id: str, *, rows: int) -> JobRecord:
+    """`vastd retry`: a failed job (in state.json, or in history.jsonl only) is queued again
+    as a new record, its attempts from 0.
+
+    Its CSV in failed/ is linked into queued/ (the failed/ copy stays until the record
+    saying it is queued is on disk: then `clear_earlier_failure` removes it with its
+    `.error.json`; a crash in between finds the file in queued/ and accepts it again).
+    """
+    old = store.jobs.get(job_id)
+    entry = store.history.get(job_id) if old is None else None
+    state = old.state if old is not None else (entry.state if entry is not None else None)
+    if state is not J.FAILED:
+        raise IllegalTransitionError(
+            f"job {job_id!r}: retry while {state.value if state else 'unknown'}"
+        )
+    stem = (old.failed_stem if old is not None else entry.failed_stem if entry else None) or job_id
+    layout = store.layout
+    source = layout.failed / safe_name(stem, JOB_SUFFIX)
+    target = layout.job_file(JobFolder.QUEUED, job_id)
+    if not os.path.isfile(source) or os.path.islink(source):
+        raise FileOperationError(f"its job file {source} is gone: submit it again")
+    if os.path.lexists(target):
+        raise FileOperationError(f"{target} already exists")
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        raise FileOperationError(f"cannot put {source.name} back into queued/: {exc}") from exc
+    store.defer_fsync(layout.queued)
+    file_name = old.file_name if old is not None else target.name
+    return add_job(store, job_id, file_name, rows)
+
+
 def mark_job_recovered(store: StateStore, job_id: str, to: JobState) -> JobRecord:
     """The folders say the job finished (a crash came before the save): records only."""
     job = store.jobs[job_id]
@@ -651,11 +705,21 @@ def drain_instance(
     return newly
 
 
-def undrain_instance(store: StateStore, inst: InstanceRecord) -> bool:
+MANUAL_DRAIN = "drained by hand (vastd drain)"
+
+
+def undrain_instance(
+    store: StateStore, inst: InstanceRecord, *, prepare_first: bool = False
+) -> bool:
+    """New jobs again. With `prepare_first` (an undrain by hand of one never prepared, or
+    with job folders to sweep) it is prepared, and swept, before it gets one."""
     if inst.status is not S.DRAINING:
         return False
-    set_instance_status(store, inst, S.READY)
+    ready = not prepare_first
+    set_instance_status(store, inst, S.READY if ready else S.DISCOVERED)
     inst.drain_reason = None
+    if ready and not inst.current_jobs:
+        inst.idle_since = inst.idle_since or time.time()
     return True
 
 
