@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -28,6 +29,7 @@ from tests.test_daemon_process import (  # noqa: F401 (fixtures)
 )
 from vastd.core.files import Layout
 from vastd.core.records import InstanceRecord
+from vastd.core.ssh import Endpoint, SSHPool
 from vastd.core.state import InstanceStatus, JobState
 from vastd.orchestration.context import Context, build_context, close_context
 from vastd.orchestration.metrics_server import (
@@ -40,6 +42,7 @@ from vastd.orchestration.metrics_server import (
 from vastd.sim.cluster import SimCluster, load_make_jobs
 from vastd.utils import metrics
 from vastd.utils.config import MetricsSettings, Settings, parse_listen, read_config
+from vastd.utils.exceptions import SSHConnectionError, VastAIError
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -314,3 +317,70 @@ async def test_daemon_refuses_to_start_on_a_port_in_use(
     again = await daemons(config)
     await again.wait_event("daemon_started")
     assert await again.stop(signal.SIGTERM) == 0
+
+
+def test_check_config_shows_and_checks_listen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vastd check-config` prints metrics.listen and where to scrape; a bad one is one
+    line naming the key, exit 2."""
+    from tests.test_check_config import check, make_config
+
+    for name in list(os.environ):
+        if name.startswith("VASTD_"):
+            monkeypatch.delenv(name)
+    config = make_config(tmp_path / "good", metrics={"listen": "[::1]:9108"})
+    code, out, err = check(config, capsys)
+    assert code == 0, err
+    assert json.loads(out)["metrics"] == {"listen": "[::1]:9108"}
+    assert "# metrics: http://[::1]:9108/metrics and http://[::1]:9108/healthz" in err
+
+    config = make_config(tmp_path / "bad", metrics={"listen": "127.0.0.1:99999"})
+    code, out, err = check(config, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if "metrics.listen" in line]
+    assert len(lines) == 1 and "port must be a number" in lines[0], err
+
+
+async def test_api_calls_are_counted_by_outcome() -> None:
+    """vastd_api_requests_total: ok per answered call, retry per retry, error per call
+    given up on (the simulator answers 503 twice, then for ever)."""
+    from vastd.instances.vast_api import VastClient
+    from vastd.sim import SimCloud, start_sim_api
+
+    async def no_sleep(_delay_s: float) -> None:
+        return None
+
+    def counts() -> tuple[float, float, float]:
+        return (
+            metrics.API_OK._value.get(),
+            metrics.API_RETRY._value.get(),
+            metrics.API_ERROR._value.get(),
+        )
+
+    cloud = SimCloud(api_key="k" * 20, boot_delay_s=0.02)
+    runner, url = await start_sim_api(cloud)
+    try:
+        async with VastClient(url, "k" * 20, max_retries=3, sleep=no_sleep, timeout_s=5) as client:
+            before = counts()
+            cloud.faults.add(endpoint="list_instances", status=503, count=2)
+            assert await client.list_instances() == []
+            ok, retry, error = (a - b for a, b in zip(counts(), before, strict=True))
+            assert (ok, retry, error) == (1, 2, 0)
+            cloud.faults.add(endpoint="list_instances", status=503, count=None)
+            with pytest.raises(VastAIError):
+                await client.list_instances()
+            ok, retry, error = (a - b for a, b in zip(counts(), before, strict=True))
+            assert (ok, retry, error) == (1, 5, 1)
+    finally:
+        await runner.cleanup()
+        await cloud.aclose()
+
+
+async def test_ssh_connect_failure_is_counted(ssh_pool: Callable[..., SSHPool]) -> None:
+    """vastd_ssh_errors_total: one per connection that could not be opened."""
+    pool = ssh_pool()
+    before = metrics.SSH_ERRORS._value.get()
+    with pytest.raises(SSHConnectionError):
+        await pool.get("i9", [Endpoint("127.0.0.1", free_port())])
+    assert metrics.SSH_ERRORS._value.get() == before + 1
