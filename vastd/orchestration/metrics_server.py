@@ -51,8 +51,10 @@ LOOP_STALE_S = 120.0
 # ... and the loop-lag ticker (every 0.1 s) longer ago than this: the loop is blocked
 # or the ticker died.
 TICK_STALE_S = 10.0
-# The loops whose steps /healthz watches (each a utils/supervise.py run_loop).
-WATCHED_LOOPS = ("dispatch", "preparation", "followups")
+# The loops whose steps /healthz watches (each a utils/supervise.py run_loop). Their
+# steps do no remote work inline; followups and discovery wait on SSH and the API, and
+# a step of theirs may rightly take minutes while hosts do not answer.
+WATCHED_LOOPS = ("dispatch", "preparation")
 
 
 class MetricsListenError(VastdError):
@@ -201,7 +203,8 @@ class MetricsServer:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # shutdown_timeout: a scrape in flight at shutdown gets a second, not aiohttp's 60
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self.port).start()
