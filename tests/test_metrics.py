@@ -384,3 +384,27 @@ async def test_ssh_connect_failure_is_counted(ssh_pool: Callable[..., SSHPool]) 
     with pytest.raises(SSHConnectionError):
         await pool.get("i9", [Endpoint("127.0.0.1", free_port())])
     assert metrics.SSH_ERRORS._value.get() == before + 1
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+async def test_ipv6_listen(ctx: Context) -> None:
+    """`[::1]:PORT` binds the IPv6 loopback."""
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::1", 0))
+        port = sock.getsockname()[1]
+    server = await start_metrics_server(ctx, MetricsSettings(listen=f"[::1]:{port}"))
+    assert server is not None
+    try:
+        status, _ctype, text = await get(f"http://[::1]:{port}/metrics")
+        assert status == 200 and "vastd_jobs" in text
+    finally:
+        await server.stop()
