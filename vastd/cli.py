@@ -122,6 +122,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(json.dumps(settings.redacted(), indent=2, sort_keys=True))
     for note in notes:
         print(f"# {note}", file=sys.stderr)
+    if settings.metrics.listen:
+        where = settings.metrics.listen
+        print(f"# metrics: http://{where}/metrics and http://{where}/healthz", file=sys.stderr)
     print(
         f"# config: {Path(os.path.abspath(resolve_config_path(args.config)))}: valid",
         file=sys.stderr,

@@ -29,6 +29,7 @@ from vastd.execution.result_handler import cleanup_stale_result_dirs
 from vastd.orchestration.context import Context, build_context, close_context
 from vastd.orchestration.control import ControlServer
 from vastd.orchestration.followups import followups_once
+from vastd.orchestration.metrics_server import MetricsServer, start_metrics_server
 from vastd.orchestration.recovery import recover_after_restart
 from vastd.orchestration.sharing import group_id, share_folders
 from vastd.orchestration.workflow import supervisors
@@ -97,6 +98,7 @@ class Daemon:
         self._sigints = 0
         self._reloads: set[asyncio.Task[bool]] = set()
         self._lock = RootLock(self.layout.root)
+        self._metrics: MetricsServer | None = None  # [metrics] listen
 
     # --- signals: they only set flags ----------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -184,6 +186,13 @@ class Daemon:
         """Run until SIGTERM/SIGINT (0) or a fatal error (1)."""
         self.install_signal_handlers()
         ctx = await self.startup()
+        try:
+            # [metrics] listen: bound before the loops, so a port in use stops the start
+            self._metrics = await start_metrics_server(ctx, self.settings.metrics)
+        except BaseException:
+            await close_context(ctx)
+            self._lock.release()
+            raise
         if self._tune_gc:
             tune_gc()
         counts = ctx.store.counts()
@@ -226,6 +235,8 @@ class Daemon:
 
     async def shutdown(self, ctx: Context, tasks: list[asyncio.Task[Any]]) -> None:
         """Cancel the loops (bounded), save state, close connections. Remote jobs keep running."""
+        if self._metrics is not None:
+            await self._metrics.stop()
         for task in tasks:
             task.cancel()
         try:

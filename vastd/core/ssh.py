@@ -28,6 +28,7 @@ import asyncssh
 import structlog
 
 from vastd.core.files import safe_name
+from vastd.utils import metrics
 from vastd.utils.config import SshSettings
 from vastd.utils.exceptions import (
     HostKeyMismatchError,
@@ -214,6 +215,7 @@ class SSHConnection:
         if self.is_closed or not isinstance(exc, asyncssh.ChannelOpenError):
             await self._pool._forget(self)
         log.info("ssh_connection_broken", instance=self.instance_id, op=what, error=repr(exc))
+        metrics.SSH_ERRORS.inc()
         return SSHConnectionError(f"{self.instance_id}: {what} failed: {exc!r}")
 
     async def _open_process(self, command: str) -> asyncssh.SSHClientProcess[str]:
@@ -447,10 +449,12 @@ class SSHPool:
                 try:
                     return await self._connect_one(instance_id, endpoint)
                 except HostKeyMismatchError:
+                    metrics.SSH_ERRORS.inc()
                     raise
                 except (asyncssh.Error, OSError, TimeoutError) as exc:
                     last = exc
                     log.info("ssh_connect_failed", endpoint=str(endpoint), error=repr(exc))
+        metrics.SSH_ERRORS.inc()
         raise SSHConnectionError(f"{instance_id}: cannot connect: {last!r}")
 
     async def _connect_one(self, instance_id: str, endpoint: Endpoint) -> SSHConnection:

@@ -49,6 +49,7 @@ from vastd.core.snapshot import StateStore as StateStore
 from vastd.core.snapshot import load_state as load_state
 from vastd.core.snapshot import save_state as save_state
 from vastd.core.tracking import HELD as TRACKED_HELD
+from vastd.utils import metrics
 from vastd.utils.exceptions import FileOperationError, IllegalTransitionError
 from vastd.utils.logging import get_logger
 
@@ -114,6 +115,7 @@ def set_job_state(store: StateStore, job: JobRecord, to: JobState) -> None:
         raise IllegalTransitionError(f"job {job.id!r}: {job.state.value} -> {to.value}")
     job.state = to
     store.mark_dirty()
+    metrics.note_progress()  # vastd_last_progress_timestamp_seconds
 
 
 def set_instance_status(store: StateStore, inst: InstanceRecord, to: InstanceStatus) -> None:

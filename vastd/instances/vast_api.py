@@ -21,6 +21,7 @@ from urllib.parse import quote_plus
 import aiohttp
 from yarl import URL
 
+from vastd.utils import metrics
 from vastd.utils.exceptions import APIShapeError, VastAIError
 from vastd.utils.logging import get_logger, register_secret
 
@@ -159,6 +160,7 @@ class VastClient:
             attempt=attempt + 1,
             delay_s=round(delay_s, 3),
         )
+        metrics.API_RETRY.inc()
         await self._sleep(delay_s)
 
     async def _request(
@@ -171,7 +173,35 @@ class VastClient:
         idempotent: bool = True,
         not_found_ok: bool = False,
     ) -> Any:
-        """Send one request with retries; return the decoded JSON body (None on 404 if ok)."""
+        """Send one request with retries; return the decoded JSON body (None on 404 if ok).
+
+        Counted in `vastd_api_requests_total`: ok or error once per call, retry per retry.
+        """
+        try:
+            data = await self._send(
+                method,
+                path,
+                params=params,
+                body=body,
+                idempotent=idempotent,
+                not_found_ok=not_found_ok,
+            )
+        except Exception:
+            metrics.API_ERROR.inc()
+            raise
+        metrics.API_OK.inc()
+        return data
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None,
+        body: Any,
+        idempotent: bool,
+        not_found_ok: bool,
+    ) -> Any:
         url = self._api_url + path + (f"?{encode_query(params)}" if params else "")
         headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
         session = self._get_session()

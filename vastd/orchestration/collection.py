@@ -32,6 +32,7 @@ from vastd.orchestration.actions import (
 )
 from vastd.orchestration.context import Context
 from vastd.orchestration.sharing import share_results
+from vastd.utils import metrics
 from vastd.utils.exceptions import (
     FileOperationError,
     JobExecutionError,
@@ -178,7 +179,7 @@ def complete_job(
     run_id: str | None,
 ) -> None:
     """Validated results are in results/<job>/: the job is done, its file in done/."""
-    st.mark_job_completed(
+    done = st.mark_job_completed(
         ctx.store,
         job.id,
         instance_id=inst.id,
@@ -186,6 +187,7 @@ def complete_job(
         result_files=[p.name for p in collected.files],
         previous_dir=collected.previous,
     )
+    metrics.observe_job_duration(done.dispatched_at, done.finished_at)
     share_results(ctx.layout.results_dir(job.id), ctx.settings.paths.group)
     log.info(
         "results_collected",

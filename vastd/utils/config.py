@@ -246,6 +246,52 @@ class LogSettings(_Section):
         return normalise_log_level(value)
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """'127.0.0.1:9108' / 'localhost:9108' / '[::1]:9108' -> (host, port); ValueError else."""
+    import ipaddress
+
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [IPv6]:PORT, e.g. [::1]:9108 (got {value!r})")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address (got {value!r})") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(
+                f"expected HOST:PORT, e.g. 127.0.0.1:9108 or [::1]:9108 (got {value!r})"
+            )
+        if any(c.isspace() or c in "/[]" for c in host):
+            raise ValueError(
+                f"{host!r} is not a host name or address (write HOST:PORT, got {value!r})"
+            )
+        if ":" in host:
+            raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:9108 (got {value!r})")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"the port must be a number from 1 to 65535 (got {value!r})")
+    return host, int(port_text)
+
+
+class MetricsSettings(_Section):
+    # HOST:PORT of the Prometheus /metrics and the /healthz endpoint; "" = not served
+    listen: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value.strip():
+            parse_listen(value)
+        return value.strip()
+
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when the endpoint is off."""
+        return parse_listen(self.listen) if self.listen else None
+
+
 class Settings(BaseModel):
     """The whole configuration; sections mirror the TOML tables of config.example.toml.
 
@@ -267,6 +313,7 @@ class Settings(BaseModel):
     job: JobSettings = Field(default_factory=JobSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     def __init__(self, **values: Any) -> None:
         if type(self) is Settings and not _plain_values(values):

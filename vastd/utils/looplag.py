@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
+import time
 from dataclasses import dataclass
 
 from vastd.utils.logging import get_logger
@@ -102,9 +103,12 @@ class LoopLagMonitor:
         self.report_s = report_s
         self.total = LagHistogram()
         self.window = LagHistogram()
+        # time.monotonic() of the latest sample: /healthz tells a stopped ticker by it
+        self.last_tick: float | None = None
 
     def record(self, lag_s: float) -> None:
         lag_s = max(0.0, lag_s)
+        self.last_tick = time.monotonic()
         self.total.add(lag_s)
         self.window.add(lag_s)
 

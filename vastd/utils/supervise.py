@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vastd.utils.logging import get_logger
+from vastd.utils.metrics import beat
 
 log = get_logger("vastd.supervise")
 
@@ -105,6 +106,7 @@ async def run_loop(
             )
             await asyncio.sleep(backoff.delay_s(failures - 1))
             continue
+        beat(name)  # /healthz: this loop makes progress
         if failures:
             log.info("loop_recovered", loop=name, failures=failures)
             failures = 0
