@@ -12,6 +12,7 @@ reason their `.error.json` gives.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -202,8 +203,9 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
     return [line(header), *(line(r) for r in body)]
 
 
-def daemon_line(running: bool | None, saved_at: float | None) -> str:
-    saved = utc_iso(saved_at) or "never"
+def daemon_line(running: bool | None, saved_at: float | str | None) -> str:
+    """Whether a daemon runs; if not, the figures are those of the snapshot's last save."""
+    saved = (saved_at if isinstance(saved_at, str) else utc_iso(saved_at)) or "never"
     if running:
         return f"daemon: running; snapshot saved {saved}"
     if running is None:
@@ -248,7 +250,9 @@ def money(value: float | None) -> str:
     if value == 0:
         return "$0.00"
     if abs(value) < 1:
-        return f"${value:.4f}"
+        # two significant digits at least: $0.0032, $0.000083
+        decimals = min(8, max(4, 1 - math.floor(math.log10(abs(value)))))
+        return f"${value:.{decimals}f}"
     return f"${value:,.2f}"
 
 
@@ -264,9 +268,10 @@ def _why(job: JobRecord, layout: Layout) -> str:
             reason = info.get("reason") if isinstance(info.get("reason"), str) else None
         return reason or "failed"
     if job.state is JobState.QUEUED:
-        return "queued" + (f" (last error: {job.last_error})" if job.last_error else "")
-    where = f" on {job.instance}" if job.instance else ""
-    return f"{job.state.value}{where}"
+        last = f" (last error: {job.last_error})" if job.last_error else ""
+        return f"waiting for an instance{last}"
+    where = f"on {job.instance}" if job.instance else "on no instance"
+    return f"{where}, run {job.runs}" + (f", {job.attempts} failed" if job.attempts else "")
 
 
 def build_report(layout: Layout, campaign: Campaign, now: float | None = None) -> dict[str, Any]:
@@ -391,7 +396,5 @@ def format_report(report: dict[str, Any]) -> str:
         )
     else:
         lines.append("not done: none")
-    running = report["daemon_running"]
-    state = {True: "running", False: "not running", None: "unknown"}[running]
-    lines.append(f"daemon: {state}; snapshot saved {report['saved_at'] or 'never'}")
+    lines.append(daemon_line(report["daemon_running"], report["saved_at"]))
     return os.linesep.join(lines)
