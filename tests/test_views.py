@@ -250,6 +250,7 @@ def test_report_rows_cost_and_why_not_done(tmp_path: Path) -> None:
         "done": 1,
         "failed": 3,
         "rows_in": 12,
+        "rows_in_done": 3,
         "rows_out": 33,
         "cost": 0.0032,
     }
@@ -260,7 +261,9 @@ def test_report_rows_cost_and_why_not_done(tmp_path: Path) -> None:
     assert why["a.dup-1"] == ("refused", "a job named 'a' is already done (failed/a.dup-1.csv)")
     assert why["junk"] == ("refused", "not UTF-8 (failed/junk.csv)")
     text = format_report(report)
-    assert "totals: 6 jobs  1 done  3 failed  rows 33 out of 12 in  cost $0.0032" in text
+    assert (
+        "totals: 6 jobs  1 done  3 failed  rows in 12 (3 of done jobs), out 33  cost $0.0032"
+    ) in text
     assert "not done (5):" in text
 
 

@@ -280,7 +280,7 @@ def build_report(layout: Layout, campaign: Campaign, now: float | None = None) -
     now = time.time() if now is None else now
     jobs_out: list[dict[str, Any]] = []
     not_done: list[dict[str, Any]] = []
-    rows_in = rows_out = 0
+    rows_in = rows_out = rows_in_done = 0
     cost = 0.0
     done = failed = 0
     for job in campaign.jobs.values():
@@ -295,10 +295,12 @@ def build_report(layout: Layout, campaign: Campaign, now: float | None = None) -
             "gpu": None,
             "duration_s": _duration(job, now),
             "cost": None,
+            "refused": False,
         }
         rows_in += job.rows
         if job.state is JobState.DONE:
             done += 1
+            rows_in_done += job.rows
             manifest = read_manifest(layout.results_dir(job.id) / "MANIFEST.json")
             if isinstance(manifest.get("rows_out"), int):
                 entry["rows_out"] = manifest["rows_out"]
@@ -329,6 +331,7 @@ def build_report(layout: Layout, campaign: Campaign, now: float | None = None) -
                 "gpu": None,
                 "duration_s": None,
                 "cost": None,
+                "refused": True,
             }
         )
         name = (
@@ -344,6 +347,7 @@ def build_report(layout: Layout, campaign: Campaign, now: float | None = None) -
             "done": done,
             "failed": failed,
             "rows_in": rows_in,
+            "rows_in_done": rows_in_done,
             "rows_out": rows_out,
             "cost": round(cost, 6),
         },
@@ -371,7 +375,7 @@ def format_report(report: dict[str, Any]) -> str:
     body = [
         [
             j["id"],
-            j["state"],
+            j["state"] + (" (refused)" if j.get("refused") else ""),
             num(j["rows_in"]),
             num(j["rows_out"]),
             str(j["runs"]),
@@ -387,7 +391,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = _table(header, body)
     lines.append(
         f"totals: {t['jobs']} jobs  {t['done']} done  {t['failed']} failed  "
-        f"rows {t['rows_out']} out of {t['rows_in']} in  cost {money(t['cost'])}"
+        f"rows in {t['rows_in']} ({t['rows_in_done']} of done jobs), out {t['rows_out']}  "
+        f"cost {money(t['cost'])}"
     )
     if report["not_done"]:
         lines.append(f"not done ({len(report['not_done'])}):")
