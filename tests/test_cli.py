@@ -21,6 +21,7 @@ from vastd.core import state as st
 from vastd.core import submit as submit_mod
 from vastd.core.files import Layout
 from vastd.core.jobs import discover_job_files
+from vastd.core.lock import RootLock
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState, StateStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,10 +249,22 @@ def test_status_text_output(root: Path, config: str, capsys: pytest.CaptureFixtu
     text = capsys.readouterr().out
     assert "queued 1  running 1  collecting 1  done 2  failed 1  (inbox 1)" in text
     assert "progress: 50.0% of 6  eta 300s" in text
-    assert "instances: 3 (2 ready)  $0.875/h now" in text
+    # No daemon: the figures are the snapshot's, with no rate "now".
+    assert "instances: 3 (2 ready)  spent $1.23  (as of 20" in text
+    assert "/h now" not in text
+    assert "daemon: not running; figures as of 20" in text
     for iid in ("11", "12", "13", "14"):
         assert f"  {iid}  " in text
     assert "job run" in text
+    lock = RootLock(root)
+    lock.acquire()  # as a running daemon holds it
+    try:
+        assert main(["status", "--config", config]) == 0
+    finally:
+        lock.release()
+    text = capsys.readouterr().out
+    assert "instances: 3 (2 ready)  $0.875/h now  spent $1.23" in text
+    assert "daemon: running" in text
 
 
 def test_status_falls_back_to_backup_and_reports_both_bad(

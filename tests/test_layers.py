@@ -30,6 +30,7 @@ LAYERS: dict[str, tuple[float, str]] = {
     "daemon": (4, "service"),
     "demo": (4, "service"),
     "status": (4, "service"),
+    "views": (4, "service"),
     "control": (4, "service"),
     "metrics": (4, "service"),
     "cli": (5, "entry"),

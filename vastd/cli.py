@@ -11,8 +11,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from vastd import __version__
 from vastd.utils.config import (
@@ -47,6 +48,25 @@ def _at_least_one(value: str) -> int:
     return number
 
 
+def _positive_seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {value})")
+    return number
+
+
+_STATES = ("queued", "running", "collecting", "done", "failed")
+
+
+def _job_state(value: str) -> str:
+    if value not in _STATES:
+        raise argparse.ArgumentTypeError(f"unknown state {value!r} (one of: {', '.join(_STATES)})")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vastd",
@@ -76,6 +96,27 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("files", nargs="+", metavar="FILE", help="CSV job files to submit")
     status = with_config(sub.add_parser("status", help="jobs, instances, progress"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--all", action="store_true", help="also list destroyed instances (they bill nothing)"
+    )
+    status.add_argument(
+        "--watch", action="store_true", help="refresh until Ctrl-C (in place on a terminal)"
+    )
+    status.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=2.0,
+        help="seconds between refreshes with --watch (default: 2)",
+    )
+    jobs = with_config(sub.add_parser("jobs", help="one row per job"))
+    jobs.add_argument(
+        "--state", metavar="S", help=f"only jobs in this state ({', '.join(_STATES)})"
+    )
+    jobs.add_argument("--json", action="store_true", help="a JSON list of objects")
+    report = with_config(
+        sub.add_parser("report", help="the campaign: rows in and out, cost, what is not done")
+    )
+    report.add_argument("--json", action="store_true", help="machine-readable output")
     check = with_config(
         sub.add_parser("check-config", help="validate and print the effective config")
     )
@@ -168,9 +209,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     layout = Layout(settings.paths.root)
-    status = build_status(
-        layout, load_snapshot_readonly(layout), idle_timeout_s=settings.fleet.idle_timeout_s
-    )
+
+    def current() -> dict[str, object]:
+        return build_status(
+            layout,
+            load_snapshot_readonly(layout),
+            idle_timeout_s=settings.fleet.idle_timeout_s,
+            all_instances=args.all,
+        )
+
+    if args.watch:
+        return _watch(current, args.interval, as_json=args.json)
+    status = current()
     print(status_json(status) if args.json else format_status(status))
     return EXIT_OK
 
@@ -192,6 +242,65 @@ def cmd_control(args: argparse.Namespace) -> int:
     for ok, line in lines:
         print(line, file=sys.stdout if ok else sys.stderr)
     return code
+
+
+def _watch(current: Callable[[], dict[str, Any]], interval_s: float, *, as_json: bool) -> int:
+    """`status --watch`: redrawn in place on a terminal (ANSI), else a line per refresh."""
+    import time
+
+    from vastd.status import format_status, progress_bar, watch_line
+
+    tty = sys.stdout.isatty() and not as_json
+    try:
+        while True:
+            status = current()
+            if as_json:
+                print(json.dumps(status, sort_keys=True), flush=True)
+            elif tty:
+                screen = f"{progress_bar(status['progress'])}\n{format_status(status)}"
+                stamp = time.strftime("%H:%M:%S")
+                sys.stdout.write(
+                    f"\x1b[H\x1b[2J{screen}\n(every {interval_s:g}s, {stamp}; Ctrl-C to stop)\n"
+                )
+                sys.stdout.flush()
+            else:
+                print(watch_line(status), flush=True)
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        if tty:
+            sys.stdout.write("\n")
+        return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from vastd.core.files import Layout
+    from vastd.views import format_jobs, job_rows, read_campaign
+
+    if args.state is not None and args.state not in _STATES:
+        print(
+            f"vastd jobs: unknown state {args.state!r} (one of: {', '.join(_STATES)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    settings = _load(args)
+    campaign = read_campaign(Layout(settings.paths.root))
+    rows = job_rows(campaign, args.state)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_jobs(rows, campaign.daemon_running, campaign.snapshot.saved_at))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vastd.core.files import Layout
+    from vastd.views import build_report, format_report, read_campaign
+
+    settings = _load(args)
+    layout = Layout(settings.paths.root)
+    report = build_report(layout, read_campaign(layout))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -240,6 +349,8 @@ COMMANDS = {
     "run": cmd_run,
     "submit": cmd_submit,
     "status": cmd_status,
+    "jobs": cmd_jobs,
+    "report": cmd_report,
     "check-config": cmd_check_config,
     "demo": cmd_demo,
     "cancel": cmd_control,

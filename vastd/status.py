@@ -21,6 +21,7 @@ from vastd.core.records import InstanceStatus, JobState, Snapshot
 from vastd.core.snapshot_file import read_snapshot
 from vastd.instances.monitoring import get_instance_summary
 from vastd.utils.exceptions import FileOperationError
+from vastd.views import failed_stems, money
 
 
 def daemon_running(layout: Layout) -> bool | None:
@@ -34,7 +35,10 @@ def build_status(
     now: float | None = None,
     *,
     idle_timeout_s: float = 0.0,
+    all_instances: bool = False,
 ) -> dict[str, Any]:
+    """The figures of `vastd status`. Destroyed instances are left out of `instances`
+    unless `all_instances` (they bill nothing any more)."""
     now = time.time() if now is None else now
     # Finished jobs in history.jsonl are counted by the snapshot's summary (no parse).
     past = snapshot.history
@@ -43,6 +47,8 @@ def build_status(
         jobs[job.state.value] += 1
     jobs[JobState.DONE.value] += past.done
     jobs[JobState.FAILED.value] += past.failed
+    refused = refused_count(layout, snapshot)
+    jobs[JobState.FAILED.value] += refused
     try:
         waiting_in_inbox = inbox_waiting(layout.inbox)
     except OSError:
@@ -71,6 +77,19 @@ def build_status(
     instances = [
         get_instance_summary(inst)
         for inst in sorted(snapshot.instances.values(), key=lambda i: i.id)
+        if all_instances or inst.status is not InstanceStatus.DESTROYED
+    ]
+    in_flight = [
+        {
+            "id": j.id,
+            "state": j.state.value,
+            "instance": j.instance,
+            "rows": j.rows,
+            "progress_rows": j.progress_rows,
+            "progress_at": utc_iso(j.progress_at),
+        }
+        for j in snapshot.jobs.values()
+        if j.state in (JobState.RUNNING, JobState.COLLECTING)
     ]
     dph_now = round(sum(i.dph for i in live), 4)
     # What finishing costs at today's rate: the work left, then the idle tail before teardown.
@@ -86,6 +105,8 @@ def build_status(
         "saved_at": utc_iso(snapshot.saved_at),
         "daemon_running": daemon_running(layout),
         "jobs": jobs,
+        "refused": refused,
+        "running_jobs": in_flight,
         "inbox_waiting": waiting_in_inbox,
         "total_jobs": total,
         "progress": round(finished / total, 4) if total else None,
@@ -101,6 +122,18 @@ def build_status(
             else None,
         },
     }
+
+
+def refused_count(layout: Layout, snapshot: Snapshot) -> int:
+    """Files in failed/ that no job record owns (refused at acceptance), without reading
+    history.jsonl: each failed job there owns one stem, so those are subtracted."""
+    try:
+        stems = failed_stems(layout.failed)
+    except OSError:
+        return 0
+    owned = {j.failed_stem or j.id for j in snapshot.jobs.values() if j.state is JobState.FAILED}
+    owned |= {j.earlier_failed_stem for j in snapshot.jobs.values() if j.earlier_failed_stem}
+    return max(0, len(set(stems) - owned) - snapshot.history.failed)
 
 
 def inbox_waiting(directory: Path) -> int:
@@ -119,11 +152,23 @@ def load_snapshot_readonly(layout: Layout) -> Snapshot:
     return read_snapshot(layout.state_file)[0]
 
 
+def progress_bar(fraction: float | None, width: int = 30) -> str:
+    """`[#########---------------------]  30.0%` (empty and `-` when unknown)."""
+    if fraction is None:
+        return f"[{'-' * width}]     -"
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = round(fraction * width)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {fraction * 100:5.1f}%"
+
+
 def format_status(status: dict[str, Any]) -> str:
+    running = status["daemon_running"]
     j = status["jobs"]
+    refused = status.get("refused", 0)
+    refused_txt = f" ({refused} refused)" if refused else ""
     lines = [
         f"jobs: queued {j['queued']}  running {j['running']}  collecting {j['collecting']}  "
-        f"done {j['done']}  failed {j['failed']}  (inbox {status['inbox_waiting']})",
+        f"done {j['done']}  failed {j['failed']}{refused_txt}  (inbox {status['inbox_waiting']})",
     ]
     if status["progress"] is not None:
         eta = status["eta_s"]
@@ -131,13 +176,29 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(
             f"progress: {status['progress'] * 100:.1f}% of {status['total_jobs']}{eta_txt}"
         )
+    for job in status.get("running_jobs", []):
+        if job["progress_rows"] is None:
+            continue
+        rows = job["rows"]
+        part = job["progress_rows"] / rows if rows else None
+        lines.append(
+            f"  {job['id']}  {progress_bar(part, 20)}  {job['progress_rows']}/{rows or '?'} rows"
+            f"  on {job['instance'] or '-'}  (at {job['progress_at'] or '-'})"
+        )
     t = status["totals"]
     finish = t["cost_to_finish"]
-    finish_txt = f"  about ${finish:.2f} to finish" if finish is not None else ""
-    lines.append(
-        f"instances: {t['instances']} ({t['ready']} ready)  ${t['dph_now']:.3f}/h now  "
-        f"spent ${t['spend_total']:.2f}{finish_txt}"
-    )
+    if running:
+        finish_txt = f"  about {money(finish)} to finish" if finish is not None else ""
+        lines.append(
+            f"instances: {t['instances']} ({t['ready']} ready)  ${t['dph_now']:.3f}/h now  "
+            f"spent {money(t['spend_total'])}{finish_txt}"
+        )
+    else:
+        # Nothing bills through vastd's eyes now: the figures are the snapshot's.
+        lines.append(
+            f"instances: {t['instances']} ({t['ready']} ready)  spent {money(t['spend_total'])}"
+            f"  (as of {status['saved_at'] or 'never'})"
+        )
     for inst in status["instances"]:
         jobs = ",".join(inst["current_jobs"]) or "-"
         extra = f"  error: {inst['prepare_error']}" if inst["prepare_error"] else ""
@@ -145,10 +206,24 @@ def format_status(status: dict[str, Any]) -> str:
             f"  {inst['id']:>10}  {inst['state']:<11} ${inst['dph']:.3f}/h  "
             f"last seen {inst['last_seen'] or '-'}  job {jobs}{extra}"
         )
-    running = status["daemon_running"]
-    state = {True: "running", False: "not running", None: "unknown"}[running]
-    lines.append(f"daemon: {state}; snapshot saved {status['saved_at'] or 'never'}")
+    saved = status["saved_at"] or "never"
+    if running:
+        lines.append(f"daemon: running; snapshot saved {saved}")
+    else:
+        state = "not running" if running is False else "unknown"
+        lines.append(f"daemon: {state}; figures as of {saved} (the snapshot's last save)")
     return os.linesep.join(lines)
+
+
+def watch_line(status: dict[str, Any]) -> str:
+    """One plain line per refresh of `status --watch` when stdout is not a terminal."""
+    j = status["jobs"]
+    daemon = {True: "running", False: "not running", None: "unknown"}[status["daemon_running"]]
+    return (
+        f"{utc_iso(time.time())} {progress_bar(status['progress'])}  queued {j['queued']}  "
+        f"running {j['running']}  collecting {j['collecting']}  done {j['done']}  "
+        f"failed {j['failed']}  spent {money(status['totals']['spend_total'])}  daemon {daemon}"
+    )
 
 
 def status_json(status: dict[str, Any]) -> str:

@@ -127,6 +127,10 @@ class JobRecord(Tracked):
     # resubmitted after it failed: that failure's files in failed/, removed once this
     # record is saved (a crash before the save must not lose them)
     earlier_failed_stem: str | None = None
+    # the current run's progress: rows done, as the last log.txt line matching
+    # `[job] progress_regex` says, and when that figure last changed (local clock)
+    progress_rows: int | None = None
+    progress_at: float | None = None
 
     @field_validator("orphans", mode="before")
     @classmethod

@@ -285,6 +285,9 @@ def _assign(store: StateStore, job: JobRecord, inst: InstanceRecord) -> JobRecor
     job.started_at = None
     job.exited_at = None
     job.kill_reason = None
+    if job.progress_rows is not None:  # a new run starts counting again
+        job.progress_rows = None
+        job.progress_at = None
     # A run of this job left here earlier is replaced by this one's start.
     job.orphans = [o for o in job.orphans if o.instance != inst.id]
     if job.id not in inst.current_jobs:
@@ -316,6 +319,16 @@ def note_run_seen(store: StateStore, job: JobRecord, pid: int | None) -> None:
         job.pgid = pid
     job.started_at = job.started_at or time.time()
     store.mark_dirty()
+
+
+def note_progress(store: StateStore, job: JobRecord, rows: int, now: float | None = None) -> bool:
+    """The current run's log says `rows` rows are done; True when that is news."""
+    if job.state is not J.RUNNING or rows == job.progress_rows:
+        return False
+    job.progress_rows = rows
+    job.progress_at = time.time() if now is None else now
+    store.mark_dirty()
+    return True
 
 
 def request_kill(store: StateStore, job: JobRecord, reason: str) -> None:

@@ -11,13 +11,22 @@ Status output, after the marker, one line per entry, keyed by the entry's index
       <log_size> <attempt> <timed_out 0|1> <run>
 
 where a number field is `-` when its file is absent and `!` when it holds garbage,
-and `run` is the folder's run id (`-` when absent or not hex).
+and `run` is the folder's run id (`-` when absent or not hex). With progress asked
+for (`[job] progress_regex`), an existing entry's line is followed by
+
+    P <index>
+    <the last PROGRESS_TAIL_BYTES of log.txt, as od hex lines>
+    Q <index>
+
+and the regex is matched here, on those bytes: the user's pattern never reaches the
+remote shell, and the log's text (hex) can never pass for a status line.
 `log_size` is always `-`: measuring it costs two processes per job and cycle, and
 the cycle runs on every instance every few seconds. Every read is a shell builtin.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import shlex
@@ -35,6 +44,7 @@ from vastd.utils.exceptions import JobExecutionError
 
 _TICK_S = 0.2
 TIMEOUT_EXIT_CODE = 124
+PROGRESS_TAIL_BYTES = 2048  # of log.txt, per job and status check, when progress is asked for
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class RemoteJobStatus:
     attempt: int | None = None
     timed_out: bool = False
     run: str | None = None  # the run id the folder holds
+    progress_rows: int | None = None  # group 1 of the last log line matching the progress regex
 
 
 class CompletionStatus(StrEnum):
@@ -73,7 +84,16 @@ class KillOutcome:
     exit_code_written: bool
 
 
-def _entry_report(index: int) -> str:
+def _progress_report(index: int) -> str:
+    # Two processes (tail, od), only when progress is asked for; hex cannot fake a J line.
+    return (
+        f"  printf 'P {index}\\n'\n"
+        f'  tail -c {PROGRESS_TAIL_BYTES} "$d/log.txt" 2>/dev/null | od -An -v -tx1\n'
+        f"  printf 'Q {index}\\n'\n"
+    )
+
+
+def _entry_report(index: int, *, progress: bool = False) -> str:
     # The entry's folder and pgid are in the shell variables d<index> and p<index>.
     return f"""d=$d{index}; p=$p{index}
 if [ -d "$d" ]; then
@@ -86,16 +106,19 @@ if [ -d "$d" ]; then
   r=; read -r r 2>/dev/null < "$d/run"; case $r in ''|*[!0-9a-f]*) r=- ;; esac
   printf 'J {index} 1 %s %s %s %s %s %s %s %s %s\\n' "${{p:--}}" "$al" "$e" "$s" "$en" \\
     "${{ls:--}}" "$at" "$to" "$r"
-else
+{_progress_report(index) if progress else ""}else
   printf 'J {index} 0 - 0 - - - - - 0 -\\n'
 fi
 """
 
 
-def build_status_script(entries: list[tuple[str, RemoteJobPaths]], *, wait_s: float = 0) -> str:
+def build_status_script(
+    entries: list[tuple[str, RemoteJobPaths]], *, wait_s: float = 0, progress: bool = False
+) -> str:
     """One script reporting every entry; with `wait_s` > 0 it first waits (remote-side, every
     0.2 s) until any entry is no longer running (exit_code written, group gone, folder
     gone) or `wait_s` passes. List only jobs believed running, or it returns at once.
+    With `progress`, each existing entry also reports the tail of its log.txt.
     """
     lines = [SH_HELPERS]
     for index, (_job_id, paths) in enumerate(entries):
@@ -114,7 +137,7 @@ def build_status_script(entries: list[tuple[str, RemoteJobPaths]], *, wait_s: fl
         lines.append(f'if [ "$FRAC" = 1 ]; then n={ticks}; else n={whole}; fi')
         lines.append(f"t=0; while [ $t -lt $n ] && {checks}; do _tick {_TICK_S}; t=$((t+1)); done")
     lines.append('printf "%s\\n" "$M"')
-    lines.extend(_entry_report(index) for index in range(len(entries)))
+    lines.extend(_entry_report(index, progress=progress) for index in range(len(entries)))
     return "\n".join(lines) + "\n"
 
 
@@ -128,11 +151,58 @@ def _number(field: str) -> int | None:
     return int(field) if _NUMBER.match(field) else None
 
 
+_PROGRESS_START = re.compile(r"^([PQ]) ([0-9]+)$")
+
+
+def progress_rows(text: str, pattern: re.Pattern[str]) -> int | None:
+    """Group 1 of the last line of `text` that `pattern` matches, as a whole number
+    (None when no line matches or group 1 is not a number)."""
+    for line in reversed(text.splitlines()):
+        match = pattern.search(line)
+        if match is None:
+            continue
+        group = match.group(1)
+        if group is None:
+            continue
+        digits = group.strip().replace(",", "").replace("_", "")
+        if digits.isascii() and digits.isdigit() and len(digits) <= 18:
+            return int(digits)
+    return None
+
+
+def _progress_blocks(lines: list[str]) -> tuple[list[str], dict[int, str]]:
+    """The status lines, and each entry's log tail (decoded) from its P ... Q block."""
+    rest: list[str] = []
+    tails: dict[int, str] = {}
+    current: int | None = None
+    hex_lines: list[str] = []
+    for line in lines:
+        marker = _PROGRESS_START.match(line.strip())
+        if marker is not None:
+            index = int(marker.group(2))
+            if marker.group(1) == "P":
+                current, hex_lines = index, []
+            elif current == index:
+                with contextlib.suppress(ValueError):  # garbled: no progress this time
+                    tails[index] = _hex_payload(hex_lines).decode("utf-8", errors="replace")
+                current = None
+            continue
+        if current is not None:
+            hex_lines.append(line)
+        else:
+            rest.append(line)
+    return rest, tails
+
+
 def parse_status_output(
-    stdout: str, entries: list[tuple[str, RemoteJobPaths]]
+    stdout: str,
+    entries: list[tuple[str, RemoteJobPaths]],
+    *,
+    progress: re.Pattern[str] | None = None,
 ) -> dict[str, RemoteJobStatus]:
-    """Statuses by job id; entries without a well-formed line (truncated output) are absent."""
-    lines = marker_lines(stdout) or []
+    """Statuses by job id; entries without a well-formed line (truncated output) are absent.
+    With `progress`, each status carries the rows done its log tail says."""
+    lines, tails = _progress_blocks(marker_lines(stdout) or [])
     statuses: dict[str, RemoteJobStatus] = {}
     for line in lines:
         match = _STATUS_LINE.match(line.strip())
@@ -161,6 +231,11 @@ def parse_status_output(
             attempt=_number(match.group(9)),
             timed_out=match.group(10) == "1",
             run=None if match.group(11) == "-" else match.group(11),
+            progress_rows=(
+                progress_rows(tails[index], progress)
+                if progress is not None and index in tails
+                else None
+            ),
         )
     return statuses
 
@@ -171,13 +246,15 @@ async def monitor_job_execution(
     *,
     wait_s: float = 0,
     timeout_s: float,
+    progress: re.Pattern[str] | None = None,
 ) -> dict[str, RemoteJobStatus]:
-    """Status of every listed job in one round trip (`timeout_s` is on top of `wait_s`)."""
+    """Status of every listed job in one round trip (`timeout_s` is on top of `wait_s`);
+    with `progress` (the compiled `[job] progress_regex`), the rows each log says are done."""
     if not entries:
         return {}
-    script = build_status_script(entries, wait_s=wait_s)
+    script = build_status_script(entries, wait_s=wait_s, progress=progress is not None)
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s + max(wait_s, 0))
-    return parse_status_output(result.stdout, entries)
+    return parse_status_output(result.stdout, entries, progress=progress)
 
 
 def detect_job_completion(status: RemoteJobStatus) -> CompletionStatus:

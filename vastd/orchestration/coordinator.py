@@ -10,6 +10,8 @@ left running untracked.
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -305,9 +307,19 @@ async def check_instance_jobs(
     wait_s = max(0.0, min([ctx.watch_wait_s, *deadlines]))
     if any(j.kill_reason for j in jobs):
         wait_s = 0.0
+    regex = ctx.settings.job.progress_regex
     return await monitor_job_execution(
-        conn, entries, wait_s=wait_s, timeout_s=wait_s + ctx.settings.ssh.command_timeout_s
+        conn,
+        entries,
+        wait_s=wait_s,
+        timeout_s=wait_s + ctx.settings.ssh.command_timeout_s,
+        progress=_compiled(regex) if regex else None,
     )
+
+
+@functools.cache
+def _compiled(regex: str) -> re.Pattern[str]:
+    return re.compile(regex)  # checked when the config was loaded
 
 
 def _restart_or_requeue(ctx: Context, inst: InstanceRecord, job: JobRecord, why: str) -> None:
@@ -339,6 +351,8 @@ async def handle_job_status(
         _restart_or_requeue(ctx, inst, job, f"holds run {status.run or '(none)'}")
         return
     st.note_run_seen(ctx.store, job, status.pid)
+    if status.progress_rows is not None:
+        st.note_progress(ctx.store, job, status.progress_rows)
     if outcome is CompletionStatus.RUNNING:
         started = job.started_at or job.dispatched_at or time.time()
         if job.kill_reason is None and time.time() - started > ctx.settings.job.timeout_s:

@@ -8,6 +8,7 @@ The API key is a secret: env `VASTD_VAST__API_KEY`, env `VAST_API_KEY`, `$CREDEN
 from __future__ import annotations
 
 import os
+import re
 import string
 import tomllib
 from functools import cache
@@ -139,6 +140,9 @@ class JobSettings(_Section):
     # a file named like a finished job: refused (to failed/ as <job>.dup-<n>.csv), or
     # run again with the earlier results kept as results/<job>/previous-<n>/
     on_duplicate: Literal["refuse", "rerun"] = "refuse"
+    # a line of the remote log.txt matching this (a Python regex; group 1 = rows done)
+    # is the job's progress, read with each status check; "" = no progress
+    progress_regex: str = ""
     vars: dict[str, str] = Field(default_factory=lambda: {"num_sim": "1000000"})
     patterns: list[JobPattern] = Field(default_factory=list)
 
@@ -149,6 +153,19 @@ class JobSettings(_Section):
     def _has_input(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("progress_regex")
+    @classmethod
+    def _progress_regex(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        if compiled.groups < 1:
+            raise ValueError("needs a group: group 1 is the number of rows done, e.g. (\\d+)")
         return value
 
     @field_validator("result_glob")

@@ -1,0 +1,405 @@
+"""`vastd jobs` and `vastd report`: read-only views of a campaign, daemon or not.
+
+Short-lived processes, like `vastd status`: the snapshot is read through
+core/snapshot_file.py and history.jsonl through core/history.py, once each; nothing
+of the daemon's store or loops is imported. A job's row comes from state.json when it
+is there (work in flight, or a name accepted again), else from the last history line
+of its name. Files in failed/ that no job record owns (refused at acceptance: an
+invalid file, a duplicate `<job>.dup-<n>.csv`) are listed as failed too, with the
+reason their `.error.json` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vastd.core.files import ERROR_SUFFIX, JOB_SUFFIX, Layout, utc_iso
+from vastd.core.lock import root_locked
+from vastd.core.records import FINISHED, JobRecord, JobState, Snapshot
+from vastd.core.snapshot_file import read_snapshot
+
+STATES = tuple(s.value for s in JobState)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A file in failed/ without a job record: refused when it was submitted."""
+
+    stem: str  # `<job>` or `<job>.dup-<n>`: its file names in failed/
+    job: str  # the job id its .error.json names
+    reason: str
+    at: str | None
+    has_csv: bool
+
+
+@dataclass
+class Campaign:
+    """Every job of a root, read once: records (state.json over history) and refusals."""
+
+    snapshot: Snapshot
+    jobs: dict[str, JobRecord]
+    refused: list[Refused]
+    daemon_running: bool | None
+
+
+def read_error_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def failed_stems(directory: Path) -> dict[str, bool]:
+    """The stems of failed/'s `.error.json` and `.csv` files: stem -> has a `.csv`."""
+    stems: dict[str, bool] = {}
+    try:
+        with os.scandir(directory) as entries:
+            names = [e.name for e in entries if not e.name.startswith(".")]
+    except FileNotFoundError:
+        return stems
+    for name in names:
+        if name.endswith(ERROR_SUFFIX):
+            stems.setdefault(name[: -len(ERROR_SUFFIX)], False)
+        elif name.endswith(JOB_SUFFIX):
+            stems[name[: -len(JOB_SUFFIX)]] = True
+    return stems
+
+
+def refused_files(layout: Layout, jobs: dict[str, JobRecord]) -> list[Refused]:
+    """failed/ entries no failed job owns (its `failed_stem`), with their reasons."""
+    owned = {j.failed_stem or j.id for j in jobs.values() if j.state is JobState.FAILED}
+    owned |= {j.earlier_failed_stem for j in jobs.values() if j.earlier_failed_stem}
+    out = []
+    for stem, has_csv in sorted(failed_stems(layout.failed).items()):
+        if stem in owned:
+            continue
+        info = read_error_json(layout.failed / f"{stem}{ERROR_SUFFIX}")
+        job = info.get("job")
+        out.append(
+            Refused(
+                stem=stem,
+                job=job if isinstance(job, str) else stem,
+                reason=str(info.get("reason") or "no .error.json"),
+                at=info.get("at") if isinstance(info.get("at"), str) else None,
+                has_csv=has_csv,
+            )
+        )
+    return out
+
+
+def read_campaign(layout: Layout) -> Campaign:
+    """The snapshot, one pass over history.jsonl, and a listing of failed/."""
+    # history.py brings aiofiles (and so asyncio): imported here, not by `vastd status`.
+    from vastd.core.history import read_history_records
+
+    running = root_locked(layout.root)
+    snapshot = read_snapshot(layout.state_file)[0]
+    jobs = read_history_records(layout.history_file)
+    for job_id in snapshot.jobs:
+        jobs.pop(job_id, None)  # state.json wins, and keeps its own order (acceptance)
+    jobs = {**jobs, **snapshot.jobs}
+    return Campaign(snapshot, jobs, refused_files(layout, jobs), running)
+
+
+# --- vastd jobs ----------------------------------------------------------------------------
+def _duration(job: JobRecord, now: float) -> float | None:
+    start = job.started_at or job.dispatched_at
+    if start is None:
+        return None
+    if job.state in FINISHED:
+        end = job.finished_at or job.exited_at
+    elif job.state is JobState.COLLECTING:
+        end = job.exited_at or now
+    else:
+        end = now
+    return None if end is None else round(max(0.0, end - start), 1)
+
+
+def job_row(job: JobRecord, now: float) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "state": job.state.value,
+        "instance": job.instance,
+        "attempts": job.attempts,
+        "runs": job.runs,
+        "rows": job.rows,
+        "started": utc_iso(job.started_at or job.dispatched_at),
+        "duration_s": _duration(job, now),
+        "last_error": job.last_error,
+        "progress_rows": job.progress_rows,
+        "progress_at": utc_iso(job.progress_at),
+        "refused": False,
+    }
+
+
+def refused_row(ref: Refused) -> dict[str, Any]:
+    return {
+        "id": ref.stem,
+        "state": JobState.FAILED.value,
+        "instance": None,
+        "attempts": 0,
+        "runs": 0,
+        "rows": None,
+        "started": None,
+        "duration_s": None,
+        "last_error": ref.reason,
+        "progress_rows": None,
+        "progress_at": None,
+        "refused": True,
+    }
+
+
+def job_rows(
+    campaign: Campaign, state: str | None = None, now: float | None = None
+) -> list[dict[str, Any]]:
+    """One row per job (refused files last), only those in `state` when given."""
+    now = time.time() if now is None else now
+    rows = [job_row(j, now) for j in campaign.jobs.values()]
+    rows += [refused_row(r) for r in campaign.refused]
+    return [r for r in rows if state is None or r["state"] == state]
+
+
+def progress_text(rows_done: int | None, rows: int | None) -> str:
+    if rows_done is None:
+        return "-"
+    if rows:
+        return f"{rows_done}/{rows} ({min(rows_done / rows, 1.0) * 100:.0f}%)"
+    return str(rows_done)
+
+
+def duration_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def one_line(text: str | None, limit: int = 60) -> str:
+    if not text:
+        return "-"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    widths = [
+        max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)
+    ]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(header), *(line(r) for r in body)]
+
+
+def daemon_line(running: bool | None, saved_at: float | str | None) -> str:
+    """Whether a daemon runs; if not, the figures are those of the snapshot's last save."""
+    saved = (saved_at if isinstance(saved_at, str) else utc_iso(saved_at)) or "never"
+    if running:
+        return f"daemon: running; snapshot saved {saved}"
+    if running is None:
+        return f"daemon: unknown; as of {saved} (the snapshot's last save)"
+    return f"daemon: not running; as of {saved} (the snapshot's last save)"
+
+
+def format_jobs(rows: list[dict[str, Any]], running: bool | None, saved_at: float | None) -> str:
+    header = [
+        "JOB",
+        "STATE",
+        "INSTANCE",
+        "ATTEMPTS",
+        "RUNS",
+        "STARTED",
+        "DURATION",
+        "PROGRESS",
+        "LAST ERROR",
+    ]
+    body = [
+        [
+            r["id"],
+            r["state"] + (" (refused)" if r["refused"] else ""),
+            r["instance"] or "-",
+            str(r["attempts"]),
+            str(r["runs"]),
+            r["started"] or "-",
+            duration_text(r["duration_s"]),
+            progress_text(r["progress_rows"], r["rows"]),
+            one_line(r["last_error"]),
+        ]
+        for r in rows
+    ]
+    return os.linesep.join([*_table(header, body), daemon_line(running, saved_at)])
+
+
+# --- vastd report --------------------------------------------------------------------------
+def money(value: float | None) -> str:
+    """Dollars with enough digits to see small sums: $0.0032, not $0.00."""
+    if value is None:
+        return "-"
+    if value == 0:
+        return "$0.00"
+    if abs(value) < 1:
+        # two significant digits at least: $0.0032, $0.000083
+        decimals = min(8, max(4, 1 - math.floor(math.log10(abs(value)))))
+        return f"${value:.{decimals}f}"
+    return f"${value:,.2f}"
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    return read_error_json(path)
+
+
+def _why(job: JobRecord, layout: Layout) -> str:
+    if job.state is JobState.FAILED:
+        reason = job.last_error
+        if not reason:
+            info = read_error_json(layout.failed / f"{job.failed_stem or job.id}{ERROR_SUFFIX}")
+            reason = info.get("reason") if isinstance(info.get("reason"), str) else None
+        return reason or "failed"
+    if job.state is JobState.QUEUED:
+        last = f" (last error: {job.last_error})" if job.last_error else ""
+        return f"waiting for an instance{last}"
+    where = f"on {job.instance}" if job.instance else "on no instance"
+    return f"{where}, run {job.runs}" + (f", {job.attempts} failed" if job.attempts else "")
+
+
+def build_report(layout: Layout, campaign: Campaign, now: float | None = None) -> dict[str, Any]:
+    """Per job: rows in and out, runs, attempts, instance, GPU, duration, cost; totals;
+    the jobs not done and why. MANIFEST.json is read for done jobs only."""
+    now = time.time() if now is None else now
+    jobs_out: list[dict[str, Any]] = []
+    not_done: list[dict[str, Any]] = []
+    rows_in = rows_out = rows_in_done = 0
+    cost = 0.0
+    done = failed = 0
+    for job in campaign.jobs.values():
+        entry = {
+            "id": job.id,
+            "state": job.state.value,
+            "rows_in": job.rows,
+            "rows_out": None,
+            "runs": job.runs,
+            "attempts": job.attempts,
+            "instance": job.instance,
+            "gpu": None,
+            "duration_s": _duration(job, now),
+            "cost": None,
+            "refused": False,
+        }
+        rows_in += job.rows
+        if job.state is JobState.DONE:
+            done += 1
+            rows_in_done += job.rows
+            manifest = read_manifest(layout.results_dir(job.id) / "MANIFEST.json")
+            if isinstance(manifest.get("rows_out"), int):
+                entry["rows_out"] = manifest["rows_out"]
+                rows_out += manifest["rows_out"]
+            if isinstance(manifest.get("cost"), int | float):
+                entry["cost"] = manifest["cost"]
+                cost += float(manifest["cost"])
+            if isinstance(manifest.get("gpu"), str):
+                entry["gpu"] = manifest["gpu"]
+            if entry["instance"] is None and manifest.get("instance") is not None:
+                entry["instance"] = str(manifest["instance"])
+        else:
+            if job.state is JobState.FAILED:
+                failed += 1
+            not_done.append({"id": job.id, "state": job.state.value, "why": _why(job, layout)})
+        jobs_out.append(entry)
+    for ref in campaign.refused:
+        failed += 1
+        jobs_out.append(
+            {
+                "id": ref.stem,
+                "state": JobState.FAILED.value,
+                "rows_in": None,
+                "rows_out": None,
+                "runs": 0,
+                "attempts": 0,
+                "instance": None,
+                "gpu": None,
+                "duration_s": None,
+                "cost": None,
+                "refused": True,
+            }
+        )
+        name = (
+            f"failed/{ref.stem}{JOB_SUFFIX}" if ref.has_csv else f"failed/{ref.stem}{ERROR_SUFFIX}"
+        )
+        not_done.append({"id": ref.stem, "state": "refused", "why": f"{ref.reason} ({name})"})
+    return {
+        "daemon_running": campaign.daemon_running,
+        "saved_at": utc_iso(campaign.snapshot.saved_at),
+        "jobs": jobs_out,
+        "totals": {
+            "jobs": len(jobs_out),
+            "done": done,
+            "failed": failed,
+            "rows_in": rows_in,
+            "rows_in_done": rows_in_done,
+            "rows_out": rows_out,
+            "cost": round(cost, 6),
+        },
+        "not_done": not_done,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    header = [
+        "JOB",
+        "STATE",
+        "ROWS IN",
+        "ROWS OUT",
+        "RUNS",
+        "ATTEMPTS",
+        "INSTANCE",
+        "GPU",
+        "DURATION",
+        "COST",
+    ]
+
+    def num(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    body = [
+        [
+            j["id"],
+            j["state"] + (" (refused)" if j.get("refused") else ""),
+            num(j["rows_in"]),
+            num(j["rows_out"]),
+            str(j["runs"]),
+            str(j["attempts"]),
+            j["instance"] or "-",
+            j["gpu"] or "-",
+            duration_text(j["duration_s"]),
+            money(j["cost"]),
+        ]
+        for j in report["jobs"]
+    ]
+    t = report["totals"]
+    lines = _table(header, body)
+    lines.append(
+        f"totals: {t['jobs']} jobs  {t['done']} done  {t['failed']} failed  "
+        f"rows in {t['rows_in']} ({t['rows_in_done']} of done jobs), out {t['rows_out']}  "
+        f"cost {money(t['cost'])}"
+    )
+    if report["not_done"]:
+        lines.append(f"not done ({len(report['not_done'])}):")
+        lines.extend(
+            f"  {n['id']}  {n['state']}: {one_line(n['why'], 120)}" for n in report["not_done"]
+        )
+    else:
+        lines.append("not done: none")
+    lines.append(daemon_line(report["daemon_running"], report["saved_at"]))
+    return os.linesep.join(lines)
