@@ -1,4 +1,4 @@
-"""The `vastd` command: run, submit, status, check-config, demo, cancel, retry, drain, undrain.
+"""The `vastd` command: run, submit, status, jobs, report, check-config, demo, cancel, retry, drain, undrain.
 
 Exit codes: 0 clean stop, 2 bad config or arguments (a message naming the key,
 never a traceback), 1 any other fatal error.
