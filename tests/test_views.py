@@ -337,3 +337,12 @@ def test_jobs_and_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["report", "--config", str(empty)]) == 0
     assert "totals: 0 jobs" in capsys.readouterr().out
     assert not (tmp_path / "none").exists()
+
+
+def test_a_jobs_cost_is_its_share_of_the_instances_time() -> None:
+    from vastd.orchestration.collection import job_cost
+
+    assert job_cost(0.36, 1000.0, 1100.0, 1) == 0.01
+    assert job_cost(0.36, 1000.0, 1100.0, 2) == 0.005  # two jobs share the instance
+    assert job_cost(0.36, None, 1100.0, 1) is None
+    assert job_cost(0.36, 1100.0, 1000.0, 1) is None

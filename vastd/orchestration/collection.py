@@ -141,9 +141,7 @@ async def collect_with_settings(
     with their MANIFEST.json (which run, where, which bytes, what it cost)."""
     s = ctx.settings
     paths = remote_job_paths(s.remote.root, inst.id, job.id)
-    cost = None
-    if started_at is not None and ended_at is not None and ended_at >= started_at:
-        cost = round(inst.dph * (ended_at - started_at) / 3600.0, 6)
+    cost = job_cost(inst.dph, started_at, ended_at, s.job.jobs_per_instance)
     manifest = {
         "instance": inst.id,
         "machine": inst.machine_id,
@@ -169,6 +167,16 @@ async def collect_with_settings(
         keep_previous=job.keep_previous,
         manifest=manifest,
     )
+
+
+def job_cost(
+    dph: float, started_at: float | None, ended_at: float | None, slots: int
+) -> float | None:
+    """The job's share of its instance's price: $/h over the run's time, split between
+    the `[job] jobs_per_instance` slots that share the instance (None: no run time)."""
+    if started_at is None or ended_at is None or ended_at < started_at:
+        return None
+    return round(dph * (ended_at - started_at) / 3600.0 / max(1, slots), 6)
 
 
 def complete_job(
