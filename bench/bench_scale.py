@@ -136,6 +136,7 @@ async def campaign(root: Path, jobs: int, instances: int, batch: int) -> dict[st
 
     def cpu_now() -> float:
         return time.process_time() - accepting_cpu
+
     accept_cpu: list[float] = []
     done = 0
     free = list(store.instances)
