@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -128,6 +129,7 @@ class StateStore:
             self.history.pop(job_id)  # the snapshot wins over an older line
         self.history_error: str | None = None  # why the last append failed
         self._unsynced: set[Path] = set()  # folders with renames the next save fsyncs first
+        self._unsynced_lock = threading.Lock()  # moves run in worker threads too
         self._retiring = asyncio.Lock()
         self._loaded_from: Path | None = None  # the file open() read (state.json or .bak)
         self.coalesce_s = coalesce_s
@@ -176,8 +178,7 @@ class StateStore:
         save_state(source.read_bytes(), kept)
         self.snapshot.version = SCHEMA_VERSION
         moved = self.retire_now()
-        save_state(self.serialize(), self.path, self.backup_path, folders=self._unsynced)
-        self._unsynced = set()
+        save_state(self.serialize(), self.path, self.backup_path, folders=self._take_unsynced())
         log.info(
             "state_migrated",
             from_version=old,
@@ -354,7 +355,17 @@ class StateStore:
         May be called from a worker thread (a move run off the loop), so it only notes
         the folder: the transition that records the move marks the store dirty.
         """
-        self._unsynced.add(folder)
+        with self._unsynced_lock:
+            self._unsynced.add(folder)
+
+    def _take_unsynced(self) -> tuple[Path, ...]:
+        with self._unsynced_lock:
+            folders, self._unsynced = tuple(self._unsynced), set()
+        return folders
+
+    def _give_back_unsynced(self, folders: tuple[Path, ...]) -> None:
+        with self._unsynced_lock:
+            self._unsynced.update(folders)
 
     def mark_dirty(self) -> None:
         self._dirty_flag = True
@@ -407,7 +418,7 @@ class StateStore:
             started = time.perf_counter()
             data = self.serialize()
             serialized = time.perf_counter()
-            folders, self._unsynced = self._unsynced, set()
+            folders = self._take_unsynced()
             write = asyncio.ensure_future(
                 asyncio.to_thread(save_state, data, self.path, self.backup_path, folders=folders)
             )
@@ -417,12 +428,12 @@ class StateStore:
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await write
-                self._unsynced |= folders
+                self._give_back_unsynced(folders)
                 self.mark_dirty()
                 raise
             except StateManagementError as exc:
                 self.write_failures += 1
-                self._unsynced |= folders
+                self._give_back_unsynced(folders)
                 self.mark_dirty()
                 if self.save_error != str(exc):
                     log.error("state_save_failed", error=str(exc))
@@ -449,8 +460,7 @@ class StateStore:
     def flush_sync(self) -> None:
         """Blocking write, for the CLI outside a loop."""
         if self._dirty_flag:
-            save_state(self.serialize(), self.path, self.backup_path, folders=self._unsynced)
-            self._unsynced = set()
+            save_state(self.serialize(), self.path, self.backup_path, folders=self._take_unsynced())
             self._dirty_flag = False
             self.writes += 1
 
