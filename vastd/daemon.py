@@ -316,4 +316,8 @@ def run_daemon(
         log.error("daemon_fatal", error=repr(exc), exc_info=exc)
         return 1
     finally:
+        # The loop and its wake-up pipe are closed: a late second SIGINT must not try to
+        # write there (CPython prints an "Exception ignored" traceback when it does).
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
         sys.stdout.flush()
