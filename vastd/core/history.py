@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Required
 
-import aiofiles
 import aiofiles.os
 from pydantic import TypeAdapter
 from typing_extensions import TypedDict
@@ -93,37 +92,13 @@ def append_history(path: Path, lines: list[bytes]) -> None:
             os.close(fd)
 
 
-async def _fsync(fd: int) -> None:
-    await aiofiles.os.wrap(os.fsync)(fd)
-
-
-async def _fsync_folder(path: Path) -> None:
-    fd = await aiofiles.os.wrap(os.open)(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        await _fsync(fd)
-    finally:
-        os.close(fd)
-
-
 async def append_history_async(path: Path, lines: list[bytes]) -> None:
-    """`append_history` with every read, write and fsync off the event loop (aiofiles).
+    """`append_history` off the event loop: aiofiles runs it in the loop's executor, so
+    its reads, write and fsyncs are one blocking piece, written once.
 
     OSError on failure; the lines are then not durable and the caller keeps the jobs.
     """
-    if not lines:
-        return
-    data = b"".join(lines)
-    async with aiofiles.open(path, "a+b") as handle:  # O_APPEND: each write at the end
-        size = await handle.seek(0, os.SEEK_END)
-        if size:
-            await handle.seek(size - 1)
-            if await handle.read(1) != b"\n":
-                data = b"\n" + data  # the last line was cut short (a crash mid-append)
-        await handle.write(data)
-        await handle.flush()
-        await _fsync(handle.fileno())
-    if size == 0:
-        await _fsync_folder(path.parent)  # a new file: its name is durable too
+    await aiofiles.os.wrap(append_history)(path, lines)
 
 
 def iter_history(path: Path) -> Iterator[dict[str, Any]]:
