@@ -56,12 +56,13 @@ if str(REPO) not in sys.path:
 from bench.run_bench import (  # noqa: E402
     TROUBLE_EVENTS,
     DaemonLog,
-    _tail,
     machine_info,
     parse_ts,
     percentile,
+    print_daemon_tail,
     proc_cpu_s,
     proc_status_kib,
+    tear_down,
     toml_dumps,
     wait_for,
 )
@@ -583,17 +584,10 @@ async def daemon_campaign(args: argparse.Namespace, workdir: Path) -> dict[str, 
             "load_end": load_end,
         }
     except BaseException:
-        if tail := _tail(workdir / "daemon.log") + _tail(workdir / "daemon.stderr"):
-            print("  --- the daemon's last output ---\n" + tail, file=sys.stderr)
+        print_daemon_tail(workdir)
         raise
     finally:
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if pump is not None:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-        await cluster.aclose()
+        await tear_down(proc, pump, cluster)
 
 
 def _ms(value: Any, digits: int = 1) -> str:

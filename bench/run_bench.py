@@ -430,17 +430,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
             trouble={e: log.counts.get(e, 0) for e in TROUBLE_EVENTS if log.counts.get(e)},
         )
     except BaseException:
-        if log_tail := _tail(workdir / "daemon.log") + _tail(workdir / "daemon.stderr"):
-            print("  --- the daemon's last output ---\n" + log_tail, file=sys.stderr)
+        print_daemon_tail(workdir)
         raise
     finally:
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if pump is not None:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-        await cluster.aclose()
+        await tear_down(proc, pump, cluster)
 
 
 def stage_breakdown(seen: dict[str, dict[str, float]]) -> list[tuple[str, float, float]]:
@@ -450,6 +443,25 @@ def stage_breakdown(seen: dict[str, dict[str, float]]) -> list[tuple[str, float,
         d = [e[b] - e[a] for e in seen.values() if a in e and b in e]
         out.append((f"{a} -> {b}", percentile(d, 50), percentile(d, 90)))
     return out
+
+
+def print_daemon_tail(workdir: Path) -> None:
+    """On a failed run: the daemon's last log and stderr lines, to stderr."""
+    if log_tail := _tail(workdir / "daemon.log") + _tail(workdir / "daemon.stderr"):
+        print("  --- the daemon's last output ---\n" + log_tail, file=sys.stderr)
+
+
+async def tear_down(
+    proc: asyncio.subprocess.Process | None, pump: asyncio.Task[Any] | None, cluster: Any
+) -> None:
+    """Kill a daemon still running, stop its log pump, close the simulator."""
+    if proc is not None and proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+    if pump is not None:
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+    await cluster.aclose()
 
 
 def _tail(path: Path, n: int = 15) -> str:
