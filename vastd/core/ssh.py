@@ -34,6 +34,7 @@ from vastd.utils.exceptions import (
     HostKeyMismatchError,
     RemoteCommandTimeout,
     RemoteOutputTooLarge,
+    ResultTooLargeError,
     ResultValidationError,
     SSHConnectionError,
     VastdError,
@@ -179,6 +180,32 @@ async def _read_output(proc: asyncssh.SSHClientProcess[str], instance_id: str) -
             err.cancel()
             with contextlib.suppress(asyncio.CancelledError, asyncssh.Error, OSError):
                 await err
+
+
+_COPY_CHUNK = 8 * 1024 * 1024  # one parallel read (the SFTP client splits it in blocks)
+
+
+async def _copy_capped(
+    sftp: asyncssh.SFTPClient, remote_path: str, part: Path, max_bytes: int | None
+) -> int:
+    """Copy `remote_path` to `part` until EOF, failing as soon as more than `max_bytes`
+    arrived (the count is of bytes received, whatever the file's stat said)."""
+    copied = 0
+    async with sftp.open(
+        remote_path, "rb", encoding=None, max_requests=_SFTP_MAX_REQUESTS
+    ) as remote:
+        with part.open("wb") as local:
+            while True:
+                want = (
+                    _COPY_CHUNK if max_bytes is None else min(_COPY_CHUNK, max_bytes - copied + 1)
+                )
+                data: bytes = await remote.read(want, copied)
+                if not data:
+                    return copied
+                copied += len(data)
+                if max_bytes is not None and copied > max_bytes:
+                    raise ResultTooLargeError(f"{remote_path}: grew past {max_bytes} bytes")
+                local.write(data)
 
 
 class SSHConnection:
@@ -335,7 +362,12 @@ class SSHConnection:
         timeout_s: float,
         max_bytes: int | None = None,
     ) -> int:
-        """Download a regular file via `<local>.part`; refuse it past `max_bytes`."""
+        """Download a regular file via `<local>.part`; refuse it past `max_bytes`.
+
+        The cap holds while copying, not only before: a file that grows during the
+        download (or lies in its stat) aborts the copy once past it, with the `.part`
+        removed, so a host can never make vastd write more than `max_bytes`.
+        """
         part = local_path.with_name(safe_name(local_path.name, ".part"))
         try:
             async with self._sftp_op("download", timeout_s) as sftp:
@@ -343,13 +375,10 @@ class SSHConnection:
                 if _kind(attrs) != "file":
                     raise ResultValidationError(f"{remote_path}: not a regular file")
                 if max_bytes is not None and (attrs.size or 0) > max_bytes:
-                    raise ResultValidationError(
+                    raise ResultTooLargeError(
                         f"{remote_path}: {attrs.size} bytes, more than {max_bytes}"
                     )
-                await sftp.get(remote_path, str(part), max_requests=_SFTP_MAX_REQUESTS)
-            size = part.stat().st_size
-            if max_bytes is not None and size > max_bytes:
-                raise ResultValidationError(f"{remote_path}: grew past {max_bytes} bytes")
+                size = await _copy_capped(sftp, remote_path, part, max_bytes)
             os.replace(part, local_path)
             return size
         finally:

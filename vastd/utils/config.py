@@ -46,6 +46,9 @@ class PathsSettings(_Section):
     root: Path = Path("/var/lib/vastd")
     # a group that may drop files into inbox/ and read results/ (2770/2750); "" = owner only
     group: str = ""
+    # a download of results that would leave less free on the local disk of results/
+    # waits (retried, logged as collection_deferred); 0 = no floor
+    min_free_disk_gb: float = Field(default=1.0, ge=0)
 
     @field_validator("root")
     @classmethod
@@ -135,6 +138,19 @@ class JobSettings(_Section):
     max_attempts: int = Field(default=3, ge=1)
     max_input_bytes: int = Field(default=104_857_600, gt=0)
     max_result_bytes: int = Field(default=10 * 1024**3, gt=0)
+    # all of a job's result files together, and how many there may be: checked while
+    # copying (past either, the attempt fails)
+    max_results_total_bytes: int = Field(default=20 * 1024**3, gt=0)
+    max_result_files: int = Field(default=1000, ge=1)
+    # with validate = "parquet": complete iff the number of distinct values of this column
+    # equals the CSV's data rows (the GARCH scripts write "job_row"); "" = no row check
+    row_key: str = ""
+    # run locally with /bin/sh in the downloaded folder (also $VASTD_RESULT_DIR) after the
+    # built-in validation; exit 0 = valid; "" = none
+    validate_command: str = ""
+    # validation runs in a child process: its memory beyond start-up, and its deadline
+    validate_memory_mb: int = Field(default=512, ge=16)
+    validate_timeout_s: float = Field(default=300.0, gt=0)
     poll_interval_s: float = Field(default=5.0, gt=0)
     jobs_per_instance: int = Field(default=1, ge=1)
     # a file named like a finished job: refused (to failed/ as <job>.dup-<n>.csv), or
@@ -167,6 +183,12 @@ class JobSettings(_Section):
         if compiled.groups < 1:
             raise ValueError("needs a group: group 1 is the number of rows done, e.g. (\\d+)")
         return value
+
+    @model_validator(mode="after")
+    def _row_key_needs_parquet(self) -> JobSettings:
+        if self.row_key and self.validate_ != "parquet":
+            raise ValueError('row_key: needs validate = "parquet" (rows are counted in parquet)')
+        return self
 
     @field_validator("result_glob")
     @classmethod

@@ -68,6 +68,10 @@ class ResultValidationError(JobExecutionError):
     """A result file is missing, unsafe, too large or unreadable."""
 
 
+class ResultTooLargeError(ResultValidationError):
+    """A result file (or a job's results together) passed a size cap while copied."""
+
+
 class FileOperationError(VastdError):
     """A local file operation failed (disk full, read-only, permission)."""
 
