@@ -442,3 +442,25 @@ async def test_openssh_download_stops_at_the_cap_when_the_file_grows(
     assert max(seen, default=0) <= cap
     assert list(local.iterdir()) == []
     assert (await conn.run("echo still", timeout_s=10)).stdout == "still\n"
+
+
+async def test_a_huge_reason_from_the_host_is_kept_short(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that hangs up at login with a 30 kB reason: the error (what prepare_error,
+    the snapshot and the log keep) and the logged event hold a bounded text."""
+    from vastd.sim import hosts as sim_hosts
+
+    reason = "the host says: " + "x" * 30_000
+
+    def hang_up(self: Any, username: str) -> bool:
+        raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, reason)
+
+    monkeypatch.setattr(sim_hosts._Server, "begin_auth", hang_up)
+    host = await sim_host()
+    with structlog.testing.capture_logs() as logs, pytest.raises(SSHConnectionError) as raised:
+        await ssh_pool().get("i1", ep(host))
+    assert "the host says" in str(raised.value)
+    assert len(str(raised.value)) <= ssh_mod.ERROR_TEXT_MAX + 100
+    failed = [e for e in logs if e["event"] == "ssh_connect_failed"]
+    assert failed and all(len(str(e["error"])) <= ssh_mod.ERROR_TEXT_MAX for e in failed)

@@ -143,6 +143,19 @@ def _entry(name: str, attrs: asyncssh.SFTPAttrs) -> RemoteEntry:
 MAX_STDOUT_CHARS = 16 * 1024 * 1024
 STDERR_TAIL_CHARS = 64 * 1024  # only the end of stderr is kept (error texts, logs)
 _READ_CHUNK = 65536
+# Of a text the host chose (a disconnect or channel-refusal reason, an SFTP status
+# message): what error messages, prepare_error, the snapshot and the log keep.
+ERROR_TEXT_MAX = 1000
+
+
+def clip(text: str, limit: int = ERROR_TEXT_MAX) -> str:
+    """`text`, cut to its first `limit` characters (marked) when longer."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception's repr, bounded: asyncssh errors carry the peer's reason verbatim."""
+    return clip(repr(exc))
 
 
 async def _read_capped(stream: asyncssh.SSHReader[str], cap: int) -> str | None:
@@ -241,9 +254,10 @@ class SSHConnection:
         # for the other tasks using it. Anything else: drop it, the next get reconnects.
         if self.is_closed or not isinstance(exc, asyncssh.ChannelOpenError):
             await self._pool._forget(self)
-        log.info("ssh_connection_broken", instance=self.instance_id, op=what, error=repr(exc))
+        text = error_text(exc)
+        log.info("ssh_connection_broken", instance=self.instance_id, op=what, error=text)
         metrics.SSH_ERRORS.inc()
-        return SSHConnectionError(f"{self.instance_id}: {what} failed: {exc!r}")
+        return SSHConnectionError(f"{self.instance_id}: {what} failed: {text}")
 
     async def _open_process(self, command: str) -> asyncssh.SSHClientProcess[str]:
         for attempt in range(_CHANNEL_OPEN_RETRIES):
@@ -315,7 +329,7 @@ class SSHConnection:
             if exc.code in (asyncssh.FX_CONNECTION_LOST, asyncssh.FX_NO_CONNECTION):
                 self._reset_sftp()
                 raise await self._broken(exc, what) from exc
-            raise RemoteFileError(f"{what}: {exc.reason}", code=exc.code) from exc
+            raise RemoteFileError(f"{what}: {clip(exc.reason)}", code=exc.code) from exc
         except (asyncssh.Error, OSError) as exc:
             self._reset_sftp()
             if isinstance(exc, OSError) and not self.is_closed:
@@ -482,9 +496,10 @@ class SSHPool:
                     raise
                 except (asyncssh.Error, OSError, TimeoutError) as exc:
                     last = exc
-                    log.info("ssh_connect_failed", endpoint=str(endpoint), error=repr(exc))
+                    log.info("ssh_connect_failed", endpoint=str(endpoint), error=error_text(exc))
         metrics.SSH_ERRORS.inc()
-        raise SSHConnectionError(f"{instance_id}: cannot connect: {last!r}")
+        text = error_text(last) if last is not None else "no endpoint answered"
+        raise SSHConnectionError(f"{instance_id}: cannot connect: {text}")
 
     async def _connect_one(self, instance_id: str, endpoint: Endpoint) -> SSHConnection:
         mode = self.settings.known_hosts
@@ -521,7 +536,7 @@ class SSHPool:
                     instance=instance_id,
                     endpoint=str(endpoint),
                     pinned=pinned is not None,
-                    error=exc.reason,
+                    error=clip(exc.reason),
                 )
                 raise HostKeyMismatchError(
                     f"{instance_id}: host key at {endpoint} is not the trusted one"
