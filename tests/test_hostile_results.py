@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from tests.ctxfactory import WORKER, SimEnv, async_wait_for, pump, wait_state
+from tests.ctxfactory import WORKER, SimEnv, async_wait_for, group_alive, pump, wait_state
 from vastd.core.state import JobState
 from vastd.execution import result_handler
 from vastd.orchestration import coordinator as co
@@ -107,8 +107,8 @@ async def test_a_validator_past_its_deadline_fails_the_attempt(env: SimEnv) -> N
 
     assert job.state is JobState.FAILED
     assert "deadline of 2s" in error_reason(ctx, job.id)
-    pid = int(marker.read_text())
-    await async_wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, message="hang killed")
+    pgid = int(marker.read_text())  # the validator's shell leads its own process group
+    await async_wait_for(lambda: not group_alive(pgid), 10, message="hang killed")
 
 
 async def test_validate_command_decides_in_the_downloaded_folder(env: SimEnv) -> None:
@@ -241,3 +241,60 @@ async def test_validations_at_once_are_bounded(tmp_path: Path) -> None:
     seen = [int(line) for line in counts.read_text().split()]
     assert len(seen) == len(folders)
     assert max(seen) <= validate.MAX_CONCURRENT_VALIDATIONS
+
+
+async def test_after_a_restart_the_same_bomb_is_refused_again_harmlessly(
+    env: SimEnv, parquet_bomb: Path
+) -> None:
+    """The daemon stops while a bomb's job is collecting (as after an OOM kill): the
+    restarted daemon validates the same file again, refuses it with the reason, and
+    carries on (its memory untouched)."""
+    from tests.ctxfactory import wait_saved
+    from vastd.orchestration.workflow import recover_after_restart
+
+    await env.start(instances=1)
+    command = f"cp {shlex.quote(str(parquet_bomb))} r.parquet"
+    settings = env.settings(job={"command": command, "max_attempts": 1, "validate_memory_mb": 256})
+    ctx = env.context(settings)
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    await co.coordinate_job_distribution(ctx)
+    await async_wait_for(lambda: ctx.store.jobs[job_id].state is JobState.COLLECTING, 20)
+    await wait_saved(ctx)
+    await env.close_context(ctx)
+
+    again = env.context(settings)
+    recover_after_restart(again)
+    await env.ready(again)
+    before = peak_rss_mb()
+    job = await wait_state(again, job_id, JobState.DONE, JobState.FAILED, timeout_s=60)
+    assert job.state is JobState.FAILED and job.attempts == 1
+    assert "validate_memory_mb" in error_reason(again, job_id)
+    assert peak_rss_mb() - before < BOMB_VALUE_BYTES / 2**20 / 2
+
+
+async def test_a_cancelled_collection_kills_its_validator(tmp_path: Path) -> None:
+    """Shutdown cancels collections: the validator child (its whole group) goes with it."""
+    import asyncio
+
+    from vastd.execution import validate
+
+    marker = tmp_path / "pid"
+    command = f"sleep 300 & echo $$ > {shlex.quote(str(marker))}; wait"
+    task = asyncio.create_task(validate.run_validate_command(command, tmp_path, timeout_s=600))
+    await async_wait_for(lambda: marker.exists() and marker.read_text().strip() != "", 10)
+    pgid = int(marker.read_text())
+    assert group_alive(pgid)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await async_wait_for(lambda: not group_alive(pgid), 10, message="child group killed")
+
+
+async def test_a_validator_killed_by_a_signal_fails_with_that_reason(tmp_path: Path) -> None:
+    """A checker the kernel kills (the OOM killer's SIGKILL) fails the attempt saying so."""
+    from vastd.execution import validate
+    from vastd.utils.exceptions import ResultValidationError
+
+    with pytest.raises(ResultValidationError, match="killed by SIGKILL"):
+        await validate.run_validate_command("kill -KILL $$", tmp_path, timeout_s=60)
