@@ -298,3 +298,16 @@ async def test_a_validator_killed_by_a_signal_fails_with_that_reason(tmp_path: P
 
     with pytest.raises(ResultValidationError, match="killed by SIGKILL"):
         await validate.run_validate_command("kill -KILL $$", tmp_path, timeout_s=60)
+
+
+async def test_validate_command_never_sees_the_api_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's API key (from its environment) is not passed to a validate_command."""
+    from vastd.execution import validate
+
+    monkeypatch.setenv("VASTD_VAST__API_KEY", "secret-key-1")
+    monkeypatch.setenv("VAST_API_KEY", "secret-key-2")
+    await validate.run_validate_command(
+        '[ -z "$VASTD_VAST__API_KEY$VAST_API_KEY" ] && [ -n "$PATH" ]', tmp_path, timeout_s=60
+    )

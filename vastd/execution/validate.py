@@ -50,6 +50,7 @@ _STDERR_TAIL_BYTES = 2000
 _BATCH_ROWS = 4096  # small batches: a legitimate wide file never needs much memory
 _KILL_WAIT_S = 5.0
 _KINDS = ("parquet", "none")
+_SECRET_ENV = frozenset({"VASTD_VAST__API_KEY", "VAST_API_KEY"})
 
 _slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
@@ -167,9 +168,11 @@ async def run_validate_command(command: str, folder: Path, *, timeout_s: float) 
 
 
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
-    """The daemon's environment, with vastd importable and few threads per library (each
-    thread's reserved memory counts against the child's address-space limit)."""
-    env = dict(os.environ)
+    """The daemon's environment less the API key, with vastd importable and few threads
+    per library (each thread's reserved memory counts against the child's address-space
+    limit)."""
+    # Never the API key: a validate_command is not the place for it.
+    env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
