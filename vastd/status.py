@@ -112,6 +112,7 @@ def build_status(
         "progress": round(finished / total, 4) if total else None,
         "eta_s": eta_s,
         "instances": instances,
+        "renting": renting_status(snapshot, now),
         "totals": {
             "instances": len(live),
             "ready": len(usable),
@@ -121,6 +122,19 @@ def build_status(
             if eta_s is not None or not remaining
             else None,
         },
+    }
+
+
+def renting_status(snapshot: Snapshot, now: float) -> dict[str, Any]:
+    """The rental circuit breaker: rentals in a row that never became ready, and the pause
+    they caused (`paused_until` None when renting is not paused)."""
+    until = snapshot.rent_paused_until
+    paused = until is not None and until > now
+    return {
+        "paused": paused,
+        "paused_until": utc_iso(until) if paused else None,
+        "reason": snapshot.rent_pause_reason if paused else None,
+        "failed_rentals": snapshot.failed_rentals,
     }
 
 
@@ -199,6 +213,9 @@ def format_status(status: dict[str, Any]) -> str:
             f"instances: {t['instances']} ({t['ready']} ready)  spent {money(t['spend_total'])}"
             f"  (as of {status['saved_at'] or 'never'})"
         )
+    renting = status.get("renting") or {}
+    if renting.get("paused"):
+        lines.append(f"renting: PAUSED until {renting['paused_until']}: {renting['reason']}")
     for inst in status["instances"]:
         jobs = ",".join(inst["current_jobs"]) or "-"
         extra = f"  error: {inst['prepare_error']}" if inst["prepare_error"] else ""

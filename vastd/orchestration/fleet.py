@@ -11,7 +11,8 @@ One step, `fleet_once(ctx)`, run every `[vast] poll_interval_s` by `run_fleet(ct
 4. destroys under way are sent and confirmed (retried with back-off);
 5. scale up: rent cheapest-first until live instances (booting ones and pending
    intents included) reach min(max_instances, jobs waiting + running), never past
-   `max_total_dph`, never on a blocked machine or one we already rent.
+   `max_total_dph`, never on a blocked machine or one we already rent, and not while
+   the circuit breaker (breaker.py) pauses renting after rentals that never got ready.
 
 Policies: a preempted (stopped) interruptible instance has its jobs requeued (not an
 attempt) and is destroyed; a replacement comes from the scaling rule (re-bidding is a
@@ -30,6 +31,7 @@ from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.provider import ApiState, Offer
 from vastd.instances.vast_status import api_state
+from vastd.orchestration import breaker
 from vastd.orchestration.context import Context
 from vastd.orchestration.inventory import claim_unknown_instance as claim_unknown_instance
 from vastd.orchestration.renting import (
@@ -223,8 +225,11 @@ def judge_instances(ctx: Context, now: float) -> list[str]:
         if verdict is None:
             continue
         reason, block = verdict
+        failed_rental = breaker.counts_as_failed_rental(inst, reason)
         if cleanup_failed_instance(ctx, inst, reason, block=block):
             started.append(inst.id)
+            if failed_rental:
+                breaker.note_rental_failed(ctx, inst, reason, now)
     return started
 
 
@@ -275,6 +280,9 @@ async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
     need = report.desired - report.live - report.pending_intents
     if need <= 0:
         return
+    need = breaker.rentals_allowed(ctx, need, now)
+    if need <= 0:
+        return  # the circuit breaker holds renting (renting_paused said why)
     budget = ctx.settings.fleet.max_total_dph
     dph = current_dph(ctx)
     try:

@@ -14,6 +14,7 @@ from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.preparation import prepare_instance_for_jobs
 from vastd.instances.provider import ApiState, ProviderInstance, machine_number
+from vastd.orchestration import breaker
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
@@ -238,6 +239,7 @@ async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> b
         log.info("instance_prepare_superseded", instance=inst.id, status=inst.status.value)
         return False
     log.info("instance_prepared", instance=inst.id, marker=marker, already=already)
+    breaker.note_rental_ready(ctx, inst)
     # Jobs the snapshot says run here, and runs given up here, are watched again.
     if st.running_jobs_on(ctx.store, inst.id) or st.orphans_on(ctx.store, inst.id):
         ensure_watcher(ctx, inst.id)
