@@ -22,6 +22,8 @@ from vastd.core.snapshot_file import load_state
 from vastd.core.state import InstanceStatus
 from vastd.orchestration import fleet as fl
 from vastd.orchestration import inventory
+from vastd.orchestration.renting import cleanup_failed_instance
+from vastd.orchestration.workflow import discovery_once
 from vastd.status import build_status, format_status, status_json
 from vastd.utils.config import PrepareStep
 from vastd.utils.supervise import Backoff
@@ -105,3 +107,135 @@ def test_a_snapshot_without_the_breaker_fields_still_loads(tmp_path: Path) -> No
     path.write_text(json.dumps(data))
     snap = load_state(path)
     assert snap.failed_rentals == 0 and snap.rent_paused_until is None
+
+
+# --- 2. destroys confirmed by the listing and the lookup both -------------------------------------
+async def test_destroy_confirmed_by_one_stale_lookup_is_not_confirmed(
+    sim_fleet: Fleet,  # noqa: F811
+) -> None:
+    """The idle teardown's DELETE is answered but does not take, and the per-instance lookup
+    right after it wrongly says "no such instance" (a stale read). Today that counted as
+    destroyed and the instance billed on; now the listing still shows it, so the destroy
+    is re-checked (and re-sent) each cycle until both say gone."""
+    sf = await sim_fleet(max_instances=1, job_s=0.1)
+    sf.submit(1)
+    sf.run()
+    (inst,) = await sf.wait(lambda: sf.owned(InstanceStatus.READY))
+    iid = int(inst.id)
+    sf.cloud.stale.ignore_destroy(iid)
+    sf.cloud.stale.hide(iid, "show_instance")
+    await sf.wait(sf.all_done)
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "destroyed")
+    assert iid not in sf.cloud.instances  # what is confirmed is really gone
+    deletes = [c for c in sf.calls_naming(iid) if c["endpoint"] == "destroy"]
+    assert len(deletes) == 2
+
+
+async def test_stale_listings_never_confirm_alone_and_a_relisted_record_is_kept(
+    sim_fleet: Fleet,  # noqa: F811
+) -> None:
+    """Step by step: (1) a listing that still shows a destroyed instance for one read delays
+    the confirmation by a cycle; (2) a DELETE that did not take, hidden from the lookup and
+    one listing, is confirmed by those stale reads, but the next listing shows it again: it
+    counts as billing, is destroyed again, and its record is not pruned while it is listed."""
+    sf = await sim_fleet(max_instances=2, boot_delay_s=30.0)
+    sf.add_queued(2)
+    first, second = (await fl.fleet_once(sf.ctx)).rented
+    store, cloud = sf.ctx.store, sf.cloud
+    a, b = store.instances[first], store.instances[second]
+    sf.ctx.settings.fleet.max_instances = 0  # nothing is rented again below
+
+    # (1) the DELETE takes, the lookup agrees, one listing lags behind
+    cloud.stale.lag_destroy(int(first), "list_instances")
+    cleanup_failed_instance(sf.ctx, a, "drained (test)", block=False)
+    assert await fl.advance_destroys(sf.ctx, time.time()) == []
+    assert a.status is InstanceStatus.DESTROYING and int(first) not in cloud.instances
+    a.next_destroy_at = time.time()
+    assert await fl.advance_destroys(sf.ctx, time.time()) == [first]
+
+    # (2) both reads stale at once: "confirmed", though it still runs
+    cloud.stale.ignore_destroy(int(second))
+    cloud.stale.hide(int(second), "show_instance")
+    cloud.stale.hide(int(second), "list_instances")
+    cleanup_failed_instance(sf.ctx, b, "drained (test)", block=False)
+    assert await fl.advance_destroys(sf.ctx, time.time()) == [second]
+    assert b.status is InstanceStatus.DESTROYED and int(second) in cloud.instances
+    await discovery_once(sf.ctx)  # the next listing shows it again
+    assert fl.billing(b) and fl.current_dph(sf.ctx) == pytest.approx(b.dph)
+    fl.prune(sf.ctx, time.time() + 3 * 86400)  # long past the keep time
+    assert second in store.instances and first not in store.instances
+    assert await fl.advance_destroys(sf.ctx, time.time()) == [second]
+    assert int(second) not in cloud.instances
+    assert not fl.billing(b)
+    await discovery_once(sf.ctx)
+    fl.prune(sf.ctx, time.time() + 3 * 86400)
+    assert second not in store.instances
+
+
+# --- 4. gone from the listing: looked up at once --------------------------------------------------
+async def test_instance_gone_from_vast_requeues_its_job_at_once_not_after_the_grace(
+    sim_fleet: Fleet,  # noqa: F811
+) -> None:
+    """A listing that misses a running instance once (stale) changes nothing: the lookup
+    still finds it. When it really vanishes, the lookup confirms it and its job is
+    requeued at once (no attempt counted) and finishes elsewhere, although lost_grace_s
+    is 300 s."""
+    sf = await sim_fleet(max_instances=1, job_s=2.5, idle_timeout_s=60.0)
+    sf.ctx.settings.vast.lost_grace_s = 300.0
+    [job_id] = sf.submit(1)
+    sf.run()
+    jobs = sf.ctx.store.jobs
+    await sf.wait(lambda: job_id in jobs and jobs[job_id].started_at is not None, msg="started")
+    first = jobs[job_id].instance
+    assert first is not None
+    inst = sf.ctx.store.instances[first]
+
+    sf.cloud.stale.hide(int(first), "list_instances")
+    await discovery_once(sf.ctx)
+    assert inst.status is InstanceStatus.READY and inst.missing_since is None
+    assert jobs[job_id].instance == first
+
+    await sf.cloud.vanish(int(first))
+    started = time.monotonic()
+    await sf.wait(
+        lambda: (
+            inst.status
+            in (InstanceStatus.LOST, InstanceStatus.DESTROYING, InstanceStatus.DESTROYED)
+        ),
+        10,
+        "lost",
+    )
+    assert time.monotonic() - started < 5.0
+    assert "listing and lookup" in (inst.lost_reason or inst.destroy_reason or "")
+    await sf.wait(sf.all_done, 30, "job done elsewhere")
+    final = sf.ctx.store.record(job_id)
+    assert final is not None and final.attempts == 0 and final.instance != first
+
+
+# --- 5. adopted instances bill the account -----------------------------------------------------
+async def test_status_in_adopt_mode_shows_what_adopted_instances_bill_and_each_cost(
+    sim_fleet: Fleet,  # noqa: F811
+) -> None:
+    """Adopt mode rents nothing, so vastd's spend stays $0 while the adopted instances bill:
+    `status` shows their $/h as billing (apart from vastd's spend) and each one's cost."""
+    sf = await sim_fleet(mode="adopt")
+    a = await sf.cloud.add_instance(label="vastd", dph_total=0.4)
+    b = await sf.cloud.add_instance(label="vastd", dph_total=0.2)
+    await discovery_once(sf.ctx)
+    store = sf.ctx.store
+    store.instances[str(a)].first_seen = time.time() - 3600.0  # in use for an hour
+    await store.flush()
+    layout = Layout(sf.ctx.layout.root)
+    status = json.loads(status_json(build_status(layout, load_state(layout.state_file))))
+    totals = status["totals"]
+    assert totals["spend_total"] == 0.0
+    assert totals["dph_adopted"] == pytest.approx(0.6) and totals["dph_owned"] == 0.0
+    assert totals["adopted"] == 2
+    by_id = {i["id"]: i for i in status["instances"]}
+    assert by_id[str(a)]["billing"] == "adopted"
+    assert by_id[str(a)]["cost"] == pytest.approx(0.4, rel=0.01)
+    assert by_id[str(b)]["cost"] == pytest.approx(0.0, abs=0.01)
+    text = format_status(status)
+    assert "billing: $0.600/h for 2 adopted instance(s) (not rented by vastd" in text
+    assert f"{a}  ready" in text or f"{a}  discovered" in text
+    assert "cost $0.4" in text and "(adopted)" in text

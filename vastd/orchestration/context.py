@@ -21,6 +21,7 @@ import asyncssh
 from vastd.core.files import Layout
 from vastd.core.ssh import Endpoint, SSHPool
 from vastd.core.state import InstanceRecord, StateStore
+from vastd.instances.listing import SharedListing
 from vastd.instances.provider import CloudProvider
 from vastd.instances.vast_api import VastClient
 from vastd.instances.vast_provider import VastProvider
@@ -123,6 +124,8 @@ class Context:
     watch_wait_s: float = -1.0
     # the event loop's lag, measured by the `loop_lag` supervisor (utils/looplag.py)
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
+    # the cycle's instance listing: discovery takes it, destroy confirmations reuse it
+    listing: SharedListing = field(default_factory=SharedListing)
 
     def __post_init__(self) -> None:
         if self.watch_wait_s < 0:

@@ -39,6 +39,7 @@ from vastd.orchestration.renting import (
     attach_public_key,
     cleanup_failed_instance,
     confirm_destroy,
+    listed_after_destroy,
     offer_dph,
     rent_instance,
 )
@@ -81,7 +82,7 @@ class FleetReport:
 def billing(inst: InstanceRecord) -> bool:
     """Whether this instance may still be costing money."""
     if inst.status is InstanceStatus.DESTROYED:
-        return False
+        return listed_after_destroy(inst)
     return inst.owned or inst.status is not InstanceStatus.LOST
 
 
@@ -146,8 +147,11 @@ def prune(ctx: Context, now: float) -> None:
             del snap.blocked_machines[machine]
             ctx.store.mark_dirty()
     for iid, inst in list(snap.instances.items()):
-        if inst.status is InstanceStatus.DESTROYED and now - (inst.destroyed_at or now) > (
-            DESTROYED_KEEP_S
+        # never while the API still lists it (listed_after_destroy: it is destroyed again)
+        if (
+            inst.status is InstanceStatus.DESTROYED
+            and not listed_after_destroy(inst)
+            and now - (inst.destroyed_at or now) > DESTROYED_KEEP_S
         ):
             del snap.instances[iid]
             ctx.store.mark_dirty()
@@ -240,7 +244,7 @@ async def advance_destroys(ctx: Context, now: float) -> list[str]:
         i
         for i in ctx.store.instances.values()
         if i.owned
-        and i.status is InstanceStatus.DESTROYING
+        and (i.status is InstanceStatus.DESTROYING or listed_after_destroy(i))
         and (i.next_destroy_at is None or i.next_destroy_at <= now)
     ]
     if not due:
