@@ -16,16 +16,20 @@ from pathlib import Path
 import pytest
 
 from tests.test_fleet import SimFleet, _close, _connect, sim_fleet  # noqa: F401
+from tests.test_vast_api import KEY, RecordingSleep, sim, sleep  # noqa: F401
 from vastd.core.files import Layout
 from vastd.core.records import Snapshot
 from vastd.core.snapshot_file import load_state
 from vastd.core.state import InstanceStatus
+from vastd.instances.vast_api import LIST_INSTANCES, VastClient
 from vastd.orchestration import fleet as fl
 from vastd.orchestration import inventory
-from vastd.orchestration.renting import cleanup_failed_instance
+from vastd.orchestration.renting import absent_from_listing, cleanup_failed_instance
 from vastd.orchestration.workflow import discovery_once
+from vastd.sim import SimCloud
 from vastd.status import build_status, format_status, status_json
 from vastd.utils.config import PrepareStep
+from vastd.utils.exceptions import VastAIError
 from vastd.utils.supervise import Backoff
 
 pytestmark = pytest.mark.slow
@@ -239,3 +243,105 @@ async def test_status_in_adopt_mode_shows_what_adopted_instances_bill_and_each_c
     assert "billing: $0.600/h for 2 adopted instance(s) (not rented by vastd" in text
     assert f"{a}  ready" in text or f"{a}  discovered" in text
     assert "cost $0.4" in text and "(adopted)" in text
+
+
+# --- 9. a 429 without Retry-After ---------------------------------------------------------------
+async def test_429_without_retry_after_waits_at_least_a_floor(
+    sim: tuple[SimCloud, str],  # noqa: F811
+    sleep: RecordingSleep,  # noqa: F811
+) -> None:
+    """vast.ai's 429s carry no Retry-After: each wait is jittered but never below
+    max(base, cap/2) (full jitter alone could retry at once, into the same limit)."""
+    cloud, url = sim
+    cloud.faults.add(endpoint="list_instances", status=429, count=12)
+    async with VastClient(
+        url, KEY, max_retries=12, backoff_base_s=1.0, backoff_max_s=8.0, sleep=sleep
+    ) as c:
+        assert await c.list_instances() == []
+    assert len(sleep.delays) == 12
+    for attempt, delay in enumerate(sleep.delays):
+        cap = min(8.0, 2.0**attempt)
+        assert max(1.0, cap / 2) <= delay <= cap, (attempt, delay)
+
+
+async def test_a_429_holds_every_call_to_that_endpoint_and_the_listing_is_spaced(
+    sim: tuple[SimCloud, str],  # noqa: F811
+) -> None:
+    """After a 429 (no Retry-After) on the listing, the next listing, whoever sends it,
+    waits out the backoff; other endpoints are not held. With a minimum interval for the
+    listing, back-to-back listings are spaced by it."""
+    cloud, url = sim
+    cloud.faults.add(endpoint="list_instances", status=429, count=1)
+    async with VastClient(url, KEY, max_retries=0, backoff_base_s=0.5, backoff_max_s=0.5) as c:
+        with pytest.raises(VastAIError):
+            await c.list_instances()
+        started = time.monotonic()
+        assert await c.show_instance(1) is None  # another endpoint: not held
+        assert time.monotonic() - started < 0.3
+        listings = await asyncio.gather(c.list_instances(), c.list_instances())
+        assert listings == [[], []]
+        assert time.monotonic() - started >= 0.45
+    async with VastClient(url, KEY, min_interval_s={LIST_INSTANCES: 0.3}) as spaced:
+        started = time.monotonic()
+        for _ in range(3):
+            await spaced.list_instances()
+        assert time.monotonic() - started >= 0.6
+        again = time.monotonic()
+        await spaced.show_instance(1)
+        await spaced.show_instance(1)
+        assert time.monotonic() - again < 0.3
+
+
+async def test_a_destroy_check_reuses_the_cycles_listing(
+    sim_fleet: Fleet,  # noqa: F811
+) -> None:
+    """One listing per cycle serves every loop: a destroy confirmation needs a listing
+    sent after its DELETE and takes discovery's when there is one, listing itself only
+    when there is none."""
+    sf = await sim_fleet(max_instances=1, boot_delay_s=30.0)
+    sf.add_queued(1)
+    (iid,) = (await fl.fleet_once(sf.ctx)).rented
+    sf.ctx.settings.fleet.max_instances = 0
+    listings = lambda: sf.cloud.stats["GET list_instances"]  # noqa: E731
+    before = listings()
+    deleted_at = time.time()
+    await discovery_once(sf.ctx)  # the cycle's listing, after the "DELETE"
+    assert listings() == before + 1
+    assert await absent_from_listing(sf.ctx, "no-such-id", deleted_at)
+    assert listings() == before + 1  # reused
+    assert not await absent_from_listing(sf.ctx, iid, time.time())
+    assert listings() == before + 2  # nothing recent enough: one more
+
+
+async def test_the_fleet_rides_out_429s_without_retry_after(
+    sim_fleet: Fleet,  # noqa: F811
+) -> None:
+    """Every other request to the listing, the lookup and the offers answers 429 without
+    Retry-After: the daemon's loops go on, the job is done and the instance destroyed
+    (confirmed), nothing crashes."""
+    sf = await sim_fleet(max_instances=1, job_s=0.2)
+    for endpoint in ("list_instances", "show_instance", "search_offers"):
+        sf.cloud.faults.add(endpoint=endpoint, status=429, count=None, probability=0.5)
+    sf.submit(1)
+    sf.run()
+    await sf.wait(sf.all_done, 40, "job done")
+    await sf.wait(
+        lambda: sf.owned() and all(i.status is InstanceStatus.DESTROYED for i in sf.owned()),
+        40,
+        "destroyed",
+    )
+    assert sf.cloud.instances == {}
+    assert any(c["status"] == 429 for c in sf.cloud.calls)
+
+
+async def test_pages_of_one_listing_are_not_spaced(sim: tuple[SimCloud, str]) -> None:  # noqa: F811
+    """The minimum interval is between listings: the pages of one (25 rows each) follow
+    each other at once."""
+    cloud, url = sim
+    for _ in range(30):
+        await cloud.add_instance(label="vastd", actual_status="loading")
+    async with VastClient(url, KEY, min_interval_s={LIST_INSTANCES: 0.5}) as c:
+        started = time.monotonic()
+        assert len(await c.list_instances("vastd")) == 30
+        assert time.monotonic() - started < 0.4
+        assert sum(1 for x in cloud.calls if x["endpoint"] == "list_instances") == 2

@@ -23,7 +23,7 @@ from vastd.core.ssh import Endpoint, SSHPool
 from vastd.core.state import InstanceRecord, StateStore
 from vastd.instances.listing import SharedListing
 from vastd.instances.provider import CloudProvider
-from vastd.instances.vast_api import VastClient
+from vastd.instances.vast_api import LIST_INSTANCES, VastClient
 from vastd.instances.vast_provider import VastProvider
 from vastd.orchestration.scheduler import Scheduler
 from vastd.utils.config import Settings
@@ -179,6 +179,7 @@ class Context:
 
 
 _UNSET: Any = object()
+LIST_MIN_INTERVAL_S = 2.0  # at most, between two listings (half the poll interval if less)
 
 
 def build_context(
@@ -217,6 +218,10 @@ def build_context(
             api_key,
             timeout_s=settings.vast.request_timeout_s,
             max_retries=settings.vast.max_retries,
+            # the listing is the heaviest call: never more often than this, whoever asks
+            min_interval_s={
+                LIST_INSTANCES: min(LIST_MIN_INTERVAL_S, settings.vast.poll_interval_s / 2)
+            },
         )
     if pool is None:
         pool = SSHPool(settings.ssh, client_keys=client_keys, host_keys=StoreHostKeys(store))
