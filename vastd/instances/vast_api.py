@@ -120,8 +120,10 @@ class VastClient:
         self._rng = random.Random()
         # endpoint_key -> the least time between two requests to it (e.g. LIST_INSTANCES)
         self._min_interval_s = dict(min_interval_s or {})
-        # endpoint_key -> monotonic time before which no request goes to it
+        # endpoint_key -> monotonic time of its next slot (min_interval_s), and the time
+        # before which nothing goes to it after a 429
         self._next_at: dict[str, float] = {}
+        self._held_until: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"VastClient(api_url={self._api_url!r})"
@@ -177,15 +179,16 @@ class VastClient:
         concurrent callers are spaced too. `spaced=False` (the next page of one listing)
         takes no interval but still waits out a 429's hold."""
         now = time.monotonic()
-        slot = max(self._next_at.get(key, 0.0), now)
-        interval = self._min_interval_s.get(key, 0.0) if spaced else 0.0
-        self._next_at[key] = max(self._next_at.get(key, 0.0), slot + interval)
+        slot = max(self._held_until.get(key, 0.0), now)
+        if spaced:
+            slot = max(slot, self._next_at.get(key, 0.0))
+            self._next_at[key] = slot + self._min_interval_s.get(key, 0.0)
         return slot - now
 
     def _hold(self, key: str, delay_s: float) -> None:
         """After a 429: no caller sends to `key` before `delay_s` from now."""
         until = time.monotonic() + delay_s
-        self._next_at[key] = max(self._next_at.get(key, 0.0), until)
+        self._held_until[key] = max(self._held_until.get(key, 0.0), until)
 
     async def _retry_wait(
         self, method: str, path: str, attempt: int, delay_s: float, status: int | str
