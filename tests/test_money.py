@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.test_fleet import SimFleet, _close, _connect, sim_fleet  # noqa: F401
 from tests.test_vast_api import KEY, RecordingSleep, sim, sleep  # noqa: F401
@@ -345,3 +346,38 @@ async def test_pages_of_one_listing_are_not_spaced(sim: tuple[SimCloud, str]) ->
         assert len(await c.list_instances("vastd")) == 30
         assert time.monotonic() - started < 0.4
         assert sum(1 for x in cloud.calls if x["endpoint"] == "list_instances") == 2
+
+
+# --- 3. every number from the API checked at the parse boundary -------------------------------
+async def test_bad_numbers_from_the_api_are_skipped_logged_and_never_stored(
+    sim_fleet: Fleet,  # noqa: F811
+) -> None:
+    """An offer at 5000 $/h (past any sane price) is skipped even under a huge budget; an
+    offer's NaN min_bid, and an instance row's NaN price, 10^9 GPUs, infinite end date and
+    negative machine id are each logged and dropped: the adopted record holds no such
+    number and the snapshot (no NaN, no Infinity) loads again."""
+    sf = await sim_fleet(
+        offers=[0.3, 5000.0], max_instances=3, max_total_dph=100_000.0, adopt_foreign_labelled=True
+    )
+    odd = min(sf.cloud.offers)
+    sf.cloud.offers[odd]["min_bid"] = float("nan")
+    bad = await sf.cloud.add_instance(
+        label="vastd", dph_total=float("nan"), num_gpus=10**9, end_date=float("inf"),
+        machine_id=-7,
+    )  # fmt: skip
+    sf.add_queued(3)  # the adopted instance counts: two more are wanted
+    with capture_logs() as logs:
+        await discovery_once(sf.ctx)
+        report = await fl.fleet_once(sf.ctx)
+    assert [sf.cloud.instances[int(i)]["dph_total"] for i in report.rented] == [0.3]
+    rejected = {(e["field"], e["where"]) for e in logs if e["event"] == "api_number_rejected"}
+    for field in ("dph_total", "num_gpus", "end_date", "machine_id"):
+        assert (field, f"instance {bad}") in rejected
+    assert ("min_bid", f"offer {odd}") in rejected
+    assert any(e["event"] == "offer_skipped" and "5000" in e["reason"] for e in logs)
+    record = sf.ctx.store.instances[str(bad)]
+    assert record.dph == 0.0 and record.machine_id is None
+    assert await sf.ctx.store.flush()
+    text = sf.ctx.layout.state_file.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    load_state(sf.ctx.layout.state_file)
