@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
@@ -381,3 +382,28 @@ async def test_bad_numbers_from_the_api_are_skipped_logged_and_never_stored(
     text = sf.ctx.layout.state_file.read_text()
     assert "NaN" not in text and "Infinity" not in text
     load_state(sf.ctx.layout.state_file)
+
+
+async def test_stale_reads_can_be_set_over_http(sim: tuple[SimCloud, str]) -> None:  # noqa: F811
+    """Another process sets stale reads through the control surface: a hidden instance is
+    missing from one listing, a lagging destroy still listed once, an ignored DELETE
+    answered while the instance runs on; a bad kind is refused."""
+    cloud, url = sim
+    live = await cloud.add_instance(label="vastd")
+    doomed = await cloud.add_instance(label="vastd")
+    async with aiohttp.ClientSession() as http, VastClient(url, KEY) as c:
+
+        async def stale(iid: int, **body: object) -> int:
+            async with http.post(f"{url}/_sim/instances/{iid}/stale", json=body) as resp:
+                return resp.status
+
+        assert await stale(live, kind="hide", endpoint="list_instances") == 200
+        assert await stale(doomed, kind="lag_destroy", endpoint="list_instances") == 200
+        assert await stale(live, kind="ignore_destroy") == 200
+        assert await stale(live, kind="nonsense") == 400
+        assert [r["id"] for r in await c.list_instances("vastd")] == [doomed]
+        assert await c.destroy_instance(doomed)
+        assert [r["id"] for r in await c.list_instances("vastd")] == [live, doomed]
+        assert [r["id"] for r in await c.list_instances("vastd")] == [live]
+        assert await c.destroy_instance(live)  # answered...
+        assert await c.show_instance(live) is not None  # ...and it runs on
