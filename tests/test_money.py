@@ -407,3 +407,20 @@ async def test_stale_reads_can_be_set_over_http(sim: tuple[SimCloud, str]) -> No
         assert [r["id"] for r in await c.list_instances("vastd")] == [live]
         assert await c.destroy_instance(live)  # answered...
         assert await c.show_instance(live) is not None  # ...and it runs on
+
+
+async def test_a_fresh_rental_the_api_does_not_show_yet_is_not_given_up(
+    sim_fleet: Fleet,  # noqa: F811
+) -> None:
+    """Right after a rent the API may lag: an instance never listed yet that neither the
+    listing nor the lookup shows waits out the grace instead of being lost at once."""
+    sf = await sim_fleet(max_instances=1, boot_delay_s=30.0)
+    sf.add_queued(1)
+    (iid,) = (await fl.fleet_once(sf.ctx)).rented
+    inst = sf.ctx.store.instances[iid]
+    sf.cloud.stale.hide(int(iid), "list_instances")
+    sf.cloud.stale.hide(int(iid), "show_instance")
+    await discovery_once(sf.ctx)
+    assert inst.status is InstanceStatus.BOOTING and inst.missing_since is not None
+    await discovery_once(sf.ctx)  # listed now
+    assert inst.missing_since is None and inst.last_seen is not None

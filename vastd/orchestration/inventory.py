@@ -164,7 +164,8 @@ async def settle_missing(ctx: Context, inst: InstanceRecord, now: float) -> None
 
     Confirmed gone: lost now, its jobs requeued without counting an attempt (no wait for
     `lost_grace_s`). Still there: the listing was stale, the lookup's row is used. The
-    lookup failing (an API error): the grace decides, as without a lookup.
+    lookup failing (an API error), or one never listed yet (rented a moment ago, the API
+    may lag behind the rent): the grace decides, as without a lookup.
     """
     assert ctx.cloud is not None
     inst.missing_since = inst.missing_since or now
@@ -175,14 +176,15 @@ async def settle_missing(ctx: Context, inst: InstanceRecord, now: float) -> None
     else:
         if inst.status in st.GONE:
             return  # lost or torn down while the lookup ran
-        if info is None:
+        if info is None and inst.last_seen is not None:
             log.info("instance_gone", instance=inst.id, by="listing and lookup")
             handle_instance_failure(ctx, inst, "gone from vast.ai (listing and lookup)")
             return
-        if info.label == ctx.settings.vast.label:
+        if info is not None and info.label == ctx.settings.vast.label:
             apply_listed(ctx, inst, info, now)
             return
-        # relabelled: no longer ours to use; the grace decides, as for an absent one
+        # never listed yet (rented a moment ago: the API may lag behind the rent), or
+        # relabelled (no longer ours to use): the grace decides, as without a lookup
     if now - inst.missing_since >= ctx.settings.vast.lost_grace_s:
         handle_instance_failure(ctx, inst, "absent from the vast.ai list")
 
