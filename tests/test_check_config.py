@@ -75,6 +75,11 @@ BAD_CASES = {
     "image_blank": ({"fleet": {"image": "   "}}, ["fleet.image", "empty"]),
     "log_level": ({"log": {"level": "loud"}}, ["log.level", "loud"]),
     "ssh_key_missing": ({"ssh": {"key_file": "/nonexistent/id_ed25519"}}, ["ssh.key_file"]),
+    "failed_rentals_negative": (
+        {"fleet": {"max_failed_rentals": -1}},
+        ["fleet.max_failed_rentals"],
+    ),
+    "rent_pause_zero": ({"fleet": {"rent_pause_s": 0}}, ["fleet.rent_pause_s"]),
 }
 
 
