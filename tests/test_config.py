@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from tests.helpers import clean_env, dump_toml, preserved_logging
+from tests.helpers import clean_env, dump_toml, preserved_logging, write_private_key
 from vastd.cli import main
 from vastd.utils.config import DEFAULT_CONFIG_PATH, Settings, load_config, resolve_config_path
 from vastd.utils.exceptions import ConfigError
@@ -93,10 +93,8 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def write_key(path: Path, mode: int = 0o600, text: str = "not really a key\n") -> Path:
-    path.write_text(text)
-    path.chmod(mode)
-    return path
+def write_key(path: Path, mode: int = 0o600) -> Path:
+    return write_private_key(path, mode)
 
 
 @pytest.fixture

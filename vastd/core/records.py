@@ -236,4 +236,9 @@ class Snapshot(_Model):
     rent_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
     spend_total: float = 0.0  # dollars accrued by owned instances
     last_discovery_at: float | None = None  # last successful instance listing
+    # the rental circuit breaker (orchestration/breaker.py): rentals in a row that never
+    # became ready, and the pause they caused (kept across restarts)
+    failed_rentals: int = 0
+    rent_paused_until: float | None = None
+    rent_pause_reason: str | None = None
     history: HistorySummary = Field(default_factory=HistorySummary)

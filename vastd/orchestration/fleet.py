@@ -11,7 +11,8 @@ One step, `fleet_once(ctx)`, run every `[vast] poll_interval_s` by `run_fleet(ct
 4. destroys under way are sent and confirmed (retried with back-off);
 5. scale up: rent cheapest-first until live instances (booting ones and pending
    intents included) reach min(max_instances, jobs waiting + running), never past
-   `max_total_dph`, never on a blocked machine or one we already rent.
+   `max_total_dph`, never on a blocked machine or one we already rent, and not while
+   the circuit breaker (breaker.py) pauses renting after rentals that never got ready.
 
 Policies: a preempted (stopped) interruptible instance has its jobs requeued (not an
 attempt) and is destroyed; a replacement comes from the scaling rule (re-bidding is a
@@ -30,6 +31,7 @@ from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.provider import ApiState, Offer
 from vastd.instances.vast_status import api_state
+from vastd.orchestration import breaker
 from vastd.orchestration.context import Context
 from vastd.orchestration.inventory import claim_unknown_instance as claim_unknown_instance
 from vastd.orchestration.renting import (
@@ -37,6 +39,7 @@ from vastd.orchestration.renting import (
     attach_public_key,
     cleanup_failed_instance,
     confirm_destroy,
+    listed_after_destroy,
     offer_dph,
     rent_instance,
 )
@@ -79,7 +82,7 @@ class FleetReport:
 def billing(inst: InstanceRecord) -> bool:
     """Whether this instance may still be costing money."""
     if inst.status is InstanceStatus.DESTROYED:
-        return False
+        return listed_after_destroy(inst)
     return inst.owned or inst.status is not InstanceStatus.LOST
 
 
@@ -144,8 +147,11 @@ def prune(ctx: Context, now: float) -> None:
             del snap.blocked_machines[machine]
             ctx.store.mark_dirty()
     for iid, inst in list(snap.instances.items()):
-        if inst.status is InstanceStatus.DESTROYED and now - (inst.destroyed_at or now) > (
-            DESTROYED_KEEP_S
+        # never while the API still lists it (listed_after_destroy: it is destroyed again)
+        if (
+            inst.status is InstanceStatus.DESTROYED
+            and not listed_after_destroy(inst)
+            and now - (inst.destroyed_at or now) > DESTROYED_KEEP_S
         ):
             del snap.instances[iid]
             ctx.store.mark_dirty()
@@ -223,8 +229,11 @@ def judge_instances(ctx: Context, now: float) -> list[str]:
         if verdict is None:
             continue
         reason, block = verdict
+        failed_rental = breaker.counts_as_failed_rental(inst, reason)
         if cleanup_failed_instance(ctx, inst, reason, block=block):
             started.append(inst.id)
+            if failed_rental:
+                breaker.note_rental_failed(ctx, inst, reason, now)
     return started
 
 
@@ -235,7 +244,7 @@ async def advance_destroys(ctx: Context, now: float) -> list[str]:
         i
         for i in ctx.store.instances.values()
         if i.owned
-        and i.status is InstanceStatus.DESTROYING
+        and (i.status is InstanceStatus.DESTROYING or listed_after_destroy(i))
         and (i.next_destroy_at is None or i.next_destroy_at <= now)
     ]
     if not due:
@@ -275,6 +284,9 @@ async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
     need = report.desired - report.live - report.pending_intents
     if need <= 0:
         return
+    need = breaker.rentals_allowed(ctx, need, now)
+    if need <= 0:
+        return  # the circuit breaker holds renting (renting_paused said why)
     budget = ctx.settings.fleet.max_total_dph
     dph = current_dph(ctx)
     try:

@@ -135,7 +135,8 @@ async def _list_instances(request: web.Request) -> web.Response:
     order = [(str(o["col"]), str(o.get("dir", "asc"))) for o in order_by]
     if "id" not in [c for c, _ in order]:
         order.append(("id", "asc"))
-    rows = sort_rows([r for r in cloud.instances.values() if matches(r, filters)], order)
+    visible = cloud.stale.view("list_instances", cloud.instances)
+    rows = sort_rows([r for r in visible.values() if matches(r, filters)], order)
     total = len(rows)
     token = request.query.get("after_token")
     if token:
@@ -167,7 +168,8 @@ async def _list_instances_v0(request: web.Request) -> web.Response:
 
 
 async def _show_instance(request: web.Request) -> web.Response:
-    row = _cloud(request).instances.get(_instance_id(request))
+    cloud, instance_id = _cloud(request), _instance_id(request)
+    row = cloud.stale.view_one("show_instance", instance_id, cloud.instances.get(instance_id))
     return json_response({"instances": dict(row) if row is not None else None})
 
 
@@ -279,6 +281,23 @@ async def _ctl_status(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
+async def _ctl_stale(request: web.Request) -> web.Response:
+    """{"kind": "hide" | "lag_destroy" | "ignore_destroy", "endpoint", "reads"} (stale.py)."""
+    stale, instance_id = _cloud(request).stale, _instance_id(request)
+    body = await _body(request)
+    kind, reads = body.get("kind"), int(body.get("reads", 1))
+    endpoint = str(body.get("endpoint", "list_instances"))
+    if kind == "hide":
+        stale.hide(instance_id, endpoint, reads)
+    elif kind == "lag_destroy":
+        stale.lag_destroy(instance_id, endpoint, reads)
+    elif kind == "ignore_destroy":
+        stale.ignore_destroy(instance_id, reads)
+    else:
+        return _error(400, "bad_stale", f"unknown kind {kind!r}")
+    return json_response({"success": True})
+
+
 async def _ctl_vanish(request: web.Request) -> web.Response:
     await _cloud(request).vanish(_instance_id(request))
     return json_response({"success": True})
@@ -309,6 +328,7 @@ def create_sim_app(cloud: SimCloud) -> web.Application:
     r.add_post("/_sim/offers", _ctl_add_offer)
     r.add_post(r"/_sim/instances/{id:\d+}/status", _ctl_status)
     r.add_post(r"/_sim/instances/{id:\d+}/vanish", _ctl_vanish)
+    r.add_post(r"/_sim/instances/{id:\d+}/stale", _ctl_stale)
     return app
 
 

@@ -18,6 +18,7 @@ from typing import Any, Final, Protocol
 
 from vastd.sim.faults import Faults
 from vastd.sim.filters import matches, sort_rows
+from vastd.sim.stale import StaleReads
 from vastd.utils.logging import get_logger
 
 # The logger name it had before the split from api.py: log lines stay the same.
@@ -70,6 +71,7 @@ class SimCloud:
         self.host_provider = host_provider
         self.account_keys = list(account_keys)
         self.faults = Faults(seed)
+        self.stale = StaleReads()  # lagging reads and destroys that do not take (stale.py)
         self.offers: dict[int, dict[str, Any]] = {}
         self.instances: dict[int, dict[str, Any]] = {}
         self.ssh_keys: dict[int, list[str]] = {}
@@ -310,9 +312,12 @@ class SimCloud:
 
     async def destroy(self, instance_id: int) -> bool:
         """Destroy an instance; False if there is none."""
+        if instance_id in self.instances and self.stale.take_ignored_destroy(instance_id):
+            return True  # answered, did not take: it goes on running and billing
         row = self.instances.pop(instance_id, None)
         if row is None:
             return False
+        self.stale.destroyed(instance_id, row)
         self._cancel_boot(instance_id)
         await self._stop_host(instance_id)
         offer = self.offers.get(row.get("ask_id") or -1)

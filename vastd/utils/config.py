@@ -243,6 +243,10 @@ class FleetSettings(_Section):
     adopt_foreign_labelled: bool = False
     min_free_disk_gb: float = Field(default=5.0, ge=0)
     health_interval_s: float = Field(default=60.0, gt=0)
+    # the rental circuit breaker: after this many rentals in a row that never became
+    # ready, renting pauses for rent_pause_s (0: never pause)
+    max_failed_rentals: int = Field(default=3, ge=0)
+    rent_pause_s: float = Field(default=1800.0, gt=0)
 
     @field_validator("offer_query")
     @classmethod
@@ -555,6 +559,19 @@ def _check_secret_file(path: Path, key: str, *, required: bool) -> list[str]:
     return []
 
 
+def _check_private_key(path: Path) -> list[str]:
+    """A key file that exists but does not load (garbage, a public key, a passphrase):
+    every rental would fail to become ready, so it is refused before renting anything."""
+    import asyncssh
+
+    try:
+        asyncssh.read_private_key(path)
+    except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        return [f"ssh.key_file: {path} is not a private key vastd can use: {why}"]
+    return []
+
+
 def check_files(settings: Settings) -> list[str]:
     """Problems with the files the config names: the SSH key, the API key file, known_hosts.
 
@@ -563,6 +580,8 @@ def check_files(settings: Settings) -> list[str]:
     """
     problems = []
     problems += _check_secret_file(settings.ssh.key_file, "ssh.key_file", required=True)
+    if not problems:
+        problems += _check_private_key(settings.ssh.key_file)
     key_file = settings.vast.api_key_file
     if key_file is not None:
         other_source = bool(
@@ -600,6 +619,8 @@ LIVE_KEYS: tuple[tuple[str, str], ...] = (
     ("fleet", "idle_timeout_s"),
     ("fleet", "boot_timeout_s"),
     ("fleet", "min_free_disk_gb"),
+    ("fleet", "max_failed_rentals"),
+    ("fleet", "rent_pause_s"),
     ("job", "max_attempts"),
     ("job", "timeout_s"),
     ("log", "level"),
