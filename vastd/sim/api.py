@@ -198,6 +198,17 @@ async def _reboot(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
+async def _set_bid(request: web.Request) -> web.Response:
+    cloud, instance_id = _cloud(request), _instance_id(request)
+    if instance_id not in cloud.instances:
+        return _error(404, "no_such_instance", f"Instance {instance_id} not found.")
+    price = (await _body(request)).get("price")
+    if isinstance(price, bool) or not isinstance(price, int | float) or not price >= 0:
+        return _error(400, "invalid_args", "price must be a number >= 0")
+    await cloud.set_bid(instance_id, float(price))
+    return json_response({"success": True})
+
+
 async def _attach_ssh(request: web.Request) -> web.Response:
     cloud, instance_id = _cloud(request), _instance_id(request)
     if instance_id not in cloud.instances:
@@ -298,6 +309,7 @@ def create_sim_app(cloud: SimCloud) -> web.Application:
     r.add_delete(r"/api/v0/instances/{id:\d+}/", _destroy, name="destroy")
     r.add_put(r"/api/v0/instances/reboot/{id:\d+}/", _reboot, name="reboot")
     r.add_post(r"/api/v0/instances/{id:\d+}/ssh/", _attach_ssh, name="attach_ssh")
+    r.add_put(r"/api/v0/instances/bid_price/{id:\d+}/", _set_bid, name="set_bid")
     r.add_post("/api/v0/bundles/", _search_offers, name="search_offers")
     r.add_put(r"/api/v0/asks/{id:\d+}/", _rent, name="rent")
     r.add_get("/_sim/state", _ctl_state)
