@@ -35,6 +35,7 @@ from vastd.utils.exceptions import (
     RemoteCommandTimeout,
     RemoteOutputTooLarge,
     ResultValidationError,
+    SSHAuthError,
     SSHConnectionError,
     VastdError,
 )
@@ -442,6 +443,7 @@ class SSHPool:
     async def _connect(self, instance_id: str, endpoints: list[Endpoint]) -> SSHConnection:
         structlog.contextvars.bind_contextvars(instance=instance_id)
         last: BaseException | None = None
+        denied = False
         for attempt in range(self._connect_attempts):
             if attempt:
                 await asyncio.sleep(self._backoff.delay_s(attempt - 1))
@@ -453,9 +455,12 @@ class SSHPool:
                     raise
                 except (asyncssh.Error, OSError, TimeoutError) as exc:
                     last = exc
+                    denied = denied or isinstance(exc, asyncssh.PermissionDenied)
                     log.info("ssh_connect_failed", endpoint=str(endpoint), error=repr(exc))
         metrics.SSH_ERRORS.inc()
-        raise SSHConnectionError(f"{instance_id}: cannot connect: {last!r}")
+        # An endpoint that refused our key says which fix to try (the caller re-attaches it).
+        error = SSHAuthError if denied else SSHConnectionError
+        raise error(f"{instance_id}: cannot connect: {last!r}")
 
     async def _connect_one(self, instance_id: str, endpoint: Endpoint) -> SSHConnection:
         mode = self.settings.known_hosts

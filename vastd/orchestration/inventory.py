@@ -14,6 +14,7 @@ from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.preparation import prepare_instance_for_jobs
 from vastd.instances.provider import ApiState, ProviderInstance, machine_number
+from vastd.orchestration import market
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
@@ -133,9 +134,11 @@ async def discovery_once(ctx: Context) -> int:
                 continue
         if inst.status in (InstanceStatus.DESTROYED, InstanceStatus.DESTROYING):
             continue
+        old_dph = inst.dph
         refresh_record(inst, info, now)
-        if info.state in (ApiState.GONE, ApiState.STOPPED):
-            handle_instance_failure(ctx, inst, f"vast.ai reports it {info.raw_status}")
+        lost = await market.on_listed(ctx, inst, info, old_dph, now)
+        if lost is not None:
+            handle_instance_failure(ctx, inst, lost)
         elif info.state is ApiState.RUNNING and inst.status in (
             InstanceStatus.LOST,
             InstanceStatus.BOOTING,

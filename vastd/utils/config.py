@@ -221,6 +221,10 @@ class FleetSettings(_Section):
     adopt_foreign_labelled: bool = False
     min_free_disk_gb: float = Field(default=5.0, ge=0)
     health_interval_s: float = Field(default=60.0, gt=0)
+    # the market as vast.ai behaves (orchestration/market.py)
+    frozen_grace_s: float = Field(default=300.0, ge=0)
+    on_outbid: Literal["destroy", "rebid"] = "destroy"
+    max_bid_dph: float | None = Field(default=None, gt=0)
 
     @field_validator("offer_query")
     @classmethod
@@ -244,6 +248,12 @@ class FleetSettings(_Section):
 
         check_order(value)
         return value
+
+    @model_validator(mode="after")
+    def _rebid_has_a_cap(self) -> FleetSettings:
+        if self.on_outbid == "rebid" and self.max_bid_dph is None:
+            raise ValueError('on_outbid = "rebid" needs max_bid_dph (the highest bid, $/hour)')
+        return self
 
 
 def normalise_log_level(value: str) -> str:

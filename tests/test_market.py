@@ -1,0 +1,287 @@
+"""vast.ai as it really behaves (issue 10, items 10-14), end to end against the simulator:
+frozen, pending again, exited until confirmed, stopped, outbid and re-bid, a price rise,
+an end date and a key that stops working.
+
+Reuses test_fleet's `sim_fleet`: the simulator's live asyncssh hosts and a Context built
+as the daemon builds it, with tiny timings (polls 0.2 s, boot 0.2 s).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from structlog.testing import capture_logs
+
+from tests.test_fleet import SimFleet
+from tests.test_fleet import sim_fleet as sim_fleet  # the fixture
+from vastd.core.state import InstanceRecord, InstanceStatus
+from vastd.orchestration import fleet as fl
+from vastd.orchestration import market
+from vastd.orchestration.workflow import discovery_once
+from vastd.utils.config import FleetSettings
+
+pytestmark = pytest.mark.slow
+
+Make = Callable[..., Awaitable[SimFleet]]
+
+
+async def running_on(sf: SimFleet, job_id: str) -> InstanceRecord:
+    """Wait for the job's run to have started; its instance."""
+    jobs = sf.ctx.store.jobs
+    await sf.wait(
+        lambda: job_id in jobs and jobs[job_id].started_at is not None, msg=f"{job_id} started"
+    )
+    return sf.ctx.store.instances[jobs[job_id].instance or ""]
+
+
+def attempts(sf: SimFleet, job_id: str) -> int:
+    record = sf.ctx.store.record(job_id)
+    assert record is not None
+    return record.attempts
+
+
+# --- item 11: the deadlines per state -------------------------------------------------------
+async def test_frozen_instance_is_drained_after_the_grace_and_its_job_runs_elsewhere(
+    sim_fleet: Make,
+) -> None:
+    """`frozen` (billing, nothing answers): once listed so for `frozen_grace_s` the instance
+    is drained (reason says frozen), its job requeued without an attempt, and, empty, it is
+    destroyed while the job finishes on a replacement."""
+    sf = await sim_fleet(job_s=3.0, max_instances=1, frozen_grace_s=0.5, idle_timeout_s=600.0)
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    await sf.cloud.freeze(int(inst.id))
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 15, "frozen one destroyed")
+    assert inst.drain_reason is not None and inst.drain_reason.startswith("frozen for more")
+    assert (inst.destroy_reason or "").startswith("drained (frozen")
+    await sf.wait(sf.all_done, 20, "job done elsewhere")
+    record = sf.ctx.store.record(job_id)
+    assert record is not None and record.attempts == 0 and record.instance != inst.id
+
+
+async def test_frozen_shorter_than_the_grace_is_waited_out(sim_fleet: Make) -> None:
+    """Frozen for less than the grace, then running again: nothing is drained."""
+    sf = await sim_fleet(mode="adopt", frozen_grace_s=60.0)
+    iid = await sf.cloud.add_instance(label="vastd")
+    await discovery_once(sf.ctx)
+    await sf.cloud.set_status(iid, "frozen")
+    await discovery_once(sf.ctx)
+    inst = sf.ctx.store.instances[str(iid)]
+    assert inst.frozen_since is not None and inst.status is not InstanceStatus.DRAINING
+    await sf.cloud.set_status(iid, "running")
+    await discovery_once(sf.ctx)
+    assert inst.frozen_since is None and inst.status is not InstanceStatus.DRAINING
+
+
+async def test_instance_pending_again_waits_only_within_the_boot_deadline(
+    sim_fleet: Make,
+) -> None:
+    """A ready owned instance listed `rebooting` for good (its SSH gone) is destroyed at the
+    boot deadline, long before `[ssh] unreachable_grace_s` (900 s), and its job runs on a
+    replacement without counting an attempt."""
+    sf = await sim_fleet(job_s=3.0, max_instances=1, boot_timeout_s=1.5, idle_timeout_s=600.0)
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    with capture_logs() as logs:
+        await sf.cloud.set_status(int(inst.id), "rebooting", stop_host=True)
+        await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 15, "destroyed")
+    assert (inst.destroy_reason or "").startswith("not ready within")
+    assert any(e["event"] == "instance_pending" for e in logs)
+    await sf.wait(sf.all_done, 20, "job done elsewhere")
+    assert attempts(sf, job_id) == 0
+
+
+async def test_exited_in_the_listing_is_lost_only_once_the_lookup_agrees(
+    sim_fleet: Make,
+) -> None:
+    """`offline` in the listing while the per-instance lookup cannot answer: not lost yet
+    (a stale listing must not requeue jobs); once the lookup answers `offline` too, lost."""
+    sf = await sim_fleet(mode="adopt")
+    iid = await sf.cloud.add_instance(label="vastd")
+    await discovery_once(sf.ctx)
+    inst = sf.ctx.store.instances[str(iid)]
+    await sf.cloud.set_status(iid, "offline", stop_host=False)
+    fault = sf.cloud.faults.add(endpoint="show_instance", status=500, count=100)
+    await discovery_once(sf.ctx)
+    assert inst.status is not InstanceStatus.LOST
+    sf.cloud.faults.remove(fault)
+    await discovery_once(sf.ctx)
+    assert inst.status is InstanceStatus.LOST
+    assert inst.lost_reason == "vast.ai reports it offline"
+
+
+async def test_stopped_on_demand_instance_bills_until_destroyed(sim_fleet: Make) -> None:
+    """`stopped`, not interruptible: the disk still bills, so the budget counts it (adopted
+    or owned); an owned one is torn down saying so."""
+    sf = await sim_fleet(max_instances=1, boot_delay_s=0.1)
+    sf.add_queued(1)
+    (first,) = (await fl.fleet_once(sf.ctx)).rented
+    inst = sf.ctx.store.instances[first]
+    await sf.cloud.wait_for_status(int(first), "running")
+    await sf.cloud.set_status(int(first), "stopped")
+    await discovery_once(sf.ctx)
+    assert inst.status is InstanceStatus.LOST and not inst.interruptible
+    adopted = InstanceRecord(id="1", status=InstanceStatus.LOST, api_status="stopped", dph=0.5)
+    sf.ctx.store.instances["1"] = adopted
+    assert fl.billing(adopted)
+    assert fl.current_dph(sf.ctx) == pytest.approx(inst.dph + 0.5)
+    del sf.ctx.store.instances["1"]
+    await fl.fleet_once(sf.ctx)
+    assert inst.status is InstanceStatus.DESTROYED
+    assert inst.destroy_reason == "stopped (its disk still bills)"
+
+
+# --- item 12: outbid, re-bid, resume --------------------------------------------------------
+def bids(sf: SimFleet, iid: str) -> list[dict[str, Any]]:
+    return [c for c in sf.calls_naming(int(iid)) if c["endpoint"] == "set_bid"]
+
+
+async def test_outbid_instance_is_rebid_and_used_again_once_it_resumes(sim_fleet: Make) -> None:
+    """on_outbid = "rebid": outbid by 0.35 $/h (the bid was 0.27), vastd bids 0.405
+    (x bid_markup) through PUT /instances/bid_price/{id}/; the instance runs again, is
+    prepared and used again; its job ran elsewhere meanwhile without counting an attempt."""
+    sf = await sim_fleet(
+        job_s=2.0,
+        max_instances=1,
+        interruptible=True,
+        bid_markup=1.5,
+        on_outbid="rebid",
+        max_bid_dph=1.0,
+        idle_timeout_s=600.0,
+    )
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    assert inst.interruptible and inst.dph == pytest.approx(0.27)
+    await sf.cloud.outbid(int(inst.id), 0.35)
+    await sf.wait(lambda: inst.status is InstanceStatus.LOST, msg="outbid seen")
+    await sf.wait(lambda: inst.status is InstanceStatus.READY, 15, "used again after resume")
+    assert [c["status"] for c in bids(sf, inst.id)] == [200]
+    assert sf.cloud.instances[int(inst.id)]["dph_total"] == pytest.approx(0.405)
+    assert inst.dph == pytest.approx(0.405) and inst.rebid_at is None
+    await sf.wait(sf.all_done, 20, "job done")
+    assert attempts(sf, job_id) == 0
+    sf.submit(1, prefix="after")
+    await sf.wait(sf.all_done, 20, "second job done")
+    assert inst.status is not InstanceStatus.DESTROYED
+
+
+async def test_outbid_past_the_bid_cap_is_destroyed(sim_fleet: Make) -> None:
+    """Outbid by 5 $/h with max_bid_dph 0.5: vastd bids 0.405, then 0.5 (the cap) a boot
+    deadline later, then destroys it; the job finishes elsewhere without an attempt."""
+    sf = await sim_fleet(
+        job_s=1.0,
+        max_instances=1,
+        interruptible=True,
+        bid_markup=1.5,
+        on_outbid="rebid",
+        max_bid_dph=0.5,
+        boot_timeout_s=1.0,
+    )
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    await sf.cloud.outbid(int(inst.id), 5.0)
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "destroyed at the cap")
+    assert inst.destroy_reason == "preempted (outbid)"
+    prices = [c for c in sf.cloud.calls if c["endpoint"] == "set_bid"]
+    assert len(prices) == 2 and sf.cloud.stats["set_bid"] == 2
+    await sf.wait(sf.all_done, 20, "job done elsewhere")
+    assert attempts(sf, job_id) == 0
+
+
+def test_rebid_needs_a_bid_cap() -> None:
+    """`on_outbid = "rebid"` without `max_bid_dph` is refused at load time."""
+    with pytest.raises(ValidationError, match="max_bid_dph"):
+        FleetSettings(on_outbid="rebid")
+    with pytest.raises(ValidationError):
+        FleetSettings(on_outbid="bid")
+    assert FleetSettings(on_outbid="rebid", max_bid_dph=0.4).max_bid_dph == 0.4
+
+
+# --- item 13: a host raises its price -------------------------------------------------------
+async def test_price_rise_past_the_budget_drains_the_instance(sim_fleet: Make) -> None:
+    """Two instances at 0.3 + 0.31 under a 1.0 $/h cap; a host raises one to 0.8: the budget
+    uses the new price, that instance is drained (its running job finishes there), then
+    destroyed once empty; the other is untouched and nothing is rented past the cap."""
+    sf = await sim_fleet(
+        offers=[0.3, 0.31], job_s=3.0, max_instances=2, max_total_dph=1.0, idle_timeout_s=600.0
+    )
+    first, second = sf.submit(2)
+    sf.run()
+    a = await running_on(sf, first)
+    b = await running_on(sf, second)
+    assert a.id != b.id
+    sf.cloud.set_price(int(a.id), 0.8)
+    await sf.wait(lambda: a.status is InstanceStatus.DRAINING, msg="drained")
+    assert fl.current_dph(sf.ctx) == pytest.approx(0.8 + b.dph)
+    assert "price rose to 0.8" in (a.drain_reason or "")
+    await sf.wait(sf.all_done, 20, "both done")
+    record = sf.ctx.store.record(first)
+    assert record is not None and record.instance == a.id and record.runs == 1
+    await sf.wait(lambda: a.status is InstanceStatus.DESTROYED, msg="destroyed once empty")
+    assert b.status is InstanceStatus.READY
+    assert sf.cloud.stats["rent"] == 2
+
+
+# --- item 14: an end date -------------------------------------------------------------------
+async def test_no_job_runs_past_the_rental_end_date(sim_fleet: Make) -> None:
+    """Before any job finished the estimate is `[job] timeout_s` (6 h): an offer ending in a
+    minute is not rented. Once jobs took ~1 s, one ending in a minute takes a job; when its
+    end is closer than a job's run, it is drained (and destroyed) and the next job runs on
+    another instance."""
+    now = time.time()
+    sf = await sim_fleet(offers=[], job_s=0.5, max_instances=1, idle_timeout_s=600.0)
+    sf.cloud.add_offer(gpu_name="RTX 4090", dph_total=0.2, machine_id=7100, end_date=now + 60)
+    sf.cloud.add_offer(gpu_name="RTX 4090", dph_total=0.3, machine_id=7101)
+    [first] = sf.submit(1)
+    sf.run()
+    await sf.wait(sf.all_done, 20, "first job done")
+    b = sf.ctx.store.instances[sf.ctx.store.record(first).instance or ""]  # type: ignore[union-attr]
+    assert b.end_date is None and b.machine_id == 7101  # the cheaper 7100 ends too soon
+    assert market.estimated_run_s(sf.ctx) < 30
+    # The second instance is one with an end date a minute away: a short job fits.
+    sf.cloud.set_end_date(int(b.id), time.time() + 60)
+    await sf.wait(lambda: b.end_date is not None, msg="end date listed")
+    [second] = sf.submit(1, prefix="fits")
+    await sf.wait(sf.all_done, 20, "second job done")
+    assert sf.ctx.store.record(second).instance == b.id  # type: ignore[union-attr]
+    # Its end is now closer than a job's run: drained, destroyed, the next job elsewhere.
+    sf.cloud.set_end_date(int(b.id), time.time() + 0.2)
+    await sf.wait(lambda: b.status is InstanceStatus.DESTROYED, msg="drained and destroyed")
+    assert (b.drain_reason or "").startswith("its rental ends at")
+    [third] = sf.submit(1, prefix="after")
+    await sf.wait(sf.all_done, 20, "third job done")
+    assert sf.ctx.store.record(third).instance != b.id  # type: ignore[union-attr]
+
+
+# --- item 10: a key that stops working --------------------------------------------------------
+async def test_revoked_key_is_reattached_and_the_instance_stays_in_use(sim_fleet: Make) -> None:
+    """The key installed on a working instance stops working (skypilot#10730): the next
+    connection is refused, vastd re-attaches the key through POST /instances/{id}/ssh/ and
+    reconnects; the instance never counts as unreachable and runs the next job."""
+    sf = await sim_fleet(job_s=0.3, max_instances=1, idle_timeout_s=600.0)
+    [first] = sf.submit(1)
+    sf.run()
+    await sf.wait(sf.all_done, 20, "first job done")
+    record = sf.ctx.store.record(first)
+    assert record is not None
+    inst = sf.ctx.store.instances[record.instance or ""]
+    attached = len([c for c in sf.calls_naming(int(inst.id)) if c["endpoint"] == "attach_ssh"])
+    sf.cloud.revoke_keys(int(inst.id))
+    await sf.ctx.pool.drop(inst.id)
+    with capture_logs() as logs:
+        [second] = sf.submit(1, prefix="after")
+        await sf.wait(sf.all_done, 20, "second job done")
+    assert sf.ctx.store.record(second).instance == inst.id  # type: ignore[union-attr]
+    events = [e["event"] for e in logs]
+    assert "ssh_key_reattach" in events and "instance_unreachable" not in events
+    calls = [c for c in sf.calls_naming(int(inst.id)) if c["endpoint"] == "attach_ssh"]
+    assert len(calls) == attached + 1 and calls[-1]["status"] == 200
+    assert sf.cloud.stats["rent"] == 1
