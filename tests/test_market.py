@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from tests.test_fleet import SimFleet
+from tests.test_fleet import SimFleet, _close, _connect
 from tests.test_fleet import sim_fleet as sim_fleet  # the fixture
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.orchestration import fleet as fl
 from vastd.orchestration import market
+from vastd.orchestration.actions import instance_connection
 from vastd.orchestration.workflow import discovery_once
-from vastd.utils.config import FleetSettings
+from vastd.utils.config import FleetSettings, Settings
+from vastd.utils.exceptions import SSHAuthError
 
 pytestmark = pytest.mark.slow
 
@@ -230,6 +233,28 @@ async def test_price_rise_past_the_budget_drains_the_instance(sim_fleet: Make) -
     assert sf.cloud.stats["rent"] == 2
 
 
+async def test_listed_price_is_the_price_and_a_non_finite_one_is_never_stored(
+    sim_fleet: Make,
+) -> None:
+    """The budget follows the price the listing gives now (down as well as up); a NaN or
+    negative one is dropped at the provider boundary: the last good price stays."""
+    sf = await sim_fleet(mode="adopt")
+    iid = await sf.cloud.add_instance(label="vastd", dph_total=0.4)
+    await discovery_once(sf.ctx)
+    inst = sf.ctx.store.instances[str(iid)]
+    assert inst.dph == pytest.approx(0.4)
+    sf.cloud.set_price(iid, 0.25)
+    with capture_logs() as logs:
+        await discovery_once(sf.ctx)
+    assert inst.dph == pytest.approx(0.25) and fl.current_dph(sf.ctx) == pytest.approx(0.25)
+    assert any(e["event"] == "instance_price_changed" for e in logs)
+    assert inst.status is not InstanceStatus.DRAINING  # a fall never drains
+    for bad in (float("nan"), float("inf"), -1.0):
+        sf.cloud.set_price(iid, bad)
+        await discovery_once(sf.ctx)
+        assert inst.dph == pytest.approx(0.25)
+
+
 # --- item 14: an end date -------------------------------------------------------------------
 async def test_no_job_runs_past_the_rental_end_date(sim_fleet: Make) -> None:
     """Before any job finished the estimate is `[job] timeout_s` (6 h): an offer ending in a
@@ -285,3 +310,39 @@ async def test_revoked_key_is_reattached_and_the_instance_stays_in_use(sim_fleet
     calls = [c for c in sf.calls_naming(int(inst.id)) if c["endpoint"] == "attach_ssh"]
     assert len(calls) == attached + 1 and calls[-1]["status"] == 200
     assert sf.cloud.stats["rent"] == 1
+
+
+@pytest.mark.sshd
+async def test_openssh_refusing_the_key_is_fixed_by_reattaching_it(
+    openssh_cloud: Callable[..., Awaitable[Any]], tmp_path: Path
+) -> None:
+    """Real sshd: an instance whose authorized_keys lost our key refuses the login
+    (SSHAuthError from the pool); instance_connection re-attaches the key through the API
+    (the sim writes it to sshd's authorized_keys) and the second login works. With the
+    API refusing the attach, the auth error comes through (the instance is unreachable)."""
+    cloud = await openssh_cloud(tmp_path / "cloud", instances=1)
+    (iid,) = cloud.instance_ids
+    data = cloud.config(tmp_path / "vastd")
+    data["vast"].update(api_key=cloud.api_key, api_key_file=None)
+    ctx = _connect(cloud, tmp_path / "vastd", Settings(**data))
+    try:
+        await discovery_once(ctx)
+        inst = ctx.store.instances[str(iid)]
+        await instance_connection(ctx, inst)  # it worked once
+        await ctx.pool.drop(inst.id)
+        cloud.server(iid).set_authorized_keys([])
+        with pytest.raises(SSHAuthError):
+            await ctx.pool.get(inst.id, ctx.endpoints(inst))
+        conn = await instance_connection(ctx, inst)
+        assert (await conn.run("id -un", timeout_s=10)).stdout.strip() == cloud.server(iid).user
+        attaches = [c for c in cloud.cloud.calls if c["endpoint"] == "attach_ssh"]
+        assert [c["status"] for c in attaches] == [200]
+        # Refused again, and the API cannot attach the key: the auth error stands.
+        await ctx.pool.drop(inst.id)
+        cloud.server(iid).set_authorized_keys([])
+        inst.key_reattached_at = None
+        cloud.cloud.faults.add(endpoint="attach_ssh", status=400, count=10)
+        with pytest.raises(SSHAuthError):
+            await instance_connection(ctx, inst)
+    finally:
+        await _close(ctx, None)

@@ -267,16 +267,18 @@ def drain_before_end(ctx: Context, inst: InstanceRecord, now: float) -> None:
 # --- keys -----------------------------------------------------------------------------------
 async def reattach_key(ctx: Context, inst: InstanceRecord, now: float) -> bool:
     """SSH refused our key on an instance it worked on before: re-attach the public key
-    through the per-instance endpoint. True when it was (the caller reconnects once)."""
+    through the per-instance endpoint. True when the caller should connect once more.
+
+    One re-attach at a time per instance, and one API call per KEY_REATTACH_EVERY_S:
+    the loops that met the same refusal meanwhile reconnect after it without a call.
+    """
     if ctx.cloud is None or inst.last_contact is None:
         return False
-    last = inst.key_reattached_at
-    if last is not None and now - last < KEY_REATTACH_EVERY_S:
-        return False
-    inst.key_reattached_at = now
-    ctx.store.mark_dirty()
-    log.warning("ssh_key_reattach", instance=inst.id)
-    if not await attach_public_key(ctx, inst):
-        return False
-    await ctx.pool.drop(inst.id)
-    return True
+    async with ctx.key_locks.hold(inst.id):
+        last = inst.key_reattached_at
+        if last is not None and max(now, time.time()) - last < KEY_REATTACH_EVERY_S:
+            return True  # just re-attached (by another loop, maybe while we waited)
+        inst.key_reattached_at = time.time()
+        ctx.store.mark_dirty()
+        log.warning("ssh_key_reattach", instance=inst.id)
+        return await attach_public_key(ctx, inst)
