@@ -202,7 +202,10 @@ async def _set_bid(request: web.Request) -> web.Response:
     cloud, instance_id = _cloud(request), _instance_id(request)
     if instance_id not in cloud.instances:
         return _error(404, "no_such_instance", f"Instance {instance_id} not found.")
-    price = (await _body(request)).get("price")
+    body = await _body(request)
+    if body.get("client_id") != "me":
+        return _error(400, "invalid_args", 'client_id must be "me"')
+    price = body.get("price")
     if isinstance(price, bool) or not isinstance(price, int | float) or not price >= 0:
         return _error(400, "invalid_args", "price must be a number >= 0")
     await cloud.set_bid(instance_id, float(price))
