@@ -255,6 +255,25 @@ async def test_listed_price_is_the_price_and_a_non_finite_one_is_never_stored(
         assert inst.dph == pytest.approx(0.25)
 
 
+async def test_spend_before_a_price_change_is_billed_at_the_old_price(sim_fleet: Make) -> None:
+    """An owned instance last accrued an hour ago at 0.3 $/h, now listed at 0.8: that hour
+    costs 0.3 $, and from now on it costs 0.8 $/h."""
+    sf = await sim_fleet(boot_delay_s=30.0)
+    sf.add_queued(1)
+    (iid,) = (await fl.fleet_once(sf.ctx)).rented
+    inst = sf.ctx.store.instances[iid]
+    inst.accrued_until = time.time() - 3600.0
+    before = sf.ctx.store.snapshot.spend_total
+    sf.cloud.set_price(int(iid), 0.8)
+    await discovery_once(sf.ctx)
+    assert sf.ctx.store.snapshot.spend_total - before == pytest.approx(0.3, rel=0.01)
+    assert inst.dph == pytest.approx(0.8)
+    inst.accrued_until = time.time() - 3600.0
+    before = sf.ctx.store.snapshot.spend_total
+    fl.accrue_spend(sf.ctx, time.time())
+    assert sf.ctx.store.snapshot.spend_total - before == pytest.approx(0.8, rel=0.01)
+
+
 # --- item 14: an end date -------------------------------------------------------------------
 async def test_no_job_runs_past_the_rental_end_date(sim_fleet: Make) -> None:
     """Before any job finished the estimate is `[job] timeout_s` (6 h): an offer ending in a

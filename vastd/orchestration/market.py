@@ -35,7 +35,7 @@ from vastd.core.state import InstanceRecord, InstanceStatus, JobState
 from vastd.instances.provider import ApiState, Offer, ProviderInstance
 from vastd.instances.vast_status import api_state
 from vastd.orchestration.context import Context
-from vastd.orchestration.renting import attach_public_key, current_dph
+from vastd.orchestration.renting import accrue_instance, attach_public_key, current_dph
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
 
@@ -61,7 +61,7 @@ async def on_listed(
         inst.end_date = info.end_date
     if info.state is not ApiState.FROZEN:
         inst.frozen_since = None
-    note_price(ctx, inst, old_dph)
+    note_price(ctx, inst, old_dph, now)
     if info.state is ApiState.GONE:
         return await confirm_gone(ctx, inst)
     if info.state is ApiState.STOPPED:
@@ -133,7 +133,7 @@ def drain_if_frozen(ctx: Context, inst: InstanceRecord, now: float) -> None:
 
 
 # --- prices -------------------------------------------------------------------------------
-def note_price(ctx: Context, inst: InstanceRecord, old_dph: float) -> None:
+def note_price(ctx: Context, inst: InstanceRecord, old_dph: float, now: float) -> None:
     """The host changed the price: log it; a rise past `max_total_dph` drains the instance.
 
     Drained, not destroyed: its running jobs finish (they are paid for already); in
@@ -141,6 +141,10 @@ def note_price(ctx: Context, inst: InstanceRecord, old_dph: float) -> None:
     """
     if abs(inst.dph - old_dph) <= _EPS:
         return
+    # The time up to this listing is billed at the price it had (accrual reads inst.dph).
+    new_dph, inst.dph = inst.dph, old_dph
+    accrue_instance(ctx, inst, now)
+    inst.dph = new_dph
     log.info("instance_price_changed", instance=inst.id, dph_was=old_dph, dph=inst.dph)
     if inst.dph < old_dph or inst.status in st.GONE or inst.status is InstanceStatus.DRAINING:
         return
