@@ -24,7 +24,7 @@ from vastd.orchestration import fleet as fl
 from vastd.orchestration import market
 from vastd.orchestration.actions import instance_connection
 from vastd.orchestration.workflow import discovery_once
-from vastd.utils.config import FleetSettings, Settings
+from vastd.utils.config import FleetSettings, Settings, apply_live_keys, diff_settings
 from vastd.utils.exceptions import SSHAuthError
 
 pytestmark = pytest.mark.slow
@@ -206,6 +206,24 @@ def test_rebid_needs_a_bid_cap() -> None:
     with pytest.raises(ValidationError):
         FleetSettings(on_outbid="bid")
     assert FleetSettings(on_outbid="rebid", max_bid_dph=0.4).max_bid_dph == 0.4
+
+
+def test_the_outbid_policy_and_frozen_grace_apply_on_reload() -> None:
+    """SIGHUP applies `frozen_grace_s`, `on_outbid` and `max_bid_dph` live (read at use)."""
+    old = Settings(vast={"api_key": "k"})
+    new = Settings(
+        vast={"api_key": "k"},
+        fleet={"frozen_grace_s": 60, "on_outbid": "rebid", "max_bid_dph": 0.6},
+    )
+    live, restart = diff_settings(old, new)
+    assert set(live) == {"fleet.frozen_grace_s", "fleet.on_outbid", "fleet.max_bid_dph"}
+    assert restart == []
+    apply_live_keys(old, new)
+    assert (old.fleet.on_outbid, old.fleet.max_bid_dph, old.fleet.frozen_grace_s) == (
+        "rebid",
+        0.6,
+        60,
+    )
 
 
 # --- item 13: a host raises its price -------------------------------------------------------
