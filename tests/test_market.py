@@ -81,6 +81,26 @@ async def test_frozen_shorter_than_the_grace_is_waited_out(sim_fleet: Make) -> N
     assert inst.frozen_since is None and inst.status is not InstanceStatus.DRAINING
 
 
+async def test_adopted_instance_drained_while_frozen_is_used_again_once_it_thaws(
+    sim_fleet: Make,
+) -> None:
+    """Adopt mode: frozen past the grace, drained; listed running again, it goes back
+    through preparation (its job folders swept first) instead of staying drained."""
+    sf = await sim_fleet(mode="adopt", frozen_grace_s=0.0)
+    iid = await sf.cloud.add_instance(label="vastd")
+    await discovery_once(sf.ctx)
+    inst = sf.ctx.store.instances[str(iid)]
+    await sf.cloud.set_status(iid, "frozen")
+    await discovery_once(sf.ctx)
+    assert inst.status is InstanceStatus.DRAINING
+    await sf.cloud.set_status(iid, "running")
+    with capture_logs() as logs:
+        await discovery_once(sf.ctx)
+    assert inst.status is InstanceStatus.DISCOVERED and inst.resweep
+    assert inst.drain_reason is None
+    assert any(e["event"] == "instance_thawed" for e in logs)
+
+
 async def test_instance_pending_again_waits_only_within_the_boot_deadline(
     sim_fleet: Make,
 ) -> None:
@@ -290,6 +310,34 @@ async def test_spend_before_a_price_change_is_billed_at_the_old_price(sim_fleet:
     before = sf.ctx.store.snapshot.spend_total
     fl.accrue_spend(sf.ctx, time.time())
     assert sf.ctx.store.snapshot.spend_total - before == pytest.approx(0.8, rel=0.01)
+
+
+async def test_adopted_fleet_past_the_cap_drains_only_the_rise_that_crosses_it(
+    sim_fleet: Make,
+) -> None:
+    """Adopted instances may bill past max_total_dph from the start: a rise then drains
+    nothing; a rise that takes a fleet under the cap past it drains that instance."""
+    sf = await sim_fleet(mode="adopt", max_total_dph=1.0)
+    a = await sf.cloud.add_instance(label="vastd", dph_total=0.6)
+    b = await sf.cloud.add_instance(label="vastd", dph_total=0.6)
+    await discovery_once(sf.ctx)
+    sf.cloud.set_price(a, 0.7)
+    await discovery_once(sf.ctx)
+    assert sf.ctx.store.instances[str(a)].status is not InstanceStatus.DRAINING
+    sf.ctx.settings.fleet.max_total_dph = 2.0
+    sf.cloud.set_price(b, 1.5)
+    await discovery_once(sf.ctx)
+    assert sf.ctx.store.instances[str(b)].status is InstanceStatus.DRAINING
+    assert sf.ctx.store.instances[str(a)].status is not InstanceStatus.DRAINING
+
+
+async def test_an_end_date_before_the_instance_existed_is_ignored(sim_fleet: Make) -> None:
+    """A zero (or otherwise past-at-first-sight) end date is not a rental ending now."""
+    sf = await sim_fleet(mode="adopt")
+    iid = await sf.cloud.add_instance(label="vastd", end_date=0)
+    await discovery_once(sf.ctx)
+    inst = sf.ctx.store.instances[str(iid)]
+    assert inst.end_date is None and inst.status is not InstanceStatus.DRAINING
 
 
 # --- item 14: an end date -------------------------------------------------------------------

@@ -45,6 +45,7 @@ ESTIMATE_SAMPLE = 200  # the most recent finished jobs the run-time estimate loo
 KEY_REATTACH_EVERY_S = 300.0  # at most one re-attach of the SSH key per instance this often
 MIN_REBID_RAISE = 1.1  # each re-bid is at least 10 % above the bid that was outbid
 _EPS = 1e-9
+FROZEN_DRAIN = "frozen for more than"  # how a frozen instance's drain reason starts
 
 
 # --- one listing of one instance -----------------------------------------------------------
@@ -57,8 +58,8 @@ async def on_listed(
     the caller marks it lost when a reason comes back (its jobs then run elsewhere).
     """
     inst.interruptible = info.interruptible
-    if info.end_date is not None and math.isfinite(info.end_date):
-        inst.end_date = info.end_date
+    if info.end_date is not None and info.end_date > inst.first_seen:
+        inst.end_date = info.end_date  # (one before we first saw it is not a real end)
     if info.state is not ApiState.FROZEN:
         inst.frozen_since = None
     note_price(ctx, inst, old_dph, now)
@@ -70,9 +71,11 @@ async def on_listed(
         restart_boot_deadline(ctx, inst, now)
     elif info.state is ApiState.FROZEN:
         drain_if_frozen(ctx, inst, now)
-    elif inst.rebid_at is not None:
-        log.info("instance_resumed", instance=inst.id, dph=inst.dph)
-        inst.rebid_at = None
+    else:
+        undrain_if_thawed(ctx, inst)
+        if inst.rebid_at is not None:
+            log.info("instance_resumed", instance=inst.id, dph=inst.dph)
+            inst.rebid_at = None
     drain_before_end(ctx, inst, now)
     ctx.store.mark_dirty()
     return None
@@ -127,8 +130,21 @@ def drain_if_frozen(ctx: Context, inst: InstanceRecord, now: float) -> None:
     grace = ctx.settings.fleet.frozen_grace_s
     if now - inst.frozen_since < grace:
         return
-    reason = f"frozen for more than {grace:g}s (billing but unusable)"
+    reason = f"{FROZEN_DRAIN} {grace:g}s (billing but unusable)"
     st.drain_instance(ctx.store, inst, reason, requeue_jobs=True)
+    ctx.wake_dispatch()
+
+
+def undrain_if_thawed(ctx: Context, inst: InstanceRecord) -> None:
+    """Drained for being frozen and running again (an adopted one: an owned one is
+    destroyed once empty): prepared again, its job folders swept, then it gets jobs."""
+    if inst.status is not InstanceStatus.DRAINING:
+        return
+    if not (inst.drain_reason or "").startswith(FROZEN_DRAIN):
+        return
+    st.note_resweep(ctx.store, inst, True)
+    st.undrain_instance(ctx.store, inst, prepare_first=True)
+    log.info("instance_thawed", instance=inst.id, status=inst.status.value)
     ctx.wake_dispatch()
 
 
@@ -150,7 +166,10 @@ def note_price(ctx: Context, inst: InstanceRecord, old_dph: float, now: float) -
         return
     cap = ctx.settings.fleet.max_total_dph
     total = current_dph(ctx)
-    if total > cap + _EPS:
+    before = total - inst.dph + old_dph
+    # Adopted instances may be past the cap from the start (vastd did not rent them):
+    # only the rise that crosses it drains one; an owned one, any rise past it.
+    if total > cap + _EPS and (inst.owned or before <= cap + _EPS):
         reason = f"its price rose to {inst.dph:g} $/h: {total:g} $/h in all, past max_total_dph"
         st.drain_instance(ctx.store, inst, reason, requeue_jobs=False)
         ctx.wake_dispatch()
