@@ -340,6 +340,25 @@ async def test_an_end_date_before_the_instance_existed_is_ignored(sim_fleet: Mak
     assert inst.end_date is None and inst.status is not InstanceStatus.DRAINING
 
 
+async def test_drained_for_its_end_date_is_undrained_when_the_host_extends_it(
+    sim_fleet: Make,
+) -> None:
+    """Drained because no job fits before its end date; the host moves the date a day
+    later and (the estimate being [job] timeout_s, 10 min) jobs fit again: undrained."""
+    sf = await sim_fleet(mode="adopt")
+    iid = await sf.cloud.add_instance(label="vastd")
+    await discovery_once(sf.ctx)
+    inst = sf.ctx.store.instances[str(iid)]
+    assert market.estimated_run_s(sf.ctx) == sf.ctx.settings.job.timeout_s
+    sf.cloud.set_end_date(iid, time.time() + 60)
+    await discovery_once(sf.ctx)
+    assert inst.status is InstanceStatus.DRAINING
+    assert (inst.drain_reason or "").startswith("its rental ends at")
+    sf.cloud.set_end_date(iid, time.time() + 86400)
+    await discovery_once(sf.ctx)
+    assert inst.status is not InstanceStatus.DRAINING and inst.drain_reason is None
+
+
 # --- item 14: an end date -------------------------------------------------------------------
 async def test_no_job_runs_past_the_rental_end_date(sim_fleet: Make) -> None:
     """Before any job finished the estimate is `[job] timeout_s` (6 h): an offer ending in a

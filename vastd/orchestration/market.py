@@ -46,6 +46,7 @@ KEY_REATTACH_EVERY_S = 300.0  # at most one re-attach of the SSH key per instanc
 MIN_REBID_RAISE = 1.1  # each re-bid is at least 10 % above the bid that was outbid
 _EPS = 1e-9
 FROZEN_DRAIN = "frozen for more than"  # how a frozen instance's drain reason starts
+END_DRAIN = "its rental ends at"  # how the drain reason of a rental about to end starts
 
 
 # --- one listing of one instance -----------------------------------------------------------
@@ -277,13 +278,25 @@ def offer_fits(ctx: Context, offer: Offer, now: float) -> bool:
 
 
 def drain_before_end(ctx: Context, inst: InstanceRecord, now: float) -> None:
-    """Drained once no job would finish before the rental ends (running ones go on)."""
-    if inst.end_date is None or inst.status in st.GONE or inst.status is InstanceStatus.DRAINING:
+    """Drained once no job would finish before the rental ends (running ones go on);
+    undrained should one fit again (the host moved the date, or jobs turned out quicker
+    than the first estimate, `[job] timeout_s`)."""
+    if inst.end_date is None or inst.status in st.GONE:
         return
+    ending = inst.status is InstanceStatus.DRAINING and (inst.drain_reason or "").startswith(
+        END_DRAIN
+    )
     if fits_before_end(ctx, inst, now):
+        if ending:
+            prepare_first = inst.prepared_hash is None or inst.resweep
+            st.undrain_instance(ctx.store, inst, prepare_first=prepare_first)
+            log.info("instance_undrained", instance=inst.id, status=inst.status.value)
+            ctx.wake_dispatch()
+        return
+    if inst.status is InstanceStatus.DRAINING:
         return
     ends = datetime.fromtimestamp(inst.end_date, UTC).isoformat(timespec="seconds")
-    st.drain_instance(ctx.store, inst, f"its rental ends at {ends}", requeue_jobs=False)
+    st.drain_instance(ctx.store, inst, f"{END_DRAIN} {ends}", requeue_jobs=False)
     ctx.wake_dispatch()
 
 
