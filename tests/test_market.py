@@ -450,3 +450,49 @@ async def test_openssh_refusing_the_key_is_fixed_by_reattaching_it(
             await instance_connection(ctx, inst)
     finally:
         await _close(ctx, None)
+
+
+# --- the simulator's ways, over HTTP (for tests that drive another process) -----------------
+async def test_sim_market_ways_over_http() -> None:
+    """`POST /_sim/instances/{id}/market` freezes, outbids, reprices, dates and revokes;
+    `PUT /api/v0/instances/bid_price/{id}/` above the competing bid resumes an outbid one,
+    below it leaves it stopped, and refuses a bad body."""
+    import aiohttp
+
+    from tests.test_sim_api import AUTH, KEY, FakeHosts, call
+    from vastd.sim import SimCloud, start_sim_api
+
+    hosts = FakeHosts()
+    cloud = SimCloud(api_key=KEY, boot_delay_s=0.05, host_provider=hosts)
+    runner, url = await start_sim_api(cloud)
+    try:
+        async with aiohttp.ClientSession(url, headers=AUTH) as http:
+            iid = await cloud.add_instance(label="vastd", dph_total=0.3)
+            cloud.ssh_keys[iid] = ["ssh-ed25519 AAAA"]
+            path = f"/_sim/instances/{iid}/market"
+            await call(http, "POST", path, json={"price": 0.45, "end_date": 2e9})
+            assert (cloud.instances[iid]["dph_total"], cloud.instances[iid]["end_date"]) == (
+                0.45,
+                2e9,
+            )
+            await call(http, "POST", path, json={"revoke_keys": True})
+            assert cloud.ssh_keys[iid] == []
+            await call(http, "POST", path, json={"outbid": 0.5})
+            assert cloud.instances[iid]["actual_status"] == "stopped"
+            assert iid not in hosts.live
+            bid = f"/api/v0/instances/bid_price/{iid}/"
+            await call(http, "PUT", bid, json={"client_id": "me", "price": 0.4})
+            assert cloud.instances[iid]["actual_status"] == "stopped"
+            async with http.put(bid, json={"client_id": "me", "price": "lots"}) as resp:
+                assert resp.status == 400
+            await call(http, "PUT", bid, json={"client_id": "me", "price": 0.6})
+            await cloud.wait_for_status(iid, "running", 5)
+            assert cloud.instances[iid]["dph_total"] == 0.6 and iid in hosts.live
+            await call(http, "POST", path, json={"freeze": True})
+            assert cloud.instances[iid]["actual_status"] == "frozen"
+            assert iid not in hosts.live
+            async with http.post("/_sim/instances/99/market", json={"freeze": True}) as resp:
+                assert resp.status == 404
+    finally:
+        await runner.cleanup()
+        await cloud.aclose()
