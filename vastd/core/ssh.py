@@ -36,6 +36,7 @@ from vastd.utils.exceptions import (
     RemoteOutputTooLarge,
     ResultTooLargeError,
     ResultValidationError,
+    SSHAuthError,
     SSHConnectionError,
     VastdError,
 )
@@ -485,6 +486,7 @@ class SSHPool:
     async def _connect(self, instance_id: str, endpoints: list[Endpoint]) -> SSHConnection:
         structlog.contextvars.bind_contextvars(instance=instance_id)
         last: BaseException | None = None
+        denied = False
         for attempt in range(self._connect_attempts):
             if attempt:
                 await asyncio.sleep(self._backoff.delay_s(attempt - 1))
@@ -496,10 +498,13 @@ class SSHPool:
                     raise
                 except (asyncssh.Error, OSError, TimeoutError) as exc:
                     last = exc
+                    denied = denied or isinstance(exc, asyncssh.PermissionDenied)
                     log.info("ssh_connect_failed", endpoint=str(endpoint), error=error_text(exc))
         metrics.SSH_ERRORS.inc()
         text = error_text(last) if last is not None else "no endpoint answered"
-        raise SSHConnectionError(f"{instance_id}: cannot connect: {text}")
+        # An endpoint that refused our key says which fix to try (the caller re-attaches it).
+        error = SSHAuthError if denied else SSHConnectionError
+        raise error(f"{instance_id}: cannot connect: {text}")
 
     async def _connect_one(self, instance_id: str, endpoint: Endpoint) -> SSHConnection:
         mode = self.settings.known_hosts

@@ -114,6 +114,8 @@ class Context:
     remote_locks: KeyedLocks = field(default_factory=KeyedLocks)
     # job: one collection (download, validation, install into results/<job>/) at a time
     job_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # instance: one re-attach of the SSH key at a time (market.reattach_key)
+    key_locks: KeyedLocks = field(default_factory=KeyedLocks)
     # instance -> when a drained instance's job folders may next be swept (followups.py)
     sweeps: dict[str, float] = field(default_factory=dict)
     # per instance: the task watching its jobs, the task preparing it

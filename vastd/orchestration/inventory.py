@@ -15,7 +15,7 @@ from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.preparation import prepare_instance_for_jobs
 from vastd.instances.provider import ApiState, ProviderInstance, machine_number
-from vastd.orchestration import breaker
+from vastd.orchestration import breaker, market
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
@@ -137,7 +137,7 @@ async def discovery_once(ctx: Context) -> int:
         if inst.status in (InstanceStatus.DESTROYED, InstanceStatus.DESTROYING):
             note_listed_after_destroy(inst, asked_at)
             continue
-        apply_listed(ctx, inst, info, now)
+        await apply_listed(ctx, inst, info, now)
     missing = [
         i for i in ctx.store.instances.values() if i.id not in seen and i.status not in st.GONE
     ]
@@ -147,11 +147,16 @@ async def discovery_once(ctx: Context) -> int:
     return len(seen)
 
 
-def apply_listed(ctx: Context, inst: InstanceRecord, info: ProviderInstance, now: float) -> None:
-    """What the API says of a known instance (listed, or looked up) goes into its record."""
+async def apply_listed(
+    ctx: Context, inst: InstanceRecord, info: ProviderInstance, now: float
+) -> None:
+    """What the API says of a known instance (listed, or looked up) goes into its record,
+    and through market.py's reading of it (price, frozen, outbid, end date, gone)."""
+    old_dph = inst.dph
     refresh_record(inst, info, now)
-    if info.state in (ApiState.GONE, ApiState.STOPPED):
-        handle_instance_failure(ctx, inst, f"vast.ai reports it {info.raw_status}")
+    lost = await market.on_listed(ctx, inst, info, old_dph, now)
+    if lost is not None:
+        handle_instance_failure(ctx, inst, lost)
     elif info.state is ApiState.RUNNING and inst.status in (
         InstanceStatus.LOST,
         InstanceStatus.BOOTING,
@@ -181,7 +186,7 @@ async def settle_missing(ctx: Context, inst: InstanceRecord, now: float) -> None
             handle_instance_failure(ctx, inst, "gone from vast.ai (listing and lookup)")
             return
         if info is not None and info.label == ctx.settings.vast.label:
-            apply_listed(ctx, inst, info, now)
+            await apply_listed(ctx, inst, info, now)
             return
         # never listed yet (rented a moment ago: the API may lag behind the rent), or
         # relabelled (no longer ours to use): the grace decides, as without a lookup

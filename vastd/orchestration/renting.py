@@ -28,7 +28,8 @@ from vastd.instances.lifecycle import (
     public_key_line,
     terminate_instance,
 )
-from vastd.instances.provider import Offer, machine_number
+from vastd.instances.provider import ApiState, Offer, machine_number
+from vastd.instances.vast_status import api_state
 from vastd.orchestration.context import Context
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
@@ -36,6 +37,22 @@ from vastd.utils.supervise import Backoff
 
 log = get_logger("vastd.lifecycle")
 DESTROY_BACKOFF = Backoff(DESTROY_BACKOFF_S, DESTROY_BACKOFF_MAX_S, jitter="none")
+
+
+def billing(inst: InstanceRecord) -> bool:
+    """Whether this instance may still be costing money."""
+    if inst.status is InstanceStatus.DESTROYED:
+        return listed_after_destroy(inst)  # a stale confirmation: it may still bill
+    if api_state(inst.api_status) is ApiState.STOPPED:
+        return True  # stopped (outbid or not): its disk still bills
+    return inst.owned or inst.status is not InstanceStatus.LOST
+
+
+def current_dph(ctx: Context) -> float:
+    """$/h of every instance that may bill, plus rents whose outcome is not known yet."""
+    total = sum(i.dph for i in ctx.store.instances.values() if billing(i))
+    total += sum(float(x.get("dph") or 0.0) for x in ctx.store.snapshot.rent_intents.values())
+    return total
 
 
 def offer_dph(ctx: Context, offer: Offer) -> float:
@@ -118,6 +135,8 @@ async def rent_instance(ctx: Context, offer: Offer) -> InstanceRecord:
             machine_id=machine_id,
             gpu_name=offer.gpu_name,
             intent_id=intent_id,
+            interruptible=s.fleet.interruptible,
+            end_date=offer.end_date,
         )
         store.instances[iid] = inst
     # else: discovery claimed it through the intent while the PUT was answering.

@@ -4,7 +4,8 @@
 the official client's shapes (the `vastai` CLI works against it with `--url`).
 Faults (`SimCloud.faults`) and a JSON control surface under `/_sim/` let tests,
 in-process or from another process, inject 429/5xx, delays, malformed bodies and
-instance failures at run time. Every API request is recorded in `SimCloud.calls`.
+instance failures at run time (`/_sim/instances/{id}/market`: the market's ways, a
+freeze, an outbid, a price, an end date, revoked keys). Every API request is recorded in `SimCloud.calls`.
 
 This module owns the HTTP side (routes, auth, the control surface); `SimCloud` is in
 cloud.py, faults in faults.py, filter semantics in filters.py (all re-exported here).
@@ -200,6 +201,20 @@ async def _reboot(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
+async def _set_bid(request: web.Request) -> web.Response:
+    cloud, instance_id = _cloud(request), _instance_id(request)
+    if instance_id not in cloud.instances:
+        return _error(404, "no_such_instance", f"Instance {instance_id} not found.")
+    body = await _body(request)
+    if body.get("client_id") != "me":
+        return _error(400, "invalid_args", 'client_id must be "me"')
+    price = body.get("price")
+    if isinstance(price, bool) or not isinstance(price, int | float) or not price >= 0:
+        return _error(400, "invalid_args", "price must be a number >= 0")
+    await cloud.set_bid(instance_id, float(price))
+    return json_response({"success": True})
+
+
 async def _attach_ssh(request: web.Request) -> web.Response:
     cloud, instance_id = _cloud(request), _instance_id(request)
     if instance_id not in cloud.instances:
@@ -298,6 +313,27 @@ async def _ctl_stale(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
+async def _ctl_market(request: web.Request) -> web.Response:
+    """`POST /_sim/instances/{id}/market` with one of {"freeze": true}, {"outbid": dph},
+    {"price": dph}, {"end_date": epoch s or null}, {"revoke_keys": true}."""
+    cloud, instance_id = _cloud(request), _instance_id(request)
+    if instance_id not in cloud.instances:
+        return _error(404, "no_such_instance", "no such instance")
+    body = await _body(request)
+    if body.get("freeze"):
+        await cloud.freeze(instance_id)
+    if "outbid" in body:
+        await cloud.outbid(instance_id, float(body["outbid"]))
+    if "price" in body:
+        cloud.set_price(instance_id, float(body["price"]))
+    if "end_date" in body:
+        end = body["end_date"]
+        cloud.set_end_date(instance_id, None if end is None else float(end))
+    if body.get("revoke_keys"):
+        cloud.revoke_keys(instance_id)
+    return json_response({"success": True})
+
+
 async def _ctl_vanish(request: web.Request) -> web.Response:
     await _cloud(request).vanish(_instance_id(request))
     return json_response({"success": True})
@@ -317,6 +353,7 @@ def create_sim_app(cloud: SimCloud) -> web.Application:
     r.add_delete(r"/api/v0/instances/{id:\d+}/", _destroy, name="destroy")
     r.add_put(r"/api/v0/instances/reboot/{id:\d+}/", _reboot, name="reboot")
     r.add_post(r"/api/v0/instances/{id:\d+}/ssh/", _attach_ssh, name="attach_ssh")
+    r.add_put(r"/api/v0/instances/bid_price/{id:\d+}/", _set_bid, name="set_bid")
     r.add_post("/api/v0/bundles/", _search_offers, name="search_offers")
     r.add_put(r"/api/v0/asks/{id:\d+}/", _rent, name="rent")
     r.add_get("/_sim/state", _ctl_state)
@@ -329,6 +366,7 @@ def create_sim_app(cloud: SimCloud) -> web.Application:
     r.add_post(r"/_sim/instances/{id:\d+}/status", _ctl_status)
     r.add_post(r"/_sim/instances/{id:\d+}/vanish", _ctl_vanish)
     r.add_post(r"/_sim/instances/{id:\d+}/stale", _ctl_stale)
+    r.add_post(r"/_sim/instances/{id:\d+}/market", _ctl_market)
     return app
 
 

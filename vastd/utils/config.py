@@ -247,6 +247,10 @@ class FleetSettings(_Section):
     # ready, renting pauses for rent_pause_s (0: never pause)
     max_failed_rentals: int = Field(default=3, ge=0)
     rent_pause_s: float = Field(default=1800.0, gt=0)
+    # the market as vast.ai behaves (orchestration/market.py)
+    frozen_grace_s: float = Field(default=300.0, ge=0)
+    on_outbid: Literal["destroy", "rebid"] = "destroy"
+    max_bid_dph: float | None = Field(default=None, gt=0)
 
     @field_validator("offer_query")
     @classmethod
@@ -270,6 +274,12 @@ class FleetSettings(_Section):
 
         check_order(value)
         return value
+
+    @model_validator(mode="after")
+    def _rebid_has_a_cap(self) -> FleetSettings:
+        if self.on_outbid == "rebid" and self.max_bid_dph is None:
+            raise ValueError('on_outbid = "rebid" needs max_bid_dph (the highest bid, $/hour)')
+        return self
 
 
 def normalise_log_level(value: str) -> str:
@@ -621,6 +631,9 @@ LIVE_KEYS: tuple[tuple[str, str], ...] = (
     ("fleet", "min_free_disk_gb"),
     ("fleet", "max_failed_rentals"),
     ("fleet", "rent_pause_s"),
+    ("fleet", "frozen_grace_s"),
+    ("fleet", "on_outbid"),
+    ("fleet", "max_bid_dph"),
     ("job", "max_attempts"),
     ("job", "timeout_s"),
     ("log", "level"),
