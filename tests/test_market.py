@@ -331,6 +331,19 @@ async def test_adopted_fleet_past_the_cap_drains_only_the_rise_that_crosses_it(
     assert sf.ctx.store.instances[str(a)].status is not InstanceStatus.DRAINING
 
 
+async def test_adopting_a_fleet_past_the_cap_is_not_a_price_rise(sim_fleet: Make) -> None:
+    """The first listing of an instance gives its price; it is not a change from the
+    record's 0.0. Ten adopted instances at 0.25 $/h under a 2.0 $/h cap: none drained
+    (the ninth was, its discovery read as a rise that crossed the cap)."""
+    sf = await sim_fleet(mode="adopt", max_total_dph=2.0)
+    ids = [await sf.cloud.add_instance(label="vastd", dph_total=0.25) for _ in range(10)]
+    await discovery_once(sf.ctx)
+    await discovery_once(sf.ctx)
+    statuses = {sf.ctx.store.instances[str(i)].status for i in ids}
+    assert InstanceStatus.DRAINING not in statuses, statuses
+    assert all(sf.ctx.store.instances[str(i)].dph == 0.25 for i in ids)
+
+
 async def test_an_end_date_before_the_instance_existed_is_ignored(sim_fleet: Make) -> None:
     """A zero (or otherwise past-at-first-sight) end date is not a rental ending now."""
     sf = await sim_fleet(mode="adopt")

@@ -152,7 +152,10 @@ async def apply_listed(
 ) -> None:
     """What the API says of a known instance (listed, or looked up) goes into its record,
     and through market.py's reading of it (price, frozen, outbid, end date, gone)."""
-    old_dph = inst.dph
+    # An adopted instance's first listing gives its price (its record had none); one
+    # vastd rented has the price it was rented at, which a listing may change.
+    first = inst.last_seen is None and not inst.owned
+    old_dph = info.dph if first and info.dph is not None else inst.dph
     refresh_record(inst, info, now)
     lost = await market.on_listed(ctx, inst, info, old_dph, now)
     if lost is not None:
