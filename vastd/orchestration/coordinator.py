@@ -113,7 +113,9 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             continue
         if record is None:
             if job.state is JobState.FAILED:
-                log.warning("job_failed", job=job.id, reason=job.last_error, **job_outcome(job))
+                log.warning(
+                    "job_failed", job=job.id, reason=job.last_error, **job_outcome(ctx, job)
+                )
             continue  # lost or drained during the move: next round
         # Claimed before any await: the instance's watcher leaves this run alone.
         ctx.dispatch.claim(job.id, job.run_id)
