@@ -243,17 +243,27 @@ class RepeatedFailures:
     def __init__(self) -> None:
         self._last: dict[str, tuple[str, int]] = {}
 
-    def failed(self, logger: Any, event: str, key: str, error: str, **fields: Any) -> bool:
-        """Log `event` for this failure; True when it was logged at warning (a change)."""
+    def failed(
+        self,
+        logger: Any,
+        event: str,
+        key: str,
+        error: str,
+        level: str = "warning",
+        field: str = "error",
+        **fields: Any,
+    ) -> bool:
+        """Log `event` for this failure (its text under `field`); True when it was logged
+        at `level` (a change), False when at debug (a repeat)."""
         prev = self._last.get(key)
         if prev is not None and prev[0] == error:
             count = prev[1] + 1
             self._last[key] = (error, count)
-            logger.debug(event, error=error, repeats=count, **fields)
+            logger.debug(event, **{field: error}, repeats=count, **fields)
             return False
         count = (prev[1] if prev is not None else 0) + 1
         self._last[key] = (error, count)
-        logger.warning(event, error=error, **fields)
+        getattr(logger, level)(event, **{field: error}, **fields)
         return True
 
     def recovered(self, logger: Any, event: str, key: str, **fields: Any) -> bool:
@@ -263,6 +273,10 @@ class RepeatedFailures:
             return False
         logger.info(event, failures=prev[1], **fields)
         return True
+
+    def forget(self, key: str) -> None:
+        """`key` works again, its recovery logged elsewhere: its next failure is news."""
+        self._last.pop(key, None)
 
     def failing(self, key: str) -> bool:
         return key in self._last
