@@ -24,6 +24,7 @@ from vastd.core.files import JobFolder, Layout
 from vastd.core.state import InstanceStatus, JobState, StateStore
 from vastd.instances.preparation import marker_path, steps_hash
 from vastd.orchestration import coordinator as co
+from vastd.orchestration.actions import mark_reachable, mark_unreachable
 from vastd.orchestration.context import Context, build_context
 from vastd.orchestration.scheduler import (
     Scheduler,
@@ -42,6 +43,7 @@ from vastd.orchestration.workflow import (
 )
 from vastd.status import build_status
 from vastd.utils.config import PrepareStep, Settings
+from vastd.utils.exceptions import SSHConnectionError
 
 
 @pytest.fixture
@@ -337,6 +339,23 @@ async def test_a_preparation_failing_the_same_way_is_warned_once(env: SimEnv) ->
     failed = events(logs, "instance_prepare_failed")
     assert [e["log_level"] for e in failed] == ["warning", "debug", "debug", "warning"]
     assert [e["failures"] for e in failed] == [1, 2, 3, 4]
+
+
+async def test_an_unreachable_instance_is_logged_once_per_outage(env: SimEnv) -> None:
+    """SSH failing on every poll: one `instance_unreachable` for the outage, one
+    `instance_reachable` when it answers, and a later outage is logged again."""
+    await env.start(instances=1)
+    ctx = env.context()
+    [iid] = await env.ready(ctx)
+    inst = ctx.store.instances[iid]
+    with capture_logs() as logs:
+        for _ in range(3):
+            mark_unreachable(ctx, inst, SSHConnectionError("connection refused"))
+        mark_reachable(ctx, inst)
+        mark_unreachable(ctx, inst, SSHConnectionError("connection refused"))
+    names = [e["event"] for e in logs if e["event"].startswith("instance_")]
+    assert names == ["instance_unreachable", "instance_reachable", "instance_unreachable"]
+    assert inst.status is InstanceStatus.UNREACHABLE
 
 
 async def test_host_key_change_drains_the_instance(env: SimEnv) -> None:
