@@ -9,10 +9,12 @@
 # checkout or --wheel, runtime dependencies only), /etc/vastd (0750 root:vastd) with
 # config.toml from config.example.toml (never overwritten), the unit in
 # /etc/systemd/system, a tmpfiles.d entry for /var/lib/vastd, the docs under
-# PREFIX/share/doc, and `systemctl enable vastd` (not started: the keys come first).
+# PREFIX/share/doc, and `systemctl enable vastd` (not started: the keys come first;
+# with --root, `systemctl --root DIR enable`; without systemd, a line saying how).
 #
 # --root DIR installs everything under DIR instead of / (like DESTDIR: for packaging
-# and tests); nothing outside DIR is touched: no user, no chown, no systemctl.
+# and tests); nothing outside DIR is touched: no user, no chown, and systemctl only as
+# `systemctl --root DIR enable` (a link inside DIR).
 # Uninstall removes the unit, the venv and the sysusers/tmpfiles entries; the config
 # (/etc/vastd) and the state (/var/lib/vastd: queue, results, snapshot) stay unless
 # --purge, which also removes the user.
@@ -66,7 +68,8 @@ if [ "$UNINSTALL" -eq 1 ]; then
     if systemd_running; then
         systemctl disable --now vastd.service 2>/dev/null || true
     fi
-    rm -f "$UNIT" "$SYSUSERS" "$TMPFILES"
+    # the wants/ link too (systemctl disable removed it where systemd runs)
+    rm -f "$UNIT" "$SYSUSERS" "$TMPFILES" "$ROOT/etc/systemd/system/multi-user.target.wants/vastd.service"
     rm -rf "$ROOT$PREFIX"
     if systemd_running; then systemctl daemon-reload; fi
     if [ "$PURGE" -eq 1 ]; then
@@ -135,7 +138,14 @@ if systemd_running; then
     systemctl daemon-reload
     if [ "$ENABLE" -eq 1 ]; then
         systemctl enable vastd.service
+        say "enabled vastd.service (starts at boot; not started now)"
     fi
+elif [ "$ENABLE" -eq 1 ] && [ -n "$ROOT" ] && command -v systemctl >/dev/null; then
+    # An image or a staged root: the wants/ link, made offline, without a running systemd.
+    systemctl --root="$ROOT" --quiet enable vastd.service 2>/dev/null
+    say "enabled vastd.service in $ROOT (starts when that system boots)"
+elif [ "$ENABLE" -eq 1 ]; then
+    say "systemd is not running here, so the unit is not enabled: run 'systemctl enable vastd' on the system that will run it"
 fi
 cat <<EOF
 install-service: done. Next:

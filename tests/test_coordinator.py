@@ -303,6 +303,9 @@ async def test_a_failed_job_is_retried_on_another_instance(env: SimEnv) -> None:
     [done] = events(logs, "job_done")
     assert (done["attempts"], done["runs"]) == (1, 2)
     assert done["duration_s"] >= done["run_s"] >= 0 and done["run"] == job.run_id
+    # its share of B's $/h over its run there, as its MANIFEST.json says
+    manifest = json.loads((ctx.layout.results_dir(job_id) / "MANIFEST.json").read_text())
+    assert isinstance(done["cost"], float) and done["cost"] == manifest["cost"] >= 0
 
 
 # --- watching and collecting ----------------------------------------------------------------
@@ -364,6 +367,9 @@ async def test_failing_job_is_retried_then_failed_with_error_file(env: SimEnv) -
     assert [e["attempts"] for e in events(logs, "job_retry")] == [1]
     [failed] = events(logs, "job_failed")
     assert (failed["attempts"], failed["runs"]) == (2, 2) and failed["duration_s"] >= 0
+    dph = next(iter(ctx.store.instances.values())).dph
+    assert isinstance(failed["cost"], float) and failed["cost"] >= 0
+    assert failed["cost"] <= dph * failed["run_s"] / 3600 + 1e-6
     assert job.attempts == 2 and job.last_exit_code == 3
     assert job_file_in(ctx, job_id) == ["failed"]
     error = json.loads(ctx.layout.error_file(job_id).read_text())

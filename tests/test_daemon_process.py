@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import async_wait_for, clean_env, dump_toml, saved_jobs, write_private_key
+from vastd import __version__
 from vastd.core.state import JobRecord, load_state
 from vastd.daemon import status_line
 from vastd.sim.cluster import SimCluster, load_make_jobs
@@ -226,7 +227,6 @@ CONTRACT_EVENTS = {
     "job_done",
     "instance_discovered",
     "instance_prepared",
-    "state_saved",
     "loop_lag",
     "daemon_stopped",
 }
@@ -280,7 +280,15 @@ async def test_daemon_runs_jobs_to_done_and_stops_on_sigterm(
         assert {"timestamp", "level", "event"} <= set(record), line
         assert datetime.fromisoformat(record["timestamp"]).utcoffset() == timedelta(0)
     assert sorted(CONTRACT_EVENTS - daemon.names()) == []
+    # Every write of the snapshot is a debug line: at the default level, none.
+    assert "state_saved" not in daemon.names()
     assert all(r["level"] != "error" for r in daemon.records), daemon.tail()
+    [started] = daemon.events("daemon_started")
+    assert started["version"] == __version__ and started["config"] == str(config)
+    for done in daemon.events("job_done"):
+        assert done["attempts"] == 0 and done["runs"] == 1, done
+        assert done["duration_s"] >= done["run_s"] > 0, done
+        assert isinstance(done["cost"], float) and done["cost"] > 0, done
     assert {e["job"] for e in daemon.events("job_accepted")} == set(jobs)
     assert {e["instance"] for e in daemon.events("instance_prepared")} <= {
         str(i) for i in sim.cloud.instances

@@ -298,6 +298,27 @@ async def test_a_non_finite_price_never_turns_the_budget_off(
     assert all(i.dph == 0.2 for i in saved.instances.values())
 
 
+async def test_a_failing_offer_search_is_logged_once_per_change(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """The offer search failing every fleet cycle: one `offer_search_failed` warning, the
+    repeats at debug; once it answers, `offer_search_recovered` at info and a rental."""
+    sf = await sim_fleet(job_s=0.5, max_instances=1)
+    fault = sf.cloud.faults.add(endpoint="search_offers", status=400, count=None)
+    sf.submit(1)
+    with capture_logs() as logs:
+        sf.run()
+        await sf.wait(lambda: len([e for e in logs if e["event"] == "offer_search_failed"]) >= 3)
+        sf.cloud.faults.remove(fault)
+        await sf.wait(sf.all_done, 30, "the job done once offers come back")
+    failed = [e for e in logs if e["event"] == "offer_search_failed"]
+    assert [e["log_level"] for e in failed][:3] == ["warning", "debug", "debug"], failed
+    assert [e["log_level"] for e in failed].count("warning") == 1, failed
+    [back] = [e for e in logs if e["event"] == "offer_search_recovered"]
+    assert back["log_level"] == "info" and back["failures"] == len(failed)
+    assert sf.cloud.stats["rent"] == 1
+
+
 async def test_adopt_mode_never_rents(sim_fleet: Callable[..., Awaitable[SimFleet]]) -> None:
     """In adopt mode the fleet step rents nothing, whatever waits in the queue."""
     sf = await sim_fleet(mode="adopt")

@@ -17,7 +17,7 @@ from tests.helpers import preserved_logging
 from vastd.core import state as st
 from vastd.core.state import StateStore
 from vastd.utils import logging as vlog
-from vastd.utils.logging import get_logger, register_secret, setup_logging
+from vastd.utils.logging import RepeatedFailures, get_logger, register_secret, setup_logging
 
 SECRET = "vk-9d2e71c4aa0b"
 
@@ -154,7 +154,7 @@ async def test_capture_logs_sees_events(tmp_path: Path) -> None:
         get_logger("vastd.test", instance="7").warning("instance_lost", job="j1")
     assert captured[0]["event"] == "state_saved"
     assert captured[0]["jobs"] == 1
-    assert captured[0]["log_level"] == "info"
+    assert captured[0]["log_level"] == "debug"  # every write: at debug, not half the log
     assert captured[1] == {
         "event": "instance_lost",
         "instance": "7",
@@ -215,3 +215,31 @@ def test_deferred_setup_completes_on_the_first_record(first: str) -> None:
     assert records["from_structlog"]["instance"] == "101"
     assert records["from_structlog"]["level"] == "warning"
     assert records["from_stdlib"]["logger"] == "vastd.lib"
+
+
+def test_repeated_failures_are_logged_once_per_change() -> None:
+    """A failure: at its level once, the same text again at debug with a count, a new text
+    at its level again, the recovery once at info; after `forget` the next failure is news;
+    keys are independent."""
+    repeats = RepeatedFailures()
+    log = get_logger("vastd.test")
+    with structlog.testing.capture_logs() as got:
+        assert repeats.failed(log, "x_failed", "a", "boom")
+        assert not repeats.failed(log, "x_failed", "a", "boom")
+        assert repeats.failed(log, "y_failed", "b", "boom", level="error", field="reason")
+        assert repeats.failed(log, "x_failed", "a", "other")
+        assert repeats.recovered(log, "x_recovered", "a")
+        assert not repeats.recovered(log, "x_recovered", "a")
+        assert repeats.failed(log, "x_failed", "a", "other")
+        repeats.forget("b")
+        assert repeats.failed(log, "y_failed", "b", "boom", level="error", field="reason")
+    assert [(e["event"], e["log_level"]) for e in got] == [
+        ("x_failed", "warning"),
+        ("x_failed", "debug"),
+        ("y_failed", "error"),
+        ("x_failed", "warning"),
+        ("x_recovered", "info"),
+        ("x_failed", "warning"),
+        ("y_failed", "error"),
+    ]
+    assert got[1]["repeats"] == 2 and got[2]["reason"] == "boom" and got[4]["failures"] == 3

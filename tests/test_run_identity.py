@@ -60,11 +60,15 @@ async def test_no_upload_when_the_assignment_cannot_be_saved(
     monkeypatch.setattr(snapshot_mod, "save_state", disk_full)
     with capture_logs() as logs:
         assert await co.coordinate_job_distribution(ctx) == 0
+        assert await co.coordinate_job_distribution(ctx) == 0  # the disk is still full
     job = ctx.store.jobs[job_id]
     assert job.state is JobState.QUEUED and job.run_id is None
     assert job_file_in(ctx, job_id) == ["queued"]
     assert not remote_dir(ctx, iid, job_id).exists(), "uploaded before the record was saved"
-    [deferred] = [e for e in logs if e["event"] == "dispatch_deferred"]
+    # once at error, the same reason again at debug (each round would flood the log)
+    deferred, again = [e for e in logs if e["event"] == "dispatch_deferred"]
+    assert (deferred["log_level"], again["log_level"]) == ("error", "debug")
+    assert again["repeats"] == 2 and again["reason"] == deferred["reason"]
     assert "ENOSPC" in deferred["reason"] and ctx.store.save_error is not None
     assert ctx.store.instances[iid].current_jobs == []
 

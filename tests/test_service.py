@@ -87,10 +87,12 @@ def run_install(*args: str, root: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """scripts/install-service.sh --root ROOT --no-enable (a real venv, built from this tree)."""
+    """scripts/install-service.sh --root ROOT (a real venv, built from this tree); its
+    output is kept beside ROOT as install.log."""
     root = tmp_path_factory.mktemp("install") / "root"
-    proc = run_install("--no-enable", root=root)
+    proc = run_install(root=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    (root.parent / "install.log").write_text(proc.stdout)
     yield root
 
 
@@ -114,6 +116,10 @@ def test_install_lays_out_the_service(installed: Path) -> None:
     assert "d /var/lib/vastd 0750 vastd vastd -" in tmpfiles
     unit = root / "etc/systemd/system/vastd.service"
     assert unit.read_text() == UNIT.read_text()  # default prefix: the unit as shipped
+    # enabled offline in ROOT (systemctl --root): the wants/ link, and a line saying so
+    wants = root / "etc/systemd/system/multi-user.target.wants/vastd.service"
+    assert os.readlink(wants) == "/etc/systemd/system/vastd.service"
+    assert f"enabled vastd.service in {root}" in (root.parent / "install.log").read_text()
     assert (root / "opt/vastd/share/doc/OPERATIONS.md").is_file()
     vastd = root / "opt/vastd/.venv/bin/vastd"
     version = subprocess.run([str(vastd), "--version"], capture_output=True, text=True, check=True)
@@ -199,6 +205,7 @@ def test_uninstall_keeps_state_unless_purged(installed: Path, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     assert not (root / "opt/vastd").exists()
     assert not (root / "etc/systemd/system/vastd.service").exists()
+    assert not (root / "etc/systemd/system/multi-user.target.wants/vastd.service").is_symlink()
     assert not (root / "usr/lib/sysusers.d/vastd.conf").exists()
     assert not (root / "usr/lib/tmpfiles.d/vastd.conf").exists()
     assert state.read_text() == "{}"

@@ -24,6 +24,7 @@ from vastd.core.files import JobFolder, Layout
 from vastd.core.state import InstanceStatus, JobState, StateStore
 from vastd.instances.preparation import marker_path, steps_hash
 from vastd.orchestration import coordinator as co
+from vastd.orchestration.actions import mark_reachable, mark_unreachable
 from vastd.orchestration.context import Context, build_context
 from vastd.orchestration.scheduler import (
     Scheduler,
@@ -42,6 +43,7 @@ from vastd.orchestration.workflow import (
 )
 from vastd.status import build_status
 from vastd.utils.config import PrepareStep, Settings
+from vastd.utils.exceptions import SSHConnectionError
 
 
 @pytest.fixture
@@ -120,6 +122,32 @@ async def test_discovery_failed_listing_changes_nothing(
     assert after == before
     assert all(i.missing_since is None for i in ctx.store.instances.values())
     assert ctx.store.snapshot.last_discovery_at == last_discovery
+
+
+async def test_a_failing_listing_is_logged_once_per_change(env: SimEnv) -> None:
+    """The API failing every cycle: `discovery_failed` at warning once (again when the
+    error changes), the repeats at debug with a count, `discovery_recovered` at info once
+    a listing succeeds, with how many failed."""
+    sim = await env.start(instances=1)
+    ctx = env.context()
+    fault = sim.cloud.faults.add(endpoint="list_instances", status=500, count=None)
+    with capture_logs() as logs:
+        for _ in range(3):
+            await discovery_once(ctx)
+        sim.cloud.faults.remove(fault)
+        sim.cloud.faults.add(endpoint="list_instances", status=200, body="html", count=None)
+        await discovery_once(ctx)
+        sim.cloud.faults.clear()
+        await discovery_once(ctx)
+        await discovery_once(ctx)
+
+    failed = events(logs, "discovery_failed")
+    assert [e["log_level"] for e in failed] == ["warning", "debug", "debug", "warning"]
+    assert [e.get("repeats") for e in failed] == [None, 2, 3, None]
+    assert failed[0]["error"] == failed[1]["error"] != failed[3]["error"]
+    [back] = events(logs, "discovery_recovered")
+    assert back["log_level"] == "info" and back["failures"] == 4
+    assert len(ctx.store.instances) == 1
 
 
 @pytest.mark.parametrize("api_status", ["exited", "offline"])
@@ -288,6 +316,49 @@ async def test_preparation_failure_backs_off_and_is_reported(env: SimEnv) -> Non
     status = build_status(ctx.layout, ctx.store.snapshot)
     [shown] = [i for i in status["instances"] if str(i["id"]) == iid]
     assert "exited 7" in str(shown["prepare_error"])
+
+
+async def test_a_preparation_failing_the_same_way_is_warned_once(env: SimEnv) -> None:
+    """Each back-off retry failing with the same error logs `instance_prepare_failed` at
+    debug after the first warning; a different error is a warning again."""
+    await env.start(instances=1)
+    steps = [prepare_step("broken", check="false", install="echo same >&2; exit 7")]
+    ctx = env.context(env.settings(prepare=steps))
+    await discovery_once(ctx)
+    [iid] = list(ctx.store.instances)
+    inst = ctx.store.instances[iid]
+
+    async def attempt() -> None:
+        inst.next_prepare_at = None  # skip the back-off
+        assert coordinate_instance_preparation(ctx) == 1
+        await ctx.preparing[iid]
+
+    with capture_logs() as logs:
+        for _ in range(3):
+            await attempt()
+        ctx.settings.prepare[0].install = "echo other >&2; exit 8"
+        await attempt()
+
+    failed = events(logs, "instance_prepare_failed")
+    assert [e["log_level"] for e in failed] == ["warning", "debug", "debug", "warning"]
+    assert [e["failures"] for e in failed] == [1, 2, 3, 4]
+
+
+async def test_an_unreachable_instance_is_logged_once_per_outage(env: SimEnv) -> None:
+    """SSH failing on every poll: one `instance_unreachable` for the outage, one
+    `instance_reachable` when it answers, and a later outage is logged again."""
+    await env.start(instances=1)
+    ctx = env.context()
+    [iid] = await env.ready(ctx)
+    inst = ctx.store.instances[iid]
+    with capture_logs() as logs:
+        for _ in range(3):
+            mark_unreachable(ctx, inst, SSHConnectionError("connection refused"))
+        mark_reachable(ctx, inst)
+        mark_unreachable(ctx, inst, SSHConnectionError("connection refused"))
+    names = [e["event"] for e in logs if e["event"].startswith("instance_")]
+    assert names == ["instance_unreachable", "instance_reachable", "instance_unreachable"]
+    assert inst.status is InstanceStatus.UNREACHABLE
 
 
 async def test_host_key_change_drains_the_instance(env: SimEnv) -> None:

@@ -445,7 +445,7 @@ class StateStore:
             self.writes += 1
             await self._note_saved(gen)
             ended = time.perf_counter()
-            log.info(
+            log.debug(
                 "state_saved",
                 jobs=len(self.snapshot.jobs),
                 instances=len(self.snapshot.instances),

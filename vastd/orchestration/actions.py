@@ -24,19 +24,40 @@ from vastd.utils.logging import get_logger
 log = get_logger("vastd.coordinator")
 
 
-def job_outcome(job: JobRecord) -> dict[str, object]:
-    """What `job_done` / `job_failed` report besides the job: attempts, runs and durations.
+def job_cost(
+    dph: float, started_at: float | None, ended_at: float | None, slots: int
+) -> float | None:
+    """The job's share of its instance's price: $/h over the run's time, split between
+    the `[job] jobs_per_instance` slots that share the instance (None: no run time)."""
+    if started_at is None or ended_at is None or ended_at < started_at:
+        return None
+    return round(dph * (ended_at - started_at) / 3600.0 / max(1, slots), 6)
+
+
+def job_outcome(ctx: Context, job: JobRecord, instance: str | None = None) -> dict[str, object]:
+    """What `job_done` / `job_failed` report besides the job: attempts, runs, durations, cost.
 
     `duration_s` counts from acceptance (queueing included) to the end; `run_s` is the
-    last run's time on its instance, from its confirmed start.
+    last run's time on its instance, from its confirmed start; `cost` is that run's
+    share of the instance's $/h from its start to its exit (as in MANIFEST.json), None
+    when it never started or the instance is no longer known.
     """
     end = job.finished_at or time.time()
     run_s = round(end - job.started_at, 3) if job.started_at is not None else None
+    inst = ctx.store.instances.get(instance or job.instance or "")
+    # from its confirmed start to its exit (or now, not exited), as in MANIFEST.json
+    ran_until = job.exited_at if job.exited_at is not None else end
+    cost = (
+        job_cost(inst.dph, job.started_at, ran_until, ctx.settings.job.jobs_per_instance)
+        if inst is not None
+        else None
+    )
     return {
         "attempts": job.attempts,
         "runs": job.runs,
         "duration_s": round(max(0.0, end - job.accepted_at), 3),
         "run_s": run_s,
+        "cost": cost,
     }
 
 
@@ -115,7 +136,13 @@ def record_attempt_failure(
     if job.state is JobState.QUEUED:
         log.info("job_retry", job=job.id, instance=failed_on, attempts=job.attempts, reason=reason)
     else:
-        log.warning("job_failed", job=job.id, instance=failed_on, reason=reason, **job_outcome(job))
+        log.warning(
+            "job_failed",
+            job=job.id,
+            instance=failed_on,
+            reason=reason,
+            **job_outcome(ctx, job, failed_on),
+        )
     ctx.wake_dispatch()
 
 
@@ -131,7 +158,7 @@ def requeue(ctx: Context, job: JobRecord, *, reason: str, orphan: bool = False) 
         log.error("job_requeue_failed", job=job.id, reason=reason, error=str(exc))
         return False
     if job.state is JobState.FAILED:
-        log.warning("job_failed", job=job.id, reason=job.last_error, **job_outcome(job))
+        log.warning("job_failed", job=job.id, reason=job.last_error, **job_outcome(ctx, job))
     else:
         log.info("job_requeued", job=job.id, reason=reason)
     ctx.wake_dispatch()

@@ -24,6 +24,7 @@ from vastd.execution.result_handler import CollectedResults, ResultLimits, colle
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
+    job_cost,
     job_outcome,
     mark_reachable,
     mark_unreachable,
@@ -186,16 +187,6 @@ def result_limits(s: Settings) -> ResultLimits:
     )
 
 
-def job_cost(
-    dph: float, started_at: float | None, ended_at: float | None, slots: int
-) -> float | None:
-    """The job's share of its instance's price: $/h over the run's time, split between
-    the `[job] jobs_per_instance` slots that share the instance (None: no run time)."""
-    if started_at is None or ended_at is None or ended_at < started_at:
-        return None
-    return round(dph * (ended_at - started_at) / 3600.0 / max(1, slots), 6)
-
-
 def complete_job(
     ctx: Context,
     job: JobRecord,
@@ -222,7 +213,7 @@ def complete_job(
         rows=collected.rows,
         run=run_id,
     )
-    log.info("job_done", job=job.id, instance=inst.id, run=run_id, **job_outcome(job))
+    log.info("job_done", job=job.id, instance=inst.id, run=run_id, **job_outcome(ctx, job, inst.id))
     ctx.wake_dispatch()
 
 

@@ -28,7 +28,7 @@ from vastd.instances.vast_provider import VastProvider
 from vastd.orchestration.scheduler import Scheduler
 from vastd.utils.config import Settings
 from vastd.utils.exceptions import ConfigError
-from vastd.utils.logging import get_logger, register_secret
+from vastd.utils.logging import RepeatedFailures, get_logger, register_secret
 from vastd.utils.looplag import LoopLagMonitor
 from vastd.utils.supervise import Backoff, TaskSet
 
@@ -128,6 +128,8 @@ class Context:
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
     # the cycle's instance listing: discovery takes it, destroy confirmations reuse it
     listing: SharedListing = field(default_factory=SharedListing)
+    # failures that repeat each cycle (API listing, offer search): logged once per change
+    repeats: RepeatedFailures = field(default_factory=RepeatedFailures)
 
     def __post_init__(self) -> None:
         if self.watch_wait_s < 0:

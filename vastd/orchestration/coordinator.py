@@ -116,7 +116,9 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             continue
         if record is None:
             if job.state is JobState.FAILED:
-                log.warning("job_failed", job=job.id, reason=job.last_error, **job_outcome(job))
+                log.warning(
+                    "job_failed", job=job.id, reason=job.last_error, **job_outcome(ctx, job)
+                )
             continue  # lost or drained during the move: next round
         # Claimed before any await: the instance's watcher leaves this run alone.
         ctx.dispatch.claim(job.id, job.run_id)
@@ -135,8 +137,18 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             held = ctx.store.jobs.get(job_id)
             if held is not None and is_current(held, instance_id, run_id):
                 requeue(ctx, held, reason=reason)
-        log.error("dispatch_deferred", jobs=len(assigned), reason=reason)
+        # each dispatch round while the disk stays full: an error once, then debug
+        ctx.repeats.failed(
+            log,
+            "dispatch_deferred",
+            "dispatch",
+            reason,
+            level="error",
+            field="reason",
+            jobs=len(assigned),
+        )
         return 0
+    ctx.repeats.forget("dispatch")  # saved again (state_save_recovered said so)
     started = 0
     for job_id, instance_id, run_id in assigned:
         st.clear_earlier_failure(ctx.store, job_id)  # its record is on disk now

@@ -287,8 +287,9 @@ async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
     try:
         offers = await choose_offers(ctx, now)
     except VastAIError as exc:
-        log.warning("offer_search_failed", error=str(exc))
+        ctx.repeats.failed(log, "offer_search_failed", "offer_search", str(exc))
         return
+    ctx.repeats.recovered(log, "offer_search_recovered", "offer_search")
     for offer in offers:
         if need <= 0:
             break

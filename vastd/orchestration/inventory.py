@@ -118,8 +118,9 @@ async def discovery_once(ctx: Context) -> int:
         infos = await ctx.listing.fetch(ctx.cloud, label)
     except VastAIError as exc:
         # Never read a failed listing as "no instances".
-        log.warning("discovery_failed", error=str(exc))
+        ctx.repeats.failed(log, "discovery_failed", "discovery", str(exc))
         return len(ctx.store.instances)
+    ctx.repeats.recovered(log, "discovery_recovered", "discovery")
     now = time.time()
     ctx.store.snapshot.last_discovery_at = now
     seen: set[str] = set()
@@ -272,6 +273,7 @@ async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> b
         mark_unreachable(ctx, inst, exc)
         return False
     except (SSHConnectionError, PreparationError) as exc:
+        same = inst.prepare_error == str(exc)
         inst.prepare_failures += 1
         inst.prepare_error = str(exc)
         delay = PREPARE_BACKOFF.delay_s(inst.prepare_failures)
@@ -281,7 +283,8 @@ async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> b
             # Silent: its jobs keep their run through the grace, then run elsewhere.
             mark_unreachable(ctx, inst, exc)
             abandon_if_past_grace(ctx, inst)
-        log.warning(
+        # The same error on each back-off retry: warned once, then at debug.
+        (log.debug if same else log.warning)(
             "instance_prepare_failed",
             instance=inst.id,
             error=str(exc),

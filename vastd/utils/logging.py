@@ -228,3 +228,55 @@ class _LazyLogger:
 def get_logger(name: str = "vastd", **initial: Any) -> structlog.stdlib.BoundLogger:
     """A structlog logger; `initial` values are bound to every line."""
     return cast("structlog.stdlib.BoundLogger", _LazyLogger(name, initial))
+
+
+class RepeatedFailures:
+    """A failure that repeats every cycle is logged once per change of state.
+
+    The first failure of a kind (and each change of its error text) is logged at
+    warning; the same error again at debug, with `repeats` counting it; the first
+    success after it at info, under its own event, with `failures` counting them all.
+    Keyed by what fails (e.g. "discovery", or an instance id), so one does not hide
+    another.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[str, int]] = {}
+
+    def failed(
+        self,
+        logger: Any,
+        event: str,
+        key: str,
+        error: str,
+        level: str = "warning",
+        field: str = "error",
+        **fields: Any,
+    ) -> bool:
+        """Log `event` for this failure (its text under `field`); True when it was logged
+        at `level` (a change), False when at debug (a repeat)."""
+        prev = self._last.get(key)
+        if prev is not None and prev[0] == error:
+            count = prev[1] + 1
+            self._last[key] = (error, count)
+            logger.debug(event, **{field: error}, repeats=count, **fields)
+            return False
+        count = (prev[1] if prev is not None else 0) + 1
+        self._last[key] = (error, count)
+        getattr(logger, level)(event, **{field: error}, **fields)
+        return True
+
+    def recovered(self, logger: Any, event: str, key: str, **fields: Any) -> bool:
+        """Log `event` at info if `key` was failing; True when it was."""
+        prev = self._last.pop(key, None)
+        if prev is None:
+            return False
+        logger.info(event, failures=prev[1], **fields)
+        return True
+
+    def forget(self, key: str) -> None:
+        """`key` works again, its recovery logged elsewhere: its next failure is news."""
+        self._last.pop(key, None)
+
+    def failing(self, key: str) -> bool:
+        return key in self._last
