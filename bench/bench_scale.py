@@ -234,24 +234,32 @@ def after(root: Path) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     config = root / "vastd.toml"
     config.write_text(f'[paths]\nroot = "{root}"\n')
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "vastd", "status", "--json", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        times.append(time.perf_counter() - t0)
-    status = json.loads(proc.stdout)
+    command_s: dict[str, float] = {}
+    outputs: dict[str, str] = {}
+    for command in ("status", "jobs", "report"):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "vastd", command, "--json", "--config", str(config)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            times.append(time.perf_counter() - t0)
+        command_s[command] = min(times)
+        outputs[command] = proc.stdout
+    status = json.loads(outputs["status"])
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import vastd.cli"], check=True)
     import_s = time.perf_counter() - t0
     return {
         "load_s": load_s,
         "in_history": len(store.history),
-        "status_s": min(times),
+        "status_s": command_s["status"],
+        "jobs_s": command_s["jobs"],
+        "report_s": command_s["report"],
+        "jobs_rows": len(json.loads(outputs["jobs"])),
         "python_start_import_s": import_s,
         "status_done": status["jobs"]["done"],
     }

@@ -346,3 +346,40 @@ def test_a_jobs_cost_is_its_share_of_the_instances_time() -> None:
     assert job_cost(0.36, 1000.0, 1100.0, 2) == 0.005  # two jobs share the instance
     assert job_cost(0.36, None, 1100.0, 1) is None
     assert job_cost(0.36, 1100.0, 1000.0, 1) is None
+
+
+def test_history_views_agree_with_full_records_and_skip_what_the_record_refuses(
+    tmp_path: Path,
+) -> None:
+    """The views read history lines without building JobRecords; a line typed otherwise
+    than vastd writes goes through the record's validation: coerced as it would be, or
+    skipped when the record refuses it too (never a crash of `vastd jobs`)."""
+    from vastd.core.history import read_history_records
+    from vastd.views import JobView, read_history_views
+
+    now = time.time()
+    done = JobRecord(id="a", file_name="a.csv", state=JobState.DONE, rows=3, attempts=1)
+    done.instance, done.started_at, done.finished_at = "7", now - 5, now
+    failed = JobRecord(id="b", file_name="b.csv", state=JobState.FAILED, last_error="boom")
+    failed.failed_stem = "b"
+    path = tmp_path / "history.jsonl"
+    coerced = json.loads(history_line(done).decode()) | {"id": "c", "attempts": "2"}
+    refused = json.loads(history_line(done).decode()) | {"id": "d", "runs": "many"}
+    no_state = {k: v for k, v in json.loads(history_line(done).decode()).items() if k != "state"}
+    append_history(
+        path,
+        [
+            history_line(done),
+            history_line(failed),
+            json.dumps(coerced).encode() + b"\n",
+            json.dumps(refused).encode() + b"\n",
+            json.dumps(no_state | {"id": "e"}).encode() + b"\n",
+        ],
+    )
+    views = read_history_views(path)
+    full = read_history_records(path)  # (which skips the refused line too)
+    assert sorted(full) == ["a", "b", "c", "e"]
+    assert views == {k: JobView.of(r) for k, r in full.items()}
+    assert views["c"].attempts == 2 and views["e"].state is JobState.QUEUED
+    assert "d" not in views
+    assert views["a"] == JobView.of(done) and views["b"].last_error == "boom"
