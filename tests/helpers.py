@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -158,3 +160,19 @@ def saved_jobs(root: os.PathLike[str] | str) -> dict[str, dict[str, Any]]:
     with open(os.path.join(base, "state.json")) as f:
         out.update(json.load(f)["jobs"])
     return out
+
+
+@functools.cache
+def private_key_text() -> str:
+    """An unencrypted ed25519 private key in OpenSSH format (made once per test run):
+    `check-config` and `vastd run` refuse an `[ssh] key_file` that does not load."""
+    import asyncssh
+
+    return asyncssh.generate_private_key("ssh-ed25519").export_private_key().decode()
+
+
+def write_private_key(path: Path, mode: int = 0o600) -> Path:
+    """`private_key_text()` written to `path` with `mode`."""
+    path.write_text(private_key_text())
+    path.chmod(mode)
+    return path

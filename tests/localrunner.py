@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vastd.utils.exceptions import RemoteCommandTimeout, ResultValidationError
+from vastd.utils.exceptions import RemoteCommandTimeout, ResultTooLargeError, ResultValidationError
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,27 @@ class LocalRunner:
         if not stat.S_ISREG(st.st_mode):
             raise ResultValidationError(f"{remote_path}: not a regular file")
         if max_bytes is not None and st.st_size > max_bytes:
-            raise ResultValidationError(f"{remote_path}: {st.st_size} bytes, more than {max_bytes}")
+            raise ResultTooLargeError(f"{remote_path}: {st.st_size} bytes, more than {max_bytes}")
         part = local_path.with_name(local_path.name + ".part")
-        await asyncio.to_thread(shutil.copyfile, remote_path, part)
-        os.replace(part, local_path)
-        return local_path.stat().st_size
+        try:
+            size = await asyncio.to_thread(_copy_capped, remote_path, part, max_bytes)
+            os.replace(part, local_path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+        return size
+
+
+def _copy_capped(source: str, target: Path, max_bytes: int | None) -> int:
+    """Copy until EOF, failing once past `max_bytes` (as SSHConnection.download does)."""
+    copied = 0
+    with open(source, "rb") as src, target.open("wb") as dst:
+        while block := src.read(1 << 20):
+            copied += len(block)
+            if max_bytes is not None and copied > max_bytes:
+                raise ResultTooLargeError(f"{source}: grew past {max_bytes} bytes")
+            dst.write(block)
+    return copied
 
 
 def _sh_quote(text: str) -> str:

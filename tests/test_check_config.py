@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import clean_env, dump_toml
+from tests.helpers import clean_env, dump_toml, write_private_key
 from vastd.cli import _parser, main
 from vastd.core.lock import RootLock
 
@@ -21,9 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_key(path: Path, mode: int = 0o600) -> Path:
-    path.write_text("not really a key\n")
-    path.chmod(mode)
-    return path
+    return write_private_key(path, mode)
 
 
 def make_config(folder: Path, **sections: dict[str, Any]) -> Path:
@@ -77,6 +75,11 @@ BAD_CASES = {
     "image_blank": ({"fleet": {"image": "   "}}, ["fleet.image", "empty"]),
     "log_level": ({"log": {"level": "loud"}}, ["log.level", "loud"]),
     "ssh_key_missing": ({"ssh": {"key_file": "/nonexistent/id_ed25519"}}, ["ssh.key_file"]),
+    "failed_rentals_negative": (
+        {"fleet": {"max_failed_rentals": -1}},
+        ["fleet.max_failed_rentals"],
+    ),
+    "rent_pause_zero": ({"fleet": {"rent_pause_s": 0}}, ["fleet.rent_pause_s"]),
 }
 
 
@@ -253,6 +256,44 @@ def test_missing_ssh_key_stops_run_with_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     no_traceback(proc)
     assert "ssh.key_file" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+UNLOADABLE_KEYS = {
+    "garbage": "not really a key\n",
+    "public": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBxXb3bd8t1qU3X0aC7iy9M8c8qGf1Q1gQ1v1Q1v1Q1v x\n",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNLOADABLE_KEYS))
+def test_unloadable_ssh_key_is_refused_by_check_config_and_run(tmp_path: Path, kind: str) -> None:
+    """A key file that exists (mode 0600) but is no private key asyncssh loads: check-config
+    and `vastd run` both exit 2 with one line naming ssh.key_file, before renting anything
+    (issue 10, item 1: every rental would otherwise fail to become ready)."""
+    config = make_config(tmp_path)
+    key = tmp_path / "id_ed25519"
+    key.write_text(UNLOADABLE_KEYS[kind])
+    for command in ("check-config", "run"):
+        proc = vastd(command, "--config", str(config), env={"VAST_API_KEY": "k-1234"})
+        assert proc.returncode == 2, (command, proc.stderr)
+        no_traceback(proc)
+        assert proc.stdout == ""
+        assert "ssh.key_file" in proc.stderr and "not a private key" in proc.stderr
+        assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_encrypted_ssh_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A passphrase-protected key cannot be used unattended: refused, naming the key."""
+    import asyncssh
+
+    config = make_config(tmp_path)
+    key = tmp_path / "id_ed25519"
+    key.write_bytes(
+        asyncssh.generate_private_key("ssh-ed25519").export_private_key("pkcs8-pem", passphrase="p")
+    )
+    code, out, err = check(config, capsys)
+    assert code == 2 and out == ""
+    assert "ssh.key_file" in err and "not a private key" in err
 
 
 def test_second_daemon_on_one_root_is_one_line_exit_1(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from tests.helpers import clean_env, dump_toml, preserved_logging
+from tests.helpers import clean_env, dump_toml, preserved_logging, write_private_key
 from vastd.cli import main
 from vastd.utils.config import DEFAULT_CONFIG_PATH, Settings, load_config, resolve_config_path
 from vastd.utils.exceptions import ConfigError
@@ -93,10 +93,8 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def write_key(path: Path, mode: int = 0o600, text: str = "not really a key\n") -> Path:
-    path.write_text(text)
-    path.chmod(mode)
-    return path
+def write_key(path: Path, mode: int = 0o600) -> Path:
+    return write_private_key(path, mode)
 
 
 @pytest.fixture
@@ -549,3 +547,34 @@ def test_settings_read_as_pydantic_settings_reads_them(
         settings = Settings(**values)
         assert type(settings) is Settings
         assert settings.log.level == ("error" if with_env else "info")
+
+
+@pytest.mark.parametrize(
+    ("job", "key", "text"),
+    [
+        ({"row_key": "job_row", "validate": "none"}, "job", 'needs validate = "parquet"'),
+        ({"validate_memory_mb": 0}, "job.validate_memory_mb", "greater than or equal to 16"),
+        ({"validate_timeout_s": 0}, "job.validate_timeout_s", "greater than 0"),
+        ({"max_results_total_bytes": 0}, "job.max_results_total_bytes", "greater than 0"),
+        ({"max_result_files": 0}, "job.max_result_files", "greater than or equal to 1"),
+    ],
+    ids=["row-key-without-parquet", "memory", "deadline", "total-bytes", "file-count"],
+)
+def test_result_limits_are_checked(
+    tmp_path: Path, job: dict[str, Any], key: str, text: str
+) -> None:
+    """The result caps and the validator's limits refuse values that would disable them;
+    a row key without parquet validation (nothing would count its rows) is refused."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path / "c.toml", {"job": job}))
+    [problem] = info.value.problems
+    assert problem.startswith(key) and text in problem, problem
+
+
+def test_local_disk_floor_defaults_and_zero(tmp_path: Path) -> None:
+    """`[paths] min_free_disk_gb`: 1 GB kept free by default, 0 turns the floor off."""
+    assert load_config(write_config(tmp_path / "a.toml", {})).paths.min_free_disk_gb == 1.0
+    off = load_config(write_config(tmp_path / "b.toml", {"paths": {"min_free_disk_gb": 0}}))
+    assert off.paths.min_free_disk_gb == 0
+    with pytest.raises(ConfigError):
+        load_config(write_config(tmp_path / "c.toml", {"paths": {"min_free_disk_gb": -1}}))

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import async_wait_for, clean_env, dump_toml, saved_jobs
+from tests.helpers import async_wait_for, clean_env, dump_toml, saved_jobs, write_private_key
 from vastd.core.state import JobRecord, load_state
 from vastd.daemon import status_line
 from vastd.sim.cluster import SimCluster, load_make_jobs
@@ -440,8 +440,7 @@ def test_second_daemon_on_the_same_root_is_refused(tmp_path: Path) -> None:
             RootLock(root).acquire()
         config = tmp_path / "c.toml"
         key = tmp_path / "id_ed25519"  # `vastd run` refuses to start without a readable SSH key
-        key.write_text("key\n")
-        key.chmod(0o600)
+        write_private_key(key)
         config.write_text(f'[paths]\nroot = "{root}"\n[ssh]\nkey_file = "{key}"\n')
         env = {**clean_env(), "VASTD_VAST__API_KEY": "k"}
         proc = subprocess.run(

@@ -358,7 +358,10 @@ def test_a_v1_snapshot_is_migrated_on_load(tmp_path: Path) -> None:
     assert sorted(saved["jobs"]) == ["failed_orphan_c", "queued_d", "running_e"]
     assert sorted(history_ids(store)) == ["done_a", "done_f", "failed_b"]
     assert saved["history"]["done"] == 2 and saved["history"]["failed"] == 1
-    assert saved["instances"] == before["instances"]
+    # every field the v1 file had, unchanged (fields added since take their defaults)
+    assert sorted(saved["instances"]) == sorted(before["instances"])
+    for iid, inst in before["instances"].items():
+        assert {k: saved["instances"][iid][k] for k in inst} == inst
     assert saved["followups"] == before["followups"]
     for job_id in ("done_a", "failed_b"):
         record = read_history_records(store.history_path)[job_id].model_dump(mode="json")

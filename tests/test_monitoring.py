@@ -58,6 +58,15 @@ def test_absent_nvidia_smi_is_skipped_and_low_disk_is_an_issue() -> None:
     assert [i.kind for i in mon.detect_instance_issues(bad, min_free_disk_gb=1)] == ["gpu_error"]
 
 
+def test_a_huge_mount_point_from_the_host_is_kept_short() -> None:
+    """A host whose df prints a 1 MB mount point: the low-disk issue (a drain reason, in
+    the snapshot and the log) holds a bounded text."""
+    df = f"/dev/sda1 41152736 41152000 736 99% /{'m' * 1_000_000}\n"
+    issues = mon.detect_instance_issues(mon.parse_probe(probe_text(df=df)), min_free_disk_gb=1)
+    assert [i.kind for i in issues] == ["low_disk"]
+    assert len(issues[0].message) < mon.MOUNT_TEXT_MAX + 100
+
+
 def test_truncated_or_markerless_output_is_a_probe_failure() -> None:
     """Output without the marker or the end section is refused (ValueError)."""
     with pytest.raises(ValueError):

@@ -20,8 +20,8 @@ from vastd.execution.result_handler import (
     download_result_file,
     find_result_files,
     matches_result_glob,
-    validate_result_file,
 )
+from vastd.execution.validate import validate_results
 from vastd.utils.exceptions import ConfigError, ResultValidationError
 
 JOB = "garch_test_job_0000_0099"
@@ -176,8 +176,8 @@ async def test_truncated_parquet_is_refused(tmp_path: Path) -> None:
     write_parquet(path, 1000)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ResultValidationError):
-        validate_result_file(path, "parquet")
+    with pytest.raises(ResultValidationError, match=r"t\.parquet"):
+        await validate_results([path], "parquet", memory_mb=256, timeout_s=60)
 
 
 async def test_file_over_max_bytes_is_refused(
@@ -309,18 +309,24 @@ async def test_missing_job_folder(runner: LocalRunner, tmp_path: Path) -> None:
         await find_result_files(runner, paths, "*.parquet", timeout_s=20)
 
 
-def test_validate_result_file_kinds(tmp_path: Path) -> None:
+async def test_validate_results_kinds(tmp_path: Path) -> None:
     """ "none" returns 0, "parquet" the row count, unknown kinds are ConfigErrors, symlinks refused."""
     path = tmp_path / "r.parquet"
     write_parquet(path, 6)
-    assert validate_result_file(path, "parquet") == 6
-    assert validate_result_file(path, "none") == 0
+
+    async def rows(files: list[Path], kind: str) -> int:
+        report = await validate_results(files, kind, memory_mb=256, timeout_s=60)
+        return report.rows
+
+    assert await rows([path], "parquet") == 6
+    assert await rows([path, path], "parquet") == 12
+    assert await rows([path], "none") == 0
     with pytest.raises(ConfigError):
-        validate_result_file(path, "csv")
+        await rows([path], "csv")
     link = tmp_path / "l.parquet"
     link.symlink_to(path)
     with pytest.raises(ResultValidationError, match="regular"):
-        validate_result_file(link, "parquet")
+        await rows([link], "parquet")
 
 
 async def test_cleanup_remote_job(runner: LocalRunner, paths: RemoteJobPaths) -> None:

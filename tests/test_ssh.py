@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 import structlog
 
@@ -25,6 +27,7 @@ from vastd.utils.exceptions import (
     HostKeyMismatchError,
     RemoteCommandTimeout,
     RemoteOutputTooLarge,
+    ResultTooLargeError,
     ResultValidationError,
     SSHConnectionError,
 )
@@ -389,3 +392,75 @@ async def test_pooled_connection_logs_without_the_callers_context(
     # by a task (opening a channel) rightly log with that task's.
     assert any(ctx.get("instance") == "i1" for ctx in seen)
     assert not [ctx for ctx in seen if ctx.get("job") == "j1"]
+
+
+@pytest.mark.sshd
+async def test_openssh_download_stops_at_the_cap_when_the_file_grows(
+    openssh_server: Callable[..., Any],
+    ssh_pool: PoolFactory,
+    ssh_settings: Callable[..., Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A result that grows after vastd looked at its size (1 kB, then 64 MB): the copy
+    stops at `max_bytes` while copying (the local `.part` never passes it), fails as too
+    large and leaves nothing behind; the connection stays usable."""
+    server = openssh_server()
+    conn = await ssh_pool(ssh_settings(user=server.user)).get("o1", [Endpoint(*server.address)])
+    remote = server.remote_root / "grows.bin"
+    remote.write_bytes(b"x" * 1000)
+    real_lstat = asyncssh.SFTPClient.lstat
+
+    async def lstat_then_grow(self: asyncssh.SFTPClient, path: Any, *args: Any, **kw: Any) -> Any:
+        attrs = await real_lstat(self, path, *args, **kw)
+        if str(path).endswith("grows.bin"):
+            with remote.open("r+b") as handle:
+                handle.truncate(64 * 1024 * 1024)
+        return attrs
+
+    monkeypatch.setattr(asyncssh.SFTPClient, "lstat", lstat_then_grow)
+    local = tmp_path / "local"
+    local.mkdir()
+    cap = 1024 * 1024
+    seen: list[int] = []
+    watching = True
+
+    async def watch_part() -> None:
+        while watching:
+            for p in local.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    seen.append(p.stat().st_size)
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch_part())
+    try:
+        with pytest.raises(ResultTooLargeError, match="grew past"):
+            await conn.download(str(remote), local / "grows.bin", timeout_s=60, max_bytes=cap)
+    finally:
+        watching = False
+        await watcher
+    assert max(seen, default=0) <= cap
+    assert list(local.iterdir()) == []
+    assert (await conn.run("echo still", timeout_s=10)).stdout == "still\n"
+
+
+async def test_a_huge_reason_from_the_host_is_kept_short(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that hangs up at login with a 30 kB reason: the error (what prepare_error,
+    the snapshot and the log keep) and the logged event hold a bounded text."""
+    from vastd.sim import hosts as sim_hosts
+
+    reason = "the host says: " + "x" * 30_000
+
+    def hang_up(self: Any, username: str) -> bool:
+        raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, reason)
+
+    monkeypatch.setattr(sim_hosts._Server, "begin_auth", hang_up)
+    host = await sim_host()
+    with structlog.testing.capture_logs() as logs, pytest.raises(SSHConnectionError) as raised:
+        await ssh_pool().get("i1", ep(host))
+    assert "the host says" in str(raised.value)
+    assert len(str(raised.value)) <= ssh_mod.ERROR_TEXT_MAX + 100
+    failed = [e for e in logs if e["event"] == "ssh_connect_failed"]
+    assert failed and all(len(str(e["error"])) <= ssh_mod.ERROR_TEXT_MAX for e in failed)

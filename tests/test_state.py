@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import async_wait_for, clean_env
+from tests.helpers import async_wait_for, clean_env, write_private_key
 from vastd.core import snapshot as state_mod
 from vastd.core import state as st
 from vastd.core.state import (
@@ -243,8 +243,7 @@ async def test_vastd_run_refuses_both_bad_snapshots(tmp_path: Path) -> None:
     before = {n: ((root / n).read_bytes(), (root / n).stat().st_mtime_ns) for n in names}
     config = tmp_path / "config.toml"
     key = tmp_path / "id_ed25519"  # `vastd run` refuses to start without a readable SSH key
-    key.write_text("key\n")
-    key.chmod(0o600)
+    write_private_key(key)
     config.write_text(
         f'[paths]\nroot = "{root}"\n[vast]\napi_url = "http://127.0.0.1:9"\n'
         f'api_key_file = "{tmp_path / "none"}"\n[ssh]\nkey_file = "{key}"\n'

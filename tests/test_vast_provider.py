@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -20,26 +19,19 @@ KEY = "test-secret-key-0123456789"
 
 
 class Sim:
-    """The simulated cloud, the bids it was sent, and a provider talking to it."""
+    """The simulated cloud and a provider talking to it."""
 
     def __init__(self, cloud: SimCloud, provider: VastProvider) -> None:
         self.cloud = cloud
         self.provider = provider
-        self.bids: list[tuple[int, dict[str, Any]]] = []
 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[Sim]:
-    """The simulator's app plus the bid route it lacks (the official client's change_bid)."""
+    """The simulator's app and a provider talking to it."""
     cloud = SimCloud(api_key=KEY, boot_delay_s=0.02)
     app = create_sim_app(cloud)
     holder: list[Sim] = []
-
-    async def change_bid(request: web.Request) -> web.Response:
-        holder[0].bids.append((int(request.match_info["id"]), await request.json()))
-        return web.json_response({"success": True})
-
-    app.router.add_put(r"/api/v0/instances/bid_price/{id:\d+}/", change_bid, name="change_bid")
     runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -108,7 +100,9 @@ async def test_an_interruptible_rent_bids_and_a_bid_can_change(sim: Sim) -> None
     shown = await sim.provider.show_instance(new_id)
     assert shown is not None and shown.interruptible and shown.dph == bid
     await sim.provider.set_bid(new_id, 0.5)
-    assert sim.bids == [(int(new_id), {"client_id": "me", "price": 0.5})]
+    [call] = [c for c in sim.cloud.calls if c["endpoint"] == "set_bid"]
+    assert call["method"] == "PUT" and call["path"] == f"/api/v0/instances/bid_price/{new_id}/"
+    assert call["status"] == 200 and sim.cloud.instances[int(new_id)]["dph_total"] == 0.5
     with pytest.raises(ValueError, match="bid"):
         await sim.provider.set_bid(new_id, float("nan"))
     with pytest.raises(ValueError, match="bid_dph"):

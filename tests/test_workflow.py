@@ -150,12 +150,15 @@ async def test_discovery_exited_instance_is_lost_and_its_job_requeued(
 
 
 async def test_discovery_absent_instance_is_lost_only_after_the_grace(env: SimEnv) -> None:
-    """An instance missing from the list is kept during `[vast] lost_grace_s`, then LOST."""
+    """An instance missing from the list whose per-instance lookup fails (an API error)
+    is kept during `[vast] lost_grace_s`, then LOST. (A lookup that answers "no such
+    instance" makes it LOST at once: tests/test_money.py.)"""
     sim = await env.start(instances=2)
     ctx = env.context(env.settings(vast={"lost_grace_s": 1.0}))
     await discovery_once(ctx)
     gone, stays = env.instance_ids()
     await sim.cloud.vanish(int(gone))
+    sim.cloud.faults.add(endpoint="show_instance", status=500, count=None)
 
     await discovery_once(ctx)
     first_missing = ctx.store.instances[gone].missing_since

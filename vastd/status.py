@@ -17,7 +17,7 @@ from typing import Any
 
 from vastd.core.files import Layout, is_candidate_name, utc_iso
 from vastd.core.lock import root_locked
-from vastd.core.records import InstanceStatus, JobState, Snapshot
+from vastd.core.records import InstanceRecord, InstanceStatus, JobState, Snapshot
 from vastd.core.snapshot_file import read_snapshot
 from vastd.instances.monitoring import get_instance_summary
 from vastd.utils.exceptions import FileOperationError
@@ -75,7 +75,7 @@ def build_status(
         per_slot = max(1, len(usable))
         eta_s = round(per_job * remaining / per_slot, 1)
     instances = [
-        get_instance_summary(inst)
+        {**get_instance_summary(inst), **instance_cost(inst, now)}
         for inst in sorted(snapshot.instances.values(), key=lambda i: i.id)
         if all_instances or inst.status is not InstanceStatus.DESTROYED
     ]
@@ -112,15 +112,50 @@ def build_status(
         "progress": round(finished / total, 4) if total else None,
         "eta_s": eta_s,
         "instances": instances,
+        "renting": renting_status(snapshot, now),
         "totals": {
             "instances": len(live),
             "ready": len(usable),
             "dph_now": dph_now,
             "spend_total": round(snapshot.spend_total, 4),
+            # adopted instances bill the account, not vastd's ledger (spend_total)
+            "dph_owned": round(sum(i.dph for i in live if i.owned), 4),
+            "dph_adopted": round(sum(i.dph for i in live if not i.owned), 4),
+            "adopted": sum(1 for i in live if not i.owned),
             "cost_to_finish": round(cost_to_finish, 4)
             if eta_s is not None or not remaining
             else None,
         },
+    }
+
+
+def instance_cost(inst: InstanceRecord, now: float) -> dict[str, Any]:
+    """What an instance has cost at its current $/h: an owned one from its rent to its
+    destroy (or now); an adopted one, which vastd did not rent and whose bill is the
+    account's, since vastd first saw it (or until it was last listed, once lost)."""
+    if inst.owned:
+        start = inst.rented_at or inst.first_seen
+        end = inst.destroyed_at if inst.status is InstanceStatus.DESTROYED else None
+    else:
+        start = inst.first_seen
+        end = inst.last_seen if inst.status is InstanceStatus.LOST else None
+    hours = max(0.0, ((end or now) - start) / 3600.0)
+    return {
+        "billing": "rented by vastd" if inst.owned else "adopted",
+        "cost": round(inst.dph * hours, 4),
+    }
+
+
+def renting_status(snapshot: Snapshot, now: float) -> dict[str, Any]:
+    """The rental circuit breaker: rentals in a row that never became ready, and the pause
+    they caused (`paused_until` None when renting is not paused)."""
+    until = snapshot.rent_paused_until
+    paused = until is not None and until > now
+    return {
+        "paused": paused,
+        "paused_until": utc_iso(until) if paused else None,
+        "reason": snapshot.rent_pause_reason if paused else None,
+        "failed_rentals": snapshot.failed_rentals,
     }
 
 
@@ -199,11 +234,22 @@ def format_status(status: dict[str, Any]) -> str:
             f"instances: {t['instances']} ({t['ready']} ready)  spent {money(t['spend_total'])}"
             f"  (as of {status['saved_at'] or 'never'})"
         )
+    if t.get("adopted"):
+        # In adopt mode vastd rents nothing: "spent" is $0 while these bill the account.
+        lines.append(
+            f"billing: ${t['dph_adopted']:.3f}/h for {t['adopted']} adopted instance(s) "
+            "(not rented by vastd, not in its spend)"
+        )
+    renting = status.get("renting") or {}
+    if renting.get("paused"):
+        lines.append(f"renting: PAUSED until {renting['paused_until']}: {renting['reason']}")
     for inst in status["instances"]:
         jobs = ",".join(inst["current_jobs"]) or "-"
         extra = f"  error: {inst['prepare_error']}" if inst["prepare_error"] else ""
+        adopted = " (adopted)" if inst.get("billing") == "adopted" else ""
         lines.append(
             f"  {inst['id']:>10}  {inst['state']:<11} ${inst['dph']:.3f}/h  "
+            f"cost {money(inst.get('cost', 0.0))}{adopted}  "
             f"last seen {inst['last_seen'] or '-'}  job {jobs}{extra}"
         )
     saved = status["saved_at"] or "never"

@@ -187,6 +187,12 @@ class InstanceRecord(Tracked):
     drain_reason: str | None = None
     disk_free_gb: float | None = None
     health_checked_at: float | None = None
+    # the market as vast.ai reports it (orchestration/market.py)
+    interruptible: bool = False  # rented at a bid: `stopped` means outbid
+    end_date: float | None = None  # epoch s when the host's offer (the rental) ends
+    frozen_since: float | None = None  # first listed `frozen` (billing but unusable)
+    rebid_at: float | None = None  # when vastd last raised its bid after an outbid
+    key_reattached_at: float | None = None  # when an SSH auth failure re-attached the key
 
 
 FollowUpKind = Literal["cleanup"]
@@ -236,4 +242,9 @@ class Snapshot(_Model):
     rent_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
     spend_total: float = 0.0  # dollars accrued by owned instances
     last_discovery_at: float | None = None  # last successful instance listing
+    # the rental circuit breaker (orchestration/breaker.py): rentals in a row that never
+    # became ready, and the pause they caused (kept across restarts)
+    failed_rentals: int = 0
+    rent_paused_until: float | None = None
+    rent_pause_reason: str | None = None
     history: HistorySummary = Field(default_factory=HistorySummary)

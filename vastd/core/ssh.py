@@ -34,7 +34,9 @@ from vastd.utils.exceptions import (
     HostKeyMismatchError,
     RemoteCommandTimeout,
     RemoteOutputTooLarge,
+    ResultTooLargeError,
     ResultValidationError,
+    SSHAuthError,
     SSHConnectionError,
     VastdError,
 )
@@ -142,6 +144,19 @@ def _entry(name: str, attrs: asyncssh.SFTPAttrs) -> RemoteEntry:
 MAX_STDOUT_CHARS = 16 * 1024 * 1024
 STDERR_TAIL_CHARS = 64 * 1024  # only the end of stderr is kept (error texts, logs)
 _READ_CHUNK = 65536
+# Of a text the host chose (a disconnect or channel-refusal reason, an SFTP status
+# message): what error messages, prepare_error, the snapshot and the log keep.
+ERROR_TEXT_MAX = 1000
+
+
+def clip(text: str, limit: int = ERROR_TEXT_MAX) -> str:
+    """`text`, cut to its first `limit` characters (marked) when longer."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception's repr, bounded: asyncssh errors carry the peer's reason verbatim."""
+    return clip(repr(exc))
 
 
 async def _read_capped(stream: asyncssh.SSHReader[str], cap: int) -> str | None:
@@ -181,6 +196,32 @@ async def _read_output(proc: asyncssh.SSHClientProcess[str], instance_id: str) -
                 await err
 
 
+_COPY_CHUNK = 8 * 1024 * 1024  # one parallel read (the SFTP client splits it in blocks)
+
+
+async def _copy_capped(
+    sftp: asyncssh.SFTPClient, remote_path: str, part: Path, max_bytes: int | None
+) -> int:
+    """Copy `remote_path` to `part` until EOF, failing as soon as more than `max_bytes`
+    arrived (the count is of bytes received, whatever the file's stat said)."""
+    copied = 0
+    async with sftp.open(
+        remote_path, "rb", encoding=None, max_requests=_SFTP_MAX_REQUESTS
+    ) as remote:
+        with part.open("wb") as local:
+            while True:
+                want = (
+                    _COPY_CHUNK if max_bytes is None else min(_COPY_CHUNK, max_bytes - copied + 1)
+                )
+                data: bytes = await remote.read(want, copied)
+                if not data:
+                    return copied
+                copied += len(data)
+                if max_bytes is not None and copied > max_bytes:
+                    raise ResultTooLargeError(f"{remote_path}: grew past {max_bytes} bytes")
+                local.write(data)
+
+
 class SSHConnection:
     """One pooled connection to one instance; safe to share between tasks."""
 
@@ -214,9 +255,10 @@ class SSHConnection:
         # for the other tasks using it. Anything else: drop it, the next get reconnects.
         if self.is_closed or not isinstance(exc, asyncssh.ChannelOpenError):
             await self._pool._forget(self)
-        log.info("ssh_connection_broken", instance=self.instance_id, op=what, error=repr(exc))
+        text = error_text(exc)
+        log.info("ssh_connection_broken", instance=self.instance_id, op=what, error=text)
         metrics.SSH_ERRORS.inc()
-        return SSHConnectionError(f"{self.instance_id}: {what} failed: {exc!r}")
+        return SSHConnectionError(f"{self.instance_id}: {what} failed: {text}")
 
     async def _open_process(self, command: str) -> asyncssh.SSHClientProcess[str]:
         for attempt in range(_CHANNEL_OPEN_RETRIES):
@@ -288,7 +330,7 @@ class SSHConnection:
             if exc.code in (asyncssh.FX_CONNECTION_LOST, asyncssh.FX_NO_CONNECTION):
                 self._reset_sftp()
                 raise await self._broken(exc, what) from exc
-            raise RemoteFileError(f"{what}: {exc.reason}", code=exc.code) from exc
+            raise RemoteFileError(f"{what}: {clip(exc.reason)}", code=exc.code) from exc
         except (asyncssh.Error, OSError) as exc:
             self._reset_sftp()
             if isinstance(exc, OSError) and not self.is_closed:
@@ -335,7 +377,12 @@ class SSHConnection:
         timeout_s: float,
         max_bytes: int | None = None,
     ) -> int:
-        """Download a regular file via `<local>.part`; refuse it past `max_bytes`."""
+        """Download a regular file via `<local>.part`; refuse it past `max_bytes`.
+
+        The cap holds while copying, not only before: a file that grows during the
+        download (or lies in its stat) aborts the copy once past it, with the `.part`
+        removed, so a host can never make vastd write more than `max_bytes`.
+        """
         part = local_path.with_name(safe_name(local_path.name, ".part"))
         try:
             async with self._sftp_op("download", timeout_s) as sftp:
@@ -343,13 +390,10 @@ class SSHConnection:
                 if _kind(attrs) != "file":
                     raise ResultValidationError(f"{remote_path}: not a regular file")
                 if max_bytes is not None and (attrs.size or 0) > max_bytes:
-                    raise ResultValidationError(
+                    raise ResultTooLargeError(
                         f"{remote_path}: {attrs.size} bytes, more than {max_bytes}"
                     )
-                await sftp.get(remote_path, str(part), max_requests=_SFTP_MAX_REQUESTS)
-            size = part.stat().st_size
-            if max_bytes is not None and size > max_bytes:
-                raise ResultValidationError(f"{remote_path}: grew past {max_bytes} bytes")
+                size = await _copy_capped(sftp, remote_path, part, max_bytes)
             os.replace(part, local_path)
             return size
         finally:
@@ -442,6 +486,7 @@ class SSHPool:
     async def _connect(self, instance_id: str, endpoints: list[Endpoint]) -> SSHConnection:
         structlog.contextvars.bind_contextvars(instance=instance_id)
         last: BaseException | None = None
+        denied = False
         for attempt in range(self._connect_attempts):
             if attempt:
                 await asyncio.sleep(self._backoff.delay_s(attempt - 1))
@@ -453,9 +498,13 @@ class SSHPool:
                     raise
                 except (asyncssh.Error, OSError, TimeoutError) as exc:
                     last = exc
-                    log.info("ssh_connect_failed", endpoint=str(endpoint), error=repr(exc))
+                    denied = denied or isinstance(exc, asyncssh.PermissionDenied)
+                    log.info("ssh_connect_failed", endpoint=str(endpoint), error=error_text(exc))
         metrics.SSH_ERRORS.inc()
-        raise SSHConnectionError(f"{instance_id}: cannot connect: {last!r}")
+        text = error_text(last) if last is not None else "no endpoint answered"
+        # An endpoint that refused our key says which fix to try (the caller re-attaches it).
+        error = SSHAuthError if denied else SSHConnectionError
+        raise error(f"{instance_id}: cannot connect: {text}")
 
     async def _connect_one(self, instance_id: str, endpoint: Endpoint) -> SSHConnection:
         mode = self.settings.known_hosts
@@ -492,7 +541,7 @@ class SSHPool:
                     instance=instance_id,
                     endpoint=str(endpoint),
                     pinned=pinned is not None,
-                    error=exc.reason,
+                    error=clip(exc.reason),
                 )
                 raise HostKeyMismatchError(
                     f"{instance_id}: host key at {endpoint} is not the trusted one"

@@ -31,14 +31,11 @@ import re
 import secrets
 import shlex
 import shutil
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from vastd.core.files import TEMP_PREFIX, atomic_write_json, fsync_directory, safe_name
 from vastd.execution.job_runner import (
@@ -51,10 +48,12 @@ from vastd.execution.job_runner import (
     is_job_dir_of,
     marker_lines,
 )
+from vastd.execution.validate import ValidationReport, run_validate_command, validate_results
 from vastd.utils.exceptions import (
     ConfigError,
     FileOperationError,
     JobExecutionError,
+    ResultTooLargeError,
     ResultValidationError,
     RunMismatchError,
 )
@@ -94,6 +93,7 @@ class ResultListing:
     skipped: list[str]
     log_size: int | None
     run: str | None = None
+    cut: bool = False  # the remote side stopped listing past the count cap
 
 
 _LIST_SCRIPT = r"""
@@ -117,8 +117,10 @@ r=; read -r r 2>/dev/null < run; case $r in ''|*[!0-9a-f]*) r=- ;; esac
 printf 'R %s\n' "$r"
 # Only names the glob may match are looked at (the shell's case prefilters; vastd
 # matches exactly afterwards).
-for f in *; do case $f in log.txt|$P) _one "$f" ;; esac; done
-if [ -d out ] && [ ! -L out ]; then for f in out/*; do case $f in $P) _one "$f" ;; esac; done; fi
+n=0
+_cut() { n=$((n+1)); [ "$C" -gt 0 ] && [ "$n" -gt "$C" ] && { echo CUT; echo END; exit 0; }; return 0; }
+for f in *; do case $f in log.txt|$P) _cut; _one "$f" ;; esac; done
+if [ -d out ] && [ ! -L out ]; then for f in out/*; do case $f in $P) _cut; _one "$f" ;; esac; done; fi
 echo END
 """
 _ENTRY = re.compile(r"^F ([lfdo]) ([0-9]+) ((?:[0-9a-f]{2})+)$")
@@ -144,11 +146,22 @@ def matches_result_glob(name: str, pattern: str) -> bool:
 
 
 async def find_result_files(
-    conn: RemoteRunner, paths: RemoteJobPaths, pattern: str, *, timeout_s: float
+    conn: RemoteRunner,
+    paths: RemoteJobPaths,
+    pattern: str,
+    *,
+    timeout_s: float,
+    max_files: int | None = None,
 ) -> ResultListing:
-    """Regular files of the job folder (and `out/`) matching `pattern`, in one round trip."""
+    """Regular files of the job folder (and `out/`) matching `pattern`, in one round trip.
+
+    With `max_files`, the remote side stops listing a little past it (`cut` says so): a
+    folder of a million files costs one short answer, never a flood of output.
+    """
     _check_pattern(pattern)
-    script = f"D={shlex.quote(paths.job_dir)}\nP={shlex.quote(pattern)}\n{_LIST_SCRIPT}"
+    # Room for log.txt and the skipped entries besides the cap (0: no cap).
+    cap = 0 if max_files is None else max_files + 64
+    script = f"D={shlex.quote(paths.job_dir)}\nP={shlex.quote(pattern)}\nC={cap}\n{_LIST_SCRIPT}"
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
     lines = marker_lines(result.stdout)
     if lines and lines[0].strip() == "nodir":
@@ -160,7 +173,11 @@ async def find_result_files(
     skipped: list[str] = []
     log_size: int | None = None
     run: str | None = None
+    cut = False
     for line in lines:
+        if line.strip() == "CUT":
+            cut = True
+            continue
         run_line = _RUN_LINE.match(line.strip())
         if run_line:
             run = None if run_line.group(1) == "-" else run_line.group(1)
@@ -191,7 +208,7 @@ async def find_result_files(
     for reason in skipped:
         log.warning("result_file_skipped", reason=reason)
     files.sort(key=lambda f: f.name)
-    return ResultListing(files=files, skipped=skipped, log_size=log_size, run=run)
+    return ResultListing(files=files, skipped=skipped, log_size=log_size, run=run, cut=cut)
 
 
 def local_result_name(name: str) -> str:
@@ -216,43 +233,91 @@ def _local_target(local_dir: Path, name: str) -> Path:
 async def download_result_file(
     conn: RemoteRunner, remote: RemoteFile, local_dir: Path, *, max_bytes: int, timeout_s: float
 ) -> Path:
-    """Download one result into `local_dir` (never outside it); refuse it past `max_bytes`."""
+    """Download one result into `local_dir` (never outside it); refuse it past `max_bytes`
+    (checked while copying: the copy stops there)."""
     if remote.size > max_bytes:
-        raise ResultValidationError(f"{remote.name!r}: {remote.size} bytes, more than {max_bytes}")
+        raise ResultTooLargeError(f"{remote.name!r}: {remote.size} bytes, more than {max_bytes}")
     target = await asyncio.to_thread(_local_target, local_dir, remote.name)
     await conn.download(remote.path, target, timeout_s=timeout_s, max_bytes=max_bytes)
     return target
 
 
-def validate_result_file(path: Path, kind: str) -> int:
-    """Rows of a valid result ("parquet": readable to the end, >= 1 row; "none": 0)."""
-    if kind == "none":
-        return 0
-    if kind != "parquet":
-        raise ConfigError([f"job.validate: unknown kind {kind!r}"])
+@dataclass(frozen=True)
+class ResultLimits:
+    """What one job's results may take, checked while they are copied.
+
+    `max_file_bytes` per file, `max_total_bytes` for all of them together (None: no
+    cap), `max_files` result files at most; `min_free_bytes` must stay free on the local
+    disk of results/ (a download that would pass it waits: not the job's fault).
+    """
+
+    max_file_bytes: int
+    max_total_bytes: int | None = None
+    max_files: int | None = None
+    min_free_bytes: int = 0
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+async def _download_within(
+    conn: RemoteRunner,
+    remote: RemoteFile,
+    local_dir: Path,
+    *,
+    limits: ResultLimits,
+    copied: int,
+    timeout_s: float,
+) -> Path:
+    """Download one result within every cap at once: its own, the job's total (`copied`
+    bytes so far) and the local disk's floor. The copy stops at the first one passed;
+    the error says which (the disk's is a FileOperationError: the job waits)."""
+    disk_left = await asyncio.to_thread(_free_bytes, local_dir) - limits.min_free_bytes
+    if disk_left <= 0:
+        raise FileOperationError(_disk_floor_message(local_dir, limits))
+    total_left = None
+    if limits.max_total_bytes is not None:
+        total_left = limits.max_total_bytes - copied
+    cap = min(limits.max_file_bytes, disk_left, *(() if total_left is None else (total_left,)))
     try:
-        mode = os.lstat(path).st_mode
-    except OSError as exc:
-        raise ResultValidationError(f"{path.name}: cannot be read: {exc}") from None
-    if not stat.S_ISREG(mode):
-        raise ResultValidationError(f"{path.name}: not a regular file")
-    rows = 0
-    try:
-        parquet = pq.ParquetFile(path)
-        try:
-            expected = int(parquet.metadata.num_rows)
-            # Read every batch: corrupt pages only show when decoded.
-            for batch in parquet.iter_batches(batch_size=65536):
-                rows += batch.num_rows
-        finally:
-            parquet.close()
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ValueError, ...
-        raise ResultValidationError(f"{path.name}: not a readable parquet file: {exc}") from None
-    if rows != expected:
-        raise ResultValidationError(f"{path.name}: {rows} rows read, metadata says {expected}")
-    if rows < 1:
-        raise ResultValidationError(f"{path.name}: has no rows")
-    return rows
+        return await download_result_file(
+            conn, remote, local_dir, max_bytes=cap, timeout_s=timeout_s
+        )
+    except ResultTooLargeError:
+        if (
+            cap == disk_left
+            and cap < limits.max_file_bytes
+            and (total_left is None or cap < total_left)
+        ):
+            raise FileOperationError(_disk_floor_message(local_dir, limits)) from None
+        if total_left is not None and cap == total_left and cap < limits.max_file_bytes:
+            raise ResultTooLargeError(
+                f"the results pass [job] max_results_total_bytes = {limits.max_total_bytes}"
+                f" (at {remote.name!r})"
+            ) from None
+        raise
+
+
+def _disk_floor_message(local_dir: Path, limits: ResultLimits) -> str:
+    return (
+        f"the local disk of {local_dir.parent} would fall under "
+        f"[paths] min_free_disk_gb ({limits.min_free_bytes / 1e9:g} GB free kept): "
+        "the download waits"
+    )
+
+
+def check_rows(report: ValidationReport, *, row_key: str, rows_expected: int | None) -> int:
+    """The rows the results hold: with a row key, its distinct values, which must equal
+    the job CSV's data rows (a result short of rows is worse than none)."""
+    if not row_key or report.keys is None:
+        return report.rows
+    if rows_expected is not None and report.keys != rows_expected:
+        raise ResultValidationError(
+            f"results incomplete: {report.keys} distinct {row_key!r} value(s) found,"
+            f" {rows_expected} expected (the rows of the job's CSV)"
+        )
+    return report.keys
 
 
 async def _download_log(
@@ -446,14 +511,26 @@ async def collect_job_results(
     run_id: str | None = None,
     keep_previous: bool = False,
     manifest: Mapping[str, Any] | None = None,
+    limits: ResultLimits | None = None,
+    row_key: str = "",
+    rows_expected: int | None = None,
+    validate_command: str = "",
+    validate_memory_mb: int = 512,
+    validate_timeout_s: float = 300.0,
 ) -> CollectedResults:
     """Download, validate and install a job's results as `results_root/<safe job>/`.
 
     Everything lands in a temp folder first; only a complete, valid set replaces the
     final folder (an earlier attempt's folder is removed, never merged). On any
     failure the temp folder is removed and the final name is left as it was.
+    Downloads stay within `limits` (else `max_bytes` per file); validation runs in a
+    child process (`vastd.execution.validate`), then `validate_command` if given; with
+    `row_key`, the results must hold `rows_expected` distinct values of that column.
     """
-    listing = await find_result_files(conn, paths, pattern, timeout_s=timeout_s)
+    limits = limits if limits is not None else ResultLimits(max_file_bytes=max_bytes)
+    listing = await find_result_files(
+        conn, paths, pattern, timeout_s=timeout_s, max_files=limits.max_files
+    )
     if run_id is not None and listing.run != run_id:
         raise RunMismatchError(
             f"the remote job folder holds run {listing.run or '(none)'}, not run {run_id}"
@@ -462,6 +539,10 @@ async def collect_job_results(
     if len(remote_files) < min_results:
         raise ResultValidationError(
             f"{len(remote_files)} result file(s) match {pattern!r}, at least {min_results} needed"
+        )
+    if limits.max_files is not None and (len(remote_files) > limits.max_files or listing.cut):
+        raise ResultTooLargeError(
+            f"more than [job] max_result_files = {limits.max_files} result files match {pattern!r}"
         )
     local_names = [local_result_name(f.name) for f in remote_files]
     if len(set(local_names)) != len(local_names) or LOG_NAME in local_names:
@@ -472,13 +553,25 @@ async def collect_job_results(
     await asyncio.to_thread(tmp.mkdir, mode=0o700)
     try:
         files: list[Path] = []
-        rows = 0
+        local_files: list[Path] = []
+        copied = 0
         for remote in remote_files:
-            local = await download_result_file(
-                conn, remote, tmp, max_bytes=max_bytes, timeout_s=timeout_s
+            local = await _download_within(
+                conn, remote, tmp, limits=limits, copied=copied, timeout_s=timeout_s
             )
-            rows += await asyncio.to_thread(validate_result_file, local, validate)
+            copied += (await asyncio.to_thread(local.stat)).st_size
+            local_files.append(local)
             files.append(final / local.name)
+        report = await validate_results(
+            local_files,
+            validate,
+            row_key=row_key,
+            memory_mb=validate_memory_mb,
+            timeout_s=validate_timeout_s,
+        )
+        rows = check_rows(report, row_key=row_key, rows_expected=rows_expected)
+        if validate_command:
+            await run_validate_command(validate_command, tmp, timeout_s=validate_timeout_s)
         log_path = await _download_log(
             conn, paths, listing.log_size, tmp, cap_bytes=log_max_bytes, timeout_s=timeout_s
         )

@@ -37,6 +37,7 @@ LOW_MEMORY_FRACTION = 0.05
 DRAIN_LOW_DISK = "low disk"
 DRAIN_UNHEALTHY = "unhealthy"
 HEALTH_DRAINS = frozenset({DRAIN_LOW_DISK, DRAIN_UNHEALTHY})
+MOUNT_TEXT_MAX = 256
 _DF_RE = re.compile(r"\s(\d+)\s+(\d+)\s+(\d+)\s+(\d+)%\s+(.+)$")
 
 
@@ -163,7 +164,9 @@ def check_disk_space(probe: InstanceProbe) -> DiskSpaceInfo | None:
     if match is None:
         return None
     total_kb, _, avail_kb, _, mount = match.groups()
-    return DiskSpaceInfo(mount.strip(), int(total_kb) / 1024**2, int(avail_kb) / 1024**2)
+    # The host prints the mount point: it goes into a drain reason and the log, so bounded.
+    path = mount.strip()[:MOUNT_TEXT_MAX]
+    return DiskSpaceInfo(path, int(total_kb) / 1024**2, int(avail_kb) / 1024**2)
 
 
 def check_memory_usage(probe: InstanceProbe) -> MemoryInfo | None:

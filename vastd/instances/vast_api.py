@@ -1,8 +1,12 @@
 """The aiohttp client of the vast.ai REST API; the only caller of vast.ai (the endpoints the official `vastai` client uses).
 
 Endpoints and shapes follow the official client (`vastai` 1.9.1). Retries: 429/502/503/504
-and transport errors, full-jitter backoff, `Retry-After` honoured. A rent is never
-retried once the request may have reached the server: the caller reconciles by label.
+and transport errors, full-jitter backoff, `Retry-After` honoured. vast.ai's 429s carry
+no `Retry-After`: then the wait is jittered with a floor (never an immediate retry), and
+calls to each endpoint are spaced: after a 429 no caller sends to that endpoint before
+the wait is over, and an endpoint may have a minimum interval (the listing's, set by
+the daemon). A rent is never retried once the request may have reached the server: the
+caller reconciles by label.
 The CLI's offer query syntax is parsed in offer_query.py (re-exported here).
 """
 
@@ -12,6 +16,7 @@ import asyncio
 import email.utils
 import json
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
@@ -38,6 +43,7 @@ log = get_logger(__name__)
 RETRYABLE_STATUS: Final = frozenset({429, 502, 503, 504})
 MAX_RETRY_AFTER_S: Final = 60.0
 PAGE_LIMIT: Final = 25
+LIST_INSTANCES: Final = "GET /api/v1/instances/"  # the listing's endpoint key
 _MAX_PAGES: Final = 10_000
 
 # Official client defaults for `POST /bundles/` (vastai/api/offers.py: search_offers).
@@ -54,6 +60,11 @@ def encode_query(params: Mapping[str, Any]) -> str:
     return "&".join(
         f"{k}={quote_plus(v if isinstance(v, str) else json.dumps(v))}" for k, v in params.items()
     )
+
+
+def endpoint_key(method: str, path: str) -> str:
+    """`GET /api/v0/instances/{id}/`: one key per endpoint, whatever the instance id."""
+    return f"{method} {re.sub(r'/[0-9]+(?=/|$)', '/{id}', path)}"
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -89,6 +100,7 @@ class VastClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         session: aiohttp.ClientSession | None = None,
         connection_limit: int = 16,
+        min_interval_s: Mapping[str, float] | None = None,
     ) -> None:
         if not api_url.startswith(("http://", "https://")):
             raise ValueError("api_url must start with http:// or https://")
@@ -106,6 +118,12 @@ class VastClient:
         self._owns_session = session is None
         self._connection_limit = connection_limit
         self._rng = random.Random()
+        # endpoint_key -> the least time between two requests to it (e.g. LIST_INSTANCES)
+        self._min_interval_s = dict(min_interval_s or {})
+        # endpoint_key -> monotonic time of its next slot (min_interval_s), and the time
+        # before which nothing goes to it after a 429
+        self._next_at: dict[str, float] = {}
+        self._held_until: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"VastClient(api_url={self._api_url!r})"
@@ -149,6 +167,29 @@ class VastClient:
     def _backoff_s(self, attempt: int) -> float:
         return Backoff(self._backoff_base_s, self._backoff_max_s).delay_s(attempt, rng=self._rng)
 
+    def _rate_limited_s(self, attempt: int) -> float:
+        """The wait after a 429 without `Retry-After`: jittered, but at least the base and
+        half the cap (full jitter alone may retry at once, into the same limit)."""
+        backoff = Backoff(self._backoff_base_s, self._backoff_max_s)
+        floor = max(self._backoff_base_s, backoff.cap_s(attempt) / 2)
+        return min(max(floor, backoff.delay_s(attempt, rng=self._rng)), self._backoff_max_s)
+
+    def _reserve(self, key: str, *, spaced: bool = True) -> float:
+        """Seconds to wait before sending to `key`; its next slot is taken at once, so
+        concurrent callers are spaced too. `spaced=False` (the next page of one listing)
+        takes no interval but still waits out a 429's hold."""
+        now = time.monotonic()
+        slot = max(self._held_until.get(key, 0.0), now)
+        if spaced:
+            slot = max(slot, self._next_at.get(key, 0.0))
+            self._next_at[key] = slot + self._min_interval_s.get(key, 0.0)
+        return slot - now
+
+    def _hold(self, key: str, delay_s: float) -> None:
+        """After a 429: no caller sends to `key` before `delay_s` from now."""
+        until = time.monotonic() + delay_s
+        self._held_until[key] = max(self._held_until.get(key, 0.0), until)
+
     async def _retry_wait(
         self, method: str, path: str, attempt: int, delay_s: float, status: int | str
     ) -> None:
@@ -172,6 +213,7 @@ class VastClient:
         body: Any = None,
         idempotent: bool = True,
         not_found_ok: bool = False,
+        spaced: bool = True,
     ) -> Any:
         """Send one request with retries; return the decoded JSON body (None on 404 if ok).
 
@@ -185,6 +227,7 @@ class VastClient:
                 body=body,
                 idempotent=idempotent,
                 not_found_ok=not_found_ok,
+                spaced=spaced,
             )
         except Exception:
             metrics.API_ERROR.inc()
@@ -201,10 +244,16 @@ class VastClient:
         body: Any,
         idempotent: bool,
         not_found_ok: bool,
+        spaced: bool = True,
     ) -> Any:
         url = self._api_url + path + (f"?{encode_query(params)}" if params else "")
         headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
         session = self._get_session()
+        key = endpoint_key(method, path)
+        wait = self._reserve(key, spaced=spaced)
+        if wait > 0:
+            log.debug("api_spaced", endpoint=key, wait_s=round(wait, 3))
+            await self._sleep(wait)
         attempt = 0
         while True:
             try:
@@ -219,10 +268,15 @@ class VastClient:
                         # A 429 comes from the rate limiter: nothing was created. A 5xx
                         # from a gateway may have reached the backend: only idempotent.
                         retryable = not quota and (idempotent or status == 429)
-                        if retryable and attempt < self._max_retries:
-                            delay = parse_retry_after(resp.headers.get("Retry-After"))
-                            if delay is None:
+                        delay = parse_retry_after(resp.headers.get("Retry-After"))
+                        if delay is None:
+                            if status == 429:
+                                delay = self._rate_limited_s(attempt)
+                            else:
                                 delay = self._backoff_s(attempt)
+                        if status == 429 and not quota:
+                            self._hold(key, delay)  # the other callers of it wait too
+                        if retryable and attempt < self._max_retries:
                             await self._retry_wait(method, path, attempt, delay, status)
                             attempt += 1
                             continue
@@ -288,8 +342,9 @@ class VastClient:
         }
         rows: list[dict[str, Any]] = []
         seen_tokens: set[str] = set()
-        for _ in range(_MAX_PAGES):
-            data = await self._request("GET", path, params=params)
+        for page_no in range(_MAX_PAGES):
+            # one listing is spaced from the next, not its pages from each other
+            data = await self._request("GET", path, params=params, spaced=page_no == 0)
             if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
                 raise APIShapeError(f"GET {path}: expected {{'instances': [...]}}")
             page = data["instances"]

@@ -3,7 +3,9 @@
 Everything vast.ai-specific the fleet used to read off raw rows lives here:
 `api_state` is the single place an `actual_status` string is interpreted;
 `intent_of` reads the `VASTD_INTENT` tag from an instance's `extra_env`; numbers
-are checked at this boundary (json.loads accepts NaN and Infinity).
+are checked at this boundary (json.loads accepts NaN and Infinity): finite, >= 0 and
+within a sane range (`_checked`), else None and logged (`api_number_rejected`), so
+nothing else stores them; an offer without a usable price is skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ log = get_logger("vastd.vast_provider")
 
 INTENT_ENV: Final = "VASTD_INTENT"  # the env var a rent is tagged with (as lifecycle.py)
 RUNTYPE: Final = "ssh_direc ssh_proxy"  # what the official CLI sends for `--ssh --direct`
+MAX_DPH: Final = 1000.0  # $/h: no machine on vast.ai costs this; a larger figure is a bad row
+MAX_GPUS: Final = 64  # GPUs in one machine
 
 
 def _number(value: Any) -> float | None:
@@ -40,6 +44,25 @@ def _number(value: Any) -> float | None:
 def _count(value: Any) -> int | None:
     number = _number(value)
     return int(number) if number is not None and number == int(number) else None
+
+
+def _checked(
+    row: Mapping[str, Any],
+    key: str,
+    where: str,
+    *,
+    upper: float | None = None,
+    integer: bool = False,
+) -> Any:
+    """`row[key]` as a finite number >= 0 (an int when `integer`), at most `upper`; else
+    None. A value that is there but fails is logged; a missing one (None) is not."""
+    value = row.get(key)
+    number: float | int | None = _count(value) if integer else _number(value)
+    if number is not None and upper is not None and number > upper:
+        number = None
+    if number is None and value is not None:
+        log.warning("api_number_rejected", field=key, value=repr(value)[:40], where=where)
+    return number
 
 
 def _text(value: Any) -> str | None:
@@ -72,6 +95,7 @@ def intent_of(raw: Mapping[str, Any]) -> str | None:
 def instance_from_info(info: InstanceInfo) -> ProviderInstance:
     """A ProviderInstance from discovery's InstanceInfo; bad numbers become None."""
     raw = info.raw
+    where = f"instance {info.id}"
     return ProviderInstance(
         id=str(info.id),
         label=info.label,
@@ -80,12 +104,16 @@ def instance_from_info(info: InstanceInfo) -> ProviderInstance:
         proxy=_endpoint(info.ssh_host, info.ssh_port),
         direct=_endpoint(info.public_ipaddr, info.direct_ssh_port),
         # InstanceInfo turns a missing price into 0.0 and keeps NaN: read the row (if any).
-        dph=_number(raw.get("dph_total") if raw else info.dph_total),
-        machine_id=_text(info.machine_id),
+        dph=_checked(raw, "dph_total", where, upper=MAX_DPH) if raw else _number(info.dph_total),
+        machine_id=_text(_checked(raw, "machine_id", where, integer=True))
+        if raw
+        else _text(info.machine_id),
         gpu_name=info.gpu_name,
-        num_gpus=_count(info.num_gpus),
+        num_gpus=_checked(raw, "num_gpus", where, upper=MAX_GPUS, integer=True)
+        if raw
+        else _count(info.num_gpus),
         intent=intent_of(raw),
-        end_date=_number(raw.get("end_date")),
+        end_date=_checked(raw, "end_date", where),
         interruptible=raw.get("is_bid") is True,
     )
 
@@ -96,18 +124,19 @@ def offer_from_dict(row: Mapping[str, Any]) -> Offer | None:
     if not isinstance(offer_id, int) or isinstance(offer_id, bool) or offer_id < 0:
         log.warning("offer_skipped", offer=repr(offer_id), reason="no integer id")
         return None
+    where = f"offer {offer_id}"
     dph = _number(row.get("dph_total"))
-    if dph is None:
+    if dph is None or dph > MAX_DPH:  # (offer_skipped says why: no second line)
         log.warning("offer_skipped", offer=offer_id, reason=f"dph_total {row.get('dph_total')!r}")
         return None
     return Offer(
         id=str(offer_id),
-        machine_id=_text(_count(row.get("machine_id"))),
+        machine_id=_text(_checked(row, "machine_id", where, integer=True)),
         dph=dph,
-        min_bid=_number(row.get("min_bid")),
+        min_bid=_checked(row, "min_bid", where, upper=MAX_DPH),
         gpu_name=_text(row.get("gpu_name")),
-        num_gpus=_count(row.get("num_gpus")),
-        end_date=_number(row.get("end_date")),
+        num_gpus=_checked(row, "num_gpus", where, upper=MAX_GPUS, integer=True),
+        end_date=_checked(row, "end_date", where),
     )
 
 

@@ -11,8 +11,14 @@ import time
 from vastd.core import state as st
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import InstanceRecord, JobRecord, JobState
+from vastd.orchestration import market
 from vastd.orchestration.context import Context
-from vastd.utils.exceptions import FileOperationError, HostKeyMismatchError, SSHConnectionError
+from vastd.utils.exceptions import (
+    FileOperationError,
+    HostKeyMismatchError,
+    SSHAuthError,
+    SSHConnectionError,
+)
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.coordinator")
@@ -38,7 +44,14 @@ RETRY_DELAY_S = 2.0
 
 
 async def instance_connection(ctx: Context, inst: InstanceRecord) -> SSHConnection:
-    conn = await ctx.pool.get(inst.id, ctx.endpoints(inst))
+    """The instance's SSH connection. A key refused where it worked before (vast.ai can
+    lose it) is re-attached through the API and the connection tried once more."""
+    try:
+        conn = await ctx.pool.get(inst.id, ctx.endpoints(inst))
+    except SSHAuthError:
+        if not await market.reattach_key(ctx, inst, time.time()):
+            raise
+        conn = await ctx.pool.get(inst.id, ctx.endpoints(inst))
     inst.last_contact = time.time()
     return conn
 

@@ -20,7 +20,7 @@ from vastd.execution.process_monitor import (
     detect_job_completion,
     get_process_output,
 )
-from vastd.execution.result_handler import CollectedResults, collect_job_results
+from vastd.execution.result_handler import CollectedResults, ResultLimits, collect_job_results
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
@@ -33,6 +33,7 @@ from vastd.orchestration.actions import (
 from vastd.orchestration.context import Context
 from vastd.orchestration.sharing import share_results
 from vastd.utils import metrics
+from vastd.utils.config import Settings
 from vastd.utils.exceptions import (
     FileOperationError,
     JobExecutionError,
@@ -161,11 +162,27 @@ async def collect_with_settings(
         min_results=s.job.min_results,
         validate=s.job.validate_,
         max_bytes=s.job.max_result_bytes,
+        limits=result_limits(s),
+        row_key=s.job.row_key,
+        rows_expected=job.rows or None,  # 0: a record from before rows were counted
+        validate_command=s.job.validate_command,
+        validate_memory_mb=s.job.validate_memory_mb,
+        validate_timeout_s=s.job.validate_timeout_s,
         # Keepalive notices a dead peer; this only bounds a live but crawling transfer.
         timeout_s=max(s.ssh.command_timeout_s, 600.0, s.job.max_result_bytes / 1e6),
         run_id=run_id,
         keep_previous=job.keep_previous,
         manifest=manifest,
+    )
+
+
+def result_limits(s: Settings) -> ResultLimits:
+    """The caps of `[job]` and `[paths]` that bound what one job's results may take."""
+    return ResultLimits(
+        max_file_bytes=s.job.max_result_bytes,
+        max_total_bytes=s.job.max_results_total_bytes,
+        max_files=s.job.max_result_files,
+        min_free_bytes=int(s.paths.min_free_disk_gb * 1e9),
     )
 
 

@@ -21,8 +21,9 @@ import asyncssh
 from vastd.core.files import Layout
 from vastd.core.ssh import Endpoint, SSHPool
 from vastd.core.state import InstanceRecord, StateStore
+from vastd.instances.listing import SharedListing
 from vastd.instances.provider import CloudProvider
-from vastd.instances.vast_api import VastClient
+from vastd.instances.vast_api import LIST_INSTANCES, VastClient
 from vastd.instances.vast_provider import VastProvider
 from vastd.orchestration.scheduler import Scheduler
 from vastd.utils.config import Settings
@@ -113,6 +114,8 @@ class Context:
     remote_locks: KeyedLocks = field(default_factory=KeyedLocks)
     # job: one collection (download, validation, install into results/<job>/) at a time
     job_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # instance: one re-attach of the SSH key at a time (market.reattach_key)
+    key_locks: KeyedLocks = field(default_factory=KeyedLocks)
     # instance -> when a drained instance's job folders may next be swept (followups.py)
     sweeps: dict[str, float] = field(default_factory=dict)
     # per instance: the task watching its jobs, the task preparing it
@@ -123,6 +126,8 @@ class Context:
     watch_wait_s: float = -1.0
     # the event loop's lag, measured by the `loop_lag` supervisor (utils/looplag.py)
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
+    # the cycle's instance listing: discovery takes it, destroy confirmations reuse it
+    listing: SharedListing = field(default_factory=SharedListing)
 
     def __post_init__(self) -> None:
         if self.watch_wait_s < 0:
@@ -176,6 +181,7 @@ class Context:
 
 
 _UNSET: Any = object()
+LIST_MIN_INTERVAL_S = 2.0  # at most, between two listings (half the poll interval if less)
 
 
 def build_context(
@@ -214,6 +220,10 @@ def build_context(
             api_key,
             timeout_s=settings.vast.request_timeout_s,
             max_retries=settings.vast.max_retries,
+            # the listing is the heaviest call: never more often than this, whoever asks
+            min_interval_s={
+                LIST_INSTANCES: min(LIST_MIN_INTERVAL_S, settings.vast.poll_interval_s / 2)
+            },
         )
     if pool is None:
         pool = SSHPool(settings.ssh, client_keys=client_keys, host_keys=StoreHostKeys(store))

@@ -27,6 +27,7 @@ from vastd.execution.process_monitor import (
     handle_job_timeout,
     monitor_job_execution,
 )
+from vastd.orchestration import market
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
@@ -62,7 +63,9 @@ def find_best_instance_for_job(
     room = [
         i
         for i in st.get_idle_instances(ctx.store, per)
-        if i.id not in orphaned and len(i.current_jobs) + load[i.id] < per
+        if i.id not in orphaned
+        and len(i.current_jobs) + load[i.id] < per
+        and market.fits_before_end(ctx, i)
     ]
     if not room:
         return None

@@ -11,11 +11,12 @@ One step, `fleet_once(ctx)`, run every `[vast] poll_interval_s` by `run_fleet(ct
 4. destroys under way are sent and confirmed (retried with back-off);
 5. scale up: rent cheapest-first until live instances (booting ones and pending
    intents included) reach min(max_instances, jobs waiting + running), never past
-   `max_total_dph`, never on a blocked machine or one we already rent.
+   `max_total_dph`, never on a blocked machine or one we already rent, and not while
+   the circuit breaker (breaker.py) pauses renting after rentals that never got ready.
 
-Policies: a preempted (stopped) interruptible instance has its jobs requeued (not an
-attempt) and is destroyed; a replacement comes from the scaling rule (re-bidding is a
-possible future policy). A machine whose instance failed to boot (timeout, or
+Policies: a preempted (stopped, outbid) interruptible instance has its jobs requeued (not
+an attempt) and is destroyed, or with `on_outbid = "rebid"` re-bid up to `max_bid_dph`
+(market.py); a replacement comes from the scaling rule. A machine whose instance failed to boot (timeout, or
 exited/unknown/offline while booting) or later went exited/offline is blocked for
 MACHINE_BLOCK_S (6 h). Instances vastd did not rent are never destroyed here.
 """
@@ -30,13 +31,17 @@ from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.provider import ApiState, Offer
 from vastd.instances.vast_status import api_state
+from vastd.orchestration import breaker, market
 from vastd.orchestration.context import Context
 from vastd.orchestration.inventory import claim_unknown_instance as claim_unknown_instance
 from vastd.orchestration.renting import (
     accrue_instance,
     attach_public_key,
+    billing,
     cleanup_failed_instance,
     confirm_destroy,
+    current_dph,
+    listed_after_destroy,
     offer_dph,
     rent_instance,
 )
@@ -75,21 +80,7 @@ class FleetReport:
     destroyed: list[str] = field(default_factory=list)
 
 
-# --- accounting -------------------------------------------------------------------------------
-def billing(inst: InstanceRecord) -> bool:
-    """Whether this instance may still be costing money."""
-    if inst.status is InstanceStatus.DESTROYED:
-        return False
-    return inst.owned or inst.status is not InstanceStatus.LOST
-
-
-def current_dph(ctx: Context) -> float:
-    """$/h of every instance that may bill, plus rents whose outcome is not known yet."""
-    total = sum(i.dph for i in ctx.store.instances.values() if billing(i))
-    total += sum(float(x.get("dph") or 0.0) for x in ctx.store.snapshot.rent_intents.values())
-    return total
-
-
+# --- accounting (billing, current_dph: renting.py, which market.py reads too) -----------------
 def accrue_spend(ctx: Context, now: float) -> float:
     """Accrue every owned instance up to `now`; returns the dollars added."""
     return sum(accrue_instance(ctx, i, now) for i in ctx.store.instances.values())
@@ -144,8 +135,11 @@ def prune(ctx: Context, now: float) -> None:
             del snap.blocked_machines[machine]
             ctx.store.mark_dirty()
     for iid, inst in list(snap.instances.items()):
-        if inst.status is InstanceStatus.DESTROYED and now - (inst.destroyed_at or now) > (
-            DESTROYED_KEEP_S
+        # never while the API still lists it (listed_after_destroy: it is destroyed again)
+        if (
+            inst.status is InstanceStatus.DESTROYED
+            and not listed_after_destroy(inst)
+            and now - (inst.destroyed_at or now) > DESTROYED_KEEP_S
         ):
             del snap.instances[iid]
             ctx.store.mark_dirty()
@@ -160,7 +154,9 @@ def teardown_reason(
     booting = inst.booting_since is not None
     if inst.status is InstanceStatus.LOST:
         if api_state(inst.api_status) is ApiState.STOPPED:
-            return "preempted (stopped)", False
+            if market.awaiting_resume(ctx, inst, now):
+                return None  # outbid and re-bid: it may run again
+            return market.stopped_reason(inst), False
         if api_state(inst.api_status) is ApiState.GONE:
             return f"lost ({inst.api_status})", True
         return "lost", booting
@@ -223,8 +219,11 @@ def judge_instances(ctx: Context, now: float) -> list[str]:
         if verdict is None:
             continue
         reason, block = verdict
+        failed_rental = breaker.counts_as_failed_rental(inst, reason)
         if cleanup_failed_instance(ctx, inst, reason, block=block):
             started.append(inst.id)
+            if failed_rental:
+                breaker.note_rental_failed(ctx, inst, reason, now)
     return started
 
 
@@ -235,7 +234,7 @@ async def advance_destroys(ctx: Context, now: float) -> list[str]:
         i
         for i in ctx.store.instances.values()
         if i.owned
-        and i.status is InstanceStatus.DESTROYING
+        and (i.status is InstanceStatus.DESTROYING or listed_after_destroy(i))
         and (i.next_destroy_at is None or i.next_destroy_at <= now)
     ]
     if not due:
@@ -253,7 +252,8 @@ async def attach_missing_keys(ctx: Context) -> None:
 
 # --- scaling up -------------------------------------------------------------------------------
 async def choose_offers(ctx: Context, now: float) -> list[Offer]:
-    """Offers for `offer_query`, in `order`, minus blocked machines and machines we rent."""
+    """Offers for `offer_query`, in `order`, minus blocked machines, machines we rent and
+    offers ending before a job could finish (market.offer_fits)."""
     assert ctx.cloud is not None
     fleet = ctx.settings.fleet
     offers = await ctx.cloud.search_offers(
@@ -267,7 +267,11 @@ async def choose_offers(ctx: Context, now: float) -> list[Offer]:
     blocked = {m for m, until in snap.blocked_machines.items() if until > now}
     ours = {str(i.machine_id) for i in ctx.store.instances.values() if billing(i) and i.machine_id}
     ours |= {str(x.get("machine_id")) for x in snap.rent_intents.values()}
-    return [o for o in offers if str(o.machine_id) not in blocked | ours]
+    return [
+        o
+        for o in offers
+        if str(o.machine_id) not in blocked | ours and market.offer_fits(ctx, o, now)
+    ]
 
 
 async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
@@ -275,6 +279,9 @@ async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
     need = report.desired - report.live - report.pending_intents
     if need <= 0:
         return
+    need = breaker.rentals_allowed(ctx, need, now)
+    if need <= 0:
+        return  # the circuit breaker holds renting (renting_paused said why)
     budget = ctx.settings.fleet.max_total_dph
     dph = current_dph(ctx)
     try:
@@ -309,6 +316,8 @@ async def fleet_once(ctx: Context) -> FleetReport:
     prune(ctx, now)
     expire_rent_intents(ctx, now)
     report = FleetReport()
+    if ctx.cloud is not None:
+        await market.rebid_outbid(ctx, now)
     report.destroying = judge_instances(ctx, now)
     if ctx.cloud is not None:
         report.destroyed = await advance_destroys(ctx, now)

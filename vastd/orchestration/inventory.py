@@ -8,12 +8,14 @@ the instance gets a job.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.preparation import prepare_instance_for_jobs
 from vastd.instances.provider import ApiState, ProviderInstance, machine_number
+from vastd.orchestration import breaker, market
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
     instance_connection,
@@ -111,8 +113,9 @@ async def discovery_once(ctx: Context) -> int:
     """List labelled instances and reconcile them with the store; returns how many are known."""
     assert ctx.cloud is not None
     label = ctx.settings.vast.label
+    asked_at = time.time()  # no later than the request: a destroy confirmed meanwhile wins
     try:
-        infos = await ctx.cloud.list_instances(label)
+        infos = await ctx.listing.fetch(ctx.cloud, label)
     except VastAIError as exc:
         # Never read a failed listing as "no instances".
         log.warning("discovery_failed", error=str(exc))
@@ -132,24 +135,74 @@ async def discovery_once(ctx: Context) -> int:
             if inst is None:
                 continue
         if inst.status in (InstanceStatus.DESTROYED, InstanceStatus.DESTROYING):
+            note_listed_after_destroy(inst, asked_at)
             continue
-        refresh_record(inst, info, now)
-        if info.state in (ApiState.GONE, ApiState.STOPPED):
-            handle_instance_failure(ctx, inst, f"vast.ai reports it {info.raw_status}")
-        elif info.state is ApiState.RUNNING and inst.status in (
-            InstanceStatus.LOST,
-            InstanceStatus.BOOTING,
-        ):
-            st.mark_instance_discovered(ctx.store, inst)
-    grace = ctx.settings.vast.lost_grace_s
-    for inst in list(ctx.store.instances.values()):
-        if inst.id in seen or inst.status in st.GONE:
-            continue
-        inst.missing_since = inst.missing_since or now
-        if now - inst.missing_since >= grace:
-            handle_instance_failure(ctx, inst, "absent from the vast.ai list")
+        await apply_listed(ctx, inst, info, now)
+    missing = [
+        i for i in ctx.store.instances.values() if i.id not in seen and i.status not in st.GONE
+    ]
+    if missing:
+        await asyncio.gather(*(settle_missing(ctx, inst, now) for inst in missing))
     ctx.store.mark_dirty()
     return len(seen)
+
+
+async def apply_listed(
+    ctx: Context, inst: InstanceRecord, info: ProviderInstance, now: float
+) -> None:
+    """What the API says of a known instance (listed, or looked up) goes into its record,
+    and through market.py's reading of it (price, frozen, outbid, end date, gone)."""
+    old_dph = inst.dph
+    refresh_record(inst, info, now)
+    lost = await market.on_listed(ctx, inst, info, old_dph, now)
+    if lost is not None:
+        handle_instance_failure(ctx, inst, lost)
+    elif info.state is ApiState.RUNNING and inst.status in (
+        InstanceStatus.LOST,
+        InstanceStatus.BOOTING,
+    ):
+        st.mark_instance_discovered(ctx.store, inst)
+
+
+async def settle_missing(ctx: Context, inst: InstanceRecord, now: float) -> None:
+    """An instance the listing lacks is looked up at once (listings may lag).
+
+    Confirmed gone: lost now, its jobs requeued without counting an attempt (no wait for
+    `lost_grace_s`). Still there: the listing was stale, the lookup's row is used. The
+    lookup failing (an API error), or one never listed yet (rented a moment ago, the API
+    may lag behind the rent): the grace decides, as without a lookup.
+    """
+    assert ctx.cloud is not None
+    inst.missing_since = inst.missing_since or now
+    try:
+        info = await ctx.cloud.show_instance(inst.id)
+    except (VastAIError, ValueError) as exc:
+        log.warning("instance_lookup_failed", instance=inst.id, error=str(exc))
+    else:
+        if inst.status in st.GONE:
+            return  # lost or torn down while the lookup ran
+        if info is None and inst.last_seen is not None:
+            log.info("instance_gone", instance=inst.id, by="listing and lookup")
+            handle_instance_failure(ctx, inst, "gone from vast.ai (listing and lookup)")
+            return
+        if info is not None and info.label == ctx.settings.vast.label:
+            await apply_listed(ctx, inst, info, now)
+            return
+        # never listed yet (rented a moment ago: the API may lag behind the rent), or
+        # relabelled (no longer ours to use): the grace decides, as without a lookup
+    if now - inst.missing_since >= ctx.settings.vast.lost_grace_s:
+        handle_instance_failure(ctx, inst, "absent from the vast.ai list")
+
+
+def note_listed_after_destroy(inst: InstanceRecord, now: float) -> None:
+    """A destroyed (or destroying) instance the API still lists: its destroy is checked
+    again. A confirmed one listed again was confirmed by stale reads: it may still bill,
+    so it is destroyed again (renting.py) and its record is not pruned meanwhile."""
+    inst.last_seen = now
+    relisted = inst.status is InstanceStatus.DESTROYED and now > (inst.destroyed_at or now)
+    if relisted and inst.owned and inst.next_destroy_at is None:
+        log.warning("instance_destroy_relisted", instance=inst.id, status=inst.api_status)
+        inst.next_destroy_at = now
 
 
 def handle_instance_failure(ctx: Context, inst: InstanceRecord, reason: str) -> int:
@@ -238,6 +291,7 @@ async def run_instance_preparation_workflow(ctx: Context, instance_id: str) -> b
         log.info("instance_prepare_superseded", instance=inst.id, status=inst.status.value)
         return False
     log.info("instance_prepared", instance=inst.id, marker=marker, already=already)
+    breaker.note_rental_ready(ctx, inst)
     # Jobs the snapshot says run here, and runs given up here, are watched again.
     if st.running_jobs_on(ctx.store, inst.id) or st.orphans_on(ctx.store, inst.id):
         ensure_watcher(ctx, inst.id)

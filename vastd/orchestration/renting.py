@@ -4,7 +4,10 @@
   rent twice: discovery claims the instance through its `VASTD_INTENT`).
 - `cleanup_failed_instance` decides a teardown (owned instances only) through
   core/state.py; `confirm_destroy` sends the DELETE only once that record is saved,
-  and counts the instance destroyed once the API no longer has it.
+  and counts the instance destroyed only once the per-instance lookup AND a listing
+  taken after the DELETE both say it is gone (one stale read confirms nothing); until
+  then it is checked again every cycle. A confirmed instance a later listing shows
+  again is destroyed again (`listed_after_destroy`).
 - Spend is accrued per owned instance from its rent to its confirmed destroy.
 """
 
@@ -25,7 +28,8 @@ from vastd.instances.lifecycle import (
     public_key_line,
     terminate_instance,
 )
-from vastd.instances.provider import Offer, machine_number
+from vastd.instances.provider import ApiState, Offer, machine_number
+from vastd.instances.vast_status import api_state
 from vastd.orchestration.context import Context
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
@@ -33,6 +37,22 @@ from vastd.utils.supervise import Backoff
 
 log = get_logger("vastd.lifecycle")
 DESTROY_BACKOFF = Backoff(DESTROY_BACKOFF_S, DESTROY_BACKOFF_MAX_S, jitter="none")
+
+
+def billing(inst: InstanceRecord) -> bool:
+    """Whether this instance may still be costing money."""
+    if inst.status is InstanceStatus.DESTROYED:
+        return listed_after_destroy(inst)  # a stale confirmation: it may still bill
+    if api_state(inst.api_status) is ApiState.STOPPED:
+        return True  # stopped (outbid or not): its disk still bills
+    return inst.owned or inst.status is not InstanceStatus.LOST
+
+
+def current_dph(ctx: Context) -> float:
+    """$/h of every instance that may bill, plus rents whose outcome is not known yet."""
+    total = sum(i.dph for i in ctx.store.instances.values() if billing(i))
+    total += sum(float(x.get("dph") or 0.0) for x in ctx.store.snapshot.rent_intents.values())
+    return total
 
 
 def offer_dph(ctx: Context, offer: Offer) -> float:
@@ -115,6 +135,8 @@ async def rent_instance(ctx: Context, offer: Offer) -> InstanceRecord:
             machine_id=machine_id,
             gpu_name=offer.gpu_name,
             intent_id=intent_id,
+            interruptible=s.fleet.interruptible,
+            end_date=offer.end_date,
         )
         store.instances[iid] = inst
     # else: discovery claimed it through the intent while the PUT was answering.
@@ -179,20 +201,58 @@ def cleanup_failed_instance(
     return True
 
 
-async def confirm_destroy(ctx: Context, inst: InstanceRecord, now: float | None = None) -> bool:
-    """One destroy + confirmation for a DESTROYING instance; schedules the next try.
+def listed_after_destroy(inst: InstanceRecord) -> bool:
+    """A confirmed destroy that a later listing still showed: stale reads confirmed it,
+    the instance may still bill. It is destroyed again and its record kept meanwhile."""
+    return (
+        inst.status is InstanceStatus.DESTROYED
+        and inst.last_seen is not None
+        and inst.destroyed_at is not None
+        and inst.last_seen > inst.destroyed_at
+    )
 
-    Write-ahead: the DELETE goes out only once the snapshot says DESTROYING (else a
-    crash could forget an instance it destroyed halfway, or destroy one twice over).
+
+async def absent_from_listing(ctx: Context, instance_id: str, newer_than: float) -> bool:
+    """Whether a listing whose request was sent after `newer_than` (the cycle's shared
+    one when recent enough) lacks the instance; False when the listing fails."""
+    assert ctx.cloud is not None
+    try:
+        listed = await ctx.listing.since(ctx.cloud, ctx.settings.vast.label, newer_than)
+    except VastAIError as exc:
+        log.warning(
+            "instance_destroy_unconfirmed", instance=instance_id, by="listing", error=str(exc)
+        )
+        return False
+    if any(i.id == instance_id for i in listed):
+        log.info("instance_destroy_unconfirmed", instance=instance_id, by="listing")
+        return False
+    return True
+
+
+async def confirm_destroy(ctx: Context, inst: InstanceRecord, now: float | None = None) -> bool:
+    """One destroy + confirmation for a DESTROYING instance (or a destroyed one listed
+    again); schedules the next try.
+
+    Gone means both the per-instance lookup (after the DELETE) and a listing taken after
+    the DELETE lack it: either alone may be a stale read. Write-ahead: the DELETE goes
+    out only once the snapshot says DESTROYING (else a crash could forget an instance it
+    destroyed halfway, or destroy one twice over).
     """
     assert ctx.cloud is not None
     if not await ctx.store.flush():
         log.warning("instance_destroy_deferred", instance=inst.id, reason=ctx.store.save_error)
         return False
-    if inst.status is not InstanceStatus.DESTROYING:
+    relisted = listed_after_destroy(inst)
+    if inst.status is not InstanceStatus.DESTROYING and not relisted:
         return False
-    if await terminate_instance(ctx.cloud, inst.id, attempts=1):
+    sent_at = time.time()
+    if await terminate_instance(ctx.cloud, inst.id, attempts=1) and await absent_from_listing(
+        ctx, inst.id, sent_at
+    ):
         now = time.time() if now is None else now
+        if relisted:
+            reconfirm_destroy(ctx, inst, now)
+            return True
         accrue_instance(ctx, inst, now)
         st.mark_instance_destroyed(ctx.store, inst, now)
         log.info(
@@ -211,6 +271,19 @@ async def confirm_destroy(ctx: Context, inst: InstanceRecord, now: float | None 
         "instance_destroy_retry", instance=inst.id, attempts=inst.destroy_attempts, retry_in_s=delay
     )
     return False
+
+
+def reconfirm_destroy(ctx: Context, inst: InstanceRecord, now: float) -> None:
+    """A destroyed instance that was listed again is gone now: what it billed since the
+    first confirmation is spent, and the record may age out again."""
+    since = inst.destroyed_at or now
+    if inst.owned and now > since:
+        ctx.store.snapshot.spend_total += inst.dph * (now - since) / 3600.0
+    inst.destroyed_at = now
+    inst.next_destroy_at = None
+    inst.destroy_attempts += 1
+    ctx.store.mark_dirty()
+    log.info("instance_destroyed", instance=inst.id, reason=inst.destroy_reason, relisted=True)
 
 
 def accrue_instance(ctx: Context, inst: InstanceRecord, now: float) -> float:

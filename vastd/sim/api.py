@@ -4,7 +4,8 @@
 the official client's shapes (the `vastai` CLI works against it with `--url`).
 Faults (`SimCloud.faults`) and a JSON control surface under `/_sim/` let tests,
 in-process or from another process, inject 429/5xx, delays, malformed bodies and
-instance failures at run time. Every API request is recorded in `SimCloud.calls`.
+instance failures at run time (`/_sim/instances/{id}/market`: the market's ways, a
+freeze, an outbid, a price, an end date, revoked keys). Every API request is recorded in `SimCloud.calls`.
 
 This module owns the HTTP side (routes, auth, the control surface); `SimCloud` is in
 cloud.py, faults in faults.py, filter semantics in filters.py (all re-exported here).
@@ -135,7 +136,8 @@ async def _list_instances(request: web.Request) -> web.Response:
     order = [(str(o["col"]), str(o.get("dir", "asc"))) for o in order_by]
     if "id" not in [c for c, _ in order]:
         order.append(("id", "asc"))
-    rows = sort_rows([r for r in cloud.instances.values() if matches(r, filters)], order)
+    visible = cloud.stale.view("list_instances", cloud.instances)
+    rows = sort_rows([r for r in visible.values() if matches(r, filters)], order)
     total = len(rows)
     token = request.query.get("after_token")
     if token:
@@ -167,7 +169,8 @@ async def _list_instances_v0(request: web.Request) -> web.Response:
 
 
 async def _show_instance(request: web.Request) -> web.Response:
-    row = _cloud(request).instances.get(_instance_id(request))
+    cloud, instance_id = _cloud(request), _instance_id(request)
+    row = cloud.stale.view_one("show_instance", instance_id, cloud.instances.get(instance_id))
     return json_response({"instances": dict(row) if row is not None else None})
 
 
@@ -195,6 +198,20 @@ async def _reboot(request: web.Request) -> web.Response:
     if instance_id not in cloud.instances:
         return _error(404, "no_such_instance", f"Instance {instance_id} not found.")
     await cloud.reboot(instance_id)
+    return json_response({"success": True})
+
+
+async def _set_bid(request: web.Request) -> web.Response:
+    cloud, instance_id = _cloud(request), _instance_id(request)
+    if instance_id not in cloud.instances:
+        return _error(404, "no_such_instance", f"Instance {instance_id} not found.")
+    body = await _body(request)
+    if body.get("client_id") != "me":
+        return _error(400, "invalid_args", 'client_id must be "me"')
+    price = body.get("price")
+    if isinstance(price, bool) or not isinstance(price, int | float) or not price >= 0:
+        return _error(400, "invalid_args", "price must be a number >= 0")
+    await cloud.set_bid(instance_id, float(price))
     return json_response({"success": True})
 
 
@@ -279,6 +296,44 @@ async def _ctl_status(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
+async def _ctl_stale(request: web.Request) -> web.Response:
+    """{"kind": "hide" | "lag_destroy" | "ignore_destroy", "endpoint", "reads"} (stale.py)."""
+    stale, instance_id = _cloud(request).stale, _instance_id(request)
+    body = await _body(request)
+    kind, reads = body.get("kind"), int(body.get("reads", 1))
+    endpoint = str(body.get("endpoint", "list_instances"))
+    if kind == "hide":
+        stale.hide(instance_id, endpoint, reads)
+    elif kind == "lag_destroy":
+        stale.lag_destroy(instance_id, endpoint, reads)
+    elif kind == "ignore_destroy":
+        stale.ignore_destroy(instance_id, reads)
+    else:
+        return _error(400, "bad_stale", f"unknown kind {kind!r}")
+    return json_response({"success": True})
+
+
+async def _ctl_market(request: web.Request) -> web.Response:
+    """`POST /_sim/instances/{id}/market` with one of {"freeze": true}, {"outbid": dph},
+    {"price": dph}, {"end_date": epoch s or null}, {"revoke_keys": true}."""
+    cloud, instance_id = _cloud(request), _instance_id(request)
+    if instance_id not in cloud.instances:
+        return _error(404, "no_such_instance", "no such instance")
+    body = await _body(request)
+    if body.get("freeze"):
+        await cloud.freeze(instance_id)
+    if "outbid" in body:
+        await cloud.outbid(instance_id, float(body["outbid"]))
+    if "price" in body:
+        cloud.set_price(instance_id, float(body["price"]))
+    if "end_date" in body:
+        end = body["end_date"]
+        cloud.set_end_date(instance_id, None if end is None else float(end))
+    if body.get("revoke_keys"):
+        cloud.revoke_keys(instance_id)
+    return json_response({"success": True})
+
+
 async def _ctl_vanish(request: web.Request) -> web.Response:
     await _cloud(request).vanish(_instance_id(request))
     return json_response({"success": True})
@@ -298,6 +353,7 @@ def create_sim_app(cloud: SimCloud) -> web.Application:
     r.add_delete(r"/api/v0/instances/{id:\d+}/", _destroy, name="destroy")
     r.add_put(r"/api/v0/instances/reboot/{id:\d+}/", _reboot, name="reboot")
     r.add_post(r"/api/v0/instances/{id:\d+}/ssh/", _attach_ssh, name="attach_ssh")
+    r.add_put(r"/api/v0/instances/bid_price/{id:\d+}/", _set_bid, name="set_bid")
     r.add_post("/api/v0/bundles/", _search_offers, name="search_offers")
     r.add_put(r"/api/v0/asks/{id:\d+}/", _rent, name="rent")
     r.add_get("/_sim/state", _ctl_state)
@@ -309,6 +365,8 @@ def create_sim_app(cloud: SimCloud) -> web.Application:
     r.add_post("/_sim/offers", _ctl_add_offer)
     r.add_post(r"/_sim/instances/{id:\d+}/status", _ctl_status)
     r.add_post(r"/_sim/instances/{id:\d+}/vanish", _ctl_vanish)
+    r.add_post(r"/_sim/instances/{id:\d+}/stale", _ctl_stale)
+    r.add_post(r"/_sim/instances/{id:\d+}/market", _ctl_market)
     return app
 
 

@@ -2,7 +2,8 @@
 
 Offers are generated or added; renting one boots an instance (a live SSH host from a
 `HostProvider`, see vastd/sim/hosts.py). Tests drive failures through `set_status`,
-`vanish` and `faults`; vastd/sim/api.py serves it over HTTP.
+`vanish`, `faults` and the market's ways (`freeze`, `outbid`/`set_bid`, `set_price`,
+`set_end_date`, `revoke_keys`); vastd/sim/api.py serves it over HTTP.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Final, Protocol
 
 from vastd.sim.faults import Faults
 from vastd.sim.filters import matches, sort_rows
+from vastd.sim.stale import StaleReads
 from vastd.utils.logging import get_logger
 
 # The logger name it had before the split from api.py: log lines stay the same.
@@ -70,6 +72,7 @@ class SimCloud:
         self.host_provider = host_provider
         self.account_keys = list(account_keys)
         self.faults = Faults(seed)
+        self.stale = StaleReads()  # lagging reads and destroys that do not take (stale.py)
         self.offers: dict[int, dict[str, Any]] = {}
         self.instances: dict[int, dict[str, Any]] = {}
         self.ssh_keys: dict[int, list[str]] = {}
@@ -259,7 +262,7 @@ class SimCloud:
             "extra_env": [[k, v] for k, v in env.items() if not k.startswith("-")],
             "reliability2": offer.get("reliability"), "geolocation": offer.get("geolocation"),
             "is_bid": False, "min_bid": offer.get("min_bid"), "verification": "verified",
-            "ask_id": offer.get("id"), "template_id": None,
+            "ask_id": offer.get("id"), "template_id": None, "end_date": offer.get("end_date"),
         }  # fmt: skip
         row.update(values)
         return row
@@ -310,9 +313,12 @@ class SimCloud:
 
     async def destroy(self, instance_id: int) -> bool:
         """Destroy an instance; False if there is none."""
+        if instance_id in self.instances and self.stale.take_ignored_destroy(instance_id):
+            return True  # answered, did not take: it goes on running and billing
         row = self.instances.pop(instance_id, None)
         if row is None:
             return False
+        self.stale.destroyed(instance_id, row)
         self._cancel_boot(instance_id)
         await self._stop_host(instance_id)
         offer = self.offers.get(row.get("ask_id") or -1)
@@ -367,6 +373,47 @@ class SimCloud:
         if actual_status == "running" and instance_id not in self._hosts:
             extra = self._endpoint_fields(*await self._start_host(instance_id))
         self._update(instance_id, actual_status=actual_status, **extra)
+
+    # -- the market as vast.ai behaves (issue 10, items 10-14) -----------------------
+
+    async def freeze(self, instance_id: int) -> None:
+        """`frozen`: still listed and billed, but nothing on it answers."""
+        await self.set_status(instance_id, "frozen", stop_host=True)
+
+    async def outbid(self, instance_id: int, competing_dph: float) -> None:
+        """Someone bids `competing_dph` on the machine: the instance is stopped until its
+        bid (`set_bid`) is higher."""
+        self._update(instance_id, outbid_by=float(competing_dph))
+        await self.set_status(instance_id, "stopped", stop_host=True)
+
+    async def set_bid(self, instance_id: int, price: float) -> None:
+        """`PUT /instances/bid_price/{id}/`: the new bid is the price; one above the
+        competing bid runs again (it boots anew: scheduling, loading, running)."""
+        row = self.instances[instance_id]
+        self.stats["set_bid"] += 1
+        self._update(instance_id, dph_total=float(price), min_bid=float(price))
+        competing = row.get("outbid_by")
+        if competing is not None and float(price) > float(competing):
+            self._update(instance_id, outbid_by=None, actual_status="scheduling")
+            await self._stop_host(instance_id)
+            self._spawn_boot(instance_id)
+
+    def set_price(self, instance_id: int, dph: float) -> None:
+        """The host raises (or lowers) the price of the running contract."""
+        self._update(instance_id, dph_total=dph)
+
+    def set_end_date(self, instance_id: int, end_date: float | None) -> None:
+        """The host's offer (and so the rental) ends at `end_date` (epoch s)."""
+        self._update(instance_id, end_date=end_date)
+
+    def revoke_keys(self, instance_id: int) -> None:
+        """The keys installed on the instance stop working (skypilot#10730); a key
+        attached again through the API works again."""
+        self.ssh_keys[instance_id] = []
+        revoke = getattr(self.host_provider, "set_authorized_keys", None)
+        if revoke is not None and instance_id in self._hosts:
+            revoke(instance_id, [])
+        self._notify()
 
     async def vanish(self, instance_id: int, *, stop_host: bool = True) -> None:
         """The instance disappears from every listing, as if vast.ai lost it."""

@@ -34,7 +34,11 @@ class HostProvider(Protocol):
 
 
 def _authorized(keys: list[str]) -> asyncssh.SSHAuthorizedKeys:
-    return asyncssh.import_authorized_keys("\n".join(k.strip() for k in keys if k.strip()) + "\n")
+    lines = [k.strip() for k in keys if k.strip()]
+    if not lines:
+        # No key works (a revoked one): the login is refused, as sshd refuses it.
+        return asyncssh.SSHAuthorizedKeys()
+    return asyncssh.import_authorized_keys("\n".join(lines) + "\n")
 
 
 class _Server(asyncssh.SSHServer):

@@ -46,6 +46,9 @@ class PathsSettings(_Section):
     root: Path = Path("/var/lib/vastd")
     # a group that may drop files into inbox/ and read results/ (2770/2750); "" = owner only
     group: str = ""
+    # a download of results that would leave less free on the local disk of results/
+    # waits (retried, logged as collection_deferred); 0 = no floor
+    min_free_disk_gb: float = Field(default=1.0, ge=0)
 
     @field_validator("root")
     @classmethod
@@ -135,6 +138,19 @@ class JobSettings(_Section):
     max_attempts: int = Field(default=3, ge=1)
     max_input_bytes: int = Field(default=104_857_600, gt=0)
     max_result_bytes: int = Field(default=10 * 1024**3, gt=0)
+    # all of a job's result files together, and how many there may be: checked while
+    # copying (past either, the attempt fails)
+    max_results_total_bytes: int = Field(default=20 * 1024**3, gt=0)
+    max_result_files: int = Field(default=1000, ge=1)
+    # with validate = "parquet": complete iff the number of distinct values of this column
+    # equals the CSV's data rows (the GARCH scripts write "job_row"); "" = no row check
+    row_key: str = ""
+    # run locally with /bin/sh in the downloaded folder (also $VASTD_RESULT_DIR) after the
+    # built-in validation; exit 0 = valid; "" = none
+    validate_command: str = ""
+    # validation runs in a child process: its memory beyond start-up, and its deadline
+    validate_memory_mb: int = Field(default=512, ge=16)
+    validate_timeout_s: float = Field(default=300.0, gt=0)
     poll_interval_s: float = Field(default=5.0, gt=0)
     jobs_per_instance: int = Field(default=1, ge=1)
     # a file named like a finished job: refused (to failed/ as <job>.dup-<n>.csv), or
@@ -167,6 +183,12 @@ class JobSettings(_Section):
         if compiled.groups < 1:
             raise ValueError("needs a group: group 1 is the number of rows done, e.g. (\\d+)")
         return value
+
+    @model_validator(mode="after")
+    def _row_key_needs_parquet(self) -> JobSettings:
+        if self.row_key and self.validate_ != "parquet":
+            raise ValueError('row_key: needs validate = "parquet" (rows are counted in parquet)')
+        return self
 
     @field_validator("result_glob")
     @classmethod
@@ -221,6 +243,14 @@ class FleetSettings(_Section):
     adopt_foreign_labelled: bool = False
     min_free_disk_gb: float = Field(default=5.0, ge=0)
     health_interval_s: float = Field(default=60.0, gt=0)
+    # the rental circuit breaker: after this many rentals in a row that never became
+    # ready, renting pauses for rent_pause_s (0: never pause)
+    max_failed_rentals: int = Field(default=3, ge=0)
+    rent_pause_s: float = Field(default=1800.0, gt=0)
+    # the market as vast.ai behaves (orchestration/market.py)
+    frozen_grace_s: float = Field(default=300.0, ge=0)
+    on_outbid: Literal["destroy", "rebid"] = "destroy"
+    max_bid_dph: float | None = Field(default=None, gt=0)
 
     @field_validator("offer_query")
     @classmethod
@@ -244,6 +274,12 @@ class FleetSettings(_Section):
 
         check_order(value)
         return value
+
+    @model_validator(mode="after")
+    def _rebid_has_a_cap(self) -> FleetSettings:
+        if self.on_outbid == "rebid" and self.max_bid_dph is None:
+            raise ValueError('on_outbid = "rebid" needs max_bid_dph (the highest bid, $/hour)')
+        return self
 
 
 def normalise_log_level(value: str) -> str:
@@ -533,6 +569,19 @@ def _check_secret_file(path: Path, key: str, *, required: bool) -> list[str]:
     return []
 
 
+def _check_private_key(path: Path) -> list[str]:
+    """A key file that exists but does not load (garbage, a public key, a passphrase):
+    every rental would fail to become ready, so it is refused before renting anything."""
+    import asyncssh
+
+    try:
+        asyncssh.read_private_key(path)
+    except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        return [f"ssh.key_file: {path} is not a private key vastd can use: {why}"]
+    return []
+
+
 def check_files(settings: Settings) -> list[str]:
     """Problems with the files the config names: the SSH key, the API key file, known_hosts.
 
@@ -541,6 +590,8 @@ def check_files(settings: Settings) -> list[str]:
     """
     problems = []
     problems += _check_secret_file(settings.ssh.key_file, "ssh.key_file", required=True)
+    if not problems:
+        problems += _check_private_key(settings.ssh.key_file)
     key_file = settings.vast.api_key_file
     if key_file is not None:
         other_source = bool(
@@ -578,6 +629,11 @@ LIVE_KEYS: tuple[tuple[str, str], ...] = (
     ("fleet", "idle_timeout_s"),
     ("fleet", "boot_timeout_s"),
     ("fleet", "min_free_disk_gb"),
+    ("fleet", "max_failed_rentals"),
+    ("fleet", "rent_pause_s"),
+    ("fleet", "frozen_grace_s"),
+    ("fleet", "on_outbid"),
+    ("fleet", "max_bid_dph"),
     ("job", "max_attempts"),
     ("job", "timeout_s"),
     ("log", "level"),

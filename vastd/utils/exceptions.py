@@ -47,6 +47,10 @@ class HostKeyMismatchError(SSHConnectionError):
     """The instance presented a host key other than the one pinned for it."""
 
 
+class SSHAuthError(SSHConnectionError):
+    """The instance answered but refused our key (it may have lost it: re-attach it)."""
+
+
 class RemoteOutputTooLarge(SSHConnectionError):
     """A remote command printed more than vastd reads: the host is treated as broken
     (like an unreachable one), never its output held in memory."""
@@ -66,6 +70,10 @@ class JobValidationError(VastdError):
 
 class ResultValidationError(JobExecutionError):
     """A result file is missing, unsafe, too large or unreadable."""
+
+
+class ResultTooLargeError(ResultValidationError):
+    """A result file (or a job's results together) passed a size cap while copied."""
 
 
 class FileOperationError(VastdError):
