@@ -184,9 +184,10 @@ async def campaign(root: Path, jobs: int, instances: int, batch: int) -> dict[st
                 st.mark_job_started(store, name, run_id=run_id, pgid=1, new=True)
                 st.mark_job_exited(store, name, exit_code=0, error=None)
                 # On the loop, as collection does (the rename's fsyncs go to the saver).
-                st.mark_job_completed(
+                done_job = st.mark_job_completed(
                     store, name, instance_id=iid, run_id=run_id, result_files=["out.parquet"]
                 )
+                done_job.rows_out, done_job.cost, done_job.gpu_name = 1, 0.0001, "RTX 4090"
                 await asyncio.sleep(0)  # each completion is its own collection task there
                 st.followup_done(store, next(iter(store.snapshot.followups)))
                 done += 1

@@ -61,6 +61,9 @@ class JobView:
     earlier_failed_stem: str | None = None
     progress_rows: int | None = None
     progress_at: float | None = None
+    rows_out: int | None = None
+    cost: float | None = None
+    gpu_name: str | None = None
 
     @classmethod
     def of(cls, job: JobRecord) -> JobView:
@@ -99,6 +102,9 @@ _KINDS: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("earlier_failed_stem", (str, _NONE)),
     ("progress_rows", (int, _NONE)),
     ("progress_at", (int, float, _NONE)),
+    ("rows_out", (int, _NONE)),
+    ("cost", (int, float, _NONE)),
+    ("gpu_name", (str, _NONE)),
 )
 
 
@@ -388,7 +394,12 @@ def build_report(layout: Layout, campaign: Campaign, now: float | None = None) -
         if job.state is JobState.DONE:
             done += 1
             rows_in_done += job.rows
-            manifest = read_manifest(layout.results_dir(job.id) / "MANIFEST.json")
+            # A record from before the MANIFEST's figures were kept in it: the file.
+            manifest: dict[str, Any] = (
+                {"rows_out": job.rows_out, "cost": job.cost, "gpu": job.gpu_name}
+                if job.rows_out is not None
+                else read_manifest(layout.results_dir(job.id) / "MANIFEST.json")
+            )
             if isinstance(manifest.get("rows_out"), int):
                 entry["rows_out"] = manifest["rows_out"]
                 rows_out += manifest["rows_out"]
