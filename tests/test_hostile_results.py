@@ -152,6 +152,8 @@ async def test_a_result_with_half_its_rows_is_refused(env: SimEnv) -> None:
     assert job2.state is JobState.DONE, job2.last_error
     manifest = json.loads((ctx2.layout.results_dir(job2.id) / "MANIFEST.json").read_text())
     assert (manifest["rows_in"], manifest["rows_out"]) == (4, 4)
+    # the record carries the MANIFEST's figures (`vastd report` reads no file per job)
+    assert (job2.rows_out, job2.cost, job2.gpu_name) == (4, manifest["cost"], manifest["gpu"])
 
 
 # --- item 8: caps on what a job's results may take -------------------------------------------

@@ -346,3 +346,63 @@ def test_a_jobs_cost_is_its_share_of_the_instances_time() -> None:
     assert job_cost(0.36, 1000.0, 1100.0, 2) == 0.005  # two jobs share the instance
     assert job_cost(0.36, None, 1100.0, 1) is None
     assert job_cost(0.36, 1100.0, 1000.0, 1) is None
+
+
+def test_history_views_agree_with_full_records_and_skip_what_the_record_refuses(
+    tmp_path: Path,
+) -> None:
+    """The views read history lines without building JobRecords; a line typed otherwise
+    than vastd writes goes through the record's validation: coerced as it would be, or
+    skipped when the record refuses it too (never a crash of `vastd jobs`)."""
+    from vastd.core.history import read_history_records
+    from vastd.views import JobView, read_history_views
+
+    now = time.time()
+    done = JobRecord(id="a", file_name="a.csv", state=JobState.DONE, rows=3, attempts=1)
+    done.instance, done.started_at, done.finished_at = "7", now - 5, now
+    failed = JobRecord(id="b", file_name="b.csv", state=JobState.FAILED, last_error="boom")
+    failed.failed_stem = "b"
+    path = tmp_path / "history.jsonl"
+    coerced = json.loads(history_line(done).decode()) | {"id": "c", "attempts": "2"}
+    refused = json.loads(history_line(done).decode()) | {"id": "d", "runs": "many"}
+    no_state = {k: v for k, v in json.loads(history_line(done).decode()).items() if k != "state"}
+    append_history(
+        path,
+        [
+            history_line(done),
+            history_line(failed),
+            json.dumps(coerced).encode() + b"\n",
+            json.dumps(refused).encode() + b"\n",
+            json.dumps(no_state | {"id": "e"}).encode() + b"\n",
+        ],
+    )
+    views = read_history_views(path)
+    full = read_history_records(path)  # (which skips the refused line too)
+    assert sorted(full) == ["a", "b", "c", "e"]
+    assert views == {k: JobView.of(r) for k, r in full.items()}
+    assert views["c"].attempts == 2 and views["e"].state is JobState.QUEUED
+    assert "d" not in views
+    assert views["a"] == JobView.of(done) and views["b"].last_error == "boom"
+
+
+def test_report_takes_a_done_records_figures_without_reading_its_manifest(tmp_path: Path) -> None:
+    """A record that carries its MANIFEST's figures (rows_out, cost, GPU) is reported from
+    them: 100,000 done jobs are not 100,000 file reads. An older record falls back."""
+    now = time.time()
+    layout = Layout(tmp_path / "root")
+    layout.ensure()
+    new = _record("n", JobState.DONE, runs=1, instance="7", started_at=now - 9, finished_at=now)
+    new.rows_out, new.cost, new.gpu_name = 5, 0.25, "H100"
+    old = _record("o", JobState.DONE, runs=1)
+    append_history(layout.history_file, [history_line(new), history_line(old)])
+    atomic_write_json(layout.state_file, Snapshot(saved_at=now).model_dump(mode="json"))
+    layout.results_dir("o").mkdir(parents=True)
+    atomic_write_json(layout.results_dir("o") / "MANIFEST.json", {"rows_out": 2, "cost": 0.5})
+    # n's MANIFEST says otherwise: the record is what is read
+    layout.results_dir("n").mkdir(parents=True)
+    atomic_write_json(layout.results_dir("n") / "MANIFEST.json", {"rows_out": 99, "cost": 9.0})
+    report = build_report(layout, read_campaign(layout), now=now)
+    by_id = {j["id"]: j for j in report["jobs"]}
+    assert (by_id["n"]["rows_out"], by_id["n"]["cost"], by_id["n"]["gpu"]) == (5, 0.25, "H100")
+    assert (by_id["o"]["rows_out"], by_id["o"]["cost"]) == (2, 0.5)
+    assert report["totals"]["rows_out"] == 7 and report["totals"]["cost"] == 0.75

@@ -274,7 +274,7 @@ def _watch(current: Callable[[], dict[str, Any]], interval_s: float, *, as_json:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from vastd.core.files import Layout
-    from vastd.views import format_jobs, job_rows, read_campaign
+    from vastd.views import format_jobs, job_rows, json_text, read_campaign
 
     if args.state is not None and args.state not in _STATES:
         print(
@@ -283,10 +283,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     settings = _load(args)
-    campaign = read_campaign(Layout(settings.paths.root))
+    # Finished jobs are in history.jsonl alone: a state in flight needs only state.json.
+    finished = args.state is None or args.state in ("done", "failed")
+    campaign = read_campaign(Layout(settings.paths.root), history=finished)
     rows = job_rows(campaign, args.state)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json_text(rows))
     else:
         print(format_jobs(rows, campaign.daemon_running, campaign.snapshot.saved_at))
     return EXIT_OK
@@ -294,12 +296,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from vastd.core.files import Layout
-    from vastd.views import build_report, format_report, read_campaign
+    from vastd.views import build_report, format_report, json_text, read_campaign
 
     settings = _load(args)
     layout = Layout(settings.paths.root)
     report = build_report(layout, read_campaign(layout))
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json_text(report) if args.json else format_report(report))
     return EXIT_OK
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import to_json
+
 from vastd.core.files import ERROR_SUFFIX, JOB_SUFFIX, Layout, utc_iso
 from vastd.core.lock import root_locked
 from vastd.core.records import FINISHED, JobRecord, JobState, Snapshot
@@ -38,14 +40,88 @@ class Refused:
     has_csv: bool
 
 
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """What the views show of a job: from a record in state.json, or straight from a
+    history line (100,000 of them are read per `vastd jobs`: building each into a full
+    JobRecord cost more than parsing the line)."""
+
+    id: str
+    state: JobState
+    rows: int = 0
+    attempts: int = 0
+    runs: int = 0
+    instance: str | None = None
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    exited_at: float | None = None
+    finished_at: float | None = None
+    last_error: str | None = None
+    failed_stem: str | None = None
+    earlier_failed_stem: str | None = None
+    progress_rows: int | None = None
+    progress_at: float | None = None
+    rows_out: int | None = None
+    cost: float | None = None
+    gpu_name: str | None = None
+
+    @classmethod
+    def of(cls, job: JobRecord) -> JobView:
+        return cls(**{name: getattr(job, name) for name in _VIEW_FIELDS})
+
+    @classmethod
+    def from_line(cls, data: dict[str, Any]) -> JobView:
+        """A history line's view; a line whose fields are not what vastd writes goes
+        through the record's own validation (ValueError when that refuses it too)."""
+        try:
+            values = {name: data.get(name, _DEFAULTS[name]) for name in _VIEW_FIELDS}
+            values["state"] = JobState(values["state"])
+            if all(isinstance(values[name], kinds) for name, kinds in _KINDS):
+                return cls(**values)
+        except (TypeError, ValueError):
+            pass
+        return cls.of(JobRecord.model_validate(data))  # pydantic's ValidationError is a ValueError
+
+
+_VIEW_FIELDS = tuple(JobView.__dataclass_fields__)
+# a field absent from a line is its default (id and state have none: MISSING, refused)
+_DEFAULTS = {name: f.default for name, f in JobView.__dataclass_fields__.items()}
+_NONE = type(None)
+_KINDS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("id", (str,)),
+    ("rows", (int,)),
+    ("attempts", (int,)),
+    ("runs", (int,)),
+    ("instance", (str, _NONE)),
+    ("dispatched_at", (int, float, _NONE)),
+    ("started_at", (int, float, _NONE)),
+    ("exited_at", (int, float, _NONE)),
+    ("finished_at", (int, float, _NONE)),
+    ("last_error", (str, _NONE)),
+    ("failed_stem", (str, _NONE)),
+    ("earlier_failed_stem", (str, _NONE)),
+    ("progress_rows", (int, _NONE)),
+    ("progress_at", (int, float, _NONE)),
+    ("rows_out", (int, _NONE)),
+    ("cost", (int, float, _NONE)),
+    ("gpu_name", (str, _NONE)),
+)
+
+
 @dataclass
 class Campaign:
     """Every job of a root, read once: records (state.json over history) and refusals."""
 
     snapshot: Snapshot
-    jobs: dict[str, JobRecord]
+    jobs: dict[str, JobView]
     refused: list[Refused]
     daemon_running: bool | None
+
+
+def json_text(value: Any) -> str:
+    """`--json` output: indented, written by pydantic-core (the standard library's
+    encoder falls back to pure Python once asked to indent: 2 s for 100,000 jobs)."""
+    return to_json(value, indent=2).decode()
 
 
 def read_error_json(path: Path) -> dict[str, Any]:
@@ -72,7 +148,7 @@ def failed_stems(directory: Path) -> dict[str, bool]:
     return stems
 
 
-def refused_files(layout: Layout, jobs: dict[str, JobRecord]) -> list[Refused]:
+def refused_files(layout: Layout, jobs: dict[str, JobView]) -> list[Refused]:
     """failed/ entries no failed job owns (its `failed_stem`), with their reasons."""
     owned = {j.failed_stem or j.id for j in jobs.values() if j.state is JobState.FAILED}
     owned |= {j.earlier_failed_stem for j in jobs.values() if j.earlier_failed_stem}
@@ -94,22 +170,39 @@ def refused_files(layout: Layout, jobs: dict[str, JobRecord]) -> list[Refused]:
     return out
 
 
-def read_campaign(layout: Layout) -> Campaign:
-    """The snapshot, one pass over history.jsonl, and a listing of failed/."""
+def read_history_views(path: Path) -> dict[str, JobView]:
+    """history.jsonl's jobs, the last line per name; a line that is not a job record is
+    skipped with a warning, as history.py does for lines that do not parse."""
     # history.py brings aiofiles (and so asyncio): imported here, not by `vastd status`.
-    from vastd.core.history import read_history_records
+    from vastd.core.history import iter_history, log
 
+    out: dict[str, JobView] = {}
+    for data in iter_history(path):
+        try:
+            out[data["id"]] = JobView.from_line(data)
+        except ValueError as exc:
+            log.warning(
+                "history_line_skipped", path=str(path), job=data["id"], error=str(exc)[:200]
+            )
+    return out
+
+
+def read_campaign(layout: Layout, *, history: bool = True) -> Campaign:
+    """The snapshot, one pass over history.jsonl, and a listing of failed/.
+
+    `history=False`: work in flight only (history holds finished jobs alone).
+    """
     running = root_locked(layout.root)
     snapshot = read_snapshot(layout.state_file)[0]
-    jobs = read_history_records(layout.history_file)
+    jobs = read_history_views(layout.history_file) if history else {}
     for job_id in snapshot.jobs:
         jobs.pop(job_id, None)  # state.json wins, and keeps its own order (acceptance)
-    jobs = {**jobs, **snapshot.jobs}
+    jobs |= {job_id: JobView.of(job) for job_id, job in snapshot.jobs.items()}
     return Campaign(snapshot, jobs, refused_files(layout, jobs), running)
 
 
 # --- vastd jobs ----------------------------------------------------------------------------
-def _duration(job: JobRecord, now: float) -> float | None:
+def _duration(job: JobView, now: float) -> float | None:
     start = job.started_at or job.dispatched_at
     if start is None:
         return None
@@ -122,7 +215,7 @@ def _duration(job: JobRecord, now: float) -> float | None:
     return None if end is None else round(max(0.0, end - start), 1)
 
 
-def job_row(job: JobRecord, now: float) -> dict[str, Any]:
+def job_row(job: JobView, now: float) -> dict[str, Any]:
     return {
         "id": job.id,
         "state": job.state.value,
@@ -260,7 +353,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return read_error_json(path)
 
 
-def _why(job: JobRecord, layout: Layout) -> str:
+def _why(job: JobView, layout: Layout) -> str:
     if job.state is JobState.FAILED:
         reason = job.last_error
         if not reason:
@@ -301,7 +394,12 @@ def build_report(layout: Layout, campaign: Campaign, now: float | None = None) -
         if job.state is JobState.DONE:
             done += 1
             rows_in_done += job.rows
-            manifest = read_manifest(layout.results_dir(job.id) / "MANIFEST.json")
+            # A record from before the MANIFEST's figures were kept in it: the file.
+            manifest: dict[str, Any] = (
+                {"rows_out": job.rows_out, "cost": job.cost, "gpu": job.gpu_name}
+                if job.rows_out is not None
+                else read_manifest(layout.results_dir(job.id) / "MANIFEST.json")
+            )
             if isinstance(manifest.get("rows_out"), int):
                 entry["rows_out"] = manifest["rows_out"]
                 rows_out += manifest["rows_out"]

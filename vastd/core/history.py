@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Required
 
 import aiofiles.os
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from vastd.core.records import FINISHED, HistorySummary, JobRecord, JobState
@@ -131,7 +131,12 @@ def read_history_records(path: Path) -> dict[str, JobRecord]:
     """Full records, last line per name (for the few readers that want all of them)."""
     out: dict[str, JobRecord] = {}
     for data in iter_history(path):
-        out[data["id"]] = JobRecord.model_validate(data)
+        try:
+            out[data["id"]] = JobRecord.model_validate(data)
+        except ValidationError as exc:
+            log.warning(
+                "history_line_skipped", path=str(path), job=data["id"], error=str(exc)[:200]
+            )
     return out
 
 

@@ -118,6 +118,10 @@ class JobRecord(Tracked):
     # runs on instances given up while unreachable
     orphans: list[OrphanRun] = Field(default_factory=list)
     result_files: list[str] = Field(default_factory=list)
+    # what the done run's MANIFEST.json says, kept so `vastd report` reads no file per job
+    rows_out: int | None = None
+    cost: float | None = None
+    gpu_name: str | None = None
     # accepted again after it was done ([job] on_duplicate = "rerun"): the earlier
     # results are kept as results/<job>/previous-<n>/ when this run's are installed
     keep_previous: bool = False

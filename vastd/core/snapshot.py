@@ -199,15 +199,20 @@ class StateStore:
         jobs._on_change = index.changed
         return index
 
-    @property
-    def index(self) -> JobIndex:
-        """The job index, up to date (the tables again if the snapshot was replaced)."""
+    def _tables(self) -> JobIndex:
+        """The index, over tables again if the snapshot was replaced (not brought up to date)."""
         if self._index.jobs is not self.snapshot.jobs or not isinstance(
             self.snapshot.instances, RecordTable
         ):
             self._index = self._adopt()
-        self._index.refresh()
         return self._index
+
+    @property
+    def index(self) -> JobIndex:
+        """The job index, up to date (the tables again if the snapshot was replaced)."""
+        index = self._tables()
+        index.refresh()
+        return index
 
     def keep_json(self, job: JobRecord) -> None:
         """Dump a new job's record now: a save after 10,000 files are accepted then joins
@@ -390,7 +395,7 @@ class StateStore:
     def serialize(self) -> bytes:
         """The snapshot as JSON, assembled from the records' kept entries: only records
         changed since the last save are dumped (the rest is a join of bytes)."""
-        self.index  # noqa: B018 (the tables again if the snapshot was replaced)
+        self._tables()  # (the index catches up when next asked, not on the save's time)
         snap = self.snapshot
         snap.saved_at = time.time()
         snap.history = self.history.summary()
@@ -398,7 +403,7 @@ class StateStore:
         assert isinstance(jobs, RecordTable) and isinstance(instances, RecordTable)
         head = snap.model_dump_json(exclude={"jobs", "instances"}).encode()
         data = b"".join(
-            (head[:-1], b',"jobs":', jobs.dump(), b',"instances":', instances.dump(), b"}")
+            (head[:-1], b',"jobs":{', jobs.body(), b'},"instances":{', instances.body(), b"}}")
         )
         if checking():
             jobs.check()

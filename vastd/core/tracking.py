@@ -41,13 +41,18 @@ class RecordTable(dict[str, R]):
         self, records: Mapping[str, R] = {}, on_change: Callable[[str], None] | None = None
     ) -> None:
         super().__init__()
-        self._json: dict[str, bytes] = {}
+        # Each key's entry `"id":{...}`, in the table's own order (a key changed keeps its
+        # place, holding None until dumped again): a save walks this dict alone.
+        self._json: dict[str, bytes | None] = {}
         self._on_change = on_change
         for key, record in records.items():
             self[key] = record
 
     def _changed(self, key: str) -> None:
-        self._json.pop(key, None)
+        if dict.__contains__(self, key):
+            self._json[key] = None
+        else:
+            self._json.pop(key, None)
         if self._on_change is not None:
             self._on_change(key)
 
@@ -100,14 +105,24 @@ class RecordTable(dict[str, R]):
     def entry(self, key: str, record: R) -> bytes:
         cached = self._json.get(key)
         if cached is None:
-            cached = to_json(key) + b":" + record.model_dump_json().encode()
+            # (the serializer itself: model_dump_json's str and .encode() cost a copy each)
+            cached = to_json(key) + b":" + type(record).__pydantic_serializer__.to_json(record)
             if record.id == key and self.get(key) is record:
                 self._json[key] = cached
         return cached
 
+    def _refill(self, key: str) -> bytes:
+        return self.entry(key, dict.__getitem__(self, key))
+
+    def body(self) -> bytes:
+        """The entries, comma-separated: the JSON object without its braces. Only the
+        records changed since they were last dumped are dumped now."""
+        refill = self._refill
+        return b",".join([e if e is not None else refill(k) for k, e in self._json.items()])
+
     def dump(self) -> bytes:
         """The table as a JSON object, from the kept entries."""
-        return b"{" + b",".join([self.entry(k, r) for k, r in self.items()]) + b"}"
+        return b"".join((b"{", self.body(), b"}"))
 
     def record_json(self, key: str) -> bytes:
         """One record's JSON (KeyError when absent)."""
@@ -115,9 +130,11 @@ class RecordTable(dict[str, R]):
 
     def check(self) -> None:
         """Every kept entry equals a fresh dump (VASTD_CHECK_STATE)."""
+        if list(self._json) != list(self):
+            raise AssertionError("the kept entries are not the table's keys in its order")
         for key, cached in self._json.items():
             fresh = to_json(key) + b":" + self[key].model_dump_json().encode()
-            if cached != fresh:
+            if cached is not None and cached != fresh:
                 raise AssertionError(
                     f"record {key!r} changed without its store hearing of it (changed in "
                     f"place?): kept {cached[:200]!r}, now {fresh[:200]!r}"

@@ -74,6 +74,10 @@ class RemoteFile:
     size: int
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 @dataclass(frozen=True)
 class CollectedResults:
     directory: Path
@@ -82,6 +86,7 @@ class CollectedResults:
     log: Path | None = None
     skipped: list[str] = field(default_factory=list)
     previous: Path | None = None  # where the earlier run's results were kept (a rerun)
+    cost: float | None = None  # the MANIFEST's: the job's share of its instance's price
 
 
 @dataclass(frozen=True)
@@ -598,6 +603,7 @@ async def collect_job_results(
         log=final / LOG_NAME if log_path is not None else None,
         skipped=listing.skipped,
         previous=previous,
+        cost=_number(manifest.get("cost")) if manifest is not None else None,
     )
 
 

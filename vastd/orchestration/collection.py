@@ -203,6 +203,8 @@ def complete_job(
         result_files=[p.name for p in collected.files],
         previous_dir=collected.previous,
     )
+    # The MANIFEST's figures in the record too: `vastd report` then reads no file per job.
+    done.rows_out, done.cost, done.gpu_name = collected.rows, collected.cost, inst.gpu_name
     metrics.observe_job_duration(done.dispatched_at, done.finished_at)
     share_results(ctx.layout.results_dir(job.id), ctx.settings.paths.group)
     log.info(
