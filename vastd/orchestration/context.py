@@ -128,6 +128,8 @@ class Context:
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
     # the cycle's instance listing: discovery takes it, destroy confirmations reuse it
     listing: SharedListing = field(default_factory=SharedListing)
+    # instances with fewer GPUs than `[job] gpus_per_job` (no slot): logged once each
+    gpu_shortfalls: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.watch_wait_s < 0:

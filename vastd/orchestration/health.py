@@ -22,6 +22,7 @@ from vastd.instances.monitoring import (
     HEALTH_TIMEOUT_S,
     HealthStatus,
     Issue,
+    UtilizationMetrics,
     check_disk_space,
     check_memory_usage,
     detect_instance_issues,
@@ -66,6 +67,18 @@ def _drain(ctx: Context, inst: InstanceRecord, reason: str, detail: str) -> None
     log.info("instance_unhealthy", instance=inst.id, reason=reason, detail=detail)
 
 
+def note_gpus(ctx: Context, inst: InstanceRecord, util: UtilizationMetrics | None) -> None:
+    """Where nvidia-smi answered in full, its GPU indices are the instance's GPUs (one
+    job per GPU places jobs on them); an error or no nvidia-smi changes nothing."""
+    if util is None or not util.gpu_present or util.error or not util.gpus:
+        return
+    indices = sorted({g.index for g in util.gpus})
+    if indices != inst.gpu_indices:
+        inst.gpu_indices = indices
+        log.info("instance_gpus", instance=inst.id, gpus=len(indices), num_gpus=inst.num_gpus)
+        ctx.wake_dispatch()
+
+
 async def monitor_instance_status(ctx: Context, inst: InstanceRecord) -> InstanceStatus:
     """Check an instance's health and apply the drain policy; returns its status."""
     health = await check_instance_health(ctx, inst)
@@ -81,6 +94,7 @@ async def monitor_instance_status(ctx: Context, inst: InstanceRecord) -> Instanc
             _drain(ctx, inst, DRAIN_UNHEALTHY, detail)
         return inst.status
     inst.health_failures = 0
+    note_gpus(ctx, inst, health.utilization)
     if health.disk is not None:
         inst.disk_free_gb = round(health.disk.free_gb, 3)
     low = [i for i in health.issues if i.kind == "low_disk"]
