@@ -184,6 +184,8 @@ class JobSettings(_Section):
         # One clear message for a typo ("gpu") and a bad count alike.
         if value == JOBS_PER_GPU:
             return value
+        if isinstance(value, str) and value.strip().isdigit():  # an environment override
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return value
         raise ValueError(

@@ -1,0 +1,193 @@
+"""One job per GPU (`[job] jobs_per_instance = "gpus"`) against a simulated account.
+
+A simulated instance lists `num_gpus` in the API; a fake `nvidia-smi` on PATH (the sim
+hosts run commands on this machine) answers the health check's query. Each job writes
+the CUDA_VISIBLE_DEVICES it was started with and its `{gpus}` placeholder into its
+results, and the tests read them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.ctxfactory import GATE, SimEnv, pump, wait_saved
+from vastd.core.state import JobState
+from vastd.orchestration import health as hl
+from vastd.orchestration.context import Context
+from vastd.orchestration.workflow import loop_steps, recover_after_restart
+from vastd.utils.config import Settings
+
+# Writes what the job was given, then waits for its instance's gate (tests/ctxfactory.py).
+GPU_JOB = (
+    "printf '%s\\n' \"$CUDA_VISIBLE_DEVICES\" > {output_dir}/cvd.gpu; "
+    "printf '%s\\n' {gpus} > {output_dir}/arg.gpu; " + GATE
+)
+
+
+@pytest.fixture
+async def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SimEnv]:
+    # Nothing from this machine's environment may leak into the jobs' GPU lists.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    async with SimEnv(tmp_path) as e:
+        yield e
+
+
+def fake_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lines: list[str]) -> None:
+    """An `nvidia-smi` on PATH that prints `lines` (the query's CSV answer)."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n" + "".join(f"echo '{line}'\n" for line in lines))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def gpu_settings(env: SimEnv, gpus_per_job: int = 1) -> Settings:
+    return env.settings(
+        job={
+            "command": GPU_JOB,
+            "result_glob": "out/*.gpu",
+            "validate": "none",
+            "jobs_per_instance": "gpus",
+            "gpus_per_job": gpus_per_job,
+        }
+    )
+
+
+def started(ctx: Context, ids: list[str]) -> bool:
+    return all(ctx.store.jobs[j].state is JobState.RUNNING and ctx.store.jobs[j].pgid for j in ids)
+
+
+def result_text(ctx: Context, job_id: str, name: str) -> str:
+    """A file the job wrote into out/, as installed under results/<job>/."""
+    found = sorted((ctx.layout.results / job_id).rglob(name))
+    assert found, sorted(p.name for p in (ctx.layout.results / job_id).rglob("*"))
+    return found[0].read_text().strip()
+
+
+async def dispatch_rounds(ctx: Context, n: int = 3) -> None:
+    """`n` rounds of the dispatch loop's step (what the loop would do meanwhile)."""
+    steps = loop_steps(ctx)
+    for _ in range(n):
+        await steps.dispatch()
+        await asyncio.sleep(0.05)
+
+
+async def finish(env: SimEnv, ctx: Context, iid: str, ids: list[str]) -> None:
+    env.open_gate(iid)
+    await pump(
+        ctx,
+        lambda: all(ctx.store.jobs[j].state is JobState.DONE for j in ids),
+        60,
+        message="all done",
+    )
+
+
+async def test_four_gpus_run_four_jobs_at_once_each_on_its_own_gpu(
+    env: SimEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 4-GPU instance (nvidia-smi lists indices 0-3, the API says 1): the health check's
+    indices win, four jobs run at once with CUDA_VISIBLE_DEVICES 0, 1, 2 and 3 (and the
+    same `{gpus}`), a fifth waits for a free GPU; the manifest names the GPU and indices."""
+    fake_nvidia_smi(tmp_path, monkeypatch, [f"{i}, 0, 5, 24564" for i in range(4)])
+    sim = await env.start(instances=0)
+    await sim.cloud.add_instance(num_gpus=1)
+    ctx = env.context(gpu_settings(env))
+    [iid] = await env.ready(ctx)
+    assert ctx.store.instances[iid].num_gpus == 1
+    await hl.health_once(ctx)
+    assert ctx.store.instances[iid].gpu_indices == [0, 1, 2, 3]
+
+    ids = await env.submit(ctx, 5)
+    first, fifth = ids[:4], ids[4]
+    await pump(ctx, lambda: started(ctx, first), 30, message="four started")
+    await dispatch_rounds(ctx)  # the fifth still finds no free GPU
+    assert ctx.store.jobs[fifth].state is JobState.QUEUED
+    assert sorted(tuple(ctx.store.jobs[j].gpus) for j in first) == [(0,), (1,), (2,), (3,)]
+    assert len(ctx.store.instances[iid].current_jobs) == 4
+    given = {j: ctx.store.jobs[j].gpus for j in first}
+
+    await finish(env, ctx, iid, ids)
+    seen = {j: result_text(ctx, j, "cvd.gpu") for j in first}
+    assert sorted(seen.values()) == ["0", "1", "2", "3"], seen
+    assert all(seen[j] == ",".join(map(str, given[j])) for j in first)
+    for j in ids:
+        assert result_text(ctx, j, "cvd.gpu") == result_text(ctx, j, "arg.gpu")
+        manifest = json.loads((ctx.layout.results / j / "MANIFEST.json").read_text())
+        assert manifest["gpu"] == ctx.store.instances[iid].gpu_name
+        assert [int(g) for g in result_text(ctx, j, "cvd.gpu").split(",")] == manifest["gpus"]
+
+
+async def test_two_gpus_per_job_on_four_gpus_gives_two_jobs(env: SimEnv) -> None:
+    """No nvidia-smi: the API's num_gpus = 4 counts; gpus_per_job = 2 gives two jobs at
+    once with "0,1" and "2,3"; a third waits."""
+    assert not any((Path(d) / "nvidia-smi").exists() for d in os.environ["PATH"].split(os.pathsep))
+    sim = await env.start(instances=0)
+    await sim.cloud.add_instance(num_gpus=4)
+    ctx = env.context(gpu_settings(env, gpus_per_job=2))
+    [iid] = await env.ready(ctx)
+    await hl.health_once(ctx)
+    assert ctx.store.instances[iid].gpu_indices is None  # nvidia-smi absent
+    ids = await env.submit(ctx, 3)
+    await pump(ctx, lambda: started(ctx, ids[:2]), 30, message="two started")
+    await dispatch_rounds(ctx)
+    assert ctx.store.jobs[ids[2]].state is JobState.QUEUED
+    await finish(env, ctx, iid, ids)
+    assert sorted(result_text(ctx, j, "cvd.gpu") for j in ids[:2]) == ["0,1", "2,3"]
+    assert result_text(ctx, ids[2], "cvd.gpu") in ("0,1", "2,3")
+
+
+async def test_an_instance_with_too_few_gpus_gets_no_job_and_is_logged_once(env: SimEnv) -> None:
+    """gpus_per_job = 2 on a 1-GPU instance: no slot, the job stays queued, and
+    `instance_too_few_gpus` is logged once however many dispatch rounds pass."""
+    sim = await env.start(instances=0)
+    await sim.cloud.add_instance(num_gpus=1)
+    ctx = env.context(gpu_settings(env, gpus_per_job=2))
+    [iid] = await env.ready(ctx)
+    [job] = await env.submit(ctx, 1)
+    with capture_logs() as logs:
+        await dispatch_rounds(ctx, 5)
+    assert ctx.store.jobs[job].state is JobState.QUEUED
+    short = [e for e in logs if e.get("event") == "instance_too_few_gpus"]
+    assert len(short) == 1 and short[0]["instance"] == iid and short[0]["gpus"] == 1
+
+
+async def test_saved_gpu_assignments_survive_a_restart(env: SimEnv) -> None:
+    """Three jobs run on GPUs 0-2 of a 4-GPU instance; vastd restarts (a new Context on
+    the same state, the remote jobs still running). The saved indices are what counts:
+    the running jobs keep theirs, the next job gets GPU 3 and the one after waits, and no
+    two jobs ran on one GPU."""
+    sim = await env.start(instances=0)
+    await sim.cloud.add_instance(num_gpus=4)
+    settings = gpu_settings(env)
+    ctx = env.context(settings)
+    [iid] = await env.ready(ctx)
+    ids = await env.submit(ctx, 3)
+    await pump(ctx, lambda: started(ctx, ids), 30, message="three started")
+    before = {j: list(ctx.store.jobs[j].gpus) for j in ids}
+    assert sorted(before.values()) == [[0], [1], [2]]
+    await wait_saved(ctx)
+    await env.close_context(ctx)
+
+    ctx2 = env.context(settings)
+    recover_after_restart(ctx2)
+    await env.ready(ctx2)
+    assert {j: list(ctx2.store.jobs[j].gpus) for j in ids} == before
+    more = await env.submit(ctx2, 2, prefix="after_restart")
+    await pump(ctx2, lambda: started(ctx2, [*ids, more[0]]), 30, message="fourth started")
+    await dispatch_rounds(ctx2)
+    assert ctx2.store.jobs[more[0]].gpus == [3]
+    assert ctx2.store.jobs[more[1]].state is JobState.QUEUED
+    running = [ctx2.store.jobs[j] for j in [*ids, more[0]]]
+    assert sorted(g for j in running for g in j.gpus) == [0, 1, 2, 3]
+
+    await finish(env, ctx2, iid, [*ids, *more])
+    first_four = [result_text(ctx2, j, "cvd.gpu") for j in [*ids, more[0]]]
+    assert sorted(first_four) == ["0", "1", "2", "3"]
