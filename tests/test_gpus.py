@@ -22,7 +22,9 @@ from vastd.core.state import JobState
 from vastd.orchestration import health as hl
 from vastd.orchestration.context import Context
 from vastd.orchestration.workflow import loop_steps, recover_after_restart
+from vastd.status import build_status, format_status, load_snapshot_readonly
 from vastd.utils.config import Settings
+from vastd.views import format_jobs, job_rows, read_campaign
 
 # Writes what the job was given, then waits for its instance's gate (tests/ctxfactory.py).
 GPU_JOB = (
@@ -191,3 +193,78 @@ async def test_saved_gpu_assignments_survive_a_restart(env: SimEnv) -> None:
     await finish(env, ctx2, iid, [*ids, *more])
     first_four = [result_text(ctx2, j, "cvd.gpu") for j in [*ids, more[0]]]
     assert sorted(first_four) == ["0", "1", "2", "3"]
+
+
+# --- the GPU idle watch ---------------------------------------------------------------------
+async def test_a_job_whose_gpu_stays_idle_is_flagged_not_killed(
+    env: SimEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gpu_idle_s`: the job on GPU 0 (0% at every health check for that long) is flagged
+    in the log (`job_gpu_idle`, once), `vastd jobs` and `vastd status`, and keeps running;
+    the job on GPU 1 (busy) is not; a busy reading clears the flag. "[N/A]" never flags."""
+    answer = tmp_path / "nvidia-smi.out"
+    answer.write_text("0, 0, 5, 24564\n1, 57, 900, 24564\n")
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\ncat '{answer}'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    sim = await env.start(instances=0)
+    await sim.cloud.add_instance(num_gpus=2)
+    settings = gpu_settings(env)
+    settings.job.gpu_idle_s = 0.3
+    ctx = env.context(settings)
+    [iid] = await env.ready(ctx)
+    ids = await env.submit(ctx, 2)
+    await pump(ctx, lambda: started(ctx, ids), 30, message="two started")
+    on = {ctx.store.jobs[j].gpus[0]: ctx.store.jobs[j] for j in ids}
+    idle, busy = on[0], on[1]
+
+    with capture_logs() as logs:
+        await hl.health_once(ctx)
+        assert idle.gpu_idle_since is not None and not idle.gpu_idle  # not for long yet
+        await asyncio.sleep(0.4)
+        await hl.health_once(ctx)
+        await hl.health_once(ctx)
+    flagged = [e for e in logs if e.get("event") == "job_gpu_idle"]
+    assert [(e["job"], e["gpus"]) for e in flagged] == [(idle.id, "0")]
+    assert idle.gpu_idle and idle.state is JobState.RUNNING and idle.pgid is not None
+    assert not busy.gpu_idle and busy.gpu_idle_since is None
+
+    await wait_saved(ctx)
+    rows = {r["id"]: r for r in job_rows(read_campaign(ctx.layout))}
+    assert rows[idle.id]["gpu_idle"] and not rows[busy.id]["gpu_idle"]
+    assert rows[idle.id]["gpus"] == [0]
+    table = format_jobs(list(rows.values()), True, None)
+    assert [line.split()[0] for line in table.splitlines() if "gpu idle" in line] == [idle.id]
+    status = build_status(ctx.layout, load_snapshot_readonly(ctx.layout))
+    text = format_status(status)
+    assert f"{idle.id}  GPU IDLE" in text and f"{busy.id}  GPU IDLE" not in text
+
+    answer.write_text("0, 12, 5, 24564\n1, [N/A], 900, 24564\n")
+    with capture_logs() as logs:
+        await hl.health_once(ctx)
+        await asyncio.sleep(0.4)
+        await hl.health_once(ctx)
+    assert not idle.gpu_idle and idle.gpu_idle_since is None
+    assert not busy.gpu_idle and busy.gpu_idle_since is None  # unknown is not idle
+    assert [e["job"] for e in logs if e.get("event") == "job_gpu_busy_again"] == [idle.id]
+    await finish(env, ctx, iid, ids)
+
+
+async def test_the_idle_watch_is_off_by_default(
+    env: SimEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gpu_idle_s = 0` (the default): a job at 0% is never flagged."""
+    fake_nvidia_smi(tmp_path, monkeypatch, ["0, 0, 5, 24564"])
+    sim = await env.start(instances=0)
+    await sim.cloud.add_instance(num_gpus=1)
+    ctx = env.context(gpu_settings(env))
+    [iid] = await env.ready(ctx)
+    [job] = await env.submit(ctx, 1)
+    await pump(ctx, lambda: started(ctx, [job]), 30, message="started")
+    for _ in range(3):
+        await hl.health_once(ctx)
+    record = ctx.store.jobs[job]
+    assert not record.gpu_idle and record.gpu_idle_since is None
+    await finish(env, ctx, iid, [job])

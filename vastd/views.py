@@ -135,6 +135,9 @@ def job_row(job: JobRecord, now: float) -> dict[str, Any]:
         "last_error": job.last_error,
         "progress_rows": job.progress_rows,
         "progress_at": utc_iso(job.progress_at),
+        "gpus": list(job.gpus),
+        # the GPU idle watch ([job] gpu_idle_s) flagged the running job's GPUs as idle
+        "gpu_idle": job.gpu_idle and job.state is JobState.RUNNING,
         "refused": False,
     }
 
@@ -152,6 +155,8 @@ def refused_row(ref: Refused) -> dict[str, Any]:
         "last_error": ref.reason,
         "progress_rows": None,
         "progress_at": None,
+        "gpus": [],
+        "gpu_idle": False,
         "refused": True,
     }
 
@@ -228,7 +233,9 @@ def format_jobs(rows: list[dict[str, Any]], running: bool | None, saved_at: floa
     body = [
         [
             r["id"],
-            r["state"] + (" (refused)" if r["refused"] else ""),
+            r["state"]
+            + (" (refused)" if r["refused"] else "")
+            + (" (gpu idle)" if r["gpu_idle"] else ""),
             r["instance"] or "-",
             str(r["attempts"]),
             str(r["runs"]),

@@ -135,6 +135,10 @@ class JobRecord(Tracked):
     # `[job] progress_regex` says, and when that figure last changed (local clock)
     progress_rows: int | None = None
     progress_at: float | None = None
+    # the GPU idle watch ([job] gpu_idle_s): since when every GPU of the current run has
+    # read 0% at each health check, and whether that has lasted gpu_idle_s (flagged)
+    gpu_idle_since: float | None = None
+    gpu_idle: bool = False
 
     @field_validator("orphans", mode="before")
     @classmethod

@@ -301,6 +301,9 @@ def _assign(store: StateStore, job: JobRecord, inst: InstanceRecord, gpus: list[
     if job.progress_rows is not None:  # a new run starts counting again
         job.progress_rows = None
         job.progress_at = None
+    if job.gpu_idle_since is not None or job.gpu_idle:  # ... and watching its GPUs
+        job.gpu_idle_since = None
+        job.gpu_idle = False
     # A run of this job left here earlier is replaced by this one's start.
     job.orphans = [o for o in job.orphans if o.instance != inst.id]
     if job.id not in inst.current_jobs:
