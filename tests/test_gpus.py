@@ -18,12 +18,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.ctxfactory import GATE, SimEnv, pump, wait_saved
+from vastd.core import gpus
+from vastd.core.records import InstanceRecord, JobRecord, OrphanRun
 from vastd.core.state import JobState
 from vastd.orchestration import health as hl
 from vastd.orchestration.context import Context
 from vastd.orchestration.workflow import loop_steps, recover_after_restart
 from vastd.status import build_status, format_status, load_snapshot_readonly
-from vastd.utils.config import Settings
+from vastd.utils.config import JobSettings, Settings
 from vastd.views import format_jobs, job_rows, read_campaign
 
 # Writes what the job was given, then waits for its instance's gate (tests/ctxfactory.py).
@@ -268,3 +270,29 @@ async def test_the_idle_watch_is_off_by_default(
     record = ctx.store.jobs[job]
     assert not record.gpu_idle and record.gpu_idle_since is None
     await finish(env, ctx, iid, [job])
+
+
+# --- the rules, on records ----------------------------------------------------------------
+def test_gpu_rules_on_records() -> None:
+    """nvidia-smi's indices win over num_gpus, which wins over "one GPU"; slots are
+    GPUs // gpus_per_job; held indices (jobs and orphaned runs; a job given none holds
+    every GPU) are never picked again; too few free gives None."""
+    per = JobSettings(jobs_per_instance="gpus", gpus_per_job=2)
+    inst = InstanceRecord(id="7", num_gpus=4)
+    assert gpus.instance_gpus(InstanceRecord(id="8")) == [0]
+    assert gpus.instance_gpus(inst) == [0, 1, 2, 3] and gpus.slots(per, inst) == 2
+    inst.gpu_indices = [4, 5, 6]
+    assert gpus.instance_gpus(inst) == [4, 5, 6] and gpus.slots(per, inst) == 1
+    assert gpus.slots(JobSettings(jobs_per_instance=3), inst) == 3
+    running = JobRecord(id="a", file_name="a.csv", instance="7", gpus=[5])
+    elsewhere = JobRecord(id="b", file_name="b.csv", instance="9", gpus=[4])
+    orphaned = JobRecord(
+        id="c", file_name="c.csv", orphans=[OrphanRun(instance="7", run="ab", gpus=(6,))]
+    )
+    taken = gpus.held_gpus(inst, [running, elsewhere], [orphaned])
+    assert taken == {5, 6}
+    assert gpus.pick_gpus(JobSettings(jobs_per_instance="gpus"), inst, taken) == [4]
+    assert gpus.pick_gpus(per, inst, taken) is None
+    legacy = JobRecord(id="d", file_name="d.csv", instance="7")
+    assert gpus.held_gpus(inst, [legacy], []) == {4, 5, 6}
+    assert gpus.gpu_list([0, 1]) == "0,1"

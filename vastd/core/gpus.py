@@ -9,7 +9,8 @@ job. Its slots are `len(gpus) // gpus_per_job`; one with fewer GPUs than
 
 A job is given its indices when it is assigned (`JobRecord.gpus`, saved before its
 upload); they are held while the instance holds the job (running or being collected)
-and by an orphaned run of it (`OrphanRun.gpus`) until that run is settled. So after a
+and by an orphaned run of it (`OrphanRun.gpus`) until that run is settled; a job
+given none (started before the switch to "gpus") holds them all. So after a
 restart the saved assignments, not a new count, say which GPUs are taken, and no two
 jobs held by an instance ever share a GPU. With an int `jobs_per_instance` no job
 gets indices and nothing is exported: the job sees every GPU, as before.
@@ -49,14 +50,17 @@ def held_gpus(
 ) -> set[int]:
     """GPU indices taken on the instance: by the jobs it holds (`held`: running there or
     being collected) and by the orphaned runs left on it (`orphans`)."""
+    every = instance_gpus(inst)
     taken: set[int] = set()
     for job in held:
         if job.instance == inst.id:
-            taken.update(job.gpus)
+            # given no indices (assigned before jobs_per_instance became "gpus"): it
+            # sees every GPU, so it holds them all
+            taken.update(job.gpus or every)
     for job in orphans:
         orphan = job.orphan_on(inst.id)
         if orphan is not None:
-            taken.update(orphan.gpus)
+            taken.update(orphan.gpus or every)
     return taken
 
 
