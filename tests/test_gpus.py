@@ -13,19 +13,26 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from tests.ctxfactory import GATE, SimEnv, pump, wait_saved
 from vastd.core import gpus
+from vastd.core import state as st
+from vastd.core.files import JobFolder, Layout
 from vastd.core.records import InstanceRecord, JobRecord, OrphanRun
-from vastd.core.state import JobState
+from vastd.core.ssh import SSHPool
+from vastd.core.state import InstanceStatus, JobState, StateStore
+from vastd.orchestration import coordinator as co
+from vastd.orchestration import fleet
 from vastd.orchestration import health as hl
-from vastd.orchestration.context import Context
+from vastd.orchestration.context import Context, build_context
 from vastd.orchestration.workflow import loop_steps, recover_after_restart
 from vastd.status import build_status, format_status, load_snapshot_readonly
 from vastd.utils.config import JobSettings, Settings
+from vastd.utils.supervise import Backoff
 from vastd.views import format_jobs, job_rows, read_campaign
 
 # Writes what the job was given, then waits for its instance's gate (tests/ctxfactory.py).
@@ -296,3 +303,58 @@ def test_gpu_rules_on_records() -> None:
     legacy = JobRecord(id="d", file_name="d.csv", instance="7")
     assert gpus.held_gpus(inst, [legacy], []) == {4, 5, 6}
     assert gpus.gpu_list([0, 1]) == "0,1"
+
+
+def offline_ctx(tmp_path: Path, **job: Any) -> Context:
+    """A Context with no cloud and no SSH use: for the placement and fleet rules."""
+    settings = Settings(
+        paths={"root": str(tmp_path / "root")},
+        vast={"api_key": "x", "api_key_file": None},
+        job={"command": "true {gpus}", **job},
+    )
+    layout = Layout(settings.paths.root)
+    layout.ensure()
+    return build_context(
+        settings,
+        store=StateStore(layout.state_file),
+        pool=SSHPool(settings.ssh),
+        cloud=None,
+        backoff=Backoff.zero(),
+    )
+
+
+def queued(ctx: Context, job_id: str) -> JobRecord:
+    ctx.layout.job_file(JobFolder.QUEUED, job_id).write_text("a,b\n1,2\n")
+    return st.add_job(ctx.store, job_id, f"{job_id}.csv", 1)
+
+
+def test_an_orphaned_run_keeps_its_gpus_until_settled(tmp_path: Path) -> None:
+    """A job given up on a silent instance leaves an orphaned run holding its GPU (the
+    transition records it): the next job there gets another GPU, and when only that
+    one is left, none."""
+    ctx = offline_ctx(tmp_path, jobs_per_instance="gpus")
+    inst = InstanceRecord(id="7", status=InstanceStatus.READY, num_gpus=2)
+    ctx.store.instances["7"] = inst
+    queued(ctx, "a")
+    st.mark_job_assigned(ctx.store, "a", "7", co.free_gpus(ctx, inst) or ())
+    assert ctx.store.jobs["a"].gpus == [0]
+    st.requeue_job(ctx.store, "a", reason="silent", orphan=True)
+    assert ctx.store.jobs["a"].orphans[0].gpus == (0,)
+    assert co.free_gpus(ctx, inst) == [1]
+    queued(ctx, "b")
+    st.mark_job_assigned(ctx.store, "b", "7", co.free_gpus(ctx, inst) or ())
+    assert ctx.store.jobs["b"].gpus == [1]
+    assert co.free_gpus(ctx, inst) is None
+    assert co.find_best_instance_for_job(ctx, queued(ctx, "c")) is None
+
+
+def test_autoscale_counts_each_instance_for_its_gpu_slots(tmp_path: Path) -> None:
+    """With one job per GPU the fleet's wish counts an instance for the mean slots of
+    the live ones (1 before any is known): 8 jobs on 4-GPU instances want 2."""
+    ctx = offline_ctx(tmp_path, jobs_per_instance="gpus")
+    for n in range(8):
+        queued(ctx, f"j{n}")
+    ctx.settings.fleet.max_instances = 64
+    assert fleet.slots_per_instance(ctx) == 1 and fleet.desired_instances(ctx) == 8
+    ctx.store.instances["7"] = InstanceRecord(id="7", status=InstanceStatus.READY, num_gpus=4)
+    assert fleet.slots_per_instance(ctx) == 4 and fleet.desired_instances(ctx) == 2
