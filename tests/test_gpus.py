@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from tests.ctxfactory import GATE, SimEnv, pump, wait_saved
+from tests.ctxfactory import GATE, SimEnv, async_wait_for, pump, wait_saved
+from tests.test_daemon_process import DaemonProcess, submit, write_config
 from vastd.core import gpus
 from vastd.core import state as st
 from vastd.core.files import JobFolder, Layout
@@ -30,6 +31,7 @@ from vastd.orchestration import fleet
 from vastd.orchestration import health as hl
 from vastd.orchestration.context import Context, build_context
 from vastd.orchestration.workflow import loop_steps, recover_after_restart
+from vastd.sim.cluster import SimCluster, load_make_jobs
 from vastd.status import build_status, format_status, load_snapshot_readonly
 from vastd.utils.config import JobSettings, Settings
 from vastd.utils.supervise import Backoff
@@ -358,3 +360,84 @@ def test_autoscale_counts_each_instance_for_its_gpu_slots(tmp_path: Path) -> Non
     assert fleet.slots_per_instance(ctx) == 1 and fleet.desired_instances(ctx) == 8
     ctx.store.instances["7"] = InstanceRecord(id="7", status=InstanceStatus.READY, num_gpus=4)
     assert fleet.slots_per_instance(ctx) == 4 and fleet.desired_instances(ctx) == 2
+
+
+# --- `vastd run` as a process ------------------------------------------------------------
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[SimCluster]]]:
+    """`await cluster()` -> a started SimCluster with no instance, closed at teardown."""
+    made: list[SimCluster] = []
+
+    async def make() -> SimCluster:
+        made.append(await SimCluster.start(tmp_path / f"sim{len(made)}"))
+        return made[-1]
+
+    yield make
+    for sim in made:
+        await sim.aclose()
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]]]:
+    """`await daemons(config)` -> a started `vastd run`, killed at teardown."""
+    started: list[DaemonProcess] = []
+
+    async def make(config: Path) -> DaemonProcess:
+        started.append(await DaemonProcess.start(config))
+        return started[-1]
+
+    yield make
+    for daemon in started:
+        await daemon.kill()
+
+
+def saved_gpus(root: Path) -> dict[str, list[int]] | None:
+    """Each job's GPUs as state.json holds them, once every job there has some."""
+    jobs = json.loads((root / "state.json").read_text())["jobs"]
+    given = {name: list(j.get("gpus") or []) for name, j in jobs.items()}
+    return given if given and all(given.values()) else None
+
+
+async def test_the_daemon_process_runs_one_job_per_gpu(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cluster: Callable[..., Awaitable[SimCluster]],
+    daemons: Callable[..., Awaitable[DaemonProcess]],
+) -> None:
+    """`vastd run` with `jobs_per_instance = "gpus"` in its config file, on a simulated
+    instance whose nvidia-smi lists 4 GPUs (the API: 2): the health check reports them
+    (`instance_gpus`), four jobs run at once, each saved with its own GPU and seeing it
+    as CUDA_VISIBLE_DEVICES; all end done."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake_nvidia_smi(tmp_path, monkeypatch, [f"{i}, 3, 5, 24564" for i in range(4)])
+    sim = await cluster()
+    iid = str(await sim.cloud.add_instance(num_gpus=2))
+    job = {"command": GPU_JOB, "result_glob": "out/*.gpu", "validate": "none"}
+    job |= {"jobs_per_instance": "gpus", "poll_interval_s": 0.5}
+    config, root = write_config(sim, tmp_path, job=job, fleet={"health_interval_s": 0.5})
+    assert '"jobs_per_instance" = "gpus"' in config.read_text()
+    daemon = await daemons(config)
+    await daemon.wait_event("instance_gpus", gpus=4, instance=iid)
+    sources = load_make_jobs()(tmp_path / "jobs", 4, 2, 5, prefix="gpu_job")
+    await submit(config, sources)
+    await async_wait_for(
+        lambda: len({e["job"] for e in daemon.events("job_started")}) == 4,
+        30,
+        message=lambda: f"four started: {daemon.tail()}",
+    )
+    saved = await async_wait_for(lambda: saved_gpus(root), 10, message="gpus saved")
+    assert sorted(saved.values()) == [[0], [1], [2], [3]]
+    assert sorted(e["gpus"] for e in daemon.events("job_dispatched")) == ["0", "1", "2", "3"]
+    gate = sim.remote_root / iid
+    gate.mkdir(parents=True, exist_ok=True)
+    (gate / "go").touch()
+    await async_wait_for(
+        lambda: all((root / "done" / p.name).is_file() for p in sources),
+        60,
+        message=lambda: f"all done: {daemon.tail()}",
+    )
+    assert await daemon.stop() == 0
+    seen = sorted(
+        next((root / "results" / p.stem).rglob("cvd.gpu")).read_text().strip() for p in sources
+    )
+    assert seen == ["0", "1", "2", "3"]
