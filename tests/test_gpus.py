@@ -398,6 +398,7 @@ def saved_gpus(root: Path) -> dict[str, list[int]] | None:
     return given if given and all(given.values()) else None
 
 
+@pytest.mark.e2e
 async def test_the_daemon_process_runs_one_job_per_gpu(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
