@@ -578,3 +578,46 @@ def test_local_disk_floor_defaults_and_zero(tmp_path: Path) -> None:
     assert off.paths.min_free_disk_gb == 0
     with pytest.raises(ConfigError):
         load_config(write_config(tmp_path / "c.toml", {"paths": {"min_free_disk_gb": -1}}))
+
+
+# --- one job per GPU ----------------------------------------------------------------------
+def test_jobs_per_instance_takes_a_count_or_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`jobs_per_instance` is a whole number or "gpus" (then `gpus_per_job`, default 1,
+    counts); the environment can set either; `{gpus}` is a known placeholder."""
+    data = {"job": {"jobs_per_instance": "gpus", "command": "train --devices {gpus} {input}"}}
+    settings = load_config(write_config(tmp_path / "c.toml", data))
+    assert settings.job.jobs_per_instance == "gpus" and settings.job.gpus_per_job == 1
+    assert settings.job.gpu_idle_s == 0
+    monkeypatch.setenv("VASTD_JOB__JOBS_PER_INSTANCE", "4")
+    assert load_config(write_config(tmp_path / "c.toml", {})).job.jobs_per_instance == 4
+    monkeypatch.setenv("VASTD_JOB__JOBS_PER_INSTANCE", "gpus")
+    monkeypatch.setenv("VASTD_JOB__GPUS_PER_JOB", "2")
+    job = load_config(write_config(tmp_path / "c.toml", {})).job
+    assert (job.jobs_per_instance, job.gpus_per_job) == ("gpus", 2)
+
+
+@pytest.mark.parametrize(
+    ("job", "key", "words"),
+    [
+        ({"jobs_per_instance": "gpu"}, "job.jobs_per_instance", ['"gpus"', "'gpu'"]),
+        ({"jobs_per_instance": 0}, "job.jobs_per_instance", ['"gpus"', "0"]),
+        ({"jobs_per_instance": True}, "job.jobs_per_instance", ['"gpus"']),
+        ({"jobs_per_instance": "gpus", "gpus_per_job": 0}, "job.gpus_per_job", ["1"]),
+        ({"gpu_idle_s": -1}, "job.gpu_idle_s", ["0"]),
+        ({"vars": {"num_sim": "1", "gpus": "0"}}, "job.vars", ["gpus", "built-in"]),
+    ],
+    ids=["typo-gpu", "zero", "bool", "zero-gpus-per-job", "negative-idle", "var-named-gpus"],
+)
+def test_bad_gpu_settings_are_refused_clearly(
+    tmp_path: Path, job: dict[str, Any], key: str, words: list[str]
+) -> None:
+    """A typo ("gpu"), a count below 1 and a bad gpus_per_job are each one problem under
+    its dotted key, saying what is allowed."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path / "c.toml", {"job": job}))
+    [problem] = info.value.problems
+    assert problem.split(":")[0] == key, problem
+    for word in words:
+        assert word in problem, problem

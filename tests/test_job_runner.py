@@ -66,6 +66,7 @@ async def _start(
     *,
     job_id: str = "job1",
     attempt: int = 1,
+    gpus: tuple[int, ...] = (),
 ) -> tuple[RemoteJobPaths, int, bool]:
     info = await execute_job_on_instance(
         runner,
@@ -77,6 +78,7 @@ async def _start(
         vars={},
         attempt=attempt,
         timeout_s=20,
+        gpus=gpus,
     )
     assert info.pid == info.pgid
     return remote_job_paths(remote_root, "inst1", job_id), info.pgid, info.started
@@ -216,6 +218,30 @@ async def test_command_runs_in_job_folder_with_its_input(
     paths, _, _ = await _start(runner, remote_root, csv_file, "cat {input} && pwd && exit 0")
     await wait_until(lambda: Path(paths.exit_code).exists(), what="exit_code")
     assert Path(paths.log).read_text() == f"a,b\n1,2\n{paths.job_dir}\n"
+
+
+@pytest.mark.parametrize(("gpus", "seen"), [((2,), "2"), ((0, 1), "0,1"), ((), "unset")])
+async def test_gpus_are_exported_and_a_placeholder(
+    runner: LocalRunner,
+    remote_root: str,
+    csv_file: Path,
+    gpus: tuple[int, ...],
+    seen: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run given GPU indices sees them as CUDA_VISIBLE_DEVICES (exported: a child
+    process has them too) and as `{gpus}`; one given none inherits the environment
+    untouched (here: unset) and `{gpus}` is empty."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    code = shlex.quote(
+        "import os, sys; print(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'), sys.argv[1:])"
+    )
+    paths, _, _ = await _start(
+        runner, remote_root, csv_file, f"{PY} -c {code} {{gpus}} {{input}}", gpus=gpus
+    )
+    await wait_until(lambda: Path(paths.exit_code).exists(), what="exit_code")
+    arg = seen if gpus else ""
+    assert Path(paths.log).read_text() == f"{seen} {[arg, paths.input]!r}\n"
 
 
 async def test_hostile_job_id_end_to_end(

@@ -35,7 +35,7 @@ def probe_text(df: str = DF, gpu: str = "absent", junk: str = "Welcome!\n") -> s
 
 def test_probe_parsing_skips_login_junk_and_reads_each_section() -> None:
     """Junk before the marker is ignored; df, meminfo and nvidia-smi lines are parsed."""
-    probe = mon.parse_probe(probe_text(gpu="87, 1024, 24564\n[N/A], 0, 24564"))
+    probe = mon.parse_probe(probe_text(gpu="0, 87, 1024, 24564\n1, [N/A], 0, 24564"))
     disk = mon.check_disk_space(probe)
     assert disk is not None and disk.path == "/workspace"
     assert disk.free_gb == pytest.approx(18476368 / 1024**2)
@@ -56,6 +56,35 @@ def test_absent_nvidia_smi_is_skipped_and_low_disk_is_an_issue() -> None:
     assert [i.kind for i in issues] == ["low_disk"] and issues[0].critical
     bad = mon.parse_probe(probe_text(gpu="NVIDIA-SMI has failed"))
     assert [i.kind for i in mon.detect_instance_issues(bad, min_free_disk_gb=1)] == ["gpu_error"]
+
+
+def test_nvidia_smi_lines_give_each_gpu_its_index() -> None:
+    """The index column is each GPU's own (not its line number): what one job per GPU
+    places jobs on; "[N/A]" and "[Not Supported]" values read as None, the GPU kept."""
+    probe = mon.parse_probe(
+        probe_text(gpu="0, 0, 5, 81559\n2, [N/A], [N/A], 81559\n3, 100, [Not Supported], 81559")
+    )
+    util = mon.get_instance_utilization(probe)
+    assert util.error is None
+    assert [g.index for g in util.gpus] == [0, 2, 3]
+    assert util.gpus[1] == mon.GpuUtilization(2, None, None, 81559)
+    assert util.gpus[2].memory_used_mb is None and util.gpus[2].utilization_pct == 100
+    assert util.mean_utilization_pct == 50
+
+
+def test_an_nvidia_smi_error_line_is_an_error_not_a_gpu() -> None:
+    """An error line after good ones (the driver failing mid-answer), a line without the
+    index column (an older query) or a non-numeric index: an error, no GPU made up."""
+    text = (
+        "0, 10, 5, 81559\nUnable to determine the device handle for GPU0000:41:00.0: Unknown Error"
+    )
+    util = mon.get_instance_utilization(mon.parse_probe(probe_text(gpu=text)))
+    assert util.error is not None and "Unknown Error" in util.error
+    assert [g.index for g in util.gpus] == [0]
+    for bad in ("87, 1024, 24564", "GPU-0, 1, 2, 3", "error: nvidia-smi failed"):
+        util = mon.get_instance_utilization(mon.parse_probe(probe_text(gpu=bad)))
+        assert util.error is not None and util.gpus == (), bad
+    assert "index,utilization.gpu,memory.used,memory.total" in mon.health_command("/r")
 
 
 def test_a_huge_mount_point_from_the_host_is_kept_short() -> None:
@@ -147,7 +176,7 @@ async def test_health_check_runs_one_command_and_reads_gpus(
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho '42, 100, 24564'\n")
+    fake.write_text("#!/bin/sh\necho '0, 42, 100, 24564'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     host = await sim_host("h1", login_banner="motd junk\n")

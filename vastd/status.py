@@ -87,6 +87,9 @@ def build_status(
             "rows": j.rows,
             "progress_rows": j.progress_rows,
             "progress_at": utc_iso(j.progress_at),
+            "gpus": list(j.gpus),
+            "gpu_idle": j.gpu_idle and j.state is JobState.RUNNING,
+            "gpu_idle_since": utc_iso(j.gpu_idle_since) if j.gpu_idle else None,
         }
         for j in snapshot.jobs.values()
         if j.state in (JobState.RUNNING, JobState.COLLECTING)
@@ -212,6 +215,12 @@ def format_status(status: dict[str, Any]) -> str:
             f"progress: {status['progress'] * 100:.1f}% of {status['total_jobs']}{eta_txt}"
         )
     for job in status.get("running_jobs", []):
+        if job.get("gpu_idle"):
+            gpus = ",".join(str(g) for g in job.get("gpus", [])) or "all"
+            lines.append(
+                f"  {job['id']}  GPU IDLE (0% since {job.get('gpu_idle_since') or '-'})"
+                f"  on {job['instance'] or '-'} gpus {gpus}"
+            )
         if job["progress_rows"] is None:
             continue
         rows = job["rows"]

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class JobView:
     rows_out: int | None = None
     cost: float | None = None
     gpu_name: str | None = None
+    gpus: Sequence[int] = ()  # the GPU indices the run was given (core/gpus.py)
+    gpu_idle: bool = False
 
     @classmethod
     def of(cls, job: JobRecord) -> JobView:
@@ -76,7 +79,9 @@ class JobView:
         try:
             values = {name: data.get(name, _DEFAULTS[name]) for name in _VIEW_FIELDS}
             values["state"] = JobState(values["state"])
-            if all(isinstance(values[name], kinds) for name, kinds in _KINDS):
+            if all(isinstance(values[name], kinds) for name, kinds in _KINDS) and all(
+                isinstance(g, int) for g in values["gpus"]
+            ):
                 return cls(**values)
         except (TypeError, ValueError):
             pass
@@ -105,6 +110,8 @@ _KINDS: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("rows_out", (int, _NONE)),
     ("cost", (int, float, _NONE)),
     ("gpu_name", (str, _NONE)),
+    ("gpus", (list, tuple)),
+    ("gpu_idle", (bool,)),
 )
 
 
@@ -228,6 +235,9 @@ def job_row(job: JobView, now: float) -> dict[str, Any]:
         "last_error": job.last_error,
         "progress_rows": job.progress_rows,
         "progress_at": utc_iso(job.progress_at),
+        "gpus": list(job.gpus),
+        # the GPU idle watch ([job] gpu_idle_s) flagged the running job's GPUs as idle
+        "gpu_idle": job.gpu_idle and job.state is JobState.RUNNING,
         "refused": False,
     }
 
@@ -245,6 +255,8 @@ def refused_row(ref: Refused) -> dict[str, Any]:
         "last_error": ref.reason,
         "progress_rows": None,
         "progress_at": None,
+        "gpus": [],
+        "gpu_idle": False,
         "refused": True,
     }
 
@@ -321,7 +333,9 @@ def format_jobs(rows: list[dict[str, Any]], running: bool | None, saved_at: floa
     body = [
         [
             r["id"],
-            r["state"] + (" (refused)" if r["refused"] else ""),
+            r["state"]
+            + (" (refused)" if r["refused"] else "")
+            + (" (gpu idle)" if r["gpu_idle"] else ""),
             r["instance"] or "-",
             str(r["attempts"]),
             str(r["runs"]),

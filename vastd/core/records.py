@@ -89,6 +89,7 @@ class OrphanRun(_Model):
     instance: str
     run: str | None = None  # None: recorded before run ids existed
     started_at: float | None = None  # its deadline counts from here, as the job's did
+    gpus: tuple[int, ...] = ()  # the GPU indices it was given: held until it is settled
 
 
 class JobRecord(Tracked):
@@ -102,6 +103,9 @@ class JobRecord(Tracked):
     # the current run: given at dispatch and saved before the upload; the remote
     # folder's `run` file, the idempotent start and the collection are keyed by it
     run_id: str | None = None
+    # the GPU indices of its instance the current run was given at assignment
+    # ([job] jobs_per_instance = "gpus"; empty otherwise): its CUDA_VISIBLE_DEVICES
+    gpus: list[int] = Field(default_factory=list)
     pgid: int | None = None
     accepted_at: float = Field(default_factory=time.time)
     dispatched_at: float | None = None
@@ -135,6 +139,10 @@ class JobRecord(Tracked):
     # `[job] progress_regex` says, and when that figure last changed (local clock)
     progress_rows: int | None = None
     progress_at: float | None = None
+    # the GPU idle watch ([job] gpu_idle_s): since when every GPU of the current run has
+    # read 0% at each health check, and whether that has lasted gpu_idle_s (flagged)
+    gpu_idle_since: float | None = None
+    gpu_idle: bool = False
 
     @field_validator("orphans", mode="before")
     @classmethod
@@ -165,6 +173,10 @@ class InstanceRecord(Tracked):
     dph: float = 0.0
     machine_id: int | None = None
     gpu_name: str | None = None
+    num_gpus: int | None = None  # as the API lists it
+    # the GPU indices nvidia-smi listed at the last health check (None: not known, or no
+    # nvidia-smi): where present they, not num_gpus, are the instance's GPUs
+    gpu_indices: list[int] | None = None
     owned: bool = False  # rented by this vastd
     first_seen: float = Field(default_factory=time.time)
     last_seen: float | None = None  # in the API list

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vastd.core.files import (
@@ -34,6 +34,7 @@ from vastd.core.files import (
     unique_stem,
     write_error_json,
 )
+from vastd.core.gpus import held_gpus
 from vastd.core.records import FINISHED as FINISHED
 from vastd.core.records import SCHEMA_VERSION as SCHEMA_VERSION
 from vastd.core.records import FollowUp as FollowUp
@@ -232,7 +233,9 @@ def clear_earlier_failure(store: StateStore, job_id: str) -> None:
     store.mark_dirty()
 
 
-def mark_job_assigned(store: StateStore, job_id: str, instance_id: str) -> JobRecord | None:
+def mark_job_assigned(
+    store: StateStore, job_id: str, instance_id: str, gpus: Iterable[int] = ()
+) -> JobRecord | None:
     """queued -> running on an instance, with a new run id; None when its file is gone.
 
     The caller saves the store before anything is uploaded (a crash then finds it).
@@ -243,15 +246,19 @@ def mark_job_assigned(store: StateStore, job_id: str, instance_id: str) -> JobRe
     if not _move(store, job, JobFolder.QUEUED, JobFolder.RUNNING):
         mark_job_failed(store, job_id, reason="the job file vanished from queued/")
         return None
-    return _assign(store, job, store.instances[instance_id])
+    return _assign(store, job, store.instances[instance_id], list(gpus))
 
 
-async def assign_job(store: StateStore, job_id: str, instance_id: str) -> JobRecord | None:
+async def assign_job(
+    store: StateStore, job_id: str, instance_id: str, gpus: Iterable[int] = ()
+) -> JobRecord | None:
     """`mark_job_assigned` with the file move (two fsyncs) off the event loop.
 
     Re-checked after the move: if the job or the instance changed meanwhile (no longer
-    queued; lost, drained), the file goes back and None is returned.
+    queued; lost, drained; one of `gpus` taken by another job), the file goes back and
+    None is returned. `gpus`: the instance's GPU indices this run is given (core/gpus.py).
     """
+    wanted = list(gpus)
     job = store.jobs[job_id]
     if not can_job(job, J.RUNNING):
         raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> running")
@@ -265,6 +272,7 @@ async def assign_job(store: StateStore, job_id: str, instance_id: str) -> JobRec
         store.jobs.get(job_id) is not job
         or job.state is not J.QUEUED
         or (inst is None or inst.status is not S.READY)
+        or (wanted and not set(wanted).isdisjoint(_gpus_taken(store, inst)))
     ):
         # Changed while the file moved: it goes where the record now says (queued/, or
         # done/ when an orphaned run's results completed the job meanwhile).
@@ -273,12 +281,17 @@ async def assign_job(store: StateStore, job_id: str, instance_id: str) -> JobRec
             _move, store, job, JobFolder.RUNNING, home, rename_on_collision=home is JobFolder.DONE
         )
         return None
-    return _assign(store, job, inst)
+    return _assign(store, job, inst, wanted)
 
 
-def _assign(store: StateStore, job: JobRecord, inst: InstanceRecord) -> JobRecord:
+def _gpus_taken(store: StateStore, inst: InstanceRecord) -> set[int]:
+    return held_gpus(inst, store.held_on(inst.id), store.orphans_on(inst.id))
+
+
+def _assign(store: StateStore, job: JobRecord, inst: InstanceRecord, gpus: list[int]) -> JobRecord:
     set_job_state(store, job, J.RUNNING)
     job.instance = inst.id
+    job.gpus = gpus
     job.run_id = new_run_id()
     job.dispatched_at = time.time()
     job.pgid = None
@@ -288,6 +301,9 @@ def _assign(store: StateStore, job: JobRecord, inst: InstanceRecord) -> JobRecor
     if job.progress_rows is not None:  # a new run starts counting again
         job.progress_rows = None
         job.progress_at = None
+    if job.gpu_idle_since is not None or job.gpu_idle:  # ... and watching its GPUs
+        job.gpu_idle_since = None
+        job.gpu_idle = False
     # A run of this job left here earlier is replaced by this one's start.
     job.orphans = [o for o in job.orphans if o.instance != inst.id]
     if job.id not in inst.current_jobs:
@@ -437,7 +453,9 @@ def requeue_job(
         if orphan:
             if job.orphan_on(job.instance) is None:
                 started = job.started_at or job.dispatched_at
-                orphan_run = OrphanRun(instance=job.instance, run=job.run_id, started_at=started)
+                orphan_run = OrphanRun(
+                    instance=job.instance, run=job.run_id, started_at=started, gpus=tuple(job.gpus)
+                )
                 job.orphans = [*job.orphans, orphan_run]
         else:
             _clean_up_run(store, job, reason)
@@ -827,12 +845,16 @@ def get_available_jobs(
     return store.queued(now, limit)
 
 
-def get_idle_instances(store: StateStore, jobs_per_instance: int = 1) -> list[InstanceRecord]:
-    """Ready instances with room for another job."""
+def get_idle_instances(
+    store: StateStore, jobs_per_instance: int | Callable[[InstanceRecord], int] = 1
+) -> list[InstanceRecord]:
+    """Ready instances with room for another job (`jobs_per_instance`: a count for every
+    instance, or each instance's own: its slots with one job per GPU)."""
+    per = jobs_per_instance
     return [
         i
         for i in store.instances.values()
-        if i.status is S.READY and len(i.current_jobs) < jobs_per_instance
+        if i.status is S.READY and len(i.current_jobs) < (per if isinstance(per, int) else per(i))
     ]
 
 

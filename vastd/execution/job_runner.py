@@ -27,10 +27,12 @@ import posixpath
 import re
 import shlex
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from vastd.core.gpus import gpu_list
 from vastd.core.remote_layout import LOG_NAME as LOG_NAME
 from vastd.core.remote_layout import OUT_NAME as OUT_NAME
 from vastd.core.remote_layout import RemoteJobPaths as RemoteJobPaths
@@ -115,7 +117,12 @@ class ProcessInfo:
 
 
 def generate_job_command(
-    template: str, *, paths: RemoteJobPaths, job_id: str, vars: dict[str, str]
+    template: str,
+    *,
+    paths: RemoteJobPaths,
+    job_id: str,
+    vars: dict[str, str],
+    gpus: Sequence[int] = (),
 ) -> str:
     """`[job] command` with every placeholder replaced by its shell-quoted value.
 
@@ -128,6 +135,7 @@ def generate_job_command(
         "job_dir": paths.job_dir,
         "output_dir": paths.out_dir,
         "job": job_id,
+        "gpus": gpu_list(gpus),
     }
     clashes = sorted(set(vars) & set(values))
     if clashes:
@@ -148,6 +156,14 @@ def generate_job_command(
             raise ConfigError([f"job.command: placeholder {{{field}}} takes no format or !conv"])
         parts.append(shlex.quote(values[field]))
     return "".join(parts)
+
+
+def with_gpu_env(command: str, gpus: Sequence[int]) -> str:
+    """The job's command with its GPUs exported as CUDA_VISIBLE_DEVICES (one job per
+    GPU); unchanged without GPUs, so the job sees every GPU as before."""
+    if not gpus:
+        return command
+    return f"CUDA_VISIBLE_DEVICES={shlex.quote(gpu_list(gpus))}; export CUDA_VISIBLE_DEVICES\n{command}"
 
 
 # Shell helpers shared by every script. `v` is the helpers' result variable.
@@ -344,10 +360,15 @@ async def execute_job_on_instance(
     attempt: int,
     timeout_s: float,
     run_id: str | None = None,
+    gpus: Sequence[int] = (),
 ) -> ProcessInfo:
-    """Upload the job's CSV and start its command (run `run_id`); the seed's composite."""
+    """Upload the job's CSV and start its command (run `run_id`); the seed's composite.
+    `gpus`: the GPU indices the run was given, as CUDA_VISIBLE_DEVICES and `{gpus}`."""
     paths = remote_job_paths(remote_root, instance_id, job_id)
-    command = generate_job_command(command_template, paths=paths, job_id=job_id, vars=vars)
+    command = generate_job_command(
+        command_template, paths=paths, job_id=job_id, vars=vars, gpus=gpus
+    )
+    command = with_gpu_env(command, gpus)
     await upload_job_file(conn, local_csv, paths, timeout_s=timeout_s)
     return await start_job_process(
         conn, paths, command, attempt, timeout_s=timeout_s, run_id=run_id

@@ -2,7 +2,8 @@
 
 One command per instance per check (`probe_instance`) gathers the free disk of the
 remote root (`df -Pk`), `/proc/meminfo` and, when `nvidia-smi` exists, GPU
-utilisation; the pure seed functions (`check_disk_space`, `check_memory_usage`,
+utilisation per GPU with its index (the instance's GPUs for one job per GPU,
+core/gpus.py); the pure seed functions (`check_disk_space`, `check_memory_usage`,
 `get_instance_utilization`, `detect_instance_issues`) read that one answer.
 
 Policy (`monitor_instance_status`, in orchestration/health.py): an instance whose free disk is below
@@ -124,7 +125,7 @@ def health_command(remote_root: str) -> str:
         f"echo '[df]'; df -Pk \"$d\" 2>/dev/null | tail -n 1; "
         "echo '[mem]'; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null; "
         "echo '[gpu]'; if command -v nvidia-smi >/dev/null 2>&1; then "
-        "nvidia-smi --query-gpu=utilization.gpu,memory.used,memory.total "
+        "nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total "
         "--format=csv,noheader,nounits 2>&1 || echo 'error: nvidia-smi failed'; "
         "else echo absent; fi; echo '[end]'"
     )
@@ -189,15 +190,22 @@ def _num(text: str) -> float | None:
 
 
 def get_instance_utilization(probe: InstanceProbe) -> UtilizationMetrics:
+    """nvidia-smi's `index, utilization.gpu, memory.used, memory.total` lines, one a GPU.
+
+    A line that is not four fields with a whole-number index (nvidia-smi's own error
+    text, say) makes the answer an error: the GPUs read so far are kept, and the
+    instance's known GPU list is left as it was. "[N/A]" values read as None.
+    """
     text = probe.sections.get("gpu", "absent").strip()
     if text == "absent" or not text:
         return UtilizationMetrics(gpu_present=False)
     gpus: list[GpuUtilization] = []
-    for index, line in enumerate(text.splitlines()):
+    for line in text.splitlines():
         parts = line.split(",")
-        if len(parts) != 3:
+        index = parts[0].strip()
+        if len(parts) != 4 or not index.isdigit():
             return UtilizationMetrics(gpu_present=True, gpus=tuple(gpus), error=text[:200])
-        gpus.append(GpuUtilization(index, *(_num(p) for p in parts)))
+        gpus.append(GpuUtilization(int(index), *(_num(p) for p in parts[1:])))
     return UtilizationMetrics(gpu_present=True, gpus=tuple(gpus))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from vastd.core import gpus
 from vastd.core import state as st
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import InstanceRecord, JobRecord, JobState
@@ -28,7 +29,7 @@ def job_cost(
     dph: float, started_at: float | None, ended_at: float | None, slots: int
 ) -> float | None:
     """The job's share of its instance's price: $/h over the run's time, split between
-    the `[job] jobs_per_instance` slots that share the instance (None: no run time)."""
+    the slots that share the instance (core/gpus.py `slots`; None: no run time)."""
     if started_at is None or ended_at is None or ended_at < started_at:
         return None
     return round(dph * (ended_at - started_at) / 3600.0 / max(1, slots), 6)
@@ -48,7 +49,7 @@ def job_outcome(ctx: Context, job: JobRecord, instance: str | None = None) -> di
     # from its confirmed start to its exit (or now, not exited), as in MANIFEST.json
     ran_until = job.exited_at if job.exited_at is not None else end
     cost = (
-        job_cost(inst.dph, job.started_at, ran_until, ctx.settings.job.jobs_per_instance)
+        job_cost(inst.dph, job.started_at, ran_until, gpus.slots(ctx.settings.job, inst))
         if inst is not None
         else None
     )

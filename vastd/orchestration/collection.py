@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from vastd.core import gpus
 from vastd.core import state as st
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState, OrphanRun
@@ -143,11 +144,12 @@ async def collect_with_settings(
     with their MANIFEST.json (which run, where, which bytes, what it cost)."""
     s = ctx.settings
     paths = remote_job_paths(s.remote.root, inst.id, job.id)
-    cost = job_cost(inst.dph, started_at, ended_at, s.job.jobs_per_instance)
+    cost = job_cost(inst.dph, started_at, ended_at, gpus.slots(s.job, inst))
     manifest = {
         "instance": inst.id,
         "machine": inst.machine_id,
         "gpu": inst.gpu_name,
+        "gpus": run_gpus(job, inst.id, run_id),
         "attempt": job.attempts + 1,
         "rows_in": job.rows,
         "started_at": started_at,
@@ -175,6 +177,14 @@ async def collect_with_settings(
         keep_previous=job.keep_previous,
         manifest=manifest,
     )
+
+
+def run_gpus(job: JobRecord, instance_id: str, run_id: str | None) -> list[int]:
+    """The GPU indices run `run_id` was given (an orphaned run keeps its own)."""
+    for orphan in job.orphans:
+        if orphan.instance == instance_id and orphan.run == run_id:
+            return list(orphan.gpus)
+    return list(job.gpus)
 
 
 def result_limits(s: Settings) -> ResultLimits:

@@ -130,6 +130,8 @@ class Context:
     listing: SharedListing = field(default_factory=SharedListing)
     # failures that repeat each cycle (API listing, offer search): logged once per change
     repeats: RepeatedFailures = field(default_factory=RepeatedFailures)
+    # instances with fewer GPUs than `[job] gpus_per_job` (no slot): logged once each
+    gpu_shortfalls: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.watch_wait_s < 0:

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from vastd.core import gpus
 from vastd.core import state as st
 from vastd.core.jobs import get_job_arguments
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState
@@ -56,22 +57,47 @@ def find_best_instance_for_job(
     """A ready instance with room, least loaded first, preferring one the job has not
     failed on. Never one that holds an orphaned run of this job: that run may still
     finish first (or has, and is about to be collected). Orphaned runs count as load:
-    they occupy their instance until they are settled."""
+    they occupy their instance until they are settled. With one job per GPU, room
+    also means enough free GPUs (`free_gpus`)."""
     load = orphan_load if orphan_load is not None else Counter()
-    per = ctx.settings.job.jobs_per_instance
     orphaned = {o.instance for o in job.orphans}
     room = [
         i
-        for i in st.get_idle_instances(ctx.store, per)
+        for i in st.get_idle_instances(ctx.store, lambda i: instance_slots(ctx, i))
         if i.id not in orphaned
-        and len(i.current_jobs) + load[i.id] < per
+        and len(i.current_jobs) + load[i.id] < instance_slots(ctx, i)
         and market.fits_before_end(ctx, i)
+        and (not gpus.per_gpu(ctx.settings.job) or free_gpus(ctx, i) is not None)
     ]
     if not room:
         return None
     fresh = [i for i in room if i.id not in job.avoid_instances]
     pool = fresh or room
     return min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id))
+
+
+def instance_slots(ctx: Context, inst: InstanceRecord) -> int:
+    """The jobs the instance may hold at once (`[job] jobs_per_instance`, or its GPUs //
+    `gpus_per_job`); an instance with too few GPUs for one job is logged once."""
+    n = gpus.slots(ctx.settings.job, inst)
+    if n == 0 and inst.id not in ctx.gpu_shortfalls:
+        ctx.gpu_shortfalls.add(inst.id)
+        log.warning(
+            "instance_too_few_gpus",
+            instance=inst.id,
+            gpus=len(gpus.instance_gpus(inst)),
+            gpus_per_job=ctx.settings.job.gpus_per_job,
+        )
+    return n
+
+
+def free_gpus(ctx: Context, inst: InstanceRecord) -> list[int] | None:
+    """The GPU indices the next job on the instance gets (one job per GPU), None if too
+    few are free: those held by its jobs and its orphaned runs are taken."""
+    taken = gpus.held_gpus(
+        inst, st.jobs_on_instance(ctx.store, inst.id), st.orphans_on(ctx.store, inst.id)
+    )
+    return gpus.pick_gpus(ctx.settings.job, inst, taken)
 
 
 def orphan_load(ctx: Context) -> Counter[str]:
@@ -97,8 +123,10 @@ def is_current(job: JobRecord | None, instance_id: str, run_id: str | None) -> b
 async def coordinate_job_distribution(ctx: Context) -> int:
     """Give every waiting job a free instance; save; then start them. Returns the count."""
     assigned: list[tuple[str, str, str | None]] = []
-    per = ctx.settings.job.jobs_per_instance
-    free = sum(per - len(i.current_jobs) for i in st.get_idle_instances(ctx.store, per))
+    free = sum(
+        instance_slots(ctx, i) - len(i.current_jobs)
+        for i in st.get_idle_instances(ctx.store, lambda i: instance_slots(ctx, i))
+    )
     # Only the head of the queue can be placed this round (a few more for jobs that
     # must skip an instance holding an orphaned run of theirs): no walk of the queue.
     waiting = st.get_available_jobs(ctx.store, limit=free + DISPATCH_SLACK) if free else []
@@ -109,8 +137,9 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             if not job.orphans:
                 break  # no room anywhere: later jobs would not find any either
             continue
+        wanted = free_gpus(ctx, inst) if gpus.per_gpu(ctx.settings.job) else None
         try:
-            record = await st.assign_job(ctx.store, job.id, inst.id)
+            record = await st.assign_job(ctx.store, job.id, inst.id, wanted or ())
         except FileOperationError as exc:
             log.warning("job_file_move_failed", job=job.id, error=str(exc))
             continue
@@ -123,7 +152,12 @@ async def coordinate_job_distribution(ctx: Context) -> int:
         # Claimed before any await: the instance's watcher leaves this run alone.
         ctx.dispatch.claim(job.id, job.run_id)
         log.info(
-            "job_dispatched", job=job.id, instance=inst.id, attempt=job.attempts + 1, run=job.run_id
+            "job_dispatched",
+            job=job.id,
+            instance=inst.id,
+            attempt=job.attempts + 1,
+            run=job.run_id,
+            **({"gpus": gpus.gpu_list(job.gpus)} if job.gpus else {}),
         )
         assigned.append((job.id, inst.id, job.run_id))
     if not assigned:
@@ -214,6 +248,7 @@ async def _dispatch(ctx: Context, job_id: str, instance_id: str, run_id: str | N
             vars=get_job_arguments(job.id, s.job),
             attempt=job.attempts + 1,
             run_id=run_id,
+            gpus=job.gpus,
             # the upload is part of it: allow 1 MB/s on top of a command's deadline
             timeout_s=s.ssh.command_timeout_s + _size(job_file) / 1e6,
         )

@@ -27,6 +27,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from vastd.core import gpus
 from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus
 from vastd.instances.provider import ApiState, Offer
@@ -102,8 +103,17 @@ def desired_instances(ctx: Context) -> int:
         return 0
     counts = ctx.store.counts()
     work = counts["queued"] + counts["running"] + counts["collecting"]
-    per = ctx.settings.job.jobs_per_instance
-    return min(ctx.settings.fleet.max_instances, -(-work // per))
+    return min(ctx.settings.fleet.max_instances, -(-work // slots_per_instance(ctx)))
+
+
+def slots_per_instance(ctx: Context) -> int:
+    """The jobs one instance takes: `[job] jobs_per_instance`, or with one job per GPU
+    the mean slots of the live instances whose GPUs are known (1 before any is)."""
+    job = ctx.settings.job
+    if isinstance(job.jobs_per_instance, int):
+        return job.jobs_per_instance
+    known = [gpus.slots(job, i) for i in live_instances(ctx)]
+    return max(1, round(sum(known) / len(known))) if known else 1
 
 
 def live_instances(ctx: Context) -> list[InstanceRecord]:

@@ -22,6 +22,7 @@ from vastd.instances.monitoring import (
     HEALTH_TIMEOUT_S,
     HealthStatus,
     Issue,
+    UtilizationMetrics,
     check_disk_space,
     check_memory_usage,
     detect_instance_issues,
@@ -66,6 +67,52 @@ def _drain(ctx: Context, inst: InstanceRecord, reason: str, detail: str) -> None
     log.info("instance_unhealthy", instance=inst.id, reason=reason, detail=detail)
 
 
+def note_gpus(ctx: Context, inst: InstanceRecord, util: UtilizationMetrics | None) -> None:
+    """Where nvidia-smi answered in full, its GPU indices are the instance's GPUs (one
+    job per GPU places jobs on them); an error or no nvidia-smi changes nothing."""
+    if util is None or not util.gpu_present or util.error or not util.gpus:
+        return
+    indices = sorted({g.index for g in util.gpus})
+    if indices != inst.gpu_indices:
+        inst.gpu_indices = indices
+        log.info("instance_gpus", instance=inst.id, gpus=len(indices), num_gpus=inst.num_gpus)
+        ctx.wake_dispatch()
+
+
+def watch_gpu_idle(
+    ctx: Context, inst: InstanceRecord, util: UtilizationMetrics | None, now: float
+) -> None:
+    """`[job] gpu_idle_s`: a started job whose GPUs (its own with one job per GPU, else
+    every GPU listed) all read 0% at each check for that long is flagged `gpu_idle`
+    (`job_gpu_idle`, once) for the operator, never killed; any reading above 0 clears
+    it. "[N/A]" is not 0: an unknown reading never flags a job."""
+    limit = ctx.settings.job.gpu_idle_s
+    if limit <= 0 or util is None or util.error or not util.gpus:
+        return
+    readings = {g.index: g.utilization_pct for g in util.gpus}
+    for job in st.running_jobs_on(ctx.store, inst.id):
+        if job.started_at is None:
+            continue
+        mine = [readings.get(g) for g in (job.gpus or sorted(readings))]
+        if not mine or any(r != 0 for r in mine):
+            if job.gpu_idle:
+                log.info("job_gpu_busy_again", job=job.id, instance=inst.id)
+            if job.gpu_idle_since is not None or job.gpu_idle:
+                job.gpu_idle_since, job.gpu_idle = None, False
+            continue
+        if job.gpu_idle_since is None:
+            job.gpu_idle_since = now
+        if not job.gpu_idle and now - job.gpu_idle_since >= limit:
+            job.gpu_idle = True
+            log.warning(
+                "job_gpu_idle",
+                job=job.id,
+                instance=inst.id,
+                gpus=",".join(str(g) for g in job.gpus) or "all",
+                idle_s=round(now - job.gpu_idle_since, 1),
+            )
+
+
 async def monitor_instance_status(ctx: Context, inst: InstanceRecord) -> InstanceStatus:
     """Check an instance's health and apply the drain policy; returns its status."""
     health = await check_instance_health(ctx, inst)
@@ -81,6 +128,8 @@ async def monitor_instance_status(ctx: Context, inst: InstanceRecord) -> Instanc
             _drain(ctx, inst, DRAIN_UNHEALTHY, detail)
         return inst.status
     inst.health_failures = 0
+    note_gpus(ctx, inst, health.utilization)
+    watch_gpu_idle(ctx, inst, health.utilization, health.checked_at)
     if health.disk is not None:
         inst.disk_free_gb = round(health.disk.free_gb, 3)
     low = [i for i in health.issues if i.kind == "low_disk"]

@@ -56,6 +56,7 @@ def refresh_record(inst: InstanceRecord, info: ProviderInstance, now: float) -> 
         inst.dph = info.dph
     inst.machine_id = machine_number(info.machine_id)
     inst.gpu_name = info.gpu_name
+    inst.num_gpus = info.num_gpus
     inst.last_seen = now
     inst.missing_since = None
 

@@ -123,7 +123,8 @@ class JobPattern(_Section):
 
 
 # Placeholders every [job] command may use besides the [job.vars] keys (config.example.toml).
-BUILTIN_PLACEHOLDERS = ("input", "job_dir", "output_dir", "job")
+BUILTIN_PLACEHOLDERS = ("input", "job_dir", "output_dir", "job", "gpus")
+JOBS_PER_GPU = "gpus"  # [job] jobs_per_instance: one job per GPU (gpus_per_job each)
 
 
 class JobSettings(_Section):
@@ -152,7 +153,13 @@ class JobSettings(_Section):
     validate_memory_mb: int = Field(default=512, ge=16)
     validate_timeout_s: float = Field(default=300.0, gt=0)
     poll_interval_s: float = Field(default=5.0, gt=0)
-    jobs_per_instance: int = Field(default=1, ge=1)
+    # an int, or "gpus": one job per GPU of the instance (core/gpus.py), each job getting
+    # `gpus_per_job` of them as CUDA_VISIBLE_DEVICES and {gpus}
+    jobs_per_instance: int | Literal["gpus"] = 1
+    gpus_per_job: int = Field(default=1, ge=1)
+    # a running job whose GPUs all stay at 0% utilisation (nvidia-smi, health check) this
+    # long is flagged `gpu_idle` (not killed); 0 = off
+    gpu_idle_s: float = Field(default=0.0, ge=0)
     # a file named like a finished job: refused (to failed/ as <job>.dup-<n>.csv), or
     # run again with the earlier results kept as results/<job>/previous-<n>/
     on_duplicate: Literal["refuse", "rerun"] = "refuse"
@@ -170,6 +177,20 @@ class JobSettings(_Section):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("jobs_per_instance", mode="before")
+    @classmethod
+    def _jobs_per_instance(cls, value: Any) -> Any:
+        # One clear message for a typo ("gpu") and a bad count alike.
+        if value == JOBS_PER_GPU:
+            return value
+        if isinstance(value, str) and value.strip().isdigit():  # an environment override
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        raise ValueError(
+            f'must be a whole number >= 1 or "{JOBS_PER_GPU}" (one job per GPU), not {value!r}'
+        )
 
     @field_validator("progress_regex")
     @classmethod
