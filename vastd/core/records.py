@@ -143,6 +143,13 @@ class JobRecord(Tracked):
     # read 0% at each health check, and whether that has lasted gpu_idle_s (flagged)
     gpu_idle_since: float | None = None
     gpu_idle: bool = False
+    # a staged run ([job] stage_ahead): it waits on its instance behind run `after_run` of
+    # job `after` (same slot, same GPUs) and starts there when that one exits. `staged`
+    # until a status check sees it started; `staged_at` once its staging was confirmed.
+    after: str | None = None
+    after_run: str | None = None
+    staged: bool = False
+    staged_at: float | None = None
 
     @field_validator("orphans", mode="before")
     @classmethod

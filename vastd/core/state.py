@@ -171,6 +171,15 @@ def _release(store: StateStore, job: JobRecord) -> None:
     store.mark_dirty()
 
 
+def _unstage(job: JobRecord) -> None:
+    """No longer a staged run (it left its slot)."""
+    if job.staged or job.after is not None:
+        job.staged = False
+        job.after = None
+        job.after_run = None
+        job.staged_at = None
+
+
 def _clean_up_run(store: StateStore, job: JobRecord, reason: str) -> None:
     """Record the removal of the job's current run folder (after the save, retried)."""
     if job.instance is not None and (job.pgid is not None or job.run_id is not None):
@@ -250,15 +259,23 @@ def mark_job_assigned(
 
 
 async def assign_job(
-    store: StateStore, job_id: str, instance_id: str, gpus: Iterable[int] = ()
+    store: StateStore,
+    job_id: str,
+    instance_id: str,
+    gpus: Iterable[int] = (),
+    *,
+    after: JobRecord | None = None,
 ) -> JobRecord | None:
     """`mark_job_assigned` with the file move (two fsyncs) off the event loop.
 
     Re-checked after the move: if the job or the instance changed meanwhile (no longer
     queued; lost, drained; one of `gpus` taken by another job), the file goes back and
     None is returned. `gpus`: the instance's GPU indices this run is given (core/gpus.py).
+    `after`: the run is staged behind that job's current run on the same slot (`[job]
+    stage_ahead`): it gets that job's GPUs, and is refused if that run moved on.
     """
-    wanted = list(gpus)
+    wanted = list(after.gpus) if after is not None else list(gpus)
+    after_run = after.run_id if after is not None else None
     job = store.jobs[job_id]
     if not can_job(job, J.RUNNING):
         raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> running")
@@ -272,7 +289,15 @@ async def assign_job(
         store.jobs.get(job_id) is not job
         or job.state is not J.QUEUED
         or (inst is None or inst.status is not S.READY)
-        or (wanted and not set(wanted).isdisjoint(_gpus_taken(store, inst)))
+        or (after is None and wanted and not set(wanted).isdisjoint(_gpus_taken(store, inst)))
+        or (
+            after is not None
+            and (
+                after.state is not J.RUNNING
+                or after.instance != instance_id
+                or after.run_id != after_run
+            )
+        )
     ):
         # Changed while the file moved: it goes where the record now says (queued/, or
         # done/ when an orphaned run's results completed the job meanwhile).
@@ -281,15 +306,26 @@ async def assign_job(
             _move, store, job, JobFolder.RUNNING, home, rename_on_collision=home is JobFolder.DONE
         )
         return None
-    return _assign(store, job, inst, wanted)
+    return _assign(store, job, inst, wanted, after=after)
 
 
 def _gpus_taken(store: StateStore, inst: InstanceRecord) -> set[int]:
     return held_gpus(inst, store.held_on(inst.id), store.orphans_on(inst.id))
 
 
-def _assign(store: StateStore, job: JobRecord, inst: InstanceRecord, gpus: list[int]) -> JobRecord:
+def _assign(
+    store: StateStore,
+    job: JobRecord,
+    inst: InstanceRecord,
+    gpus: list[int],
+    *,
+    after: JobRecord | None = None,
+) -> JobRecord:
     set_job_state(store, job, J.RUNNING)
+    job.after = after.id if after is not None else None
+    job.after_run = after.run_id if after is not None else None
+    job.staged = after is not None
+    job.staged_at = None
     job.instance = inst.id
     job.gpus = gpus
     job.run_id = new_run_id()
@@ -325,6 +361,42 @@ def mark_job_started(
         job.runs += 1
     store.mark_dirty()
     return True
+
+
+def mark_job_staged(store: StateStore, job_id: str, *, run_id: str | None) -> bool:
+    """The staging of run `run_id` was confirmed: it waits on its instance behind the
+    run before it; False when the job moved on (or started) meanwhile."""
+    job = store.jobs.get(job_id)
+    if job is None or job.state is not J.RUNNING or job.run_id != run_id or not job.staged:
+        return False
+    job.staged_at = job.staged_at or time.time()
+    store.mark_dirty()
+    return True
+
+
+def note_staged_started(
+    store: StateStore, job: JobRecord, *, started_at: float | None, now: float | None = None
+) -> bool:
+    """A staged run was seen started on its instance (claimed by the run before it, or
+    by vastd): from now it is a running job like any other; its deadline counts from
+    the instance's start time (never later than now). True when that is news."""
+    if job.state is not J.RUNNING or not job.staged:
+        return False
+    now = time.time() if now is None else now
+    job.staged = False
+    job.after = None
+    job.after_run = None
+    job.started_at = min(started_at, now) if started_at is not None else now
+    job.runs += 1
+    store.mark_dirty()
+    return True
+
+
+def keep_staged_run(store: StateStore, job: JobRecord) -> None:
+    """A withdrawal came too late (the staged run had started): it runs, not withdrawn."""
+    if job.kill_reason is not None:
+        job.kill_reason = None
+        store.mark_dirty()
 
 
 def note_run_seen(store: StateStore, job: JobRecord, pid: int | None) -> None:
@@ -365,6 +437,7 @@ def mark_job_exited(
     job.last_exit_code = exit_code
     job.last_error = error
     job.kill_reason = None
+    _unstage(job)
     _release(store, job)
     return job
 
@@ -465,6 +538,7 @@ def requeue_job(
     job.pgid = None
     job.run_id = None
     job.kill_reason = None
+    _unstage(job)
     job.not_before = time.time() + delay_s if delay_s > 0 else None
     job.last_error = reason
     avoided = [i for i in dict.fromkeys(avoid) if i not in job.avoid_instances]
@@ -576,6 +650,14 @@ def cancel_job(store: StateStore, job_id: str) -> JobRecord:
     for orphan in job.orphans:
         add_followup(store, instance=orphan.instance, job=job_id, run=orphan.run, reason=CANCELLED)
     job.orphans = []
+    inst = store.instances.get(job.instance or "") if job.staged else None
+    if inst is not None:
+        # The runs staged behind a staged run that is cancelled are withdrawn too (by the
+        # instance's watcher, then queued again): none may start in its place early.
+        for chain in slot_chains(store, inst):
+            if job in chain:
+                for later in chain[chain.index(job) + 1 :]:
+                    later.kill_reason = f"withdrawn: {job_id}, staged before it, was cancelled"
     return mark_job_failed(store, job_id, reason=CANCELLED, exit_code=job.last_exit_code)
 
 
@@ -845,6 +927,44 @@ def get_available_jobs(
     return store.queued(now, limit)
 
 
+def slot_chains(store: StateStore, inst: InstanceRecord) -> list[list[JobRecord]]:
+    """The instance's running jobs by slot: each chain is a job started directly (or a
+    staged one whose run before it has left) followed by the runs staged behind it, in
+    the order they will start ([job] stage_ahead). Without staging: one job a chain."""
+    jobs = [
+        j
+        for j in (store.jobs.get(job_id) for job_id in inst.current_jobs)
+        if j is not None and j.state is J.RUNNING and j.instance == inst.id
+    ]
+    by_id = {j.id: j for j in jobs}
+    behind: dict[str, JobRecord] = {}
+    heads: list[JobRecord] = []
+    for job in jobs:
+        before = by_id.get(job.after or "")
+        if job.staged and before is not None and before.run_id == job.after_run:
+            behind[before.id] = job
+        else:
+            heads.append(job)
+    chains: list[list[JobRecord]] = []
+    for head in heads:
+        chain = [head]
+        while (nxt := behind.get(chain[-1].id)) is not None and nxt not in chain:
+            chain.append(nxt)
+        chains.append(chain)
+    return chains
+
+
+def slot_load(store: StateStore, inst: InstanceRecord) -> int:
+    """The slots the instance's jobs take: its jobs, less the runs staged behind another
+    (a collecting job has left its slot already)."""
+    if not any(
+        (j := store.jobs.get(job_id)) is not None and j.staged for job_id in inst.current_jobs
+    ):
+        return len(inst.current_jobs)
+    staged_behind = sum(len(chain) - 1 for chain in slot_chains(store, inst))
+    return len(inst.current_jobs) - staged_behind
+
+
 def get_idle_instances(
     store: StateStore, jobs_per_instance: int | Callable[[InstanceRecord], int] = 1
 ) -> list[InstanceRecord]:
@@ -854,7 +974,7 @@ def get_idle_instances(
     return [
         i
         for i in store.instances.values()
-        if i.status is S.READY and len(i.current_jobs) < (per if isinstance(per, int) else per(i))
+        if i.status is S.READY and slot_load(store, i) < (per if isinstance(per, int) else per(i))
     ]
 
 

@@ -63,6 +63,14 @@ CONTROL_NAMES = frozenset(
         "exit_code",
         "exit_code.tmp",
         "timed_out",
+        # staged runs ([job] stage_ahead): the launcher, its claim, the link to the next
+        "start.sh",
+        "start.sh.tmp",
+        "staged",
+        "go",
+        "withdrawn",
+        "next",
+        "next.tmp",
     }
 )
 _START_WAIT_TICKS = 40  # x 0.05 s: how long the start script waits for the pid file
@@ -109,11 +117,21 @@ class RemoteRunner(Protocol):
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """The remote job's process group; `started` is False when the same attempt was running."""
+    """The remote job's process group; `started` is False when the same attempt was running.
+    `staged`: the run waits on the instance for the one before it (no process yet: pid 0)."""
 
     pid: int
     pgid: int
     started: bool
+    staged: bool = False
+
+
+@dataclass(frozen=True)
+class StagedAfter:
+    """The run a staged run waits for on the same slot: its folder and run id."""
+
+    paths: RemoteJobPaths
+    run_id: str | None
 
 
 def generate_job_command(
@@ -210,6 +228,15 @@ _tick() { sleep "$1" 2>/dev/null || { FRAC=0; sleep 1; }; }
 _bootkey  # sets BK without a subshell
 """
 
+# A staged run's folder holds `start.sh` (claim: `staged` -> `go`, then launch) and the
+# folder of the run before it names it in `next`; whoever ends that run (its wrapper,
+# vastd's kill) runs `start.sh` at once. The claim is one rename: a withdrawal
+# (`staged` -> `withdrawn`) and a start can never both succeed.
+KICK_NEXT = (
+    '[ -f next ] && { n=; read -r n < next; [ -n "$n" ] && cd "$n" 2>/dev/null '
+    "&& sh ./start.sh > /dev/null 2>&1; }; true"
+)
+
 # The wrapper runs detached with the job folder as cwd and the command as $1.
 # (`pid` is written by the start script from $!, which is this wrapper's pid.)
 _WRAPPER = (
@@ -219,7 +246,8 @@ _WRAPPER = (
     "date +%s > started_at.tmp && mv -f started_at.tmp started_at; "
     'sh -c "$1"; rc=$?; '
     "date +%s > ended_at.tmp && mv -f ended_at.tmp ended_at; "
-    "echo $rc > exit_code.tmp && mv -f exit_code.tmp exit_code"
+    "echo $rc > exit_code.tmp && mv -f exit_code.tmp exit_code; " + KICK_NEXT
+    # a run staged behind this one ([job] stage_ahead) starts now, vastd connected or not
 )
 
 
@@ -228,20 +256,56 @@ def as_sh_command(script: str) -> str:
     return "sh -c " + shlex.quote(script)
 
 
+# $! is the session (= process group) id: setsid does not fork outside job control.
+# Launch the wrapper in its own session (cwd = the job folder; $W, $C, $NH set), wait
+# until its group exists (a status check right after must find it), record its pid.
+_LAUNCH = f"""setsid $NH sh -c "$W" vastd-job "$C" > {LOG_NAME} 2>&1 < /dev/null &
+v=$!
+n=0
+while ! kill -0 -"$v" 2>/dev/null && [ ! -f exit_code ] && [ $n -lt 200 ]; do sleep 0.01 2>/dev/null || break; n=$((n+1)); done
+[ -s pid ] || {{ printf '%s\\n' "$v" > pid.start.tmp && mv -f pid.start.tmp pid; }}
+"""
+
+
+def build_launcher(command: str) -> str:
+    """`start.sh` of a staged run: claim it (`staged` -> `go`; a withdrawn or already
+    claimed run is left alone), then start the wrapper as a direct start does."""
+    q = shlex.quote
+    return (
+        "mv staged go 2>/dev/null || exit 0\n"
+        "NH=nohup; command -v nohup >/dev/null 2>&1 || NH=\n"
+        f"W={q(_WRAPPER)}\nC={q(command)}\n{_LAUNCH}"
+    )
+
+
 def build_start_script(
-    paths: RemoteJobPaths, command: str, attempt: int, run_id: str | None = None
+    paths: RemoteJobPaths,
+    command: str,
+    attempt: int,
+    run_id: str | None = None,
+    *,
+    after: StagedAfter | None = None,
 ) -> str:
-    """The idempotent start script; it prints the marker, then `started|existing PID` or `error …`.
+    """The idempotent start script; it prints the marker, then `started|existing PID`,
+    `staged`, or `error …`.
 
     A second start of the same run (`run` file = `run_id`; without a run id, the same
     attempt) reports the existing pid and does nothing. Otherwise a still-running
     earlier run is killed, everything but the input is removed, `out/`, `attempt` and
     `run` are written, and the wrapper is started in its own session.
+
+    With `after` (`[job] stage_ahead`), the run is staged instead: `start.sh` and
+    `staged` are written, the folder of the run it follows names it in `next`, and it
+    starts here only if that run has already ended (its folder gone or holding another
+    run, `exit_code` written, or its group gone). Run again for a staged run, the
+    script re-links it and starts it if that run has ended meanwhile.
     """
     if attempt < 0:
         raise ValueError("attempt must be >= 0")
     if run_id is not None and not _RUN_ID.match(run_id):
         raise ValueError(f"run id {run_id!r} must be hex digits")
+    if after is not None and after.run_id is not None and not _RUN_ID.match(after.run_id):
+        raise ValueError(f"run id {after.run_id!r} must be hex digits")
     q = shlex.quote
     same = (
         f'[ "$(head -c 40 run 2>/dev/null)" = {run_id} ]'
@@ -254,19 +318,62 @@ def build_start_script(
         else ""
     )
     input_name = posixpath.basename(paths.input)
+    if after is None:
+        staging = ""
+        resume = ""
+        launch = f"""{_LAUNCH}printf '%s\\nstarted %s\\n' "$M" "$v"
+"""
+    else:
+        pred_run = q(after.run_id) if after.run_id is not None else "''"
+        staging = f"""PD={q(after.paths.job_dir)}
+PR={pred_run}
+_link() {{
+  [ -d "$PD" ] || return 0
+  printf '%s\\n' "$D" > "$PD/next.tmp" && mv -f "$PD/next.tmp" "$PD/next"
+}}
+_pred_done() {{
+  [ -d "$PD" ] || return 0
+  r=; read -r r 2>/dev/null < "$PD/run"
+  [ -z "$PR" ] || [ "$r" = "$PR" ] || return 0
+  [ -f "$PD/exit_code" ] && return 0
+  [ -f "$PD/staged" ] || [ -f "$PD/withdrawn" ] && return 1
+  _pgid "$PD/pid"; [ -n "$v" ] || return 1
+  _alive "$PD" "$v" && return 1
+  return 0
+}}
+_report() {{
+  if [ -f staged ]; then printf '%s\\nstaged\\n' "$M"; exit 0; fi
+  _waitpid; _pgid pid
+  [ -n "$v" ] && {{ printf '%s\\nstarted %s\\n' "$M" "$v"; exit 0; }}
+}}
+"""
+        resume = """  if [ -f staged ]; then
+    _link || _fail "cannot link the run before"
+    _pred_done && sh ./start.sh > /dev/null 2>&1
+    _report
+  fi
+"""
+        launch = """printf '%s' "$S" > start.sh.tmp && mv -f start.sh.tmp start.sh || _fail "cannot write start.sh"
+: > staged || _fail "cannot write staged"
+_link || _fail "cannot link the run before"
+_pred_done && sh ./start.sh > /dev/null 2>&1
+_report
+_fail "the staged run neither waits nor started"
+"""
+    launcher = f"S={q(build_launcher(command))}\n" if after is not None else ""
     return f"""{SH_HELPERS}
 D={q(paths.job_dir)}
 IN={q(input_name)}
 A={attempt}
 C={q(command)}
 W={q(_WRAPPER)}
-_fail() {{ printf '%s\\nerror %s\\n' "$M" "$1"; exit 1; }}
+{launcher}_fail() {{ printf '%s\\nerror %s\\n' "$M" "$1"; exit 1; }}
 _waitpid() {{ n=0; while [ ! -s pid ] && [ $n -lt {_START_WAIT_TICKS} ]; do _tick 0.05; n=$((n+1)); done; }}
-cd "$D" 2>/dev/null || _fail "cannot enter the job folder"
+{staging}cd "$D" 2>/dev/null || _fail "cannot enter the job folder"
 command -v setsid >/dev/null 2>&1 || _fail "setsid not found on the instance"
 NH=nohup; command -v nohup >/dev/null 2>&1 || NH=
 if {same}; then
-  _waitpid
+{resume}  _waitpid
   _pgid pid
   if [ -n "$v" ]; then printf '%s\\nexisting %s\\n' "$M" "$v"; exit 0; fi
 fi
@@ -285,16 +392,7 @@ done
 mkdir out || _fail "cannot create out/"
 printf '%s' "$BK" > boot_key || _fail "cannot write boot_key"
 printf '%s\\n' "$A" > attempt.tmp && mv -f attempt.tmp attempt || _fail "cannot write attempt"
-{write_run}setsid $NH sh -c "$W" vastd-job "$C" > {LOG_NAME} 2>&1 < /dev/null &
-# $! is the session (= process group) id: setsid does not fork outside job control.
-# The group exists only once the child has called setsid: wait for that (usually at once),
-# or a status check right after could find no group and call the job vanished.
-v=$!
-n=0
-while ! kill -0 -"$v" 2>/dev/null && [ ! -f exit_code ] && [ $n -lt 200 ]; do _tick 0.01; n=$((n+1)); done
-[ -s pid ] || {{ printf '%s\\n' "$v" > pid.start.tmp && mv -f pid.start.tmp pid; }}
-printf '%s\\nstarted %s\\n' "$M" "$v"
-"""
+{write_run}{launch}"""
 
 
 def marker_lines(stdout: str) -> list[str] | None:
@@ -320,6 +418,7 @@ async def upload_job_file(
 
 
 _START_LINE = re.compile(r"^(started|existing) ([0-9]+)$")
+_STAGED_LINE = "staged"
 
 
 async def start_job_process(
@@ -330,13 +429,17 @@ async def start_job_process(
     *,
     timeout_s: float,
     run_id: str | None = None,
+    after: StagedAfter | None = None,
 ) -> ProcessInfo:
-    """Start `command` detached (idempotent per run); JobExecutionError if it cannot."""
-    script = build_start_script(paths, command, attempt, run_id)
+    """Start `command` detached (idempotent per run), or stage it `after` a run on the
+    same slot (`staged` in the answer); JobExecutionError if it cannot."""
+    script = build_start_script(paths, command, attempt, run_id, after=after)
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
     lines = marker_lines(result.stdout)
     if lines:
         first = lines[0].strip()
+        if first == _STAGED_LINE and after is not None:
+            return ProcessInfo(pid=0, pgid=0, started=False, staged=True)
         match = _START_LINE.match(first)
         if match:
             pid = int(match.group(2))
@@ -361,9 +464,11 @@ async def execute_job_on_instance(
     timeout_s: float,
     run_id: str | None = None,
     gpus: Sequence[int] = (),
+    after: StagedAfter | None = None,
 ) -> ProcessInfo:
     """Upload the job's CSV and start its command (run `run_id`); the seed's composite.
-    `gpus`: the GPU indices the run was given, as CUDA_VISIBLE_DEVICES and `{gpus}`."""
+    `gpus`: the GPU indices the run was given, as CUDA_VISIBLE_DEVICES and `{gpus}`.
+    `after`: stage it behind that run of the same slot (`[job] stage_ahead`)."""
     paths = remote_job_paths(remote_root, instance_id, job_id)
     command = generate_job_command(
         command_template, paths=paths, job_id=job_id, vars=vars, gpus=gpus
@@ -371,5 +476,54 @@ async def execute_job_on_instance(
     command = with_gpu_env(command, gpus)
     await upload_job_file(conn, local_csv, paths, timeout_s=timeout_s)
     return await start_job_process(
-        conn, paths, command, attempt, timeout_s=timeout_s, run_id=run_id
+        conn, paths, command, attempt, timeout_s=timeout_s, run_id=run_id, after=after
     )
+
+
+_WITHDRAW_LINE = re.compile(r"^W ([0-9]+) (withdrawn|started|gone|other)$")
+
+
+def build_withdraw_script(entries: Sequence[tuple[RemoteJobPaths, str | None]]) -> str:
+    """Withdraw staged runs, in the order given (the caller lists a slot's later runs
+    first). Prints `W <index> withdrawn|started|gone|other` per entry: `started` when
+    the run was claimed first (it runs), `other` when the folder holds another run."""
+    lines = ["M=__VASTD_BEGIN__", 'printf "%s\\n" "$M"']
+    for index, (paths, run_id) in enumerate(entries):
+        if run_id is not None and not _RUN_ID.match(run_id):
+            raise ValueError(f"run id {run_id!r} must be hex digits")
+        d = shlex.quote(paths.job_dir)
+        run_check = (
+            f'elif r=; read -r r 2>/dev/null < {d}/run; [ "$r" != {run_id} ]; then w=other\n'
+            if run_id is not None
+            else ""
+        )
+        lines.append(
+            f"if [ ! -d {d} ]; then w=gone\n"
+            f"{run_check}"
+            f"elif mv {d}/staged {d}/withdrawn 2>/dev/null || [ -f {d}/withdrawn ]; then w=withdrawn\n"
+            "else w=started\n"
+            "fi\n"
+            f'printf "W {index} %s\\n" "$w"'
+        )
+    return "\n".join(lines) + "\n"
+
+
+async def withdraw_staged_runs(
+    conn: RemoteRunner,
+    entries: Sequence[tuple[str, RemoteJobPaths, str | None]],
+    *,
+    timeout_s: float,
+) -> dict[str, str]:
+    """Withdraw staged runs that have not started (one round trip); by job id:
+    `withdrawn` (it will never start), `started` (it had been claimed: it runs),
+    `gone` (no folder) or `other` (another run's folder). Absent: no answer for it."""
+    if not entries:
+        return {}
+    script = build_withdraw_script([(paths, run) for _job, paths, run in entries])
+    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
+    answers: dict[str, str] = {}
+    for line in marker_lines(result.stdout) or []:
+        match = _WITHDRAW_LINE.match(line.strip())
+        if match and int(match.group(1)) < len(entries):
+            answers[entries[int(match.group(1))][0]] = match.group(2)
+    return answers

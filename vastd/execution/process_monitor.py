@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from vastd.execution.job_runner import (
+    KICK_NEXT,
     SH_HELPERS,
     RemoteJobPaths,
     RemoteRunner,
@@ -63,6 +64,9 @@ class RemoteJobStatus:
     attempt: int | None = None
     timed_out: bool = False
     run: str | None = None  # the run id the folder holds
+    # a staged run ([job] stage_ahead): "staged" while it waits, "withdrawn" once vastd
+    # took it back; None once it was claimed (started) or for a run started directly
+    stage: str | None = None
     progress_rows: int | None = None  # group 1 of the last log line matching the progress regex
 
 
@@ -104,10 +108,11 @@ if [ -d "$d" ]; then
   ls=
   if [ -e "$d/timed_out" ]; then to=1; else to=0; fi
   r=; read -r r 2>/dev/null < "$d/run"; case $r in ''|*[!0-9a-f]*) r=- ;; esac
-  printf 'J {index} 1 %s %s %s %s %s %s %s %s %s\\n' "${{p:--}}" "$al" "$e" "$s" "$en" \\
-    "${{ls:--}}" "$at" "$to" "$r"
+  q=-; [ -f "$d/staged" ] && q=s; [ -f "$d/withdrawn" ] && q=w
+  printf 'J {index} 1 %s %s %s %s %s %s %s %s %s %s\\n' "${{p:--}}" "$al" "$e" "$s" "$en" \\
+    "${{ls:--}}" "$at" "$to" "$r" "$q"
 {_progress_report(index) if progress else ""}else
-  printf 'J {index} 0 - 0 - - - - - 0 -\\n'
+  printf 'J {index} 0 - 0 - - - - - 0 - -\\n'
 fi
 """
 
@@ -131,8 +136,9 @@ def build_status_script(
         whole = math.ceil(wait_s)
         checks = " && ".join(f'_r "$d{i}" "$p{i}"' for i in range(len(entries)))
         lines.append(
-            '_r() { [ -d "$1" ] && [ ! -f "$1/exit_code" ] && [ -n "$2" ] '
-            '&& kill -0 -"$2" 2>/dev/null && _live_member "$2"; }'
+            # a staged run waiting for its turn counts as running; its start ends the wait
+            '_r() { [ -d "$1" ] && [ ! -f "$1/exit_code" ] && { [ -z "$2" ] && [ -f "$1/staged" ] '
+            '|| { [ -n "$2" ] && kill -0 -"$2" 2>/dev/null && _live_member "$2"; }; }; }'
         )
         lines.append(f'if [ "$FRAC" = 1 ]; then n={ticks}; else n={whole}; fi')
         lines.append(f"t=0; while [ $t -lt $n ] && {checks}; do _tick {_TICK_S}; t=$((t+1)); done")
@@ -142,7 +148,8 @@ def build_status_script(
 
 
 _STATUS_LINE = re.compile(
-    r"^J ([0-9]+) ([01]) (-|[0-9]+) ([01]) (\S+) (\S+) (\S+) (-|[0-9]+) (\S+) ([01]) (-|[0-9a-f]+)$"
+    r"^J ([0-9]+) ([01]) (-|[0-9]+) ([01]) (\S+) (\S+) (\S+) (-|[0-9]+) (\S+) ([01]) (-|[0-9a-f]+)"
+    r"(?: ([-sw]))?$"
 )
 _NUMBER = re.compile(r"^[+-]?[0-9]{1,18}$")
 
@@ -231,6 +238,7 @@ def parse_status_output(
             attempt=_number(match.group(9)),
             timed_out=match.group(10) == "1",
             run=None if match.group(11) == "-" else match.group(11),
+            stage={"s": "staged", "w": "withdrawn"}.get(match.group(12) or "-"),
             progress_rows=(
                 progress_rows(tails[index], progress)
                 if progress is not None and index in tails
@@ -295,6 +303,8 @@ if _alive "$D" "$p"; then
 fi
 if _alive "$D" "$p"; then still=1; else still=0; fi
 {record}
+# the run staged behind this one starts now (the wrapper that would have started it is gone)
+if [ "$still" = 0 ] && [ -d "$D" ]; then (cd "$D" && {KICK_NEXT}); fi
 printf '%s\\nkilled %s %s %s\\n' "$M" "$was" "$still" "$w"
 """
 

@@ -643,6 +643,10 @@ async def cleanup_remote_job(
         )
     script = (
         f"{SH_HELPERS}\n{guard}"
+        # a staged run is withdrawn first (it can no longer start); one claimed a moment
+        # ago gets its pid written before its group is looked for
+        f"mv {d}/staged {d}/withdrawn 2>/dev/null || "
+        f"{{ n=0; while [ -f {d}/go ] && [ ! -s {d}/pid ] && [ $n -lt 40 ]; do _tick 0.05; n=$((n+1)); done; }}\n"
         f'_pgid {d}/pid; if [ -n "$v" ] && _alive {d} "$v"; then kill -KILL -"$v" 2>/dev/null; fi\n'
         f"rm -rf -- {d}\n"
     )

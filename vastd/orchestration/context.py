@@ -132,6 +132,8 @@ class Context:
     repeats: RepeatedFailures = field(default_factory=RepeatedFailures)
     # instances with fewer GPUs than `[job] gpus_per_job` (no slot): logged once each
     gpu_shortfalls: set[str] = field(default_factory=set)
+    # staged runs whose run before has ended without starting them: since when (monotonic)
+    staged_waiting: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.watch_wait_s < 0:

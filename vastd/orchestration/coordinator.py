@@ -20,7 +20,12 @@ from vastd.core import gpus
 from vastd.core import state as st
 from vastd.core.jobs import get_job_arguments
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState
-from vastd.execution.job_runner import execute_job_on_instance, remote_job_paths
+from vastd.execution.job_runner import (
+    StagedAfter,
+    execute_job_on_instance,
+    remote_job_paths,
+    withdraw_staged_runs,
+)
 from vastd.execution.process_monitor import (
     CompletionStatus,
     RemoteJobStatus,
@@ -65,7 +70,7 @@ def find_best_instance_for_job(
         i
         for i in st.get_idle_instances(ctx.store, lambda i: instance_slots(ctx, i))
         if i.id not in orphaned
-        and len(i.current_jobs) + load[i.id] < instance_slots(ctx, i)
+        and st.slot_load(ctx.store, i) + load[i.id] < instance_slots(ctx, i)
         and market.fits_before_end(ctx, i)
         and (not gpus.per_gpu(ctx.settings.job) or free_gpus(ctx, i) is not None)
     ]
@@ -124,7 +129,7 @@ async def coordinate_job_distribution(ctx: Context) -> int:
     """Give every waiting job a free instance; save; then start them. Returns the count."""
     assigned: list[tuple[str, str, str | None]] = []
     free = sum(
-        instance_slots(ctx, i) - len(i.current_jobs)
+        instance_slots(ctx, i) - st.slot_load(ctx.store, i)
         for i in st.get_idle_instances(ctx.store, lambda i: instance_slots(ctx, i))
     )
     # Only the head of the queue can be placed this round (a few more for jobs that
@@ -160,6 +165,8 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             **({"gpus": gpus.gpu_list(job.gpus)} if job.gpus else {}),
         )
         assigned.append((job.id, inst.id, job.run_id))
+    if ctx.settings.job.stage_ahead:
+        assigned += await stage_jobs(ctx)
     if not assigned:
         return 0
     # Write-ahead: the assignment and its run id are on disk before anything is uploaded.
@@ -192,6 +199,65 @@ async def coordinate_job_distribution(ctx: Context) -> int:
         ctx.spawn(dispatch_job(ctx, job_id, instance_id, run_id), name=f"dispatch:{job_id}")
         started += 1
     return started
+
+
+def staging_slots(ctx: Context) -> list[tuple[InstanceRecord, JobRecord]]:
+    """Where a job may be staged now (`[job] stage_ahead`): for each slot of a ready
+    instance holding fewer than stage_ahead staged runs, the last run of the slot,
+    once its own start (or staging) is confirmed."""
+    ahead = ctx.settings.job.stage_ahead
+    slots: list[tuple[InstanceRecord, JobRecord]] = []
+    for inst in ctx.store.instances.values():
+        if inst.status is not InstanceStatus.READY or not inst.current_jobs:
+            continue
+        if not market.fits_before_end(ctx, inst):
+            continue
+        for chain in st.slot_chains(ctx.store, inst):
+            tail = chain[-1]
+            if len(chain) > ahead or in_dispatch(ctx, tail) or tail.kill_reason is not None:
+                continue
+            if (tail.staged and tail.staged_at is None) or (not tail.staged and tail.pgid is None):
+                continue
+            slots.append((inst, tail))
+    return slots
+
+
+async def stage_jobs(ctx: Context) -> list[tuple[str, str, str | None]]:
+    """Give queued jobs that found no free slot a place behind a running one: each is
+    assigned (saved before its upload, as any assignment) to run after that slot's last
+    run, with its GPUs. Returns what was assigned, for the caller's save and start."""
+    slots = staging_slots(ctx)
+    if not slots:
+        return []
+    waiting = st.get_available_jobs(ctx.store, limit=len(slots) + DISPATCH_SLACK)
+    assigned: list[tuple[str, str, str | None]] = []
+    for inst, tail in slots:
+        job = next(
+            (j for j in waiting if j.state is JobState.QUEUED and j.orphan_on(inst.id) is None),
+            None,
+        )
+        if job is None:
+            break
+        waiting.remove(job)
+        try:
+            record = await st.assign_job(ctx.store, job.id, inst.id, after=tail)
+        except FileOperationError as exc:
+            log.warning("job_file_move_failed", job=job.id, error=str(exc))
+            continue
+        if record is None:
+            continue
+        ctx.dispatch.claim(job.id, job.run_id)
+        log.info(
+            "job_dispatched",
+            job=job.id,
+            instance=inst.id,
+            attempt=job.attempts + 1,
+            run=job.run_id,
+            staged_after=tail.id,
+            **({"gpus": gpus.gpu_list(job.gpus)} if job.gpus else {}),
+        )
+        assigned.append((job.id, inst.id, job.run_id))
+    return assigned
 
 
 async def dispatch_job(
@@ -236,6 +302,11 @@ async def _dispatch(ctx: Context, job_id: str, instance_id: str, run_id: str | N
         return
     s = ctx.settings
     job_file = ctx.layout.job_file(st.FOLDER_OF[JobState.RUNNING], job.id)
+    after = (
+        StagedAfter(remote_job_paths(s.remote.root, inst.id, job.after), job.after_run)
+        if job.staged and job.after is not None
+        else None
+    )
     try:
         conn = await instance_connection(ctx, inst)
         proc = await execute_job_on_instance(
@@ -249,6 +320,7 @@ async def _dispatch(ctx: Context, job_id: str, instance_id: str, run_id: str | N
             attempt=job.attempts + 1,
             run_id=run_id,
             gpus=job.gpus,
+            after=after,
             # the upload is part of it: allow 1 MB/s on top of a command's deadline
             timeout_s=s.ssh.command_timeout_s + _size(job_file) / 1e6,
         )
@@ -274,14 +346,23 @@ async def _dispatch(ctx: Context, job_id: str, instance_id: str, run_id: str | N
         # Started after the job moved on (its instance was declared lost or drained).
         _forget_run(ctx, job_id, instance_id, run_id, "started after the job moved on")
         return
-    st.mark_job_started(ctx.store, job_id, run_id=run_id, pgid=proc.pid, new=proc.started)
+    if proc.staged:
+        if st.mark_job_staged(ctx.store, job_id, run_id=run_id):
+            log.info("job_staged", job=job_id, instance=instance_id, run=run_id, after=job.after)
+        ensure_watcher(ctx, instance_id)
+        return
+    staged = st.note_staged_started(ctx.store, job, started_at=None)  # the run before had ended
+    st.mark_job_started(
+        ctx.store, job_id, run_id=run_id, pgid=proc.pid, new=proc.started and not staged
+    )
     log.info(
         "job_started",
         job=job_id,
         instance=instance_id,
         pgid=proc.pid,
-        new=proc.started,
+        new=proc.started or staged,
         run=run_id,
+        **({"staged": True} if staged else {}),
     )
     ensure_watcher(ctx, instance_id)
 
@@ -328,6 +409,11 @@ async def watch_instance(ctx: Context, instance_id: str) -> None:
             continue
         failures = 0
         mark_reachable(ctx, inst)
+        if any(j.staged for j in jobs):
+            try:
+                await withdraw_staged(ctx, inst, jobs)
+            except SSHConnectionError as exc:
+                log.warning("job_withdraw_failed", instance=inst.id, error=str(exc))
         for job in jobs + orphans:
             status = statuses.get(job.id)
             if status is None:
@@ -389,6 +475,9 @@ async def handle_job_status(
 ) -> None:
     if not is_current(job, inst.id, job.run_id) or in_dispatch(ctx, job):
         return  # it changed while the status command ran
+    staged_run = job.staged and status.exists and status.run == job.run_id
+    if staged_run and not _staged_started(ctx, inst, job, status):
+        return
     outcome = detect_job_completion(status)
     never_started = job.pgid is None and status.pid is None and status.exit_code is None
     if outcome is CompletionStatus.MISSING or (
@@ -429,6 +518,80 @@ async def handle_job_status(
         finish_run(ctx, job, exit_code=None, error="exit_code file holds garbage")
     elif outcome is CompletionStatus.VANISHED:
         finish_run(ctx, job, exit_code=None, error="process gone without an exit code")
+
+
+STAGED_KICK_S = 2.0  # the run before ended this long ago and the staged one still waits
+
+
+def _staged_started(
+    ctx: Context, inst: InstanceRecord, job: JobRecord, status: RemoteJobStatus
+) -> bool:
+    """A staged run's status: True once it has started (it is a running job from now),
+    False while it waits. A withdrawn one goes back to the queue. One whose run before
+    has ended without starting it (killed, or gone with its instance's reboot) is
+    started by vastd, through its idempotent staging."""
+    if status.stage == "withdrawn":
+        ctx.staged_waiting.pop(job.id, None)
+        requeue(ctx, job, reason=job.kill_reason or "its staged run was withdrawn")
+        return False
+    if status.pid is not None or status.exit_code is not None or status.started_at is not None:
+        ctx.staged_waiting.pop(job.id, None)
+        if st.note_staged_started(ctx.store, job, started_at=status.started_at):
+            log.info("job_started", job=job.id, instance=inst.id, run=job.run_id, staged=True)
+        return True
+    if status.stage != "staged" or job.kill_reason is not None:
+        return False  # being claimed right now, or its withdrawal is under way
+    before = ctx.store.jobs.get(job.after or "")
+    if before is not None and is_current(before, inst.id, job.after_run):
+        ctx.staged_waiting.pop(job.id, None)
+        return False  # the run before it still runs
+    now = time.monotonic()
+    first = ctx.staged_waiting.setdefault(job.id, now)
+    if now - first >= STAGED_KICK_S:
+        ctx.staged_waiting.pop(job.id, None)
+        log.info("job_staged_kicked", job=job.id, instance=inst.id, run=job.run_id)
+        ctx.dispatch.claim(job.id, job.run_id)
+        ctx.spawn(redispatch(ctx, job.id, inst.id, job.run_id), name=f"dispatch:{job.id}")
+    return False
+
+
+async def withdraw_staged(ctx: Context, inst: InstanceRecord, jobs: list[JobRecord]) -> int:
+    """Withdraw the instance's staged runs that must not start here: those asked to
+    (`kill_reason`: the run staged before them was cancelled) and, on a draining
+    instance, all of them. Later runs of a slot go first. A withdrawn run is queued
+    again (not an attempt); one that had started already runs on. Returns how many."""
+    draining = inst.status is InstanceStatus.DRAINING
+    order: list[JobRecord] = []
+    for chain in st.slot_chains(ctx.store, inst):
+        order.extend(
+            j
+            for j in reversed(chain)
+            if j in jobs and j.staged and j.staged_at is not None and (draining or j.kill_reason)
+        )
+    if not order:
+        return 0
+    conn = await instance_connection(ctx, inst)
+    root = ctx.settings.remote.root
+    answers = await withdraw_staged_runs(
+        conn,
+        [(j.id, remote_job_paths(root, inst.id, j.id), j.run_id) for j in order],
+        timeout_s=ctx.settings.ssh.command_timeout_s,
+    )
+    withdrawn = 0
+    for job in order:
+        answer = answers.get(job.id)
+        if answer is None or not is_current(job, inst.id, job.run_id):
+            continue
+        if answer == "started":
+            st.keep_staged_run(ctx.store, job)  # seen started by the next status check
+            continue
+        reason = job.kill_reason or f"withdrawn: instance {inst.id} is draining"
+        if requeue(ctx, job, reason=reason):
+            log.info("job_withdrawn", job=job.id, instance=inst.id, reason=reason)
+            withdrawn += 1
+    if withdrawn:
+        ctx.wake_dispatch()
+    return withdrawn
 
 
 def finish_run(ctx: Context, job: JobRecord, *, exit_code: int | None, error: str | None) -> None:

@@ -157,6 +157,9 @@ class JobSettings(_Section):
     # `gpus_per_job` of them as CUDA_VISIBLE_DEVICES and {gpus}
     jobs_per_instance: int | Literal["gpus"] = 1
     gpus_per_job: int = Field(default=1, ge=1)
+    # jobs uploaded to each slot ahead of its running one: the instance itself starts the
+    # next the moment the running one exits, whether or not vastd is connected; 0 = off
+    stage_ahead: int = Field(default=0, ge=0, le=8)
     # a running job whose GPUs all stay at 0% utilisation (nvidia-smi, health check) this
     # long is flagged `gpu_idle` (not killed); 0 = off
     gpu_idle_s: float = Field(default=0.0, ge=0)

@@ -1,0 +1,342 @@
+"""Staged jobs (`[job] stage_ahead`): the next run of a slot waits on the instance and is
+started there the moment the running one exits, by the instance itself.
+
+The scripts against a real /bin/sh (LocalRunner), the daemon's own steps over the
+simulator (SimEnv), and `vastd run` as a process that is SIGSTOPped mid-campaign.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.ctxfactory import GATE, SimEnv, async_wait_for, pump
+from tests.localrunner import LocalRunner, kill_leftover_jobs
+from tests.test_daemon_process import DaemonProcess, submit, write_config
+from vastd.core import state as st
+from vastd.core.state import JobState
+from vastd.execution.job_runner import (
+    ProcessInfo,
+    RemoteJobPaths,
+    StagedAfter,
+    execute_job_on_instance,
+    remote_job_paths,
+    withdraw_staged_runs,
+)
+from vastd.execution.process_monitor import handle_job_timeout, monitor_job_execution
+from vastd.orchestration.context import Context
+from vastd.orchestration.control import ControlServer
+from vastd.sim.cluster import SimCluster, load_make_jobs
+from vastd.utils.config import Settings
+
+# Each run appends its job's name to its instance's ran.log (a second start of a job
+# would show as a second line) and writes sub-second start and end times.
+STAMPED = (
+    "echo {job} >> ../../ran.log; date +%s.%N > {output_dir}/t_start; "
+    "sleep {secs}; date +%s.%N > {output_dir}/t_end"
+)
+
+
+# --- the scripts, on this machine's /bin/sh ----------------------------------------------------
+@pytest.fixture
+async def runner(tmp_path: Path) -> AsyncIterator[LocalRunner]:
+    home = tmp_path / "home"
+    home.mkdir()
+    yield LocalRunner(cwd=home)
+    kill_leftover_jobs(tmp_path)
+
+
+class Slot:
+    """Runs on one 'instance' folder of this machine."""
+
+    def __init__(self, runner: LocalRunner, tmp_path: Path) -> None:
+        self.runner = runner
+        self.root = tmp_path / "remote"
+        self.root.mkdir()
+        self.csv = tmp_path / "job.csv"
+        self.csv.write_text("a\n1\n")
+
+    def paths(self, job: str) -> RemoteJobPaths:
+        return remote_job_paths(str(self.root), "1", job)
+
+    async def start(
+        self, job: str, run: str, secs: float, after: tuple[str, str] | None = None
+    ) -> ProcessInfo:
+        staged = StagedAfter(self.paths(after[0]), after[1]) if after else None
+        return await execute_job_on_instance(
+            self.runner,
+            remote_root=str(self.root),
+            instance_id="1",
+            job_id=job,
+            local_csv=self.csv,
+            command_template=STAMPED,
+            vars={"secs": str(secs)},
+            attempt=1,
+            timeout_s=20,
+            run_id=run,
+            after=staged,
+        )
+
+    def stamp(self, job: str, name: str) -> float | None:
+        path = self.root / "1" / "jobs" / job / "out" / name
+        return float(path.read_text()) if path.is_file() else None
+
+    def ran(self) -> list[str]:
+        path = self.root / "1" / "ran.log"
+        return path.read_text().split() if path.is_file() else []
+
+
+async def until(predicate: Callable[[], object], timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_staged_run_starts_when_the_one_before_exits(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    """B staged behind A, C behind B: each starts only after the one before ended,
+    without anyone asking (the wrapper starts it); staging again is a no-op."""
+    slot = Slot(runner, tmp_path)
+    a = await slot.start("A", "aa", 0.6)
+    assert a.started and not a.staged
+    b = await slot.start("B", "bb", 0.3, after=("A", "aa"))
+    c = await slot.start("C", "cc", 0.1, after=("B", "bb"))
+    assert b.staged and c.staged and b.pid == 0
+    again = await slot.start("B", "bb", 0.3, after=("A", "aa"))
+    assert again.staged
+    status = await monitor_job_execution(runner, [("B", slot.paths("B"))], timeout_s=10)
+    assert status["B"].stage == "staged" and status["B"].pid is None
+    await until(lambda: slot.stamp("C", "t_end") is not None)
+    a_end, b_start = slot.stamp("A", "t_end"), slot.stamp("B", "t_start")
+    b_end, c_start = slot.stamp("B", "t_end"), slot.stamp("C", "t_start")
+    assert a_end is not None and b_start is not None and b_start >= a_end
+    assert b_end is not None and c_start is not None and c_start >= b_end
+    assert slot.ran() == ["A", "B", "C"]
+    status = await monitor_job_execution(runner, [("B", slot.paths("B"))], timeout_s=10)
+    assert status["B"].exit_code == 0 and status["B"].stage is None
+
+
+async def test_a_withdrawn_run_never_starts(runner: LocalRunner, tmp_path: Path) -> None:
+    slot = Slot(runner, tmp_path)
+    await slot.start("A", "aa", 0.4)
+    await slot.start("B", "bb", 0.1, after=("A", "aa"))
+    answers = await withdraw_staged_runs(
+        runner,
+        [("B", slot.paths("B"), "bb"), ("A", slot.paths("A"), "aa"), ("X", slot.paths("X"), None)],
+        timeout_s=10,
+    )
+    assert answers == {"B": "withdrawn", "A": "started", "X": "gone"}
+    await until(lambda: slot.stamp("A", "t_end") is not None)
+    await asyncio.sleep(0.5)
+    assert slot.ran() == ["A"]
+    status = await monitor_job_execution(runner, [("B", slot.paths("B"))], timeout_s=10)
+    assert status["B"].stage == "withdrawn" and status["B"].pid is None
+    # staging it again (a restart that lost the withdrawal's record) stages it anew
+    again = await slot.start("B", "bb", 0.1, after=("A", "aa"))
+    assert not again.staged and again.started  # A has ended: it starts at once
+    await until(lambda: slot.stamp("B", "t_end") is not None)
+    assert slot.ran() == ["A", "B"]
+
+
+async def test_killing_the_run_before_starts_the_staged_one(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    """A timeout kills the whole group of A, its wrapper too: the kill starts B."""
+    slot = Slot(runner, tmp_path)
+    await slot.start("A", "aa", 30)
+    await slot.start("B", "bb", 0.1, after=("A", "aa"))
+    outcome = await handle_job_timeout(runner, slot.paths("A"), grace_s=0.2, timeout_s=10)
+    assert outcome.was_alive and not outcome.still_alive
+    await until(lambda: slot.stamp("B", "t_end") is not None)
+    assert slot.ran() == ["A", "B"]
+
+
+async def test_staging_behind_a_run_that_already_ended_starts_at_once(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    slot = Slot(runner, tmp_path)
+    await slot.start("A", "aa", 0)
+    await until(lambda: slot.stamp("A", "t_end") is not None)
+    await asyncio.sleep(0.2)
+    b = await slot.start("B", "bb", 0, after=("A", "aa"))
+    assert b.started and not b.staged and b.pid > 1
+    # and behind a run that is itself still staged, it waits
+    await slot.start("C", "cc", 5)
+    await slot.start("D", "dd", 0, after=("C", "cc"))
+    e = await slot.start("E", "ee", 0, after=("D", "dd"))
+    assert e.staged
+    await withdraw_staged_runs(
+        runner, [("E", slot.paths("E"), "ee"), ("D", slot.paths("D"), "dd")], timeout_s=10
+    )
+    await handle_job_timeout(runner, slot.paths("C"), grace_s=0.1, timeout_s=10)
+    await asyncio.sleep(0.5)
+    assert slot.ran() == ["A", "B", "C"]
+
+
+# --- the daemon's steps over the simulator ----------------------------------------------------
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[SimEnv]:
+    async with SimEnv(tmp_path) as e:
+        yield e
+
+
+def staged_settings(env: SimEnv, ahead: int = 1) -> Settings:
+    return env.settings(
+        job={
+            "command": f"{GATE}; " + STAMPED,
+            "vars": {"secs": "0"},
+            "result_glob": "out/t_*",
+            "validate": "none",
+            "stage_ahead": ahead,
+        }
+    )
+
+
+def ran_on(env: SimEnv, iid: str) -> list[str]:
+    path = env.sim.remote_root / iid / "ran.log"
+    return path.read_text().split() if path.is_file() else []
+
+
+async def staged_world(env: SimEnv, jobs: int = 3) -> tuple[Context, str, list[str]]:
+    """One instance, stage_ahead = 1, gated jobs: the first runs, the second is staged."""
+    await env.start(instances=1)
+    ctx = env.context(staged_settings(env))
+    [iid] = await env.ready(ctx)
+    ids = await env.submit(ctx, jobs)
+    await pump(
+        ctx,
+        lambda: ctx.store.jobs[ids[1]].staged_at is not None,
+        20,
+        message="second staged",
+    )
+    return ctx, iid, ids
+
+
+async def test_the_daemon_stages_one_job_per_slot_and_the_instance_starts_it(
+    env: SimEnv,
+) -> None:
+    ctx, iid, ids = await staged_world(env)
+    first, second, third = (ctx.store.jobs[j] for j in ids)
+    assert first.state is JobState.RUNNING and not first.staged and first.pgid
+    assert second.state is JobState.RUNNING and second.staged and second.after == first.id
+    assert third.state is JobState.QUEUED  # one staged per slot
+    assert st.slot_load(ctx.store, ctx.store.instances[iid]) == 1
+    # saved before its upload: the snapshot on disk knows where it waits
+    assert await ctx.store.flush()
+    env.open_gate(iid)
+    await pump(ctx, lambda: all(ctx.store.jobs[j].state is JobState.DONE for j in ids), 60)
+    assert sorted(ran_on(env, iid)) == sorted(ids)  # each ran once
+    for j in ids:
+        job = ctx.store.jobs[j]
+        assert (job.runs, job.attempts, job.staged) == (1, 0, False)
+        assert (ctx.layout.results / j / "t_start").is_file()
+
+
+async def test_draining_withdraws_staged_jobs_and_they_run_elsewhere_later(
+    env: SimEnv,
+) -> None:
+    ctx, iid, ids = await staged_world(env)
+    inst = ctx.store.instances[iid]
+    st.drain_instance(ctx.store, inst, st.MANUAL_DRAIN, requeue_jobs=False)
+    await pump(ctx, lambda: ctx.store.jobs[ids[1]].state is JobState.QUEUED, 20)
+    second = ctx.store.jobs[ids[1]]
+    assert second.attempts == 0 and not second.staged and "draining" in (second.last_error or "")
+    assert ctx.store.jobs[ids[0]].state is JobState.RUNNING  # the running one goes on
+    assert st.undrain_instance(ctx.store, inst)
+    env.open_gate(iid)
+    await pump(ctx, lambda: all(ctx.store.jobs[j].state is JobState.DONE for j in ids), 60)
+    assert Counter(ran_on(env, iid)) == Counter(ids)  # the withdrawn one never started
+
+
+async def test_cancelling_a_staged_job_withdraws_it_and_the_one_behind(env: SimEnv) -> None:
+    await env.start(instances=1)
+    ctx = env.context(staged_settings(env, ahead=2))
+    [iid] = await env.ready(ctx)
+    ids = await env.submit(ctx, 3)
+    await pump(ctx, lambda: ctx.store.jobs[ids[2]].staged_at is not None, 20)
+    assert ctx.store.jobs[ids[2]].after == ids[1]
+    control = ControlServer(ctx)
+    [answer] = await control.cancel([ids[1]])
+    assert answer["ok"], answer
+    assert ctx.store.job_state(ids[1]) is JobState.FAILED
+    await pump(ctx, lambda: ctx.store.jobs[ids[2]].state is JobState.QUEUED, 20, dispatch=False)
+    env.open_gate(iid)
+    await pump(ctx, lambda: ctx.store.job_state(ids[2]) is JobState.DONE, 60)
+    assert ctx.store.job_state(ids[0]) is JobState.DONE
+    assert ran_on(env, iid) == [ids[0], ids[2]]  # the cancelled one never ran
+
+
+# --- `vastd run`, stopped for a while -----------------------------------------------------------
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[SimCluster]:
+    sim = await SimCluster.start(tmp_path / "sim", instances=2)
+    yield sim
+    await sim.aclose()
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]]]:
+    started: list[DaemonProcess] = []
+
+    async def make(config: Path) -> DaemonProcess:
+        started.append(await DaemonProcess.start(config))
+        return started[-1]
+
+    yield make
+    for daemon in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon.proc.pid, signal.SIGCONT)  # a stopped one could not be killed well
+        await daemon.kill()
+
+
+@pytest.mark.e2e
+async def test_staged_jobs_start_while_the_daemon_is_stopped_and_none_runs_twice(
+    tmp_path: Path,
+    cluster: SimCluster,
+    daemons: Callable[..., Awaitable[DaemonProcess]],
+) -> None:
+    """`vastd run` with stage_ahead = 1 on two instances, jobs of 1 s: the daemon is
+    SIGSTOPped for 4 s mid-run; jobs start on the instances meanwhile (their own start
+    times say so), every job ends done, and each started exactly once."""
+    job = {"command": STAMPED, "vars": {"secs": "1"}, "result_glob": "out/t_*"}
+    job |= {"validate": "none", "stage_ahead": 1, "poll_interval_s": 0.5}
+    config, root = write_config(cluster, tmp_path, job=job)
+    daemon = await daemons(config)
+    await daemon.wait_event("daemon_started")
+    sources = load_make_jobs()(tmp_path / "jobs", 12, 1, 3, prefix="staged_job")
+    await submit(config, sources)
+    await async_wait_for(
+        lambda: len(daemon.events("job_staged")) >= 2,
+        30,
+        message=lambda: f"two staged: {daemon.tail()}",
+    )
+    stopped_at = time.time()
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    await asyncio.sleep(4)
+    resumed_at = time.time()
+    os.kill(daemon.proc.pid, signal.SIGCONT)
+    await async_wait_for(
+        lambda: all((root / "done" / p.name).is_file() for p in sources),
+        90,
+        message=lambda: f"all done: {daemon.tail()}",
+    )
+    assert await daemon.stop() == 0
+    starts = {p.stem: float((root / "results" / p.stem / "t_start").read_text()) for p in sources}
+    during = [j for j, t in starts.items() if stopped_at < t < resumed_at]
+    assert during, starts  # the instances went on while the daemon could not
+    ran: Counter[str] = Counter()
+    for iid in cluster.cloud.instances:
+        log = cluster.remote_root / str(iid) / "ran.log"
+        if log.is_file():
+            ran.update(log.read_text().split())
+    assert ran == Counter(p.stem for p in sources)
