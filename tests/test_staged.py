@@ -36,6 +36,7 @@ from vastd.orchestration.context import Context
 from vastd.orchestration.control import ControlServer
 from vastd.sim.cluster import SimCluster, load_make_jobs
 from vastd.utils.config import Settings
+from vastd.views import JobView, format_jobs, job_row
 
 # Each run appends its job's name to its instance's ran.log (a second start of a job
 # would show as a second line) and writes sub-second start and end times.
@@ -231,6 +232,11 @@ async def test_the_daemon_stages_one_job_per_slot_and_the_instance_starts_it(
     assert second.state is JobState.RUNNING and second.staged and second.after == first.id
     assert third.state is JobState.QUEUED  # one staged per slot
     assert st.slot_load(ctx.store, ctx.store.instances[iid]) == 1
+    rows = {j.id: job_row(JobView.of(j), time.time()) for j in (first, second)}
+    assert rows[second.id]["staged"] and rows[second.id]["started"] is None
+    assert not rows[first.id]["staged"] and "(staged)" in format_jobs(
+        list(rows.values()), True, None
+    )
     # saved before its upload: the snapshot on disk knows where it waits
     assert await ctx.store.flush()
     env.open_gate(iid)

@@ -67,6 +67,7 @@ class JobView:
     gpu_name: str | None = None
     gpus: Sequence[int] = ()  # the GPU indices the run was given (core/gpus.py)
     gpu_idle: bool = False
+    staged: bool = False  # waits on its instance behind the slot's running job
 
     @classmethod
     def of(cls, job: JobRecord) -> JobView:
@@ -112,6 +113,7 @@ _KINDS: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("gpu_name", (str, _NONE)),
     ("gpus", (list, tuple)),
     ("gpu_idle", (bool,)),
+    ("staged", (bool,)),
 )
 
 
@@ -230,7 +232,7 @@ def job_row(job: JobView, now: float) -> dict[str, Any]:
         "attempts": job.attempts,
         "runs": job.runs,
         "rows": job.rows,
-        "started": utc_iso(job.started_at or job.dispatched_at),
+        "started": None if job.staged else utc_iso(job.started_at or job.dispatched_at),
         "duration_s": _duration(job, now),
         "last_error": job.last_error,
         "progress_rows": job.progress_rows,
@@ -238,6 +240,8 @@ def job_row(job: JobView, now: float) -> dict[str, Any]:
         "gpus": list(job.gpus),
         # the GPU idle watch ([job] gpu_idle_s) flagged the running job's GPUs as idle
         "gpu_idle": job.gpu_idle and job.state is JobState.RUNNING,
+        # staged ([job] stage_ahead): uploaded, waiting on its instance for its slot
+        "staged": job.staged and job.state is JobState.RUNNING,
         "refused": False,
     }
 
@@ -257,6 +261,7 @@ def refused_row(ref: Refused) -> dict[str, Any]:
         "progress_at": None,
         "gpus": [],
         "gpu_idle": False,
+        "staged": False,
         "refused": True,
     }
 
@@ -335,7 +340,8 @@ def format_jobs(rows: list[dict[str, Any]], running: bool | None, saved_at: floa
             r["id"],
             r["state"]
             + (" (refused)" if r["refused"] else "")
-            + (" (gpu idle)" if r["gpu_idle"] else ""),
+            + (" (gpu idle)" if r["gpu_idle"] else "")
+            + (" (staged)" if r["staged"] else ""),
             r["instance"] or "-",
             str(r["attempts"]),
             str(r["runs"]),
