@@ -3,7 +3,7 @@
 #   - GNU parallel (the baseline), and rsync, which its --transferfile/--return use
 #   - the OpenSSH client (ssh), which GNU parallel logs in with
 # Idempotent; run as root (`make bench` does it first). Without root it only says so,
-# and bench/bench_parallel.py reports the GNU parallel cells as not measured.
+# and bench/bench_parallel.py stops with a message (exit 1) when the tools are missing.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
