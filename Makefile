@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 PREFIX ?= /opt/vastd
 DESTDIR ?=
 
-.PHONY: venv demo test lint typecheck unit sshd systemd bench bench-scale chaos clean install uninstall
+.PHONY: venv demo test lint typecheck unit sshd systemd bench-tools bench bench-scale chaos clean install uninstall
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,9 +54,14 @@ unit: $(STAMP)
 
 test: lint typecheck sshd systemd unit
 
-bench: $(STAMP)
+# GNU parallel and rsync, the baseline of bench/bench_parallel.py (issue 13).
+bench-tools:
+	bash scripts/ensure-bench-tools.sh
+
+bench: $(STAMP) bench-tools
 	$(BIN)/python bench/run_bench.py
 	$(BIN)/python bench/bench_autoscale.py --jobs 1000 --max-instances 16
+	$(BIN)/python bench/bench_parallel.py
 
 # Issue 9: a campaign at scale through the real daemon on the simulator: JOBS files
 # over INSTANCES instances sharing SSHD SSH servers, dropped BATCH at a time. At about

@@ -234,6 +234,12 @@ class Figures:
     inbox_p99_s: float
     remote_run_p50_s: float
     exit_code: int | None
+    # timed window: first rename into inbox/ .. last job_done (wall clock)
+    window: tuple[float, float] = (math.nan, math.nan)
+    # job -> (instance, remote t_start, remote t_end); for bench_parallel.py's figures
+    job_times: dict[str, tuple[str, float, float]] = field(default_factory=dict, repr=False)
+    # --sigstop-s: the wall-clock window the daemon was stopped in (SIGSTOP .. SIGCONT)
+    stopped: tuple[float, float] | None = None
     stages: list[tuple[str, float, float]] = field(default_factory=list)
     trouble: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -245,7 +251,7 @@ def make_config(cluster: SimCluster, root: Path, args: argparse.Namespace) -> di
         vast={"poll_interval_s": 1.0},
         prepare=[{"name": "nothing to install", "check": "true", "install": "", "timeout_s": 30}],
         job={
-            "command": JOB_COMMAND,
+            "command": getattr(args, "job_command", JOB_COMMAND),
             "result_glob": RESULT_GLOB,
             "min_results": 1,
             "validate": "none",
@@ -256,6 +262,8 @@ def make_config(cluster: SimCluster, root: Path, args: argparse.Namespace) -> di
         },
     )
     data = settings.model_dump(mode="json", by_alias=True)
+    if getattr(args, "stage_ahead", None) is not None:
+        data["job"]["stage_ahead"] = args.stage_ahead  # a key newer trees know
     data["vast"].pop("api_key", None)  # the key goes through the environment
     return data
 
@@ -342,7 +350,18 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
 
         deadline = time.monotonic() + args.deadline_s
         last_report = time.monotonic()
+        stopped: tuple[float, float] | None = None
+        stop_s = getattr(args, "sigstop_s", 0.0)
         while len(log.done_at) + len(log.failed) < n:
+            if stop_s and stopped is None and len(log.done_at) >= n // 3:
+                # Freeze the daemon mid-run (the instances, in this process, go on).
+                proc.send_signal(signal.SIGSTOP)
+                t_stop = time.time()
+                await asyncio.sleep(stop_s)
+                proc.send_signal(signal.SIGCONT)
+                stopped = (t_stop, time.time())
+                deadline += stop_s
+                print(f"  daemon stopped for {stop_s:.0f} s after {len(log.done_at)} done")
             if proc.returncode is not None:
                 raise RuntimeError(f"the daemon exited with {proc.returncode} mid-run")
             left = deadline - time.monotonic()
@@ -403,7 +422,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
             gaps.extend(t_start[b] - t_end[a] for a, b in itertools.pairwise(jobs))
         inbox_lat = [t_start[j] - landed[j] for j in t_start]
         remote_run = [t_end[j] - t_start[j] for j in t_start]
-        wall = max(log.done_at.values(), default=first) - first
+        last = max(log.done_at.values(), default=first)
+        wall = last - first
         cpu = cpu1 - cpu0
         return Figures(
             jobs=n,
@@ -425,6 +445,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
             inbox_p99_s=percentile(inbox_lat, 99),
             remote_run_p50_s=percentile(remote_run, 50),
             exit_code=code,
+            window=(first, last),
+            job_times={j: (log.instance_of.get(j, "?"), t_start[j], t_end[j]) for j in t_start},
+            stopped=stopped,
             stages=stage_breakdown(log.seen),
             failures=[f"{job}: {why}" for job, why in sorted(log.failed.items())],
             trouble={e: log.counts.get(e, 0) for e in TROUBLE_EVENTS if log.counts.get(e)},
@@ -527,6 +550,11 @@ def report(f: Figures, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def figures_json(f: Figures) -> dict[str, Any]:
+    """The figures for --json, less the per-job timestamps."""
+    return {k: v for k, v in f.__dict__.items() if k != "job_times"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=None, help="job files (default 400)")
@@ -579,7 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report(figures, command.strip()))
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"command": command.strip(), "machine": info, **figures.__dict__}, indent=2)
+            json.dumps(
+                {"command": command.strip(), "machine": info, **figures_json(figures)}, indent=2
+            )
             + "\n"
         )
     if figures.done != figures.jobs:
