@@ -346,3 +346,78 @@ async def test_staged_jobs_start_while_the_daemon_is_stopped_and_none_runs_twice
         if log.is_file():
             ran.update(log.read_text().split())
     assert ran == Counter(p.stem for p in sources)
+
+
+async def test_a_staged_run_on_an_instance_vastd_stopped_looking_at_withdraws_itself(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    """Past the lease (vastd's unreachable grace, after which it gives the instance's jobs
+    to others) a staged run does not start: it could run twice."""
+    slot = Slot(runner, tmp_path)
+    await slot.start("A", "aa", 0.3)
+    b = await execute_job_on_instance(
+        runner,
+        remote_root=str(slot.root),
+        instance_id="1",
+        job_id="B",
+        local_csv=slot.csv,
+        command_template=STAMPED,
+        vars={"secs": "0"},
+        attempt=1,
+        timeout_s=20,
+        run_id="bb",
+        after=StagedAfter(slot.paths("A"), "aa"),
+        lease_s=60,
+    )
+    assert b.staged
+    lease = slot.root / "1" / "lease"
+    assert lease.is_file()  # staging touched it
+    old = time.time() - 120
+    os.utime(lease, (old, old))
+    await until(lambda: slot.stamp("A", "t_end") is not None)
+    await asyncio.sleep(0.5)
+    assert slot.ran() == ["A"]
+    status = await monitor_job_execution(runner, [("B", slot.paths("B"))], timeout_s=10)
+    assert status["B"].stage == "withdrawn"
+
+
+async def test_what_a_run_leaves_behind_is_told_to_go_before_the_staged_one_starts(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    slot = Slot(runner, tmp_path)
+    await execute_job_on_instance(
+        runner,
+        remote_root=str(slot.root),
+        instance_id="1",
+        job_id="A",
+        local_csv=slot.csv,
+        command_template="(sleep 30 & echo $! > {output_dir}/child); sleep 0.3",
+        vars={},
+        attempt=1,
+        timeout_s=20,
+        run_id="aa",
+    )
+    await slot.start("B", "bb", 0, after=("A", "aa"))
+    await until(lambda: slot.stamp("B", "t_end") is not None)
+    child = int((slot.root / "1" / "jobs" / "A" / "out" / "child").read_text())
+    await until(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), 5)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+async def test_a_staging_whose_answer_was_lost_is_confirmed_by_the_status_check(
+    env: SimEnv,
+) -> None:
+    ctx, iid, ids = await staged_world(env)
+    second = ctx.store.jobs[ids[1]]
+    second.staged_at = None  # as if the staging's answer never came back
+    await pump(ctx, lambda: second.staged_at is not None, 20, dispatch=False)
+    assert second.staged and second.state is JobState.RUNNING
+    env.open_gate(iid)
+    await pump(ctx, lambda: all(ctx.store.jobs[j].state is JobState.DONE for j in ids), 60)
+    assert Counter(ran_on(env, iid)) == Counter(ids)

@@ -171,6 +171,26 @@ def _release(store: StateStore, job: JobRecord) -> None:
     store.mark_dirty()
 
 
+WITHDRAWN = "withdrawn: "  # the start of a kill_reason asking for a staged run's withdrawal
+
+
+def withdraw_behind(store: StateStore, job: JobRecord, why: str) -> int:
+    """A staged run leaves its slot before it started (cancelled, failed, queued again):
+    the runs staged behind it are to be withdrawn too (by the instance's watcher, then
+    queued again), so that none starts in its place while the slot's job still runs."""
+    inst = store.instances.get(job.instance or "") if job.staged else None
+    if inst is None:
+        return 0
+    marked = 0
+    for chain in slot_chains(store, inst):
+        if job in chain:
+            for later in chain[chain.index(job) + 1 :]:
+                if later.kill_reason is None:
+                    later.kill_reason = f"{WITHDRAWN}{job.id}, staged before it, {why}"
+                    marked += 1
+    return marked
+
+
 def _unstage(job: JobRecord) -> None:
     """No longer a staged run (it left its slot)."""
     if job.staged or job.after is not None:
@@ -394,7 +414,7 @@ def note_staged_started(
 
 def keep_staged_run(store: StateStore, job: JobRecord) -> None:
     """A withdrawal came too late (the staged run had started): it runs, not withdrawn."""
-    if job.kill_reason is not None:
+    if job.kill_reason is not None and job.kill_reason.startswith(WITHDRAWN):
         job.kill_reason = None
         store.mark_dirty()
 
@@ -521,6 +541,7 @@ def requeue_job(
     if not _move(store, job, JobFolder.RUNNING, JobFolder.QUEUED):
         mark_job_failed(store, job_id, reason=f"the job file was removed from running/ ({reason})")
         return job
+    withdraw_behind(store, job, "was queued again")
     # A run was started, or may have been (a start whose answer was lost).
     if job.instance is not None and (job.pgid is not None or job.run_id is not None):
         if orphan:
@@ -591,6 +612,8 @@ def mark_job_failed(
         # The record still says why; the next start puts the file where it says.
         log.error("job_fail_record_failed", job=job_id, error=str(exc))
     _clean_up_run(store, job, f"failed: {reason}")
+    withdraw_behind(store, job, "failed" if reason != CANCELLED else "was cancelled")
+    _unstage(job)
     _release(store, job)
     set_job_state(store, job, J.FAILED)
     job.last_error = reason
@@ -650,14 +673,6 @@ def cancel_job(store: StateStore, job_id: str) -> JobRecord:
     for orphan in job.orphans:
         add_followup(store, instance=orphan.instance, job=job_id, run=orphan.run, reason=CANCELLED)
     job.orphans = []
-    inst = store.instances.get(job.instance or "") if job.staged else None
-    if inst is not None:
-        # The runs staged behind a staged run that is cancelled are withdrawn too (by the
-        # instance's watcher, then queued again): none may start in its place early.
-        for chain in slot_chains(store, inst):
-            if job in chain:
-                for later in chain[chain.index(job) + 1 :]:
-                    later.kill_reason = f"withdrawn: {job_id}, staged before it, was cancelled"
     return mark_job_failed(store, job_id, reason=CANCELLED, exit_code=job.last_exit_code)
 
 

@@ -232,10 +232,13 @@ _bootkey  # sets BK without a subshell
 # folder of the run before it names it in `next`; whoever ends that run (its wrapper,
 # vastd's kill) runs `start.sh` at once. The claim is one rename: a withdrawal
 # (`staged` -> `withdrawn`) and a start can never both succeed.
+# `start.sh` runs in a session of its own: a kill of this run's group (its clean-up)
+# cannot cut it off between its claim and its launch.
 KICK_NEXT = (
     '[ -f next ] && { n=; read -r n < next; [ -n "$n" ] && cd "$n" 2>/dev/null '
-    "&& sh ./start.sh > /dev/null 2>&1; }; true"
+    "&& setsid sh ./start.sh > /dev/null 2>&1; }; true"
 )
+LEASE_NAME = "lease"  # <instance root>/lease: touched by vastd's every status check there
 
 # The wrapper runs detached with the job folder as cwd and the command as $1.
 # (`pid` is written by the start script from $!, which is this wrapper's pid.)
@@ -246,8 +249,10 @@ _WRAPPER = (
     "date +%s > started_at.tmp && mv -f started_at.tmp started_at; "
     'sh -c "$1"; rc=$?; '
     "date +%s > ended_at.tmp && mv -f ended_at.tmp ended_at; "
-    "echo $rc > exit_code.tmp && mv -f exit_code.tmp exit_code; " + KICK_NEXT
-    # a run staged behind this one ([job] stage_ahead) starts now, vastd connected or not
+    "echo $rc > exit_code.tmp && mv -f exit_code.tmp exit_code; "
+    # a run staged behind this one ([job] stage_ahead) starts now, vastd connected or not;
+    # what this run left behind in its group is told to go first (it holds the GPUs)
+    '[ -f next ] && { trap "" TERM; kill -TERM -$$ 2>/dev/null; trap - TERM; }; ' + KICK_NEXT
 )
 
 
@@ -267,12 +272,24 @@ while ! kill -0 -"$v" 2>/dev/null && [ ! -f exit_code ] && [ $n -lt 200 ]; do sl
 """
 
 
-def build_launcher(command: str) -> str:
+def build_launcher(command: str, lease_s: float | None = None) -> str:
     """`start.sh` of a staged run: claim it (`staged` -> `go`; a withdrawn or already
-    claimed run is left alone), then start the wrapper as a direct start does."""
+    claimed run is left alone), then start the wrapper as a direct start does.
+
+    With `lease_s`, a run whose instance vastd has not looked at for that long (the
+    instance's `lease` file is older: vastd may have given its jobs to other instances
+    meanwhile) withdraws itself instead of starting."""
     q = shlex.quote
+    lease = ""
+    if lease_s is not None:
+        lease = (
+            f"l=$(stat -c %Y ../../{LEASE_NAME} 2>/dev/null); t=$(date +%s)\n"
+            f'case $l in ""|*[!0-9]*) l=0 ;; esac\n'
+            f"if [ $((t - l)) -ge {max(1, int(lease_s))} ]; then "
+            "mv staged withdrawn 2>/dev/null; exit 0; fi\n"
+        )
     return (
-        "mv staged go 2>/dev/null || exit 0\n"
+        f"{lease}mv staged go 2>/dev/null || exit 0\n"
         "NH=nohup; command -v nohup >/dev/null 2>&1 || NH=\n"
         f"W={q(_WRAPPER)}\nC={q(command)}\n{_LAUNCH}"
     )
@@ -285,6 +302,7 @@ def build_start_script(
     run_id: str | None = None,
     *,
     after: StagedAfter | None = None,
+    lease_s: float | None = None,
 ) -> str:
     """The idempotent start script; it prints the marker, then `started|existing PID`,
     `staged`, or `error …`.
@@ -335,10 +353,11 @@ _pred_done() {{
   [ -d "$PD" ] || return 0
   r=; read -r r 2>/dev/null < "$PD/run"
   [ -z "$PR" ] || [ "$r" = "$PR" ] || return 0
+  _pgid "$PD/pid"
+  [ -n "$v" ] && _alive "$PD" "$v" && return 1
   [ -f "$PD/exit_code" ] && return 0
   [ -f "$PD/staged" ] || [ -f "$PD/withdrawn" ] && return 1
-  _pgid "$PD/pid"; [ -n "$v" ] || return 1
-  _alive "$PD" "$v" && return 1
+  [ -n "$v" ] || return 1
   return 0
 }}
 _report() {{
@@ -347,20 +366,25 @@ _report() {{
   [ -n "$v" ] && {{ printf '%s\\nstarted %s\\n' "$M" "$v"; exit 0; }}
 }}
 """
-        resume = """  if [ -f staged ]; then
+        resume = f"""  if [ -f staged ]; then
+    : > ../../{LEASE_NAME}
     _link || _fail "cannot link the run before"
     _pred_done && sh ./start.sh > /dev/null 2>&1
     _report
   fi
 """
-        launch = """printf '%s' "$S" > start.sh.tmp && mv -f start.sh.tmp start.sh || _fail "cannot write start.sh"
+        launch = f""": > ../../{LEASE_NAME}
+printf '%s' "$S" > start.sh.tmp && mv -f start.sh.tmp start.sh || _fail "cannot write start.sh"
 : > staged || _fail "cannot write staged"
 _link || _fail "cannot link the run before"
 _pred_done && sh ./start.sh > /dev/null 2>&1
 _report
 _fail "the staged run neither waits nor started"
 """
-    launcher = f"S={q(build_launcher(command))}\n" if after is not None else ""
+    launcher = ""
+    if after is not None:
+        # vastd is connected right now: the instance's lease is fresh
+        launcher = f"S={q(build_launcher(command, lease_s))}\n"
     return f"""{SH_HELPERS}
 D={q(paths.job_dir)}
 IN={q(input_name)}
@@ -430,10 +454,12 @@ async def start_job_process(
     timeout_s: float,
     run_id: str | None = None,
     after: StagedAfter | None = None,
+    lease_s: float | None = None,
 ) -> ProcessInfo:
     """Start `command` detached (idempotent per run), or stage it `after` a run on the
-    same slot (`staged` in the answer); JobExecutionError if it cannot."""
-    script = build_start_script(paths, command, attempt, run_id, after=after)
+    same slot (`staged` in the answer; `lease_s`: see build_launcher); JobExecutionError
+    if it cannot."""
+    script = build_start_script(paths, command, attempt, run_id, after=after, lease_s=lease_s)
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
     lines = marker_lines(result.stdout)
     if lines:
@@ -465,6 +491,7 @@ async def execute_job_on_instance(
     run_id: str | None = None,
     gpus: Sequence[int] = (),
     after: StagedAfter | None = None,
+    lease_s: float | None = None,
 ) -> ProcessInfo:
     """Upload the job's CSV and start its command (run `run_id`); the seed's composite.
     `gpus`: the GPU indices the run was given, as CUDA_VISIBLE_DEVICES and `{gpus}`.
@@ -476,7 +503,14 @@ async def execute_job_on_instance(
     command = with_gpu_env(command, gpus)
     await upload_job_file(conn, local_csv, paths, timeout_s=timeout_s)
     return await start_job_process(
-        conn, paths, command, attempt, timeout_s=timeout_s, run_id=run_id, after=after
+        conn,
+        paths,
+        command,
+        attempt,
+        timeout_s=timeout_s,
+        run_id=run_id,
+        after=after,
+        lease_s=lease_s,
     )
 
 

@@ -118,14 +118,21 @@ fi
 
 
 def build_status_script(
-    entries: list[tuple[str, RemoteJobPaths]], *, wait_s: float = 0, progress: bool = False
+    entries: list[tuple[str, RemoteJobPaths]],
+    *,
+    wait_s: float = 0,
+    progress: bool = False,
+    lease: str | None = None,
 ) -> str:
     """One script reporting every entry; with `wait_s` > 0 it first waits (remote-side, every
     0.2 s) until any entry is no longer running (exit_code written, group gone, folder
     gone) or `wait_s` passes. List only jobs believed running, or it returns at once.
-    With `progress`, each existing entry also reports the tail of its log.txt.
+    With `progress`, each existing entry also reports the tail of its log.txt. With
+    `lease` (a path), that file is touched: staged runs start only while it is fresh.
     """
     lines = [SH_HELPERS]
+    if lease is not None:
+        lines.append(f": > {shlex.quote(lease)} 2>/dev/null")
     for index, (_job_id, paths) in enumerate(entries):
         lines.append(f"d{index}={shlex.quote(paths.job_dir)}")
         lines.append(f'_pgid "$d{index}/pid"; p{index}=$v')
@@ -137,7 +144,7 @@ def build_status_script(
         checks = " && ".join(f'_r "$d{i}" "$p{i}"' for i in range(len(entries)))
         lines.append(
             # a staged run waiting for its turn counts as running; its start ends the wait
-            '_r() { [ -d "$1" ] && [ ! -f "$1/exit_code" ] && { [ -z "$2" ] && [ -f "$1/staged" ] '
+            '_r() { [ -d "$1" ] && [ ! -f "$1/exit_code" ] && { [ -z "$2" ] && { [ -f "$1/staged" ] || [ -f "$1/go" ]; } '
             '|| { [ -n "$2" ] && kill -0 -"$2" 2>/dev/null && _live_member "$2"; }; }; }'
         )
         lines.append(f'if [ "$FRAC" = 1 ]; then n={ticks}; else n={whole}; fi')
@@ -255,12 +262,13 @@ async def monitor_job_execution(
     wait_s: float = 0,
     timeout_s: float,
     progress: re.Pattern[str] | None = None,
+    lease: str | None = None,
 ) -> dict[str, RemoteJobStatus]:
     """Status of every listed job in one round trip (`timeout_s` is on top of `wait_s`);
     with `progress` (the compiled `[job] progress_regex`), the rows each log says are done."""
     if not entries:
         return {}
-    script = build_status_script(entries, wait_s=wait_s, progress=progress is not None)
+    script = build_status_script(entries, wait_s=wait_s, progress=progress is not None, lease=lease)
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s + max(wait_s, 0))
     return parse_status_output(result.stdout, entries, progress=progress)
 

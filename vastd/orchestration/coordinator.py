@@ -21,8 +21,10 @@ from vastd.core import state as st
 from vastd.core.jobs import get_job_arguments
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState
 from vastd.execution.job_runner import (
+    LEASE_NAME,
     StagedAfter,
     execute_job_on_instance,
+    instance_root,
     remote_job_paths,
     withdraw_staged_runs,
 )
@@ -53,6 +55,8 @@ from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.coordinator")
 DISPATCH_SLACK = 64  # queued jobs looked at beyond the free slots, per dispatch round
+# instances that will take jobs soon: no job is staged behind a busy slot meanwhile
+COMING = frozenset({InstanceStatus.BOOTING, InstanceStatus.DISCOVERED, InstanceStatus.PREPARING})
 
 
 # --- placing jobs ------------------------------------------------------------------------------
@@ -207,6 +211,8 @@ def staging_slots(ctx: Context) -> list[tuple[InstanceRecord, JobRecord]]:
     once its own start (or staging) is confirmed."""
     ahead = ctx.settings.job.stage_ahead
     slots: list[tuple[InstanceRecord, JobRecord]] = []
+    if any(i.status in COMING for i in ctx.store.instances.values()):
+        return []  # instances on their way will have free slots: the queue waits for them
     for inst in ctx.store.instances.values():
         if inst.status is not InstanceStatus.READY or not inst.current_jobs:
             continue
@@ -233,7 +239,13 @@ async def stage_jobs(ctx: Context) -> list[tuple[str, str, str | None]]:
     assigned: list[tuple[str, str, str | None]] = []
     for inst, tail in slots:
         job = next(
-            (j for j in waiting if j.state is JobState.QUEUED and j.orphan_on(inst.id) is None),
+            (
+                j
+                for j in waiting
+                if j.state is JobState.QUEUED
+                and j.orphan_on(inst.id) is None
+                and inst.id not in j.avoid_instances
+            ),
             None,
         )
         if job is None:
@@ -321,6 +333,7 @@ async def _dispatch(ctx: Context, job_id: str, instance_id: str, run_id: str | N
             run_id=run_id,
             gpus=job.gpus,
             after=after,
+            lease_s=s.ssh.unreachable_grace_s,
             # the upload is part of it: allow 1 MB/s on top of a command's deadline
             timeout_s=s.ssh.command_timeout_s + _size(job_file) / 1e6,
         )
@@ -450,6 +463,12 @@ async def check_instance_jobs(
         wait_s=wait_s,
         timeout_s=wait_s + ctx.settings.ssh.command_timeout_s,
         progress=_compiled(regex) if regex else None,
+        # staged runs start only while vastd keeps looking (job_runner.build_launcher)
+        lease=(
+            f"{instance_root(ctx.settings.remote.root, inst.id)}/{LEASE_NAME}"
+            if ctx.settings.job.stage_ahead
+            else None
+        ),
     )
 
 
@@ -521,6 +540,7 @@ async def handle_job_status(
 
 
 STAGED_KICK_S = 2.0  # the run before ended this long ago and the staged one still waits
+STAGED_STUCK_S = 10.0  # claimed this long ago and still not launched
 
 
 def _staged_started(
@@ -534,25 +554,40 @@ def _staged_started(
         ctx.staged_waiting.pop(job.id, None)
         requeue(ctx, job, reason=job.kill_reason or "its staged run was withdrawn")
         return False
+    now = time.monotonic()
     if status.pid is not None or status.exit_code is not None or status.started_at is not None:
         ctx.staged_waiting.pop(job.id, None)
+        st.keep_staged_run(ctx.store, job)  # a withdrawal asked for came too late
         if st.note_staged_started(ctx.store, job, started_at=status.started_at):
             log.info("job_started", job=job.id, instance=inst.id, run=job.run_id, staged=True)
         return True
-    if status.stage != "staged" or job.kill_reason is not None:
-        return False  # being claimed right now, or its withdrawal is under way
+    if status.stage is None:
+        # Claimed (`go`) but not launched: being started right now, or its launcher was
+        # cut off (a reboot): after a while it is staged again (idempotent), and started.
+        first = ctx.staged_waiting.setdefault(job.id, now)
+        if now - first >= STAGED_STUCK_S:
+            _kick(ctx, inst, job, "claimed, never launched")
+        return False
+    if job.staged_at is None:
+        st.mark_job_staged(ctx.store, job.id, run_id=job.run_id)  # its answer was lost
+    if job.kill_reason is not None:
+        return False  # its withdrawal is under way
     before = ctx.store.jobs.get(job.after or "")
     if before is not None and is_current(before, inst.id, job.after_run):
         ctx.staged_waiting.pop(job.id, None)
         return False  # the run before it still runs
-    now = time.monotonic()
     first = ctx.staged_waiting.setdefault(job.id, now)
     if now - first >= STAGED_KICK_S:
-        ctx.staged_waiting.pop(job.id, None)
-        log.info("job_staged_kicked", job=job.id, instance=inst.id, run=job.run_id)
-        ctx.dispatch.claim(job.id, job.run_id)
-        ctx.spawn(redispatch(ctx, job.id, inst.id, job.run_id), name=f"dispatch:{job.id}")
+        _kick(ctx, inst, job, "the run before it ended without starting it")
     return False
+
+
+def _kick(ctx: Context, inst: InstanceRecord, job: JobRecord, why: str) -> None:
+    """Start a staged run through its idempotent staging (same run id)."""
+    ctx.staged_waiting.pop(job.id, None)
+    log.info("job_staged_kicked", job=job.id, instance=inst.id, run=job.run_id, why=why)
+    ctx.dispatch.claim(job.id, job.run_id)
+    ctx.spawn(redispatch(ctx, job.id, inst.id, job.run_id), name=f"dispatch:{job.id}")
 
 
 async def withdraw_staged(ctx: Context, inst: InstanceRecord, jobs: list[JobRecord]) -> int:

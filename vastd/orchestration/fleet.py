@@ -102,7 +102,9 @@ def desired_instances(ctx: Context) -> int:
     if spend_exhausted(ctx):
         return 0
     counts = ctx.store.counts()
-    work = counts["queued"] + counts["running"] + counts["collecting"]
+    # a staged job ([job] stage_ahead) waits for a slot it already holds: no instance for it
+    staged = sum(1 for j in ctx.store.jobs_in(st.JobState.RUNNING) if j.staged)
+    work = counts["queued"] + counts["running"] - staged + counts["collecting"]
     return min(ctx.settings.fleet.max_instances, -(-work // slots_per_instance(ctx)))
 
 
