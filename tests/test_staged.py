@@ -88,7 +88,10 @@ class Slot:
 
     def stamp(self, job: str, name: str) -> float | None:
         path = self.root / "1" / "jobs" / job / "out" / name
-        return float(path.read_text()) if path.is_file() else None
+        try:
+            return float(path.read_text())
+        except (OSError, ValueError):  # not there, or being written
+            return None
 
     def ran(self) -> list[str]:
         path = self.root / "1" / "ran.log"
