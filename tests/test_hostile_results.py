@@ -208,15 +208,20 @@ async def test_a_download_under_the_local_disk_floor_waits(
 
     monkeypatch.setattr(result_handler, "_free_bytes", lambda folder: 1_500_000_000)
     with capture_logs() as logs:
-        assert await co.collect_job(ctx, job_id) is False
+        for _ in range(3):  # the retries while the disk stays full: logged once
+            assert await co.collect_job(ctx, job_id) is False
     assert job.state is JobState.COLLECTING and job.attempts == 0
-    [deferred] = [e for e in logs if e["event"] == "collection_deferred"]
-    assert "min_free_disk_gb" in str(deferred["error"])
+    deferred = [e for e in logs if e["event"] == "collection_deferred"]
+    assert [e["log_level"] for e in deferred] == ["warning", "debug", "debug"]
+    assert "min_free_disk_gb" in str(deferred[0]["error"]) and deferred[2]["repeats"] == 3
     assert list(ctx.layout.results.iterdir()) == []
 
     monkeypatch.setattr(result_handler, "_free_bytes", lambda folder: 50_000_000_000)
-    await pump(ctx, lambda: job.state is JobState.DONE)
+    with capture_logs() as logs:
+        await pump(ctx, lambda: job.state is JobState.DONE)
     assert job.attempts == 0 and job.runs == 1
+    [recovered] = [e for e in logs if e["event"] == "collection_recovered"]
+    assert recovered["failures"] == 3
 
 
 async def test_validations_at_once_are_bounded(tmp_path: Path) -> None:

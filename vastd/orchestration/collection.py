@@ -61,6 +61,9 @@ def still_collecting(job: JobRecord, inst: InstanceRecord, run_id: str | None) -
     return job.state is JobState.COLLECTING and job.instance == inst.id and job.run_id == run_id
 
 
+LOCAL_KEY = "collect:local"  # RepeatedFailures key of collections deferred for a local reason
+
+
 async def collect_job(ctx: Context, job_id: str) -> bool:
     """Collect a finished job: results, or an attempt failure. False: try again later.
 
@@ -105,6 +108,10 @@ async def _collect(ctx: Context, job_id: str) -> bool:
                     )
                 return True
             mark_reachable(ctx, inst)
+            for key in (LOCAL_KEY, f"collect:{inst.id}"):
+                ctx.repeats.recovered(
+                    log, "collection_recovered", key, job=job.id, instance=inst.id
+                )
             if still_collecting(job, inst, run_id):
                 complete_job(ctx, job, inst, collected, run_id)
             else:
@@ -117,12 +124,18 @@ async def _collect(ctx: Context, job_id: str) -> bool:
         if not still_collecting(job, inst, run_id):
             return True
     except SSHConnectionError as exc:
-        log.warning("collection_deferred", job=job.id, instance=inst.id, error=str(exc))
+        # retried with back-off: logged once per change (per instance), then at debug
+        ctx.repeats.failed(
+            log, "collection_deferred", f"collect:{inst.id}", str(exc), job=job.id, instance=inst.id
+        )
         mark_unreachable(ctx, inst, exc)
         abandon_if_past_grace(ctx, inst)
         return False
     except FileOperationError as exc:
-        log.warning("collection_deferred", job=job.id, instance=inst.id, error=str(exc))
+        # a local problem (the disk at its floor, read-only): the same for every job
+        ctx.repeats.failed(
+            log, "collection_deferred", LOCAL_KEY, str(exc), job=job.id, instance=inst.id
+        )
         return False
     record_attempt_failure(
         ctx, job, reason=job.last_error or "failed", exit_code=job.last_exit_code, log_tail=tail
