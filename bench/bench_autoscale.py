@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from vastd.core.files import Layout  # noqa: E402
+from vastd.core.history import read_history_records  # noqa: E402
 from vastd.core.ssh import SSHPool  # noqa: E402
 from vastd.core.state import InstanceStatus, JobState, StateStore  # noqa: E402
 from vastd.instances.vast_api import VastClient  # noqa: E402
@@ -149,7 +150,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     run_s: dict[str, float] = {}
     busy_by_instance: dict[str, float] = {}
     last_end: dict[str, float] = {}
-    for job in store.jobs.values():
+    # Finished jobs leave the snapshot for history.jsonl (issue 9): read both.
+    finished = {**read_history_records(store.history_path), **store.jobs}
+    for job in finished.values():
         if job.state is not JobState.DONE:
             continue
         folder = layout.results_dir(job.id)

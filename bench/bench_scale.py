@@ -428,6 +428,8 @@ async def daemon_campaign(args: argparse.Namespace, workdir: Path) -> dict[str, 
         )
         data = settings.model_dump(mode="json", by_alias=True)
         data["vast"].pop("api_key", None)  # through the environment
+        # state_saved is a debug line since aa5694e: the save figures need it.
+        data["log"]["level"] = "debug"
         config = workdir / "config.toml"
         config.write_text(toml_dumps(data))
         t0 = time.perf_counter()
