@@ -171,6 +171,12 @@ def teardown_reason(
             return market.stopped_reason(inst), False
         if api_state(inst.api_status) is ApiState.GONE:
             return f"lost ({inst.api_status})", True
+        if (
+            api_state(inst.api_status) in (ApiState.PENDING, ApiState.RUNNING)
+            and inst.rebid_at is not None
+            and now - inst.rebid_at < fleet.boot_timeout_s
+        ):
+            return None  # re-bid and on its way back (scheduling, loading): not lost for good
         return "lost", booting
     if booting and api_state(inst.api_status) is ApiState.GONE:
         return f"{inst.api_status} while booting", True
