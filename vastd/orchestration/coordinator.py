@@ -14,6 +14,7 @@ import functools
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from vastd.core import gpus
@@ -147,28 +148,8 @@ async def coordinate_job_distribution(ctx: Context) -> int:
                 break  # no room anywhere: later jobs would not find any either
             continue
         wanted = free_gpus(ctx, inst) if gpus.per_gpu(ctx.settings.job) else None
-        try:
-            record = await st.assign_job(ctx.store, job.id, inst.id, wanted or ())
-        except FileOperationError as exc:
-            log.warning("job_file_move_failed", job=job.id, error=str(exc))
-            continue
-        if record is None:
-            if job.state is JobState.FAILED:
-                log.warning(
-                    "job_failed", job=job.id, reason=job.last_error, **job_outcome(ctx, job)
-                )
-            continue  # lost or drained during the move: next round
-        # Claimed before any await: the instance's watcher leaves this run alone.
-        ctx.dispatch.claim(job.id, job.run_id)
-        log.info(
-            "job_dispatched",
-            job=job.id,
-            instance=inst.id,
-            attempt=job.attempts + 1,
-            run=job.run_id,
-            **({"gpus": gpus.gpu_list(job.gpus)} if job.gpus else {}),
-        )
-        assigned.append((job.id, inst.id, job.run_id))
+        if await _assign(ctx, job, inst, wanted or ()):
+            assigned.append((job.id, inst.id, job.run_id))
     if ctx.settings.job.stage_ahead:
         assigned += await stage_jobs(ctx)
     if not assigned:
@@ -251,25 +232,42 @@ async def stage_jobs(ctx: Context) -> list[tuple[str, str, str | None]]:
         if job is None:
             break
         waiting.remove(job)
-        try:
-            record = await st.assign_job(ctx.store, job.id, inst.id, after=tail)
-        except FileOperationError as exc:
-            log.warning("job_file_move_failed", job=job.id, error=str(exc))
-            continue
-        if record is None:
-            continue
-        ctx.dispatch.claim(job.id, job.run_id)
-        log.info(
-            "job_dispatched",
-            job=job.id,
-            instance=inst.id,
-            attempt=job.attempts + 1,
-            run=job.run_id,
-            staged_after=tail.id,
-            **({"gpus": gpus.gpu_list(job.gpus)} if job.gpus else {}),
-        )
-        assigned.append((job.id, inst.id, job.run_id))
+        if await _assign(ctx, job, inst, after=tail):
+            assigned.append((job.id, inst.id, job.run_id))
     return assigned
+
+
+async def _assign(
+    ctx: Context,
+    job: JobRecord,
+    inst: InstanceRecord,
+    wanted: Sequence[int] = (),
+    *,
+    after: JobRecord | None = None,
+) -> bool:
+    """Assign the job to the instance (staged behind `after`, if given) and claim its
+    run; False when it could not be (its file vanished: then it failed, and says so)."""
+    try:
+        record = await st.assign_job(ctx.store, job.id, inst.id, wanted, after=after)
+    except FileOperationError as exc:
+        log.warning("job_file_move_failed", job=job.id, error=str(exc))
+        return False
+    if record is None:
+        if job.state is JobState.FAILED:
+            log.warning("job_failed", job=job.id, reason=job.last_error, **job_outcome(ctx, job))
+        return False  # lost or drained during the move: next round
+    # Claimed before any await: the instance's watcher leaves this run alone.
+    ctx.dispatch.claim(job.id, job.run_id)
+    log.info(
+        "job_dispatched",
+        job=job.id,
+        instance=inst.id,
+        attempt=job.attempts + 1,
+        run=job.run_id,
+        **({"staged_after": after.id} if after is not None else {}),
+        **({"gpus": gpus.gpu_list(job.gpus)} if job.gpus else {}),
+    )
+    return True
 
 
 async def dispatch_job(
