@@ -374,14 +374,58 @@ async def test_a_staged_run_on_an_instance_vastd_stopped_looking_at_withdraws_it
     )
     assert b.staged
     lease = slot.root / "1" / "lease"
-    assert lease.is_file()  # staging touched it
-    old = time.time() - 120
-    os.utime(lease, (old, old))
+    assert lease.is_file()  # staging wrote it
+    assert abs(int(lease.read_text()) - time.time()) < 5  # the instance's clock
+    lease.write_text(f"{int(time.time()) - 120}\n")
     await until(lambda: slot.stamp("A", "t_end") is not None)
     await asyncio.sleep(0.5)
     assert slot.ran() == ["A"]
     status = await monitor_job_execution(runner, [("B", slot.paths("B"))], timeout_s=10)
     assert status["B"].stage == "withdrawn"
+
+
+async def test_the_launcher_takes_the_clock_passed_on_only_when_it_is_a_number(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    """`start.sh` compares the lease with the clock the wrapper before passed on
+    (VASTD_NOW), or reads the clock itself when that is missing or not a number; the job
+    never sees the variable."""
+    slot = Slot(runner, tmp_path)
+    lease = slot.root / "1" / "lease"
+    await slot.start("A", "aa", 30)
+    for job, clock, lease_age, started in (
+        ("B", "junk", 0, True),  # junk: the instance's clock, the lease is fresh
+        ("C", "junk", 120, False),  # ... and here it is old: withdrawn
+        ("D", str(int(time.time()) + 120), 0, False),  # the clock passed on, 2 min ahead
+    ):
+        await execute_job_on_instance(
+            runner,
+            remote_root=str(slot.root),
+            instance_id="1",
+            job_id=job,
+            local_csv=slot.csv,
+            command_template="echo ${{VASTD_NOW-unset}} > {output_dir}/seen",
+            vars={},
+            attempt=1,
+            timeout_s=20,
+            run_id=job.lower() * 2,
+            after=StagedAfter(slot.paths("A"), "aa"),
+            lease_s=60,
+        )
+        lease.write_text(f"{int(time.time()) - lease_age}\n")
+        folder = slot.root / "1" / "jobs" / job
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "./start.sh", cwd=folder, env={**os.environ, "VASTD_NOW": clock}
+        )
+        assert await proc.wait() == 0
+        seen = folder / "out" / "seen"
+        if started:
+            await until(seen.is_file)
+            await until(lambda seen=seen: seen.read_text() != "")
+            assert seen.read_text() == "unset\n"
+        else:
+            await asyncio.sleep(0.3)
+            assert not seen.exists() and (folder / "withdrawn").is_file()
 
 
 async def test_what_a_run_leaves_behind_is_told_to_go_before_the_staged_one_starts(

@@ -234,11 +234,24 @@ _bootkey  # sets BK without a subshell
 # (`staged` -> `withdrawn`) and a start can never both succeed.
 # `start.sh` runs in a session of its own: a kill of this run's group (its clean-up)
 # cannot cut it off between its claim and its launch.
+# $VASTD_NOW, when set, is the instance's clock (`date +%s`) of a moment ago: the wrapper
+# that has just read it for `ended_at` passes it on, and `start.sh` needs no fork of its own.
 KICK_NEXT = (
     '[ -f next ] && { n=; read -r n < next; [ -n "$n" ] && cd "$n" 2>/dev/null '
-    "&& setsid sh ./start.sh > /dev/null 2>&1; }; true"
+    '&& VASTD_NOW="${_vt:-}" setsid sh ./start.sh > /dev/null 2>&1; }; true'
 )
-LEASE_NAME = "lease"  # <instance root>/lease: touched by vastd's every status check there
+# <instance root>/lease holds the instance's clock (`date +%s`) of vastd's last look there:
+# every status check (and staging) writes it, atomically.
+LEASE_NAME = "lease"
+
+
+def renew_lease(path: str) -> str:
+    """Shell lines writing the instance's clock into the lease at `path` (atomically: a
+    staged run reading it halfway would withdraw itself for nothing)."""
+    p = shlex.quote(path)
+    t = shlex.quote(path) + '".$$.tmp"'  # one per writer: two checks may overlap
+    return f"date +%s > {t} 2>/dev/null && mv -f {t} {p} 2>/dev/null"
+
 
 # The wrapper runs detached with the job folder as cwd and the command as $1.
 # (`pid` is written by the start script from $!, which is this wrapper's pid.)
@@ -248,7 +261,8 @@ _WRAPPER = (
     "[ -s pid ] || { echo $$ > pid.w.tmp && mv -f pid.w.tmp pid; }; "
     "date +%s > started_at.tmp && mv -f started_at.tmp started_at; "
     'sh -c "$1"; rc=$?; '
-    "date +%s > ended_at.tmp && mv -f ended_at.tmp ended_at; "
+    # `ended_at` needs no rename: nothing reads it before `exit_code`, written after it
+    "_vt=$(date +%s); echo $_vt > ended_at; "
     "echo $rc > exit_code.tmp && mv -f exit_code.tmp exit_code; "
     # a run staged behind this one ([job] stage_ahead) starts now, vastd connected or not;
     # what this run left behind in its group is told to go first (it holds the GPUs)
@@ -264,8 +278,12 @@ def as_sh_command(script: str) -> str:
 # $! is the session (= process group) id: setsid does not fork outside job control.
 # Launch the wrapper in its own session (cwd = the job folder; $W, $C, $NH set), wait
 # until its group exists (a status check right after must find it), record its pid.
+# The group is there 1-5 ms after the fork: up to 1000 builtin checks (~10 us each)
+# come before any `sleep`, which costs a fork and 10 ms a time.
 _LAUNCH = f"""setsid $NH sh -c "$W" vastd-job "$C" > {LOG_NAME} 2>&1 < /dev/null &
 v=$!
+n=0
+while ! kill -0 -"$v" 2>/dev/null && [ $n -lt 1000 ]; do n=$((n+1)); done
 n=0
 while ! kill -0 -"$v" 2>/dev/null && [ ! -f exit_code ] && [ $n -lt 200 ]; do sleep 0.01 2>/dev/null || break; n=$((n+1)); done
 [ -s pid ] || {{ printf '%s\\n' "$v" > pid.start.tmp && mv -f pid.start.tmp pid; }}
@@ -276,22 +294,29 @@ def build_launcher(command: str, lease_s: float | None = None) -> str:
     """`start.sh` of a staged run: claim it (`staged` -> `go`; a withdrawn or already
     claimed run is left alone), then start the wrapper as a direct start does.
 
-    With `lease_s`, a run whose instance vastd has not looked at for that long (the
-    instance's `lease` file is older: vastd may have given its jobs to other instances
-    meanwhile) withdraws itself instead of starting."""
+    With `lease_s`, a run whose instance vastd has not looked at for that long (the clock
+    in the instance's `lease` file is older: vastd may have given its jobs to other
+    instances meanwhile) withdraws itself instead of starting."""
     q = shlex.quote
     lease = ""
     if lease_s is not None:
+        # no fork when the wrapper before passed its clock (see KICK_NEXT)
         lease = (
-            f"l=$(stat -c %Y ../../{LEASE_NAME} 2>/dev/null); t=$(date +%s)\n"
-            f'case $l in ""|*[!0-9]*) l=0 ;; esac\n'
+            f"l=; read -r l 2>/dev/null < ../../{LEASE_NAME}\n"
+            'case $l in ""|*[!0-9]*) l=0 ;; esac\n'
+            "t=${VASTD_NOW:-}\n"
+            'case $t in ""|*[!0-9]*) t=$(date +%s) ;; esac\n'
             f"if [ $((t - l)) -ge {max(1, int(lease_s))} ]; then "
             "mv staged withdrawn 2>/dev/null; exit 0; fi\n"
         )
+    # A staged run is started by the wrapper before it (already in a session of its own,
+    # no terminal: nothing to `nohup`) or by vastd, which treats a claimed run without a
+    # pid as starting: no wait for the group here. The wrapper writes its pid first thing.
     return (
         f"{lease}mv staged go 2>/dev/null || exit 0\n"
-        "NH=nohup; command -v nohup >/dev/null 2>&1 || NH=\n"
-        f"W={q(_WRAPPER)}\nC={q(command)}\n{_LAUNCH}"
+        "unset VASTD_NOW\n"
+        f"W={q(_WRAPPER)}\nC={q(command)}\n"
+        f'setsid sh -c "$W" vastd-job "$C" > {LOG_NAME} 2>&1 < /dev/null &\n'
     )
 
 
@@ -343,6 +368,7 @@ def build_start_script(
 """
     else:
         pred_run = q(after.run_id) if after.run_id is not None else "''"
+        renew = renew_lease(f"../../{LEASE_NAME}")
         staging = f"""PD={q(after.paths.job_dir)}
 PR={pred_run}
 _link() {{
@@ -367,13 +393,13 @@ _report() {{
 }}
 """
         resume = f"""  if [ -f staged ]; then
-    : > ../../{LEASE_NAME}
+    {renew}
     _link || _fail "cannot link the run before"
     _pred_done && sh ./start.sh > /dev/null 2>&1
     _report
   fi
 """
-        launch = f""": > ../../{LEASE_NAME}
+        launch = f"""{renew}
 printf '%s' "$S" > start.sh.tmp && mv -f start.sh.tmp start.sh || _fail "cannot write start.sh"
 : > staged || _fail "cannot write staged"
 _link || _fail "cannot link the run before"

@@ -40,6 +40,7 @@ from vastd.execution.job_runner import (
     RemoteRunner,
     as_sh_command,
     marker_lines,
+    renew_lease,
 )
 from vastd.utils.exceptions import JobExecutionError
 
@@ -128,11 +129,12 @@ def build_status_script(
     0.2 s) until any entry is no longer running (exit_code written, group gone, folder
     gone) or `wait_s` passes. List only jobs believed running, or it returns at once.
     With `progress`, each existing entry also reports the tail of its log.txt. With
-    `lease` (a path), that file is touched: staged runs start only while it is fresh.
+    `lease` (a path), the instance's clock is written there: staged runs start only while
+    it is fresh.
     """
     lines = [SH_HELPERS]
     if lease is not None:
-        lines.append(f": > {shlex.quote(lease)} 2>/dev/null")
+        lines.append(renew_lease(lease))
     for index, (_job_id, paths) in enumerate(entries):
         lines.append(f"d{index}={shlex.quote(paths.job_dir)}")
         lines.append(f'_pgid "$d{index}/pid"; p{index}=$v')
