@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from functools import cache
 
-try:
-    __version__ = version("vastd")
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+
+@cache
+def _version() -> str:
+    # importlib.metadata costs ~40 ms to import: only what asks for the version pays it
+    # (`vastd status` and the other short commands do not).
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vastd")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0.0.0+unknown"
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        return _version()
+    raise AttributeError(f"module 'vastd' has no attribute {name!r}")
