@@ -108,20 +108,20 @@ async def campaign(root: Path, jobs: int, instances: int, batch: int) -> dict[st
     serialize_s: list[float] = []  # on the event loop
     write_s: list[float] = []  # in a thread: write, fsync, rename, fsync of the folder
     real_save = snapshot_mod.save_state
-    real_serialize = store.serialize
+    real_serialize = store.serialize_parts
 
-    def timed_serialize() -> bytes:
+    def timed_serialize() -> list[bytes]:
         t0 = time.perf_counter()
         data = real_serialize()
         serialize_s.append(time.perf_counter() - t0)
         return data
 
-    def timed_save(data: bytes, path: Path, backup: Path | None = None, **kw: Any) -> None:
+    def timed_save(data: Any, path: Path, backup: Path | None = None, **kw: Any) -> None:
         t0 = time.perf_counter()
         real_save(data, path, backup, **kw)
         write_s.append(time.perf_counter() - t0)
 
-    store.serialize = timed_serialize  # type: ignore[method-assign]
+    store.serialize_parts = timed_serialize  # type: ignore[method-assign]
     snapshot_mod.save_state = timed_save
 
     stop = asyncio.Event()

@@ -338,6 +338,7 @@ async def test_failed_write_keeps_previous_snapshot(
     with monkeypatch.context() as patch:
         if where == "write":
             patch.setattr(state_mod.os, "write", _disk_full)
+            patch.setattr(state_mod.os, "writev", _disk_full)  # a save in pieces
         else:
             patch.setattr(state_mod.os, "replace", failing_replace)
         assert await store.flush() is False

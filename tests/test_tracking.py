@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from vastd.core import state as st
+from vastd.core import tracking
 from vastd.core.files import JobFolder, Layout
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState, StateStore
 from vastd.core.tracking import HELD, RecordTable
@@ -107,10 +108,12 @@ def random_step(store: StateStore, rng: random.Random, names: list[str]) -> None
             st.drop_orphan(store, orphaned, inst)
 
 
+@pytest.mark.parametrize("block", [tracking.BLOCK, 3])  # 3: a dozen jobs span blocks
 @pytest.mark.parametrize("seed", range(6))
 async def test_the_index_and_the_kept_json_agree_with_a_full_scan(
-    tmp_path: Path, seed: int
+    tmp_path: Path, seed: int, block: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(tracking, "BLOCK", block)
     rng = random.Random(seed)
     store = store_at(tmp_path)
     names = [f"job_{n}" for n in range(12)]
@@ -118,7 +121,7 @@ async def test_the_index_and_the_kept_json_agree_with_a_full_scan(
         random_step(store, rng, names)
         if step % 7 == 0:
             assert indexed(store) == scan(store), f"step {step}"
-        if step % 50 == 0:
+        if step % 10 == 0:
             data = store.serialize()
             fresh = json.loads(store.snapshot.model_dump_json())
             assert json.loads(data) == fresh, f"step {step}"
@@ -291,3 +294,57 @@ async def test_a_folder_that_cannot_be_fsynced_fails_the_save_and_is_tried_again
     assert await store.flush()
     assert {"queued", "running"} <= set(seen)
     assert json.loads(store.path.read_text())["jobs"]["a"]["state"] == "running"
+
+
+def test_a_save_joins_again_only_the_block_of_a_changed_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10 jobs in blocks of 4: a change to one job leaves the other blocks' joined bytes
+    as they were (the very same objects), and the pieces make the full dump."""
+    monkeypatch.setattr(tracking, "BLOCK", 4)
+    store = store_at(tmp_path)
+    for n in range(10):
+        accept(store, f"job_{n}")
+    jobs = store.jobs
+    assert isinstance(jobs, RecordTable)
+    before = jobs.body_parts()
+    assert len(before) == 5  # three blocks, two commas
+    st.mark_job_assigned(store, "job_5", "i1")
+    after = jobs.body_parts()
+    assert after[0] is before[0] and after[4] is before[4] and after[2] is not before[2]
+    assert json.loads(b"{" + b"".join(after) + b"}") == json.loads(
+        b"{"
+        + b",".join(
+            b'"%s":%s' % (k.encode(), j.model_dump_json().encode()) for k, j in jobs.items()
+        )
+        + b"}"
+    )
+    # an emptied block goes; a new key goes to the last block, in the table's order
+    for n in (4, 5, 6, 7):
+        del jobs[f"job_{n}"]
+    accept(store, "job_new")
+    parts = jobs.body_parts()
+    assert len(parts) == 3
+    assert list(json.loads(b"{" + b"".join(parts) + b"}")) == list(jobs)
+    assert json.loads(store.serialize()) == json.loads(store.snapshot.model_dump_json())
+
+
+def test_a_snapshot_in_pieces_is_written_whole_whatever_the_writes_take(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_state writes pieces with writev, more of them than one call takes, and
+    carries on after short writes."""
+    from vastd.core import snapshot as snapshot_mod
+
+    pieces = [bytes([65 + n % 26]) * (1 + n % 7) for n in range(3000)]
+    real_writev, calls = snapshot_mod.os.writev, []
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:
+        calls.append(len(buffers))
+        return real_writev(fd, [b"".join(buffers)[:15]])  # a short write: 15 bytes at most
+
+    monkeypatch.setattr(snapshot_mod.os, "writev", short_writev)
+    target = tmp_path / "state.json"
+    snapshot_mod.save_state(pieces, target)
+    assert target.read_bytes() == b"".join(pieces)
+    assert max(calls) == snapshot_mod._IOV_MAX and len(calls) >= len(b"".join(pieces)) // 15

@@ -24,7 +24,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from vastd.core.files import Layout, fsync_directory
@@ -54,6 +54,11 @@ from vastd.utils.logging import get_logger
 # temp names save_state uses (a killed write leaves them; the daemon sweeps them at start)
 SNAPSHOT_TEMP_PATTERNS = (".state.json.tmp-*", "..state.json.tmp-*")
 HISTORY_NAME = "history.jsonl"
+try:  # pieces per writev (Linux takes 1024; POSIX promises 16)
+    _IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+except (ValueError, OSError):
+    _IOV_MAX = 16
+
 log = get_logger("vastd.state")
 
 
@@ -65,14 +70,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes | Sequence[bytes]) -> None:
+    """Write `data` (bytes, or pieces in order) whole, in as few system calls as may be."""
+    pieces = [memoryview(data)] if isinstance(data, bytes) else [memoryview(p) for p in data]
+    pieces = [p for p in pieces if p.nbytes]
+    while pieces:
+        batch = pieces[:_IOV_MAX]
+        written = os.writev(fd, batch) if len(batch) > 1 else os.write(fd, batch[0])
+        done = 0
+        while done < len(batch) and written >= batch[done].nbytes:
+            written -= batch[done].nbytes
+            done += 1
+        if done < len(batch) and written:
+            batch[done] = batch[done][written:]
+        pieces = batch[done:] + pieces[len(batch) :]
+
+
 def save_state(
-    data: bytes,
+    data: bytes | Sequence[bytes],
     file_path: Path,
     backup_path: Path | None = None,
     *,
     folders: Iterable[Path] = (),
 ) -> None:
-    """Write bytes atomically; the file it replaces becomes `backup_path`.
+    """Write bytes (or pieces of them, in order) atomically; the file it replaces
+    becomes `backup_path`.
 
     `folders` (where job files were renamed since the last save) are fsynced first, so
     the files are where the snapshot says before it says so.
@@ -86,10 +108,7 @@ def save_state(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -392,9 +411,10 @@ class StateStore:
     def dirty(self) -> bool:
         return self._dirty_flag
 
-    def serialize(self) -> bytes:
-        """The snapshot as JSON, assembled from the records' kept entries: only records
-        changed since the last save are dumped (the rest is a join of bytes)."""
+    def serialize_parts(self) -> list[bytes]:
+        """The snapshot as JSON, in pieces to be written one after the other (no copy of
+        the whole on the loop), assembled from the records' kept entries: only records
+        changed since the last save are dumped, and only their blocks joined again."""
         self._tables()  # (the index catches up when next asked, not on the save's time)
         snap = self.snapshot
         snap.saved_at = time.time()
@@ -402,15 +422,19 @@ class StateStore:
         jobs, instances = snap.jobs, snap.instances
         assert isinstance(jobs, RecordTable) and isinstance(instances, RecordTable)
         head = snap.model_dump_json(exclude={"jobs", "instances"}).encode()
-        data = b"".join(
-            (head[:-1], b',"jobs":{', jobs.body(), b'},"instances":{', instances.body(), b"}}")
-        )
+        parts = [head[:-1] + b',"jobs":{', *jobs.body_parts(), b'},"instances":{']
+        parts.extend(instances.body_parts())
+        parts.append(b"}}")
         if checking():
             jobs.check()
             instances.check()
-            if json.loads(data) != json.loads(snap.model_dump_json()):
+            if json.loads(b"".join(parts)) != json.loads(snap.model_dump_json()):
                 raise AssertionError("the assembled snapshot differs from a full dump")
-        return data
+        return parts
+
+    def serialize(self) -> bytes:
+        """The snapshot as JSON (`serialize_parts` joined)."""
+        return b"".join(self.serialize_parts())
 
     async def flush(self) -> bool:
         """Write now if anything changed; False (and still dirty) when the write failed."""
@@ -421,7 +445,7 @@ class StateStore:
             self._dirty.clear()
             gen = self._marked_gen
             started = time.perf_counter()
-            data = self.serialize()
+            data = self.serialize_parts()
             serialized = time.perf_counter()
             folders = self._take_unsynced()
             write = asyncio.ensure_future(
@@ -454,7 +478,7 @@ class StateStore:
                 "state_saved",
                 jobs=len(self.snapshot.jobs),
                 instances=len(self.snapshot.instances),
-                bytes=len(data),
+                bytes=sum(map(len, data)),
                 # serialize_ms on the event loop; write_ms in a thread (fsyncs included)
                 serialize_ms=round((serialized - started) * 1000, 3),
                 write_ms=round((ended - serialized) * 1000, 3),

@@ -34,25 +34,54 @@ def checking() -> bool:
     return os.environ.get("VASTD_CHECK_STATE", "") == "1"
 
 
+BLOCK = 256  # entries per block of a table's kept JSON
+
+
 class RecordTable(dict[str, R]):
-    """A dict of records keyed by id that keeps each record's JSON entry `"id":{...}`."""
+    """A dict of records keyed by id that keeps each record's JSON entry `"id":{...}`,
+    and the entries of each block of `BLOCK` keys joined: a save of 10,000 jobs of
+    which a few changed joins a few blocks again and hands the rest over as they are."""
 
     def __init__(
         self, records: Mapping[str, R] = {}, on_change: Callable[[str], None] | None = None
     ) -> None:
         super().__init__()
         # Each key's entry `"id":{...}`, in the table's own order (a key changed keeps its
-        # place, holding None until dumped again): a save walks this dict alone.
+        # place, holding None until dumped again).
         self._json: dict[str, bytes | None] = {}
+        # The same keys cut in blocks, in the same order: a new key goes to the last
+        # block, a removed one leaves its block (an emptied block goes). A block's
+        # joined entries are kept until one of its keys changes.
+        self._block_of: dict[str, int] = {}
+        self._blocks: dict[int, dict[str, None]] = {}
+        self._joined: dict[int, bytes] = {}
+        self._last_block = 0
         self._on_change = on_change
         for key, record in records.items():
             self[key] = record
 
     def _changed(self, key: str) -> None:
+        block = self._block_of.get(key)
         if dict.__contains__(self, key):
             self._json[key] = None
+            if block is None:
+                block = self._last_block
+                keys = self._blocks.get(block)
+                if keys is None or len(keys) >= BLOCK:
+                    block = self._last_block = self._last_block + 1
+                    keys = self._blocks[block] = {}
+                keys[key] = None
+                self._block_of[key] = block
+            self._joined.pop(block, None)
         else:
             self._json.pop(key, None)
+            if block is not None:
+                del self._block_of[key]
+                keys = self._blocks[block]
+                del keys[key]
+                self._joined.pop(block, None)
+                if not keys:
+                    del self._blocks[block]
         if self._on_change is not None:
             self._on_change(key)
 
@@ -114,11 +143,35 @@ class RecordTable(dict[str, R]):
     def _refill(self, key: str) -> bytes:
         return self.entry(key, dict.__getitem__(self, key))
 
+    def body_parts(self) -> list[bytes]:
+        """The entries, comma-separated, as pieces to write one after the other: the JSON
+        object without its braces. Only the records changed since they were last dumped
+        are dumped now, and only their blocks joined again."""
+        parts: list[bytes] = []
+        joined, kept, refill = self._joined, self._json, self._refill
+        for block, keys in self._blocks.items():
+            part = joined.get(block)
+            if part is None:
+                entries = [kept[k] for k in keys]
+                whole = True
+                if None in entries:
+                    entries = [
+                        e if e is not None else refill(k)
+                        for k, e in zip(keys, entries, strict=True)
+                    ]
+                    # a record kept under another key than its id is dumped every time
+                    whole = all(kept[k] is not None for k in keys)
+                part = b",".join(entries)  # type: ignore[arg-type]  # (no None left)
+                if whole:
+                    joined[block] = part
+            if parts:
+                parts.append(b",")
+            parts.append(part)
+        return parts
+
     def body(self) -> bytes:
-        """The entries, comma-separated: the JSON object without its braces. Only the
-        records changed since they were last dumped are dumped now."""
-        refill = self._refill
-        return b",".join([e if e is not None else refill(k) for k, e in self._json.items()])
+        """`body_parts` joined."""
+        return b"".join(self.body_parts())
 
     def dump(self) -> bytes:
         """The table as a JSON object, from the kept entries."""
@@ -132,6 +185,14 @@ class RecordTable(dict[str, R]):
         """Every kept entry equals a fresh dump (VASTD_CHECK_STATE)."""
         if list(self._json) != list(self):
             raise AssertionError("the kept entries are not the table's keys in its order")
+        if [k for keys in self._blocks.values() for k in keys] != list(self) or any(
+            self._block_of[k] != b for b, keys in self._blocks.items() for k in keys
+        ):
+            raise AssertionError("the table's blocks are not its keys in its order")
+        for block, part in self._joined.items():
+            keys = self._blocks[block]
+            if part != b",".join(self.entry(k, self[k]) for k in keys):
+                raise AssertionError(f"block {block} kept stale entries")
         for key, cached in self._json.items():
             fresh = to_json(key) + b":" + self[key].model_dump_json().encode()
             if cached is not None and cached != fresh:
