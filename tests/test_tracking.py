@@ -348,3 +348,44 @@ def test_a_snapshot_in_pieces_is_written_whole_whatever_the_writes_take(
     snapshot_mod.save_state(pieces, target)
     assert target.read_bytes() == b"".join(pieces)
     assert max(calls) == snapshot_mod._IOV_MAX and len(calls) >= len(b"".join(pieces)) // 15
+
+
+def test_a_listing_that_changed_nothing_tells_the_store_of_last_seen_alone(
+    tmp_path: Path,
+) -> None:
+    """Discovery lists every instance each poll: only the fields that changed are
+    assigned, so an unchanged listing re-dumps one field's record, not a dozen notices."""
+    from vastd.instances.provider import ApiState, Endpoint, ProviderInstance
+    from vastd.orchestration.inventory import refresh_record
+
+    store = store_at(tmp_path)
+    inst = store.instances["i1"]
+    info = ProviderInstance(
+        id="i1",
+        label="vastd",
+        state=ApiState.RUNNING,
+        raw_status="running",
+        proxy=Endpoint("ssh4.vast.ai", 1234),
+        direct=None,
+        dph=0.5,
+        machine_id="77",
+        gpu_name="RTX 4090",
+        num_gpus=2,
+        intent=None,
+        end_date=None,
+    )
+    refresh_record(inst, info, 100.0)
+    assert (inst.ssh_host, inst.ssh_port, inst.dph, inst.machine_id) == (
+        "ssh4.vast.ai",
+        1234,
+        0.5,
+        77,
+    )
+    notices: list[str] = []
+    inst.watch(lambda record: notices.append(record.id))
+    refresh_record(inst, info, 101.0)
+    assert notices == ["i1"] and inst.last_seen == 101.0
+    moved = ProviderInstance(**{**info.__dict__, "proxy": Endpoint("ssh5.vast.ai", 99)})
+    notices.clear()
+    refresh_record(inst, moved, 102.0)
+    assert len(notices) == 3 and (inst.ssh_host, inst.ssh_port) == ("ssh5.vast.ai", 99)

@@ -61,6 +61,11 @@ class RecordTable(dict[str, R]):
             self[key] = record
 
     def _changed(self, key: str) -> None:
+        if self._json.get(key, b"") is None and dict.__contains__(self, key):
+            # still here, and already to be dumped (its block joined again) at the next save
+            if self._on_change is not None:
+                self._on_change(key)
+            return
         block = self._block_of.get(key)
         if dict.__contains__(self, key):
             self._json[key] = None

@@ -44,21 +44,29 @@ def record_from_info(info: ProviderInstance, now: float) -> InstanceRecord:
 
 
 def refresh_record(inst: InstanceRecord, info: ProviderInstance, now: float) -> None:
-    inst.label = info.label
-    inst.api_status = info.raw_status
-    inst.ssh_host, inst.ssh_port = (
-        (info.proxy.host, info.proxy.port) if info.proxy else (None, None)
-    )
-    inst.public_ipaddr, inst.direct_port = (
-        (info.direct.host, info.direct.port) if info.direct else (None, None)
-    )
+    proxy = (info.proxy.host, info.proxy.port) if info.proxy else (None, None)
+    direct = (info.direct.host, info.direct.port) if info.direct else (None, None)
+    listed: dict[str, object] = {
+        "label": info.label,
+        "api_status": info.raw_status,
+        "ssh_host": proxy[0],
+        "ssh_port": proxy[1],
+        "public_ipaddr": direct[0],
+        "direct_port": direct[1],
+        "machine_id": machine_number(info.machine_id),
+        "gpu_name": info.gpu_name,
+        "num_gpus": info.num_gpus,
+        "missing_since": None,
+    }
     if info.dph is not None:
-        inst.dph = info.dph
-    inst.machine_id = machine_number(info.machine_id)
-    inst.gpu_name = info.gpu_name
-    inst.num_gpus = info.num_gpus
+        listed["dph"] = info.dph
+    # Only what changed is assigned: every assignment tells the store (500 instances
+    # listed every poll would otherwise make ~6,000 notices a pass).
+    fields = inst.__dict__
+    for name, value in listed.items():
+        if fields[name] != value:
+            setattr(inst, name, value)
     inst.last_seen = now
-    inst.missing_since = None
 
 
 # --- reconciliation of rent intents -----------------------------------------------------------
