@@ -219,6 +219,20 @@ async def test_timeout_kills_the_whole_group(
     assert status.timed_out and detect_job_completion(status) is CompletionStatus.FAILED
 
 
+async def test_timeout_fills_an_ended_at_left_empty(
+    runner: LocalRunner, remote_root: str, tmp_path: Path
+) -> None:
+    """The wrapper writes ended_at in place (no rename): one killed halfway leaves it
+    empty, and the timeout kill then writes it instead of taking it as written."""
+    paths, _ = await _start(runner, remote_root, tmp_path, "j", "sleep 100")
+    ended_at = Path(paths.exit_code).with_name("ended_at")
+    ended_at.write_text("")
+    outcome = await handle_job_timeout(runner, paths, grace_s=0.5, timeout_s=20)
+    assert outcome.exit_code_written
+    assert abs(int(ended_at.read_text()) - time.time()) < 10
+    assert (await _status(runner, "j", paths)).ended_at is not None
+
+
 async def test_timeout_after_the_job_ended_keeps_its_exit_code(
     runner: LocalRunner, remote_root: str, tmp_path: Path
 ) -> None:

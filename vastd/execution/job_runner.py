@@ -250,7 +250,7 @@ def renew_lease(path: str) -> str:
     staged run reading it halfway would withdraw itself for nothing)."""
     p = shlex.quote(path)
     t = shlex.quote(path) + '".$$.tmp"'  # one per writer: two checks may overlap
-    return f"date +%s > {t} 2>/dev/null && mv -f {t} {p} 2>/dev/null"
+    return f"{{ date +%s > {t} && mv -f {t} {p}; }} 2>/dev/null || rm -f {t}"
 
 
 # The wrapper runs detached with the job folder as cwd and the command as $1.
@@ -313,13 +313,14 @@ def build_launcher(command: str, lease_s: float | None = None) -> str:
             "mv staged withdrawn 2>/dev/null; exit 0; fi\n"
         )
     # A staged run is started by the wrapper before it (already in a session of its own,
-    # no terminal: nothing to `nohup`) or by vastd, which treats a claimed run without a
-    # pid as starting: no wait for the group here. The wrapper writes its pid first thing.
+    # no terminal: nothing to `nohup`) or by vastd. The launch waits for the group and
+    # writes the pid as a direct start does (the job does not wait for that): a wrapper
+    # that stalls before writing its own pid must still be found by a later start of
+    # the same run, or that start would launch the job a second time.
     return (
         f"{lease}mv staged go 2>/dev/null || exit 0\n"
-        "unset VASTD_NOW\n"
-        f"W={q(_WRAPPER)}\nC={q(command)}\n"
-        f'setsid sh -c "$W" vastd-job "$C" > {LOG_NAME} 2>&1 < /dev/null &\n'
+        "unset VASTD_NOW\nNH=\n"
+        f"W={q(_WRAPPER)}\nC={q(command)}\n{_LAUNCH}"
     )
 
 

@@ -297,7 +297,8 @@ def build_kill_script(
     if exit_code is not None:
         mark = ': > "$D/timed_out"; ' if mark_timed_out else ""
         record = f"""if [ -d "$D" ] && [ ! -f "$D/exit_code" ]; then
-  [ -f "$D/ended_at" ] || {{ date +%s > "$D/ended_at.tmp" && mv -f "$D/ended_at.tmp" "$D/ended_at"; }}
+  # (-s: a wrapper killed halfway through writing ended_at in place leaves it empty)
+  [ -s "$D/ended_at" ] || {{ date +%s > "$D/ended_at.tmp" && mv -f "$D/ended_at.tmp" "$D/ended_at"; }}
   {mark}echo {int(exit_code)} > "$D/exit_code.tmp" && mv -f "$D/exit_code.tmp" "$D/exit_code" && w=1
 fi"""
     return f"""{SH_HELPERS}
