@@ -154,6 +154,8 @@ async def daemons() -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]]]:
 
     yield make
     for daemon in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon.proc.pid, signal.SIGCONT)  # one a test SIGSTOPped
         await daemon.kill()
 
 

@@ -19,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.ctxfactory import GATE, SimEnv, async_wait_for, pump, wait_saved
-from tests.test_daemon_process import DaemonProcess, submit, write_config
+from tests.test_daemon_process import DaemonProcess, cluster, daemons, submit, write_config
 from vastd.core import gpus
 from vastd.core import state as st
 from vastd.core.files import JobFolder, Layout
@@ -42,6 +42,8 @@ GPU_JOB = (
     "printf '%s\\n' \"$CUDA_VISIBLE_DEVICES\" > {output_dir}/cvd.gpu; "
     "printf '%s\\n' {gpus} > {output_dir}/arg.gpu; " + GATE
 )
+
+__all__ = ["cluster", "daemons"]  # the fixtures, used by name
 
 
 @pytest.fixture
@@ -363,34 +365,6 @@ def test_autoscale_counts_each_instance_for_its_gpu_slots(tmp_path: Path) -> Non
 
 
 # --- `vastd run` as a process ------------------------------------------------------------
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[SimCluster]]]:
-    """`await cluster()` -> a started SimCluster with no instance, closed at teardown."""
-    made: list[SimCluster] = []
-
-    async def make() -> SimCluster:
-        made.append(await SimCluster.start(tmp_path / f"sim{len(made)}"))
-        return made[-1]
-
-    yield make
-    for sim in made:
-        await sim.aclose()
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]]]:
-    """`await daemons(config)` -> a started `vastd run`, killed at teardown."""
-    started: list[DaemonProcess] = []
-
-    async def make(config: Path) -> DaemonProcess:
-        started.append(await DaemonProcess.start(config))
-        return started[-1]
-
-    yield make
-    for daemon in started:
-        await daemon.kill()
-
-
 def saved_gpus(root: Path) -> dict[str, list[int]] | None:
     """Each job's GPUs as state.json holds them, once every job there has some."""
     jobs = json.loads((root / "state.json").read_text())["jobs"]

@@ -8,7 +8,6 @@ simulator (SimEnv), and `vastd run` as a process that is SIGSTOPped mid-campaign
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -19,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.ctxfactory import GATE, SimEnv, async_wait_for, pump
-from tests.localrunner import LocalRunner, kill_leftover_jobs
-from tests.test_daemon_process import DaemonProcess, submit, write_config
+from tests.localrunner import LocalRunner
+from tests.test_daemon_process import DaemonProcess, cluster, daemons, submit, write_config
+from tests.test_job_runner import runner
 from vastd.core import state as st
 from vastd.core.state import JobState
 from vastd.execution.job_runner import (
@@ -45,16 +45,10 @@ STAMPED = (
     "sleep {secs}; date +%s.%N > {output_dir}/t_end"
 )
 
+__all__ = ["cluster", "daemons", "runner"]  # the fixtures, used by name
+
 
 # --- the scripts, on this machine's /bin/sh ----------------------------------------------------
-@pytest.fixture
-async def runner(tmp_path: Path) -> AsyncIterator[LocalRunner]:
-    home = tmp_path / "home"
-    home.mkdir()
-    yield LocalRunner(cwd=home)
-    kill_leftover_jobs(tmp_path)
-
-
 class Slot:
     """Runs on one 'instance' folder of this machine."""
 
@@ -286,32 +280,10 @@ async def test_cancelling_a_staged_job_withdraws_it_and_the_one_behind(env: SimE
 
 
 # --- `vastd run`, stopped for a while -----------------------------------------------------------
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[SimCluster]:
-    sim = await SimCluster.start(tmp_path / "sim", instances=2)
-    yield sim
-    await sim.aclose()
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]]]:
-    started: list[DaemonProcess] = []
-
-    async def make(config: Path) -> DaemonProcess:
-        started.append(await DaemonProcess.start(config))
-        return started[-1]
-
-    yield make
-    for daemon in started:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(daemon.proc.pid, signal.SIGCONT)  # a stopped one could not be killed well
-        await daemon.kill()
-
-
 @pytest.mark.e2e
 async def test_staged_jobs_start_while_the_daemon_is_stopped_and_none_runs_twice(
     tmp_path: Path,
-    cluster: SimCluster,
+    cluster: Callable[..., Awaitable[SimCluster]],
     daemons: Callable[..., Awaitable[DaemonProcess]],
 ) -> None:
     """`vastd run` with stage_ahead = 1 on two instances, jobs of 1 s: the daemon is
@@ -319,7 +291,8 @@ async def test_staged_jobs_start_while_the_daemon_is_stopped_and_none_runs_twice
     times say so), every job ends done, and each started exactly once."""
     job = {"command": STAMPED, "vars": {"secs": "1"}, "result_glob": "out/t_*"}
     job |= {"validate": "none", "stage_ahead": 1, "poll_interval_s": 0.5}
-    config, root = write_config(cluster, tmp_path, job=job)
+    sim = await cluster(instances=2)
+    config, root = write_config(sim, tmp_path, job=job)
     daemon = await daemons(config)
     await daemon.wait_event("daemon_started")
     sources = load_make_jobs()(tmp_path / "jobs", 12, 1, 3, prefix="staged_job")
@@ -344,8 +317,8 @@ async def test_staged_jobs_start_while_the_daemon_is_stopped_and_none_runs_twice
     during = [j for j, t in starts.items() if stopped_at < t < resumed_at]
     assert during, starts  # the instances went on while the daemon could not
     ran: Counter[str] = Counter()
-    for iid in cluster.cloud.instances:
-        log = cluster.remote_root / str(iid) / "ran.log"
+    for iid in sim.cloud.instances:
+        log = sim.remote_root / str(iid) / "ran.log"
         if log.is_file():
             ran.update(log.read_text().split())
     assert ran == Counter(p.stem for p in sources)
