@@ -40,7 +40,6 @@ import shlex
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,8 @@ if str(REPO) not in sys.path:
 from bench.run_bench import (  # noqa: E402
     JOB_COMMAND,
     Figures,
+    in_workdir,
+    loadavg,
     machine_info,
     run,
 )
@@ -316,10 +317,6 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return res
 
 
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=160)
@@ -337,19 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     setup_logging("WARNING", json=False, stream=sys.stderr)
     logging.getLogger("asyncssh").setLevel(logging.ERROR)
-    workdir = Path(tempfile.mkdtemp(prefix="vastd-parbench-"))
     load0 = loadavg()
     t0 = time.time()
-    try:
-        res = asyncio.run(main_async(args, workdir))
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"bench_parallel: FAILED: {exc}", file=sys.stderr)
+    res = in_workdir("vastd-parbench-", "bench_parallel", args.keep, lambda w: main_async(args, w))
+    if res is None:
         return 1
-    finally:
-        if args.keep:
-            print(f"  kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     res["load_before"], res["load_after"] = load0, loadavg()
     res["elapsed_s"] = time.time() - t0
     res["machine"] = machine_info()

@@ -40,7 +40,6 @@ import math
 import os
 import resource
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +55,8 @@ if str(REPO) not in sys.path:
 from bench.run_bench import (  # noqa: E402
     TROUBLE_EVENTS,
     DaemonLog,
+    in_workdir,
+    loadavg,
     machine_info,
     parse_ts,
     percentile,
@@ -397,12 +398,6 @@ async def timed_command(argv: list[str], runs: int = 3) -> tuple[float, str]:
     return best, out.decode()
 
 
-def loadavg() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return "?"
-
-
 async def daemon_campaign(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     n, m, batch = args.jobs, args.instances, min(args.batch, args.jobs)
     first_n = min(1000, n)
@@ -688,17 +683,11 @@ def daemon_main(args: argparse.Namespace) -> int:
     setup_logging("WARNING", json=False, stream=sys.stderr)
     logging.getLogger("asyncssh").setLevel(logging.ERROR)
     load_start = loadavg()
-    workdir = Path(tempfile.mkdtemp(prefix="vastd-scale-"))
-    try:
-        figures = asyncio.run(daemon_campaign(args, workdir))
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"vastd scale bench: FAILED: {exc}", file=sys.stderr)
+    figures = in_workdir(
+        "vastd-scale-", "vastd scale bench", args.keep, lambda w: daemon_campaign(args, w)
+    )
+    if figures is None:
         return 1
-    finally:
-        if args.keep:
-            print(f"  kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     figures["command"] = "python bench/bench_scale.py " + shlex.join(sys.argv[1:])
     figures["load_start_end"] = load_start
     info = machine_info()

@@ -37,9 +37,10 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -134,6 +135,34 @@ def percentile(values: list[float], pct: float) -> float:
 
 def parse_ts(value: str) -> float:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+T = TypeVar("T")
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg gives them ("?" if unreadable)."""
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+def in_workdir(
+    prefix: str, label: str, keep: bool, main: Callable[[Path], Coroutine[Any, Any, T]]
+) -> T | None:
+    """`asyncio.run(main(workdir))` in a fresh temp folder, removed afterwards unless
+    `keep`; None (and a FAILED line on stderr) when it raised TimeoutError or RuntimeError."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return asyncio.run(main(workdir))
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"{label}: FAILED: {exc}", file=sys.stderr)
+        return None
+    finally:
+        if keep:
+            print(f"  kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def machine_info() -> dict[str, str]:
@@ -586,18 +615,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("asyncssh").setLevel(logging.ERROR)
 
     command = "python bench/run_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    workdir = Path(tempfile.mkdtemp(prefix="vastd-bench-"))
-    try:
-        # The overall deadline: start-up, the timed part and shutdown.
-        figures = asyncio.run(asyncio.wait_for(run(args, workdir), timeout=args.deadline_s + 240))
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"vastd bench: FAILED: {exc}", file=sys.stderr)
+    # The overall deadline: start-up, the timed part and shutdown.
+    figures = in_workdir(
+        "vastd-bench-",
+        "vastd bench",
+        args.keep,
+        lambda workdir: asyncio.wait_for(run(args, workdir), timeout=args.deadline_s + 240),
+    )
+    if figures is None:
         return 1
-    finally:
-        if args.keep:
-            print(f"  kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     info = machine_info()
     print()
     print(
