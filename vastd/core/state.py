@@ -403,9 +403,7 @@ def note_staged_started(
     if job.state is not J.RUNNING or not job.staged:
         return False
     now = time.time() if now is None else now
-    job.staged = False
-    job.after = None
-    job.after_run = None
+    _unstage(job)
     job.started_at = min(started_at, now) if started_at is not None else now
     job.runs += 1
     store.mark_dirty()
