@@ -288,8 +288,13 @@ async def test_staged_jobs_start_while_the_daemon_is_stopped_and_none_runs_twice
 ) -> None:
     """`vastd run` with stage_ahead = 1 on two instances, jobs of 1 s: the daemon is
     SIGSTOPped for 4 s mid-run; jobs start on the instances meanwhile (their own start
-    times say so), every job ends done, and each started exactly once."""
-    job = {"command": STAMPED, "vars": {"secs": "1"}, "result_glob": "out/t_*"}
+    times say so), every job ends done, and each started exactly once.
+
+    The jobs wait for their instance's gate, opened once the daemon is stopped: the
+    staged ones cannot have started before the stop however slowly the daemon staged
+    them (with free-running jobs a slow stage could start before the stop, and then
+    nothing was staged during it)."""
+    job = {"command": f"{GATE}; {STAMPED}", "vars": {"secs": "1"}, "result_glob": "out/t_*"}
     job |= {"validate": "none", "stage_ahead": 1, "poll_interval_s": 0.5}
     sim = await cluster(instances=2)
     config, root = write_config(sim, tmp_path, job=job)
@@ -304,6 +309,8 @@ async def test_staged_jobs_start_while_the_daemon_is_stopped_and_none_runs_twice
     )
     stopped_at = time.time()
     os.kill(daemon.proc.pid, signal.SIGSTOP)
+    for iid in sim.cloud.instances:
+        (sim.remote_root / str(iid) / "go").touch()
     await asyncio.sleep(4)
     resumed_at = time.time()
     os.kill(daemon.proc.pid, signal.SIGCONT)
