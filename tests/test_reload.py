@@ -3,6 +3,7 @@ reload saying why, and never stops; the unit test shows the running objects see 
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import tomllib
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import pytest
 from tests.helpers import dump_toml
 from tests.test_daemon_process import DaemonProcess, write_config
 from vastd import __version__
+from vastd import daemon as daemon_mod
 from vastd.daemon import Daemon
 from vastd.sim.cluster import SimCluster
 from vastd.utils.config import load_config
@@ -97,3 +99,35 @@ async def test_reload_changes_the_running_sections_in_place(
 async def test_reload_without_a_file_is_refused(tmp_path: Path, sim: SimCluster) -> None:
     config, _root = write_config(sim, tmp_path)
     assert not await Daemon(load_config(config)).reload()
+
+
+def peek_wakeup_fd() -> int:
+    old = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(old)
+    return old
+
+
+async def test_the_stopped_daemon_hands_its_signals_back_before_the_loop_closes(
+    tmp_path: Path, sim: SimCluster
+) -> None:
+    """Closing the loop closes its wake-up pipe before it removes its signal handlers: a
+    signal in between printed an "Exception ignored" traceback (CI saw one on a second
+    SIGINT). Once stopped, the daemon removes them itself, the loop still open: no
+    wake-up fd is left, a late SIGINT exits at once, SIGTERM and SIGHUP are ignored."""
+    config, _root = write_config(sim, tmp_path)
+    daemon = Daemon(load_config(config), config_path=config)
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        run = asyncio.create_task(daemon.run())
+        async with asyncio.timeout(20):
+            await daemon.started.wait()
+            assert peek_wakeup_fd() != -1  # the loop's, while it handles them
+            daemon.should_exit.set()
+            assert await run == 0
+        assert peek_wakeup_fd() == -1
+        assert signal.getsignal(signal.SIGINT) is daemon_mod._exit_on_late_sigint
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)

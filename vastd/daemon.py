@@ -117,6 +117,23 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
+    def release_signal_handlers(self) -> None:
+        """The graceful stop is over: hand the signals back while the loop still runs.
+
+        The loop's handlers write to its wake-up pipe, which closing the loop closes
+        before it removes them: a signal in between made CPython print an "Exception
+        ignored ... Bad file descriptor" traceback. Removing them here turns the wake-up
+        fd off while the pipe is open. From now on a SIGINT (a second ^C) ends the
+        process at once as during the stop, and SIGTERM and SIGHUP are ignored: the state
+        is saved and the process is on its way out."""
+        loop = asyncio.get_running_loop()
+        installed = [loop.remove_signal_handler(sig) for sig in _HANDLED]
+        if not any(installed):
+            return  # (a caller that handles the signals itself)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, _exit_on_late_sigint)
+
     def _on_sighup(self) -> None:
         task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
         self._reloads.add(task)
@@ -185,6 +202,12 @@ class Daemon:
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (0) or a fatal error (1)."""
         self.install_signal_handlers()
+        try:
+            return await self._run()
+        finally:
+            self.release_signal_handlers()
+
+    async def _run(self) -> int:
         ctx = await self.startup()
         try:
             # [metrics] listen: bound before the loops, so a port in use stops the start
@@ -281,6 +304,13 @@ class Daemon:
                 sd_notify("WATCHDOG=1")
 
 
+_HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)  # by the loop, while it runs
+
+
+def _exit_on_late_sigint(signum: int, frame: object) -> None:
+    os._exit(130)  # as a second SIGINT during the stop does (nothing is left to save)
+
+
 def tune_gc() -> None:
     """Keep the cyclic collector's pauses off the event loop's critical path.
 
@@ -316,8 +346,4 @@ def run_daemon(
         log.error("daemon_fatal", error=repr(exc), exc_info=exc)
         return 1
     finally:
-        # The loop and its wake-up pipe are closed: a late second SIGINT must not try to
-        # write there (CPython prints an "Exception ignored" traceback when it does).
-        with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(-1)
         sys.stdout.flush()
