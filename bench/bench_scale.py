@@ -72,6 +72,7 @@ from vastd.core import state as st  # noqa: E402
 from vastd.core.state import InstanceRecord, InstanceStatus, StateStore  # noqa: E402
 from vastd.daemon import tune_gc  # noqa: E402
 from vastd.orchestration.context import build_context  # noqa: E402
+from vastd.orchestration.coordinator import DISPATCH_WAVE  # noqa: E402
 from vastd.orchestration.workflow import accept_inbox_files  # noqa: E402
 from vastd.sim.cluster import SimCluster  # noqa: E402
 from vastd.utils.config import Settings  # noqa: E402
@@ -174,7 +175,9 @@ async def campaign(root: Path, jobs: int, instances: int, batch: int) -> dict[st
             raise SystemExit("--batch too small for the last window: use --batch >= N/10")
         queue = [n for n in chunk if n in store.jobs]
         while queue:
-            wave, queue = queue[: len(free)], queue[len(free) :]
+            # as dispatch does: one save for `DISPATCH_WAVE` assignments at most
+            room = min(len(free), DISPATCH_WAVE)
+            wave, queue = queue[:room], queue[room:]
             placed = []
             for name, iid in zip(wave, free, strict=False):
                 record = await st.assign_job(store, name, iid)

@@ -77,6 +77,29 @@ async def test_no_upload_when_the_assignment_cannot_be_saved(
     assert job.runs == 1 and ctx.store.save_error is None
 
 
+async def test_a_dispatch_round_saves_a_wave_at_most_and_wakes_the_next(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More free slots than `DISPATCH_WAVE`: a round assigns that many, saves them before
+    their uploads and wakes the next round at once; a round short of a wave does not."""
+    monkeypatch.setattr(co, "DISPATCH_WAVE", 2)
+    await env.start(instances=3)
+    ctx = env.context(env.settings(job={"jobs_per_instance": 2}))
+    await env.ready(ctx)
+    ids = await env.submit(ctx, 5)
+    placed: list[int] = []
+    for _ in range(3):
+        ctx.dispatch_wakeup.clear()
+        placed.append(await co.coordinate_job_distribution(ctx))
+        running = {j for j in ids if ctx.store.job_state(j) is JobState.RUNNING}
+        assert len(running) == sum(placed)
+        on_disk = load_state(ctx.layout.state_file).jobs
+        assert all(on_disk[j].state is JobState.RUNNING for j in running)  # saved first
+        assert ctx.dispatch_wakeup.is_set() is (placed[-1] == 2)
+    assert placed == [2, 2, 1]
+    await pump(ctx, lambda: all(ctx.store.job_state(j) is JobState.DONE for j in ids), 30)
+
+
 # --- 9. a start that completes after its job moved on -------------------------------------------
 async def test_a_start_answering_after_its_instance_was_lost_is_stopped(
     env: SimEnv, monkeypatch: pytest.MonkeyPatch

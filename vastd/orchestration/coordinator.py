@@ -56,6 +56,10 @@ from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.coordinator")
 DISPATCH_SLACK = 64  # queued jobs looked at beyond the free slots, per dispatch round
+# Assignments saved together by one dispatch round: the save dumps each changed record
+# on the loop, so 500 free slots filled at once would hold it for one long callback. A
+# full round wakes the next at once.
+DISPATCH_WAVE = 128
 # instances that will take jobs soon: no job is staged behind a busy slot meanwhile
 COMING = frozenset({InstanceStatus.BOOTING, InstanceStatus.DISCOVERED, InstanceStatus.PREPARING})
 
@@ -131,17 +135,22 @@ def is_current(job: JobRecord | None, instance_id: str, run_id: str | None) -> b
 
 
 async def coordinate_job_distribution(ctx: Context) -> int:
-    """Give every waiting job a free instance; save; then start them. Returns the count."""
+    """Give waiting jobs a free instance, `DISPATCH_WAVE` at most (the round after
+    follows at once); save; then start them. Returns the count."""
     assigned: list[tuple[str, str, str | None]] = []
+    wave = DISPATCH_WAVE
     free = sum(
         instance_slots(ctx, i) - st.slot_load(ctx.store, i)
         for i in st.get_idle_instances(ctx.store, lambda i: instance_slots(ctx, i))
     )
+    free = min(free, wave)
     # Only the head of the queue can be placed this round (a few more for jobs that
     # must skip an instance holding an orphaned run of theirs): no walk of the queue.
     waiting = st.get_available_jobs(ctx.store, limit=free + DISPATCH_SLACK) if free else []
     load = orphan_load(ctx) if waiting else Counter()
     for job in waiting:
+        if len(assigned) >= wave:
+            break
         inst = find_best_instance_for_job(ctx, job, load)
         if inst is None:
             if not job.orphans:
@@ -150,10 +159,12 @@ async def coordinate_job_distribution(ctx: Context) -> int:
         wanted = free_gpus(ctx, inst) if gpus.per_gpu(ctx.settings.job) else None
         if await _assign(ctx, job, inst, wanted or ()):
             assigned.append((job.id, inst.id, job.run_id))
-    if ctx.settings.job.stage_ahead:
-        assigned += await stage_jobs(ctx)
+    if ctx.settings.job.stage_ahead and len(assigned) < wave:
+        assigned += await stage_jobs(ctx, wave - len(assigned))
     if not assigned:
         return 0
+    if len(assigned) >= wave:
+        ctx.wake_dispatch()  # more may fit: the next round runs right after this one
     # Write-ahead: the assignment and its run id are on disk before anything is uploaded.
     if not await ctx.store.flush():
         reason = f"not dispatched: the state could not be saved ({ctx.store.save_error})"
@@ -209,11 +220,12 @@ def staging_slots(ctx: Context) -> list[tuple[InstanceRecord, JobRecord]]:
     return slots
 
 
-async def stage_jobs(ctx: Context) -> list[tuple[str, str, str | None]]:
-    """Give queued jobs that found no free slot a place behind a running one: each is
-    assigned (saved before its upload, as any assignment) to run after that slot's last
-    run, with its GPUs. Returns what was assigned, for the caller's save and start."""
-    slots = staging_slots(ctx)
+async def stage_jobs(ctx: Context, most: int) -> list[tuple[str, str, str | None]]:
+    """Give queued jobs that found no free slot a place behind a running one (`most` of
+    them at most): each is assigned (saved before its upload, as any assignment) to run
+    after that slot's last run, with its GPUs. Returns what was assigned, for the
+    caller's save and start."""
+    slots = staging_slots(ctx)[:most]
     if not slots:
         return []
     waiting = st.get_available_jobs(ctx.store, limit=len(slots) + DISPATCH_SLACK)
