@@ -20,6 +20,7 @@ from vastd.core.ssh import (
     CommandResult,
     Endpoint,
     MemoryHostKeyStore,
+    RemoteFileError,
     SSHPool,
 )
 from vastd.sim.hosts import SimHost
@@ -147,6 +148,36 @@ async def test_download_refuses_oversized_and_non_regular(
         await conn.download(str(host.root / "link"), local / "link", timeout_s=10)
     assert list(local.iterdir()) == []
     assert await conn.download(str(host.root / "big"), local / "b", timeout_s=10, max_bytes=1000)
+
+
+async def test_makedirs_takes_one_request_when_the_parent_is_there(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's folder under an existing one: one `mkdir`, no walk of the path (which
+    costs a failed `mkdir` and a `stat` per component); a deep new path, an existing
+    folder and a file in the way still behave as `mkdir -p`."""
+    calls: list[str] = []
+    for name in ("mkdir", "makedirs", "stat"):
+        real = getattr(asyncssh.SFTPClient, name)
+
+        async def spy(
+            self: Any, *args: Any, _real: Any = real, _name: str = name, **kw: Any
+        ) -> Any:
+            calls.append(_name)
+            return await _real(self, *args, **kw)
+
+        monkeypatch.setattr(asyncssh.SFTPClient, name, spy)
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    (host.root / "jobs").mkdir()
+    await conn.makedirs(str(host.root / "jobs" / "job_1"), timeout_s=10)
+    assert (host.root / "jobs" / "job_1").is_dir() and calls == ["mkdir"]
+    await conn.makedirs(str(host.root / "a" / "b" / "c"), timeout_s=10)
+    assert (host.root / "a" / "b" / "c").is_dir() and "makedirs" in calls
+    await conn.makedirs(str(host.root / "jobs" / "job_1"), timeout_s=10)  # there already
+    (host.root / "jobs" / "f").write_text("x")
+    with pytest.raises(RemoteFileError):
+        await conn.makedirs(str(host.root / "jobs" / "f"), timeout_s=10)
 
 
 async def test_listdir_and_lstat_do_not_follow_symlinks(

@@ -356,8 +356,18 @@ class SSHConnection:
         return sorted(entries, key=lambda e: e.name)
 
     async def makedirs(self, remote_path: str, *, timeout_s: float) -> None:
-        """`mkdir -p` over SFTP (no remote process)."""
+        """`mkdir -p` over SFTP (no remote process). A job's folder, whose parents are
+        there, takes one request: asyncssh's own walk tries a `mkdir` and a `stat` for
+        every component of the path (14 requests for a root 7 folders deep), each
+        failed `mkdir` an exception whose traceback the cyclic collector has to free."""
         async with self._sftp_op("makedirs", timeout_s) as sftp:
+            try:
+                await sftp.mkdir(remote_path)
+                return
+            except asyncssh.SFTPError as exc:
+                if exc.code in (asyncssh.FX_CONNECTION_LOST, asyncssh.FX_NO_CONNECTION):
+                    raise
+            # there already, a parent missing, or in the way: the walk tells them apart
             await sftp.makedirs(remote_path, exist_ok=True)
 
     async def upload(self, local_path: Path, remote_path: str, *, timeout_s: float) -> None:
