@@ -132,6 +132,45 @@ async def test_upload_download_round_trip(
     assert sorted(p.name for p in local.iterdir()) == ["dst.bin", "src.bin"]
 
 
+async def test_a_download_reads_as_much_as_the_stat_said_and_no_more_when_true(
+    sim_host: SimHostFactory,
+    ssh_pool: PoolFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file as large as its stat takes one read (none past its end to find EOF), an
+    empty one too; one larger than its stat said (it grew) still arrives whole."""
+    reads: list[int] = []
+    real_read = asyncssh.SFTPClientFile.read
+
+    async def spy(self: Any, size: int = -1, offset: int | None = None) -> Any:
+        reads.append(size)
+        return await real_read(self, size, offset)
+
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "read", spy)
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    for name, size in (("small", 1000), ("empty", 0), ("big", 3 * 1024 * 1024 + 5)):
+        (host.root / name).write_bytes(bytes(range(256)) * (size // 256) + b"z" * (size % 256))
+        reads.clear()
+        assert await conn.download(str(host.root / name), tmp_path / name, timeout_s=30) == size
+        assert (tmp_path / name).read_bytes() == (host.root / name).read_bytes()
+        assert reads == [size + 1], name
+    real_lstat = asyncssh.SFTPClient.lstat
+    grown = host.root / "grown"
+    grown.write_bytes(b"x" * 1000)
+
+    async def lstat_then_grow(self: asyncssh.SFTPClient, path: Any, *args: Any, **kw: Any) -> Any:
+        attrs = await real_lstat(self, path, *args, **kw)
+        if str(path).endswith("grown"):
+            grown.write_bytes(b"y" * 300_000)
+        return attrs
+
+    monkeypatch.setattr(asyncssh.SFTPClient, "lstat", lstat_then_grow)
+    assert await conn.download(str(grown), tmp_path / "grown", timeout_s=30) == 300_000
+    assert (tmp_path / "grown").read_bytes() == b"y" * 300_000
+
+
 async def test_download_refuses_oversized_and_non_regular(
     sim_host: SimHostFactory, ssh_pool: PoolFactory, tmp_path: Path
 ) -> None:

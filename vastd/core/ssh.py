@@ -200,19 +200,31 @@ _COPY_CHUNK = 8 * 1024 * 1024  # one parallel read (the SFTP client splits it in
 
 
 async def _copy_capped(
-    sftp: asyncssh.SFTPClient, remote_path: str, part: Path, max_bytes: int | None
+    sftp: asyncssh.SFTPClient,
+    remote_path: str,
+    part: Path,
+    max_bytes: int | None,
+    expected: int = 0,
 ) -> int:
     """Copy `remote_path` to `part` until EOF, failing as soon as more than `max_bytes`
-    arrived (the count is of bytes received, whatever the file's stat said)."""
+    arrived (the count is of bytes received, whatever the file's stat said).
+
+    The first read asks for the stat's size (`expected`) and one byte more. asyncssh's
+    parallel reader asks again for the rest of any short block until it meets EOF, so a
+    read that comes back short has met the end: a file as large as it said takes one
+    read. A read of 8 MiB would have sent requests past its end (one task and one
+    SFTPEOFError each, up to 32 with OpenSSH's 255 KiB blocks) and a second read to
+    find EOF. A file larger than it said is read on in chunks."""
     copied = 0
     async with sftp.open(
         remote_path, "rb", encoding=None, max_requests=_SFTP_MAX_REQUESTS
     ) as remote:
         with part.open("wb") as local:
             while True:
-                want = (
-                    _COPY_CHUNK if max_bytes is None else min(_COPY_CHUNK, max_bytes - copied + 1)
-                )
+                left = expected - copied
+                want = min(_COPY_CHUNK, left + 1) if left >= 0 else _COPY_CHUNK
+                if max_bytes is not None:
+                    want = min(want, max_bytes - copied + 1)
                 data: bytes = await remote.read(want, copied)
                 if not data:
                     return copied
@@ -220,6 +232,8 @@ async def _copy_capped(
                 if max_bytes is not None and copied > max_bytes:
                     raise ResultTooLargeError(f"{remote_path}: grew past {max_bytes} bytes")
                 local.write(data)
+                if len(data) < want:
+                    return copied  # (short: the reader met EOF)
 
 
 class SSHConnection:
@@ -403,7 +417,7 @@ class SSHConnection:
                     raise ResultTooLargeError(
                         f"{remote_path}: {attrs.size} bytes, more than {max_bytes}"
                     )
-                size = await _copy_capped(sftp, remote_path, part, max_bytes)
+                size = await _copy_capped(sftp, remote_path, part, max_bytes, attrs.size or 0)
             os.replace(part, local_path)
             return size
         finally:
