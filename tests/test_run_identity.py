@@ -100,6 +100,28 @@ async def test_a_dispatch_round_saves_a_wave_at_most_and_wakes_the_next(
     await pump(ctx, lambda: all(ctx.store.job_state(j) is JobState.DONE for j in ids), 30)
 
 
+async def test_a_round_whose_save_fails_does_not_wake_the_next_at_once(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full: the round's jobs (a full wave here) are put back and the next round
+    waits for the loop's interval, instead of assigning them and failing again at once
+    (the requeues used to wake it: a busy loop for as long as the disk stayed full)."""
+    monkeypatch.setattr(co, "DISPATCH_WAVE", 2)
+    await env.start(instances=3)
+    ctx = env.context()
+    await env.ready(ctx)
+    ids = await env.submit(ctx, 3)
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise StateManagementError(f"cannot write: {errno.errorcode[errno.ENOSPC]}")
+
+    monkeypatch.setattr(snapshot_mod, "save_state", disk_full)
+    ctx.dispatch_wakeup.clear()
+    assert await co.coordinate_job_distribution(ctx) == 0
+    assert not ctx.dispatch_wakeup.is_set()
+    assert all(ctx.store.job_state(j) is JobState.QUEUED for j in ids)
+
+
 # --- 9. a start that completes after its job moved on -------------------------------------------
 async def test_a_start_answering_after_its_instance_was_lost_is_stopped(
     env: SimEnv, monkeypatch: pytest.MonkeyPatch

@@ -163,8 +163,6 @@ async def coordinate_job_distribution(ctx: Context) -> int:
         assigned += await stage_jobs(ctx, wave - len(assigned))
     if not assigned:
         return 0
-    if len(assigned) >= wave:
-        ctx.wake_dispatch()  # more may fit: the next round runs right after this one
     # Write-ahead: the assignment and its run id are on disk before anything is uploaded.
     if not await ctx.store.flush():
         reason = f"not dispatched: the state could not be saved ({ctx.store.save_error})"
@@ -174,6 +172,10 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             held = ctx.store.jobs.get(job_id)
             if held is not None and is_current(held, instance_id, run_id):
                 requeue(ctx, held, reason=reason)
+        # The requeues woke dispatch: the next round would assign them again at once and
+        # fail again, round after round while the disk stays full. It waits for its
+        # interval (or a wake-up from elsewhere after this) instead.
+        ctx.dispatch_wakeup.clear()
         # each dispatch round while the disk stays full: an error once, then debug
         ctx.repeats.failed(
             log,
@@ -186,6 +188,10 @@ async def coordinate_job_distribution(ctx: Context) -> int:
         )
         return 0
     ctx.repeats.forget("dispatch")  # saved again (state_save_recovered said so)
+    if len(assigned) >= wave:
+        # More may fit: the next round runs right after this one (not after a failed
+        # save, which would only fail again at once).
+        ctx.wake_dispatch()
     started = 0
     for job_id, instance_id, run_id in assigned:
         st.clear_earlier_failure(ctx.store, job_id)  # its record is on disk now
