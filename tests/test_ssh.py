@@ -171,6 +171,38 @@ async def test_a_download_reads_as_much_as_the_stat_said_and_no_more_when_true(
     assert (tmp_path / "grown").read_bytes() == b"y" * 300_000
 
 
+async def test_an_upload_asks_the_host_for_no_stat(
+    sim_host: SimHostFactory,
+    ssh_pool: PoolFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upload is open, writes, close and rename: no stat of the destination (which
+    `sftp.put` makes, failing on the absent `.part`); a file past one chunk arrives
+    whole, and a new upload replaces the file."""
+    monkeypatch.setattr(ssh_mod, "_COPY_CHUNK", 64 * 1024)
+    asked: list[str] = []
+    for name in ("stat", "lstat", "isdir"):
+        real = getattr(asyncssh.SFTPClient, name)
+
+        async def spy(
+            self: Any, *args: Any, _real: Any = real, _name: str = name, **kw: Any
+        ) -> Any:
+            asked.append(_name)
+            return await _real(self, *args, **kw)
+
+        monkeypatch.setattr(asyncssh.SFTPClient, name, spy)
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    src = tmp_path / "job.csv"
+    for data in (bytes(range(256)) * 1000 + b"tail", b"a\n1\n"):
+        src.write_bytes(data)
+        await conn.upload(src, str(host.root / "job.csv"), timeout_s=30)
+        assert (host.root / "job.csv").read_bytes() == data
+    assert asked == []
+    assert sorted(p.name for p in host.root.iterdir()) == ["job.csv"]
+
+
 async def test_download_refuses_oversized_and_non_regular(
     sim_host: SimHostFactory, ssh_pool: PoolFactory, tmp_path: Path
 ) -> None:

@@ -390,7 +390,17 @@ class SSHConnection:
         # The temp name follows the 255-byte rule too (the 255-byte rule for derived names, README "Folders").
         part = posixpath.join(folder, safe_name(name, ".part"))
         async with self._sftp_op("upload", timeout_s) as sftp:
-            await sftp.put(str(local_path), part, max_requests=_SFTP_MAX_REQUESTS)
+            # Through an opened file, not `sftp.put`: put first stats the destination to
+            # see whether it is a folder, a request and (the `.part` is not there) an
+            # SFTPNoSuchFile for the cyclic collector, per upload.
+            async with sftp.open(
+                part, "wb", encoding=None, max_requests=_SFTP_MAX_REQUESTS
+            ) as remote:
+                with local_path.open("rb") as local:
+                    offset = 0
+                    while chunk := local.read(_COPY_CHUNK):
+                        await remote.write(chunk, offset)
+                        offset += len(chunk)
             await sftp.posix_rename(part, remote_path)
 
     async def download(
