@@ -201,6 +201,9 @@ async def test_an_upload_asks_the_host_for_no_stat(
         assert (host.root / "job.csv").read_bytes() == data
     assert asked == []
     assert sorted(p.name for p in host.root.iterdir()) == ["job.csv"]
+    with pytest.raises(FileNotFoundError):  # a local file gone: nothing left on the host
+        await conn.upload(tmp_path / "gone.csv", str(host.root / "gone.csv"), timeout_s=30)
+    assert sorted(p.name for p in host.root.iterdir()) == ["job.csv"]
 
 
 async def test_download_refuses_oversized_and_non_regular(

@@ -393,10 +393,11 @@ class SSHConnection:
             # Through an opened file, not `sftp.put`: put first stats the destination to
             # see whether it is a folder, a request and (the `.part` is not there) an
             # SFTPNoSuchFile for the cyclic collector, per upload.
-            async with sftp.open(
-                part, "wb", encoding=None, max_requests=_SFTP_MAX_REQUESTS
-            ) as remote:
-                with local_path.open("rb") as local:
+            # (the local file first: one that is missing leaves no `.part` on the host)
+            with local_path.open("rb") as local:
+                async with sftp.open(
+                    part, "wb", encoding=None, max_requests=_SFTP_MAX_REQUESTS
+                ) as remote:
                     offset = 0
                     while chunk := local.read(_COPY_CHUNK):
                         await remote.write(chunk, offset)
