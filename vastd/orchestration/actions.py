@@ -147,11 +147,14 @@ def record_attempt_failure(
     ctx.wake_dispatch()
 
 
-def requeue(ctx: Context, job: JobRecord, *, reason: str, orphan: bool = False) -> bool:
+def requeue(
+    ctx: Context, job: JobRecord, *, reason: str, orphan: bool = False, wake: bool = True
+) -> bool:
     """Put a held job back in the queue (file and record), never counting an attempt.
 
     False when its file cannot move (disk, a stray copy in queued/): the job stays as it
-    was, logged, and the step that asked goes on with its other jobs.
+    was, logged, and the step that asked goes on with its other jobs. `wake`: dispatch
+    looks at the queue again at once (not for the jobs of a round whose save failed).
     """
     try:
         st.requeue_job(ctx.store, job.id, reason=reason, orphan=orphan)
@@ -162,5 +165,6 @@ def requeue(ctx: Context, job: JobRecord, *, reason: str, orphan: bool = False) 
         log.warning("job_failed", job=job.id, reason=job.last_error, **job_outcome(ctx, job))
     else:
         log.info("job_requeued", job=job.id, reason=reason)
-    ctx.wake_dispatch()
+    if wake:
+        ctx.wake_dispatch()
     return True

@@ -171,11 +171,9 @@ async def coordinate_job_distribution(ctx: Context) -> int:
         for job_id, instance_id, run_id in assigned:
             held = ctx.store.jobs.get(job_id)
             if held is not None and is_current(held, instance_id, run_id):
-                requeue(ctx, held, reason=reason)
-        # The requeues woke dispatch: the next round would assign them again at once and
-        # fail again, round after round while the disk stays full. It waits for its
-        # interval (or a wake-up from elsewhere after this) instead.
-        ctx.dispatch_wakeup.clear()
+                # no wake-up: the next round would assign them again at once and fail
+                # again, round after round while the disk stays full
+                requeue(ctx, held, reason=reason, wake=False)
         # each dispatch round while the disk stays full: an error once, then debug
         ctx.repeats.failed(
             log,
