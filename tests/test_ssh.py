@@ -46,6 +46,22 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> No
         await asyncio.sleep(0.02)
 
 
+def spy_sftp(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
+    """The names of these `asyncssh.SFTPClient` methods, in the order they are called."""
+    calls: list[str] = []
+    for name in names:
+        real = getattr(asyncssh.SFTPClient, name)
+
+        async def spy(
+            self: Any, *args: Any, _real: Any = real, _name: str = name, **kw: Any
+        ) -> Any:
+            calls.append(_name)
+            return await _real(self, *args, **kw)
+
+        monkeypatch.setattr(asyncssh.SFTPClient, name, spy)
+    return calls
+
+
 def ep(host: SimHost | Any) -> list[Endpoint]:
     return [Endpoint(*host.address)]
 
@@ -181,17 +197,7 @@ async def test_an_upload_asks_the_host_for_no_stat(
     `sftp.put` makes, failing on the absent `.part`); a file past one chunk arrives
     whole, and a new upload replaces the file."""
     monkeypatch.setattr(ssh_mod, "_COPY_CHUNK", 64 * 1024)
-    asked: list[str] = []
-    for name in ("stat", "lstat", "isdir"):
-        real = getattr(asyncssh.SFTPClient, name)
-
-        async def spy(
-            self: Any, *args: Any, _real: Any = real, _name: str = name, **kw: Any
-        ) -> Any:
-            asked.append(_name)
-            return await _real(self, *args, **kw)
-
-        monkeypatch.setattr(asyncssh.SFTPClient, name, spy)
+    asked = spy_sftp(monkeypatch, "stat", "lstat", "isdir")
     host = await sim_host()
     conn = await ssh_pool().get("i1", ep(host))
     src = tmp_path / "job.csv"
@@ -230,17 +236,7 @@ async def test_makedirs_takes_one_request_when_the_parent_is_there(
     """A job's folder under an existing one: one `mkdir`, no walk of the path (which
     costs a failed `mkdir` and a `stat` per component); a deep new path, an existing
     folder and a file in the way still behave as `mkdir -p`."""
-    calls: list[str] = []
-    for name in ("mkdir", "makedirs", "stat"):
-        real = getattr(asyncssh.SFTPClient, name)
-
-        async def spy(
-            self: Any, *args: Any, _real: Any = real, _name: str = name, **kw: Any
-        ) -> Any:
-            calls.append(_name)
-            return await _real(self, *args, **kw)
-
-        monkeypatch.setattr(asyncssh.SFTPClient, name, spy)
+    calls = spy_sftp(monkeypatch, "mkdir", "makedirs", "stat")
     host = await sim_host()
     conn = await ssh_pool().get("i1", ep(host))
     (host.root / "jobs").mkdir()
