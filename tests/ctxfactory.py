@@ -23,7 +23,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -226,17 +226,46 @@ async def pump(
         return f"{base} jobs={jobs}"
 
     steps = loop_steps(ctx)
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s: {text()}")
-        if dispatch:
-            await steps.dispatch()
-        co.handle_system_failures(ctx)  # the preparation loop's sweep of unwatched jobs
-        await run_due_tasks(ctx)  # the tasks loop: collections that are due
-        # The follow-ups loop's step, once the saver would have written.
-        if ctx.store.snapshot.followups and await ctx.store.flush():
-            await steps.followups()
-        await asyncio.sleep(0.05)
+    # The deadline is checked between steps; a step that never returns fails at this
+    # bound instead, with the stack it is stuck in.
+    bound = asyncio.timeout(timeout_s + STEP_GRACE_S)
+    try:
+        async with bound:
+            while not predicate():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"condition not met within {timeout_s}s: {text()}")
+                if dispatch:
+                    await steps.dispatch()
+                co.handle_system_failures(ctx)  # the preparation loop's sweep of unwatched jobs
+                await run_due_tasks(ctx)  # the tasks loop: collections that are due
+                # The follow-ups loop's step, once the saver would have written.
+                if ctx.store.snapshot.followups and await ctx.store.flush():
+                    await saving_while(ctx, steps.followups())
+                await asyncio.sleep(0.05)
+    except TimeoutError as exc:
+        if not bound.expired():
+            raise
+        raise AssertionError(f"a step did not return within {timeout_s}s: {text()}") from exc
+
+
+STEP_GRACE_S = 30.0
+
+
+async def saving_while(ctx: Context, step: Coroutine[Any, Any, object]) -> None:
+    """Await `step` while doing the saver's part, as the daemon would: write what changed
+    every `coalesce_s`. The follow-ups step waits until every change made so far is on
+    disk, and the jobs' watchers (tasks of their own) go on changing the store meanwhile:
+    without a saver, a change that lands during the last write is never written and the
+    step waits forever."""
+    task = asyncio.ensure_future(step)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=max(ctx.store.coalesce_s, 0.05))
+            if not task.done():
+                await ctx.store.flush()
+    finally:
+        task.cancel()
+    task.result()
 
 
 async def wait_state(

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from tests.ctxfactory import GATED_WORKER, SimEnv, async_wait_for, prepare_step, pump, wait_saved
 from vastd.core import files
+from vastd.core import state as st
 from vastd.core.files import JobFolder, Layout
 from vastd.core.state import InstanceStatus, JobState, StateStore
 from vastd.instances.preparation import marker_path, steps_hash
@@ -584,3 +585,29 @@ async def test_the_watcher_accepts_a_burst_in_batches(tmp_path: Path) -> None:
     assert sorted(p.name for p in ctx.layout.queued.iterdir()) == [
         f"burst{n:03d}.csv" for n in range(200)
     ]
+
+
+# --- the tests' own driver ------------------------------------------------------------------
+async def test_pump_runs_followups_when_a_change_lands_during_its_save(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follow-ups step waits until every change so far is on disk. A job's watcher
+    (a task of its own) may change the store while pump's write runs; pump then does the
+    saver's part instead of waiting forever (a CI run hung 180 s in this)."""
+    await env.start(instances=0)
+    ctx = env.context()
+    st.add_followup(ctx.store, instance="10000999", job="j", run=None, reason="collected")
+    flush = ctx.store.flush
+    changed = []
+
+    async def flush_then_a_change() -> bool:
+        ok = await flush()
+        if not changed:
+            changed.append(True)
+            ctx.store.mark_dirty()  # what a watcher's transition does
+        return ok
+
+    monkeypatch.setattr(ctx.store, "flush", flush_then_a_change)
+    async with asyncio.timeout(20):
+        await pump(ctx, lambda: not ctx.store.snapshot.followups, 10, dispatch=False)
+    assert changed
