@@ -86,13 +86,16 @@ class LocalRunner:
         *,
         timeout_s: float,
         max_bytes: int | None = None,
+        size: int | None = None,
     ) -> int:
         self.calls.append(("download", remote_path))
-        st = os.lstat(remote_path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ResultValidationError(f"{remote_path}: not a regular file")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise ResultTooLargeError(f"{remote_path}: {st.st_size} bytes, more than {max_bytes}")
+        if size is None:
+            st = os.lstat(remote_path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ResultValidationError(f"{remote_path}: not a regular file")
+            size = st.st_size
+        if max_bytes is not None and size > max_bytes:
+            raise ResultTooLargeError(f"{remote_path}: {size} bytes, more than {max_bytes}")
         part = local_path.with_name(local_path.name + ".part")
         try:
             size = await asyncio.to_thread(_copy_capped, remote_path, part, max_bytes)

@@ -155,23 +155,34 @@ async def test_a_download_reads_as_much_as_the_stat_said_and_no_more_when_true(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A file as large as its stat takes one read (none past its end to find EOF), an
-    empty one too; one larger than its stat said (it grew) still arrives whole."""
+    empty one too, and a small one one request; one larger than its stat said (it grew)
+    still arrives whole."""
     reads: list[int] = []
     real_read = asyncssh.SFTPClientFile.read
+    requests: list[int] = []  # SFTP read requests sent (asyncssh's parallel reader splits)
+    real_request = asyncssh.sftp.SFTPClientHandler.read
 
     async def spy(self: Any, size: int = -1, offset: int | None = None) -> Any:
         reads.append(size)
         return await real_read(self, size, offset)
 
+    async def spy_request(self: Any, handle: bytes, offset: int, length: int) -> Any:
+        requests.append(length)
+        return await real_request(self, handle, offset, length)
+
     monkeypatch.setattr(asyncssh.SFTPClientFile, "read", spy)
+    monkeypatch.setattr(asyncssh.sftp.SFTPClientHandler, "read", spy_request)
     host = await sim_host()
     conn = await ssh_pool().get("i1", ep(host))
     for name, size in (("small", 1000), ("empty", 0), ("big", 3 * 1024 * 1024 + 5)):
         (host.root / name).write_bytes(bytes(range(256)) * (size // 256) + b"z" * (size % 256))
         reads.clear()
+        requests.clear()
         assert await conn.download(str(host.root / name), tmp_path / name, timeout_s=30) == size
         assert (tmp_path / name).read_bytes() == (host.root / name).read_bytes()
         assert reads == [size + 1], name
+        if size < 1024 * 1024:
+            assert requests == [size + 1], name
     real_lstat = asyncssh.SFTPClient.lstat
     grown = host.root / "grown"
     grown.write_bytes(b"x" * 1000)
@@ -185,6 +196,35 @@ async def test_a_download_reads_as_much_as_the_stat_said_and_no_more_when_true(
     monkeypatch.setattr(asyncssh.SFTPClient, "lstat", lstat_then_grow)
     assert await conn.download(str(grown), tmp_path / "grown", timeout_s=30) == 300_000
     assert (tmp_path / "grown").read_bytes() == b"y" * 300_000
+    # Grown past what one request may read: read on in requests of that size.
+    grown.write_bytes(b"x" * 1000)
+    monkeypatch.setattr(ssh_mod, "_DIRECT_READ_MAX", 4096)
+    requests.clear()
+    assert await conn.download(str(grown), tmp_path / "grown2", timeout_s=30) == 300_000
+    assert (tmp_path / "grown2").read_bytes() == b"y" * 300_000
+    assert requests[0] == 1001 and max(requests) == 4096
+
+
+async def test_a_download_told_the_size_asks_for_no_lstat(
+    sim_host: SimHostFactory,
+    ssh_pool: PoolFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given the size a listing measured, a download sends no lstat; the cap still holds
+    when the file is larger than that."""
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    (host.root / "log.txt").write_bytes(b"line\n" * 100)
+    calls = spy_sftp(monkeypatch, "lstat")
+    got = await conn.download(str(host.root / "log.txt"), tmp_path / "log", timeout_s=30, size=500)
+    assert got == 500 and (tmp_path / "log").read_bytes() == b"line\n" * 100
+    assert calls == []
+    with pytest.raises(ResultTooLargeError):
+        await conn.download(
+            str(host.root / "log.txt"), tmp_path / "log2", timeout_s=30, size=10, max_bytes=100
+        )
+    assert not (tmp_path / "log2").exists()
 
 
 async def test_an_upload_asks_the_host_for_no_stat(

@@ -197,6 +197,7 @@ async def _read_output(proc: asyncssh.SSHClientProcess[str], instance_id: str) -
 
 
 _COPY_CHUNK = 8 * 1024 * 1024  # one parallel read (the SFTP client splits it in blocks)
+_DIRECT_READ_MAX = 1024 * 1024  # a file this small is read with one request
 
 
 async def _copy_capped(
@@ -209,20 +210,36 @@ async def _copy_capped(
     """Copy `remote_path` to `part` until EOF, failing as soon as more than `max_bytes`
     arrived (the count is of bytes received, whatever the file's stat said).
 
-    The first read asks for the stat's size (`expected`) and one byte more. asyncssh's
-    parallel reader asks again for the rest of any short block until it meets EOF, so a
-    read that comes back short has met the end: a file as large as it said takes one
-    read. A read of 8 MiB would have sent requests past its end (one task and one
-    SFTPEOFError each, up to 32 with OpenSSH's 255 KiB blocks) and a second read to
-    find EOF. A file larger than it said is read on in chunks."""
+    The first read asks for the stat's size (`expected`) and one byte more, and a read
+    that comes back short has met the end of the file:
+
+    - A file that fits in one request (the server's largest read, at most 1 MiB) is
+      read with single requests: one for a file as large as it said. asyncssh's
+      parallel reader would ask again for the rest of the short block, only to meet
+      EOF: a second round trip for every small file.
+    - A larger one goes through the parallel reader, which asks again for the rest of
+      any short block until it meets EOF. A read of 8 MiB would have sent requests past
+      the end (one task and one SFTPEOFError each, up to 32 with OpenSSH's 255 KiB
+      blocks) and a second read to find EOF.
+
+    A file larger than it said is read on, in requests of at most the server's largest
+    read (single ones) or in 8 MiB chunks (parallel ones)."""
+    largest = min(sftp.limits.max_read_len or _DIRECT_READ_MAX, _DIRECT_READ_MAX)
+    direct = expected < largest
     copied = 0
     async with sftp.open(
-        remote_path, "rb", encoding=None, max_requests=_SFTP_MAX_REQUESTS
+        remote_path,
+        "rb",
+        encoding=None,
+        block_size=0 if direct else -1,
+        max_requests=1 if direct else _SFTP_MAX_REQUESTS,
     ) as remote:
         with part.open("wb") as local:
             while True:
                 left = expected - copied
                 want = min(_COPY_CHUNK, left + 1) if left >= 0 else _COPY_CHUNK
+                if direct:
+                    want = min(want, largest)  # (a short answer is then the end)
                 if max_bytes is not None:
                     want = min(want, max_bytes - copied + 1)
                 data: bytes = await remote.read(want, copied)
@@ -233,7 +250,7 @@ async def _copy_capped(
                     raise ResultTooLargeError(f"{remote_path}: grew past {max_bytes} bytes")
                 local.write(data)
                 if len(data) < want:
-                    return copied  # (short: the reader met EOF)
+                    return copied  # (short: the end of the file)
 
 
 class SSHConnection:
@@ -411,24 +428,28 @@ class SSHConnection:
         *,
         timeout_s: float,
         max_bytes: int | None = None,
+        size: int | None = None,
     ) -> int:
         """Download a regular file via `<local>.part`; refuse it past `max_bytes`.
 
         The cap holds while copying, not only before: a file that grows during the
         download (or lies in its stat) aborts the copy once past it, with the `.part`
         removed, so a host can never make vastd write more than `max_bytes`.
+
+        `size`: what a listing of the job folder has just measured for this regular
+        file; the download then asks for no lstat first (the cap holds all the same).
         """
         part = local_path.with_name(safe_name(local_path.name, ".part"))
         try:
             async with self._sftp_op("download", timeout_s) as sftp:
-                attrs = await sftp.lstat(remote_path)
-                if _kind(attrs) != "file":
-                    raise ResultValidationError(f"{remote_path}: not a regular file")
-                if max_bytes is not None and (attrs.size or 0) > max_bytes:
-                    raise ResultTooLargeError(
-                        f"{remote_path}: {attrs.size} bytes, more than {max_bytes}"
-                    )
-                size = await _copy_capped(sftp, remote_path, part, max_bytes, attrs.size or 0)
+                if size is None:
+                    attrs = await sftp.lstat(remote_path)
+                    if _kind(attrs) != "file":
+                        raise ResultValidationError(f"{remote_path}: not a regular file")
+                    size = attrs.size or 0
+                if max_bytes is not None and size > max_bytes:
+                    raise ResultTooLargeError(f"{remote_path}: {size} bytes, more than {max_bytes}")
+                size = await _copy_capped(sftp, remote_path, part, max_bytes, size)
             os.replace(part, local_path)
             return size
         finally:

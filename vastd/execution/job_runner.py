@@ -112,6 +112,7 @@ class RemoteRunner(Protocol):
         *,
         timeout_s: float,
         max_bytes: int | None = None,
+        size: int | None = None,
     ) -> int: ...
 
 
