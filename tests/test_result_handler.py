@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -288,6 +289,37 @@ async def test_validate_none_accepts_any_file(
     collected = await collect(runner, paths, results_root, pattern="out/*.txt", validate="none")
     assert [p.name for p in collected.files] == ["r.txt"]
     assert (results_root / JOB / "r.txt").read_text() == "anything"
+
+
+async def test_the_log_comes_with_the_size_the_listing_measured_and_empty_without_a_trip(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """The listing measures log.txt: its download is told the size (no lstat on a real
+    host), and an empty log is written here without a download."""
+    Path(paths.out_dir, "r.txt").write_text("anything")
+    await collect(runner, paths, results_root, pattern="out/*.txt", validate="none")
+    assert (results_root / JOB / "log.txt").read_text() == "Row 0: ok\n"
+    sized: list[int | None] = []
+    download = runner.download
+
+    async def spy(remote: str, local: Path, **kw: Any) -> int:
+        sized.append(kw.get("size"))
+        return await download(remote, local, **kw)
+
+    runner.download = spy  # type: ignore[method-assign]
+    Path(paths.log).write_text("Row 0: ok again\n")
+    await collect(runner, paths, results_root, pattern="out/*.txt", validate="none")
+    assert sized == [None, len("Row 0: ok again\n")]  # the result, then the log
+    assert (results_root / JOB / "log.txt").read_text() == "Row 0: ok again\n"
+
+    Path(paths.log).write_text("")
+    runner.calls.clear()
+    collected = await collect(runner, paths, results_root, pattern="out/*.txt", validate="none")
+    assert [c for c in runner.calls if c[0] == "download"] == [
+        ("download", f"{paths.out_dir}/r.txt")
+    ]
+    assert (results_root / JOB / "log.txt").read_bytes() == b""
+    assert collected.log == results_root / JOB / "log.txt"
 
 
 async def test_long_log_is_tail_capped(

@@ -110,8 +110,10 @@ _one() {
   elif [ -d "$1" ]; then t=d
   elif [ -e "$1" ]; then t=o
   else return 0; fi
-  # Sizes are checked by the download itself; only the log's decides how it is fetched.
-  s=0; [ "$1" = log.txt ] && [ $t = f ] && s=$(wc -c < log.txt | tr -cd 0-9)
+  # Sizes are checked by the download itself; only the log's decides how it is fetched
+  # (an empty one, `-s` false, costs no process).
+  s=0; [ "$1" = log.txt ] && [ $t = f ] && [ -s log.txt ] && s=$(wc -c < log.txt)
+  s=${s#"${s%%[! ]*}"}; case $s in ''|*[!0-9]*) s=0 ;; esac
   case $1 in
     *[!A-Za-z0-9._/+-]*) printf 'F %s %s %s\n' $t "${s:-0}" "$(printf '%s' "$1" | od -An -v -tx1 | tr -d ' \n')" ;;
     *) printf 'P %s %s %s\n' $t "${s:-0}" "$1" ;;
@@ -240,11 +242,23 @@ async def download_result_file(
 ) -> Path:
     """Download one result into `local_dir` (never outside it); refuse it past `max_bytes`
     (checked while copying: the copy stops there)."""
+    target = await asyncio.to_thread(_local_target, local_dir, remote.name)
+    await _download_to(conn, remote, target, max_bytes=max_bytes, timeout_s=timeout_s)
+    return target
+
+
+async def _download_to(
+    conn: RemoteRunner, remote: RemoteFile, target: Path, *, max_bytes: int, timeout_s: float
+) -> int:
     if remote.size > max_bytes:
         raise ResultTooLargeError(f"{remote.name!r}: {remote.size} bytes, more than {max_bytes}")
-    target = await asyncio.to_thread(_local_target, local_dir, remote.name)
-    await conn.download(remote.path, target, timeout_s=timeout_s, max_bytes=max_bytes)
-    return target
+    return await conn.download(remote.path, target, timeout_s=timeout_s, max_bytes=max_bytes)
+
+
+def _target_and_room(local_dir: Path, name: str, min_free_bytes: int) -> tuple[Path, int]:
+    """Where a result lands, and the bytes the disk may still take (one worker thread
+    hop for both)."""
+    return _local_target(local_dir, name), _free_bytes(local_dir) - min_free_bytes
 
 
 @dataclass(frozen=True)
@@ -274,11 +288,14 @@ async def _download_within(
     limits: ResultLimits,
     copied: int,
     timeout_s: float,
-) -> Path:
+) -> tuple[Path, int]:
     """Download one result within every cap at once: its own, the job's total (`copied`
     bytes so far) and the local disk's floor. The copy stops at the first one passed;
-    the error says which (the disk's is a FileOperationError: the job waits)."""
-    disk_left = await asyncio.to_thread(_free_bytes, local_dir) - limits.min_free_bytes
+    the error says which (the disk's is a FileOperationError: the job waits).
+    Returns the local file and its size."""
+    target, disk_left = await asyncio.to_thread(
+        _target_and_room, local_dir, remote.name, limits.min_free_bytes
+    )
     if disk_left <= 0:
         raise FileOperationError(_disk_floor_message(local_dir, limits))
     total_left = None
@@ -286,9 +303,8 @@ async def _download_within(
         total_left = limits.max_total_bytes - copied
     cap = min(limits.max_file_bytes, disk_left, *(() if total_left is None else (total_left,)))
     try:
-        return await download_result_file(
-            conn, remote, local_dir, max_bytes=cap, timeout_s=timeout_s
-        )
+        size = await _download_to(conn, remote, target, max_bytes=cap, timeout_s=timeout_s)
+        return target, size
     except ResultTooLargeError:
         if (
             cap == disk_left
@@ -337,8 +353,15 @@ async def _download_log(
     if log_size is None:
         return None
     target = local_dir / LOG_NAME
+    if log_size == 0:
+        # Empty when listed: no round trip (a straggler's late line may be missed, as it
+        # may be by a download a moment later).
+        await asyncio.to_thread(target.touch, exist_ok=False)
+        return target
     source = paths.log
+    size: int | None = log_size  # measured by the listing: no lstat needed
     if log_size > cap_bytes:
+        size = None
         source = f"{paths.job_dir}/{_REMOTE_LOG_TAIL}"
         q = shlex.quote
         result = await conn.run(
@@ -350,7 +373,7 @@ async def _download_log(
             return None
     try:
         # The job has ended, but allow some slack for a straggler still writing.
-        await conn.download(source, target, timeout_s=timeout_s, max_bytes=2 * cap_bytes)
+        await conn.download(source, target, timeout_s=timeout_s, max_bytes=2 * cap_bytes, size=size)
     except ResultValidationError as exc:
         log.warning("result_log_skipped", reason=str(exc))
         return None
@@ -553,18 +576,17 @@ async def collect_job_results(
     if len(set(local_names)) != len(local_names) or LOG_NAME in local_names:
         raise ResultValidationError("two result files (or one and log.txt) share a local name")
     final = results_root / safe_name(job_id)
-    await asyncio.to_thread(results_root.mkdir, parents=True, exist_ok=True)
     tmp = results_root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-    await asyncio.to_thread(tmp.mkdir, mode=0o700)
+    await asyncio.to_thread(_make_temp, tmp)
     try:
         files: list[Path] = []
         local_files: list[Path] = []
         copied = 0
         for remote in remote_files:
-            local = await _download_within(
+            local, size = await _download_within(
                 conn, remote, tmp, limits=limits, copied=copied, timeout_s=timeout_s
             )
-            copied += (await asyncio.to_thread(local.stat)).st_size
+            copied += size
             local_files.append(local)
             files.append(final / local.name)
         report = await validate_results(
@@ -605,6 +627,11 @@ async def collect_job_results(
         previous=previous,
         cost=_number(manifest.get("cost")) if manifest is not None else None,
     )
+
+
+def _make_temp(tmp: Path) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(mode=0o700)
 
 
 def cleanup_stale_result_dirs(results_root: Path) -> int:
