@@ -61,6 +61,8 @@ bench-tools:
 bench: $(STAMP) bench-tools
 	$(BIN)/python bench/run_bench.py
 	$(BIN)/python bench/bench_autoscale.py --jobs 1000 --max-instances 16
+	$(BIN)/python bench/bench_autoscale.py --jobs 200 --job-s 2 --max-instances 16
+	$(BIN)/python bench/bench_autoscale.py --jobs 200 --job-s 2 --max-instances 16 --stage-ahead 1
 	$(BIN)/python bench/bench_parallel.py
 
 # Issue 9: a campaign at scale through the real daemon on the simulator: JOBS files

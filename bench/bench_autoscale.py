@@ -16,6 +16,7 @@ measured on the "instance". Reported:
   spend the ledger accrued (`spend_total`) against sum(dph x owned time).
 
     .venv/bin/python bench/bench_autoscale.py --jobs 1000 --max-instances 16
+    .venv/bin/python bench/bench_autoscale.py --jobs 200 --job-s 2 --stage-ahead 1
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -65,6 +67,7 @@ def settings_for(cluster: SimCluster, root: Path, args: argparse.Namespace) -> A
             "validate": "none",
             "poll_interval_s": 0.5,
             "max_attempts": 2,
+            "stage_ahead": args.stage_ahead,
         },
         fleet={
             "mode": "autoscale",
@@ -203,6 +206,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def report(r: dict[str, Any], args: argparse.Namespace) -> str:
     ratio = r["instance_h"] / r["ideal_h"] if r["ideal_h"] else float("nan")
+    ideal_min = r["ideal_h"] * 60
+    floor = (r["boot_min"] + r["busy_min"] + r["tail_min"]) / ideal_min if ideal_min else math.nan
     rows = [
         ("jobs done / failed", f"{r['done']} / {r['failed']} of {r['jobs']}"),
         ("wall time (to last job done)", f"{r['wall_s']} s (+{r['teardown_s']} s teardown)"),
@@ -215,6 +220,10 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         ("busy instance-minutes", f"{r['busy_min']:.2f}"),
         ("idle instance-minutes", f"{r['idle_min']:.2f}"),
         ("  of which after the last job", f"{r['tail_min']:.2f}"),
+        ("  of which between jobs", f"{max(0.0, r['idle_min'] - r['tail_min']):.2f}"),
+        # What no dispatch could take back: the boots and each instance's last idle
+        # timeout (the tail). 1.0 would need neither.
+        ("(boot + busy + tail) / ideal", f"{floor:.2f}x"),
         ("peak $/h (budget)", f"{r['peak_dph']:.2f} ({r['budget_dph']:.2f})"),
         (
             "spend ledger / dph x owned time",
@@ -225,7 +234,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"autoscale bench: {args.jobs} jobs x sleep {args.job_s}s, max {args.max_instances} "
         f"instances, boot {args.boot_delay_s}s, idle timeout {args.idle_timeout_s}s, "
-        f"poll {args.poll_s}s",
+        f"poll {args.poll_s}s, stage_ahead {args.stage_ahead}",
         "",
         f"| {'figure'.ljust(width)} | value |",
         f"|{'-' * (width + 2)}|-------|",
@@ -244,6 +253,7 @@ def main() -> int:
     parser.add_argument("--poll-s", type=float, default=0.5)
     parser.add_argument("--max-total-dph", type=float, default=6.0)
     parser.add_argument("--timeout-s", type=float, default=600.0)
+    parser.add_argument("--stage-ahead", type=int, default=0, help="[job] stage_ahead")
     args = parser.parse_args()
     setup_logging("ERROR", json=True, stream=sys.stderr)
     logging.getLogger("asyncssh").setLevel(logging.ERROR)
