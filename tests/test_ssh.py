@@ -205,6 +205,28 @@ async def test_a_download_reads_as_much_as_the_stat_said_and_no_more_when_true(
     assert requests[0] == 1001 and max(requests) == 4096
 
 
+async def test_a_download_answered_short_of_its_stat_reads_on_to_the_end(
+    sim_host: SimHostFactory,
+    ssh_pool: PoolFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server whose reads come back short (100 bytes at a time) before the end: the
+    file still arrives whole, not cut at the first short answer."""
+    real_request = asyncssh.sftp.SFTPClientHandler.read
+
+    async def short(self: Any, handle: bytes, offset: int, length: int) -> Any:
+        return await real_request(self, handle, offset, min(length, 100))
+
+    monkeypatch.setattr(asyncssh.sftp.SFTPClientHandler, "read", short)
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    data = bytes(range(256)) * 4
+    (host.root / "f").write_bytes(data)
+    assert await conn.download(str(host.root / "f"), tmp_path / "f", timeout_s=30) == len(data)
+    assert (tmp_path / "f").read_bytes() == data
+
+
 async def test_a_download_told_the_size_asks_for_no_lstat(
     sim_host: SimHostFactory,
     ssh_pool: PoolFactory,

@@ -223,7 +223,8 @@ async def _copy_capped(
       blocks) and a second read to find EOF.
 
     A file larger than it said is read on, in requests of at most the server's largest
-    read (single ones) or in 8 MiB chunks (parallel ones)."""
+    read (single ones) or in 8 MiB chunks (parallel ones); a single request answered
+    short of the stat's size is followed by another until EOF."""
     largest = min(sftp.limits.max_read_len or _DIRECT_READ_MAX, _DIRECT_READ_MAX)
     direct = expected < largest
     copied = 0
@@ -249,8 +250,10 @@ async def _copy_capped(
                 if max_bytes is not None and copied > max_bytes:
                     raise ResultTooLargeError(f"{remote_path}: grew past {max_bytes} bytes")
                 local.write(data)
-                if len(data) < want:
-                    return copied  # (short: the end of the file)
+                if len(data) < want and (copied >= expected or not direct):
+                    # Short: the end of the file. (A single request may also come back
+                    # short of what the stat said; the next read tells.)
+                    return copied
 
 
 class SSHConnection:
