@@ -38,6 +38,7 @@ from vastd.orchestration.workflow import (
     coordinate_instance_preparation,
     discovery_once,
     handle_instance_failure,
+    loop_steps,
     make_inbox_watcher,
     recover_after_restart,
     run_instance_preparation_workflow,
@@ -245,6 +246,18 @@ async def test_preparation_makes_instance_ready_and_writes_marker(env: SimEnv) -
     assert [e["instance"] for e in events(logs, "instance_prepared")] == [iid]
     # A READY instance is not prepared again by the loop.
     assert coordinate_instance_preparation(ctx) == 0
+
+
+async def test_the_discovery_step_starts_preparing_what_it_found_running(env: SimEnv) -> None:
+    """The discovery loop's step starts the preparation of a newly listed running instance
+    itself: READY without waiting for the preparation loop's next turn."""
+    await env.start(instances=1)
+    ctx = env.context()
+    await loop_steps(ctx).discovery()
+    [iid] = list(ctx.store.instances)
+    assert iid in ctx.preparing
+    await ctx.preparing[iid]
+    assert ctx.store.instances[iid].status is InstanceStatus.READY
 
 
 async def test_preparation_is_skipped_when_the_marker_matches(env: SimEnv) -> None:

@@ -239,6 +239,9 @@ class LoopSteps:
 
     async def discovery(self) -> None:
         await discovery_once(self.ctx)
+        # What the listing shows running is prepared now, not at the preparation loop's
+        # next turn (up to its interval later: instance time paid for nothing).
+        coordinate_instance_preparation(self.ctx)
 
 
 def loop_steps(ctx: Context) -> LoopSteps:
