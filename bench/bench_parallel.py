@@ -23,7 +23,9 @@ Figures:
   run, taken as the whole timed window (first rename .. last job_done): the
   simulated instances are adopted before the window and kept after it.
 - jobs started while the daemon was stopped (--sigstop-s, 2 s workload): jobs whose
-  remote t_start falls inside the SIGSTOP .. SIGCONT window.
+  remote t_start falls inside the SIGSTOP .. SIGCONT window. The stop comes once 1/3
+  of the jobs are done and the daemon has logged a staged run waiting on every
+  instance (at most 10 s later); the report gives how many were waiting.
 
     .venv/bin/python bench/bench_parallel.py [--jobs 160] [--instances 16]
         [--stage-ahead N] [--sigstop-s 10] [--json PATH]
@@ -225,6 +227,7 @@ def vastd_summary(f: Figures | str, m: int) -> dict[str, Any]:
         "busy_mean": statistics.fmean(busy),
         "stopped": f.stopped,
         "started_while_stopped": started_stopped,
+        "staged_at_stop": f.staged_at_stop,
         "exit_code": f.exit_code,
     }
 
@@ -286,7 +289,9 @@ def table(res: dict[str, Any], stages: list[int]) -> str:
     if stop is not None:
         label = f"jobs started while the daemon was stopped {stop['sigstop_s']:g} s"
         label += f" (stage_ahead = {stop['stage_ahead']})"
-        rows.append(f"| {label} | - | {stop['started_while_stopped']} | | |")
+        waiting = stop.get("staged_at_stop")
+        also = f" ({waiting} staged runs waiting at the stop)" if waiting is not None else ""
+        rows.append(f"| {label} | - | {stop['started_while_stopped']}{also} | | |")
     return "\n".join(rows) + "\n"
 
 

@@ -53,6 +53,7 @@ from vastd.utils.logging import setup_logging  # noqa: E402
 # which `result_glob = "out/t_*"` collects into results/<job>/t_start and t_end.
 JOB_COMMAND = "date +%s.%N > {output_dir}/t_start && date +%s.%N > {output_dir}/t_end"
 RESULT_GLOB = "out/t_*"
+STOP_WAIT_S = 10.0  # --sigstop-s: the longest wait for a staged run on every instance
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The daemon's per-job events in pipeline order (CONTRACT §8).
@@ -204,6 +205,8 @@ class DaemonLog:
     lines: int = 0
     # first log time of each pipeline event per job, for the stage breakdown
     seen: dict[str, dict[str, float]] = field(default_factory=dict)
+    # staged runs ([job] stage_ahead) not yet seen started or withdrawn
+    staged_waiting: set[str] = field(default_factory=set)
 
     def feed(self, raw: bytes) -> None:
         self.lines += 1
@@ -227,6 +230,12 @@ class DaemonLog:
                 self.all_prepared.set()
         elif event in ("job_dispatched", "job_started") and "job" in rec:
             self.instance_of[rec["job"]] = str(rec.get("instance"))
+            if event == "job_started":
+                self.staged_waiting.discard(rec["job"])
+        elif event == "job_staged" and "job" in rec:
+            self.staged_waiting.add(rec["job"])
+        elif event == "job_withdrawn" and "job" in rec:
+            self.staged_waiting.discard(rec["job"])
         elif event == "job_done":
             self.done_at[rec["job"]] = parse_ts(rec["timestamp"])
             self.progress.set()
@@ -267,8 +276,10 @@ class Figures:
     window: tuple[float, float] = (math.nan, math.nan)
     # job -> (instance, remote t_start, remote t_end); for bench_parallel.py's figures
     job_times: dict[str, tuple[str, float, float]] = field(default_factory=dict, repr=False)
-    # --sigstop-s: the wall-clock window the daemon was stopped in (SIGSTOP .. SIGCONT)
+    # --sigstop-s: the wall-clock window the daemon was stopped in (SIGSTOP .. SIGCONT),
+    # and how many staged runs it had logged as waiting when it was stopped
     stopped: tuple[float, float] | None = None
+    staged_at_stop: int | None = None
     stages: list[tuple[str, float, float]] = field(default_factory=list)
     trouble: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -380,10 +391,28 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
         deadline = time.monotonic() + args.deadline_s
         last_report = time.monotonic()
         stopped: tuple[float, float] | None = None
+        staged_at_stop: int | None = None
         stop_s = getattr(args, "sigstop_s", 0.0)
+        third_at: float | None = None
         while len(log.done_at) + len(log.failed) < n:
-            if stop_s and stopped is None and len(log.done_at) >= n // 3:
+            if stop_s and third_at is None and len(log.done_at) >= n // 3:
+                third_at = time.monotonic()
+            # The jobs on all instances start and end about together, so a stop at a
+            # random moment may find most slots between a staged run's start and the
+            # staging of the next: stop once every instance has one waiting (or after
+            # STOP_WAIT_S), and say how many were.
+            if (
+                stop_s
+                and stopped is None
+                and third_at is not None
+                and (
+                    len(log.staged_waiting) >= m
+                    or not getattr(args, "stage_ahead", 0)
+                    or time.monotonic() - third_at > STOP_WAIT_S
+                )
+            ):
                 # Freeze the daemon mid-run (the instances, in this process, go on).
+                staged_at_stop = len(log.staged_waiting)
                 proc.send_signal(signal.SIGSTOP)
                 t_stop = time.time()
                 await asyncio.sleep(stop_s)
@@ -477,6 +506,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
             window=(first, last),
             job_times={j: (log.instance_of.get(j, "?"), t_start[j], t_end[j]) for j in t_start},
             stopped=stopped,
+            staged_at_stop=staged_at_stop,
             stages=stage_breakdown(log.seen),
             failures=[f"{job}: {why}" for job, why in sorted(log.failed.items())],
             trouble={e: log.counts.get(e, 0) for e in TROUBLE_EVENTS if log.counts.get(e)},
