@@ -24,8 +24,8 @@ Figures:
   simulated instances are adopted before the window and kept after it.
 - jobs started while the daemon was stopped (--sigstop-s, 2 s workload): jobs whose
   remote t_start falls inside the SIGSTOP .. SIGCONT window. The stop comes once 1/3
-  of the jobs are done and the daemon has logged a staged run waiting on every
-  instance (at most 10 s later); the report gives how many were waiting.
+  of the jobs are done and every instance has a staged run waiting (a job folder
+  holding `staged`; at most 10 s later); the report gives how many had.
 
     .venv/bin/python bench/bench_parallel.py [--jobs 160] [--instances 16]
         [--stage-ahead N] [--sigstop-s 10] [--json PATH]
@@ -290,7 +290,7 @@ def table(res: dict[str, Any], stages: list[int]) -> str:
         label = f"jobs started while the daemon was stopped {stop['sigstop_s']:g} s"
         label += f" (stage_ahead = {stop['stage_ahead']})"
         waiting = stop.get("staged_at_stop")
-        also = f" ({waiting} staged runs waiting at the stop)" if waiting is not None else ""
+        also = f" ({waiting} instances had one staged at the stop)" if waiting is not None else ""
         rows.append(f"| {label} | - | {stop['started_while_stopped']}{also} | | |")
     return "\n".join(rows) + "\n"
 

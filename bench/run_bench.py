@@ -187,6 +187,12 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def staged_instances(cluster: SimCluster) -> int:
+    """Instances with a staged run waiting: a job folder holding `staged` (written when
+    the run is staged, renamed to `go` when it is claimed)."""
+    return sum(1 for inst in cluster.remote_root.iterdir() if any((inst / "jobs").glob("*/staged")))
+
+
 # --- the daemon's log ---------------------------------------------------------------------
 @dataclass
 class DaemonLog:
@@ -205,8 +211,6 @@ class DaemonLog:
     lines: int = 0
     # first log time of each pipeline event per job, for the stage breakdown
     seen: dict[str, dict[str, float]] = field(default_factory=dict)
-    # staged runs ([job] stage_ahead) not yet seen started or withdrawn
-    staged_waiting: set[str] = field(default_factory=set)
 
     def feed(self, raw: bytes) -> None:
         self.lines += 1
@@ -230,12 +234,6 @@ class DaemonLog:
                 self.all_prepared.set()
         elif event in ("job_dispatched", "job_started") and "job" in rec:
             self.instance_of[rec["job"]] = str(rec.get("instance"))
-            if event == "job_started":
-                self.staged_waiting.discard(rec["job"])
-        elif event == "job_staged" and "job" in rec:
-            self.staged_waiting.add(rec["job"])
-        elif event == "job_withdrawn" and "job" in rec:
-            self.staged_waiting.discard(rec["job"])
         elif event == "job_done":
             self.done_at[rec["job"]] = parse_ts(rec["timestamp"])
             self.progress.set()
@@ -277,7 +275,7 @@ class Figures:
     # job -> (instance, remote t_start, remote t_end); for bench_parallel.py's figures
     job_times: dict[str, tuple[str, float, float]] = field(default_factory=dict, repr=False)
     # --sigstop-s: the wall-clock window the daemon was stopped in (SIGSTOP .. SIGCONT),
-    # and how many staged runs it had logged as waiting when it was stopped
+    # and how many instances had a staged run waiting then (their job folders tell)
     stopped: tuple[float, float] | None = None
     staged_at_stop: int | None = None
     stages: list[tuple[str, float, float]] = field(default_factory=list)
@@ -400,19 +398,20 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
             # The jobs on all instances start and end about together, so a stop at a
             # random moment may find most slots between a staged run's start and the
             # staging of the next: stop once every instance has one waiting (or after
-            # STOP_WAIT_S), and say how many were.
+            # STOP_WAIT_S), and say how many had.
+            waiting = staged_instances(cluster) if stop_s and stopped is None else 0
             if (
                 stop_s
                 and stopped is None
                 and third_at is not None
                 and (
-                    len(log.staged_waiting) >= m
+                    waiting >= m
                     or not getattr(args, "stage_ahead", 0)
                     or time.monotonic() - third_at > STOP_WAIT_S
                 )
             ):
                 # Freeze the daemon mid-run (the instances, in this process, go on).
-                staged_at_stop = len(log.staged_waiting)
+                staged_at_stop = waiting
                 proc.send_signal(signal.SIGSTOP)
                 t_stop = time.time()
                 await asyncio.sleep(stop_s)
