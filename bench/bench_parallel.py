@@ -22,6 +22,9 @@ Figures:
   running (union of its jobs' remote [t_start, t_end]) / the time it is owned in the
   run, taken as the whole timed window (first rename .. last job_done): the
   simulated instances are adopted before the window and kept after it.
+- idle per instance (vastd, 2 s workload): that owned time less the busy time, split
+  into before its first job's t_start, between its jobs, and after its last t_end;
+  means over the instances.
 - jobs started while the daemon was stopped (--sigstop-s, 2 s workload): jobs whose
   remote t_start falls inside the SIGSTOP .. SIGCONT window. The stop comes once 1/3
   of the jobs are done and every instance has a staged run waiting (a job folder
@@ -209,6 +212,13 @@ def vastd_summary(f: Figures | str, m: int) -> dict[str, Any]:
         spans.setdefault(inst, []).append((a, b))
     own = f.window[1] - f.window[0]
     busy = [union_length(s) / own for s in spans.values()] + [0.0] * (m - len(spans))
+    # Where each instance's idle time lies: before its first job, between its jobs, after
+    # its last (the owned window's ends); means over the instances that ran a job, in s.
+    head = [min(a for a, _ in s) - f.window[0] for s in spans.values()]
+    tail = [f.window[1] - max(b for _, b in s) for s in spans.values()]
+    between = [
+        (own - union_length(s)) - h - t for s, h, t in zip(spans.values(), head, tail, strict=True)
+    ]
     started_stopped = None
     if f.stopped is not None:
         t0, t1 = f.stopped
@@ -225,6 +235,9 @@ def vastd_summary(f: Figures | str, m: int) -> dict[str, Any]:
         "busy_min": min(busy),
         "busy_median": statistics.median(busy),
         "busy_mean": statistics.fmean(busy),
+        "idle_head_s": statistics.fmean(head) if head else math.nan,
+        "idle_between_s": statistics.fmean(between) if between else math.nan,
+        "idle_tail_s": statistics.fmean(tail) if tail else math.nan,
         "stopped": f.stopped,
         "started_while_stopped": started_stopped,
         "staged_at_stop": f.staged_at_stop,
@@ -284,6 +297,11 @@ def table(res: dict[str, Any], stages: list[int]) -> str:
         rows.append(
             f"| GPU-busy fraction min / median / mean{tag} | - | {vs['busy_min']:.3f} / "
             f"{vs['busy_median']:.3f} / {vs['busy_mean']:.3f} | | |"
+        )
+        rows.append(
+            f"| idle per instance, mean: before its first job / between jobs / after its "
+            f"last{tag} | - | {vs['idle_head_s']:.2f} / {vs['idle_between_s']:.2f} / "
+            f"{vs['idle_tail_s']:.2f} s | | |"
         )
     stop = res.get("sigstop")
     if stop is not None:
