@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -247,6 +249,54 @@ async def test_a_download_told_the_size_asks_for_no_lstat(
             str(host.root / "log.txt"), tmp_path / "log2", timeout_s=30, size=10, max_bytes=100
         )
     assert not (tmp_path / "log2").exists()
+
+
+async def test_a_download_creates_writes_and_renames_its_file_off_the_event_loop(
+    sim_host: SimHostFactory,
+    ssh_pool: PoolFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every local file operation of a download (create, write, rename, removal) runs in
+    a worker thread, never on the loop: creating a file waits for the filesystem's
+    journal. A small file is held in memory, a large one spilled to disk as it comes;
+    either arrives whole, and a cap passed after the spill leaves nothing behind."""
+    monkeypatch.setattr(ssh_mod, "_SPOOL_MAX", 64 * 1024, raising=False)
+    local = tmp_path / "local"
+    local.mkdir()
+    on_loop: list[str] = []
+    loop_thread = threading.get_ident()
+    armed = [False]  # only during the downloads (the test reads the files on the loop)
+
+    def watch(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(path: Any, *args: Any, **kw: Any) -> Any:
+            if armed[0] and Path(path).parent == local and threading.get_ident() == loop_thread:
+                on_loop.append(f"{name} {Path(path).name}")
+            return real(path, *args, **kw)
+
+        return spy
+
+    monkeypatch.setattr(Path, "open", watch("open", Path.open))
+    monkeypatch.setattr(Path, "unlink", watch("unlink", Path.unlink))
+    monkeypatch.setattr(ssh_mod.os, "replace", watch("replace", os.replace))
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    for name, size in (("small", 1000), ("empty", 0), ("large", 300_000)):
+        data = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+        (host.root / name).write_bytes(data)
+        armed[0] = True
+        assert await conn.download(str(host.root / name), local / name, timeout_s=30) == size
+        armed[0] = False
+        assert (local / name).read_bytes() == data
+    # The listing said 100 bytes; 300,000 come, past the 200,000 cap, after the spill.
+    armed[0] = True
+    with pytest.raises(ResultTooLargeError):
+        await conn.download(
+            str(host.root / "large"), local / "capped", timeout_s=30, size=100, max_bytes=200_000
+        )
+    armed[0] = False
+    assert sorted(p.name for p in local.iterdir()) == ["empty", "large", "small"]
+    assert on_loop == []
 
 
 async def test_an_upload_asks_the_host_for_no_stat(
