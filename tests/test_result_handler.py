@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from vastd.execution.result_handler import (
     matches_result_glob,
 )
 from vastd.execution.validate import validate_results
-from vastd.utils.exceptions import ConfigError, ResultValidationError
+from vastd.utils.exceptions import ConfigError, FileOperationError, ResultValidationError
 
 JOB = "garch_test_job_0000_0099"
 
@@ -264,6 +266,61 @@ async def test_failed_collection_keeps_earlier_folder(
         await collect(runner, paths, results_root)
     assert os.listdir(old) == ["kept.parquet"]
     assert leftovers(results_root) == []
+
+
+async def test_a_results_folder_that_cannot_be_made_is_a_local_problem(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """results/ in the way (a file there): FileOperationError, as for a full or read-only
+    disk (the job waits; not its fault), not a bare OSError out of the collection."""
+    write_parquet(Path(paths.job_dir, "a.parquet"), 1)
+    results_root.write_text("not a folder")
+    with pytest.raises(FileOperationError, match="cannot store the results"):
+        await collect(runner, paths, results_root)
+    assert results_root.read_text() == "not a folder"
+
+
+async def test_each_result_and_the_manifest_are_fsynced_once_before_the_final_name(
+    runner: LocalRunner,
+    paths: RemoteJobPaths,
+    results_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every file of the folder (results, log, MANIFEST.json) and the folder itself are
+    fsynced before the rename to the final name, once each (no temp file, no second
+    pass); the manifest's checksums are the files'."""
+    write_parquet(Path(paths.job_dir, "a.parquet"), 2)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    await collect_job_results(
+        runner,
+        paths,
+        JOB,
+        results_root=results_root,
+        pattern="*.parquet",
+        min_results=1,
+        validate="parquet",
+        max_bytes=10**6,
+        timeout_s=20,
+        manifest={"instance": "inst1"},
+    )
+    final = results_root / JOB
+    temp = [Path(p) for p in synced if Path(p).parent == results_root and p != str(results_root)]
+    assert len({t.name for t in temp}) == 1  # one temp folder, fsynced itself
+    names = [Path(p).name for p in synced if Path(p).parent in temp]
+    assert sorted(names) == ["MANIFEST.json", "a.parquet", "log.txt"]
+    assert synced.count(str(temp[0])) == 1 and str(results_root) in synced
+    manifest = json.loads((final / "MANIFEST.json").read_text())
+    digest = hashlib.sha256((final / "a.parquet").read_bytes()).hexdigest()
+    size = (final / "a.parquet").stat().st_size
+    assert manifest["files"] == [{"name": "a.parquet", "bytes": size, "sha256": digest}]
+    assert sorted(os.listdir(final)) == ["MANIFEST.json", "a.parquet", "log.txt"]
 
 
 async def test_min_results_enforced(

@@ -319,14 +319,19 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_directory(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any, mode: int = 0o600) -> None:
-    """`atomic_write_bytes` of `obj` as indented JSON (UTF-8; odd file names escaped)."""
+def json_bytes(obj: Any) -> bytes:
+    """`obj` as indented JSON with a final newline (UTF-8; odd file names escaped)."""
     try:
         data = json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         # A non-UTF-8 file name decodes to lone surrogates; \u escapes still round-trip.
         data = json.dumps(obj, indent=2, ensure_ascii=True).encode("ascii")
-    atomic_write_bytes(path, data + b"\n", mode)
+    return data + b"\n"
+
+
+def atomic_write_json(path: Path, obj: Any, mode: int = 0o600) -> None:
+    """`atomic_write_bytes` of `obj` as `json_bytes`."""
+    atomic_write_bytes(path, json_bytes(obj), mode)
 
 
 def utc_now_iso() -> str:

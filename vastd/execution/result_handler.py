@@ -31,13 +31,13 @@ import re
 import secrets
 import shlex
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from vastd.core.files import TEMP_PREFIX, atomic_write_json, fsync_directory, safe_name
+from vastd.core.files import TEMP_PREFIX, fsync_directory, json_bytes, safe_name
 from vastd.execution.job_runner import (
     CONTROL_NAMES,
     LOG_NAME,
@@ -255,10 +255,11 @@ async def _download_to(
     return await conn.download(remote.path, target, timeout_s=timeout_s, max_bytes=max_bytes)
 
 
-def _target_and_room(local_dir: Path, name: str, min_free_bytes: int) -> tuple[Path, int]:
-    """Where a result lands, and the bytes the disk may still take (one worker thread
-    hop for both)."""
-    return _local_target(local_dir, name), _free_bytes(local_dir) - min_free_bytes
+def _make_temp_for(tmp: Path, names: Sequence[str], min_free_bytes: int) -> tuple[list[Path], int]:
+    """Make the temp folder; where each result lands in it, and the bytes the disk may
+    take before its floor (one worker thread hop for a job's results)."""
+    _make_temp(tmp)
+    return [_local_target(tmp, n) for n in names], _free_bytes(tmp) - min_free_bytes
 
 
 @dataclass(frozen=True)
@@ -283,35 +284,34 @@ def _free_bytes(folder: Path) -> int:
 async def _download_within(
     conn: RemoteRunner,
     remote: RemoteFile,
-    local_dir: Path,
+    target: Path,
     *,
     limits: ResultLimits,
     copied: int,
+    room: int,
     timeout_s: float,
-) -> tuple[Path, int]:
-    """Download one result within every cap at once: its own, the job's total (`copied`
-    bytes so far) and the local disk's floor. The copy stops at the first one passed;
-    the error says which (the disk's is a FileOperationError: the job waits).
-    Returns the local file and its size."""
-    target, disk_left = await asyncio.to_thread(
-        _target_and_room, local_dir, remote.name, limits.min_free_bytes
-    )
+) -> int:
+    """Download one result to `target` within every cap at once: its own, the job's
+    total (`copied` bytes so far) and the local disk's floor (`room`: what the disk could
+    take above it before the job's first download). The copy stops at the first one
+    passed; the error says which (the disk's is a FileOperationError: the job waits).
+    Returns the file's size."""
+    disk_left = room - copied
     if disk_left <= 0:
-        raise FileOperationError(_disk_floor_message(local_dir, limits))
+        raise FileOperationError(_disk_floor_message(target.parent, limits))
     total_left = None
     if limits.max_total_bytes is not None:
         total_left = limits.max_total_bytes - copied
     cap = min(limits.max_file_bytes, disk_left, *(() if total_left is None else (total_left,)))
     try:
-        size = await _download_to(conn, remote, target, max_bytes=cap, timeout_s=timeout_s)
-        return target, size
+        return await _download_to(conn, remote, target, max_bytes=cap, timeout_s=timeout_s)
     except ResultTooLargeError:
         if (
             cap == disk_left
             and cap < limits.max_file_bytes
             and (total_left is None or cap < total_left)
         ):
-            raise FileOperationError(_disk_floor_message(local_dir, limits)) from None
+            raise FileOperationError(_disk_floor_message(target.parent, limits)) from None
         if total_left is not None and cap == total_left and cap < limits.max_file_bytes:
             raise ResultTooLargeError(
                 f"the results pass [job] max_results_total_bytes = {limits.max_total_bytes}"
@@ -350,13 +350,14 @@ async def _download_log(
     cap_bytes: int,
     timeout_s: float,
 ) -> Path | None:
+    """The job's log as `local_dir/log.txt` (its tail past `cap_bytes`); None when there
+    is none. An empty one (`log_size == 0`) is not fetched and not yet created."""
     if log_size is None:
         return None
     target = local_dir / LOG_NAME
     if log_size == 0:
         # Empty when listed: no round trip (a straggler's late line may be missed, as it
-        # may be by a download a moment later).
-        await asyncio.to_thread(target.touch, exist_ok=False)
+        # may be by a download a moment later); the caller creates the file.
         return target
     source = paths.log
     size: int | None = log_size  # measured by the listing: no lstat needed
@@ -393,10 +394,12 @@ def _fsync_tree(folder: Path) -> None:
     fsync_directory(folder)
 
 
-def _install_results(tmp: Path, final: Path) -> None:
+def _install_results(tmp: Path, final: Path, *, synced: bool = False) -> None:
     """Replace `final` with `tmp` by renames; an earlier attempt's folder is set aside, then
-    deleted, so the final name only ever holds one run's complete results."""
-    _fsync_tree(tmp)
+    deleted, so the final name only ever holds one run's complete results. (`synced`:
+    the caller has fsynced `tmp`'s files already.)"""
+    if not synced:
+        _fsync_tree(tmp)
     aside: Path | None = None
     if final.exists() or final.is_symlink():
         aside = final.with_name(f"{tmp.name}-old")
@@ -472,14 +475,14 @@ def _install_keeping_previous(tmp: Path, final: Path, run_id: str | None = None)
             previous = _previous_dirs(final)
             for prev in previous:
                 os.rename(prev, tmp / prev.name)
-            _install_results(tmp, final)
+            _install_results(tmp, final)  # (synced again: the folders just moved in)
             # The earlier run's folder from that first install (its input goes there).
             newest = max(previous, key=lambda p: int(p.name[len(PREVIOUS_PREFIX) :]), default=None)
             return final / newest.name if newest is not None else None
         os.rename(final, keep)
         fsync_directory(final.parent)
     else:
-        _install_results(tmp, final)
+        _install_results(tmp, final, synced=True)
         return None
     os.rename(tmp, final)
     numbers = [0]
@@ -517,11 +520,38 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(tmp: Path, files: list[Path], fields: Mapping[str, Any]) -> None:
+    """MANIFEST.json in the temp folder: a plain write, made durable with the results by
+    the install's fsyncs (the folder is only ever seen whole, under its final name)."""
     entries = [
         {"name": p.name, "bytes": (tmp / p.name).stat().st_size, "sha256": _sha256(tmp / p.name)}
         for p in files
     ]
-    atomic_write_json(tmp / MANIFEST_NAME, {**fields, "files": entries})
+    fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(json_bytes({**fields, "files": entries}))
+
+
+def _finish_results(
+    tmp: Path,
+    final: Path,
+    files: list[Path],
+    manifest: Mapping[str, Any] | None,
+    *,
+    keep_previous: bool,
+    run_id: str | None,
+    empty: Sequence[Path] = (),
+) -> Path | None:
+    """The `empty` files (an empty log), the manifest, then the install (one worker
+    thread hop); returns the folder the replaced results were kept in
+    (`keep_previous`)."""
+    for path in empty:
+        path.touch(exist_ok=False)
+    if manifest is not None:
+        _write_manifest(tmp, files, manifest)
+    if keep_previous:
+        return _install_keeping_previous(tmp, final, run_id)
+    _install_results(tmp, final)
+    return None
 
 
 async def collect_job_results(
@@ -577,18 +607,22 @@ async def collect_job_results(
         raise ResultValidationError("two result files (or one and log.txt) share a local name")
     final = results_root / safe_name(job_id)
     tmp = results_root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-    await asyncio.to_thread(_make_temp, tmp)
     try:
-        files: list[Path] = []
-        local_files: list[Path] = []
+        local_files, room = await asyncio.to_thread(
+            _make_temp_for, tmp, [f.name for f in remote_files], limits.min_free_bytes
+        )
+        files = [final / local.name for local in local_files]
         copied = 0
-        for remote in remote_files:
-            local, size = await _download_within(
-                conn, remote, tmp, limits=limits, copied=copied, timeout_s=timeout_s
+        for remote, local in zip(remote_files, local_files, strict=True):
+            copied += await _download_within(
+                conn,
+                remote,
+                local,
+                limits=limits,
+                copied=copied,
+                room=room,
+                timeout_s=timeout_s,
             )
-            copied += size
-            local_files.append(local)
-            files.append(final / local.name)
         report = await validate_results(
             local_files,
             validate,
@@ -602,15 +636,20 @@ async def collect_job_results(
         log_path = await _download_log(
             conn, paths, listing.log_size, tmp, cap_bytes=log_max_bytes, timeout_s=timeout_s
         )
+        # With the results, before the job is done: what run, where, which bytes.
+        fields = None
         if manifest is not None:
-            # With the results, before the job is done: what run, where, which bytes.
             fields = {**manifest, "job": job_id, "run": run_id, "rows_out": rows}
-            await asyncio.to_thread(_write_manifest, tmp, files, fields)
-        previous: Path | None = None
-        if keep_previous:
-            previous = await asyncio.to_thread(_install_keeping_previous, tmp, final, run_id)
-        else:
-            await asyncio.to_thread(_install_results, tmp, final)
+        previous = await asyncio.to_thread(
+            _finish_results,
+            tmp,
+            final,
+            files,
+            fields,
+            keep_previous=keep_previous,
+            run_id=run_id,
+            empty=(log_path,) if log_path is not None and listing.log_size == 0 else (),
+        )
     except BaseException as exc:
         # Synchronous on purpose: this must also run when the task is being cancelled.
         shutil.rmtree(tmp, ignore_errors=True)
