@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.localrunner import LocalRunner
+from vastd.execution import result_handler
 from vastd.execution.job_runner import RemoteJobPaths, remote_job_paths
 from vastd.execution.result_handler import (
     CollectedResults,
@@ -321,6 +324,64 @@ async def test_each_result_and_the_manifest_are_fsynced_once_before_the_final_na
     size = (final / "a.parquet").stat().st_size
     assert manifest["files"] == [{"name": "a.parquet", "bytes": size, "sha256": digest}]
     assert sorted(os.listdir(final)) == ["MANIFEST.json", "a.parquet", "log.txt"]
+
+
+async def test_a_collection_cancelled_during_the_install_leaves_whole_results(
+    runner: LocalRunner,
+    paths: RemoteJobPaths,
+    results_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled while the install runs in its worker thread: the clean-up waits for it
+    instead of removing the temp folder under it, so results/<job>/ is whole (or was
+    never made), and no temp folder is left."""
+    write_parquet(Path(paths.job_dir, "a.parquet"), 3)
+    entered, release = threading.Event(), threading.Event()
+    real = result_handler._install_results
+
+    def slow(tmp: Path, final: Path, **kw: Any) -> None:
+        entered.set()
+        release.wait(10)
+        real(tmp, final, **kw)
+
+    monkeypatch.setattr(result_handler, "_install_results", slow)
+    task = asyncio.ensure_future(collect(runner, paths, results_root))
+    await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    final = results_root / JOB
+    assert sorted(os.listdir(final)) == ["a.parquet", "log.txt"]
+    assert pq.read_table(final / "a.parquet").num_rows == 3
+    assert leftovers(results_root) == []
+
+
+async def test_a_manifest_left_by_the_validate_command_is_replaced(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """A validate_command that leaves its own MANIFEST.json (or a link of that name) in
+    the folder: vastd's replaces it; the job is not held up by it."""
+    write_parquet(Path(paths.job_dir, "a.parquet"), 1)
+    for leave in ("echo mine > MANIFEST.json", "ln -s /etc/passwd MANIFEST.json"):
+        await collect_job_results(
+            runner,
+            paths,
+            JOB,
+            results_root=results_root,
+            pattern="*.parquet",
+            min_results=1,
+            validate="parquet",
+            max_bytes=10**6,
+            timeout_s=20,
+            manifest={"instance": "inst1"},
+            validate_command=leave,
+        )
+        path = results_root / JOB / "MANIFEST.json"
+        assert not path.is_symlink() and json.loads(path.read_text())["instance"] == "inst1"
+        assert path.stat().st_mode & 0o777 == 0o600
 
 
 async def test_min_results_enforced(

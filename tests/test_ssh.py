@@ -262,16 +262,19 @@ async def test_a_download_creates_writes_and_renames_its_file_off_the_event_loop
     journal. A small file is held in memory, a large one spilled to disk as it comes;
     either arrives whole, and a cap passed after the spill leaves nothing behind."""
     monkeypatch.setattr(ssh_mod, "_SPOOL_MAX", 64 * 1024, raising=False)
+    monkeypatch.setattr(ssh_mod, "_DIRECT_READ_MAX", 16 * 1024)  # many reads: spill, then cap
     local = tmp_path / "local"
     local.mkdir()
     on_loop: list[str] = []
+    in_threads: list[str] = []
     loop_thread = threading.get_ident()
     armed = [False]  # only during the downloads (the test reads the files on the loop)
 
     def watch(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def spy(path: Any, *args: Any, **kw: Any) -> Any:
-            if armed[0] and Path(path).parent == local and threading.get_ident() == loop_thread:
-                on_loop.append(f"{name} {Path(path).name}")
+            if armed[0] and Path(path).parent == local:
+                seen = on_loop if threading.get_ident() == loop_thread else in_threads
+                seen.append(f"{name} {Path(path).name}")
             return real(path, *args, **kw)
 
         return spy
@@ -297,6 +300,50 @@ async def test_a_download_creates_writes_and_renames_its_file_off_the_event_loop
     armed[0] = False
     assert sorted(p.name for p in local.iterdir()) == ["empty", "large", "small"]
     assert on_loop == []
+    assert in_threads[-2:] == ["open capped.part", "unlink capped.part"]  # spilled, then gone
+
+
+async def test_a_download_cancelled_while_its_file_is_written_leaves_it_whole_or_absent(
+    sim_host: SimHostFactory,
+    ssh_pool: PoolFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled while a worker thread writes the file (the install of a small one, the
+    spill of a large one): the cancellation waits for the thread, then the final name
+    holds the whole file (installed) or nothing, and no `.part` is left."""
+    monkeypatch.setattr(ssh_mod, "_SPOOL_MAX", 64 * 1024)
+    monkeypatch.setattr(ssh_mod, "_DIRECT_READ_MAX", 16 * 1024)
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    for step, size in (("_install", 1000), ("_spill", 300_000)):
+        data = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+        (host.root / step).write_bytes(data)
+        entered, release = threading.Event(), threading.Event()
+        real = getattr(ssh_mod._Spool, step)
+
+        def slow(
+            self: Any, *args: Any, _real: Any = real, _e: Any = entered, _r: Any = release
+        ) -> Any:
+            _e.set()
+            _r.wait(10)
+            return _real(self, *args)
+
+        monkeypatch.setattr(ssh_mod._Spool, step, slow)
+        target = tmp_path / step
+        task = asyncio.ensure_future(conn.download(str(host.root / step), target, timeout_s=30))
+        await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done(), step  # waiting for the thread, not racing it
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(step)) == (
+            [step] if step == "_install" else []
+        ), step
+        if step == "_install":
+            assert target.read_bytes() == data
 
 
 async def test_an_upload_asks_the_host_for_no_stat(

@@ -1,4 +1,5 @@
-"""Many job-file moves made durable together, off the event loop (aiofiles).
+"""File work off the event loop: many job-file moves made durable together (aiofiles),
+and worker-thread trips that run to their end.
 
 Apart from core/files.py so that the short-lived commands (`vastd status`), which
 import core/files.py, do not load asyncio.
@@ -6,14 +7,41 @@ import core/files.py, do not load asyncio.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import aiofiles.os
 
 from vastd.core.files import fsync_directory
 from vastd.utils.exceptions import FileOperationError
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+async def in_thread_to_its_end(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """`fn(*args, **kwargs)` in a worker thread, awaited to its end even when the caller is
+    cancelled meanwhile (the cancellation is raised once it has ended).
+
+    For file work whose clean-up on the caller's error path must not race it: with a
+    bare `asyncio.to_thread`, a cancelled caller goes on (removing a temp folder, say)
+    while the thread is still writing or renaming in it. The wait is that of the disk
+    operation itself, as a synchronous call's would be."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    cancelled: asyncio.CancelledError | None = None
+    while not future.done():
+        try:
+            await asyncio.wait((future,))  # (never cancels `future`, never raises its error)
+        except asyncio.CancelledError as exc:
+            cancelled = exc  # from outside: wait on
+    if cancelled is not None:
+        if not future.cancelled():
+            future.exception()  # (retrieved: the cancellation is what the caller gets)
+        raise cancelled
+    return future.result()
 
 
 def _rename_new(source: Path, destination: Path) -> FileOperationError | None:

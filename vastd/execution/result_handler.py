@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vastd.core.files import TEMP_PREFIX, fsync_directory, json_bytes, safe_name
+from vastd.core.files_async import in_thread_to_its_end
 from vastd.execution.job_runner import (
     CONTROL_NAMES,
     LOG_NAME,
@@ -526,8 +527,12 @@ def _write_manifest(tmp: Path, files: list[Path], fields: Mapping[str, Any]) -> 
         {"name": p.name, "bytes": (tmp / p.name).stat().st_size, "sha256": _sha256(tmp / p.name)}
         for p in files
     ]
-    fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    path = tmp / MANIFEST_NAME
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # one a validate_command left (a file or a link): vastd's own replaces it
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as handle:
+        os.fchmod(fd, 0o600)  # whatever the umask
         handle.write(json_bytes({**fields, "files": entries}))
 
 
@@ -608,7 +613,7 @@ async def collect_job_results(
     final = results_root / safe_name(job_id)
     tmp = results_root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
     try:
-        local_files, room = await asyncio.to_thread(
+        local_files, room = await in_thread_to_its_end(
             _make_temp_for, tmp, [f.name for f in remote_files], limits.min_free_bytes
         )
         files = [final / local.name for local in local_files]
@@ -640,7 +645,9 @@ async def collect_job_results(
         fields = None
         if manifest is not None:
             fields = {**manifest, "job": job_id, "run": run_id, "rows_out": rows}
-        previous = await asyncio.to_thread(
+        # To its end even when cancelled: the clean-up below must not remove `tmp` while
+        # the install is renaming it.
+        previous = await in_thread_to_its_end(
             _finish_results,
             tmp,
             final,
