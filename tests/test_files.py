@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
 import stat
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from vastd.core import files, files_async
 from vastd.core.files import (
@@ -355,3 +358,36 @@ def test_move_job_to_failed_removes_its_error_file_when_the_move_fails(layout: L
     with pytest.raises(FileOperationError):
         move_job_to_failed(layout, "gone", JobFolder.RUNNING, reason="r")
     assert list(layout.failed.iterdir()) == []
+
+
+async def test_in_thread_to_its_end_outlasts_every_cancellation_of_its_caller() -> None:
+    """The thread's result or error reaches an uncancelled caller. A cancelled one (even
+    with every task of the loop cancelled, as at `asyncio.run`'s end) gets its
+    CancelledError only once the thread has ended, and the thread's error is logged."""
+    assert await files_async.in_thread_to_its_end(lambda a, *, b: a + b, 2, b=3) == 5
+    with pytest.raises(ZeroDivisionError):
+        await files_async.in_thread_to_its_end(lambda: 1 / 0)
+    entered, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> None:
+        entered.set()
+        release.wait(10)
+        ended.set()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    task = asyncio.ensure_future(files_async.in_thread_to_its_end(work))
+    await asyncio.to_thread(entered.wait, 10)
+    with capture_logs() as logs:
+        for other in asyncio.all_tasks():
+            if other is not asyncio.current_task():
+                other.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()  # twice: it still waits
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert ended.is_set()
+    assert [e["event"] for e in logs] == ["file_work_failed_while_cancelled"]
+    assert "No space left" in logs[0]["error"]

@@ -382,6 +382,26 @@ async def test_a_manifest_left_by_the_validate_command_is_replaced(
         path = results_root / JOB / "MANIFEST.json"
         assert not path.is_symlink() and json.loads(path.read_text())["instance"] == "inst1"
         assert path.stat().st_mode & 0o777 == 0o600
+    # A folder of that name fails the attempt with a reason (not a wait for the disk),
+    # and so does a result file of that name.
+    with pytest.raises(ResultValidationError, match=r"left a folder named MANIFEST\.json"):
+        await collect_job_results(
+            runner,
+            paths,
+            JOB,
+            results_root=results_root,
+            pattern="*.parquet",
+            min_results=1,
+            validate="parquet",
+            max_bytes=10**6,
+            timeout_s=20,
+            manifest={"instance": "inst1"},
+            validate_command="mkdir MANIFEST.json",
+        )
+    Path(paths.job_dir, "MANIFEST.json").write_text("{}")
+    with pytest.raises(ResultValidationError, match=r"named MANIFEST\.json, a name vastd writes"):
+        await collect(runner, paths, results_root, pattern="*", validate="none")
+    assert leftovers(results_root) == []
 
 
 async def test_min_results_enforced(

@@ -261,7 +261,7 @@ async def test_a_download_creates_writes_and_renames_its_file_off_the_event_loop
     a worker thread, never on the loop: creating a file waits for the filesystem's
     journal. A small file is held in memory, a large one spilled to disk as it comes;
     either arrives whole, and a cap passed after the spill leaves nothing behind."""
-    monkeypatch.setattr(ssh_mod, "_SPOOL_MAX", 64 * 1024, raising=False)
+    monkeypatch.setattr(ssh_mod, "_SPOOL_MAX", 64 * 1024)
     monkeypatch.setattr(ssh_mod, "_DIRECT_READ_MAX", 16 * 1024)  # many reads: spill, then cap
     local = tmp_path / "local"
     local.mkdir()
@@ -332,8 +332,8 @@ async def test_a_download_cancelled_while_its_file_is_written_leaves_it_whole_or
         monkeypatch.setattr(ssh_mod._Spool, step, slow)
         target = tmp_path / step
         task = asyncio.ensure_future(conn.download(str(host.root / step), target, timeout_s=30))
-        await asyncio.to_thread(entered.wait, 10)
-        task.cancel()
+        assert await asyncio.to_thread(entered.wait, 10), step
+        task.cancel()  # (with every task of the loop: see test_files' in_thread_to_its_end)
         await asyncio.sleep(0.05)
         assert not task.done(), step  # waiting for the thread, not racing it
         release.set()

@@ -8,6 +8,8 @@ import core/files.py, do not load asyncio.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,20 +19,27 @@ import aiofiles.os
 
 from vastd.core.files import fsync_directory
 from vastd.utils.exceptions import FileOperationError
+from vastd.utils.logging import get_logger
+
+log = get_logger("vastd.files")
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
 
 async def in_thread_to_its_end(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    """`fn(*args, **kwargs)` in a worker thread, awaited to its end even when the caller is
-    cancelled meanwhile (the cancellation is raised once it has ended).
+    """`fn(*args, **kwargs)` in a worker thread, awaited to its end even when the caller
+    is cancelled meanwhile (the cancellation is raised once it has ended).
 
     For file work whose clean-up on the caller's error path must not race it: with a
     bare `asyncio.to_thread`, a cancelled caller goes on (removing a temp folder, say)
     while the thread is still writing or renaming in it. The wait is that of the disk
-    operation itself, as a synchronous call's would be."""
-    future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    operation itself, as a synchronous call's would be. The thread's future is a plain
+    executor future, not a task: the cancellation of every task at the loop's end
+    (`asyncio.run`) cannot end the wait early."""
+    loop = asyncio.get_running_loop()
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    future = loop.run_in_executor(None, call)
     cancelled: asyncio.CancelledError | None = None
     while not future.done():
         try:
@@ -38,8 +47,11 @@ async def in_thread_to_its_end(fn: Callable[_P, _T], *args: _P.args, **kwargs: _
         except asyncio.CancelledError as exc:
             cancelled = exc  # from outside: wait on
     if cancelled is not None:
-        if not future.cancelled():
-            future.exception()  # (retrieved: the cancellation is what the caller gets)
+        if not future.cancelled() and (error := future.exception()) is not None:
+            # The caller gets the cancellation; what went wrong meanwhile is logged.
+            log.warning(
+                "file_work_failed_while_cancelled", error=f"{type(error).__name__}: {error}"
+            )
         raise cancelled
     return future.result()
 

@@ -528,6 +528,8 @@ def _write_manifest(tmp: Path, files: list[Path], fields: Mapping[str, Any]) -> 
         for p in files
     ]
     path = tmp / MANIFEST_NAME
+    if path.is_dir() and not path.is_symlink():
+        raise ResultValidationError(f"the validate_command left a folder named {MANIFEST_NAME}")
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # one a validate_command left (a file or a link): vastd's own replaces it
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -608,8 +610,12 @@ async def collect_job_results(
             f"more than [job] max_result_files = {limits.max_files} result files match {pattern!r}"
         )
     local_names = [local_result_name(f.name) for f in remote_files]
-    if len(set(local_names)) != len(local_names) or LOG_NAME in local_names:
-        raise ResultValidationError("two result files (or one and log.txt) share a local name")
+    if len(set(local_names)) != len(local_names):
+        raise ResultValidationError("two result files share a local name")
+    if taken := sorted({LOG_NAME, MANIFEST_NAME} & set(local_names)):
+        raise ResultValidationError(
+            f"a result file is named {taken[0]}, a name vastd writes itself"
+        )
     final = results_root / safe_name(job_id)
     tmp = results_root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
     try:
