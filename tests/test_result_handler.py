@@ -362,10 +362,14 @@ async def test_a_collection_cancelled_during_the_install_leaves_whole_results(
 async def test_a_manifest_left_by_the_validate_command_is_replaced(
     runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
 ) -> None:
-    """A validate_command that leaves its own MANIFEST.json (or a link of that name) in
-    the folder: vastd's replaces it; the job is not held up by it."""
+    """A validate_command that leaves its own MANIFEST.json or log.txt (or a link of that
+    name) in the folder: vastd's replace them; a folder of that name fails the attempt
+    with a reason instead of holding the job up as a local problem."""
     write_parquet(Path(paths.job_dir, "a.parquet"), 1)
-    for leave in ("echo mine > MANIFEST.json", "ln -s /etc/passwd MANIFEST.json"):
+    for leave in (
+        "echo mine > MANIFEST.json; echo mine > log.txt",
+        "ln -s /etc/passwd MANIFEST.json",
+    ):
         await collect_job_results(
             runner,
             paths,
@@ -382,6 +386,7 @@ async def test_a_manifest_left_by_the_validate_command_is_replaced(
         path = results_root / JOB / "MANIFEST.json"
         assert not path.is_symlink() and json.loads(path.read_text())["instance"] == "inst1"
         assert path.stat().st_mode & 0o777 == 0o600
+        assert (results_root / JOB / "log.txt").read_text() == "Row 0: ok\n"
     # A folder of that name fails the attempt with a reason (not a wait for the disk),
     # and so does a result file of that name.
     with pytest.raises(ResultValidationError, match=r"left a folder named MANIFEST\.json"):
@@ -397,6 +402,19 @@ async def test_a_manifest_left_by_the_validate_command_is_replaced(
             timeout_s=20,
             manifest={"instance": "inst1"},
             validate_command="mkdir MANIFEST.json",
+        )
+    with pytest.raises(ResultValidationError, match=r"left a folder named log\.txt"):
+        await collect_job_results(
+            runner,
+            paths,
+            JOB,
+            results_root=results_root,
+            pattern="*.parquet",
+            min_results=1,
+            validate="parquet",
+            max_bytes=10**6,
+            timeout_s=20,
+            validate_command="mkdir log.txt",
         )
     Path(paths.job_dir, "MANIFEST.json").write_text("{}")
     with pytest.raises(ResultValidationError, match=r"named MANIFEST\.json, a name vastd writes"):

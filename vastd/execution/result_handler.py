@@ -528,14 +528,22 @@ def _write_manifest(tmp: Path, files: list[Path], fields: Mapping[str, Any]) -> 
         for p in files
     ]
     path = tmp / MANIFEST_NAME
-    if path.is_dir() and not path.is_symlink():
-        raise ResultValidationError(f"the validate_command left a folder named {MANIFEST_NAME}")
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # one a validate_command left (a file or a link): vastd's own replaces it
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         os.fchmod(fd, 0o600)  # whatever the umask
         handle.write(json_bytes({**fields, "files": entries}))
+
+
+def _clear_vastd_names(tmp: Path) -> None:
+    """After a validate_command: vastd's own names in the folder (`log.txt`,
+    `MANIFEST.json`) are its to write. A file or link of that name the command left is
+    removed; a folder fails the attempt."""
+    for name in (LOG_NAME, MANIFEST_NAME):
+        path = tmp / name
+        if path.is_dir() and not path.is_symlink():
+            raise ResultValidationError(f"the validate_command left a folder named {name}")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _finish_results(
@@ -644,6 +652,7 @@ async def collect_job_results(
         rows = check_rows(report, row_key=row_key, rows_expected=rows_expected)
         if validate_command:
             await run_validate_command(validate_command, tmp, timeout_s=validate_timeout_s)
+            await in_thread_to_its_end(_clear_vastd_names, tmp)
         log_path = await _download_log(
             conn, paths, listing.log_size, tmp, cap_bytes=log_max_bytes, timeout_s=timeout_s
         )
