@@ -69,6 +69,8 @@ async def collect(
     validate: str = "parquet",
     max_bytes: int = 10_000_000,
     log_max_bytes: int = 10_000_000,
+    manifest: dict[str, Any] | None = None,
+    validate_command: str = "",
 ) -> CollectedResults:
     return await collect_job_results(
         runner,
@@ -81,6 +83,8 @@ async def collect(
         max_bytes=max_bytes,
         timeout_s=20,
         log_max_bytes=log_max_bytes,
+        manifest=manifest,
+        validate_command=validate_command,
     )
 
 
@@ -301,18 +305,7 @@ async def test_each_result_and_the_manifest_are_fsynced_once_before_the_final_na
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
-    await collect_job_results(
-        runner,
-        paths,
-        JOB,
-        results_root=results_root,
-        pattern="*.parquet",
-        min_results=1,
-        validate="parquet",
-        max_bytes=10**6,
-        timeout_s=20,
-        manifest={"instance": "inst1"},
-    )
+    await collect(runner, paths, results_root, manifest={"instance": "inst1"})
     final = results_root / JOB
     temp = [Path(p) for p in synced if Path(p).parent == results_root and p != str(results_root)]
     assert len({t.name for t in temp}) == 1  # one temp folder, fsynced itself
@@ -370,18 +363,8 @@ async def test_a_manifest_left_by_the_validate_command_is_replaced(
         "echo mine > MANIFEST.json; echo mine > log.txt",
         "ln -s /etc/passwd MANIFEST.json",
     ):
-        await collect_job_results(
-            runner,
-            paths,
-            JOB,
-            results_root=results_root,
-            pattern="*.parquet",
-            min_results=1,
-            validate="parquet",
-            max_bytes=10**6,
-            timeout_s=20,
-            manifest={"instance": "inst1"},
-            validate_command=leave,
+        await collect(
+            runner, paths, results_root, manifest={"instance": "inst1"}, validate_command=leave
         )
         path = results_root / JOB / "MANIFEST.json"
         assert not path.is_symlink() and json.loads(path.read_text())["instance"] == "inst1"
@@ -390,32 +373,15 @@ async def test_a_manifest_left_by_the_validate_command_is_replaced(
     # A folder of that name fails the attempt with a reason (not a wait for the disk),
     # and so does a result file of that name.
     with pytest.raises(ResultValidationError, match=r"left a folder named MANIFEST\.json"):
-        await collect_job_results(
+        await collect(
             runner,
             paths,
-            JOB,
-            results_root=results_root,
-            pattern="*.parquet",
-            min_results=1,
-            validate="parquet",
-            max_bytes=10**6,
-            timeout_s=20,
+            results_root,
             manifest={"instance": "inst1"},
             validate_command="mkdir MANIFEST.json",
         )
     with pytest.raises(ResultValidationError, match=r"left a folder named log\.txt"):
-        await collect_job_results(
-            runner,
-            paths,
-            JOB,
-            results_root=results_root,
-            pattern="*.parquet",
-            min_results=1,
-            validate="parquet",
-            max_bytes=10**6,
-            timeout_s=20,
-            validate_command="mkdir log.txt",
-        )
+        await collect(runner, paths, results_root, validate_command="mkdir log.txt")
     Path(paths.job_dir, "MANIFEST.json").write_text("{}")
     with pytest.raises(ResultValidationError, match=r"named MANIFEST\.json, a name vastd writes"):
         await collect(runner, paths, results_root, pattern="*", validate="none")
