@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -306,6 +307,29 @@ async def test_restart_needs_a_function() -> None:
     with pytest.raises(TypeError, match="function"):
         TaskSet().spawn(coro, name="x", restart=True)
     assert coro.cr_frame is None  # closed
+
+
+async def test_a_task_cancelled_before_its_first_step_closes_its_coroutine() -> None:
+    """Spawned, then cancelled before it ever ran (a shutdown right after the spawn): its
+    coroutine is closed, not left to warn 'never awaited' when it is collected."""
+    made: list[Coroutine[Any, Any, None]] = []
+
+    async def work() -> None:
+        pass
+
+    def factory() -> Coroutine[Any, Any, None]:
+        made.append(work())
+        return made[-1]
+
+    tasks = TaskSet()
+    direct = work()
+    spawned = [tasks.spawn(direct, name="direct"), tasks.spawn(factory, name="factory")]
+    for task in spawned:
+        task.cancel()
+    await asyncio.gather(*spawned, return_exceptions=True)
+    assert all(t.cancelled() for t in spawned)
+    assert direct.cr_frame is None and made[0].cr_frame is None  # closed
+    assert len(tasks) == 0
 
 
 async def test_cancel_all_gives_a_task_that_ignores_one_cancel_a_second_chance() -> None:

@@ -8,6 +8,8 @@ Tests pass `Backoff.zero()` to retry at once.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import math
 import random
 import time
@@ -193,11 +195,14 @@ class TaskSet:
                 inner.close()
             raise
         self._tasks[task] = entry
-        task.add_done_callback(self._forget)
+        task.add_done_callback(functools.partial(self._forget, inner))
         return task
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
+    def _forget(self, inner: Coroutine[Any, Any, object] | None, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
+        if inner is not None and inspect.getcoroutinestate(inner) == inspect.CORO_CREATED:
+            # Cancelled before its first step: the runner never awaited it, nothing will.
+            inner.close()
 
     def _record(self, entry: _Entry, exc: Exception) -> None:
         crash = Crash(entry.name, repr(exc), time.time())
