@@ -71,6 +71,7 @@ async def collect(
     log_max_bytes: int = 10_000_000,
     manifest: dict[str, Any] | None = None,
     validate_command: str = "",
+    keep_previous: bool = False,
 ) -> CollectedResults:
     return await collect_job_results(
         runner,
@@ -85,6 +86,7 @@ async def collect(
         log_max_bytes=log_max_bytes,
         manifest=manifest,
         validate_command=validate_command,
+        keep_previous=keep_previous,
     )
 
 
@@ -386,6 +388,28 @@ async def test_a_manifest_left_by_the_validate_command_is_replaced(
     with pytest.raises(ResultValidationError, match=r"named MANIFEST\.json, a name vastd writes"):
         await collect(runner, paths, results_root, pattern="*", validate="none")
     assert leftovers(results_root) == []
+
+
+async def test_a_rerun_refuses_a_result_named_like_its_kept_folders(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """With keep_previous, `previous-<n>` names the folders of replaced results: a
+    result file of that name fails the attempt with the reason, instead of a rename onto
+    it failing for ever as a local problem; the earlier results stay as they were."""
+    final = results_root / JOB
+    final.mkdir(parents=True)
+    (final / "a.parquet").write_text("earlier")
+    (final / "MANIFEST.json").write_text(json.dumps({"run": "0a0b"}))
+    Path(paths.job_dir, "previous-1").write_text("a result of that name")
+    with pytest.raises(ResultValidationError, match="named previous-1"):
+        await collect(
+            runner, paths, results_root, pattern="previous-*", validate="none", keep_previous=True
+        )
+    assert sorted(os.listdir(final)) == ["MANIFEST.json", "a.parquet"]
+    assert leftovers(results_root) == []
+    # Without keep_previous the name is a result like any other.
+    collected = await collect(runner, paths, results_root, pattern="previous-*", validate="none")
+    assert [f.name for f in collected.files] == ["previous-1"]
 
 
 async def test_min_results_enforced(

@@ -427,15 +427,16 @@ def keep_folder(final: Path) -> Path:
     return final.with_name(safe_name(f".keep-{final.name}"))
 
 
+def _is_previous_name(name: str) -> bool:
+    return name.startswith(PREVIOUS_PREFIX) and name[len(PREVIOUS_PREFIX) :].isdigit()
+
+
 def _previous_dirs(folder: Path) -> list[Path]:
     with contextlib.suppress(FileNotFoundError):
         return [
             p
             for p in folder.iterdir()
-            if p.name.startswith(PREVIOUS_PREFIX)
-            and p.name[len(PREVIOUS_PREFIX) :].isdigit()
-            and p.is_dir()
-            and not p.is_symlink()
+            if _is_previous_name(p.name) and p.is_dir() and not p.is_symlink()
         ]
     return []
 
@@ -623,6 +624,11 @@ async def collect_job_results(
     if taken := sorted({LOG_NAME, MANIFEST_NAME} & set(local_names)):
         raise ResultValidationError(
             f"a result file is named {taken[0]}, a name vastd writes itself"
+        )
+    if keep_previous and (kept := sorted(n for n in local_names if _is_previous_name(n))):
+        raise ResultValidationError(
+            f"a result file is named {kept[0]}, the name a rerun gives the folder of the "
+            "results it replaces"
         )
     final = results_root / safe_name(job_id)
     tmp = results_root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
