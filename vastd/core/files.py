@@ -291,28 +291,33 @@ def cleanup_temp_files(directory: Path, patterns: Iterable[str] = TEMP_PATTERNS)
     return removed
 
 
+def write_new_file(path: Path, data: bytes, mode: int = 0o600, *, fsync: bool = False) -> None:
+    """Create `path` with `data` and exactly `mode`, never over an existing entry (a
+    link included); fsync it with `fsync`. Raises OSError, leaving a partly written file
+    to the caller."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask must not widen or narrow what the caller asked for
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data`: temp in the same folder, fsync, rename, fsync the folder.
 
     On any OSError the temp file is removed and `path` is left as it was.
     """
     temp = path.parent / _temp_name(path.name)
-    fd = -1
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        os.fchmod(fd, mode)  # the umask must not widen or narrow what the caller asked for
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
+        write_new_file(temp, data, mode, fsync=True)
         os.replace(temp, path)
     except OSError as exc:
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise FileOperationError(f"cannot write {path}: {exc}") from exc

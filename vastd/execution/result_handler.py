@@ -37,7 +37,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from vastd.core.files import TEMP_PREFIX, fsync_directory, json_bytes, safe_name
+from vastd.core.files import TEMP_PREFIX, fsync_directory, json_bytes, safe_name, write_new_file
 from vastd.core.files_async import in_thread_to_its_end
 from vastd.execution.job_runner import (
     CONTROL_NAMES,
@@ -528,11 +528,7 @@ def _write_manifest(tmp: Path, files: list[Path], fields: Mapping[str, Any]) -> 
         {"name": p.name, "bytes": (tmp / p.name).stat().st_size, "sha256": _sha256(tmp / p.name)}
         for p in files
     ]
-    path = tmp / MANIFEST_NAME
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        handle.write(json_bytes({**fields, "files": entries}))
+    write_new_file(tmp / MANIFEST_NAME, json_bytes({**fields, "files": entries}))
 
 
 def _clear_vastd_names(tmp: Path) -> None:
