@@ -259,7 +259,8 @@ async def _download_to(
 def _make_temp_for(tmp: Path, names: Sequence[str], min_free_bytes: int) -> tuple[list[Path], int]:
     """Make the temp folder; where each result lands in it, and the bytes the disk may
     take before its floor (one worker thread hop for a job's results)."""
-    _make_temp(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(mode=0o700)
     return [_local_target(tmp, n) for n in names], _free_bytes(tmp) - min_free_bytes
 
 
@@ -690,11 +691,6 @@ async def collect_job_results(
         previous=previous,
         cost=_number(manifest.get("cost")) if manifest is not None else None,
     )
-
-
-def _make_temp(tmp: Path) -> None:
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir(mode=0o700)
 
 
 def cleanup_stale_result_dirs(results_root: Path) -> int:
