@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -432,6 +433,85 @@ async def test_second_sigint_forces_exit(
     else:  # forced during the graceful stop, or while the interpreter wound down after it
         assert daemon.events("daemon_forced_exit") or daemon.events("daemon_stopped")
     assert b"Traceback" not in daemon.stderr, daemon.tail()
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe of one page whose buffer is already full: the next write to it blocks."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"filler\n" * 64)
+    os.set_blocking(w, True)
+    return r, w
+
+
+def read_to_eof(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_a_stdout_nobody_reads_does_not_stop_the_daemon(
+    tmp_path: Path, cluster: Callable[..., Awaitable[SimCluster]]
+) -> None:
+    """With its stdout a full pipe that nobody reads, the daemon still runs every job to
+    done/ (its log lines wait in the writer's queue), and once the pipe is read every
+    line comes out, in order, up to daemon_stopped."""
+    sim = await cluster(instances=2)
+    config, root = write_config(sim, tmp_path)
+    r, w = full_pipe()
+    stderr = (tmp_path / "daemon.stderr").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vastd",
+        "run",
+        "--config",
+        str(config),
+        stdout=w,
+        stderr=stderr,
+        env=clean_env(),
+        cwd=REPO,
+    )
+    os.close(w)
+    stderr.close()
+    reader: asyncio.Future[bytes] | None = None
+    try:
+        sources = load_make_jobs()(tmp_path / "jobs", 4, 3, 11, prefix="garch_test_job")
+        await submit(config, sources)
+
+        def all_done() -> bool:
+            return all((root / "done" / p.name).is_file() for p in sources)
+
+        await async_wait_for(all_done, 60, message=lambda: (tmp_path / "daemon.stderr").read_text())
+        reader = asyncio.get_running_loop().run_in_executor(None, read_to_eof, r)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            assert await proc.wait() == 0
+            out = await reader
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if reader is None:
+            os.close(r)
+        else:
+            with contextlib.suppress(Exception):
+                await reader
+            os.close(r)
+    lines = [line for line in out.splitlines() if line != b"filler"]
+    records = [json.loads(line) for line in lines]
+    names = [rec["event"] for rec in records]
+    assert "log_records_dropped" not in names
+    assert names[-1] == "daemon_stopped", names[-5:]
+    assert names.index("daemon_started") < names.index("job_accepted")
+    assert {rec["job"] for rec in records if rec["event"] == "job_done"} == {
+        p.stem for p in sources
+    }
+    assert b"Traceback" not in (tmp_path / "daemon.stderr").read_bytes()
 
 
 def test_second_daemon_on_the_same_root_is_refused(tmp_path: Path) -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import logging
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -243,3 +248,105 @@ def test_repeated_failures_are_logged_once_per_change() -> None:
         ("y_failed", "error"),
     ]
     assert got[1]["repeats"] == 2 and got[2]["reason"] == "boom" and got[4]["failures"] == 3
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe of one page whose buffer is already full: the next write to it blocks."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"filler\n" * 64)
+    os.set_blocking(w, True)
+    return r, w
+
+
+def read_to_eof(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def in_thread(fn: Callable[[], object], timeout_s: float = 30.0) -> bool:
+    """Run `fn` in a thread; True when it returned within `timeout_s` (a blocked write
+    would keep it for ever)."""
+    worker = threading.Thread(target=fn, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return not worker.is_alive()
+
+
+def test_background_logging_never_waits_for_a_full_stdout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With stdout a full pipe nobody reads, logging returns at once: lines past the
+    queue's bound are dropped, and a `log_records_dropped` line counts them (the next
+    line that fits brings it, and the close the last one), so every record is either
+    written, in order, or counted."""
+    monkeypatch.setattr(vlog, "BACKGROUND_QUEUE_LINES", 50)
+    r, w = full_pipe()
+    stream = os.fdopen(w, "w")
+    setup_logging(json=True, stream=stream, background=True)
+    log = get_logger("vastd.test")
+
+    def burst() -> None:
+        for i in range(1000):
+            log.info("job_accepted", n=i)
+
+    assert in_thread(burst), "a log call waited for the full pipe"
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read_to_eof, r)
+        vlog.close_background_logging()
+        stream.close()
+        out = reading.result(timeout=30)
+    os.close(r)
+    records = [json.loads(line) for line in out.splitlines() if line != b"filler"]
+    written = [rec["n"] for rec in records if rec["event"] == "job_accepted"]
+    assert written == sorted(written) and len(written) >= 50
+    notices = [rec for rec in records if rec["event"] == "log_records_dropped"]
+    assert notices and all(n["level"] == "warning" and n["count"] > 0 for n in notices)
+    assert len(written) + sum(n["count"] for n in notices) == 1000
+
+
+def test_background_logging_writes_every_line_in_order_by_close() -> None:
+    """A stdout that keeps up loses nothing: by `close_background_logging()` every line
+    is written, in order, and no drop is reported."""
+    stream = io.StringIO()
+    setup_logging(json=True, stream=stream, background=True)
+    log = get_logger("vastd.test")
+    logging.getLogger("asyncssh").warning("from a library")
+    for i in range(5000):
+        log.info("job_done", n=i)
+    vlog.close_background_logging()
+    records = lines(stream)
+    assert records[0]["event"] == "from a library"
+    assert [rec["n"] for rec in records[1:]] == list(range(5000))
+    # after the close, lines are written by the caller itself
+    log.info("daemon_stopped")
+    assert lines(stream)[-1]["event"] == "daemon_stopped"
+
+
+def test_closing_background_logging_on_a_stdout_nobody_reads_returns() -> None:
+    """The daemon's exit waits for its log writer at most the close timeout: a stdout
+    nobody reads does not hold it for ever. The line still comes out if it is read."""
+    r, w = full_pipe()
+    stream = os.fdopen(w, "w")
+    setup_logging(json=True, stream=stream, background=True)
+    [handler] = [
+        h for h in logging.getLogger().handlers if isinstance(h, vlog.BackgroundStreamHandler)
+    ]
+    writer = handler._writer
+    assert writer is not None
+    get_logger("vastd.test").info("daemon_stopped")
+    assert in_thread(lambda: vlog.close_background_logging(timeout_s=0.2))
+    assert writer.is_alive()  # still in its write
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read_to_eof, r)
+        writer.join(30)  # the pipe read, its write ends and so does it
+        assert not writer.is_alive()
+        stream.close()
+        out = reading.result(timeout=30)
+    os.close(r)
+    assert b'"event": "daemon_stopped"' in out

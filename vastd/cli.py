@@ -317,7 +317,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from vastd.daemon import run_daemon
-    from vastd.utils.logging import setup_logging
+    from vastd.utils.logging import close_background_logging, setup_logging
 
     config_path = Path(os.path.abspath(resolve_config_path(args.config)))
     settings = _load(args)
@@ -327,8 +327,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     if problems:
         raise ConfigError(problems)
-    setup_logging(args.log_level or settings.log.level)
-    code = run_daemon(settings, config_path=config_path, log_level_override=args.log_level)
+    # A stdout slow to drain must not stop the loop: a thread writes the lines.
+    setup_logging(args.log_level or settings.log.level, background=True)
+    try:
+        code = run_daemon(settings, config_path=config_path, log_level_override=args.log_level)
+    finally:
+        close_background_logging()
     # The interpreter may still wait for library threads (watchfiles' worker) after the
     # loop ended: a SIGINT then must still force the exit, not print a traceback.
     signal.signal(signal.SIGINT, _forced_exit)

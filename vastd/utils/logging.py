@@ -3,6 +3,13 @@
 Stdlib records (asyncssh, aiohttp) go through the same formatter, so every line
 on stdout is JSON. Event names are the stable snake_case ones of the README (log events).
 
+The daemon (`setup_logging(..., background=True)`) formats each record on the calling
+thread, as before, but a writer thread writes it: a stdout that is slow to drain (a
+busy journald, a pipe read by a stalled `tee`, a terminal over a slow link) would
+otherwise stop the event loop in `write()` for as long as it is full. Past
+`BACKGROUND_QUEUE_LINES` lines waiting, new lines are dropped, never waited for, and
+the next line that fits is preceded by a `log_records_dropped` warning with their count.
+
 structlog (with rich, which it imports when installed) costs a short command such as
 `vastd status` more than its whole work: it is imported on first use only. Loggers
 from `get_logger` stand in for structlog's until they log, and `setup_logging(...,
@@ -11,9 +18,13 @@ deferred=True)` sets up on the first record (structlog's or stdlib's).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -130,10 +141,124 @@ def _quiet_libraries() -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
+# Lines waiting for the background writer before new ones are dropped: a burst of
+# 10,000 files accepted at once logs 10,000 lines; at about 0.5 kB a line this bounds
+# the queue near 25 MB when nothing reads stdout at all.
+BACKGROUND_QUEUE_LINES = 50_000
+# How long closing the background handler waits for the writer to drain its queue
+# (a stdout nobody reads must not hold the daemon's exit for ever).
+BACKGROUND_CLOSE_S = 5.0
+_STOP = object()  # the writer thread's last item
+
+
+class BackgroundStreamHandler(logging.Handler):
+    """Formats on the caller's thread; a writer thread writes the lines to `stream`.
+
+    Not the stdlib's QueueHandler/QueueListener pair: that queue is unbounded (a stdout
+    nobody reads would grow it without end) and `QueueListener.stop()` waits for the
+    writer without a bound. This one drops past `max_lines` and counts what it dropped,
+    and `close()` waits at most `close_s`.
+    """
+
+    def __init__(
+        self,
+        stream: Any,
+        *,
+        max_lines: int | None = None,
+        close_s: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.stream = stream
+        self.close_s = BACKGROUND_CLOSE_S if close_s is None else close_s
+        self.dropped = 0  # lines dropped since the last `log_records_dropped`
+        self._queue: queue.Queue[object] = queue.Queue(
+            BACKGROUND_QUEUE_LINES if max_lines is None else max_lines
+        )
+        self._writer: threading.Thread | None = threading.Thread(
+            target=self._write_lines, name="vastd-log-writer", daemon=True
+        )
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if self._writer is None:  # closed (interpreter exit): write it here
+            self._write_now(line + "\n")
+            return
+        # Puts happen under this handler's lock (Handler.handle), and only the writer
+        # takes out: a queue that is not full now has room for the notice. It goes
+        # through the loggers (back into this method, its count reset), so it is
+        # rendered as every other line.
+        if self.dropped and not self._queue.full():
+            count, self.dropped = self.dropped, 0
+            _dropped_log.warning("log_records_dropped", count=count)
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write_now(self, text: str, *, report: bool = True) -> bool:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception as exc:  # a closed or broken stdout: say so where we can
+            if report:
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(f"vastd: writing the log failed: {exc!r}\n")
+            return False
+        return True
+
+    def _write_lines(self) -> None:
+        """The writer thread: what is waiting goes out in one write and one flush."""
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        failing = False  # a failure is reported once, until a write works again
+        while True:
+            items = [get()]
+            with contextlib.suppress(queue.Empty):
+                while len(items) < 1024:
+                    items.append(get_nowait())
+            lines = [item for item in items if isinstance(item, str)]
+            if lines:
+                failing = not self._write_now("\n".join(lines) + "\n", report=not failing)
+            if any(item is _STOP for item in items):
+                return
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Write what is waiting (for at most `timeout_s`, default `close_s`), then stop
+        the writer; what comes after is written on the caller's thread."""
+        deadline = time.monotonic() + (self.close_s if timeout_s is None else timeout_s)
+        if self._writer is not None and self.dropped:
+            # the count of the last lines dropped goes out too, once there is room
+            while self._queue.full() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not self._queue.full():
+                count, self.dropped = self.dropped, 0
+                _dropped_log.warning("log_records_dropped", count=count)
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(queue.Full):
+                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+                writer.join(max(0.0, deadline - time.monotonic()))
+        super().close()
+
+
+def close_background_logging(timeout_s: float | None = None) -> None:
+    """Write what the root logger's background writer holds, and stop it (the daemon's
+    last step, and the step before a forced exit)."""
+    for handler in list(logging.getLogger().handlers):
+        if isinstance(handler, BackgroundStreamHandler):
+            handler.close(timeout_s)
+
+
 def _replace_root_handlers(handler: logging.Handler, log_level: str) -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        if isinstance(old, BackgroundStreamHandler):
+            old.close()
     root.addHandler(handler)
     root.setLevel(log_level.upper())
     _quiet_libraries()
@@ -145,11 +270,14 @@ def setup_logging(
     json: bool | None = None,
     stream: Any = None,
     deferred: bool = False,
+    background: bool = False,
 ) -> None:
     """Route structlog and stdlib logging to one handler on stdout.
 
     `deferred`: the same, but structlog is imported and configured only when the first
     record comes (a short command that logs nothing never pays for it).
+    `background`: lines are written by a writer thread (`BackgroundStreamHandler`);
+    `close_background_logging()` writes what is left.
     """
     global _deferred
     stream = stream if stream is not None else sys.stdout
@@ -196,7 +324,8 @@ def setup_logging(
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
-    handler = logging.StreamHandler(stream)
+    handler: logging.Handler
+    handler = BackgroundStreamHandler(stream) if background else logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     _replace_root_handlers(handler, log_level)
 
@@ -228,6 +357,9 @@ class _LazyLogger:
 def get_logger(name: str = "vastd", **initial: Any) -> structlog.stdlib.BoundLogger:
     """A structlog logger; `initial` values are bound to every line."""
     return cast("structlog.stdlib.BoundLogger", _LazyLogger(name, initial))
+
+
+_dropped_log = get_logger("vastd.logging")
 
 
 class RepeatedFailures:
