@@ -19,12 +19,17 @@ is left unfinished. Recorded, from /proc and the daemon's JSON log:
 - load at start: a second daemon on the same root, spawn -> `daemon_started`;
 - the time for each batch dropped at once to be accepted (rename -> last `job_accepted`).
 
+`--pin-daemon CPU`: the daemon (and its threads) on that CPU alone, the simulated world
+on the others, so that on a small machine the daemon's lag is its own and not a wait
+for the cores behind the simulated instances (which in production are other machines).
+
 `--bookkeeping`: the earlier in-process run without SSH (the daemon's acceptance, the
 transitions and the real saver on one loop; CPU, loop lag, serialise/write times,
 load and status), which is cheap at 100,000 jobs.
 
     .venv/bin/python bench/bench_scale.py [--jobs 100000] [--instances 500] [--sshd 4] [--batch 10000]
     .venv/bin/python bench/bench_scale.py --jobs 3000 --instances 500 --sshd 4 --batch 1000
+    .venv/bin/python bench/bench_scale.py --jobs 3000 --instances 500 --sshd 4 --batch 1000 --pin-daemon 0
     .venv/bin/python bench/bench_scale.py --quick                # 300 jobs, 50 instances, 2 servers
     .venv/bin/python bench/bench_scale.py --bookkeeping [--jobs 20000] [--quick]
 """
@@ -340,10 +345,26 @@ def stage_jobs(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def set_affinity_all_threads(cpus: set[int]) -> None:
+    """Pin every thread of this process (and what it starts from now on) to `cpus`."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
 async def start_daemon(
-    config: Path, env: dict[str, str], workdir: Path, log: ScaleLog, tag: str
+    config: Path,
+    env: dict[str, str],
+    workdir: Path,
+    log: ScaleLog,
+    tag: str,
+    pin_cpu: int | None = None,
 ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
     stderr = (workdir / f"daemon{tag}.stderr").open("wb")
+    world_cpus = os.sched_getaffinity(0)
+    if pin_cpu is not None:
+        # The daemon inherits this affinity at its fork; the world gets the rest after.
+        set_affinity_all_threads({pin_cpu})
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -358,6 +379,8 @@ async def start_daemon(
         stderr=stderr,
         limit=1 << 22,
     )
+    if pin_cpu is not None:
+        set_affinity_all_threads((world_cpus - {pin_cpu}) or world_cpus)
     stderr.close()
     assert proc.stdout is not None
     pump = asyncio.create_task(log.pump(proc.stdout, workdir / f"daemon{tag}.log"))
@@ -450,7 +473,7 @@ async def daemon_campaign(args: argparse.Namespace, workdir: Path) -> dict[str, 
 
         marks = {first_n, n - last_n, n}
         log = ScaleLog(m, lambda: proc.pid if proc is not None else 0, marks)
-        proc, pump = await start_daemon(config, env, workdir, log, "")
+        proc, pump = await start_daemon(config, env, workdir, log, "", args.pin_daemon)
         print(f"  daemon pid {proc.pid}", flush=True)
         if args.nice_world:
             # The simulated world (this process: the API, the SSH servers, and the shells
@@ -537,7 +560,7 @@ async def daemon_campaign(args: argparse.Namespace, workdir: Path) -> dict[str, 
         # Load at start with the history present: a fresh daemon on the same root.
         relog = ScaleLog(m, lambda: 0, set())
         t0 = time.perf_counter()
-        proc, pump = await start_daemon(config, env, workdir, relog, "-restart")
+        proc, pump = await start_daemon(config, env, workdir, relog, "-restart", args.pin_daemon)
         await wait_for(relog.started, proc, "daemon_started after the restart", 300)
         restart_ready_s = time.perf_counter() - t0
         restart_code = await stop_daemon(proc, pump)
@@ -728,6 +751,13 @@ def main() -> int:
         type=int,
         default=10,
         help="niceness of the simulated world once the daemon runs (0: share the cores evenly)",
+    )
+    parser.add_argument(
+        "--pin-daemon",
+        type=int,
+        metavar="CPU",
+        default=None,
+        help="run the daemon on this CPU alone and the simulated world on the others",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
