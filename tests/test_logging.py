@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -285,7 +287,7 @@ def test_background_logging_never_waits_for_a_full_stdout(
     queue's bound are dropped, and a `log_records_dropped` line counts them (the next
     line that fits brings it, and the close the last one), so every record is either
     written, in order, or counted."""
-    monkeypatch.setattr(vlog, "BACKGROUND_QUEUE_LINES", 50)
+    monkeypatch.setattr(vlog, "BACKGROUND_QUEUE_CHARS", 50 * 120)  # about 50 lines
     r, w = full_pipe()
     stream = os.fdopen(w, "w")
     setup_logging(json=True, stream=stream, background=True)
@@ -304,7 +306,7 @@ def test_background_logging_never_waits_for_a_full_stdout(
     os.close(r)
     records = [json.loads(line) for line in out.splitlines() if line != b"filler"]
     written = [rec["n"] for rec in records if rec["event"] == "job_accepted"]
-    assert written == sorted(written) and len(written) >= 50
+    assert written == sorted(written) and len(written) >= 40
     notices = [rec for rec in records if rec["event"] == "log_records_dropped"]
     assert notices and all(n["level"] == "warning" and n["count"] > 0 for n in notices)
     assert len(written) + sum(n["count"] for n in notices) == 1000
@@ -350,3 +352,57 @@ def test_closing_background_logging_on_a_stdout_nobody_reads_returns() -> None:
         out = reading.result(timeout=30)
     os.close(r)
     assert b'"event": "daemon_stopped"' in out
+
+
+def test_an_exit_with_the_writer_stuck_on_a_full_stdout_is_a_clean_exit(
+    tmp_path: Path,
+) -> None:
+    """A process whose log writer is still stuck on a stdout nobody reads when it exits
+    (the close timed out) exits at once with its own status: the writer is a daemon
+    thread, and nothing at exit waits for it."""
+    r, w = full_pipe()
+    script = (
+        "import sys\n"
+        "from vastd.utils import logging as vlog\n"
+        "vlog.setup_logging(json=True, background=True)\n"
+        "vlog.get_logger('vastd.test').info('daemon_stopped', pad='x' * 10000)\n"
+        "vlog.close_background_logging(timeout_s=0.2)\n"
+        "print('after the close')\n"
+        "sys.exit(3)\n"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    finally:
+        os.close(w)
+        os.close(r)
+    assert proc.returncode == 3, proc.stderr.decode(errors="replace")[-2000:]
+    assert b"Fatal Python error" not in proc.stderr
+
+
+def test_waiting_for_the_background_writer_takes_no_lock() -> None:
+    """Before a forced exit the daemon waits for the lines already logged:
+    `wait_background_logging` returns once they are written, with the writer still
+    running, and with the handler's lock held by someone else."""
+    stream = io.StringIO()
+    setup_logging(json=True, stream=stream, background=True)
+    [handler] = [
+        h for h in logging.getLogger().handlers if isinstance(h, vlog.BackgroundStreamHandler)
+    ]
+    log = get_logger("vastd.test")
+    for i in range(2000):
+        log.info("job_done", n=i)
+    with handler.lock:  # as when a signal lands inside emit
+        done = threading.Event()
+        worker = threading.Thread(
+            target=lambda: (vlog.wait_background_logging(30), done.set()), daemon=True
+        )
+        worker.start()
+        worker.join(30)
+    assert done.is_set()
+    assert [rec["n"] for rec in lines(stream)] == list(range(2000))

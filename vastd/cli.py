@@ -340,6 +340,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _forced_exit(_signum: int, _frame: object) -> None:
+    from vastd.utils.logging import wait_background_logging
+
+    wait_background_logging(timeout_s=1.0)
     os._exit(130)
 
 

@@ -35,7 +35,7 @@ from vastd.orchestration.sharing import group_id, share_folders
 from vastd.orchestration.workflow import supervisors
 from vastd.utils.config import Settings, apply_live_keys, check_files, diff_settings, read_config
 from vastd.utils.exceptions import ConfigError, StateManagementError, VastdError
-from vastd.utils.logging import close_background_logging, get_logger
+from vastd.utils.logging import get_logger, wait_background_logging
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between collections of the young generation (700)
 log = get_logger("vastd.daemon")
@@ -106,7 +106,7 @@ class Daemon:
             self._sigints += 1
             if self._sigints > 1:
                 log.warning("daemon_forced_exit")
-                close_background_logging(timeout_s=1.0)  # that line, and those before it
+                wait_background_logging(timeout_s=1.0)  # that line, and those before it
                 os._exit(130)
         log.info("daemon_stopping", signal=signal.Signals(signum).name)
         sd_notify("STOPPING=1")
@@ -309,7 +309,10 @@ _HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)  # by the loop, while 
 
 
 def _exit_on_late_sigint(signum: int, frame: object) -> None:
-    os._exit(130)  # as a second SIGINT during the stop does (nothing is left to save)
+    # as a second SIGINT during the stop does (nothing is left to save), once the lines
+    # of the stop are written
+    wait_background_logging(timeout_s=1.0)
+    os._exit(130)
 
 
 def tune_gc() -> None:

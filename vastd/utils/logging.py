@@ -7,8 +7,9 @@ The daemon (`setup_logging(..., background=True)`) formats each record on the ca
 thread, as before, but a writer thread writes it: a stdout that is slow to drain (a
 busy journald, a pipe read by a stalled `tee`, a terminal over a slow link) would
 otherwise stop the event loop in `write()` for as long as it is full. Past
-`BACKGROUND_QUEUE_LINES` lines waiting, new lines are dropped, never waited for, and
-the next line that fits is preceded by a `log_records_dropped` warning with their count.
+`BACKGROUND_QUEUE_CHARS` characters waiting, new lines are dropped, never waited for,
+and the next line that fits is preceded by a `log_records_dropped` warning with their
+count.
 
 structlog (with rich, which it imports when installed) costs a short command such as
 `vastd status` more than its whole work: it is imported on first use only. Loggers
@@ -141,10 +142,10 @@ def _quiet_libraries() -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
-# Lines waiting for the background writer before new ones are dropped: a burst of
-# 10,000 files accepted at once logs 10,000 lines; at about 0.5 kB a line this bounds
-# the queue near 25 MB when nothing reads stdout at all.
-BACKGROUND_QUEUE_LINES = 50_000
+# What may wait for the background writer before new lines are dropped, in characters
+# (a line is about 0.3 kB, one with a traceback several kB): bounded by size, so a flood
+# of tracebacks while nothing reads stdout cannot grow the daemon without end.
+BACKGROUND_QUEUE_CHARS = 32 * 1024 * 1024
 # How long closing the background handler waits for the writer to drain its queue
 # (a stdout nobody reads must not hold the daemon's exit for ever).
 BACKGROUND_CLOSE_S = 5.0
@@ -154,53 +155,65 @@ _STOP = object()  # the writer thread's last item
 class BackgroundStreamHandler(logging.Handler):
     """Formats on the caller's thread; a writer thread writes the lines to `stream`.
 
-    Not the stdlib's QueueHandler/QueueListener pair: that queue is unbounded (a stdout
-    nobody reads would grow it without end) and `QueueListener.stop()` waits for the
-    writer without a bound. This one drops past `max_lines` and counts what it dropped,
-    and `close()` waits at most `close_s`.
+    - Not the stdlib's QueueHandler/QueueListener pair: that queue is unbounded and
+      `QueueListener.stop()` waits for the writer without a bound. This one drops what
+      would pass `max_chars` waiting, and counts it (`log_records_dropped`); `close()`
+      waits at most `close_s`.
+    - The queue is a `SimpleQueue` and the writer takes no lock: what is waiting is
+      `queued - written`, two counts each kept by one side (lines come in under this
+      handler's lock, so one at a time; the writer alone counts what it wrote). So the
+      forced-exit paths (signal handlers) can wait for the lines without a deadlock.
     """
 
     def __init__(
-        self,
-        stream: Any,
-        *,
-        max_lines: int | None = None,
-        close_s: float | None = None,
+        self, stream: Any, *, max_chars: int | None = None, close_s: float | None = None
     ) -> None:
         super().__init__()
         self.stream = stream
+        self.max_chars = BACKGROUND_QUEUE_CHARS if max_chars is None else max_chars
         self.close_s = BACKGROUND_CLOSE_S if close_s is None else close_s
         self.dropped = 0  # lines dropped since the last `log_records_dropped`
-        self._queue: queue.Queue[object] = queue.Queue(
-            BACKGROUND_QUEUE_LINES if max_lines is None else max_lines
-        )
+        self._queued = 0  # characters put in the queue (under this handler's lock)
+        self._written = 0  # characters written or given up on (by the writer alone)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = threading.Thread(
             target=self._write_lines, name="vastd-log-writer", daemon=True
         )
+        self._finished = threading.Event()  # the writer wrote its last batch
         self._writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
+            line = self.format(record) + "\n"
         except Exception:
             self.handleError(record)
             return
-        if self._writer is None:  # closed (interpreter exit): write it here
-            self._write_now(line + "\n")
+        if self._writer is None:
+            # Closed: written here once the writer is done; while it is still stuck in
+            # a write nobody reads (the close timed out), the line is dropped.
+            if self._finished.is_set():
+                self._write(line)
             return
-        # Puts happen under this handler's lock (Handler.handle), and only the writer
-        # takes out: a queue that is not full now has room for the notice. It goes
-        # through the loggers (back into this method, its count reset), so it is
-        # rendered as every other line.
-        if self.dropped and not self._queue.full():
-            count, self.dropped = self.dropped, 0
-            _dropped_log.warning("log_records_dropped", count=count)
-        try:
-            self._queue.put_nowait(line)
-        except queue.Full:
+        # Lines come in one at a time (under this handler's lock, Handler.handle).
+        if self.dropped and self.waiting <= self.max_chars // 2:
+            self._note_dropped()
+        if self.waiting + len(line) > self.max_chars:
             self.dropped += 1
+            return
+        self._queued += len(line)
+        self._queue.put(line)
 
-    def _write_now(self, text: str, *, report: bool = True) -> bool:
+    @property
+    def waiting(self) -> int:
+        """Characters queued and not yet written."""
+        return self._queued - self._written
+
+    def _note_dropped(self) -> None:
+        # Through the loggers (back into emit, with the count reset), rendered as any line.
+        count, self.dropped = self.dropped, 0
+        _dropped_log.warning("log_records_dropped", count=count)
+
+    def _write(self, text: str, *, report: bool = True) -> bool:
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -212,45 +225,75 @@ class BackgroundStreamHandler(logging.Handler):
         return True
 
     def _write_lines(self) -> None:
-        """The writer thread: what is waiting goes out in one write and one flush."""
-        get, get_nowait = self._queue.get, self._queue.get_nowait
+        """The writer thread: what is waiting goes out in one write."""
         failing = False  # a failure is reported once, until a write works again
         while True:
-            items = [get()]
-            with contextlib.suppress(queue.Empty):
-                while len(items) < 1024:
-                    items.append(get_nowait())
+            items = [self._queue.get()]
+            while len(items) < 1024 and not self._queue.empty():
+                items.append(self._queue.get())
             lines = [item for item in items if isinstance(item, str)]
             if lines:
-                failing = not self._write_now("\n".join(lines) + "\n", report=not failing)
+                text = "".join(lines)
+                failing = not self._write(text, report=not failing)
+                self._written += len(text)
             if any(item is _STOP for item in items):
+                self._finished.set()
                 return
+
+    def wait_written(self, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until every line queued so far is written; takes no
+        lock, so a signal handler may call it. True when all were."""
+        deadline = time.monotonic() + timeout_s
+        while self.waiting > 0 and not self._finished.is_set():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def close(self, timeout_s: float | None = None) -> None:
         """Write what is waiting (for at most `timeout_s`, default `close_s`), then stop
         the writer; what comes after is written on the caller's thread."""
         deadline = time.monotonic() + (self.close_s if timeout_s is None else timeout_s)
-        if self._writer is not None and self.dropped:
-            # the count of the last lines dropped goes out too, once there is room
-            while self._queue.full() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if not self._queue.full():
-                count, self.dropped = self.dropped, 0
-                _dropped_log.warning("log_records_dropped", count=count)
-        writer, self._writer = self._writer, None
+        self.acquire()  # no line comes in between (reentrant: the notice logs)
+        try:
+            writer = self._writer
+            if writer is not None and self.dropped:
+                # the count of the last lines dropped goes out too, once there is room
+                while self.waiting > self.max_chars // 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if self.waiting <= self.max_chars // 2:
+                    self._note_dropped()
+            self._writer = None
+            if writer is not None:
+                self._queue.put(_STOP)
+        finally:
+            self.release()
         if writer is not None:
-            with contextlib.suppress(queue.Full):
-                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-                writer.join(max(0.0, deadline - time.monotonic()))
+            writer.join(max(0.0, deadline - time.monotonic()))
         super().close()
+
+
+def _background_handler() -> BackgroundStreamHandler | None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BackgroundStreamHandler):
+            return handler
+    return None
 
 
 def close_background_logging(timeout_s: float | None = None) -> None:
     """Write what the root logger's background writer holds, and stop it (the daemon's
-    last step, and the step before a forced exit)."""
-    for handler in list(logging.getLogger().handlers):
-        if isinstance(handler, BackgroundStreamHandler):
-            handler.close(timeout_s)
+    last step)."""
+    handler = _background_handler()
+    if handler is not None:
+        handler.close(timeout_s)
+
+
+def wait_background_logging(timeout_s: float) -> None:
+    """Before a forced exit (`os._exit`): give the lines already logged up to
+    `timeout_s` to be written. Takes no lock: safe in a signal handler."""
+    handler = _background_handler()
+    if handler is not None:
+        handler.wait_written(timeout_s)
 
 
 def _replace_root_handlers(handler: logging.Handler, log_level: str) -> None:
