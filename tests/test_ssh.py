@@ -140,19 +140,30 @@ async def test_a_finished_command_leaves_nothing_for_the_cyclic_collector(
 async def test_a_connection_lost_mid_command_is_a_connection_error(
     sim_host: SimHostFactory, ssh_pool: PoolFactory
 ) -> None:
-    """The host gone while a command runs: SSHConnectionError at once (not the command's
-    timeout), and the pool forgets the connection."""
+    """The host gone while commands run: each gets SSHConnectionError at once (not its
+    timeout), and the pool forgets the connection. The connection's own exception,
+    which its channels share, is the cause of each but is not raised again: each raise
+    would have added that command's frames to it, keeping them alive."""
     host = await sim_host()
     pool = ssh_pool()
     conn = await pool.get("i1", ep(host))
-    running = asyncio.create_task(conn.run("sleep 30", timeout_s=60))
-    await wait_for(lambda: bool(host._procs))
+    running = [asyncio.create_task(conn.run("sleep 30", timeout_s=60)) for _ in range(3)]
+    await wait_for(lambda: len(host._procs) == 3)
     started = time.monotonic()
     await host.kill()
-    with pytest.raises(SSHConnectionError):
-        await running
+    errors = await asyncio.gather(*running, return_exceptions=True)
     assert time.monotonic() - started < 30
+    assert all(isinstance(e, SSHConnectionError) for e in errors), errors
     assert pool.connection("i1") is None
+    for error in errors:
+        cause = error.__cause__
+        assert cause is not None
+        frames = []
+        tb = cause.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        assert "run" not in frames, frames
 
 
 async def test_one_connection_is_reused(sim_host: SimHostFactory, ssh_pool: PoolFactory) -> None:

@@ -401,7 +401,10 @@ class SSHConnection:
                             f"{MAX_STDOUT_CHARS} characters"
                         )
                     if session.error is not None:
-                        raise session.error
+                        # The connection's exception, shared by all its channels: not
+                        # raised here, where each raise would add to its traceback.
+                        error, session.error = session.error, None
+                        raise await self._broken(error, "run") from error
                     await chan.wait_closed()
                     return CommandResult(
                         chan.get_returncode(), "".join(session.stdout), session.stderr
