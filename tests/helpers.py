@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -176,3 +177,23 @@ def write_private_key(path: Path, mode: int = 0o600) -> Path:
     path.write_text(private_key_text())
     path.chmod(mode)
     return path
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe of one page whose buffer is already full: the next write to it blocks."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"filler\n" * 64)
+    os.set_blocking(w, True)
+    return r, w
+
+
+def read_to_eof(fd: int) -> bytes:
+    """Everything read from `fd` until every writer has closed it."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)

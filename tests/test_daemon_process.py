@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -19,7 +18,15 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import async_wait_for, clean_env, dump_toml, saved_jobs, write_private_key
+from tests.helpers import (
+    async_wait_for,
+    clean_env,
+    dump_toml,
+    full_pipe,
+    read_to_eof,
+    saved_jobs,
+    write_private_key,
+)
 from vastd import __version__
 from vastd.core.state import JobRecord, load_state
 from vastd.daemon import status_line
@@ -433,25 +440,6 @@ async def test_second_sigint_forces_exit(
     else:  # forced during the graceful stop, or while the interpreter wound down after it
         assert daemon.events("daemon_forced_exit") or daemon.events("daemon_stopped")
     assert b"Traceback" not in daemon.stderr, daemon.tail()
-
-
-def full_pipe() -> tuple[int, int]:
-    """A pipe of one page whose buffer is already full: the next write to it blocks."""
-    r, w = os.pipe()
-    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
-    os.set_blocking(w, False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            os.write(w, b"filler\n" * 64)
-    os.set_blocking(w, True)
-    return r, w
-
-
-def read_to_eof(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def test_a_stdout_nobody_reads_does_not_stop_the_daemon(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import json
 import logging
@@ -20,7 +18,7 @@ from typing import Any
 import pytest
 import structlog
 
-from tests.helpers import preserved_logging
+from tests.helpers import full_pipe, preserved_logging, read_to_eof
 from vastd.core import state as st
 from vastd.core.state import StateStore
 from vastd.utils import logging as vlog
@@ -250,25 +248,6 @@ def test_repeated_failures_are_logged_once_per_change() -> None:
         ("y_failed", "error"),
     ]
     assert got[1]["repeats"] == 2 and got[2]["reason"] == "boom" and got[4]["failures"] == 3
-
-
-def full_pipe() -> tuple[int, int]:
-    """A pipe of one page whose buffer is already full: the next write to it blocks."""
-    r, w = os.pipe()
-    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
-    os.set_blocking(w, False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            os.write(w, b"filler\n" * 64)
-    os.set_blocking(w, True)
-    return r, w
-
-
-def read_to_eof(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def in_thread(fn: Callable[[], object], timeout_s: float = 30.0) -> bool:
