@@ -39,6 +39,23 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
 
+async def spawn_vastd_run(
+    config: Path, env: dict[str, str] | None = None, **stdio: Any
+) -> asyncio.subprocess.Process:
+    """`python -m vastd run --config PATH` in the repository, its stdio as given."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vastd",
+        "run",
+        "--config",
+        str(config),
+        env=clean_env(env),
+        cwd=REPO,
+        **stdio,
+    )
+
+
 class DaemonProcess:
     """`python -m vastd run --config PATH` with its stdout parsed line by line."""
 
@@ -55,20 +72,15 @@ class DaemonProcess:
 
     @classmethod
     async def start(cls, config: Path, env: dict[str, str] | None = None) -> DaemonProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "vastd",
-            "run",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=clean_env(env),
-            cwd=REPO,
-            limit=1 << 22,
+        return cls(
+            await spawn_vastd_run(
+                config,
+                env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=1 << 22,
+            )
         )
-        return cls(proc)
 
     async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
         async for line in stream:
@@ -452,18 +464,7 @@ async def test_a_stdout_nobody_reads_does_not_stop_the_daemon(
     config, root = write_config(sim, tmp_path)
     r, w = full_pipe()
     stderr = (tmp_path / "daemon.stderr").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "vastd",
-        "run",
-        "--config",
-        str(config),
-        stdout=w,
-        stderr=stderr,
-        env=clean_env(),
-        cwd=REPO,
-    )
+    proc = await spawn_vastd_run(config, stdout=w, stderr=stderr)
     os.close(w)
     stderr.close()
     reader: asyncio.Future[bytes] | None = None
@@ -484,12 +485,10 @@ async def test_a_stdout_nobody_reads_does_not_stop_the_daemon(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        if reader is None:
-            os.close(r)
-        else:
+        if reader is not None:
             with contextlib.suppress(Exception):
                 await reader
-            os.close(r)
+        os.close(r)
     lines = [line for line in out.splitlines() if line != b"filler"]
     records = [json.loads(line) for line in lines]
     names = [rec["event"] for rec in records]
