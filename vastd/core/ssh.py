@@ -166,7 +166,7 @@ class _CommandSession(asyncssh.SSHClientSession[str]):
     Not asyncssh's SSHClientProcess: that wraps each channel in stream readers and
     writers, with their locks, events and codecs, that refer to one another and to the
     channel. Each command it ran left about 45 objects in reference cycles, so a busy
-    daemon's young collections each had 50,000 or more of them to free: 100-160 ms of
+    daemon's young collections each had 50,000 or more of them to free: 100-240 ms of
     CPU on the event loop each time (measured in `bench/bench_scale.py`). This session
     keeps no reference to its channel, and the channel drops its reference to the
     session when it closes, so a finished command's objects are freed at once.
