@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,9 +31,14 @@ from tests.ctxfactory import (
     wait_saved,
     wait_state,
 )
+from tests.test_gpus import offline_ctx, queued
+from vastd.core import state as st
 from vastd.core.files import JobFolder
+from vastd.core.records import InstanceRecord, JobRecord, OrphanRun
 from vastd.core.state import InstanceStatus, JobState, load_state
 from vastd.orchestration import coordinator as co
+from vastd.orchestration import market
+from vastd.orchestration.context import Context
 
 
 @pytest.fixture
@@ -81,6 +89,64 @@ async def test_jobs_go_in_acceptance_order_one_per_instance(env: SimEnv) -> None
     assert job_file_in(ctx, accepted[0]) == ["running"]
     # No room left: another round places nothing.
     assert await co.coordinate_job_distribution(ctx) == 0
+
+
+def scan_choice(ctx: Context, job: JobRecord, load: Counter[str]) -> str | None:
+    """The placement rule as a full scan of the instances: what `Room` must agree with."""
+    orphaned = {o.instance for o in job.orphans}
+    room = [
+        i
+        for i in ctx.store.instances.values()
+        if i.status is InstanceStatus.READY
+        and i.id not in orphaned
+        and st.slot_load(ctx.store, i) + load[i.id] < co.instance_slots(ctx, i)
+        and market.fits_before_end(ctx, i)
+    ]
+    pool = [i for i in room if i.id not in job.avoid_instances] or room
+    best = min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id), default=None)
+    return best.id if best is not None else None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_rounds_room_picks_what_a_full_scan_would(tmp_path: Path, seed: int) -> None:
+    """One dispatch round keeps a heap of the instances with room (one scan) instead of
+    scanning them for every job. Over random fleets (not ready, ended rentals, orphaned
+    runs as load, jobs that failed on or left orphans on some instances) and while the
+    round assigns jobs and drains instances, each pick is the full scan's choice."""
+    rng = random.Random(seed)
+    ctx = offline_ctx(tmp_path, jobs_per_instance=3)
+    now = time.time()
+    ids = [str(100 + n) for n in range(30)]
+    for iid in ids:
+        status = rng.choice([InstanceStatus.READY] * 5 + [InstanceStatus.PREPARING])
+        inst = InstanceRecord(id=iid, status=status, idle_since=now - rng.choice([0, 5, 50]))
+        if rng.random() < 0.1:
+            inst.end_date = now + 1  # no job fits before its rental ends
+        ctx.store.instances[iid] = inst
+    load = Counter({iid: rng.choice([0, 0, 0, 1, 3]) for iid in ids})
+    for n in range(20):  # jobs already out before the round
+        iid = rng.choice(ids)
+        if ctx.store.instances[iid].status is InstanceStatus.READY:
+            queued(ctx, f"pre{n}")
+            st.mark_job_assigned(ctx.store, f"pre{n}", iid)
+    room = co.Room(ctx, load)
+    picked = 0
+    for n in range(80):
+        job = queued(ctx, f"j{n}")
+        job.avoid_instances = rng.sample(ids, rng.choice([0, 0, 1, 5, 29]))
+        if rng.random() < 0.3:
+            job.orphans = [OrphanRun(instance=i, run="r") for i in rng.sample(ids, 2)]
+        expected = scan_choice(ctx, job, load)
+        inst = room.pick(job)
+        assert (inst.id if inst else None) == expected, n
+        if inst is not None and rng.random() < 0.9:
+            st.mark_job_assigned(ctx.store, job.id, inst.id)
+            picked += 1
+        if rng.random() < 0.1:
+            drained = ctx.store.instances[rng.choice(ids)]
+            if drained.status is InstanceStatus.READY:
+                st.drain_instance(ctx.store, drained, reason="test", requeue_jobs=False)
+    assert picked > 10  # the round did place jobs, up to full instances
 
 
 async def test_no_job_on_an_instance_that_is_not_ready(env: SimEnv) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import re
 import time
 from collections import Counter
@@ -65,6 +66,86 @@ COMING = frozenset({InstanceStatus.BOOTING, InstanceStatus.DISCOVERED, InstanceS
 
 
 # --- placing jobs ------------------------------------------------------------------------------
+def _placement_key(inst: InstanceRecord) -> tuple[int, float, str]:
+    """Least loaded first, then idle longest, then by id (a stable order)."""
+    return (len(inst.current_jobs), inst.idle_since or 0.0, inst.id)
+
+
+class Room:
+    """The ready instances with room for another job, least loaded first: what one
+    dispatch round places its jobs on.
+
+    One scan of the instances builds it; each `pick` then pops a heap (O(log n)
+    instances), where a scan per job cost about 2.5 ms at 500 instances (most of the
+    round). Every instance `pick` returns is checked again as it stands then, so an
+    instance that filled up, left READY or changed its load since the scan is never
+    chosen on old figures; one that gained room during the round waits for the next.
+    `load`: orphaned runs per instance, counted as load (they hold their slot until
+    settled).
+    """
+
+    __slots__ = ("_ctx", "_heap", "_load", "free_slots")
+
+    def __init__(self, ctx: Context, load: Counter[str] | None = None) -> None:
+        self._ctx = ctx
+        self._load = load if load is not None else Counter()
+        self._heap: list[tuple[tuple[int, float, str], str]] = []
+        self.free_slots = 0  # slots free on ready instances (orphaned runs not counted)
+        for inst in ctx.store.instances.values():
+            if inst.status is not InstanceStatus.READY:
+                continue
+            free = instance_slots(ctx, inst) - st.slot_load(ctx.store, inst)
+            if free <= 0:
+                continue
+            self.free_slots += free
+            if self._has_room(inst):
+                self._heap.append((_placement_key(inst), inst.id))
+        heapq.heapify(self._heap)
+
+    def _has_room(self, inst: InstanceRecord) -> bool:
+        ctx = self._ctx
+        return (
+            inst.status is InstanceStatus.READY
+            and st.slot_load(ctx.store, inst) + self._load[inst.id] < instance_slots(ctx, inst)
+            and market.fits_before_end(ctx, inst)
+            and (not gpus.per_gpu(ctx.settings.job) or free_gpus(ctx, inst) is not None)
+        )
+
+    def pick(self, job: JobRecord) -> InstanceRecord | None:
+        """The instance for the job (see `find_best_instance_for_job`), None if none has
+        room. The choice stays in the room: once assigned its load has grown, and the
+        next pick weighs it anew."""
+        instances = self._ctx.store.instances
+        orphaned = {o.instance for o in job.orphans}
+        heap = self._heap
+        skipped: list[tuple[tuple[int, float, str], str]] = []
+        fallback: tuple[tuple[int, float, str], str] | None = None
+        chosen: tuple[tuple[int, float, str], str] | None = None
+        while heap:
+            key, instance_id = heapq.heappop(heap)
+            inst = instances.get(instance_id)
+            if inst is None or not self._has_room(inst):
+                continue  # full, gone or no longer ready: out of this round
+            if (now := _placement_key(inst)) != key:
+                heapq.heappush(heap, (now, instance_id))  # its load changed: weighed anew
+                continue
+            if instance_id in orphaned:
+                skipped.append((key, instance_id))
+            elif instance_id in job.avoid_instances:
+                if fallback is None:
+                    fallback = (key, instance_id)  # the best of those it failed on
+                else:
+                    skipped.append((key, instance_id))
+            else:
+                chosen = (key, instance_id)
+                break
+        if chosen is None:
+            chosen, fallback = fallback, None
+        for entry in (*skipped, *([fallback] if fallback else []), *([chosen] if chosen else [])):
+            heapq.heappush(heap, entry)
+        return instances[chosen[1]] if chosen is not None else None
+
+
 def find_best_instance_for_job(
     ctx: Context, job: JobRecord, orphan_load: Counter[str] | None = None
 ) -> InstanceRecord | None:
@@ -72,22 +153,9 @@ def find_best_instance_for_job(
     failed on. Never one that holds an orphaned run of this job: that run may still
     finish first (or has, and is about to be collected). Orphaned runs count as load:
     they occupy their instance until they are settled. With one job per GPU, room
-    also means enough free GPUs (`free_gpus`)."""
-    load = orphan_load if orphan_load is not None else Counter()
-    orphaned = {o.instance for o in job.orphans}
-    room = [
-        i
-        for i in st.get_idle_instances(ctx.store, lambda i: instance_slots(ctx, i))
-        if i.id not in orphaned
-        and st.slot_load(ctx.store, i) + load[i.id] < instance_slots(ctx, i)
-        and market.fits_before_end(ctx, i)
-        and (not gpus.per_gpu(ctx.settings.job) or free_gpus(ctx, i) is not None)
-    ]
-    if not room:
-        return None
-    fresh = [i for i in room if i.id not in job.avoid_instances]
-    pool = fresh or room
-    return min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id))
+    also means enough free GPUs (`free_gpus`). A round placing many jobs keeps one
+    `Room` for all of them instead."""
+    return Room(ctx, orphan_load).pick(job)
 
 
 def instance_slots(ctx: Context, inst: InstanceRecord) -> int:
@@ -139,19 +207,17 @@ async def coordinate_job_distribution(ctx: Context) -> int:
     follows at once); save; then start them. Returns the count."""
     assigned: list[tuple[str, str, str | None]] = []
     wave = DISPATCH_WAVE
-    free = sum(
-        instance_slots(ctx, i) - st.slot_load(ctx.store, i)
-        for i in st.get_idle_instances(ctx.store, lambda i: instance_slots(ctx, i))
-    )
-    free = min(free, wave)
+    if not st.get_available_jobs(ctx.store, limit=1):
+        return 0  # nothing to place or stage: no scan of the instances
+    room = Room(ctx, orphan_load(ctx))
+    free = min(room.free_slots, wave)
     # Only the head of the queue can be placed this round (a few more for jobs that
     # must skip an instance holding an orphaned run of theirs): no walk of the queue.
     waiting = st.get_available_jobs(ctx.store, limit=free + DISPATCH_SLACK) if free else []
-    load = orphan_load(ctx) if waiting else Counter()
     for job in waiting:
         if len(assigned) >= wave:
             break
-        inst = find_best_instance_for_job(ctx, job, load)
+        inst = room.pick(job)
         if inst is None:
             if not job.orphans:
                 break  # no room anywhere: later jobs would not find any either
