@@ -8,6 +8,7 @@ jobs, `watch_instance` (started by dispatch) turns remote exits into COLLECTING,
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import time
@@ -147,6 +148,42 @@ def test_a_rounds_room_picks_what_a_full_scan_would(tmp_path: Path, seed: int) -
             if drained.status is InstanceStatus.READY:
                 st.drain_instance(ctx.store, drained, reason="test", requeue_jobs=False)
     assert picked > 10  # the round did place jobs, up to full instances
+
+
+async def test_a_waves_starts_take_their_first_steps_a_chunk_per_loop_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full wave's starts spawned at once ran their first steps in one loop turn (128
+    of them about 28 ms): they are spawned `DISPATCH_SPAWN_CHUNK` at a time, and every
+    assigned job is still started once."""
+    ctx = offline_ctx(tmp_path)
+    jobs = 3 * co.DISPATCH_SPAWN_CHUNK + 5
+    for n in range(jobs):
+        ctx.store.instances[str(n)] = InstanceRecord(id=str(n), status=InstanceStatus.READY)
+        queued(ctx, f"j{n:03}")
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    started_at: dict[str, int] = {}
+
+    async def first_step(_ctx: Context, job_id: str, *_: Any) -> None:
+        started_at[job_id] = turns
+
+    monkeypatch.setattr(co, "dispatch_job", first_step)
+    tick = asyncio.create_task(ticker())
+    try:
+        assert await co.coordinate_job_distribution(ctx) == jobs
+        await async_wait_for(lambda: len(started_at) == jobs, 5)
+    finally:
+        tick.cancel()
+    assert sorted(started_at) == sorted(ctx.store.jobs)
+    longest = max(len(list(run)) for _, run in itertools.groupby(sorted(started_at.values())))
+    assert longest <= co.DISPATCH_SPAWN_CHUNK
 
 
 async def test_no_job_on_an_instance_that_is_not_ready(env: SimEnv) -> None:
