@@ -149,6 +149,10 @@ BACKGROUND_QUEUE_CHARS = 32 * 1024 * 1024
 # How long closing the background handler waits for the writer to drain its queue
 # (a stdout nobody reads must not hold the daemon's exit for ever).
 BACKGROUND_CLOSE_S = 5.0
+# Once a line wakes the writer, it waits this long for more before writing them all: each
+# wake-up takes the GIL from the event loop, so lines logged one by one (several a job)
+# go out a batch at a time, at most this late.
+BACKGROUND_BATCH_S = 0.05
 _STOP = object()  # the writer thread's last item
 
 
@@ -166,12 +170,18 @@ class BackgroundStreamHandler(logging.Handler):
     """
 
     def __init__(
-        self, stream: Any, *, max_chars: int | None = None, close_s: float | None = None
+        self,
+        stream: Any,
+        *,
+        max_chars: int | None = None,
+        close_s: float | None = None,
+        batch_s: float | None = None,
     ) -> None:
         super().__init__()
         self.stream = stream
         self.max_chars = BACKGROUND_QUEUE_CHARS if max_chars is None else max_chars
         self.close_s = BACKGROUND_CLOSE_S if close_s is None else close_s
+        self.batch_s = BACKGROUND_BATCH_S if batch_s is None else batch_s
         self.dropped = 0  # lines dropped since the last `log_records_dropped`
         self._queued = 0  # characters put in the queue (under this handler's lock)
         self._written = 0  # characters written or given up on (by the writer alone)
@@ -225,10 +235,13 @@ class BackgroundStreamHandler(logging.Handler):
         return True
 
     def _write_lines(self) -> None:
-        """The writer thread: what is waiting goes out in one write."""
+        """The writer thread: what is waiting goes out in one write, `batch_s` after the
+        line that woke it (the stop is not held back)."""
         failing = False  # a failure is reported once, until a write works again
         while True:
             items = [self._queue.get()]
+            if items[0] is not _STOP and self.batch_s > 0:
+                time.sleep(self.batch_s)
             while len(items) < 1024 and not self._queue.empty():
                 items.append(self._queue.get())
             lines = [item for item in items if isinstance(item, str)]
