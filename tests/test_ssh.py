@@ -137,6 +137,78 @@ async def test_a_finished_command_leaves_nothing_for_the_cyclic_collector(
     assert ours == []
 
 
+def spy_sent_packets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(side, packet type) of every packet asyncssh's connections send from now on."""
+    sent: list[tuple[str, int]] = []
+    real = asyncssh.connection.SSHConnection.send_packet
+
+    def spy(self: Any, pkttype: int, *args: bytes, handler: Any = None) -> None:
+        sent.append(("client" if self.is_client() else "server", pkttype))
+        real(self, pkttype, *args, handler=handler)
+
+    monkeypatch.setattr(asyncssh.connection.SSHConnection, "send_packet", spy)
+    return sent
+
+
+async def test_no_ssh_msg_ignore_goes_before_each_packet(
+    sim_host: SimHostFactory,
+    ssh_pool: PoolFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asyncssh sends an empty SSH_MSG_IGNORE before every packet once encrypted (a CBC
+    countermeasure): once connected (the login's few come before the pool can stop
+    them), the pool's connections (never CBC) and the simulated hosts send none, so
+    commands and transfers cost half the packets, and they still work."""
+    sent = spy_sent_packets(monkeypatch)
+    host = await sim_host()
+    conn = await ssh_pool().get("i1", ep(host))
+    assert [p for p in sent if p == ("server", asyncssh.constants.MSG_IGNORE)] == []
+    sent.clear()
+    for i in range(3):
+        assert (await conn.run(f"echo {i}", timeout_s=10)).stdout == f"{i}\n"
+    local = tmp_path / "in.txt"
+    local.write_text("payload")
+    await conn.upload(local, str(host.root / "in.txt"), timeout_s=10)
+    await conn.download(str(host.root / "in.txt"), tmp_path / "back.txt", timeout_s=10)
+    assert (tmp_path / "back.txt").read_text() == "payload"
+    sides = {side for side, kind in sent if kind == asyncssh.constants.MSG_CHANNEL_DATA}
+    assert sides == {"client", "server"}  # the spy sees both sides' packets
+    assert [p for p in sent if p[1] == asyncssh.constants.MSG_IGNORE] == []
+
+
+async def test_a_cbc_connection_keeps_its_msg_ignores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a CBC cipher the countermeasure stays: an ignore before each packet."""
+    sent = spy_sent_packets(monkeypatch)
+    key = asyncssh.generate_private_key("ssh-ed25519")
+
+    class Open(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_host_keys=[key],
+        server_factory=Open,
+        process_factory=lambda proc: proc.exit(0),
+        encryption_algs=["aes128-cbc"],
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncssh.connect(
+            "127.0.0.1", port, known_hosts=None, username="x", encryption_algs=["aes128-cbc"]
+        ) as client:
+            ssh_mod.skip_automatic_ignores(client)
+            assert client.get_extra_info("send_cipher") == "aes128-cbc"
+            sent.clear()
+            assert (await client.run("true")).exit_status == 0
+    finally:
+        server.close()
+    client_sent = [kind for side, kind in sent if side == "client"]
+    assert client_sent.count(asyncssh.constants.MSG_IGNORE) >= 2
+
+
 async def test_a_connection_lost_mid_command_is_a_connection_error(
     sim_host: SimHostFactory, ssh_pool: PoolFactory
 ) -> None:

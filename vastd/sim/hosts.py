@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
+from vastd.core.ssh import skip_automatic_ignores
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.sim.hosts")
@@ -47,6 +48,8 @@ class _Server(asyncssh.SSHServer):
         self._conn: asyncssh.SSHServerConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        # as OpenSSH: no SSH_MSG_IGNORE before each packet (vastd's client sends none)
+        skip_automatic_ignores(conn)
         self._conn = conn
         self._host._conns.add(conn)
         self._host.connections_total += 1
