@@ -448,6 +448,50 @@ async def test_successful_job_is_collected_then_remote_folder_removed(env: SimEn
     assert ctx.store.snapshot.followups == {}
 
 
+class _NoListings(dict[str, Any]):
+    def __setitem__(self, key: str, value: Any) -> None:
+        pass  # as if no status had printed a listing
+
+
+@pytest.mark.parametrize("given", [True, False])
+async def test_a_run_that_exited_0_is_collected_with_the_listing_its_status_printed(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch, given: bool
+) -> None:
+    """The status that sees a run exit 0 prints its folder's listing, and the collection
+    takes it: no listing command of its own (one command a job fewer). Without it (a
+    restart, a retry), the collection lists the folder itself."""
+    from vastd.execution import result_handler
+
+    listings: list[str] = []
+    real = result_handler.find_result_files
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        listings.append(args[1].job_dir)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(result_handler, "find_result_files", counted)
+    await env.start(instances=1)
+    ctx = env.context()
+    if not given:
+        object.__setattr__(ctx, "listed", _NoListings())
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.state is JobState.DONE)
+    assert job_file_in(ctx, job_id) == ["done"] and job.result_files
+    assert len(listings) == (0 if given else 1)
+    assert ctx.listed == {}
+
+
+def test_statuses_list_no_folder_when_results_may_number_thousands() -> None:
+    """Past `LISTED_FILES_MAX` result files a job may have, a listing could make the
+    status output large: the statuses then print none, and collections list for
+    themselves."""
+    assert co._listing("*.parquet", co.LISTED_FILES_MAX) is not None
+    assert co._listing("*.parquet", co.LISTED_FILES_MAX + 1) is None
+
+
 async def test_failing_job_is_retried_then_failed_with_error_file(env: SimEnv) -> None:
     """exit 3: a retry (attempts 1, requeued, `job_retry`), then at max_attempts FAILED,
     the file in failed/ beside `<job>.error.json` with job, reason, attempts,

@@ -18,6 +18,7 @@ import pytest
 from tests.localrunner import LocalRunner
 from vastd.execution import result_handler
 from vastd.execution.job_runner import RemoteJobPaths, remote_job_paths
+from vastd.execution.process_monitor import monitor_job_execution
 from vastd.execution.result_handler import (
     CollectedResults,
     cleanup_remote_job,
@@ -25,7 +26,9 @@ from vastd.execution.result_handler import (
     collect_job_results,
     download_result_file,
     find_result_files,
+    listing_function,
     matches_result_glob,
+    parse_listing,
 )
 from vastd.execution.validate import validate_results
 from vastd.utils.exceptions import ConfigError, FileOperationError, ResultValidationError
@@ -523,3 +526,94 @@ def test_cleanup_stale_result_dirs(results_root: Path) -> None:
     (results_root / JOB).mkdir()
     assert cleanup_stale_result_dirs(results_root) == 1
     assert os.listdir(results_root) == [JOB]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "max_files"), [("*.parquet", None), ("out/*.parquet", None), ("*", 2)]
+)
+async def test_a_status_of_a_run_that_exited_0_lists_its_folder_as_the_collection_would(
+    runner: LocalRunner, paths: RemoteJobPaths, tmp_path: Path, pattern: str, max_files: int | None
+) -> None:
+    """With `listing`, the status command prints the folder of a run that exited 0 (and no
+    other): parsed, it is the listing `find_result_files` takes with a command of its own,
+    odd names, symlinks, folders, the log's size and the count cap included. A folder
+    still running, or one that failed, prints none."""
+    for name in ("a.parquet", "we\nird.parquet", "out/b.parquet", "out/c.parquet", "x.csv"):
+        Path(paths.job_dir, name).write_bytes(b"PAR1")
+    os.symlink("/etc/passwd", Path(paths.job_dir, "evil.parquet"))
+    os.mkdir(Path(paths.out_dir, "d.parquet"))
+    Path(paths.job_dir, "run").write_text("ab12\n")
+    for i in range(70 if max_files else 0):  # past the cap's room: the listing is cut
+        Path(paths.job_dir, f"f{i}.parquet").write_bytes(b"PAR1")
+    running = remote_job_paths(str(tmp_path / "remote"), "inst1", "running")
+    failed = remote_job_paths(str(tmp_path / "remote"), "inst1", "failed")
+    for other, code in ((running, None), (failed, "3\n")):
+        os.makedirs(other.out_dir)
+        Path(other.job_dir, "r.parquet").write_bytes(b"PAR1")
+        if code is not None:
+            Path(other.exit_code).write_text(code)
+    entries = [(JOB, paths), ("running", running), ("failed", failed)]
+    before = runner.count("run")
+    statuses = await monitor_job_execution(
+        runner, entries, timeout_s=20, listing=listing_function(pattern, max_files=max_files)
+    )
+    assert runner.count("run") == before + 1
+    assert statuses["running"].listing is None and statuses["failed"].listing is None
+    listed = statuses[JOB].listing
+    assert listed is not None
+    own = await find_result_files(runner, paths, pattern, timeout_s=20, max_files=max_files)
+    assert parse_listing(listed, paths, pattern) == own
+    assert own.run == "ab12" and own.files and own.cut is bool(max_files)
+    assert own.log_size == (None if max_files else len("Row 0: ok\n"))  # cut before it
+
+
+async def test_a_collection_given_its_listing_runs_no_listing_command(
+    runner: LocalRunner, paths: RemoteJobPaths, results_root: Path
+) -> None:
+    """Given the listing its status printed, a collection lists nothing itself; given one
+    cut short (or of no folder), it lists the folder again."""
+    write_parquet(Path(paths.job_dir, "a.parquet"), 3)
+    statuses = await monitor_job_execution(
+        runner, [(JOB, paths)], timeout_s=20, listing=listing_function("*.parquet")
+    )
+    listed = statuses[JOB].listing
+    assert listed is not None
+    for given, commands in ((listed, 0), (listed[:-1], 1), (("nodir",), 1)):
+        before = runner.count("run")
+        collected = await collect_job_results(
+            runner,
+            paths,
+            JOB,
+            results_root=results_root,
+            pattern="*.parquet",
+            min_results=1,
+            validate="parquet",
+            max_bytes=10_000_000,
+            timeout_s=20,
+            listed=given,
+        )
+        assert collected.rows == 3
+        assert (results_root / JOB / "log.txt").read_text() == "Row 0: ok\n"
+        assert runner.count("run") - before == commands
+
+
+async def test_one_status_lists_a_bounded_number_of_folders(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    """However many runs exited at once, one status command lists the first few folders
+    only (its output stays bounded; the others' collections list for themselves)."""
+    from vastd.execution.process_monitor import LISTINGS_PER_STATUS
+
+    entries = []
+    for i in range(LISTINGS_PER_STATUS + 2):
+        p = remote_job_paths(str(tmp_path / "remote"), "inst1", f"j{i}")
+        os.makedirs(p.out_dir)
+        Path(p.exit_code).write_text("0\n")
+        Path(p.job_dir, "r.parquet").write_bytes(b"PAR1")
+        entries.append((f"j{i}", p))
+    statuses = await monitor_job_execution(
+        runner, entries, timeout_s=20, listing=listing_function("*.parquet", max_files=10)
+    )
+    listed = [job for job, _ in entries if statuses[job].listing is not None]
+    assert listed == [f"j{i}" for i in range(LISTINGS_PER_STATUS)]
+    assert all(statuses[job].exit_code == 0 for job, _ in entries)

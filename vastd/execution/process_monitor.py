@@ -69,6 +69,9 @@ class RemoteJobStatus:
     # took it back; None once it was claimed (started) or for a run started directly
     stage: str | None = None
     progress_rows: int | None = None  # group 1 of the last log line matching the progress regex
+    # the folder's listing (the lines of `result_handler.listing_snippet`), asked for with
+    # the status and printed for a run that exited 0
+    listing: tuple[str, ...] | None = None
 
 
 class CompletionStatus(StrEnum):
@@ -98,7 +101,18 @@ def _progress_report(index: int) -> str:
     )
 
 
-def _entry_report(index: int, *, progress: bool = False) -> str:
+LISTINGS_PER_STATUS = 4  # folders listed by one status command (each a capped listing)
+
+
+def _listing_report(index: int) -> str:
+    # `_list` is the listing function given to build_status_script; `lc` counts its calls
+    return (
+        f'  if [ "$e" = 0 ] && [ "$lc" -lt {LISTINGS_PER_STATUS} ]; then lc=$((lc+1))\n'
+        f"    printf 'L {index}\\n'; _list \"$d\"; printf 'K {index}\\n'\n  fi\n"
+    )
+
+
+def _entry_report(index: int, *, progress: bool = False, listing: bool = False) -> str:
     # The entry's folder and pgid are in the shell variables d<index> and p<index>.
     return f"""d=$d{index}; p=$p{index}
 if [ -d "$d" ]; then
@@ -112,7 +126,7 @@ if [ -d "$d" ]; then
   q=-; [ -f "$d/staged" ] && q=s; [ -f "$d/withdrawn" ] && q=w
   printf 'J {index} 1 %s %s %s %s %s %s %s %s %s %s\\n' "${{p:--}}" "$al" "$e" "$s" "$en" \\
     "${{ls:--}}" "$at" "$to" "$r" "$q"
-{_progress_report(index) if progress else ""}else
+{_progress_report(index) if progress else ""}{_listing_report(index) if listing else ""}else
   printf 'J {index} 0 - 0 - - - - - 0 - -\\n'
 fi
 """
@@ -124,15 +138,21 @@ def build_status_script(
     wait_s: float = 0,
     progress: bool = False,
     lease: str | None = None,
+    listing: str | None = None,
 ) -> str:
     """One script reporting every entry; with `wait_s` > 0 it first waits (remote-side, every
     0.2 s) until any entry is no longer running (exit_code written, group gone, folder
     gone) or `wait_s` passes. List only jobs believed running, or it returns at once.
     With `progress`, each existing entry also reports the tail of its log.txt. With
     `lease` (a path), the instance's clock is written there: staged runs start only while
-    it is fresh.
+    it is fresh. With `listing` (shell code defining `_list DIR`, such as
+    `result_handler.listing_function`), an entry whose exit code is 0 also reports what
+    `_list` prints of its folder, between `L <index>` and `K <index>` (the first
+    `LISTINGS_PER_STATUS` such entries: the output stays bounded whatever the listing's).
     """
     lines = [SH_HELPERS]
+    if listing is not None:
+        lines.append(f"{listing}\nlc=0")
     if lease is not None:
         lines.append(renew_lease(lease))
     for index, (_job_id, paths) in enumerate(entries):
@@ -152,7 +172,10 @@ def build_status_script(
         lines.append(f'if [ "$FRAC" = 1 ]; then n={ticks}; else n={whole}; fi')
         lines.append(f"t=0; while [ $t -lt $n ] && {checks}; do _tick {_TICK_S}; t=$((t+1)); done")
     lines.append('printf "%s\\n" "$M"')
-    lines.extend(_entry_report(index, progress=progress) for index in range(len(entries)))
+    lines.extend(
+        _entry_report(index, progress=progress, listing=listing is not None)
+        for index in range(len(entries))
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -168,6 +191,30 @@ def _number(field: str) -> int | None:
 
 
 _PROGRESS_START = re.compile(r"^([PQ]) ([0-9]+)$")
+_LISTING_START = re.compile(r"^([LK]) ([0-9]+)$")
+
+
+def _listing_blocks(lines: list[str]) -> tuple[list[str], dict[int, tuple[str, ...]]]:
+    """The status lines, and each entry's listing from its whole L ... K block."""
+    rest: list[str] = []
+    listings: dict[int, tuple[str, ...]] = {}
+    current: int | None = None
+    block: list[str] = []
+    for line in lines:
+        marker = _LISTING_START.match(line.strip())
+        if marker is not None:
+            index = int(marker.group(2))
+            if marker.group(1) == "L":
+                current, block = index, []
+            elif current == index:
+                listings[index] = tuple(block)
+                current = None
+            continue
+        if current is not None:
+            block.append(line)
+        else:
+            rest.append(line)
+    return rest, listings
 
 
 def progress_rows(text: str, pattern: re.Pattern[str]) -> int | None:
@@ -219,6 +266,7 @@ def parse_status_output(
     """Statuses by job id; entries without a well-formed line (truncated output) are absent.
     With `progress`, each status carries the rows done its log tail says."""
     lines, tails = _progress_blocks(marker_lines(stdout) or [])
+    lines, listings = _listing_blocks(lines)
     statuses: dict[str, RemoteJobStatus] = {}
     for line in lines:
         match = _STATUS_LINE.match(line.strip())
@@ -253,6 +301,7 @@ def parse_status_output(
                 if progress is not None and index in tails
                 else None
             ),
+            listing=listings.get(index),
         )
     return statuses
 
@@ -265,12 +314,16 @@ async def monitor_job_execution(
     timeout_s: float,
     progress: re.Pattern[str] | None = None,
     lease: str | None = None,
+    listing: str | None = None,
 ) -> dict[str, RemoteJobStatus]:
     """Status of every listed job in one round trip (`timeout_s` is on top of `wait_s`);
-    with `progress` (the compiled `[job] progress_regex`), the rows each log says are done."""
+    with `progress` (the compiled `[job] progress_regex`), the rows each log says are done;
+    with `listing`, the folder listing of each run that exited 0 (`build_status_script`)."""
     if not entries:
         return {}
-    script = build_status_script(entries, wait_s=wait_s, progress=progress is not None, lease=lease)
+    script = build_status_script(
+        entries, wait_s=wait_s, progress=progress is not None, lease=lease, listing=listing
+    )
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s + max(wait_s, 0))
     return parse_status_output(result.stdout, entries, progress=progress)
 

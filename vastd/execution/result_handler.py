@@ -102,9 +102,10 @@ class ResultListing:
     cut: bool = False  # the remote side stopped listing past the count cap
 
 
-_LIST_SCRIPT = r"""
-M=__VASTD_BEGIN__
-cd "$D" 2>/dev/null || { printf '%s\nnodir\n' "$M"; exit 0; }
+# The listing of the job folder (the current directory), with the glob in $P and the
+# count cap in $C (0: none); it may `exit` (past the cap), so it runs in a script or a
+# subshell of its own.
+_LIST_BODY = r"""
 _one() {
   if [ -L "$1" ]; then t=l
   elif [ -f "$1" ]; then t=f
@@ -120,7 +121,6 @@ _one() {
     *) printf 'P %s %s %s\n' $t "${s:-0}" "$1" ;;
   esac
 }
-printf '%s\n' "$M"
 r=; read -r r 2>/dev/null < run; case $r in ''|*[!0-9a-f]*) r=- ;; esac
 printf 'R %s\n' "$r"
 # Only names the glob may match are looked at (the shell's case prefilters; vastd
@@ -131,6 +131,11 @@ for f in *; do case $f in log.txt|$P) _cut; _one "$f" ;; esac; done
 if [ -d out ] && [ ! -L out ]; then for f in out/*; do case $f in $P) _cut; _one "$f" ;; esac; done; fi
 echo END
 """
+_LIST_SCRIPT = (
+    "M=__VASTD_BEGIN__\n"
+    """cd "$D" 2>/dev/null || { printf '%s\\nnodir\\n' "$M"; exit 0; }\n"""
+    """printf '%s\\n' "$M"\n""" + _LIST_BODY
+)
 _ENTRY = re.compile(r"^F ([lfdo]) ([0-9]+) ((?:[0-9a-f]{2})+)$")
 _PLAIN_ENTRY = re.compile(r"^P ([lfdo]) ([0-9]+) ([A-Za-z0-9._/+-]+)$")
 _RUN_LINE = re.compile(r"^R (-|[0-9a-f]+)$")
@@ -167,15 +172,43 @@ async def find_result_files(
     folder of a million files costs one short answer, never a flood of output.
     """
     _check_pattern(pattern)
-    # Room for log.txt and the skipped entries besides the cap (0: no cap).
-    cap = 0 if max_files is None else max_files + 64
-    script = f"D={shlex.quote(paths.job_dir)}\nP={shlex.quote(pattern)}\nC={cap}\n{_LIST_SCRIPT}"
+    script = (
+        f"D={shlex.quote(paths.job_dir)}\nP={shlex.quote(pattern)}\nC={_listing_cap(max_files)}\n"
+        f"{_LIST_SCRIPT}"
+    )
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
-    lines = marker_lines(result.stdout)
+    return parse_listing(
+        marker_lines(result.stdout), paths, pattern, incomplete=f"exit {result.exit_status}"
+    )
+
+
+def _listing_cap(max_files: int | None) -> int:
+    # Room for log.txt and the skipped entries besides the cap (0: no cap).
+    return 0 if max_files is None else max_files + 64
+
+
+def listing_function(pattern: str, *, max_files: int | None = None) -> str:
+    """Shell code defining `_list DIR`, which prints the listing `find_result_files` reads,
+    of DIR, in a subshell. For a status script: the listing of a run that has just exited
+    comes with its status, and its collection needs no command of its own."""
+    _check_pattern(pattern)
+    return (
+        "_list() (\n"
+        'cd "$1" 2>/dev/null || { echo nodir; exit 0; }\n'
+        f"P={shlex.quote(pattern)}; C={_listing_cap(max_files)}\n"
+        f"{_LIST_BODY})"
+    )
+
+
+def parse_listing(
+    lines: Sequence[str] | None, paths: RemoteJobPaths, pattern: str, *, incomplete: str = ""
+) -> ResultListing:
+    """The result candidates of a listing's lines (those after the marker)."""
+    _check_pattern(pattern)
     if lines and lines[0].strip() == "nodir":
         raise ResultValidationError("the remote job folder is missing")
     if lines is None or "END" not in (line.strip() for line in lines):
-        raise JobExecutionError(f"result listing incomplete (exit {result.exit_status})")
+        raise JobExecutionError(f"result listing incomplete ({incomplete or 'cut short'})")
     input_name = posixpath.basename(paths.input)
     files: list[RemoteFile] = []
     skipped: list[str] = []
@@ -588,6 +621,7 @@ async def collect_job_results(
     validate_command: str = "",
     validate_memory_mb: int = 512,
     validate_timeout_s: float = 300.0,
+    listed: Sequence[str] | None = None,
 ) -> CollectedResults:
     """Download, validate and install a job's results as `results_root/<safe job>/`.
 
@@ -597,11 +631,18 @@ async def collect_job_results(
     Downloads stay within `limits` (else `max_bytes` per file); validation runs in a
     child process (`vastd.execution.validate`), then `validate_command` if given; with
     `row_key`, the results must hold `rows_expected` distinct values of that column.
+    `listed`: the folder's listing as a status command just printed it (`listing_snippet`,
+    same caps); one that is cut short or finds no folder is listed again.
     """
     limits = limits if limits is not None else ResultLimits(max_file_bytes=max_bytes)
-    listing = await find_result_files(
-        conn, paths, pattern, timeout_s=timeout_s, max_files=limits.max_files
-    )
+    listing: ResultListing | None = None
+    if listed is not None:
+        with contextlib.suppress(JobExecutionError, ResultValidationError):
+            listing = parse_listing(listed, paths, pattern)
+    if listing is None:
+        listing = await find_result_files(
+            conn, paths, pattern, timeout_s=timeout_s, max_files=limits.max_files
+        )
     if run_id is not None and listing.run != run_id:
         raise RunMismatchError(
             f"the remote job folder holds run {listing.run or '(none)'}, not run {run_id}"

@@ -75,6 +75,7 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
 
 
 async def _collect(ctx: Context, job_id: str) -> bool:
+    listed = ctx.listed.pop(job_id, None)  # its first attempt only: a retry lists afresh
     job = ctx.store.jobs.get(job_id)
     if job is None or job.state is not JobState.COLLECTING:
         return True
@@ -89,7 +90,14 @@ async def _collect(ctx: Context, job_id: str) -> bool:
         if job.last_error is None:
             try:
                 collected = await collect_with_settings(
-                    ctx, conn, inst, job, run_id, started_at=job.started_at, ended_at=job.exited_at
+                    ctx,
+                    conn,
+                    inst,
+                    job,
+                    run_id,
+                    started_at=job.started_at,
+                    ended_at=job.exited_at,
+                    listed=listed[1] if listed is not None and listed[0] == run_id else None,
                 )
             except RunMismatchError as exc:
                 mark_reachable(ctx, inst)
@@ -152,9 +160,11 @@ async def collect_with_settings(
     *,
     started_at: float | None = None,
     ended_at: float | None = None,
+    listed: tuple[str, ...] | None = None,
 ) -> CollectedResults:
     """Download, validate and install run `run_id`'s results as the `[job]` settings say,
-    with their MANIFEST.json (which run, where, which bytes, what it cost)."""
+    with their MANIFEST.json (which run, where, which bytes, what it cost). `listed`: the
+    folder's listing as the status that saw the run exit printed it."""
     s = ctx.settings
     paths = remote_job_paths(s.remote.root, inst.id, job.id)
     cost = job_cost(inst.dph, started_at, ended_at, gpus.slots(s.job, inst))
@@ -189,6 +199,7 @@ async def collect_with_settings(
         run_id=run_id,
         keep_previous=job.keep_previous,
         manifest=manifest,
+        listed=listed,
     )
 
 

@@ -134,6 +134,9 @@ class Context:
     gpu_shortfalls: set[str] = field(default_factory=set)
     # staged runs whose run before has ended without starting them: since when (monotonic)
     staged_waiting: dict[str, float] = field(default_factory=dict)
+    # job -> (run, its folder's listing) as the status that saw the run exit 0 printed it:
+    # the collection that follows lists nothing itself (taken by its first attempt)
+    listed: dict[str, tuple[str | None, tuple[str, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.watch_wait_s < 0:

@@ -37,6 +37,7 @@ from vastd.execution.process_monitor import (
     handle_job_timeout,
     monitor_job_execution,
 )
+from vastd.execution.result_handler import listing_function
 from vastd.orchestration import market
 from vastd.orchestration.actions import (
     abandon_if_past_grace,
@@ -548,6 +549,7 @@ async def check_instance_jobs(
         wait_s=wait_s,
         timeout_s=wait_s + ctx.settings.ssh.command_timeout_s,
         progress=_compiled(regex) if regex else None,
+        listing=_listing(ctx.settings.job.result_glob, ctx.settings.job.max_result_files),
         # staged runs start only while vastd keeps looking (job_runner.build_launcher)
         lease=(
             f"{instance_root(ctx.settings.remote.root, inst.id)}/{LEASE_NAME}"
@@ -560,6 +562,21 @@ async def check_instance_jobs(
 @functools.cache
 def _compiled(regex: str) -> re.Pattern[str]:
     return re.compile(regex)  # checked when the config was loaded
+
+
+LISTED_FILES_MAX = 1000  # past this `[job] max_result_files`, collections list for themselves
+
+
+@functools.cache
+def _listing(pattern: str, max_files: int) -> str | None:
+    # With the collection's own caps (collection.result_limits), so the listing is the one
+    # it would take; a few thousand names at most, so the status output stays small.
+    if max_files > LISTED_FILES_MAX:
+        return None
+    return listing_function(pattern, max_files=max_files)
+
+
+LISTED_MAX = 4096  # listings waiting for their collection; past it, the oldest go
 
 
 def _restart_or_requeue(ctx: Context, inst: InstanceRecord, job: JobRecord, why: str) -> None:
@@ -615,6 +632,10 @@ async def handle_job_status(
     if status.timed_out:
         finish_run(ctx, job, exit_code=status.exit_code, error="timed out")
     elif outcome is CompletionStatus.SUCCEEDED:
+        if status.listing is not None:
+            if len(ctx.listed) >= LISTED_MAX:
+                ctx.listed.pop(next(iter(ctx.listed)))
+            ctx.listed[job.id] = (status.run, status.listing)
         finish_run(ctx, job, exit_code=0, error=None)
     elif outcome is CompletionStatus.FAILED:
         finish_run(ctx, job, exit_code=status.exit_code, error=f"exit code {status.exit_code}")
