@@ -453,13 +453,19 @@ class _NoListings(dict[str, Any]):
         pass  # as if no status had printed a listing
 
 
-@pytest.mark.parametrize("given", [True, False])
+class _OtherRunListings(dict[str, Any]):
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, ("0123abcd", value[1]))  # as if of another run
+
+
+@pytest.mark.parametrize("given", ["yes", "none", "other-run"])
 async def test_a_run_that_exited_0_is_collected_with_the_listing_its_status_printed(
-    env: SimEnv, monkeypatch: pytest.MonkeyPatch, given: bool
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch, given: str
 ) -> None:
     """The status that sees a run exit 0 prints its folder's listing, and the collection
     takes it: no listing command of its own (one command a job fewer). Without it (a
-    restart, a retry), the collection lists the folder itself."""
+    restart, a retry), or with one of another run, the collection lists the folder
+    itself."""
     from vastd.execution import result_handler
 
     listings: list[str] = []
@@ -472,16 +478,29 @@ async def test_a_run_that_exited_0_is_collected_with_the_listing_its_status_prin
     monkeypatch.setattr(result_handler, "find_result_files", counted)
     await env.start(instances=1)
     ctx = env.context()
-    if not given:
-        object.__setattr__(ctx, "listed", _NoListings())
+    if given != "yes":
+        listed = _NoListings() if given == "none" else _OtherRunListings()
+        object.__setattr__(ctx, "listed", listed)
     await env.ready(ctx)
     [job_id] = await env.submit(ctx)
     job = ctx.store.jobs[job_id]
     await co.coordinate_job_distribution(ctx)
     await pump(ctx, lambda: job.state is JobState.DONE)
     assert job_file_in(ctx, job_id) == ["done"] and job.result_files
-    assert len(listings) == (0 if given else 1)
+    assert len(listings) == (0 if given == "yes" else 1)
     assert ctx.listed == {}
+
+
+def test_listings_kept_for_collections_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most `LISTED_MAX` listings wait for their collections: the oldest go first
+    (their collections list for themselves), and a job's newer listing replaces its own."""
+    monkeypatch.setattr(co, "LISTED_MAX", 3)
+    ctx = offline_ctx(tmp_path)
+    for job in ("a", "b", "c", "a", "d"):
+        co.keep_listing(ctx, job, "ab", (job,))
+    assert list(ctx.listed) == ["c", "a", "d"]
 
 
 def test_statuses_list_no_folder_when_results_may_number_thousands() -> None:

@@ -31,7 +31,12 @@ from vastd.execution.result_handler import (
     parse_listing,
 )
 from vastd.execution.validate import validate_results
-from vastd.utils.exceptions import ConfigError, FileOperationError, ResultValidationError
+from vastd.utils.exceptions import (
+    ConfigError,
+    FileOperationError,
+    JobExecutionError,
+    ResultValidationError,
+)
 
 JOB = "garch_test_job_0000_0099"
 
@@ -536,8 +541,9 @@ async def test_a_status_of_a_run_that_exited_0_lists_its_folder_as_the_collectio
 ) -> None:
     """With `listing`, the status command prints the folder of a run that exited 0 (and no
     other): parsed, it is the listing `find_result_files` takes with a command of its own,
-    odd names, symlinks, folders, the log's size and the count cap included. A folder
-    still running, or one that failed, prints none."""
+    odd names, symlinks, folders and the log's size included. One of more names than a
+    status lists stops short (the collection lists it, cut at its cap). A folder still
+    running, or one that failed, prints none."""
     for name in ("a.parquet", "we\nird.parquet", "out/b.parquet", "out/c.parquet", "x.csv"):
         Path(paths.job_dir, name).write_bytes(b"PAR1")
     os.symlink("/etc/passwd", Path(paths.job_dir, "evil.parquet"))
@@ -562,7 +568,13 @@ async def test_a_status_of_a_run_that_exited_0_lists_its_folder_as_the_collectio
     listed = statuses[JOB].listing
     assert listed is not None
     own = await find_result_files(runner, paths, pattern, timeout_s=20, max_files=max_files)
-    assert parse_listing(listed, paths, pattern) == own
+    if max_files:
+        # more names than a status lists (STATUS_LISTING_NAMES): left to the collection
+        assert listed[-1] == "MORE"
+        with pytest.raises(JobExecutionError):
+            parse_listing(listed, paths, pattern)
+    else:
+        assert parse_listing(listed, paths, pattern) == own
     assert own.run == "ab12" and own.files and own.cut is bool(max_files)
     assert own.log_size == (None if max_files else len("Row 0: ok\n"))  # cut before it
 
@@ -601,7 +613,8 @@ async def test_one_status_lists_a_bounded_number_of_folders(
     runner: LocalRunner, tmp_path: Path
 ) -> None:
     """However many runs exited at once, one status command lists the first few folders
-    only (its output stays bounded; the others' collections list for themselves)."""
+    only (its output stays bounded; the others' collections list for themselves), and
+    only those of the entries it is told to."""
     from vastd.execution.process_monitor import LISTINGS_PER_STATUS
 
     entries = []
@@ -617,3 +630,24 @@ async def test_one_status_lists_a_bounded_number_of_folders(
     listed = [job for job, _ in entries if statuses[job].listing is not None]
     assert listed == [f"j{i}" for i in range(LISTINGS_PER_STATUS)]
     assert all(statuses[job].exit_code == 0 for job, _ in entries)
+    # only the entries allowed (the watcher's own jobs, not orphaned runs)
+    statuses = await monitor_job_execution(
+        runner, entries, timeout_s=20, listing=listing_function("*.parquet"), listed={1, 5}
+    )
+    assert [job for job, _ in entries if statuses[job].listing is not None] == ["j1", "j5"]
+
+
+def test_a_listing_block_left_without_its_end_loses_no_status_line() -> None:
+    """An `L` block whose `K` never came (output garbled mid-listing) gives no listing,
+    and the status lines after it are still read."""
+    from vastd.execution.job_runner import MARKER
+    from vastd.execution.process_monitor import parse_status_output
+
+    entries = [(f"j{i}", remote_job_paths("/r", "i1", f"j{i}")) for i in range(2)]
+    out = (
+        f"{MARKER}\nJ 0 1 5 0 0 1 2 - 1 0 ab -\nL 0\nR ab\nP f 0 a.parquet\n"
+        "J 1 1 6 0 0 1 2 - 1 0 cd -\n"
+    )
+    statuses = parse_status_output(out, entries)
+    assert statuses["j0"].listing is None and statuses["j0"].exit_code == 0
+    assert statuses["j1"].exit_code == 0 and statuses["j1"].run == "cd"

@@ -22,6 +22,17 @@ and the regex is matched here, on those bytes: the user's pattern never reaches 
 remote shell, and the log's text (hex) can never pass for a status line.
 `log_size` is always `-`: measuring it costs two processes per job and cycle, and
 the cycle runs on every instance every few seconds. Every read is a shell builtin.
+
+With a listing asked for (the collection's, `result_handler.listing_function`), the
+line of an entry whose exit code is 0 (the first `LISTINGS_PER_STATUS` of them, of the
+entries allowed) is followed by
+
+    L <index>
+    <the folder's listing: R, P, F, END or MORE, nodir lines>
+    K <index>
+
+once per run's exit, not per cycle: a subshell, and `wc`, `od` and `tr` for the log's
+size and odd names, at most `result_handler.STATUS_LISTING_NAMES` names.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import contextlib
 import math
 import re
 import shlex
+from collections.abc import Container
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -69,7 +81,7 @@ class RemoteJobStatus:
     # took it back; None once it was claimed (started) or for a run started directly
     stage: str | None = None
     progress_rows: int | None = None  # group 1 of the last log line matching the progress regex
-    # the folder's listing (the lines of `result_handler.listing_snippet`), asked for with
+    # the folder's listing (the lines of `result_handler.listing_function`), asked for with
     # the status and printed for a run that exited 0
     listing: tuple[str, ...] | None = None
 
@@ -139,6 +151,7 @@ def build_status_script(
     progress: bool = False,
     lease: str | None = None,
     listing: str | None = None,
+    listed: Container[int] | None = None,
 ) -> str:
     """One script reporting every entry; with `wait_s` > 0 it first waits (remote-side, every
     0.2 s) until any entry is no longer running (exit_code written, group gone, folder
@@ -148,7 +161,8 @@ def build_status_script(
     it is fresh. With `listing` (shell code defining `_list DIR`, such as
     `result_handler.listing_function`), an entry whose exit code is 0 also reports what
     `_list` prints of its folder, between `L <index>` and `K <index>` (the first
-    `LISTINGS_PER_STATUS` such entries: the output stays bounded whatever the listing's).
+    `LISTINGS_PER_STATUS` such entries: the output stays bounded whatever the listing's);
+    with `listed`, only entries of these indices.
     """
     lines = [SH_HELPERS]
     if listing is not None:
@@ -173,7 +187,11 @@ def build_status_script(
         lines.append(f"t=0; while [ $t -lt $n ] && {checks}; do _tick {_TICK_S}; t=$((t+1)); done")
     lines.append('printf "%s\\n" "$M"')
     lines.extend(
-        _entry_report(index, progress=progress, listing=listing is not None)
+        _entry_report(
+            index,
+            progress=progress,
+            listing=listing is not None and (listed is None or index in listed),
+        )
         for index in range(len(entries))
     )
     return "\n".join(lines) + "\n"
@@ -195,12 +213,15 @@ _LISTING_START = re.compile(r"^([LK]) ([0-9]+)$")
 
 
 def _listing_blocks(lines: list[str]) -> tuple[list[str], dict[int, tuple[str, ...]]]:
-    """The status lines, and each entry's listing from its whole L ... K block."""
+    """The status lines, and each entry's listing from its whole L ... K block (a listing
+    never prints a line starting `J `: one there ends a block left without its K)."""
     rest: list[str] = []
     listings: dict[int, tuple[str, ...]] = {}
     current: int | None = None
     block: list[str] = []
     for line in lines:
+        if current is not None and line.startswith("J "):
+            current = None  # cut short: no listing, the collection lists for itself
         marker = _LISTING_START.match(line.strip())
         if marker is not None:
             index = int(marker.group(2))
@@ -315,14 +336,21 @@ async def monitor_job_execution(
     progress: re.Pattern[str] | None = None,
     lease: str | None = None,
     listing: str | None = None,
+    listed: Container[int] | None = None,
 ) -> dict[str, RemoteJobStatus]:
     """Status of every listed job in one round trip (`timeout_s` is on top of `wait_s`);
     with `progress` (the compiled `[job] progress_regex`), the rows each log says are done;
-    with `listing`, the folder listing of each run that exited 0 (`build_status_script`)."""
+    with `listing`, the folder listing of each run that exited 0 (`build_status_script`,
+    `listed` as there)."""
     if not entries:
         return {}
     script = build_status_script(
-        entries, wait_s=wait_s, progress=progress is not None, lease=lease, listing=listing
+        entries,
+        wait_s=wait_s,
+        progress=progress is not None,
+        lease=lease,
+        listing=listing,
+        listed=listed,
     )
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s + max(wait_s, 0))
     return parse_status_output(result.stdout, entries, progress=progress)

@@ -104,7 +104,8 @@ class ResultListing:
 
 # The listing of the job folder (the current directory), with the glob in $P and the
 # count cap in $C (0: none); it may `exit` (past the cap), so it runs in a script or a
-# subshell of its own.
+# subshell of its own. Past $S names (0: no limit, always below $C otherwise) it stops
+# with MORE and no END: a listing left for the collection to take again.
 _LIST_BODY = r"""
 _one() {
   if [ -L "$1" ]; then t=l
@@ -126,7 +127,8 @@ printf 'R %s\n' "$r"
 # Only names the glob may match are looked at (the shell's case prefilters; vastd
 # matches exactly afterwards).
 n=0
-_cut() { n=$((n+1)); [ "$C" -gt 0 ] && [ "$n" -gt "$C" ] && { echo CUT; echo END; exit 0; }; return 0; }
+_cut() { n=$((n+1)); [ "$C" -gt 0 ] && [ "$n" -gt "$C" ] && { echo CUT; echo END; exit 0; }
+  [ "$S" -gt 0 ] && [ "$n" -gt "$S" ] && { echo MORE; exit 0; }; return 0; }
 for f in *; do case $f in log.txt|$P) _cut; _one "$f" ;; esac; done
 if [ -d out ] && [ ! -L out ]; then for f in out/*; do case $f in $P) _cut; _one "$f" ;; esac; done; fi
 echo END
@@ -173,8 +175,8 @@ async def find_result_files(
     """
     _check_pattern(pattern)
     script = (
-        f"D={shlex.quote(paths.job_dir)}\nP={shlex.quote(pattern)}\nC={_listing_cap(max_files)}\n"
-        f"{_LIST_SCRIPT}"
+        f"D={shlex.quote(paths.job_dir)}\nP={shlex.quote(pattern)}\n"
+        f"C={_listing_cap(max_files)}\nS=0\n{_LIST_SCRIPT}"
     )
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
     return parse_listing(
@@ -187,15 +189,22 @@ def _listing_cap(max_files: int | None) -> int:
     return 0 if max_files is None else max_files + 64
 
 
+# Names a status command lists per folder: a few processes each (more for an odd name),
+# so four folders of them take well under a second; a folder with more is listed again
+# by its collection, with the collection's own time limit.
+STATUS_LISTING_NAMES = 64
+
+
 def listing_function(pattern: str, *, max_files: int | None = None) -> str:
     """Shell code defining `_list DIR`, which prints the listing `find_result_files` reads,
     of DIR, in a subshell. For a status script: the listing of a run that has just exited
-    comes with its status, and its collection needs no command of its own."""
+    comes with its status, and its collection needs no command of its own. Past
+    `STATUS_LISTING_NAMES` names it stops short (no END): the collection lists again."""
     _check_pattern(pattern)
     return (
         "_list() (\n"
         'cd "$1" 2>/dev/null || { echo nodir; exit 0; }\n'
-        f"P={shlex.quote(pattern)}; C={_listing_cap(max_files)}\n"
+        f"P={shlex.quote(pattern)}; C={_listing_cap(max_files)}; S={STATUS_LISTING_NAMES}\n"
         f"{_LIST_BODY})"
     )
 
@@ -631,7 +640,7 @@ async def collect_job_results(
     Downloads stay within `limits` (else `max_bytes` per file); validation runs in a
     child process (`vastd.execution.validate`), then `validate_command` if given; with
     `row_key`, the results must hold `rows_expected` distinct values of that column.
-    `listed`: the folder's listing as a status command just printed it (`listing_snippet`,
+    `listed`: the folder's listing as a status command just printed it (`listing_function`,
     same caps); one that is cut short or finds no folder is listed again.
     """
     limits = limits if limits is not None else ResultLimits(max_file_bytes=max_bytes)

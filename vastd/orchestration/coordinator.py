@@ -499,7 +499,7 @@ async def watch_instance(ctx: Context, instance_id: str) -> None:
             await asyncio.sleep(0.05)  # a dispatch to this instance is under way
             continue
         try:
-            statuses = await check_instance_jobs(ctx, inst, jobs + orphans)
+            statuses = await check_instance_jobs(ctx, inst, jobs, orphans)
         except SSHConnectionError as exc:
             failures += 1
             mark_unreachable(ctx, inst, exc)
@@ -528,9 +528,16 @@ async def watch_instance(ctx: Context, instance_id: str) -> None:
 
 
 async def check_instance_jobs(
-    ctx: Context, inst: InstanceRecord, jobs: list[JobRecord]
+    ctx: Context,
+    inst: InstanceRecord,
+    jobs: list[JobRecord],
+    orphans: Sequence[JobRecord] = (),
 ) -> dict[str, RemoteJobStatus]:
+    """The status of `jobs` and of the `orphans`' runs on `inst`, in one command; a job
+    that exited 0 comes with its folder's listing (an orphan's collection lists its own)."""
     conn = await instance_connection(ctx, inst)
+    listed = range(len(jobs))
+    jobs = [*jobs, *orphans]
     entries = [(j.id, remote_job_paths(ctx.settings.remote.root, inst.id, j.id)) for j in jobs]
     now = time.time()
     # Do not sleep past a job's deadline.
@@ -550,6 +557,7 @@ async def check_instance_jobs(
         timeout_s=wait_s + ctx.settings.ssh.command_timeout_s,
         progress=_compiled(regex) if regex else None,
         listing=_listing(ctx.settings.job.result_glob, ctx.settings.job.max_result_files),
+        listed=listed,
         # staged runs start only while vastd keeps looking (job_runner.build_launcher)
         lease=(
             f"{instance_root(ctx.settings.remote.root, inst.id)}/{LEASE_NAME}"
@@ -577,6 +585,14 @@ def _listing(pattern: str, max_files: int) -> str | None:
 
 
 LISTED_MAX = 4096  # listings waiting for their collection; past it, the oldest go
+
+
+def keep_listing(ctx: Context, job_id: str, run: str | None, listing: tuple[str, ...]) -> None:
+    """Keep a run's folder listing for its collection (`ctx.listed`), within `LISTED_MAX`."""
+    ctx.listed.pop(job_id, None)
+    while len(ctx.listed) >= LISTED_MAX:
+        ctx.listed.pop(next(iter(ctx.listed)))
+    ctx.listed[job_id] = (run, listing)
 
 
 def _restart_or_requeue(ctx: Context, inst: InstanceRecord, job: JobRecord, why: str) -> None:
@@ -633,9 +649,7 @@ async def handle_job_status(
         finish_run(ctx, job, exit_code=status.exit_code, error="timed out")
     elif outcome is CompletionStatus.SUCCEEDED:
         if status.listing is not None:
-            if len(ctx.listed) >= LISTED_MAX:
-                ctx.listed.pop(next(iter(ctx.listed)))
-            ctx.listed[job.id] = (status.run, status.listing)
+            keep_listing(ctx, job.id, status.run, status.listing)
         finish_run(ctx, job, exit_code=0, error=None)
     elif outcome is CompletionStatus.FAILED:
         finish_run(ctx, job, exit_code=status.exit_code, error=f"exit code {status.exit_code}")
