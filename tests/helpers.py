@@ -197,3 +197,36 @@ def read_to_eof(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class LoopTurns:
+    """Counts the event loop's turns while inside `async with LoopTurns() as turns:`
+    (`turns.count`): a task that adds one each time it runs, yielding at every turn."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> LoopTurns:
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def longest_run(values: list[Any]) -> int:
+    """The length of the longest run of equal neighbours in `values` (0 when empty)."""
+    longest = run = 0
+    for i, value in enumerate(values):
+        run = run + 1 if i and value == values[i - 1] else 1
+        longest = max(longest, run)
+    return longest

@@ -8,7 +8,6 @@ jobs, `watch_instance` (started by dispatch) turns remote exits into COLLECTING,
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import random
 import time
@@ -32,6 +31,7 @@ from tests.ctxfactory import (
     wait_saved,
     wait_state,
 )
+from tests.helpers import LoopTurns, longest_run
 from tests.test_gpus import offline_ctx, queued
 from vastd.core import state as st
 from vastd.core.files import JobFolder
@@ -161,29 +161,17 @@ async def test_a_waves_starts_take_their_first_steps_a_chunk_per_loop_turn(
     for n in range(jobs):
         ctx.store.instances[str(n)] = InstanceRecord(id=str(n), status=InstanceStatus.READY)
         queued(ctx, f"j{n:03}")
-    turns = 0
-
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
     started_at: dict[str, int] = {}
+    async with LoopTurns() as turns:
 
-    async def first_step(_ctx: Context, job_id: str, *_: Any) -> None:
-        started_at[job_id] = turns
+        async def first_step(_ctx: Context, job_id: str, *_: Any) -> None:
+            started_at[job_id] = turns.count
 
-    monkeypatch.setattr(co, "dispatch_job", first_step)
-    tick = asyncio.create_task(ticker())
-    try:
+        monkeypatch.setattr(co, "dispatch_job", first_step)
         assert await co.coordinate_job_distribution(ctx) == jobs
         await async_wait_for(lambda: len(started_at) == jobs, 5)
-    finally:
-        tick.cancel()
     assert sorted(started_at) == sorted(ctx.store.jobs)
-    longest = max(len(list(run)) for _, run in itertools.groupby(sorted(started_at.values())))
-    assert longest <= co.DISPATCH_SPAWN_CHUNK
+    assert longest_run(sorted(started_at.values())) <= co.DISPATCH_SPAWN_CHUNK
 
 
 async def test_no_job_on_an_instance_that_is_not_ready(env: SimEnv) -> None:

@@ -8,8 +8,6 @@ as the daemon builds it, with tiny timings (polls 0.2 s, boot 0.2 s).
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
+from tests.helpers import LoopTurns, longest_run
 from tests.test_fleet import SimFleet, _close, _connect
 from tests.test_fleet import sim_fleet as sim_fleet  # the fixture
 from vastd.core.state import InstanceRecord, InstanceStatus
@@ -60,32 +59,20 @@ async def test_a_large_listing_is_applied_in_chunks_between_other_tasks(
     listed = 3 * inventory.DISCOVERY_CHUNK + 10
     for _ in range(listed):
         await sf.cloud.add_instance(label="vastd", actual_status="loading")
-    turns = 0
-
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
     applied_at: list[int] = []
     real_apply = inventory.apply_listed
+    async with LoopTurns() as turns:
 
-    async def apply_counted(*args: Any, **kwargs: Any) -> None:
-        applied_at.append(turns)
-        await real_apply(*args, **kwargs)
+        async def apply_counted(*args: Any, **kwargs: Any) -> None:
+            applied_at.append(turns.count)
+            await real_apply(*args, **kwargs)
 
-    monkeypatch.setattr(inventory, "apply_listed", apply_counted)
-    tick = asyncio.create_task(ticker())
-    try:
+        monkeypatch.setattr(inventory, "apply_listed", apply_counted)
         for _ in range(2):  # adopting them, then refreshing them
             applied_at.clear()
             assert await discovery_once(sf.ctx) == listed
             assert len(applied_at) == listed
-            longest = max(len(list(run)) for _, run in itertools.groupby(applied_at))
-            assert longest <= inventory.DISCOVERY_CHUNK
-    finally:
-        tick.cancel()
+            assert longest_run(applied_at) <= inventory.DISCOVERY_CHUNK
     assert len(sf.ctx.store.instances) == listed
 
 

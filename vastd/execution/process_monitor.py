@@ -212,30 +212,34 @@ _PROGRESS_START = re.compile(r"^([PQ]) ([0-9]+)$")
 _LISTING_START = re.compile(r"^([LK]) ([0-9]+)$")
 
 
-def _listing_blocks(lines: list[str]) -> tuple[list[str], dict[int, tuple[str, ...]]]:
-    """The status lines, and each entry's listing from its whole L ... K block (a listing
-    never prints a line starting `J `: one there ends a block left without its K)."""
+def _blocks(
+    lines: list[str], marker: re.Pattern[str], opener: str
+) -> tuple[list[str], dict[int, list[str]]]:
+    """The lines outside blocks, and each entry's whole block (`<opener> <index>` ...
+    `<closer> <index>`, as `marker` matches them). No block holds a line starting `J `
+    (hex and listings never do): one there ends a block left without its closer,
+    which then counts as absent."""
     rest: list[str] = []
-    listings: dict[int, tuple[str, ...]] = {}
+    blocks: dict[int, list[str]] = {}
     current: int | None = None
     block: list[str] = []
     for line in lines:
         if current is not None and line.startswith("J "):
-            current = None  # cut short: no listing, the collection lists for itself
-        marker = _LISTING_START.match(line.strip())
-        if marker is not None:
-            index = int(marker.group(2))
-            if marker.group(1) == "L":
+            current = None  # cut short: the status line after it is still read
+        found = marker.match(line.strip())
+        if found is not None:
+            index = int(found.group(2))
+            if found.group(1) == opener:
                 current, block = index, []
             elif current == index:
-                listings[index] = tuple(block)
+                blocks[index] = block
                 current = None
             continue
         if current is not None:
             block.append(line)
         else:
             rest.append(line)
-    return rest, listings
+    return rest, blocks
 
 
 def progress_rows(text: str, pattern: re.Pattern[str]) -> int | None:
@@ -256,25 +260,11 @@ def progress_rows(text: str, pattern: re.Pattern[str]) -> int | None:
 
 def _progress_blocks(lines: list[str]) -> tuple[list[str], dict[int, str]]:
     """The status lines, and each entry's log tail (decoded) from its P ... Q block."""
-    rest: list[str] = []
+    rest, blocks = _blocks(lines, _PROGRESS_START, "P")
     tails: dict[int, str] = {}
-    current: int | None = None
-    hex_lines: list[str] = []
-    for line in lines:
-        marker = _PROGRESS_START.match(line.strip())
-        if marker is not None:
-            index = int(marker.group(2))
-            if marker.group(1) == "P":
-                current, hex_lines = index, []
-            elif current == index:
-                with contextlib.suppress(ValueError):  # garbled: no progress this time
-                    tails[index] = _hex_payload(hex_lines).decode("utf-8", errors="replace")
-                current = None
-            continue
-        if current is not None:
-            hex_lines.append(line)
-        else:
-            rest.append(line)
+    for index, hex_lines in blocks.items():
+        with contextlib.suppress(ValueError):  # garbled: no progress this time
+            tails[index] = _hex_payload(hex_lines).decode("utf-8", errors="replace")
     return rest, tails
 
 
@@ -287,7 +277,8 @@ def parse_status_output(
     """Statuses by job id; entries without a well-formed line (truncated output) are absent.
     With `progress`, each status carries the rows done its log tail says."""
     lines, tails = _progress_blocks(marker_lines(stdout) or [])
-    lines, listings = _listing_blocks(lines)
+    lines, blocks = _blocks(lines, _LISTING_START, "L")
+    listings = {index: tuple(block) for index, block in blocks.items()}
     statuses: dict[str, RemoteJobStatus] = {}
     for line in lines:
         match = _STATUS_LINE.match(line.strip())
