@@ -74,9 +74,11 @@ def skip_automatic_ignores(
     on: a countermeasure against the chosen-plaintext attack on CBC's chained IVs (RFC
     4251, 9.3.1), of no use with CTR, GCM or ChaCha20-Poly1305, the only ciphers vastd
     offers (`_ENCRYPTION_ALGS`). It doubles the packets sent, each encrypted, padded from
-    `os.urandom` and written with its own `send()`: in a loopback test, a command cost a
-    third less CPU without them. OpenSSH does not send them either. Only those empty
-    ignores are dropped, and none while a CBC cipher is in use.
+    `os.urandom` and written with its own `send()`: against a local OpenSSH sshd, a
+    command cost the client 10-20% less CPU without them (bench/RESULTS.md, 2026-12-07).
+    OpenSSH does not send them either. Only those empty ignores are dropped, and none
+    while a CBC cipher is in use. The few sent during the login, before this is called,
+    stay.
     """
     send = conn.send_packet
 
