@@ -420,3 +420,31 @@ def test_lines_logged_one_by_one_are_written_a_batch_at_a_time(
     assert [rec["n"] for rec in lines(stream)] == list(range(40))
     # one write per batch started (and one by the close); without batching, about 40
     assert stream.writes <= 2 * (elapsed / 0.25 + 2), (stream.writes, elapsed)
+
+
+def test_a_backlog_is_written_without_waiting_for_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer waits `BACKGROUND_BATCH_S` only when the line that woke it came alone: a
+    backlog (more than one write's worth of lines) goes out write after write, so the
+    wait never caps how fast lines can be written."""
+    monkeypatch.setattr(vlog, "BACKGROUND_BATCH_S", 1.0)
+    waits: list[float] = []
+    real_time = vlog.time
+
+    class CountedTime:
+        monotonic = staticmethod(real_time.monotonic)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            if seconds == 1.0:
+                waits.append(seconds)
+            real_time.sleep(seconds)
+
+    monkeypatch.setattr(vlog, "time", CountedTime)
+    stream = _CountingStream()
+    setup_logging(json=True, stream=stream, background=True)
+    log = get_logger("vastd.test")
+    for i in range(3000):  # well within the first wait: a backlog of about 3 writes
+        log.info("job_done", n=i)
+    vlog.close_background_logging()
+    assert [rec["n"] for rec in lines(stream)] == list(range(3000))
+    assert stream.writes >= 3 and waits == [1.0]

@@ -154,6 +154,7 @@ BACKGROUND_CLOSE_S = 5.0
 # go out a batch at a time, at most this late.
 BACKGROUND_BATCH_S = 0.05
 _STOP = object()  # the writer thread's last item
+_WRITE_ITEMS = 1024  # lines (or the stop) one write of the writer thread takes at most
 
 
 class BackgroundStreamHandler(logging.Handler):
@@ -236,14 +237,17 @@ class BackgroundStreamHandler(logging.Handler):
 
     def _write_lines(self) -> None:
         """The writer thread: what is waiting goes out in one write, `batch_s` after the
-        line that woke it (the stop is not held back)."""
+        line that woke it (the stop is not held back, nor a backlog: after a full write
+        the next goes at once)."""
         failing = False  # a failure is reported once, until a write works again
+        backlog = False  # the last write took all it may: more was waiting
         while True:
             items = [self._queue.get()]
-            if items[0] is not _STOP and self.batch_s > 0:
+            if items[0] is not _STOP and self.batch_s > 0 and not backlog:
                 time.sleep(self.batch_s)
-            while len(items) < 1024 and not self._queue.empty():
+            while len(items) < _WRITE_ITEMS and not self._queue.empty():
                 items.append(self._queue.get())
+            backlog = len(items) == _WRITE_ITEMS
             lines = [item for item in items if isinstance(item, str)]
             if lines:
                 text = "".join(lines)
