@@ -536,18 +536,17 @@ async def check_instance_jobs(
     """The status of `jobs` and of the `orphans`' runs on `inst`, in one command; a job
     that exited 0 comes with its folder's listing (an orphan's collection lists its own)."""
     conn = await instance_connection(ctx, inst)
-    listed = range(len(jobs))
-    jobs = [*jobs, *orphans]
-    entries = [(j.id, remote_job_paths(ctx.settings.remote.root, inst.id, j.id)) for j in jobs]
+    watched = [*jobs, *orphans]
+    entries = [(j.id, remote_job_paths(ctx.settings.remote.root, inst.id, j.id)) for j in watched]
     now = time.time()
     # Do not sleep past a job's deadline.
     deadlines = [
         (j.started_at or now) + ctx.settings.job.timeout_s - now
-        for j in jobs
+        for j in watched
         if j.started_at and j.state is JobState.RUNNING and j.instance == inst.id
     ]
     wait_s = max(0.0, min([ctx.watch_wait_s, *deadlines]))
-    if any(j.kill_reason for j in jobs):
+    if any(j.kill_reason for j in watched):
         wait_s = 0.0
     regex = ctx.settings.job.progress_regex
     return await monitor_job_execution(
@@ -557,7 +556,7 @@ async def check_instance_jobs(
         timeout_s=wait_s + ctx.settings.ssh.command_timeout_s,
         progress=_compiled(regex) if regex else None,
         listing=_listing(ctx.settings.job.result_glob, ctx.settings.job.max_result_files),
-        listed=listed,
+        listed=range(len(jobs)),  # the jobs come first in `entries`
         # staged runs start only while vastd keeps looking (job_runner.build_launcher)
         lease=(
             f"{instance_root(ctx.settings.remote.root, inst.id)}/{LEASE_NAME}"
