@@ -37,6 +37,7 @@ from vastd.core import state as st
 from vastd.core.files import JobFolder
 from vastd.core.records import InstanceRecord, JobRecord, OrphanRun
 from vastd.core.state import InstanceStatus, JobState, load_state
+from vastd.execution import result_handler
 from vastd.orchestration import coordinator as co
 from vastd.orchestration import market
 from vastd.orchestration.context import Context
@@ -454,8 +455,6 @@ async def test_a_run_that_exited_0_is_collected_with_the_listing_its_status_prin
     takes it: no listing command of its own (one command a job fewer). Without it (a
     restart, a retry), or with one of another run, the collection lists the folder
     itself."""
-    from vastd.execution import result_handler
-
     listings: list[str] = []
     real = result_handler.find_result_files
 

@@ -17,8 +17,12 @@ import pytest
 
 from tests.localrunner import LocalRunner
 from vastd.execution import result_handler
-from vastd.execution.job_runner import RemoteJobPaths, remote_job_paths
-from vastd.execution.process_monitor import monitor_job_execution
+from vastd.execution.job_runner import MARKER, RemoteJobPaths, remote_job_paths
+from vastd.execution.process_monitor import (
+    LISTINGS_PER_STATUS,
+    monitor_job_execution,
+    parse_status_output,
+)
 from vastd.execution.result_handler import (
     CollectedResults,
     cleanup_remote_job,
@@ -615,8 +619,6 @@ async def test_one_status_lists_a_bounded_number_of_folders(
     """However many runs exited at once, one status command lists the first few folders
     only (its output stays bounded; the others' collections list for themselves), and
     only those of the entries it is told to."""
-    from vastd.execution.process_monitor import LISTINGS_PER_STATUS
-
     entries = []
     for i in range(LISTINGS_PER_STATUS + 2):
         p = remote_job_paths(str(tmp_path / "remote"), "inst1", f"j{i}")
@@ -640,9 +642,6 @@ async def test_one_status_lists_a_bounded_number_of_folders(
 def test_a_listing_block_left_without_its_end_loses_no_status_line() -> None:
     """An `L` block whose `K` never came (output garbled mid-listing) gives no listing,
     and the status lines after it are still read."""
-    from vastd.execution.job_runner import MARKER
-    from vastd.execution.process_monitor import parse_status_output
-
     entries = [(f"j{i}", remote_job_paths("/r", "i1", f"j{i}")) for i in range(2)]
     out = (
         f"{MARKER}\nJ 0 1 5 0 0 1 2 - 1 0 ab -\nL 0\nR ab\nP f 0 a.parquet\n"
