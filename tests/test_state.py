@@ -225,6 +225,43 @@ async def test_both_bad_refuses_to_start(tmp_path: Path) -> None:
     assert "state.json.bak:" in str(info.value)
 
 
+class _Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [0, 1])  # before either rename, between them
+def test_a_save_killed_at_any_step_never_leaves_the_backup_sharing_the_snapshots_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
+) -> None:
+    """The backup is a hard link to the snapshot it replaces. A save killed between
+    renaming that link to state.json.bak and renaming the new snapshot in left both names
+    on one file: a state.json damaged then (`make chaos` truncates it) took its backup
+    with it, and the daemon refused to start. Killed before either of its renames or
+    between them, a save leaves two files, each readable: the last snapshot and the one
+    before it, or the new one and an older one."""
+    path = tmp_path / "state.json"
+    backup = tmp_path / "state.json.bak"
+    for n in range(2):
+        state_mod.save_state(json.dumps({"n": n}).encode(), path, backup)
+    real_replace = os.replace
+    calls = 0
+
+    def replace(src: Any, dst: Any) -> None:
+        nonlocal calls
+        if calls == crash_at:
+            raise _Killed()
+        calls += 1
+        real_replace(src, dst)
+
+    monkeypatch.setattr(state_mod.os, "replace", replace)
+    with pytest.raises(_Killed):
+        state_mod.save_state(json.dumps({"n": 2}).encode(), path, backup)
+    monkeypatch.undo()
+    assert not os.path.samefile(path, backup)
+    now, before = json.loads(path.read_text())["n"], json.loads(backup.read_text())["n"]
+    assert (now, before) in ((1, 0), (2, 0)), (now, before)
+
+
 def test_corrupt_snapshot_without_backup_refuses(tmp_path: Path) -> None:
     """A corrupt state.json and no backup at all is refused too (not a fresh start)."""
     (tmp_path / "state.json").write_text("{")

@@ -105,6 +105,7 @@ def save_state(
     except FileOperationError as exc:
         raise StateManagementError(f"cannot write {file_path}: {exc}") from exc
     tmp = file_path.with_name(f".{file_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    bak_tmp: Path | None = None
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -117,12 +118,19 @@ def save_state(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(bak_tmp)
             os.link(file_path, bak_tmp)
-            os.replace(bak_tmp, backup_path)
+        # The new snapshot goes in before its predecessor's link becomes the backup: the
+        # other order, killed between the two renames, left state.json and its backup one
+        # file, and a damage to one then was a damage to both.
         os.replace(tmp, file_path)
+        if bak_tmp is not None and backup_path is not None:
+            os.replace(bak_tmp, backup_path)
+            bak_tmp = None
         _fsync_dir(file_path.parent)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for leftover in (tmp, bak_tmp):
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
         raise StateManagementError(f"cannot write {file_path}: {exc}") from exc
 
 
