@@ -17,6 +17,7 @@ import asyncssh
 import pytest
 import structlog
 
+from tests.helpers import LoopTurns
 from tests.sshd import TEST_PYTHON
 from vastd.core import ssh as ssh_mod
 from vastd.core.ssh import (
@@ -35,6 +36,7 @@ from vastd.utils.exceptions import (
     ResultValidationError,
     SSHConnectionError,
 )
+from vastd.utils.turnstile import Turnstile
 
 SimHostFactory = Callable[..., Awaitable[SimHost]]
 PoolFactory = Callable[..., SSHPool]
@@ -175,6 +177,40 @@ async def test_no_ssh_msg_ignore_goes_before_each_packet(
     sides = {side for side, kind in sent if kind == asyncssh.constants.MSG_CHANNEL_DATA}
     assert sides == {"client", "server"}  # the spy sees both sides' packets
     assert [p for p in sent if p[1] == asyncssh.constants.MSG_IGNORE] == []
+
+
+async def test_answers_are_handed_back_through_the_pools_turnstile(
+    sim_host: SimHostFactory, ssh_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """Every command's and SFTP operation's answer goes through the pool's turnstile
+    (which hands a herd of answers back a few a loop turn: tests/test_turnstile.py), and
+    each caller still gets its own answer."""
+    host = await sim_host()
+    pool = ssh_pool()
+    passages: list[int] = []
+
+    class Counted(Turnstile):
+        async def passage(self) -> None:
+            passages.append(turns.count)
+            await super().passage()
+
+    pool.answers = Counted(2)
+    conn = await pool.get("i1", ep(host))
+    local = tmp_path / "in.txt"
+    local.write_text("payload")
+    async with LoopTurns() as turns:
+        await conn.makedirs(str(host.root / "d"), timeout_s=10)
+        await conn.upload(local, str(host.root / "d" / "in.txt"), timeout_s=10)
+        assert await conn.lstat(str(host.root / "d" / "in.txt"), timeout_s=10) is not None
+        assert [e.name for e in await conn.listdir_attrs(str(host.root / "d"), timeout_s=10)]
+        await conn.download(str(host.root / "d" / "in.txt"), tmp_path / "back", timeout_s=10)
+        assert len(passages) == 5
+        # commands answered together, each caller waiting its turn, get their own answers
+        results = await asyncio.gather(
+            *(conn.run(f"sleep 0.2; echo {i}", timeout_s=20) for i in range(12))
+        )
+    assert [r.stdout for r in results] == [f"{i}\n" for i in range(12)]
+    assert len(passages) == 5 + 12
 
 
 async def test_a_cbc_connection_keeps_its_msg_ignores(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ from vastd.utils.exceptions import (
 )
 from vastd.utils.logging import get_logger
 from vastd.utils.supervise import Backoff as Backoff
+from vastd.utils.turnstile import Turnstile
 
 log = get_logger("vastd.ssh")
 
@@ -62,6 +63,10 @@ _CLOSE_TIMEOUT_S = 2.0
 _CHANNEL_OPEN_RETRIES = 5
 CHANNEL_OPEN_BACKOFF = Backoff(base_s=0.05, max_s=0.4, jitter="none")
 _EMPTY_IGNORE = (String(b""),)
+# Commands and SFTP operations whose answers are handed back to their callers in one
+# loop turn, at most (about): the answers of a wave's commands arrive together, and each
+# caller's next step (a status parsed and applied, the next request) is about 0.2-1 ms.
+ANSWERS_PER_TURN = 8
 
 
 def skip_automatic_ignores(
@@ -416,7 +421,14 @@ class SSHConnection:
     async def run(
         self, command: str, *, timeout_s: float, input: str | None = None
     ) -> CommandResult:
-        """Run `command` via the login shell; stdin gets `input` then EOF."""
+        """Run `command` via the login shell; stdin gets `input` then EOF.
+
+        The answer comes back through the pool's turnstile (`ANSWERS_PER_TURN`)."""
+        result = await self._run(command, timeout_s=timeout_s, input=input)
+        await self._pool.answers.passage()
+        return result
+
+    async def _run(self, command: str, *, timeout_s: float, input: str | None) -> CommandResult:
         async with self._channels:
             chan: asyncssh.SSHClientChannel[str] | None = None
             try:
@@ -490,6 +502,7 @@ class SSHConnection:
             if isinstance(exc, OSError) and not self.is_closed:
                 raise  # a local file problem, not the connection
             raise await self._broken(exc, what) from exc
+        await self._pool.answers.passage()
 
     async def lstat(self, remote_path: str, *, timeout_s: float) -> RemoteEntry | None:
         """The path's lstat, or None if it does not exist."""
@@ -613,6 +626,8 @@ class SSHPool:
         self._locks: dict[str, asyncio.Lock] = {}
         self._failures: dict[str, tuple[float, SSHConnectionError]] = {}
         self._closed = False
+        # shared by all its connections: a herd of answers is let through a few a turn
+        self.answers = Turnstile(ANSWERS_PER_TURN)
 
     def _keys(self) -> list[asyncssh.SSHKey]:
         if self._client_keys is None:
