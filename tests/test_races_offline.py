@@ -9,6 +9,7 @@ same job elsewhere, a resubmission and a rerun's install interrupted by a crash.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from vastd.orchestration import coordinator as co
 from vastd.orchestration import inventory as inv
 from vastd.orchestration import recovery as rec
 from vastd.orchestration.context import Context, build_context
+from vastd.orchestration.control import ControlServer
 from vastd.utils.config import Settings
 from vastd.utils.exceptions import FileOperationError
 from vastd.utils.supervise import Backoff
@@ -157,38 +159,231 @@ def test_a_completion_whose_move_fails_records_no_kill_of_the_live_run(
 
 
 # --- 4: assign_job's move in a thread vs an orphan's results kept meanwhile ------------------
-async def test_a_job_done_during_its_dispatch_move_keeps_its_file_in_done(
+async def test_a_completion_during_a_dispatch_move_is_refused_and_the_file_follows_the_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """assign_job moves queued/->running/ in a thread, the record still QUEUED. If an
-    orphan's results complete the job meanwhile (QUEUED -> DONE is legal), its _move finds
-    no file in queued/ ('job_file_missing'), and assign_job then moves the file *back to
-    queued/*: a DONE job whose CSV sits in queued/ (done/ lacks it; a rerun submission
-    is refused as 'already queued or running' until the next restart)."""
+    """assign_job moves queued/->running/ in a thread, the record still QUEUED. An
+    orphan's results completing the job meanwhile (QUEUED -> DONE is legal) would find
+    no file in queued/ ('job_file_missing'), and assign_job then moved the file back:
+    a DONE job whose CSV sat in queued/. One mover at a time: the completion is refused
+    (looked at again next cycle), the assignment goes on, record and folder agree."""
     ctx = make_ctx(tmp_path)
     add_instance(ctx, "i1", InstanceStatus.READY)
     put(ctx, JobFolder.QUEUED, "j")
     st.add_job(ctx.store, "j", "j.csv", 1)
-    real = asyncio.to_thread
-    calls = 0
+    real = st.in_thread_to_its_end
+    refused: list[str] = []
 
-    async def to_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
+    async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
         result = await real(fn, *args, **kwargs)
-        if calls == 1:
+        if not refused:
             # what the watcher's handle_orphan_status -> keep_late_results does meanwhile
-            st.mark_job_completed(
-                ctx.store, "j", instance_id="i0", run_id="a" * 16, result_files=["r.parquet"]
-            )
+            try:
+                st.mark_job_completed(
+                    ctx.store, "j", instance_id="i0", run_id="a" * 16, result_files=["r.parquet"]
+                )
+            except FileOperationError as exc:
+                refused.append(str(exc))
         return result
 
-    monkeypatch.setattr(asyncio, "to_thread", to_thread)
-    assert await st.assign_job(ctx.store, "j", "i1") is None
-    assert ctx.store.jobs["j"].state is JobState.DONE
-    assert ctx.layout.job_file(JobFolder.DONE, "j").exists(), (
-        f"queued/: {sorted(p.name for p in ctx.layout.folder(JobFolder.QUEUED).iterdir())}"
+    monkeypatch.setattr(st, "in_thread_to_its_end", in_thread)
+    assert await st.assign_job(ctx.store, "j", "i1") is not None
+    assert refused and "being moved" in refused[0]
+    assert ctx.store.jobs["j"].state is JobState.RUNNING
+    assert ctx.layout.job_file(JobFolder.RUNNING, "j").exists()
+    assert not ctx.store.moving("j")
+    # the next cycle's completion goes through
+    monkeypatch.setattr(st, "in_thread_to_its_end", real)
+    job = ctx.store.jobs["j"]
+    await st.complete_job(ctx.store, job, instance_id="i0", run_id="a" * 16, result_files=[])
+    assert job.state is JobState.DONE
+    assert ctx.layout.job_file(JobFolder.DONE, "j").exists()
+
+
+async def test_late_results_wait_for_a_dispatch_move_then_complete_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """complete_job meeting a dispatch's move of the file waits for it (a few ms), then
+    completes the now-running job: the results are not thrown away by a refusal."""
+    ctx = make_ctx(tmp_path)
+    add_instance(ctx, "i1", InstanceStatus.READY)
+    put(ctx, JobFolder.QUEUED, "j")
+    job = st.add_job(ctx.store, "j", "j.csv", 1)
+    release = asyncio.Event()
+    real_move = st._move_file
+
+    def move(*a: Any, **k: Any) -> bool:
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(5)
+        return real_move(*a, **k)
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(st, "_move_file", move)
+    assign = asyncio.create_task(st.assign_job(ctx.store, "j", "i1"))
+    while not ctx.store.moving("j"):
+        await asyncio.sleep(0.001)
+    completion = asyncio.create_task(
+        st.complete_job(ctx.store, job, instance_id="i0", run_id="a" * 16, result_files=["r"])
     )
+    await asyncio.sleep(0.02)
+    assert not completion.done(), "the completion did not wait for the dispatch's move"
+    monkeypatch.setattr(st, "_move_file", real_move)
+    release.set()
+    assert await assign is not None
+    assert await completion is job
+    assert job.state is JobState.DONE and job.run_id == "a" * 16
+    assert ctx.layout.job_file(JobFolder.DONE, "j").exists()
+    assert not list(ctx.layout.folder(JobFolder.RUNNING).iterdir())
+    stops = {(f.instance, f.reason) for f in ctx.store.snapshot.followups.values()}
+    assert ("i1", "duplicate run") in stops  # the dispatched run is not needed
+
+
+async def test_late_results_for_a_replaced_record_change_nothing(tmp_path: Path) -> None:
+    """The record was replaced (retried) before the late results' completion: None, and
+    the new record, its file and the folders are left as they are."""
+    ctx = make_ctx(tmp_path)
+    put(ctx, JobFolder.QUEUED, "j")
+    old = st.add_job(ctx.store, "j", "j.csv", 1)
+    st.mark_job_failed(ctx.store, "j", reason="boom")
+    st.retry_job(ctx.store, "j", rows=1)
+    new = ctx.store.jobs["j"]
+    assert new is not old
+    done = await st.complete_job(ctx.store, old, instance_id="i0", run_id="a" * 16, result_files=[])
+    assert done is None and new.state is JobState.QUEUED
+    assert ctx.layout.job_file(JobFolder.QUEUED, "j").exists()
+    assert not ctx.layout.job_file(JobFolder.DONE, "j").exists()
+
+
+async def test_a_cancel_during_a_dispatch_move_waits_for_it_and_leaves_no_file_in_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vastd cancel` while assign_job's thread moves the file: mark_job_failed found no
+    file in queued/ (an .error.json without its CSV), then assign_job moved the file back
+    to queued/, where the next start accepted the cancelled job again. Now the cancel
+    waits for the move, then fails the job with its file in failed/."""
+    ctx = make_ctx(tmp_path)
+    add_instance(ctx, "i1", InstanceStatus.READY)
+    put(ctx, JobFolder.QUEUED, "j")
+    st.add_job(ctx.store, "j", "j.csv", 1)
+    real = st.in_thread_to_its_end
+    answers: list[dict[str, Any]] = []
+
+    async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        result = await real(fn, *args, **kwargs)
+        if not answers:
+            cancel = asyncio.create_task(ControlServer(ctx)._cancel_one("j"))
+            await asyncio.sleep(0.05)
+            assert not cancel.done(), "the cancel did not wait for the move"
+            answers.append({"pending": cancel})
+        return result
+
+    monkeypatch.setattr(st, "in_thread_to_its_end", in_thread)
+    await st.assign_job(ctx.store, "j", "i1")
+    answer = await answers[0]["pending"]
+    assert answer["ok"], answer
+    assert ctx.store.jobs["j"].state is JobState.FAILED
+    assert not list(ctx.layout.folder(JobFolder.QUEUED).iterdir())
+    assert (ctx.layout.failed / "j.csv").exists()
+
+
+async def test_a_completion_moves_the_file_off_the_loop_and_refuses_other_movers_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """complete_job's file move runs in a worker thread; while it runs, a requeue of
+    the job (its instance lost) is refused, or skipped by the instance's sweep, so the
+    file is never moved from under the completion. Afterwards: done, file in done/."""
+    ctx = make_ctx(tmp_path)
+    inst = add_instance(ctx, "i1", InstanceStatus.READY)
+    job = running_job(ctx, "j", "i1")
+    st.mark_job_exited(ctx.store, "j", exit_code=0, error=None)
+    real = st.in_thread_to_its_end
+    seen: list[Any] = []
+
+    async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(fn)
+        assert ctx.store.moving("j")
+        with pytest.raises(FileOperationError, match="being moved"):
+            st.requeue_job(ctx.store, "j", reason="instance lost")
+        assert st.requeue_instance_jobs(ctx.store, inst, "lost", orphan=True) == 0
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(st, "in_thread_to_its_end", in_thread)
+    await st.complete_job(
+        ctx.store, job, instance_id="i1", run_id=job.run_id, result_files=["r.parquet"], rows_out=3
+    )
+    assert seen, "the move did not run in a worker thread"
+    assert job.state is JobState.DONE and job.result_files == ["r.parquet"] and job.rows_out == 3
+    assert ctx.layout.job_file(JobFolder.DONE, "j").exists()
+    assert not ctx.layout.job_file(JobFolder.RUNNING, "j").exists()
+    assert not ctx.store.moving("j") and inst.current_jobs == []
+
+
+async def test_a_completion_whose_thread_move_fails_leaves_the_record_and_the_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move in the thread raises (disk full): still collecting, the file where it
+    was, no 'collected' follow-up, and the job is no longer marked as moving."""
+    ctx = make_ctx(tmp_path)
+    add_instance(ctx, "i1", InstanceStatus.READY)
+    job = running_job(ctx, "j", "i1")
+    st.mark_job_exited(ctx.store, "j", exit_code=0, error=None)
+
+    def boom(*_a: Any, **_k: Any) -> None:
+        raise FileOperationError("No space left on device")
+
+    monkeypatch.setattr(st, "move_job_file", boom)
+    with pytest.raises(FileOperationError):
+        await st.complete_job(ctx.store, job, instance_id="i1", run_id=job.run_id, result_files=[])
+    assert job.state is JobState.COLLECTING and not ctx.store.moving("j")
+    assert ctx.layout.job_file(JobFolder.RUNNING, "j").exists()
+    assert not [f for f in ctx.store.snapshot.followups.values() if f.reason == "collected"]
+
+
+async def test_a_completion_cancelled_during_its_move_still_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cancels the collection while its thread moves the file to done/: the
+    thread cannot be stopped, so the job stays marked as moving until the move is over
+    (no other mover meanwhile) and the record says done before the cancellation goes on
+    (else: the file in done/, the record collecting, its figures lost)."""
+    ctx = make_ctx(tmp_path)
+    add_instance(ctx, "i1", InstanceStatus.READY)
+    job = running_job(ctx, "j", "i1")
+    st.mark_job_exited(ctx.store, "j", exit_code=0, error=None)
+    in_thread, release = threading.Event(), threading.Event()
+    real_move = st.move_job_file
+
+    def slow_move(*a: Any, **k: Any) -> Any:
+        in_thread.set()
+        release.wait(5)
+        return real_move(*a, **k)
+
+    monkeypatch.setattr(st, "move_job_file", slow_move)
+    task = asyncio.create_task(
+        st.complete_job(ctx.store, job, instance_id="i1", run_id=job.run_id, result_files=["r"])
+    )
+    while not in_thread.is_set():
+        await asyncio.sleep(0.001)
+    task.cancel()
+    await asyncio.sleep(0.02)
+    assert not task.done() and ctx.store.moving("j"), "the mark went before the move ended"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert job.state is JobState.DONE and job.result_files == ["r"]
+    assert ctx.layout.job_file(JobFolder.DONE, "j").exists() and not ctx.store.moving("j")
+
+
+def test_an_attempt_is_not_counted_when_its_file_is_being_moved(tmp_path: Path) -> None:
+    """A failed start meets an orphan's completion moving the file: refused before the
+    attempt is counted (else the job would fail one attempt early)."""
+    ctx = make_ctx(tmp_path)
+    add_instance(ctx, "i1", InstanceStatus.READY)
+    job = running_job(ctx, "j", "i1")
+    with ctx.store.file_move("j"), pytest.raises(FileOperationError):
+        st.record_attempt_failure(
+            ctx.store, "j", reason="could not start", exit_code=None, max_attempts=3
+        )
+    assert job.attempts == 0 and job.state is JobState.RUNNING
 
 
 # --- 5: the watcher blocks on a job lock held by a long collection ---------------------------
@@ -318,7 +513,7 @@ def test_results_installed_late_are_kept_over_another_exited_run(tmp_path: Path)
     collected = CollectedResults(
         directory=ctx.layout.results_dir("j"), files=[ctx.layout.results_dir("j") / "r"], rows=1
     )
-    coll.keep_late_results(ctx, job, i1, collected, "c" * 16)
+    asyncio.run(coll.keep_late_results(ctx, job, i1, collected, "c" * 16))
     assert job.state is JobState.DONE and job.run_id == "c" * 16 and job.instance == "i1"
     stops = {(f.instance, f.run) for f in ctx.store.snapshot.followups.values()}
     assert ("i2", second) in stops

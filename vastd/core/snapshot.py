@@ -24,7 +24,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from vastd.core.files import Layout, fsync_directory
@@ -157,6 +157,9 @@ class StateStore:
         self.history_error: str | None = None  # why the last append failed
         self._unsynced: set[Path] = set()  # folders with renames the next save fsyncs first
         self._unsynced_lock = threading.Lock()  # moves run in worker threads too
+        # Jobs whose file is being moved in a worker thread (`state.complete_job`, `assign_job`),
+        # each with the event set once the move is over: one mover of a job's file at a time.
+        self._moving: dict[str, asyncio.Event] = {}
         self._retiring = asyncio.Lock()
         self._loaded_from: Path | None = None  # the file open() read (state.json or .bak)
         self.coalesce_s = coalesce_s
@@ -380,6 +383,27 @@ class StateStore:
     @property
     def instances(self) -> dict[str, InstanceRecord]:
         return self.snapshot.instances
+
+    def moving(self, job_id: str) -> bool:
+        """The job's file is being moved in a worker thread (`file_move`)."""
+        return job_id in self._moving
+
+    @contextlib.contextmanager
+    def file_move(self, job_id: str) -> Iterator[None]:
+        """Mark the job's file as moving for the block (its one mover at a time)."""
+        if job_id in self._moving:
+            raise FileOperationError(f"job {job_id!r}: its file is being moved")
+        moved = self._moving[job_id] = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._moving[job_id]
+            moved.set()
+
+    async def file_settled(self, job_id: str) -> None:
+        """Return once no move of the job's file is under way."""
+        while (moved := self._moving.get(job_id)) is not None:
+            await moved.wait()
 
     def defer_fsync(self, folder: Path) -> None:
         """A job file was renamed in `folder`: fsynced before the next save (its thread).

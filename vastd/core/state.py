@@ -34,6 +34,7 @@ from vastd.core.files import (
     unique_stem,
     write_error_json,
 )
+from vastd.core.files_async import in_thread_to_its_end
 from vastd.core.gpus import held_gpus
 from vastd.core.records import FINISHED as FINISHED
 from vastd.core.records import SCHEMA_VERSION as SCHEMA_VERSION
@@ -128,6 +129,14 @@ def set_instance_status(store: StateStore, inst: InstanceRecord, to: InstanceSta
 
 
 # --- job files ---------------------------------------------------------------------------------
+def _not_moving(store: StateStore, job_id: str) -> None:
+    """Refuse a transition that moves the job's file while an assignment or a completion
+    moves it off the event loop (`StateStore.file_move`): the record is left as it was,
+    and the step that asked tries again later, or waits (`StateStore.file_settled`)."""
+    if store.moving(job_id):
+        raise FileOperationError(f"job {job_id!r}: its file is being moved (try again)")
+
+
 def _move(
     store: StateStore,
     job: JobRecord,
@@ -138,21 +147,35 @@ def _move(
 ) -> bool:
     """Move the job's file with its record; False when the file is gone (removed by hand).
 
-    Only a missing source counts as gone; any other failure (disk full, read-only)
-    raises FileOperationError and the record is left as it was.
+    Only a missing source counts as gone; any other failure (disk full, read-only, a
+    completion moving it: `_not_moving`) raises FileOperationError and the record is
+    left as it was.
     """
+    _not_moving(store, job.id)
+    return _move_file(store, job.id, src, dst, rename_on_collision=rename_on_collision)
+
+
+def _move_file(
+    store: StateStore,
+    job_id: str,
+    src: JobFolder,
+    dst: JobFolder,
+    rename_on_collision: bool = False,
+) -> bool:
+    """`_move` without the check: for the move of the one mover (`StateStore.file_move`),
+    in its worker thread."""
     layout = store.layout
-    source = layout.job_file(src, job.id)
+    source = layout.job_file(src, job_id)
     if not os.path.lexists(source):
-        if os.path.lexists(layout.job_file(dst, job.id)):
+        if os.path.lexists(layout.job_file(dst, job_id)):
             return True  # moved already (a step interrupted between the move and the save)
-        log.warning("job_file_missing", job=job.id, folder=src.value)
+        log.warning("job_file_missing", job=job_id, folder=src.value)
         return False
     # The folders' fsyncs run in the saver's thread, before the save that records the
     # move: the file is durable in its new folder before the record says it is there.
     move_job_file(
         layout,
-        job.id,
+        job_id,
         src,
         dst,
         rename_on_collision=rename_on_collision,
@@ -299,7 +322,12 @@ async def assign_job(
     job = store.jobs[job_id]
     if not can_job(job, J.RUNNING):
         raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> running")
-    moved = await asyncio.to_thread(_move, store, job, JobFolder.QUEUED, JobFolder.RUNNING)
+    # Marked as the job's one file move for as long as the thread runs (a cancellation
+    # waits for its end): a transition that would move the file meanwhile is refused.
+    with store.file_move(job_id):
+        moved = await in_thread_to_its_end(
+            _move_file, store, job_id, JobFolder.QUEUED, JobFolder.RUNNING
+        )
     if not moved:
         if job.state is J.QUEUED:
             mark_job_failed(store, job_id, reason="the job file vanished from queued/")
@@ -319,12 +347,13 @@ async def assign_job(
             )
         )
     ):
-        # Changed while the file moved: it goes where the record now says (queued/, or
-        # done/ when an orphaned run's results completed the job meanwhile).
+        # Changed while the file moved (lost, drained, its GPUs taken): it goes back to
+        # queued/ (done/ should the record say done: a completion waits for this move).
         home = JobFolder.DONE if job.state is J.DONE else JobFolder.QUEUED
-        await asyncio.to_thread(
-            _move, store, job, JobFolder.RUNNING, home, rename_on_collision=home is JobFolder.DONE
-        )
+        with store.file_move(job_id):
+            await in_thread_to_its_end(
+                _move_file, store, job_id, JobFolder.RUNNING, home, home is JobFolder.DONE
+            )
         return None
     return _assign(store, job, inst, wanted, after=after)
 
@@ -480,21 +509,100 @@ def mark_job_completed(
     job = store.jobs[job_id]
     if not can_job(job, J.DONE):
         raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> done")
+    _not_moving(store, job_id)
+    _move_to_done(store, job_id, job.state, job.failed_stem, previous_dir)
+    return _completed(store, job, instance_id, run_id, result_files)
+
+
+async def complete_job(
+    store: StateStore,
+    job: JobRecord,
+    *,
+    instance_id: str,
+    run_id: str | None,
+    result_files: list[str],
+    previous_dir: Path | None = None,
+    rows_out: int | None = None,
+    cost: float | None = None,
+    gpu_name: str | None = None,
+) -> JobRecord | None:
+    """`mark_job_completed` with its file moves (each an lstat or a rename: slow while
+    the machine is busy) in a worker thread, the record changed once they are done.
+
+    `job`: the record the caller collected for; the caller holds its collection lock. A
+    dispatch moving its file is waited for (None if the record was replaced or finished
+    meanwhile: then nothing changed). While this moves it, every other transition that
+    would move it is refused (`_not_moving`), so the file is where the record said when
+    the move began. A move that fails leaves the record as it was. Cancelled meanwhile
+    (shutdown), it waits for the move to end and records the completion before the
+    cancellation goes on: record and file agree. `rows_out`, `cost`, `gpu_name`: the
+    MANIFEST's figures, kept in the record.
+    """
+    await store.file_settled(job.id)
+    if store.jobs.get(job.id) is not job or not can_job(job, J.DONE):
+        return None  # replaced or finished while that move was waited for
+
+    def done() -> JobRecord:
+        _completed(store, job, instance_id, run_id, result_files)
+        job.rows_out, job.cost, job.gpu_name = rows_out, cost, gpu_name
+        return job
+
+    moved: list[bool] = []
+
+    def move() -> None:
+        _move_to_done(store, job.id, job_was, failed_stem, previous_dir)
+        moved.append(True)
+
+    job_was, failed_stem = job.state, job.failed_stem
+    with store.file_move(job.id):
+        try:
+            await in_thread_to_its_end(move)
+        except asyncio.CancelledError:
+            # The move ran to its end: if it went through, the record says so too.
+            if moved and store.jobs.get(job.id) is job and can_job(job, J.DONE):
+                done()
+            raise
+    # Only transitions that move no file could happen meanwhile (running -> collecting).
+    if store.jobs.get(job.id) is not job or not can_job(job, J.DONE):
+        raise IllegalTransitionError(f"job {job.id!r}: {job.state.value} -> done")
+    return done()
+
+
+def _move_to_done(
+    store: StateStore,
+    job_id: str,
+    was: JobState,
+    failed_stem: str | None,
+    previous_dir: Path | None,
+) -> None:
+    """A completion's file moves (each may raise: then the record is left as it was).
+
+    Only file operations: it may run in a worker thread (`complete_job`).
+    """
     layout = store.layout
-    # Every file move first (each may raise): a failed one leaves the record as it was.
     if previous_dir is not None:
         earlier = layout.job_file(JobFolder.DONE, job_id)
         if os.path.lexists(earlier):
             atomic_file_move(earlier, previous_dir / earlier.name)
-    if job.state is J.FAILED:
+    if was is J.FAILED:
         # It had failed for good, but an orphaned run's results came in after all.
-        stem = job.failed_stem or job_id
+        stem = failed_stem or job_id
         source = layout.failed / safe_name(stem, JOB_SUFFIX)
         if os.path.lexists(source):
             atomic_file_move(source, layout.job_file(JobFolder.DONE, job_id))
         (layout.failed / safe_name(stem, ERROR_SUFFIX)).unlink(missing_ok=True)
     else:
-        _move(store, job, FOLDER_OF[job.state], JobFolder.DONE, rename_on_collision=True)
+        _move_file(store, job_id, FOLDER_OF[was], JobFolder.DONE, rename_on_collision=True)
+
+
+def _completed(
+    store: StateStore,
+    job: JobRecord,
+    instance_id: str,
+    run_id: str | None,
+    result_files: list[str],
+) -> JobRecord:
+    """The record of a completion whose file moves are done."""
     if (
         job.state in HELD
         and job.instance is not None
@@ -502,12 +610,12 @@ def mark_job_completed(
     ):
         # Another run of the job (running, or exited and not yet collected) is not needed.
         add_followup(
-            store, instance=job.instance, job=job_id, run=job.run_id, reason="duplicate run"
+            store, instance=job.instance, job=job.id, run=job.run_id, reason="duplicate run"
         )
     job.failed_stem = None
     _release(store, job)
     set_job_state(store, job, J.DONE)
-    add_followup(store, instance=instance_id, job=job_id, run=run_id, reason="collected")
+    add_followup(store, instance=instance_id, job=job.id, run=run_id, reason="collected")
     job.result_files = list(result_files)
     job.instance = instance_id
     job.run_id = run_id
@@ -578,6 +686,7 @@ def mark_job_failed(
     job = store.jobs[job_id]
     if not can_job(job, J.FAILED):
         raise IllegalTransitionError(f"job {job_id!r}: {job.state.value} -> failed")
+    _not_moving(store, job_id)
     folder = FOLDER_OF[job.state]
     layout = store.layout
     try:
@@ -636,6 +745,7 @@ def record_attempt_failure(
     The attempt is counted in the same change that records the run's clean-up, so
     the remote folder cannot go before the count is saved.
     """
+    _not_moving(store, job_id)  # refused before the attempt is counted
     job = store.jobs[job_id]
     job.attempts += 1
     job.last_exit_code = exit_code
@@ -668,6 +778,7 @@ def cancel_job(store: StateStore, job_id: str) -> JobRecord:
     if job is None or job.state in FINISHED:
         state = job.state.value if job is not None else "unknown"
         raise IllegalTransitionError(f"job {job_id!r}: cancel while {state}")
+    _not_moving(store, job_id)  # before its orphans' stops are recorded
     for orphan in job.orphans:
         add_followup(store, instance=orphan.instance, job=job_id, run=orphan.run, reason=CANCELLED)
     job.orphans = []
@@ -682,6 +793,7 @@ def retry_job(store: StateStore, job_id: str, *, rows: int) -> JobRecord:
     saying it is queued is on disk: then `clear_earlier_failure` removes it with its
     `.error.json`; a crash in between finds the file in queued/ and accepts it again).
     """
+    _not_moving(store, job_id)
     old = store.jobs.get(job_id)
     entry = store.history.get(job_id) if old is None else None
     state = old.state if old is not None else (entry.state if entry is not None else None)
@@ -735,6 +847,10 @@ def requeue_instance_jobs(
     """Every job the instance holds goes back to the queue (not an attempt)."""
     moved = 0
     for job in jobs_on_instance(store, inst.id):
+        if store.moving(job.id):
+            # A completion moving its file makes it done (should its move fail, the
+            # collection's retry or the stuck-job sweep requeues it then).
+            continue
         try:
             requeue_job(store, job.id, reason=reason, orphan=orphan)
         except FileOperationError as exc:

@@ -12,6 +12,7 @@ import time
 
 from vastd.core import gpus
 from vastd.core import state as st
+from vastd.core.files_async import in_thread_to_its_end
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState, OrphanRun
 from vastd.execution.job_runner import RemoteJobPaths, remote_job_paths
@@ -121,11 +122,11 @@ async def _collect(ctx: Context, job_id: str) -> bool:
                     log, "collection_recovered", key, job=job.id, instance=inst.id
                 )
             if still_collecting(job, inst, run_id):
-                complete_job(ctx, job, inst, collected, run_id)
+                await complete_job(ctx, job, inst, collected, run_id)
             else:
                 # Requeued while downloading (its instance was given up): these are valid
                 # results of a finished run; keep them as the orphan path would.
-                keep_late_results(ctx, job, inst, collected, run_id)
+                await keep_late_results(ctx, job, inst, collected, run_id)
             return True
         tail = await _log_tail(conn, paths, ctx.settings.ssh.command_timeout_s)
         mark_reachable(ctx, inst)
@@ -221,26 +222,39 @@ def result_limits(s: Settings) -> ResultLimits:
     )
 
 
-def complete_job(
+async def complete_job(
     ctx: Context,
     job: JobRecord,
     inst: InstanceRecord,
     collected: CollectedResults,
     run_id: str | None,
 ) -> None:
-    """Validated results are in results/<job>/: the job is done, its file in done/."""
-    done = st.mark_job_completed(
+    """Validated results are in results/<job>/: the job is done, its file in done/ (moved
+    off the event loop; the caller holds the job's collection lock)."""
+    if ctx.settings.paths.group:
+        # Before the record says done (a shutdown then never leaves them unshared).
+        await in_thread_to_its_end(
+            share_results, ctx.layout.results_dir(job.id), ctx.settings.paths.group
+        )
+    done = await st.complete_job(
         ctx.store,
-        job.id,
+        job,
         instance_id=inst.id,
         run_id=run_id,
         result_files=[p.name for p in collected.files],
         previous_dir=collected.previous,
+        # The MANIFEST's figures in the record too: `vastd report` reads no file per job.
+        rows_out=collected.rows,
+        cost=collected.cost,
+        gpu_name=inst.gpu_name,
     )
-    # The MANIFEST's figures in the record too: `vastd report` then reads no file per job.
-    done.rows_out, done.cost, done.gpu_name = collected.rows, collected.cost, inst.gpu_name
+    if done is None:
+        # Late results only (a collecting job is never replaced): the record was replaced
+        # (retried, resubmitted) while a dispatch's move of its file was waited for.
+        st.add_followup(ctx.store, instance=inst.id, job=job.id, run=run_id, reason="superseded")
+        log.info("orphan_run_dropped", job=job.id, instance=inst.id, reason="superseded")
+        return
     metrics.observe_job_duration(done.dispatched_at, done.finished_at)
-    share_results(ctx.layout.results_dir(job.id), ctx.settings.paths.group)
     log.info(
         "results_collected",
         job=job.id,
@@ -253,7 +267,7 @@ def complete_job(
     ctx.wake_dispatch()
 
 
-def keep_late_results(
+async def keep_late_results(
     ctx: Context,
     job: JobRecord,
     inst: InstanceRecord,
@@ -273,7 +287,7 @@ def keep_late_results(
         was=job.state.value,
     )
     # From RUNNING, the transition records the second run's stop with the change.
-    complete_job(ctx, job, inst, collected, run_id)
+    await complete_job(ctx, job, inst, collected, run_id)
     st.drop_orphan(ctx.store, job, inst.id)
 
 
@@ -309,7 +323,7 @@ async def handle_orphan_status(
             except JobExecutionError as exc:
                 log.info("orphan_results_invalid", job=job.id, instance=inst.id, error=str(exc))
             else:
-                keep_late_results(ctx, job, inst, collected, orphan.run)
+                await keep_late_results(ctx, job, inst, collected, orphan.run)
                 return
     # Finished elsewhere (a duplicate, still running or not), or no usable results:
     # its stop and clean-up are recorded, and carried out once saved.

@@ -211,6 +211,7 @@ class ControlServer:
         try:
             # Never in the middle of a collection of it (whose results would then land).
             async with asyncio.timeout(LOCK_WAIT_S), self.ctx.job_locks.hold(name):
+                await store.file_settled(name)  # nor of a dispatch's move of its file
                 job = store.jobs.get(name)
                 state = job.state if job is not None else store.job_state(name)
                 if job is None or state in st.FINISHED:
@@ -232,6 +233,12 @@ class ControlServer:
         results = []
         queued = []
         for name in names:
+            try:
+                async with asyncio.timeout(LOCK_WAIT_S):
+                    await store.file_settled(name)  # an orphan's late results moving it
+            except TimeoutError:
+                results.append(_result(name, False, "its file is being moved: try again"))
+                continue
             state = store.job_state(name)
             if state is None:
                 results.append(_result(name, False, "no such job"))

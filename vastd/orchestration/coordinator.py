@@ -439,7 +439,12 @@ async def _dispatch(ctx: Context, job_id: str, instance_id: str, run_id: str | N
         # Observed on the instance (refused upload, start script error), a bad
         # template or an unreadable local file: an attempt, so a job never stays
         # "running" with nothing behind it.
-        record_attempt_failure(ctx, job, reason=f"could not start: {exc}", exit_code=None)
+        try:
+            record_attempt_failure(ctx, job, reason=f"could not start: {exc}", exit_code=None)
+        except FileOperationError as move_exc:
+            # Its file cannot move now (disk; an orphan's results completing it): the
+            # job stays running, and its watcher finds the run missing next cycle.
+            log.warning("job_file_move_failed", job=job_id, error=str(move_exc))
         return
     if not is_current(job, instance_id, run_id):
         # Started after the job moved on (its instance was declared lost or drained).

@@ -76,6 +76,9 @@ async def accept_inbox_files(ctx: Context, paths: Sequence[Path]) -> dict[Path, 
             continue
         if info is None:
             continue
+        # A failed job's late results moving its file to done/ (a few ms): never replaced
+        # in the middle of that move.
+        await ctx.store.file_settled(info.job_id)
         job = ctx.store.jobs.get(info.job_id)
         if job is not None and job.state not in st.FINISHED:
             # Became active while the file was checked (a rescan raced the watcher): never merge.
