@@ -192,12 +192,18 @@ async def campaign(root: Path, jobs: int, instances: int, batch: int) -> dict[st
             for name, iid, run_id in placed:
                 st.mark_job_started(store, name, run_id=run_id, pgid=1, new=True)
                 st.mark_job_exited(store, name, exit_code=0, error=None)
-                # On the loop, as collection does (the rename's fsyncs go to the saver).
-                done_job = st.mark_job_completed(
-                    store, name, instance_id=iid, run_id=run_id, result_files=["out.parquet"]
+                # As collection does: the move in a thread (its fsyncs go to the saver).
+                done_job = await st.complete_job(
+                    store,
+                    store.jobs[name],
+                    instance_id=iid,
+                    run_id=run_id,
+                    result_files=["out.parquet"],
+                    rows_out=1,
+                    cost=0.0001,
+                    gpu_name="RTX 4090",
                 )
-                done_job.rows_out, done_job.cost, done_job.gpu_name = 1, 0.0001, "RTX 4090"
-                await asyncio.sleep(0)  # each completion is its own collection task there
+                assert done_job is not None
                 st.followup_done(store, next(iter(store.snapshot.followups)))
                 done += 1
                 if done in (min(1000, jobs), jobs - last_n):
