@@ -538,8 +538,13 @@ async def complete_job(
     cancellation goes on: record and file agree. `rows_out`, `cost`, `gpu_name`: the
     MANIFEST's figures, kept in the record.
     """
+
+    def current() -> bool:
+        """Still the job's record, and it may still become done."""
+        return store.jobs.get(job.id) is job and can_job(job, J.DONE)
+
     await store.file_settled(job.id)
-    if store.jobs.get(job.id) is not job or not can_job(job, J.DONE):
+    if not current():
         return None  # replaced or finished while that move was waited for
 
     def done() -> JobRecord:
@@ -559,11 +564,11 @@ async def complete_job(
             await in_thread_to_its_end(move)
         except asyncio.CancelledError:
             # The move ran to its end: if it went through, the record says so too.
-            if moved and store.jobs.get(job.id) is job and can_job(job, J.DONE):
+            if moved and current():
                 done()
             raise
     # Only transitions that move no file could happen meanwhile (running -> collecting).
-    if store.jobs.get(job.id) is not job or not can_job(job, J.DONE):
+    if not current():
         raise IllegalTransitionError(f"job {job.id!r}: {job.state.value} -> done")
     return done()
 
