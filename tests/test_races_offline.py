@@ -517,3 +517,50 @@ def test_results_installed_late_are_kept_over_another_exited_run(tmp_path: Path)
     assert job.state is JobState.DONE and job.run_id == "c" * 16 and job.instance == "i1"
     stops = {(f.instance, f.run) for f in ctx.store.snapshot.followups.values()}
     assert ("i2", second) in stops
+
+
+@pytest.mark.parametrize("on_duplicate", ["refuse", "rerun"])
+async def test_a_resubmission_meeting_late_results_follows_the_rule_for_a_done_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_duplicate: str
+) -> None:
+    """A failed job's name dropped again while its late results move it to done/: the
+    inbox checked the name while it was failed, then waited for the move. The job is
+    done by then, so the rule for a done name applies: refused as a duplicate (the
+    done record and its results untouched), or with "rerun" queued keeping the earlier
+    results. Before, the done job was replaced as if it had never run."""
+    from vastd.orchestration import workflow as wf
+
+    ctx = make_ctx(tmp_path, on_duplicate=on_duplicate)
+    put(ctx, JobFolder.QUEUED, "j")
+    job = st.add_job(ctx.store, "j", "j.csv", 1)
+    st.mark_job_failed(ctx.store, "j", reason="timed out")
+    assert ctx.layout.job_file(JobFolder.FAILED, "j").exists()
+    release = threading.Event()
+    real = st.in_thread_to_its_end
+
+    async def held(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await real(lambda: (release.wait(5), fn(*args, **kwargs))[1])
+
+    monkeypatch.setattr(st, "in_thread_to_its_end", held)
+    completion = asyncio.create_task(
+        st.complete_job(ctx.store, job, instance_id="i0", run_id="a" * 16, result_files=["r"])
+    )
+    while not ctx.store.moving("j"):
+        await asyncio.sleep(0.001)
+    dropped = ctx.layout.inbox / "j.csv"
+    dropped.write_text("a,b\n3,4\n")
+    accept = asyncio.create_task(wf.accept_inbox_files(ctx, [dropped]))
+    await asyncio.sleep(0.05)
+    assert not accept.done(), "the inbox did not wait for the move to done/"
+    release.set()
+    assert await completion is job
+    assert await accept == {}
+    if on_duplicate == "refuse":
+        assert ctx.store.jobs["j"] is job and job.state is JobState.DONE
+        assert (ctx.layout.failed / "j.dup-1.csv").read_text() == "a,b\n3,4\n"
+        assert not ctx.layout.job_file(JobFolder.QUEUED, "j").exists()
+    else:
+        new = ctx.store.jobs["j"]
+        assert new is not job and new.state is JobState.QUEUED and new.keep_previous
+        assert ctx.layout.job_file(JobFolder.QUEUED, "j").read_text() == "a,b\n3,4\n"
+    assert ctx.layout.job_file(JobFolder.DONE, "j").exists()

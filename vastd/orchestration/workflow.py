@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import asyncssh
 
 from vastd.core import state as st
 from vastd.core.files import Layout, move_job_to_failed
-from vastd.core.jobs import InboxWatcher, accept_job_files, job_id_for
+from vastd.core.jobs import InboxWatcher, accept_job_files, duplicate_reason, job_id_for
 from vastd.core.lock import RootLock
 from vastd.core.state import JobState
 from vastd.core.submit import submit_file
@@ -80,10 +81,19 @@ async def accept_inbox_files(ctx: Context, paths: Sequence[Path]) -> dict[Path, 
         # in the middle of that move.
         await ctx.store.file_settled(info.job_id)
         job = ctx.store.jobs.get(info.job_id)
+        reason, event = None, "job_refused"
         if job is not None and job.state not in st.FINISHED:
             # Became active while the file was checked (a rescan raced the watcher): never merge.
             reason = f"a job named {info.job_id!r} is already queued or running"
-            log.warning("job_refused", job=info.job_id, reason=reason)
+        elif not info.rerun and info.job_id in ctx.store.done_ids:
+            # Done while the file was checked (a failed job's late results): the rule for
+            # a done name applies as if it had been done before.
+            if ctx.settings.job.on_duplicate == "rerun":
+                info = dataclasses.replace(info, rerun=True)
+            else:
+                reason, event = duplicate_reason(info.job_id), "job_duplicate_refused"
+        if reason is not None:
+            log.warning(event, job=info.job_id, reason=reason)
             try:
                 await asyncio.to_thread(
                     move_job_to_failed,
