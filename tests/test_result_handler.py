@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.localrunner import LocalRunner
+from tests.localrunner import LocalResult, LocalRunner
 from vastd.execution import result_handler
 from vastd.execution.job_runner import MARKER, RemoteJobPaths, remote_job_paths
 from vastd.execution.process_monitor import (
@@ -527,6 +527,31 @@ async def test_cleanup_remote_job(runner: LocalRunner, paths: RemoteJobPaths) ->
     for bad in (paths.instance_root, f"{paths.instance_root}/jobs/../x", "/", "/tmp/x"):
         with pytest.raises(ValueError):
             await cleanup_remote_job(runner, dataclasses.replace(paths, job_dir=bad), timeout_s=20)
+
+
+@pytest.mark.parametrize(
+    ("status", "stderr", "said"),
+    [
+        (1, "", "(exit 1, nothing on stderr)"),
+        (None, "", "(no exit status, nothing on stderr)"),
+        (1, "rm: cannot remove 'x': Directory not empty\n", "(exit 1: rm: cannot remove"),
+    ],
+)
+async def test_a_failed_cleanup_says_how_it_failed(
+    paths: RemoteJobPaths, status: int | None, stderr: str, said: str
+) -> None:
+    """A clean-up that fails says its exit status, even with nothing on stderr (the
+    daemon's log had "cannot remove the remote job folder: " and no reason)."""
+
+    class Failing(LocalRunner):
+        async def run(
+            self, command: str, *, timeout_s: float, input: str | None = None
+        ) -> LocalResult:
+            return LocalResult(status, "", stderr)
+
+    with pytest.raises(JobExecutionError) as caught:
+        await cleanup_remote_job(Failing(), paths, timeout_s=5)
+    assert f"cannot remove the remote job folder {said}" in str(caught.value)
 
 
 def test_cleanup_stale_result_dirs(results_root: Path) -> None:

@@ -459,8 +459,12 @@ def marker_lines(stdout: str) -> list[str] | None:
     return None
 
 
-def _tail(text: str, limit: int = 500) -> str:
-    return text[-limit:].strip()
+def failure_text(result: RemoteResult, limit: int = 500) -> str:
+    """A command that failed, for an error message: its exit status and its stderr's end
+    (said to be empty, not left blank: the reason is then the status alone)."""
+    status = "no exit status" if result.exit_status is None else f"exit {result.exit_status}"
+    tail = result.stderr[-limit:].strip()
+    return f"{status}: {tail}" if tail else f"{status}, nothing on stderr"
 
 
 async def upload_job_file(
@@ -503,9 +507,7 @@ async def start_job_process(
             return ProcessInfo(pid=pid, pgid=pid, started=match.group(1) == "started")
         if first.startswith("error "):
             raise JobExecutionError(f"job start failed: {first[6:]}")
-    raise JobExecutionError(
-        f"job start script gave no answer (exit {result.exit_status}): {_tail(result.stderr)}"
-    )
+    raise JobExecutionError(f"job start script gave no answer ({failure_text(result)})")
 
 
 async def execute_job_on_instance(

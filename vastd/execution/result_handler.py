@@ -46,6 +46,7 @@ from vastd.execution.job_runner import (
     RemoteJobPaths,
     RemoteRunner,
     as_sh_command,
+    failure_text,
     is_job_dir_of,
     marker_lines,
 )
@@ -414,7 +415,7 @@ async def _download_log(
             timeout_s=timeout_s,
         )
         if not result.ok:
-            log.warning("result_log_skipped", reason=result.stderr[-300:])
+            log.warning("result_log_skipped", reason=failure_text(result, 300))
             return None
     try:
         # The job has ended, but allow some slack for a straggler still writing.
@@ -788,6 +789,8 @@ async def cleanup_remote_job(
     )
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
     if not result.ok:
-        raise JobExecutionError(f"cannot remove the remote job folder: {result.stderr[-300:]}")
+        raise JobExecutionError(
+            f"cannot remove the remote job folder ({failure_text(result, 300)})"
+        )
     lines = marker_lines(result.stdout) or []
     return not (lines and lines[0].strip() == "other")
