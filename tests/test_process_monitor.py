@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.localrunner import LocalRunner, group_gone, kill_leftover_jobs, wait_until
+from vastd.execution import process_monitor as pm
 from vastd.execution.job_runner import RemoteJobPaths, execute_job_on_instance, remote_job_paths
 from vastd.execution.process_monitor import (
     CompletionStatus,
@@ -156,6 +159,104 @@ async def test_wait_ends_after_wait_s_when_nothing_ends(
     paths, _ = await _start(runner, remote_root, tmp_path, "slow", "sleep 30")
     statuses = await monitor_job_execution(runner, [("slow", paths)], wait_s=0.5, timeout_s=20)
     assert detect_job_completion(statuses["slow"]) is CompletionStatus.RUNNING
+
+
+def _waiters(remote_root: str) -> list[str]:
+    return sorted(p.name for p in Path(remote_root, "inst1").glob("wait.*"))
+
+
+async def test_a_wait_is_woken_by_the_wrapper_as_the_job_ends(
+    runner: LocalRunner, remote_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting status command listens on a FIFO of its own that the job's wrapper
+    writes into as it ends: it returns then, not at its next look. Its looks are set 60 s
+    apart here, so only the wrapper's line can end the wait early. The FIFO is removed."""
+    monkeypatch.setattr(pm, "WAKE_LOOK_S", 60.0)
+    slow, _ = await _start(runner, remote_root, tmp_path, "slow", "sleep 30")
+    quick, _ = await _start(runner, remote_root, tmp_path, "quick", "sleep 1; exit 3")
+    t0 = time.monotonic()
+    statuses = await monitor_job_execution(
+        runner, [("slow", slow), ("quick", quick)], wait_s=50, timeout_s=20
+    )
+    assert time.monotonic() - t0 < 25, "the wait was not woken by the wrapper"
+    assert detect_job_completion(statuses["quick"]) is CompletionStatus.FAILED
+    assert detect_job_completion(statuses["slow"]) is CompletionStatus.RUNNING
+    assert _waiters(remote_root) == []
+
+
+async def test_a_wait_sees_a_job_killed_without_its_wrapper_at_its_next_look(
+    runner: LocalRunner, remote_root: str, tmp_path: Path
+) -> None:
+    """A job whose whole group is SIGKILLed (no wrapper left to wake the wait) is seen
+    at the wait's next look, long before wait_s: VANISHED."""
+    paths, pgid = await _start(runner, remote_root, tmp_path, "j", "sleep 30 & sleep 30")
+
+    async def kill_soon() -> None:
+        await wait_until(lambda: bool(_waiters(remote_root)), timeout_s=15)
+        os.killpg(pgid, signal.SIGKILL)
+
+    killer = asyncio.create_task(kill_soon())
+    t0 = time.monotonic()
+    statuses = await monitor_job_execution(runner, [("j", paths)], wait_s=40, timeout_s=20)
+    await killer
+    assert time.monotonic() - t0 < 30
+    assert detect_job_completion(statuses["j"]) is CompletionStatus.VANISHED
+    assert _waiters(remote_root) == []
+
+
+async def test_a_kill_that_records_the_exit_code_wakes_the_wait(
+    runner: LocalRunner, remote_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vastd's kill (a timeout, a cancel) kills the wrapper with the job and writes
+    `exit_code` itself: it wakes the waiting status command too (looks 60 s apart)."""
+    monkeypatch.setattr(pm, "WAKE_LOOK_S", 60.0)
+    paths, _ = await _start(runner, remote_root, tmp_path, "j", "sleep 30")
+
+    async def kill_soon() -> None:
+        await wait_until(lambda: bool(_waiters(remote_root)), timeout_s=15)
+        await kill_job(runner, paths, grace_s=0.2, timeout_s=20, exit_code=124)
+
+    killer = asyncio.create_task(kill_soon())
+    t0 = time.monotonic()
+    statuses = await monitor_job_execution(runner, [("j", paths)], wait_s=50, timeout_s=20)
+    await killer
+    assert time.monotonic() - t0 < 25, "the kill did not wake the wait"
+    assert statuses["j"].exit_code == 124
+
+
+async def test_a_wait_removes_the_fifos_of_waiters_that_are_gone(
+    runner: LocalRunner, remote_root: str, tmp_path: Path
+) -> None:
+    """A FIFO left by a waiter that was killed is removed by the next wait; a wrapper
+    writing into one meanwhile is not held up (it ends, the job is reported)."""
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    stale = Path(remote_root, "inst1", f"wait.{dead}")
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(stale)
+    paths, _ = await _start(runner, remote_root, tmp_path, "j", "sleep 1")
+    statuses = await monitor_job_execution(runner, [("j", paths)], wait_s=30, timeout_s=20)
+    assert detect_job_completion(statuses["j"]) is CompletionStatus.SUCCEEDED
+    assert not stale.exists() and _waiters(remote_root) == []
+
+
+async def test_without_mkfifo_a_wait_looks_every_tick(
+    runner: LocalRunner, remote_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an instance with no `mkfifo` the wait falls back to looking every 0.2 s: it
+    still returns soon after the job ends."""
+    paths, _ = await _start(runner, remote_root, tmp_path, "j", "sleep 1")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "sleep", "rm"):
+        os.symlink(shutil.which(tool) or tool, bin_dir / tool)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    t0 = time.monotonic()
+    statuses = await monitor_job_execution(runner, [("j", paths)], wait_s=40, timeout_s=20)
+    assert time.monotonic() - t0 < 30
+    assert detect_job_completion(statuses["j"]) is CompletionStatus.SUCCEEDED
 
 
 async def test_login_junk_before_marker_is_ignored(remote_root: str, tmp_path: Path) -> None:

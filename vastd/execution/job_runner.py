@@ -241,6 +241,17 @@ KICK_NEXT = (
     '[ -f next ] && { n=; read -r n < next; [ -n "$n" ] && cd "$n" 2>/dev/null '
     '&& VASTD_NOW="${_vt:-}" setsid sh ./start.sh > /dev/null 2>&1; }; true'
 )
+# A status command waiting for a run to end listens on a FIFO of its own,
+# `<instance root>/wait.<its pid>` (process_monitor.build_status_script). Whoever writes a
+# run's `exit_code` (its wrapper, vastd's kill) then writes a line into each such FIFO, so
+# the wait ends at once, not at its next look. Opened read-write, a FIFO never blocks its
+# opener (Linux), and one whose waiter is gone swallows the line. No fork: builtins only.
+# From a job folder (the wrapper's cwd, also after KICK_NEXT's cd to a sibling folder).
+WAITER_PREFIX = "wait."
+WAKE_WAITERS = (
+    f'for _f in ../../{WAITER_PREFIX}*; do [ -p "$_f" ] && {{ echo x >&9; }} 9<>"$_f"; '
+    "done 2>/dev/null; true"
+)
 # <instance root>/lease holds the instance's clock (`date +%s`) of vastd's last look there:
 # every status check (and staging) writes it, atomically.
 LEASE_NAME = "lease"
@@ -267,7 +278,11 @@ _WRAPPER = (
     "echo $rc > exit_code.tmp && mv -f exit_code.tmp exit_code; "
     # a run staged behind this one ([job] stage_ahead) starts now, vastd connected or not;
     # what this run left behind in its group is told to go first (it holds the GPUs)
-    '[ -f next ] && { trap "" TERM; kill -TERM -$$ 2>/dev/null; trap - TERM; }; ' + KICK_NEXT
+    '[ -f next ] && { trap "" TERM; kill -TERM -$$ 2>/dev/null; trap - TERM; }; '
+    + KICK_NEXT
+    # then vastd's waiting status command, if any, learns of the exit
+    + "; "
+    + WAKE_WAITERS
 )
 
 

@@ -48,6 +48,8 @@ from enum import StrEnum
 from vastd.execution.job_runner import (
     KICK_NEXT,
     SH_HELPERS,
+    WAITER_PREFIX,
+    WAKE_WAITERS,
     RemoteJobPaths,
     RemoteRunner,
     as_sh_command,
@@ -57,6 +59,9 @@ from vastd.execution.job_runner import (
 from vastd.utils.exceptions import JobExecutionError
 
 _TICK_S = 0.2
+# A wait woken through its FIFO (job_runner.WAKE_WAITERS) still looks this often: for a
+# run that ends without its wrapper (killed, the machine rebooted).
+WAKE_LOOK_S = 1.0
 TIMEOUT_EXIT_CODE = 124
 PROGRESS_TAIL_BYTES = 2048  # of log.txt, per job and status check, when progress is asked for
 
@@ -175,16 +180,13 @@ def build_status_script(
         # A pid from another boot is not ours: treat it as gone from the start.
         lines.append(f'[ -f "$d{index}/exit_code" ] || _alive "$d{index}" "$p{index}" || p{index}=')
     if wait_s > 0 and entries:
-        ticks = math.ceil(wait_s / _TICK_S)
-        whole = math.ceil(wait_s)
         checks = " && ".join(f'_r "$d{i}" "$p{i}"' for i in range(len(entries)))
         lines.append(
             # a staged run waiting for its turn counts as running; its start ends the wait
             '_r() { [ -d "$1" ] && [ ! -f "$1/exit_code" ] && { [ -z "$2" ] && { [ -f "$1/staged" ] || [ -f "$1/go" ]; } '
             '|| { [ -n "$2" ] && kill -0 -"$2" 2>/dev/null && _live_member "$2"; }; }; }'
         )
-        lines.append(f'if [ "$FRAC" = 1 ]; then n={ticks}; else n={whole}; fi')
-        lines.append(f"t=0; while [ $t -lt $n ] && {checks}; do _tick {_TICK_S}; t=$((t+1)); done")
+        lines.append(_wait_lines(entries[0][1].instance_root, wait_s, checks))
     lines.append('printf "%s\\n" "$M"')
     lines.extend(
         _entry_report(
@@ -195,6 +197,35 @@ def build_status_script(
         for index in range(len(entries))
     )
     return "\n".join(lines) + "\n"
+
+
+def _wait_lines(instance_root: str, wait_s: float, checks: str) -> str:
+    """Wait while `checks` holds (every listed run still running), at most `wait_s`.
+
+    The wait reads its own FIFO, `<instance root>/wait.<pid>`, which a run's wrapper
+    writes a line into as it ends (job_runner.WAKE_WAITERS): it returns the moment a run
+    ends. A ticker writes a line every `WAKE_LOOK_S` at most, so a run that ends with no
+    wrapper to say so (killed, the machine rebooted) is still seen, and writes `e` at
+    `wait_s`. FIFOs left by waiters that are gone are removed first. Where no FIFO can be
+    made, it looks every `_TICK_S` as before.
+    """
+    looks = max(1, math.ceil(wait_s / WAKE_LOOK_S))
+    fifo = shlex.quote(f"{instance_root}/{WAITER_PREFIX}")
+    return f"""if {checks}; then
+  for _f in {fifo}*; do [ -p "$_f" ] && ! kill -0 "${{_f##*.}}" 2>/dev/null && rm -f "$_f"; done
+  X={fifo}$$
+  if mkfifo "$X" 2>/dev/null && command exec 8<>"$X"; then
+    ( i=0; while [ $i -lt {looks} ]; do _tick {wait_s / looks:.3f} >/dev/null 2>&1 8>&-
+      echo t; i=$((i+1)); done; echo e ) >&8 2>/dev/null &
+    _wp=$! _wk=
+    while {checks} && read -r _wk <&8 && [ "$_wk" != e ]; do :; done
+    [ "$_wk" = e ] || kill $_wp 2>/dev/null
+    exec 8<&-; rm -f "$X"
+  else
+    if [ "$FRAC" = 1 ]; then n={math.ceil(wait_s / _TICK_S)}; else n={math.ceil(wait_s)}; fi
+    t=0; while [ $t -lt $n ] && {checks}; do _tick {_TICK_S}; t=$((t+1)); done
+  fi
+fi"""
 
 
 _STATUS_LINE = re.compile(
@@ -387,7 +418,7 @@ fi
 if _alive "$D" "$p"; then still=1; else still=0; fi
 {record}
 # the run staged behind this one starts now (the wrapper that would have started it is gone)
-if [ "$still" = 0 ] && [ -d "$D" ]; then (cd "$D" && {KICK_NEXT}); fi
+if [ "$still" = 0 ] && [ -d "$D" ]; then (cd "$D" && {{ {KICK_NEXT}; {WAKE_WAITERS}; }}); fi
 printf '%s\\nkilled %s %s %s\\n' "$M" "$was" "$still" "$w"
 """
 
