@@ -191,6 +191,43 @@ def test_a_save_dumps_only_the_records_that_changed(
     assert json.loads(data)["instances"]["i1"]["current_jobs"] == ["job_7"]
 
 
+def test_a_save_dumps_only_the_clean_ups_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of clean-ups wait while collections outrun them (the 100,000-job run
+    had a backlog of them): a save dumps only those added or changed since the last
+    one, and the snapshot read back holds them all as they are."""
+    monkeypatch.delenv("VASTD_CHECK_STATE", raising=False)
+    store = store_at(tmp_path)
+    for n in range(600):
+        st.add_followup(store, instance="i1", job=f"job_{n}", run=f"{n:016x}", reason="collected")
+    store.serialize()
+    dumped: list[str] = []
+    real = st.FollowUp.__pydantic_serializer__
+
+    class Counting:
+        def to_json(self, record: Any, **kwargs: Any) -> bytes:
+            dumped.append(record.id)
+            return bytes(real.to_json(record, **kwargs))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    monkeypatch.setattr(st.FollowUp, "__pydantic_serializer__", Counting())
+    store.serialize()
+    assert dumped == []
+    fid = next(iter(store.snapshot.followups))
+    st.followup_failed(store, fid, "exit 1, nothing on stderr", 30.0)
+    gone = list(store.snapshot.followups)[-1]
+    st.followup_done(store, gone)
+    data = json.loads(store.serialize())
+    assert dumped == [fid]
+    assert len(data["followups"]) == 599 and gone not in data["followups"]
+    assert data["followups"][fid]["attempts"] == 1
+    assert data["followups"][fid]["last_error"] == "exit 1, nothing on stderr"
+    assert set(data) == set(json.loads(store.snapshot.model_dump_json()))
+
+
 def test_a_record_changed_in_place_fails_the_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

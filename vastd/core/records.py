@@ -221,7 +221,7 @@ class InstanceRecord(Tracked):
 FollowUpKind = Literal["cleanup"]
 
 
-class FollowUp(_Model):
+class FollowUp(Tracked):
     """Remote work that must happen once the snapshot says so, retried until done.
 
     `cleanup`: kill what is left of run `run` of `job` on `instance` and remove its
@@ -229,7 +229,6 @@ class FollowUp(_Model):
     A finished run's folder, a failed attempt's, and a duplicate run all go this way.
     """
 
-    id: str
     kind: FollowUpKind = "cleanup"
     instance: str
     job: str

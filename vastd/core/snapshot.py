@@ -225,14 +225,20 @@ class StateStore:
         jobs: RecordTable[JobRecord] = RecordTable(snap.jobs)
         snap.jobs = jobs
         snap.instances = RecordTable(snap.instances)
+        # a backlog of clean-ups (thousands while collections outrun them) is saved from
+        # kept entries too, not dumped whole with the head on every save
+        snap.followups = RecordTable(snap.followups)
         index = JobIndex(jobs)
         jobs._on_change = index.changed
         return index
 
     def _tables(self) -> JobIndex:
         """The index, over tables again if the snapshot was replaced (not brought up to date)."""
-        if self._index.jobs is not self.snapshot.jobs or not isinstance(
-            self.snapshot.instances, RecordTable
+        snap = self.snapshot
+        if (
+            self._index.jobs is not snap.jobs
+            or not isinstance(snap.instances, RecordTable)
+            or not isinstance(snap.followups, RecordTable)
         ):
             self._index = self._adopt()
         return self._index
@@ -451,15 +457,19 @@ class StateStore:
         snap = self.snapshot
         snap.saved_at = time.time()
         snap.history = self.history.summary()
-        jobs, instances = snap.jobs, snap.instances
+        jobs, instances, followups = snap.jobs, snap.instances, snap.followups
         assert isinstance(jobs, RecordTable) and isinstance(instances, RecordTable)
-        head = snap.model_dump_json(exclude={"jobs", "instances"}).encode()
+        assert isinstance(followups, RecordTable)
+        head = snap.model_dump_json(exclude={"jobs", "instances", "followups"}).encode()
         parts = [head[:-1] + b',"jobs":{', *jobs.body_parts(), b'},"instances":{']
         parts.extend(instances.body_parts())
+        parts.append(b'},"followups":{')
+        parts.extend(followups.body_parts())
         parts.append(b"}}")
         if checking():
             jobs.check()
             instances.check()
+            followups.check()
             if json.loads(b"".join(parts)) != json.loads(snap.model_dump_json()):
                 raise AssertionError("the assembled snapshot differs from a full dump")
         return parts
