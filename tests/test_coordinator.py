@@ -360,7 +360,7 @@ async def test_a_refused_remote_cleanup_does_not_block_the_failure(
 
     from vastd.orchestration import followups
 
-    monkeypatch.setattr(followups, "cleanup_remote_job", refuse)
+    monkeypatch.setattr(followups, "cleanup_remote_jobs", refuse)
     await wait_state(ctx, job_id, JobState.FAILED, timeout_s=20)
     assert ctx.layout.error_file(job_id).exists()
     # The clean-up stays recorded (and is retried) until it can be done.

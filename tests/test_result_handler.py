@@ -26,6 +26,7 @@ from vastd.execution.process_monitor import (
 from vastd.execution.result_handler import (
     CollectedResults,
     cleanup_remote_job,
+    cleanup_remote_jobs,
     cleanup_stale_result_dirs,
     collect_job_results,
     download_result_file,
@@ -552,6 +553,45 @@ async def test_a_failed_cleanup_says_how_it_failed(
     with pytest.raises(JobExecutionError) as caught:
         await cleanup_remote_job(Failing(), paths, timeout_s=5)
     assert f"cannot remove the remote job folder {said}" in str(caught.value)
+
+
+async def test_one_cleanup_command_reports_each_folder_apart(
+    runner: LocalRunner, paths: RemoteJobPaths
+) -> None:
+    """Several folders in one command: each gets its own outcome (removed, gone, another
+    run's: left alone); one that rm could not remove, or that the output cut off before,
+    is that folder's error alone; a bad path refuses the whole command before it runs."""
+    root = paths.instance_root.rsplit("/", 1)[0]
+    folders = [remote_job_paths(root, "inst1", f"j{n}") for n in range(3)]
+    for n, p in enumerate(folders[:2]):
+        os.makedirs(p.job_dir)
+        Path(p.job_dir, "run").write_text(f"{'a' if n == 0 else 'b'}\n")
+    outcomes = await cleanup_remote_jobs(
+        runner,
+        [(folders[0], "a"), (folders[1], "a"), (folders[2], "a"), (paths, None)],
+        timeout_s=20,
+    )
+    assert outcomes == ["removed", "other", "removed", "removed"]
+    assert not Path(folders[0].job_dir).exists() and Path(folders[1].job_dir).exists()
+    assert not Path(paths.job_dir).exists()
+
+    class Partial(LocalRunner):
+        async def run(
+            self, command: str, *, timeout_s: float, input: str | None = None
+        ) -> LocalResult:
+            out = "__VASTD_BEGIN__\nC 0 removed\nC 1 failed\n"
+            return LocalResult(0, out, "rm: cannot remove 'x': Directory not empty\n")
+
+    got = await cleanup_remote_jobs(
+        Partial(), [(folders[0], "a"), (folders[1], "a"), (folders[2], "a")], timeout_s=5
+    )
+    assert got[0] == "removed"
+    assert isinstance(got[1], JobExecutionError) and "rm failed: rm: cannot remove" in str(got[1])
+    assert isinstance(got[2], JobExecutionError) and "no answer for it" in str(got[2])
+    bad = dataclasses.replace(folders[1], job_dir="/")
+    with pytest.raises(ValueError, match="not a job folder"):
+        await cleanup_remote_jobs(runner, [(folders[1], None), (bad, None)], timeout_s=5)
+    assert Path(folders[1].job_dir).exists()
 
 
 def test_cleanup_stale_result_dirs(results_root: Path) -> None:

@@ -31,6 +31,7 @@ from vastd.core import snapshot as snapshot_mod
 from vastd.core import state as st
 from vastd.core.state import JobState, load_state
 from vastd.orchestration import coordinator as co
+from vastd.orchestration import followups
 from vastd.orchestration.followups import followups_once, sweep_remote_folders
 from vastd.orchestration.inventory import handle_instance_failure
 from vastd.utils.exceptions import StateManagementError
@@ -190,6 +191,41 @@ async def test_a_recorded_cleanup_survives_a_restart_and_waits_for_the_save(
     await env.ready(ctx2)
     await pump(ctx2, lambda: not folder.exists(), 20, dispatch=False)
     assert ctx2.store.snapshot.followups == {}
+
+
+async def test_a_backlog_of_cleanups_goes_in_one_command_per_instance(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clean-ups pile up while collections outrun them (the 100,000-job bench had
+    thousands waiting): a round cleans an instance's due folders in one command, each
+    still keyed by its run (a folder holding another run is left alone)."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings())
+    [iid] = await env.ready(ctx)
+    runs = {f"j{n}": f"{n + 1:016x}" for n in range(6)}
+    for job_id, run in runs.items():
+        folder = remote_dir(ctx, iid, job_id)
+        folder.mkdir(parents=True)
+        # j5's folder holds a newer run than the one its clean-up is for
+        (folder / "run").write_text(("f" * 16 if job_id == "j5" else run) + "\n")
+        st.add_followup(ctx.store, instance=iid, job=job_id, run=run, reason="collected")
+    assert await ctx.store.flush()
+    commands: list[int] = []
+    real = followups.cleanup_remote_jobs
+
+    async def counting(conn: Any, folders: Any, **kwargs: Any) -> Any:
+        commands.append(len(folders))
+        return await real(conn, folders, **kwargs)
+
+    monkeypatch.setattr(followups, "cleanup_remote_jobs", counting)
+    with capture_logs() as logs:
+        assert await followups_once(ctx) == 6
+    assert commands == [6]
+    assert ctx.store.snapshot.followups == {}
+    assert [j for j in runs if remote_dir(ctx, iid, j).exists()] == ["j5"]
+    removed = {e["job"]: e["removed"] for e in logs if e["event"] == "remote_cleanup_done"}
+    assert removed == {j: j != "j5" for j in runs}
+    await env.close_context(ctx)
 
 
 async def test_preparation_sweeps_job_folders_nothing_accounts_for(env: SimEnv) -> None:

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vastd.core.files import TEMP_PREFIX, fsync_directory, json_bytes, safe_name, write_new_file
 from vastd.core.files_async import in_thread_to_its_end
@@ -755,6 +755,81 @@ def cleanup_stale_result_dirs(results_root: Path) -> int:
     return removed
 
 
+CleanupOutcome = Literal["removed", "other"] | JobExecutionError
+
+CLEANUPS_PER_COMMAND = 32  # job folders one clean-up command handles
+RUN_ID = re.compile(r"^[0-9a-f]{1,40}$")  # what a clean-up accepts as a run id
+
+
+def _cleanup_lines(index: int, paths: RemoteJobPaths, run_id: str | None) -> str:
+    d = shlex.quote(paths.job_dir)
+    guard = ""
+    if run_id is not None:
+        # gone already, or holding another run (left alone)
+        guard = (
+            f'if [ ! -d {d} ]; then echo "C {index} gone"\n'
+            f"elif r=; read -r r 2>/dev/null < {d}/run; "
+            f'[ "$r" != {run_id} ]; then echo "C {index} other"\nel'
+        )
+    return (
+        f"{guard}if :; then\n"
+        # a staged run is withdrawn first (it can no longer start); one claimed a moment
+        # ago gets its pid written before its group is looked for
+        f"  mv {d}/staged {d}/withdrawn 2>/dev/null || "
+        f"{{ n=0; while [ -f {d}/go ] && [ ! -s {d}/pid ] && [ $n -lt 40 ]; do _tick 0.05; n=$((n+1)); done; }}\n"
+        f'  _pgid {d}/pid; if [ -n "$v" ] && _alive {d} "$v"; then kill -KILL -"$v" 2>/dev/null; fi\n'
+        f'  if rm -rf -- {d}; then echo "C {index} removed"; else echo "C {index} failed"; fi\n'
+        "fi\n"
+    )
+
+
+async def cleanup_remote_jobs(
+    conn: RemoteRunner,
+    folders: Sequence[tuple[RemoteJobPaths, str | None]],
+    *,
+    timeout_s: float,
+) -> list[CleanupOutcome]:
+    """`cleanup_remote_job` for several folders of one instance in one command (at most
+    `CLEANUPS_PER_COMMAND`): per folder, in order, "removed" (or already gone), "other"
+    (it held another run: left alone) or the JobExecutionError of that folder. Raises
+    ValueError, before anything runs, when any path or run id is not acceptable, and
+    JobExecutionError when the command gave no answer at all.
+    """
+    if len(folders) > CLEANUPS_PER_COMMAND:
+        raise ValueError(f"at most {CLEANUPS_PER_COMMAND} folders a command")
+    for paths, run_id in folders:
+        if not is_job_dir_of(paths):
+            raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
+        if run_id is not None and not RUN_ID.match(run_id):
+            raise ValueError(f"run id {run_id!r} must be hex digits")
+    body = "".join(_cleanup_lines(i, p, r) for i, (p, r) in enumerate(folders))
+    script = f'{SH_HELPERS}\necho "$M"\n{body}'
+    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
+    said: dict[int, str] = {}
+    for line in marker_lines(result.stdout) or []:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "C" and parts[1].isdigit():
+            said[int(parts[1])] = parts[2]
+    if not said:
+        raise JobExecutionError(
+            f"cannot remove the remote job folder ({failure_text(result, 300)})"
+        )
+    outcomes: list[CleanupOutcome] = []
+    for i in range(len(folders)):
+        word = said.get(i)
+        if word in ("removed", "gone"):
+            outcomes.append("removed")
+        elif word == "other":
+            outcomes.append("other")
+        else:
+            if word == "failed":
+                why = "rm failed: " + (result.stderr[-300:].strip() or "nothing on stderr")
+            else:
+                why = f"no answer for it, {failure_text(result, 300)}"
+            outcomes.append(JobExecutionError(f"cannot remove the remote job folder ({why})"))
+    return outcomes
+
+
 async def cleanup_remote_job(
     conn: RemoteRunner, paths: RemoteJobPaths, *, timeout_s: float, run_id: str | None = None
 ) -> bool:
@@ -766,31 +841,7 @@ async def cleanup_remote_job(
     job may have replaced it); returns False when it held another run (left alone).
     Refuses any path not directly under `<instance>/jobs`.
     """
-    if not is_job_dir_of(paths):
-        raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
-    if run_id is not None and not re.match(r"^[0-9a-f]{1,40}$", run_id):
-        raise ValueError(f"run id {run_id!r} must be hex digits")
-    d = shlex.quote(paths.job_dir)
-    guard = ""
-    if run_id is not None:
-        guard = (
-            f'[ -d {d} ] || {{ echo "$M"; echo gone; exit 0; }}\n'
-            f"r=; read -r r 2>/dev/null < {d}/run\n"
-            f'[ "$r" = {run_id} ] || {{ echo "$M"; echo other; exit 0; }}\n'
-        )
-    script = (
-        f"{SH_HELPERS}\n{guard}"
-        # a staged run is withdrawn first (it can no longer start); one claimed a moment
-        # ago gets its pid written before its group is looked for
-        f"mv {d}/staged {d}/withdrawn 2>/dev/null || "
-        f"{{ n=0; while [ -f {d}/go ] && [ ! -s {d}/pid ] && [ $n -lt 40 ]; do _tick 0.05; n=$((n+1)); done; }}\n"
-        f'_pgid {d}/pid; if [ -n "$v" ] && _alive {d} "$v"; then kill -KILL -"$v" 2>/dev/null; fi\n'
-        f"rm -rf -- {d}\n"
-    )
-    result = await conn.run(as_sh_command(script), timeout_s=timeout_s)
-    if not result.ok:
-        raise JobExecutionError(
-            f"cannot remove the remote job folder ({failure_text(result, 300)})"
-        )
-    lines = marker_lines(result.stdout) or []
-    return not (lines and lines[0].strip() == "other")
+    (outcome,) = await cleanup_remote_jobs(conn, [(paths, run_id)], timeout_s=timeout_s)
+    if isinstance(outcome, JobExecutionError):
+        raise outcome
+    return outcome == "removed"

@@ -15,6 +15,8 @@ run whose clean-up a crash forgot, a run vastd never recorded) is killed and rem
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import shlex
 import time
 
@@ -23,12 +25,20 @@ from vastd.core.files import safe_name
 from vastd.core.ssh import SSHConnection
 from vastd.core.state import FollowUp, InstanceRecord, InstanceStatus
 from vastd.execution.job_runner import (
+    RemoteJobPaths,
     as_sh_command,
     instance_root,
+    is_job_dir_of,
     marker_lines,
     remote_job_paths,
 )
-from vastd.execution.result_handler import cleanup_remote_job
+from vastd.execution.result_handler import (
+    CLEANUPS_PER_COMMAND,
+    RUN_ID,
+    CleanupOutcome,
+    cleanup_remote_job,
+    cleanup_remote_jobs,
+)
 from vastd.orchestration.actions import instance_connection
 from vastd.orchestration.context import Context
 from vastd.utils.exceptions import (
@@ -50,86 +60,142 @@ def _retry_delay(ctx: Context, followup: FollowUp) -> float:
 
 
 async def run_followup(ctx: Context, followup: FollowUp) -> bool:
-    """Carry out one follow-up; True once it is done (or can never apply).
+    """Carry out one follow-up; True once it is done (or can never apply)."""
+    return await run_instance_followups(ctx, followup.instance, [followup]) == 1
 
-    It holds the job's remote folder on that instance while it works, so it never
+
+async def run_instance_followups(ctx: Context, instance_id: str, items: list[FollowUp]) -> int:
+    """Carry out follow-ups of one instance, several folders a command; returns how many
+    are done (or can never apply).
+
+    Each holds its job's remote folder on that instance while it works, so it never
     races the upload and start of a newer run of the same job (whose `run` file then
-    tells the clean-up to leave the folder alone).
+    tells the clean-up to leave the folder alone). Two of the same job wait for a next
+    round (one command holds a folder once).
     """
-    inst = ctx.store.instances.get(followup.instance)
+    items = [f for f in items if f.id in ctx.store.snapshot.followups]  # (done meanwhile)
+    inst = ctx.store.instances.get(instance_id)
     if inst is None or inst.status is InstanceStatus.DESTROYED:
-        st.followup_done(ctx.store, followup.id)
-        log.info("followup_dropped", job=followup.job, instance=followup.instance, why="gone")
-        return True
+        for followup in items:
+            st.followup_done(ctx.store, followup.id)
+            log.info("followup_dropped", job=followup.job, instance=instance_id, why="gone")
+        return len(items)
     if inst.status in WAITING:
         # May come back (lost) or is being destroyed (which ends its follow-ups).
-        st.followup_wait(ctx.store, followup.id, FOLLOWUP_WAIT_S)
-        return False
-    paths = remote_job_paths(ctx.settings.remote.root, inst.id, followup.job)
+        for followup in items:
+            st.followup_wait(ctx.store, followup.id, FOLLOWUP_WAIT_S)
+        return 0
+    done = 0
+    batch: dict[str, tuple[FollowUp, RemoteJobPaths]] = {}
+    for followup in items:
+        if followup.job in batch:
+            continue
+        try:
+            paths = remote_job_paths(ctx.settings.remote.root, inst.id, followup.job)
+            if not is_job_dir_of(paths):
+                raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
+            if followup.run is not None and not RUN_ID.match(followup.run):
+                raise ValueError(f"run id {followup.run!r} must be hex digits")
+        except ValueError as exc:  # nothing this could ever remove
+            st.followup_done(ctx.store, followup.id)
+            log.error("followup_invalid", job=followup.job, instance=inst.id, error=str(exc))
+            done += 1
+            continue
+        batch[followup.job] = (followup, paths)
+    chosen = list(batch.values())
+    for at in range(0, len(chosen), CLEANUPS_PER_COMMAND):
+        done += await _clean(ctx, inst, chosen[at : at + CLEANUPS_PER_COMMAND])
+    return done
+
+
+async def _clean(
+    ctx: Context, inst: InstanceRecord, chunk: list[tuple[FollowUp, RemoteJobPaths]]
+) -> int:
+    """One clean-up command for `chunk`'s folders, holding each of them meanwhile."""
     try:
-        async with ctx.remote_locks.hold((inst.id, followup.job)):
+        async with contextlib.AsyncExitStack() as held:
+            for followup, _ in chunk:
+                await held.enter_async_context(ctx.remote_locks.hold((inst.id, followup.job)))
+            chunk = [(f, p) for f, p in chunk if f.id in ctx.store.snapshot.followups]
+            if not chunk:
+                return 0
             conn = await instance_connection(ctx, inst)
-            removed = await cleanup_remote_job(
-                conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s, run_id=followup.run
+            outcomes: list[CleanupOutcome] = await cleanup_remote_jobs(
+                conn,
+                [(paths, followup.run) for followup, paths in chunk],
+                timeout_s=ctx.settings.ssh.command_timeout_s,
             )
     except HostKeyMismatchError as exc:
         # An instance that is not the one we knew: nothing there can be cleaned safely.
-        st.followup_done(ctx.store, followup.id)
-        log.warning("followup_dropped", job=followup.job, instance=inst.id, why=str(exc))
-        return True
+        for followup, _ in chunk:
+            st.followup_done(ctx.store, followup.id)
+            log.warning("followup_dropped", job=followup.job, instance=inst.id, why=str(exc))
+        return len(chunk)
     except (SSHConnectionError, JobExecutionError) as exc:
-        st.followup_failed(ctx.store, followup.id, str(exc), _retry_delay(ctx, followup))
-        if followup.attempts == 1 or followup.attempts % 10 == 0:
-            log.warning(
-                "remote_cleanup_failed",
-                job=followup.job,
-                instance=inst.id,
-                error=str(exc),
-                attempts=followup.attempts,
-            )
-        return False
-    except ValueError as exc:  # not a job folder: nothing this could ever remove
+        outcomes = [JobExecutionError(str(exc)) for _ in chunk]
+    done = 0
+    for (followup, _), outcome in zip(chunk, outcomes, strict=True):
+        if isinstance(outcome, JobExecutionError):
+            st.followup_failed(ctx.store, followup.id, str(outcome), _retry_delay(ctx, followup))
+            if followup.attempts == 1 or followup.attempts % 10 == 0:
+                log.warning(
+                    "remote_cleanup_failed",
+                    job=followup.job,
+                    instance=inst.id,
+                    error=str(outcome),
+                    attempts=followup.attempts,
+                )
+            continue
         st.followup_done(ctx.store, followup.id)
-        log.error("followup_invalid", job=followup.job, instance=inst.id, error=str(exc))
-        return True
-    st.followup_done(ctx.store, followup.id)
-    log.info(
-        "remote_cleanup_done",
-        job=followup.job,
-        instance=inst.id,
-        run=followup.run,
-        reason=followup.reason,
-        removed=removed,
-    )
-    return True
+        log.info(
+            "remote_cleanup_done",
+            job=followup.job,
+            instance=inst.id,
+            run=followup.run,
+            reason=followup.reason,
+            removed=outcome == "removed",
+        )
+        done += 1
+    return done
 
 
-async def followups_once(ctx: Context, *, limit: int = 64, sweep: bool = True) -> int:
+# Instances a round cleans on (a command each), and follow-ups it looks at for them.
+INSTANCES_PER_ROUND = 64
+LOOKED_AT_PER_ROUND = 4096
+
+
+async def followups_once(
+    ctx: Context, *, limit: int = INSTANCES_PER_ROUND, sweep: bool = True
+) -> int:
     """Run the follow-ups that are due (after their record is saved); returns how many ended.
 
+    A round takes the due ones of up to `limit` instances (the oldest first), up to
+    `CLEANUPS_PER_COMMAND` of each (one command an instance): a backlog of clean-ups,
+    such as collections outrunning them on many instances, drains in a few rounds.
     With `sweep`, drained instances waiting for a sweep (preparation sweeps the others)
     are swept too; the daemon's bounded last round at shutdown leaves that out.
     """
     now = time.time()
     if sweep:
         await sweep_drained(ctx, now)
-    due = [f for f in ctx.store.snapshot.followups.values() if f.next_at <= now][:limit]
-    if not due:
+    by_instance: dict[str, list[FollowUp]] = {}
+    for followup in itertools.islice(ctx.store.snapshot.followups.values(), LOOKED_AT_PER_ROUND):
+        if followup.next_at > now:
+            continue
+        items = by_instance.get(followup.instance)
+        if items is None:
+            if len(by_instance) >= limit:
+                continue
+            items = by_instance[followup.instance] = []
+        if len(items) < CLEANUPS_PER_COMMAND:
+            items.append(followup)
+    if not by_instance:
         return 0
     # Never before the change that decided them is on disk.
     await ctx.store.wait_saved()
-    by_instance: dict[str, list[FollowUp]] = {}
-    for followup in due:
-        by_instance.setdefault(followup.instance, []).append(followup)
-
-    async def one_instance(items: list[FollowUp]) -> int:
-        done = 0
-        for followup in items:
-            if followup.id in ctx.store.snapshot.followups:
-                done += await run_followup(ctx, followup)
-        return done
-
-    results = await asyncio.gather(*(one_instance(items) for items in by_instance.values()))
+    results = await asyncio.gather(
+        *(run_instance_followups(ctx, iid, items) for iid, items in by_instance.items())
+    )
     return sum(results)
 
 
