@@ -165,23 +165,48 @@ def _waiters(remote_root: str) -> list[str]:
     return sorted(p.name for p in Path(remote_root, "inst1").glob("wait.*"))
 
 
+def _sleeps_of(seconds: str) -> list[int]:
+    """Pids of `sleep <seconds>` processes (a ticker's sleep left behind would show)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[:2] == [b"sleep", seconds.encode()]:
+            pids.append(int(proc.name))
+    return pids
+
+
+async def _watch_waiters(remote_root: str, seen: list[str]) -> None:
+    while True:
+        seen.extend(_waiters(remote_root))
+        await asyncio.sleep(0.01)
+
+
 async def test_a_wait_is_woken_by_the_wrapper_as_the_job_ends(
     runner: LocalRunner, remote_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The waiting status command listens on a FIFO of its own that the job's wrapper
     writes into as it ends: it returns then, not at its next look. Its looks are set 60 s
-    apart here, so only the wrapper's line can end the wait early. The FIFO is removed."""
+    apart here, so only the wrapper's line can end the wait early. The FIFO is removed,
+    and the ticker takes its sleep with it."""
     monkeypatch.setattr(pm, "WAKE_LOOK_S", 60.0)
     slow, _ = await _start(runner, remote_root, tmp_path, "slow", "sleep 30")
-    quick, _ = await _start(runner, remote_root, tmp_path, "quick", "sleep 1; exit 3")
+    quick, _ = await _start(runner, remote_root, tmp_path, "quick", "sleep 2; exit 3")
+    seen: list[str] = []
+    watching = asyncio.create_task(_watch_waiters(remote_root, seen))
     t0 = time.monotonic()
     statuses = await monitor_job_execution(
         runner, [("slow", slow), ("quick", quick)], wait_s=50, timeout_s=20
     )
+    watching.cancel()
     assert time.monotonic() - t0 < 25, "the wait was not woken by the wrapper"
+    assert seen, "the wait made no FIFO (it polled)"
     assert detect_job_completion(statuses["quick"]) is CompletionStatus.FAILED
     assert detect_job_completion(statuses["slow"]) is CompletionStatus.RUNNING
     assert _waiters(remote_root) == []
+    await wait_until(lambda: not _sleeps_of("50"), timeout_s=5, what="the ticker's sleep to go")
 
 
 async def test_a_wait_sees_a_job_killed_without_its_wrapper_at_its_next_look(
@@ -224,39 +249,65 @@ async def test_a_kill_that_records_the_exit_code_wakes_the_wait(
     assert statuses["j"].exit_code == 124
 
 
-async def test_a_wait_removes_the_fifos_of_waiters_that_are_gone(
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+async def test_a_wrapper_is_not_held_up_by_fifos_nobody_reads(
     runner: LocalRunner, remote_root: str, tmp_path: Path
 ) -> None:
-    """A FIFO left by a waiter that was killed is removed by the next wait; a wrapper
-    writing into one meanwhile is not held up (it ends, the job is reported)."""
-    dead = os.fork()
-    if dead == 0:
-        os._exit(0)
-    os.waitpid(dead, 0)
-    stale = Path(remote_root, "inst1", f"wait.{dead}")
+    """A FIFO left by a waiter that was killed: a wrapper ending with nobody waiting
+    writes its line there and is gone (opened read-write, the FIFO never blocks)."""
+    stale = Path(remote_root, "inst1", f"wait.{_dead_pid()}")
     stale.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(stale)
-    paths, _ = await _start(runner, remote_root, tmp_path, "j", "sleep 1")
+    paths, pgid = await _start(runner, remote_root, tmp_path, "j", "true")
+    await wait_until(lambda: group_gone(pgid), timeout_s=15, what="the wrapper to end")
+    assert Path(paths.exit_code).read_text() == "0\n"
+
+
+async def test_a_wait_removes_what_waiters_that_are_gone_left(
+    runner: LocalRunner, remote_root: str, tmp_path: Path
+) -> None:
+    """The next wait removes a dead waiter's FIFO and a plain file of that name (a
+    wrapper's write racing a removal creates one), and keeps a live waiter's FIFO."""
+    inst = Path(remote_root, "inst1")
+    inst.mkdir(parents=True, exist_ok=True)
+    stale = inst / f"wait.{_dead_pid()}"
+    os.mkfifo(stale)
+    stray = inst / f"wait.{_dead_pid()}"
+    stray.write_text("x\n")
+    live = inst / f"wait.{os.getpid()}"
+    os.mkfifo(live)
+    paths, _ = await _start(runner, remote_root, tmp_path, "j", "sleep 3")
     statuses = await monitor_job_execution(runner, [("j", paths)], wait_s=30, timeout_s=20)
     assert detect_job_completion(statuses["j"]) is CompletionStatus.SUCCEEDED
-    assert not stale.exists() and _waiters(remote_root) == []
+    assert _waiters(remote_root) == [live.name]
 
 
 async def test_without_mkfifo_a_wait_looks_every_tick(
     runner: LocalRunner, remote_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On an instance with no `mkfifo` the wait falls back to looking every 0.2 s: it
-    still returns soon after the job ends."""
-    paths, _ = await _start(runner, remote_root, tmp_path, "j", "sleep 1")
+    still returns soon after the job ends, and makes no FIFO."""
+    paths, _ = await _start(runner, remote_root, tmp_path, "j", "sleep 3")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("sh", "sleep", "rm"):
         os.symlink(shutil.which(tool) or tool, bin_dir / tool)
     monkeypatch.setenv("PATH", str(bin_dir))
+    seen: list[str] = []
+    watching = asyncio.create_task(_watch_waiters(remote_root, seen))
     t0 = time.monotonic()
     statuses = await monitor_job_execution(runner, [("j", paths)], wait_s=40, timeout_s=20)
+    watching.cancel()
     assert time.monotonic() - t0 < 30
     assert detect_job_completion(statuses["j"]) is CompletionStatus.SUCCEEDED
+    assert seen == []
 
 
 async def test_login_junk_before_marker_is_ignored(remote_root: str, tmp_path: Path) -> None:

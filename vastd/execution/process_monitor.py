@@ -205,23 +205,36 @@ def _wait_lines(instance_root: str, wait_s: float, checks: str) -> str:
     The wait reads its own FIFO, `<instance root>/wait.<pid>`, which a run's wrapper
     writes a line into as it ends (job_runner.WAKE_WAITERS): it returns the moment a run
     ends. A ticker writes a line every `WAKE_LOOK_S` at most, so a run that ends with no
-    wrapper to say so (killed, the machine rebooted) is still seen, and writes `e` at
-    `wait_s`. FIFOs left by waiters that are gone are removed first. Where no FIFO can be
+    wrapper to say so (killed, the machine rebooted) is still seen, and `e` when it ends
+    for any reason (`wait_s` passed, a fork refused, its waiter gone: it looks before
+    each sleep), so the wait never outlasts it. Woken early, the wait stops the ticker
+    and the ticker its sleep. `wait.*` entries left by waiters that are gone are removed
+    first (a FIFO whose pid is gone; anything that is not a FIFO). Where no FIFO can be
     made, it looks every `_TICK_S` as before.
     """
     looks = max(1, math.ceil(wait_s / WAKE_LOOK_S))
+    tick = wait_s / looks
+    tick_text = str(int(tick)) if tick == int(tick) else f"{tick:.3f}"
     fifo = shlex.quote(f"{instance_root}/{WAITER_PREFIX}")
+    sleep = ">/dev/null 2>&1 8>&- & s=$!; wait $s"
     return f"""if {checks}; then
-  for _f in {fifo}*; do [ -p "$_f" ] && ! kill -0 "${{_f##*.}}" 2>/dev/null && rm -f "$_f"; done
+  for _f in {fifo}*; do
+    [ -e "$_f" ] || continue
+    if [ -p "$_f" ]; then kill -0 "${{_f##*.}}" 2>/dev/null || rm -f "$_f"; else rm -f "$_f"; fi
+  done
   X={fifo}$$
   if mkfifo "$X" 2>/dev/null && command exec 8<>"$X"; then
-    ( i=0; while [ $i -lt {looks} ]; do _tick {wait_s / looks:.3f} >/dev/null 2>&1 8>&-
-      echo t; i=$((i+1)); done; echo e ) >&8 2>/dev/null &
+    ( s=; trap 'echo e' EXIT; trap 'kill $s 2>/dev/null; exit' TERM
+      i=0; while [ $i -lt {looks} ] && kill -0 $$ 2>/dev/null; do
+        sleep {tick_text} {sleep} || {{ sleep 1 {sleep}; }}
+        echo t; i=$((i+1))
+      done ) >&8 2>/dev/null &
     _wp=$! _wk=
     while {checks} && read -r _wk <&8 && [ "$_wk" != e ]; do :; done
     [ "$_wk" = e ] || kill $_wp 2>/dev/null
     exec 8<&-; rm -f "$X"
   else
+    [ -e "$X" ] && rm -f "$X"
     if [ "$FRAC" = 1 ]; then n={math.ceil(wait_s / _TICK_S)}; else n={math.ceil(wait_s)}; fi
     t=0; while [ $t -lt $n ] && {checks}; do _tick {_TICK_S}; t=$((t+1)); done
   fi
@@ -418,7 +431,10 @@ fi
 if _alive "$D" "$p"; then still=1; else still=0; fi
 {record}
 # the run staged behind this one starts now (the wrapper that would have started it is gone)
-if [ "$still" = 0 ] && [ -d "$D" ]; then (cd "$D" && {{ {KICK_NEXT}; {WAKE_WAITERS}; }}); fi
+# and a status command waiting there learns of the exit code just written
+if [ -d "$D" ]; then (cd "$D" && {{
+  if [ "$still" = 0 ]; then {KICK_NEXT}; fi
+  if [ "$still" = 0 ] || [ "$w" = 1 ]; then {WAKE_WAITERS}; fi; }}); fi
 printf '%s\\nkilled %s %s %s\\n' "$M" "$was" "$still" "$w"
 """
 
