@@ -228,6 +228,27 @@ async def test_a_backlog_of_cleanups_goes_in_one_command_per_instance(
     await env.close_context(ctx)
 
 
+async def test_cleanups_waiting_for_later_never_hold_up_the_due_ones_behind_them(
+    env: SimEnv,
+) -> None:
+    """Thousands of clean-ups backing off (a lost instance's) recorded first: a due one
+    recorded after them is still carried out in the next round."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings())
+    [iid] = await env.ready(ctx)
+    for n in range(5000):
+        later = st.add_followup(ctx.store, instance="gone-1", job=f"old{n}", run=None, reason="x")
+        later.next_at = time.time() + 3600
+    folder = remote_dir(ctx, iid, "j")
+    folder.mkdir(parents=True)
+    (folder / "run").write_text("ab\n")
+    st.add_followup(ctx.store, instance=iid, job="j", run="ab", reason="collected")
+    assert await ctx.store.flush()
+    assert await followups_once(ctx) == 1
+    assert not folder.exists() and len(ctx.store.snapshot.followups) == 5000
+    await env.close_context(ctx)
+
+
 async def test_preparation_sweeps_job_folders_nothing_accounts_for(env: SimEnv) -> None:
     """A job folder on an instance that no job, orphan or follow-up needs (a finished run
     whose clean-up a crash forgot, a run never recorded) is killed and removed before the

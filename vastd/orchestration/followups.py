@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import shlex
 import time
 
@@ -159,9 +158,7 @@ async def _clean(
     return done
 
 
-# Instances a round cleans on (a command each), and follow-ups it looks at for them.
-INSTANCES_PER_ROUND = 64
-LOOKED_AT_PER_ROUND = 4096
+INSTANCES_PER_ROUND = 64  # instances a round cleans on (a command each)
 
 
 async def followups_once(
@@ -179,7 +176,10 @@ async def followups_once(
     if sweep:
         await sweep_drained(ctx, now)
     by_instance: dict[str, list[FollowUp]] = {}
-    for followup in itertools.islice(ctx.store.snapshot.followups.values(), LOOKED_AT_PER_ROUND):
+    taken, most = 0, limit * CLEANUPS_PER_COMMAND
+    # Every one is looked at (those waiting for a lost instance or backing off are
+    # skipped, never in the way of the due ones behind them), until a round is full.
+    for followup in ctx.store.snapshot.followups.values():
         if followup.next_at > now:
             continue
         items = by_instance.get(followup.instance)
@@ -189,6 +189,9 @@ async def followups_once(
             items = by_instance[followup.instance] = []
         if len(items) < CLEANUPS_PER_COMMAND:
             items.append(followup)
+            taken += 1
+            if taken >= most:
+                break
     if not by_instance:
         return 0
     # Never before the change that decided them is on disk.
