@@ -758,7 +758,16 @@ def cleanup_stale_result_dirs(results_root: Path) -> int:
 CleanupOutcome = Literal["removed", "other"] | JobExecutionError
 
 CLEANUPS_PER_COMMAND = 32  # job folders one clean-up command handles
-RUN_ID = re.compile(r"^[0-9a-f]{1,40}$")  # what a clean-up accepts as a run id
+_RUN_ID = re.compile(r"^[0-9a-f]{1,40}$")  # what a clean-up accepts as a run id
+
+
+def check_cleanup_target(paths: RemoteJobPaths, run_id: str | None) -> None:
+    """Raise ValueError unless a clean-up may touch `paths` (a folder directly under
+    `<instance>/jobs`) keyed by `run_id` (hex digits, or None)."""
+    if not is_job_dir_of(paths):
+        raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
+    if run_id is not None and not _RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r} must be hex digits")
 
 
 def _cleanup_lines(index: int, paths: RemoteJobPaths, run_id: str | None) -> str:
@@ -798,10 +807,7 @@ async def cleanup_remote_jobs(
     if len(folders) > CLEANUPS_PER_COMMAND:
         raise ValueError(f"at most {CLEANUPS_PER_COMMAND} folders a command")
     for paths, run_id in folders:
-        if not is_job_dir_of(paths):
-            raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
-        if run_id is not None and not RUN_ID.match(run_id):
-            raise ValueError(f"run id {run_id!r} must be hex digits")
+        check_cleanup_target(paths, run_id)
     body = "".join(_cleanup_lines(i, p, r) for i, (p, r) in enumerate(folders))
     script = f'{SH_HELPERS}\necho "$M"\n{body}'
     result = await conn.run(as_sh_command(script), timeout_s=timeout_s)

@@ -27,14 +27,13 @@ from vastd.execution.job_runner import (
     RemoteJobPaths,
     as_sh_command,
     instance_root,
-    is_job_dir_of,
     marker_lines,
     remote_job_paths,
 )
 from vastd.execution.result_handler import (
     CLEANUPS_PER_COMMAND,
-    RUN_ID,
     CleanupOutcome,
+    check_cleanup_target,
     cleanup_remote_job,
     cleanup_remote_jobs,
 )
@@ -56,11 +55,6 @@ WAITING = frozenset({InstanceStatus.LOST, InstanceStatus.DESTROYING, InstanceSta
 
 def _retry_delay(ctx: Context, followup: FollowUp) -> float:
     return min(FOLLOWUP_BACKOFF_MAX_S, 4 * ctx.backoff.cap_s(followup.attempts + 1))
-
-
-async def run_followup(ctx: Context, followup: FollowUp) -> bool:
-    """Carry out one follow-up; True once it is done (or can never apply)."""
-    return await run_instance_followups(ctx, followup.instance, [followup]) == 1
 
 
 async def run_instance_followups(ctx: Context, instance_id: str, items: list[FollowUp]) -> int:
@@ -91,10 +85,7 @@ async def run_instance_followups(ctx: Context, instance_id: str, items: list[Fol
             continue
         try:
             paths = remote_job_paths(ctx.settings.remote.root, inst.id, followup.job)
-            if not is_job_dir_of(paths):
-                raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
-            if followup.run is not None and not RUN_ID.match(followup.run):
-                raise ValueError(f"run id {followup.run!r} must be hex digits")
+            check_cleanup_target(paths, followup.run)
         except ValueError as exc:  # nothing this could ever remove
             st.followup_done(ctx.store, followup.id)
             log.error("followup_invalid", job=followup.job, instance=inst.id, error=str(exc))
