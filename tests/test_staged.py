@@ -31,9 +31,18 @@ from vastd.execution.job_runner import (
     remote_job_paths,
     withdraw_staged_runs,
 )
-from vastd.execution.process_monitor import handle_job_timeout, monitor_job_execution
+from vastd.execution.process_monitor import (
+    RemoteJobStatus,
+    handle_job_timeout,
+    monitor_job_execution,
+)
 from vastd.orchestration.context import Context
 from vastd.orchestration.control import ControlServer
+from vastd.orchestration.coordinator import (
+    coordinate_job_distribution,
+    handle_job_status,
+    staging_slots,
+)
 from vastd.sim.cluster import SimCluster, load_make_jobs
 from vastd.utils.config import Settings
 from vastd.views import JobView, format_jobs, job_row
@@ -448,3 +457,40 @@ async def test_a_staging_whose_answer_was_lost_is_confirmed_by_the_status_check(
     env.open_gate(iid)
     await pump(ctx, lambda: all(ctx.store.jobs[j].state is JobState.DONE for j in ids), 60)
     assert Counter(ran_on(env, iid)) == Counter(ids)
+
+
+async def test_a_staged_run_seen_started_while_the_run_ahead_reads_running_keeps_one_slot(
+    env: SimEnv,
+) -> None:
+    """The status command reads a slot's runs one after the other, so the run ahead can
+    be read still running and the staged run, started by its exit in between, already
+    started. Until the run ahead is seen ended, both hold the one slot: nothing is
+    staged behind the run ahead (its staging would find it ended and start at once,
+    beside the run already started) and nothing else is placed there."""
+    ctx, iid, ids = await staged_world(env, jobs=4)
+    inst = ctx.store.instances[iid]
+    first, second = ctx.store.jobs[ids[0]], ctx.store.jobs[ids[1]]
+    # The statuses of one such command, in its order, through the watcher's own handler.
+    running = RemoteJobStatus(
+        job_id=first.id, exists=True, pid=first.pgid, alive=True, run=first.run_id
+    )
+    await handle_job_status(ctx, inst, first, running)
+    started = RemoteJobStatus(
+        job_id=second.id,
+        exists=True,
+        pid=4242,
+        alive=True,
+        started_at=time.time(),
+        run=second.run_id,
+    )
+    await handle_job_status(ctx, inst, second, started)
+    assert not second.staged and first.state is JobState.RUNNING
+    assert [[j.id for j in c] for c in st.slot_chains(ctx.store, inst)] == [ids[:2]]
+    assert st.slot_load(ctx.store, inst) == 1
+    assert staging_slots(ctx) == []
+    assert await coordinate_job_distribution(ctx) == 0
+    assert [ctx.store.job_state(j) for j in ids[2:]] == [JobState.QUEUED] * 2
+    # Once the run ahead is seen ended, the started run heads the slot: the next is
+    # staged behind it.
+    st.mark_job_exited(ctx.store, first.id, exit_code=0, error=None)
+    assert staging_slots(ctx) == [(inst, second)]

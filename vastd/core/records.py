@@ -146,6 +146,8 @@ class JobRecord(Tracked):
     # a staged run ([job] stage_ahead): it waits on its instance behind run `after_run` of
     # job `after` (same slot, same GPUs) and starts there when that one exits. `staged`
     # until a status check sees it started; `staged_at` once its staging was confirmed.
+    # Seen started, it keeps `after`/`after_run` until it leaves: while that run still
+    # reads running (its exit not seen yet), the two hold one slot.
     after: str | None = None
     after_run: str | None = None
     staged: bool = False

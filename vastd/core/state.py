@@ -208,19 +208,24 @@ def withdraw_behind(store: StateStore, job: JobRecord, why: str) -> int:
     for chain in slot_chains(store, inst):
         if job in chain:
             for later in chain[chain.index(job) + 1 :]:
+                if not later.staged:
+                    break  # started: it and the runs behind it go on
                 if later.kill_reason is None:
                     later.kill_reason = f"{WITHDRAWN}{job.id}, staged before it, {why}"
                     marked += 1
     return marked
 
 
-def _unstage(job: JobRecord) -> None:
-    """No longer a staged run (it left its slot)."""
+def _unstage(job: JobRecord, *, keep_slot: bool = False) -> None:
+    """No longer a staged run: it left its slot, or (`keep_slot`) it started there. A
+    started one keeps naming the run before it (`after`, `after_run`): until that run
+    is seen ended too, the two hold one slot (`slot_chains`)."""
     if job.staged or job.after is not None:
         job.staged = False
-        job.after = None
-        job.after_run = None
         job.staged_at = None
+        if not keep_slot:
+            job.after = None
+            job.after_run = None
 
 
 def _clean_up_run(store: StateStore, job: JobRecord, reason: str) -> None:
@@ -428,11 +433,15 @@ def note_staged_started(
 ) -> bool:
     """A staged run was seen started on its instance (claimed by the run before it, or
     by vastd): from now it is a running job like any other; its deadline counts from
-    the instance's start time (never later than now). True when that is news."""
+    the instance's start time (never later than now). True when that is news.
+
+    The status command reads a slot's runs one after the other: the run before it may
+    still read running, its exit (which started this one) falling between the two
+    reads. It keeps its place behind that run until the run is seen ended."""
     if job.state is not J.RUNNING or not job.staged:
         return False
     now = time.time() if now is None else now
-    _unstage(job)
+    _unstage(job, keep_slot=True)
     job.started_at = min(started_at, now) if started_at is not None else now
     job.runs += 1
     store.mark_dirty()
@@ -1064,7 +1073,9 @@ def get_available_jobs(
 def slot_chains(store: StateStore, inst: InstanceRecord) -> list[list[JobRecord]]:
     """The instance's running jobs by slot: each chain is a job started directly (or a
     staged one whose run before it has left) followed by the runs staged behind it, in
-    the order they will start ([job] stage_ahead). Without staging: one job a chain."""
+    the order they will start ([job] stage_ahead). Without staging: one job a chain.
+    A staged run seen started stays behind the run before it while that one is still
+    recorded running there (its exit, which started it, not seen yet): one slot."""
     jobs = [
         j
         for j in (store.jobs.get(job_id) for job_id in inst.current_jobs)
@@ -1075,7 +1086,7 @@ def slot_chains(store: StateStore, inst: InstanceRecord) -> list[list[JobRecord]
     heads: list[JobRecord] = []
     for job in jobs:
         before = by_id.get(job.after or "")
-        if job.staged and before is not None and before.run_id == job.after_run:
+        if before is not None and before.run_id == job.after_run:
             behind[before.id] = job
         else:
             heads.append(job)
@@ -1092,7 +1103,8 @@ def slot_load(store: StateStore, inst: InstanceRecord) -> int:
     """The slots the instance's jobs take: its jobs, less the runs staged behind another
     (a collecting job has left its slot already)."""
     if not any(
-        (j := store.jobs.get(job_id)) is not None and j.staged for job_id in inst.current_jobs
+        (j := store.jobs.get(job_id)) is not None and j.after is not None
+        for job_id in inst.current_jobs
     ):
         return len(inst.current_jobs)
     staged_behind = sum(len(chain) - 1 for chain in slot_chains(store, inst))
