@@ -18,6 +18,9 @@ Figures:
   measured makespan (the same wall windows as above); 1.0 = no instance ever idle.
 - exit -> next start on one instance, p50: remote t_start of a job - t_end of the job
   before it on the same instance (vastd, 2 s workload).
+- runs started while another ran in their slot (vastd, both workloads): per instance
+  (one job at a time), runs whose remote t_start falls before the t_end of an earlier
+  one; 0 unless a slot was given two jobs at once.
 - GPU-busy fraction per instance (vastd, 2 s workload): the time an instance has a job
   running (union of its jobs' remote [t_start, t_end]) / the time it is owned in the
   run, taken as the whole timed window (first rename .. last job_done): the
@@ -96,6 +99,19 @@ def union_length(spans: list[tuple[float, float]]) -> float:
         total += b - max(a, end)
         end = b
     return total
+
+
+def overlapping_runs(spans: list[tuple[float, float]], slots: int = 1) -> int:
+    """Runs that started while `slots` others were still running on the same instance:
+    with one job per slot, 0 (a run that started early, or a slot given two jobs)."""
+    ends: list[float] = []
+    over = 0
+    for a, b in sorted(spans):
+        ends = [e for e in ends if e > a]
+        if len(ends) >= slots:
+            over += 1
+        ends.append(b)
+    return over
 
 
 def makespan_efficiency(durations: list[float], slots: int, wall: float) -> float:
@@ -219,6 +235,7 @@ def vastd_summary(f: Figures | str, m: int) -> dict[str, Any]:
     between = [
         (own - union_length(s)) - h - t for s, h, t in zip(spans.values(), head, tail, strict=True)
     ]
+    overlaps = sum(overlapping_runs(s) for s in spans.values())
     started_stopped = None
     if f.stopped is not None:
         t0, t1 = f.stopped
@@ -232,6 +249,7 @@ def vastd_summary(f: Figures | str, m: int) -> dict[str, Any]:
         "cpu_ms_per_job": f.cpu_ms_per_job,
         "efficiency": makespan_efficiency([b - a for _, a, b in f.job_times.values()], m, f.wall_s),
         "gap_p50_s": f.gap_p50_s,
+        "overlapping_runs": overlaps,
         "busy_min": min(busy),
         "busy_median": statistics.median(busy),
         "busy_mean": statistics.fmean(busy),
@@ -294,6 +312,12 @@ def table(res: dict[str, Any], stages: list[int]) -> str:
             )
         else:
             rows.append(f"| exit -> next start p50{tag} | - | {gap:.0f} ms | | |")
+        over = vs.get("overlapping_runs")
+        if over is not None:
+            rows.append(
+                f"| runs started while another ran in their slot{tag} | - | {over} | 0 | "
+                f"{ok(over == 0)} |"
+            )
         rows.append(
             f"| GPU-busy fraction min / median / mean{tag} | - | {vs['busy_min']:.3f} / "
             f"{vs['busy_median']:.3f} / {vs['busy_mean']:.3f} | | |"
