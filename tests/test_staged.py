@@ -22,6 +22,7 @@ from tests.localrunner import LocalRunner
 from tests.test_daemon_process import DaemonProcess, cluster, daemons, submit, write_config
 from tests.test_job_runner import runner
 from vastd.core import state as st
+from vastd.core.records import JobRecord, OrphanRun
 from vastd.core.state import JobState
 from vastd.execution.job_runner import (
     ProcessInfo,
@@ -36,6 +37,7 @@ from vastd.execution.process_monitor import (
     handle_job_timeout,
     monitor_job_execution,
 )
+from vastd.orchestration import coordinator
 from vastd.orchestration.context import Context
 from vastd.orchestration.control import ControlServer
 from vastd.orchestration.coordinator import (
@@ -494,3 +496,76 @@ async def test_a_staged_run_seen_started_while_the_run_ahead_reads_running_keeps
     # staged behind it.
     st.mark_job_exited(ctx.store, first.id, exit_code=0, error=None)
     assert staging_slots(ctx) == [(inst, second)]
+
+
+def status_of(job: JobRecord, **fields: object) -> RemoteJobStatus:
+    return RemoteJobStatus(job_id=job.id, exists=True, run=job.run_id, **fields)  # type: ignore[arg-type]
+
+
+async def test_the_runs_of_a_slot_ended_or_started_between_two_reads_keep_that_one_slot(
+    env: SimEnv,
+) -> None:
+    """stage_ahead = 2, X running, Y and W staged behind it. One status command reads X
+    running; X ends and starts Y, which ends and starts W, before the command reads
+    them. Y's exit is handled (it leaves the slot) while X still reads running: W is in
+    X's slot all the same (by slot number, not by Y's link), so nothing is staged behind
+    X, whose staging would start at once beside W. The next job goes behind W."""
+    await env.start(instances=1)
+    ctx = env.context(staged_settings(env, ahead=2))
+    [iid] = await env.ready(ctx)
+    ids = await env.submit(ctx, 5)
+    await pump(ctx, lambda: all(ctx.store.jobs[j].staged_at for j in ids[1:3]), 20)
+    inst = ctx.store.instances[iid]
+    x, y, w = (ctx.store.jobs[j] for j in ids[:3])
+    assert (x.slot, y.slot, w.slot) == (0, 0, 0) and (y.after, w.after) == (x.id, y.id)
+    now = time.time()
+    await handle_job_status(ctx, inst, x, status_of(x, pid=x.pgid, alive=True))
+    await handle_job_status(
+        ctx, inst, y, status_of(y, pid=4242, exit_code=0, started_at=now, ended_at=now)
+    )
+    await handle_job_status(ctx, inst, w, status_of(w, pid=4343, alive=True, started_at=now))
+    assert x.state is JobState.RUNNING and y.state is JobState.COLLECTING and not w.staged
+    assert [[j.id for j in c] for c in st.slot_chains(ctx.store, inst)] == [[x.id, w.id]]
+    assert st.slot_load(ctx.store, inst) == 1
+    assert staging_slots(ctx) == [(inst, w)]
+    assert await coordinate_job_distribution(ctx) == 1
+    [staged] = [j for j in ctx.store.jobs.values() if j.staged]
+    assert (staged.after, staged.slot) == (w.id, 0)
+
+
+async def test_a_staged_run_completed_by_another_run_withdraws_the_runs_behind_it(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stage_ahead = 2, X running, Y and W staged behind it; an orphaned run of Y
+    elsewhere brings its results in. Y's staged run never starts (its folder is cleaned
+    up), so W, linked behind it on the instance, is withdrawn with it: never kicked to
+    start beside X (its staging would find Y's folder gone and start at once)."""
+    monkeypatch.setattr(coordinator, "STAGED_KICK_S", 0.0)
+    await env.start(instances=1)
+    ctx = env.context(staged_settings(env, ahead=2))
+    [iid] = await env.ready(ctx)
+    ids = await env.submit(ctx, 4)
+    await pump(ctx, lambda: all(ctx.store.jobs[j].staged_at for j in ids[1:3]), 20)
+    inst = ctx.store.instances[iid]
+    x, y, w = (ctx.store.jobs[j] for j in ids[:3])
+    y.orphans = [OrphanRun(instance="elsewhere", run="abc123", started_at=time.time())]
+    assert await st.complete_job(
+        ctx.store, y, instance_id="elsewhere", run_id="abc123", result_files=[]
+    )
+    assert y.state is JobState.DONE and not y.staged
+    assert w.kill_reason is not None and w.kill_reason.startswith(st.WITHDRAWN)
+    kicked: list[str] = []
+    monkeypatch.setattr(coordinator, "_kick", lambda ctx, inst, job, why: kicked.append(job.id))
+    await handle_job_status(ctx, inst, w, status_of(w, stage="staged"))
+    assert kicked == [] and x.state is JobState.RUNNING
+    await pump(ctx, lambda: w.state is JobState.QUEUED, 20, dispatch=False)
+
+
+async def test_runs_assigned_before_slots_were_recorded_follow_their_links(env: SimEnv) -> None:
+    """A snapshot from before slot numbers: its runs' slots follow `after`."""
+    ctx, iid, ids = await staged_world(env)
+    inst = ctx.store.instances[iid]
+    for j in ids[:2]:
+        ctx.store.jobs[j].slot = None
+    assert [[j.id for j in c] for c in st.slot_chains(ctx.store, inst)] == [ids[:2]]
+    assert st.slot_load(ctx.store, inst) == 1

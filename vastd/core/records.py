@@ -150,6 +150,11 @@ class JobRecord(Tracked):
     # reads running (its exit not seen yet), the two hold one slot.
     after: str | None = None
     after_run: str | None = None
+    # the slot of its instance the run holds (0, 1, ...: the lowest free one at a direct
+    # start; a staged run takes the slot of the run it waits behind): the runs of one
+    # slot run one at a time, whatever their exits seen so far. None off an instance,
+    # and for runs assigned before slots were recorded (their slot follows `after`).
+    slot: int | None = None
     staged: bool = False
     staged_at: float | None = None
 

@@ -18,6 +18,7 @@ are re-exported here.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -187,6 +188,7 @@ def _move_file(
 def _release(store: StateStore, job: JobRecord) -> None:
     """Free the job's slot on its instance (job.instance still says where it ran)."""
     inst = store.instances.get(job.instance or "")
+    job.slot = None
     if inst is not None and job.id in inst.current_jobs:
         inst.current_jobs = [j for j in inst.current_jobs if j != job.id]
         if not inst.current_jobs:
@@ -363,6 +365,12 @@ async def assign_job(
     return _assign(store, job, inst, wanted, after=after)
 
 
+def _free_slot(store: StateStore, inst: InstanceRecord) -> int:
+    """The lowest slot number none of the instance's running jobs holds."""
+    used = {j.slot for j in running_jobs_on(store, inst.id) if j.slot is not None}
+    return next(n for n in itertools.count() if n not in used)
+
+
 def _gpus_taken(store: StateStore, inst: InstanceRecord) -> set[int]:
     return held_gpus(inst, store.held_on(inst.id), store.orphans_on(inst.id))
 
@@ -376,6 +384,7 @@ def _assign(
     after: JobRecord | None = None,
 ) -> JobRecord:
     set_job_state(store, job, J.RUNNING)
+    job.slot = after.slot if after is not None else _free_slot(store, inst)
     job.after = after.id if after is not None else None
     job.after_run = after.run_id if after is not None else None
     job.staged = after is not None
@@ -627,6 +636,10 @@ def _completed(
             store, instance=job.instance, job=job.id, run=job.run_id, reason="duplicate run"
         )
     job.failed_stem = None
+    if job.state is J.RUNNING and job.staged:
+        # its staged run never starts (its folder is cleaned up): nor do those behind it
+        withdraw_behind(store, job, "was completed by another run")
+    _unstage(job)
     _release(store, job)
     set_job_state(store, job, J.DONE)
     add_followup(store, instance=instance_id, job=job.id, run=run_id, reason="collected")
@@ -1071,16 +1084,39 @@ def get_available_jobs(
 
 
 def slot_chains(store: StateStore, inst: InstanceRecord) -> list[list[JobRecord]]:
-    """The instance's running jobs by slot: each chain is a job started directly (or a
-    staged one whose run before it has left) followed by the runs staged behind it, in
-    the order they will start ([job] stage_ahead). Without staging: one job a chain.
-    A staged run seen started stays behind the run before it while that one is still
-    recorded running there (its exit, which started it, not seen yet): one slot."""
+    """The instance's running jobs by slot, each slot's in the order they were assigned
+    (the order they run in, [job] stage_ahead): the run started directly, then the runs
+    staged behind it. Without staging: one job a chain.
+
+    By slot number, not by following `after`: the status command reads a slot's runs one
+    after the other, so a run can read running while the runs behind it, started by its
+    exit in between (and by theirs), read ended or started. Until it is seen ended too,
+    they hold its one slot."""
     jobs = [
         j
         for j in (store.jobs.get(job_id) for job_id in inst.current_jobs)
         if j is not None and j.state is J.RUNNING and j.instance == inst.id
     ]
+    by_slot: dict[int, list[JobRecord]] = {}
+    unnumbered: list[JobRecord] = []
+    for job in jobs:
+        if job.slot is None:
+            unnumbered.append(job)
+        else:
+            by_slot.setdefault(job.slot, []).append(job)
+    chains = [sorted(runs, key=_assigned_order) for runs in by_slot.values()]
+    if unnumbered:
+        chains.extend(_linked_chains(unnumbered))
+    return chains
+
+
+def _assigned_order(job: JobRecord) -> tuple[float, int]:
+    return (job.dispatched_at or 0.0, job.seq)
+
+
+def _linked_chains(jobs: list[JobRecord]) -> list[list[JobRecord]]:
+    """Runs assigned before slots were recorded: a slot is a run and those that name it
+    (`after`, `after_run`), the started ones too."""
     by_id = {j.id: j for j in jobs}
     behind: dict[str, JobRecord] = {}
     heads: list[JobRecord] = []
