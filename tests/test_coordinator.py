@@ -38,6 +38,7 @@ from vastd.core.files import JobFolder
 from vastd.core.records import InstanceRecord, JobRecord, OrphanRun
 from vastd.core.state import InstanceStatus, JobState, load_state
 from vastd.execution import result_handler
+from vastd.execution.process_monitor import RemoteJobStatus
 from vastd.orchestration import coordinator as co
 from vastd.orchestration import market
 from vastd.orchestration.context import Context
@@ -607,6 +608,39 @@ async def test_timed_out_job_is_killed_and_counts_an_attempt(env: SimEnv) -> Non
     assert [e["job"] for e in events(logs, "job_timed_out")] == [job_id]
     error = json.loads(ctx.layout.error_file(job_id).read_text())
     assert error["last_exit_code"] == 124
+
+
+async def test_a_run_that_ends_by_itself_just_before_its_timeout_kill_keeps_its_exit(
+    env: SimEnv,
+) -> None:
+    """The status read a run past its deadline still running; it ended by itself (exit 0,
+    results written) before the kill came. The kill finds its exit code there and
+    writes none: the run is not counted as timed out (its results thrown away and the
+    job run again), its own exit is read at the next look and it is collected."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"command": GATED_WORKER, "timeout_s": 5}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.pgid is not None)
+    ctx.watchers.pop(iid).cancel()  # this test reads the status itself
+    inst = ctx.store.instances[iid]
+    env.open_gate(iid)
+    exit_file = env.sim.remote_root / iid / "jobs" / job_id / "exit_code"
+    deadline = time.monotonic() + 20
+    while not exit_file.is_file():
+        assert time.monotonic() < deadline, "the run did not end"
+        await asyncio.sleep(0.05)
+    job.started_at = time.time() - 60  # past its deadline, as the status was read
+    running = RemoteJobStatus(job_id=job.id, exists=True, pid=job.pgid, alive=True, run=job.run_id)
+    with capture_logs() as logs:
+        await co.handle_job_status(ctx, inst, job, running)
+    assert job.state is JobState.RUNNING and job.last_exit_code is None
+    assert events(logs, "job_timed_out") == []
+    assert exit_file.read_text().strip() == "0"
+    await wait_state(ctx, job_id, JobState.DONE)
+    assert (job.attempts, job.runs, job.last_exit_code) == (0, 1, 0)
 
 
 # --- unreachable is not failed --------------------------------------------------------------

@@ -644,7 +644,13 @@ async def handle_job_status(
                 return
             conn = await instance_connection(ctx, inst)
             paths = remote_job_paths(ctx.settings.remote.root, inst.id, job.id)
-            await handle_job_timeout(conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s)
+            killed = await handle_job_timeout(
+                conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s
+            )
+            if not killed.exit_code_written:
+                # It ended by itself first (its own exit code is there) or its folder is
+                # gone: the next look reads which, and a finished run is not thrown away.
+                return
             log.warning("job_timed_out", job=job.id, instance=inst.id)
             if is_current(job, inst.id, status.run):
                 finish_run(ctx, job, exit_code=124, error="timed out")
