@@ -86,6 +86,7 @@ class ChaosConfig:
     instances: int = 8
     rows: int = 3
     job_pause_s: float = 2.0
+    stage_ahead: int = 0  # [job] stage_ahead: the next job of each slot waits on the instance
     short: bool = False
     seed: int = 20261129
     deadline_s: float = 1080.0  # the whole run must end within 18 minutes
@@ -143,7 +144,8 @@ class ChaosReport:
         c = self.config
         lines = [
             f"Profile: {c.jobs} jobs x {c.rows} rows, {c.kills} kills, {c.instances} instances"
-            f"{' (short)' if c.short else ''}, seed {c.seed}.",
+            f"{' (short)' if c.short else ''}, seed {c.seed}"
+            + (f", stage_ahead = {c.stage_ahead}." if c.stage_ahead else "."),
             "",
             "| fault injected | count |",
             "|---|---|",
@@ -358,9 +360,11 @@ class Chaos:
         )
         canary = self.cloud.scratch / f"{CANARY_PREFIX}{self.token}v"
         tag = f"$(touch {canary}1) `touch {canary}2`; touch {canary}3"
+        staging = {"stage_ahead": self.cfg.stage_ahead} if self.cfg.stage_ahead else {}
         return self.cloud.config(
             self.root,
             job={
+                **staging,
                 "command": command,
                 "vars": {"num_sim": "200", "pause": str(self.cfg.job_pause_s), "tag": tag},
                 "result_glob": "*.parquet",
@@ -981,20 +985,30 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     return asyncio.run(run_chaos_async(cfg))
 
 
+NOTES_START, NOTES_END = "<!-- chaos notes -->", "<!-- /chaos notes -->"
+
+
 def write_results_md(report: ChaosReport, path: Path = RESULTS_MD) -> None:
-    """Put the table under RESULTS_HEADING at the end of RESULTS.md (only that section)."""
+    """Put the table under RESULTS_HEADING in RESULTS.md (only that section, the notes
+    between NOTES_START and NOTES_END kept: the history of earlier runs)."""
     text = path.read_text() if path.exists() else ""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    start = text.find(RESULTS_HEADING)
+    end = text.find("\n## ", start + len(RESULTS_HEADING)) if start >= 0 else -1
+    old = text[start : end if end >= 0 else len(text)] if start >= 0 else ""
+    notes = ""
+    a, b = old.find(NOTES_START), old.find(NOTES_END)
+    if 0 <= a < b:
+        notes = old[a : b + len(NOTES_END)] + "\n\n"
     section = (
         f"{RESULTS_HEADING}\n\n`make chaos` (`.venv/bin/python bench/chaos.py`), {stamp}, "
         f"{os.cpu_count()} cores. Verdict judged from disk only (see bench/chaos.py).\n\n"
+        + notes
         + report.table()
         + "\n"
     )
-    start = text.find(RESULTS_HEADING)
     if start >= 0:
-        end = text.find("\n## ", start + len(RESULTS_HEADING))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
@@ -1006,6 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--seed", type=int, default=ChaosConfig.seed)
+    parser.add_argument(
+        "--stage-ahead", type=int, default=0, help="[job] stage_ahead (default 0: no staging)"
+    )
     parser.add_argument("--short", action="store_true", help="the profile of tests/test_chaos.py")
     parser.add_argument("--keep", action="store_true", help="keep the work folder even on success")
     parser.add_argument("--workdir", type=Path)
@@ -1017,6 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging("WARNING", json=False, stream=sys.stderr)
     common: dict[str, Any] = {"seed": args.seed, "keep": args.keep, "workdir": args.workdir}
+    common["stage_ahead"] = args.stage_ahead
     if args.short:
         cfg = ChaosConfig.short_profile(**common)
     else:
