@@ -561,11 +561,59 @@ async def test_a_staged_run_completed_by_another_run_withdraws_the_runs_behind_i
     await pump(ctx, lambda: w.state is JobState.QUEUED, 20, dispatch=False)
 
 
-async def test_runs_assigned_before_slots_were_recorded_follow_their_links(env: SimEnv) -> None:
-    """A snapshot from before slot numbers: its runs' slots follow `after`."""
-    ctx, iid, ids = await staged_world(env)
+async def test_runs_from_a_snapshot_before_slot_numbers_are_numbered_by_their_links(
+    env: SimEnv,
+) -> None:
+    """A snapshot from before slot numbers: its runs' slots follow `after` until the
+    start numbers them (`number_slots`, in recovery); what is staged later is numbered."""
+    ctx, iid, ids = await staged_world(env, jobs=2)
     inst = ctx.store.instances[iid]
-    for j in ids[:2]:
-        ctx.store.jobs[j].slot = None
-    assert [[j.id for j in c] for c in st.slot_chains(ctx.store, inst)] == [ids[:2]]
+    x, y = (ctx.store.jobs[j] for j in ids)
+    for job in (x, y):
+        job.slot, job.slot_pos = None, 0
+    assert [[j.id for j in c] for c in st.slot_chains(ctx.store, inst)] == [ids]
     assert st.slot_load(ctx.store, inst) == 1
+    assert st.number_slots(ctx.store) == 2
+    assert [(j.slot, j.slot_pos) for j in (x, y)] == [(0, 0), (0, 1)]
+    assert st.number_slots(ctx.store) == 0
+
+
+async def staged_two_deep(env: SimEnv, jobs: int = 4) -> tuple[Context, str, list[str]]:
+    """One instance, stage_ahead = 2: the first job runs, the next two wait behind it."""
+    await env.start(instances=1)
+    ctx = env.context(staged_settings(env, ahead=2))
+    [iid] = await env.ready(ctx)
+    ids = await env.submit(ctx, jobs)
+    await pump(ctx, lambda: all(ctx.store.jobs[j].staged_at for j in ids[1:3]), 20)
+    return ctx, iid, ids
+
+
+async def test_a_slot_runs_in_its_staging_order_whatever_the_clock_says(env: SimEnv) -> None:
+    """The clock stepped back between two stagings: the slot's order is still the order
+    the runs wait in (their places), so the next job goes behind the last of them."""
+    ctx, iid, ids = await staged_two_deep(env)
+    inst = ctx.store.instances[iid]
+    x, y, w = (ctx.store.jobs[j] for j in ids[:3])
+    assert [j.slot_pos for j in (x, y, w)] == [0, 1, 2]
+    w.dispatched_at = (x.dispatched_at or 0.0) - 3600
+    assert [[j.id for j in c] for c in st.slot_chains(ctx.store, inst)] == [ids[:3]]
+
+
+async def test_a_staged_run_recovered_as_done_withdraws_the_runs_behind_it(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart finds Y, staged behind X with W behind it, done already (an orphaned
+    run's results were moved in before a crash): W is withdrawn with Y, never kicked to
+    start beside X."""
+    monkeypatch.setattr(coordinator, "STAGED_KICK_S", 0.0)
+    ctx, iid, ids = await staged_two_deep(env)
+    inst = ctx.store.instances[iid]
+    x, y, w = (ctx.store.jobs[j] for j in ids[:3])
+    st.mark_job_recovered(ctx.store, y.id, JobState.DONE)
+    assert not y.staged and w.kill_reason is not None
+    assert w.kill_reason.startswith(st.WITHDRAWN)
+    kicked: list[str] = []
+    monkeypatch.setattr(coordinator, "_kick", lambda ctx, inst, job, why: kicked.append(job.id))
+    w.kill_reason = None  # even without the withdrawal: X runs ahead of it in its slot
+    await handle_job_status(ctx, inst, w, status_of(w, stage="staged"))
+    assert kicked == [] and x.state is JobState.RUNNING

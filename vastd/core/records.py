@@ -146,15 +146,15 @@ class JobRecord(Tracked):
     # a staged run ([job] stage_ahead): it waits on its instance behind run `after_run` of
     # job `after` (same slot, same GPUs) and starts there when that one exits. `staged`
     # until a status check sees it started; `staged_at` once its staging was confirmed.
-    # Seen started, it keeps `after`/`after_run` until it leaves: while that run still
-    # reads running (its exit not seen yet), the two hold one slot.
     after: str | None = None
     after_run: str | None = None
     # the slot of its instance the run holds (0, 1, ...: the lowest free one at a direct
-    # start; a staged run takes the slot of the run it waits behind): the runs of one
-    # slot run one at a time, whatever their exits seen so far. None off an instance,
-    # and for runs assigned before slots were recorded (their slot follows `after`).
+    # start; a staged run takes the slot of the run it waits behind) and its place in it
+    # (0 for a direct start, one more than the run it waits behind): the runs of one
+    # slot run one at a time, in that order, whatever their exits seen so far. None off
+    # an instance (and in snapshots from before: numbered at start, `number_slots`).
     slot: int | None = None
+    slot_pos: int = 0
     staged: bool = False
     staged_at: float | None = None
 

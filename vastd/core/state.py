@@ -188,7 +188,7 @@ def _move_file(
 def _release(store: StateStore, job: JobRecord) -> None:
     """Free the job's slot on its instance (job.instance still says where it ran)."""
     inst = store.instances.get(job.instance or "")
-    job.slot = None
+    job.slot, job.slot_pos = None, 0
     if inst is not None and job.id in inst.current_jobs:
         inst.current_jobs = [j for j in inst.current_jobs if j != job.id]
         if not inst.current_jobs:
@@ -218,16 +218,13 @@ def withdraw_behind(store: StateStore, job: JobRecord, why: str) -> int:
     return marked
 
 
-def _unstage(job: JobRecord, *, keep_slot: bool = False) -> None:
-    """No longer a staged run: it left its slot, or (`keep_slot`) it started there. A
-    started one keeps naming the run before it (`after`, `after_run`): until that run
-    is seen ended too, the two hold one slot (`slot_chains`)."""
+def _unstage(job: JobRecord) -> None:
+    """No longer a staged run (it started, or it left its slot)."""
     if job.staged or job.after is not None:
         job.staged = False
+        job.after = None
+        job.after_run = None
         job.staged_at = None
-        if not keep_slot:
-            job.after = None
-            job.after_run = None
 
 
 def _clean_up_run(store: StateStore, job: JobRecord, reason: str) -> None:
@@ -384,7 +381,10 @@ def _assign(
     after: JobRecord | None = None,
 ) -> JobRecord:
     set_job_state(store, job, J.RUNNING)
+    if after is not None and after.slot is None:
+        after.slot, after.slot_pos = _free_slot(store, inst), 0  # a record from before slots
     job.slot = after.slot if after is not None else _free_slot(store, inst)
+    job.slot_pos = after.slot_pos + 1 if after is not None else 0
     job.after = after.id if after is not None else None
     job.after_run = after.run_id if after is not None else None
     job.staged = after is not None
@@ -442,15 +442,13 @@ def note_staged_started(
 ) -> bool:
     """A staged run was seen started on its instance (claimed by the run before it, or
     by vastd): from now it is a running job like any other; its deadline counts from
-    the instance's start time (never later than now). True when that is news.
-
-    The status command reads a slot's runs one after the other: the run before it may
-    still read running, its exit (which started this one) falling between the two
-    reads. It keeps its place behind that run until the run is seen ended."""
+    the instance's start time (never later than now). True when that is news. It keeps
+    its slot (`slot_chains`): the run before it may still read running, its exit
+    (which started this one) falling between the status command's two reads."""
     if job.state is not J.RUNNING or not job.staged:
         return False
     now = time.time() if now is None else now
-    _unstage(job, keep_slot=True)
+    _unstage(job)
     job.started_at = min(started_at, now) if started_at is not None else now
     job.runs += 1
     store.mark_dirty()
@@ -849,6 +847,9 @@ def mark_job_recovered(store: StateStore, job_id: str, to: JobState) -> JobRecor
     """The folders say the job finished (a crash came before the save): records only."""
     job = store.jobs[job_id]
     _clean_up_run(store, job, f"recovered as {to.value}")
+    if job.state is J.RUNNING and job.staged:
+        withdraw_behind(store, job, f"was recovered as {to.value}")
+    _unstage(job)
     _release(store, job)
     set_job_state(store, job, to)
     job.finished_at = job.finished_at or time.time()
@@ -1084,14 +1085,15 @@ def get_available_jobs(
 
 
 def slot_chains(store: StateStore, inst: InstanceRecord) -> list[list[JobRecord]]:
-    """The instance's running jobs by slot, each slot's in the order they were assigned
-    (the order they run in, [job] stage_ahead): the run started directly, then the runs
-    staged behind it. Without staging: one job a chain.
+    """The instance's running jobs by slot, each slot's in the order they run ([job]
+    stage_ahead): the run started directly, then the runs staged behind it
+    (`slot_pos`). Without staging: one job a chain.
 
     By slot number, not by following `after`: the status command reads a slot's runs one
     after the other, so a run can read running while the runs behind it, started by its
-    exit in between (and by theirs), read ended or started. Until it is seen ended too,
-    they hold its one slot."""
+    exit in between (and by theirs), read started or even ended. Until it is seen ended
+    too, they hold its one slot. Runs with no number (a snapshot from before numbers,
+    until `number_slots`) follow their links."""
     jobs = [
         j
         for j in (store.jobs.get(job_id) for job_id in inst.current_jobs)
@@ -1104,25 +1106,20 @@ def slot_chains(store: StateStore, inst: InstanceRecord) -> list[list[JobRecord]
             unnumbered.append(job)
         else:
             by_slot.setdefault(job.slot, []).append(job)
-    chains = [sorted(runs, key=_assigned_order) for runs in by_slot.values()]
+    chains = [sorted(runs, key=lambda j: j.slot_pos) for runs in by_slot.values()]
     if unnumbered:
         chains.extend(_linked_chains(unnumbered))
     return chains
 
 
-def _assigned_order(job: JobRecord) -> tuple[float, int]:
-    return (job.dispatched_at or 0.0, job.seq)
-
-
 def _linked_chains(jobs: list[JobRecord]) -> list[list[JobRecord]]:
-    """Runs assigned before slots were recorded: a slot is a run and those that name it
-    (`after`, `after_run`), the started ones too."""
+    """Runs with no slot number: a slot is a run and the staged runs that name it."""
     by_id = {j.id: j for j in jobs}
     behind: dict[str, JobRecord] = {}
     heads: list[JobRecord] = []
     for job in jobs:
         before = by_id.get(job.after or "")
-        if before is not None and before.run_id == job.after_run:
+        if job.staged and before is not None and before.run_id == job.after_run:
             behind[before.id] = job
         else:
             heads.append(job)
@@ -1135,16 +1132,40 @@ def _linked_chains(jobs: list[JobRecord]) -> list[list[JobRecord]]:
     return chains
 
 
+def number_slots(store: StateStore) -> int:
+    """Give slot numbers to running jobs that have none (a snapshot from before them),
+    one per chain of links, at start. Returns how many jobs got one."""
+    numbered = 0
+    for inst in store.instances.values():
+        chains = slot_chains(store, inst)
+        for chain in chains:
+            if chain[0].slot is not None:
+                continue
+            free = _free_slot(store, inst)
+            for pos, job in enumerate(chain):
+                job.slot, job.slot_pos = free, pos
+                numbered += 1
+    if numbered:
+        store.mark_dirty()
+    return numbered
+
+
+def runs_ahead(store: StateStore, inst: InstanceRecord, job: JobRecord) -> list[JobRecord]:
+    """The running jobs before `job` in its slot (it starts once they have ended)."""
+    for chain in slot_chains(store, inst):
+        if job in chain:
+            return chain[: chain.index(job)]
+    return []
+
+
 def slot_load(store: StateStore, inst: InstanceRecord) -> int:
-    """The slots the instance's jobs take: its jobs, less the runs staged behind another
-    (a collecting job has left its slot already)."""
-    if not any(
-        (j := store.jobs.get(job_id)) is not None and j.after is not None
-        for job_id in inst.current_jobs
-    ):
-        return len(inst.current_jobs)
-    staged_behind = sum(len(chain) - 1 for chain in slot_chains(store, inst))
-    return len(inst.current_jobs) - staged_behind
+    """The slots the instance's jobs take: its jobs, less the runs behind another in a
+    slot (a collecting job has left its slot already)."""
+    jobs = [store.jobs.get(job_id) for job_id in inst.current_jobs]
+    if all(j is None or (j.slot_pos == 0 and not j.staged) for j in jobs):
+        return len(inst.current_jobs)  # no staging: each its own slot
+    behind = sum(len(chain) - 1 for chain in slot_chains(store, inst))
+    return len(inst.current_jobs) - behind
 
 
 def get_idle_instances(

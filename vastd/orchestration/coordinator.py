@@ -702,10 +702,11 @@ def _staged_started(
         st.mark_job_staged(ctx.store, job.id, run_id=job.run_id)  # its answer was lost
     if job.kill_reason is not None:
         return False  # its withdrawal is under way
-    before = ctx.store.jobs.get(job.after or "")
-    if before is not None and is_current(before, inst.id, job.after_run):
+    if st.runs_ahead(ctx.store, inst, job):
+        # A run before it in its slot still reads running (the one it waits behind, or
+        # one further ahead whose exit, with those after it, came between two reads).
         ctx.staged_waiting.pop(job.id, None)
-        return False  # the run before it still runs
+        return False
     first = ctx.staged_waiting.setdefault(job.id, now)
     if now - first >= STAGED_KICK_S:
         _kick(ctx, inst, job, "the run before it ended without starting it")

@@ -145,6 +145,7 @@ def accept_again(ctx: Context, job: JobRecord) -> None:
 def recover_after_restart(ctx: Context) -> None:
     """Before any scheduling: re-verify instances and resume watching and collecting."""
     reconcile_folders(ctx)
+    st.number_slots(ctx.store)  # a snapshot from before slot numbers: its chains get them
     for job in ctx.store.jobs.values():
         # Loaded from disk, so saved: the failure a resubmission replaced can go now.
         if job.earlier_failed_stem is not None:
