@@ -38,7 +38,7 @@ from vastd.core.files import JobFolder
 from vastd.core.records import InstanceRecord, JobRecord, OrphanRun
 from vastd.core.state import InstanceStatus, JobState, load_state
 from vastd.execution import result_handler
-from vastd.execution.process_monitor import RemoteJobStatus
+from vastd.execution.process_monitor import KillOutcome, RemoteJobStatus
 from vastd.orchestration import coordinator as co
 from vastd.orchestration import market
 from vastd.orchestration.context import Context
@@ -641,6 +641,35 @@ async def test_a_run_that_ends_by_itself_just_before_its_timeout_kill_keeps_its_
     assert exit_file.read_text().strip() == "0"
     await wait_state(ctx, job_id, JobState.DONE)
     assert (job.attempts, job.runs, job.last_exit_code) == (0, 1, 0)
+
+
+async def test_a_run_that_outlives_its_timeout_kill_is_timed_out_once(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kill could not end the group nor write its exit code (a stuck process, a
+    full disk there): the run is timed out there and then, not killed again at every
+    look with the job left running."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"command": GATED_WORKER, "timeout_s": 5}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.pgid is not None)
+    ctx.watchers.pop(iid).cancel()  # this test reads the status itself
+    kills: list[str] = []
+
+    async def stuck_kill(conn: object, paths: object, **kw: object) -> KillOutcome:
+        kills.append(job_id)
+        return KillOutcome(was_alive=True, still_alive=True, exit_code_written=False)
+
+    monkeypatch.setattr(co, "handle_job_timeout", stuck_kill)
+    job.started_at = time.time() - 60
+    running = RemoteJobStatus(job_id=job.id, exists=True, pid=job.pgid, alive=True, run=job.run_id)
+    await co.handle_job_status(ctx, ctx.store.instances[iid], job, running)
+    assert kills == [job_id]
+    assert job.state is JobState.COLLECTING and job.last_exit_code == 124
+    env.open_gate(iid)
 
 
 # --- unreachable is not failed --------------------------------------------------------------

@@ -647,9 +647,11 @@ async def handle_job_status(
             killed = await handle_job_timeout(
                 conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s
             )
-            if not killed.exit_code_written:
+            if not killed.exit_code_written and not killed.still_alive:
                 # It ended by itself first (its own exit code is there) or its folder is
                 # gone: the next look reads which, and a finished run is not thrown away.
+                # (A group that outlives SIGKILL with no exit code written is timed out
+                # here, or it would be killed again at every look.)
                 return
             log.warning("job_timed_out", job=job.id, instance=inst.id)
             if is_current(job, inst.id, status.run):
