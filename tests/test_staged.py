@@ -157,6 +157,30 @@ async def test_a_withdrawn_run_never_starts(runner: LocalRunner, tmp_path: Path)
     assert slot.ran() == ["A", "B"]
 
 
+async def test_a_run_withdrawn_and_staged_again_elsewhere_starts_only_behind_its_new_run(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    """B is staged behind A, withdrawn, then staged again behind C (another slot of the
+    same instance). A's folder still names B's in `next`: A's exit must not start B,
+    which now waits for C (and holds C's GPUs); C's exit does."""
+    slot = Slot(runner, tmp_path)
+    await slot.start("A", "aa", 0.8)
+    await slot.start("B", "bb", 0.1, after=("A", "aa"))
+    assert await withdraw_staged_runs(runner, [("B", slot.paths("B"), "bb")], timeout_s=10) == {
+        "B": "withdrawn"
+    }
+    await slot.start("C", "cc", 2.5)
+    again = await slot.start("B", "b2", 0.1, after=("C", "cc"))
+    assert again.staged
+    await until(lambda: slot.stamp("A", "t_end") is not None)
+    await asyncio.sleep(0.5)
+    assert slot.stamp("B", "t_start") is None, "A's exit started B, staged behind C"
+    await until(lambda: slot.stamp("B", "t_end") is not None)
+    c_end, b_start = slot.stamp("C", "t_end"), slot.stamp("B", "t_start")
+    assert c_end is not None and b_start is not None and b_start >= c_end
+    assert slot.ran() == ["A", "C", "B"]
+
+
 async def test_killing_the_run_before_starts_the_staged_one(
     runner: LocalRunner, tmp_path: Path
 ) -> None:

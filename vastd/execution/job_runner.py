@@ -237,9 +237,13 @@ _bootkey  # sets BK without a subshell
 # cannot cut it off between its claim and its launch.
 # $VASTD_NOW, when set, is the instance's clock (`date +%s`) of a moment ago: the wrapper
 # that has just read it for `ended_at` passes it on, and `start.sh` needs no fork of its own.
+# $VASTD_FROM is the run id of the run that ended (its folder's `run`): `start.sh` starts
+# only behind the run it was staged behind. A folder whose staged run was withdrawn still
+# names it in `next`, and that job may since be staged again behind another run.
 KICK_NEXT = (
-    '[ -f next ] && { n=; read -r n < next; [ -n "$n" ] && cd "$n" 2>/dev/null '
-    '&& VASTD_NOW="${_vt:-}" setsid sh ./start.sh > /dev/null 2>&1; }; true'
+    "[ -f next ] && { n=; read -r n < next; _fr=; read -r _fr < run 2>/dev/null; "
+    '[ -n "$n" ] && cd "$n" 2>/dev/null '
+    '&& VASTD_NOW="${_vt:-}" VASTD_FROM="$_fr" setsid sh ./start.sh > /dev/null 2>&1; }; true'
 )
 # A status command waiting for a run to end listens on a FIFO of its own,
 # `<instance root>/wait.<its pid>` (process_monitor.build_status_script). Whoever writes a
@@ -309,14 +313,22 @@ done
 """
 
 
-def build_launcher(command: str, lease_s: float | None = None) -> str:
+def build_launcher(command: str, lease_s: float | None = None, after_run: str | None = None) -> str:
     """`start.sh` of a staged run: claim it (`staged` -> `go`; a withdrawn or already
     claimed run is left alone), then start the wrapper as a direct start does.
 
     With `lease_s`, a run whose instance vastd has not looked at for that long (the clock
     in the instance's `lease` file is older: vastd may have given its jobs to other
-    instances meanwhile) withdraws itself instead of starting."""
+    instances meanwhile) withdraws itself instead of starting.
+
+    With `after_run` (the run it is staged behind), a start by the end of another run
+    (`$VASTD_FROM`, see KICK_NEXT) is refused: it leaves the run staged."""
     q = shlex.quote
+    caller = ""
+    if after_run is not None:
+        if not _RUN_ID.match(after_run):
+            raise ValueError(f"run id {after_run!r} must be hex digits")
+        caller = f'case ${{VASTD_FROM:-}} in ""|{after_run}) ;; *) exit 0 ;; esac\n'
     lease = ""
     if lease_s is not None:
         # no fork when the wrapper before passed its clock (see KICK_NEXT)
@@ -334,8 +346,8 @@ def build_launcher(command: str, lease_s: float | None = None) -> str:
     # that stalls before writing its own pid must still be found by a later start of
     # the same run, or that start would launch the job a second time.
     return (
-        f"{lease}mv staged go 2>/dev/null || exit 0\n"
-        "unset VASTD_NOW\nNH=\n"
+        f"{caller}{lease}mv staged go 2>/dev/null || exit 0\n"
+        "unset VASTD_NOW VASTD_FROM\nNH=\n"
         f"W={q(_WRAPPER)}\nC={q(command)}\n{_LAUNCH}"
     )
 
@@ -430,7 +442,7 @@ _fail "the staged run neither waits nor started"
     launcher = ""
     if after is not None:
         # vastd is connected right now: the instance's lease is fresh
-        launcher = f"S={q(build_launcher(command, lease_s))}\n"
+        launcher = f"S={q(build_launcher(command, lease_s, after.run_id))}\n"
     return f"""{SH_HELPERS}
 D={q(paths.job_dir)}
 IN={q(input_name)}
