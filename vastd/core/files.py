@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from fnmatch import fnmatchcase
+from fnmatch import translate
 from pathlib import Path
 from typing import Any
 
@@ -259,13 +261,22 @@ def move_job_file(
     return atomic_file_move(source, destination, defer_fsync=defer_fsync)
 
 
+@functools.cache
+def _any_of(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """A test of a name against any of the glob `patterns` (case-sensitive): one regex,
+    where a fnmatch per pattern and name cost 0.1 s a start over a done/ of 100,000."""
+    if not patterns:
+        return lambda name: False
+    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns)).match
+
+
 def cleanup_temp_files(directory: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> int:
     """Remove vastd's own leftover temp files in `directory` (not recursive); return the count.
 
     The names are vastd's by construction; never point this at inbox/, where users'
     own `*.part` uploads may be in progress.
     """
-    patterns = tuple(patterns)
+    matches = _any_of(tuple(patterns))
     removed = 0
     try:
         with os.scandir(directory) as entries:
@@ -275,7 +286,7 @@ def cleanup_temp_files(directory: Path, patterns: Iterable[str] = TEMP_PATTERNS)
     except OSError as exc:
         raise FileOperationError(f"cannot list {directory}: {exc}") from exc
     for name in names:
-        if not any(fnmatchcase(name, p) for p in patterns):
+        if not matches(name):
             continue
         path = directory / name
         try:
