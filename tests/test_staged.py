@@ -181,6 +181,35 @@ async def test_a_run_withdrawn_and_staged_again_elsewhere_starts_only_behind_its
     assert slot.ran() == ["A", "C", "B"]
 
 
+async def test_a_second_start_waits_while_the_claimed_run_is_still_being_launched(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    """A ended and B was claimed (`staged` -> `go`), but B's launcher stalls before the
+    wrapper's pid is written; vastd, seeing no pid for a while, starts the same run
+    again. While that launcher lives, the start answers `staged` and launches nothing
+    (two wrappers would run the job twice in one folder); once it is gone, it does."""
+    slot = Slot(runner, tmp_path)
+    await slot.start("A", "aa", 30)
+    await slot.start("B", "bb", 0.1, after=("A", "aa"))
+    stalled = await asyncio.create_subprocess_exec("sleep", "30")
+    folder = slot.root / "1" / "jobs" / "B"
+    try:
+        (folder / "staged").rename(folder / "go")  # the claim of a launcher that stalls
+        (folder / "go").write_text(f"{stalled.pid}\n")
+        await handle_job_timeout(runner, slot.paths("A"), grace_s=0.2, timeout_s=10)
+        again = await slot.start("B", "bb", 0.1, after=("A", "aa"))
+        assert again.staged and not (folder / "pid").exists()
+        await asyncio.sleep(0.3)
+        assert slot.ran() == ["A"]
+    finally:
+        stalled.kill()
+        await stalled.wait()
+    again = await slot.start("B", "bb", 0.1, after=("A", "aa"))
+    assert again.started
+    await until(lambda: slot.stamp("B", "t_end") is not None)
+    assert slot.ran() == ["A", "B"]
+
+
 async def test_killing_the_run_before_starts_the_staged_one(
     runner: LocalRunner, tmp_path: Path
 ) -> None:

@@ -345,8 +345,11 @@ def build_launcher(command: str, lease_s: float | None = None, after_run: str | 
     # writes the pid as a direct start does (the job does not wait for that): a wrapper
     # that stalls before writing its own pid must still be found by a later start of
     # the same run, or that start would launch the job a second time.
+    # `go` holds the launcher's pid until the wrapper's is in `pid`: a start of the same
+    # run meanwhile (vastd's, when the launch seems stuck) waits instead of launching
     return (
         f"{caller}{lease}mv staged go 2>/dev/null || exit 0\n"
+        "echo $$ > go\n"
         "unset VASTD_NOW VASTD_FROM\nNH=\n"
         f"W={q(_WRAPPER)}\nC={q(command)}\n{_LAUNCH}"
     )
@@ -396,6 +399,7 @@ def build_start_script(
     if after is None:
         staging = ""
         resume = ""
+        launching = ""
         launch = f"""{_LAUNCH}printf '%s\\nstarted %s\\n' "$M" "$v"
 """
     else:
@@ -423,6 +427,17 @@ _report() {{
   _waitpid; _pgid pid
   [ -n "$v" ] && {{ printf '%s\\nstarted %s\\n' "$M" "$v"; exit 0; }}
 }}
+"""
+        # claimed, and its launcher (pid in `go`, this boot) still on its way: a second
+        # launch now would run the job twice in one folder
+        launching = """  if [ -f go ]; then
+    l=; read -r l 2>/dev/null < go; k=; read -r k 2>/dev/null < boot_key
+    case $l in ''|*[!0-9]*) ;; *)
+      if { [ -z "$k" ] || [ "$k" = "$BK" ]; } && kill -0 "$l" 2>/dev/null; then
+        printf '%s\\nstaged\\n' "$M"; exit 0
+      fi ;;
+    esac
+  fi
 """
         resume = f"""  if [ -f staged ]; then
     {renew}
@@ -458,7 +473,7 @@ if {same}; then
 {resume}  _waitpid
   _pgid pid
   if [ -n "$v" ]; then printf '%s\\nexisting %s\\n' "$M" "$v"; exit 0; fi
-fi
+{launching}fi
 _pgid pid
 if [ -n "$v" ] && _alive . "$v"; then
   kill -KILL -"$v" 2>/dev/null
