@@ -610,13 +610,9 @@ async def test_timed_out_job_is_killed_and_counts_an_attempt(env: SimEnv) -> Non
     assert error["last_exit_code"] == 124
 
 
-async def test_a_run_that_ends_by_itself_just_before_its_timeout_kill_keeps_its_exit(
-    env: SimEnv,
-) -> None:
-    """The status read a run past its deadline still running; it ended by itself (exit 0,
-    results written) before the kill came. The kill finds its exit code there and
-    writes none: the run is not counted as timed out (its results thrown away and the
-    job run again), its own exit is read at the next look and it is collected."""
+async def started_unwatched(env: SimEnv) -> tuple[Context, str, JobRecord]:
+    """One gated job started on one instance, its watcher stopped: the test reads the
+    status itself."""
     await env.start(instances=1)
     ctx = env.context(env.settings(job={"command": GATED_WORKER, "timeout_s": 5}))
     [iid] = await env.ready(ctx)
@@ -624,7 +620,19 @@ async def test_a_run_that_ends_by_itself_just_before_its_timeout_kill_keeps_its_
     job = ctx.store.jobs[job_id]
     await co.coordinate_job_distribution(ctx)
     await pump(ctx, lambda: job.pgid is not None)
-    ctx.watchers.pop(iid).cancel()  # this test reads the status itself
+    ctx.watchers.pop(iid).cancel()
+    return ctx, iid, job
+
+
+async def test_a_run_that_ends_by_itself_just_before_its_timeout_kill_keeps_its_exit(
+    env: SimEnv,
+) -> None:
+    """The status read a run past its deadline still running; it ended by itself (exit 0,
+    results written) before the kill came. The kill finds its exit code there and
+    writes none: the run is not counted as timed out (its results thrown away and the
+    job run again), its own exit is read at the next look and it is collected."""
+    ctx, iid, job = await started_unwatched(env)
+    job_id = job.id
     inst = ctx.store.instances[iid]
     env.open_gate(iid)
     exit_file = env.sim.remote_root / iid / "jobs" / job_id / "exit_code"
@@ -649,14 +657,8 @@ async def test_a_run_that_outlives_its_timeout_kill_is_timed_out_once(
     """The kill could not end the group nor write its exit code (a stuck process, a
     full disk there): the run is timed out there and then, not killed again at every
     look with the job left running."""
-    await env.start(instances=1)
-    ctx = env.context(env.settings(job={"command": GATED_WORKER, "timeout_s": 5}))
-    [iid] = await env.ready(ctx)
-    [job_id] = await env.submit(ctx)
-    job = ctx.store.jobs[job_id]
-    await co.coordinate_job_distribution(ctx)
-    await pump(ctx, lambda: job.pgid is not None)
-    ctx.watchers.pop(iid).cancel()  # this test reads the status itself
+    ctx, iid, job = await started_unwatched(env)
+    job_id = job.id
     kills: list[str] = []
 
     async def stuck_kill(conn: object, paths: object, **kw: object) -> KillOutcome:

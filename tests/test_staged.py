@@ -284,6 +284,16 @@ async def staged_world(env: SimEnv, jobs: int = 3) -> tuple[Context, str, list[s
     return ctx, iid, ids
 
 
+async def staged_two_deep(env: SimEnv, jobs: int = 4) -> tuple[Context, str, list[str]]:
+    """One instance, stage_ahead = 2: the first job runs, the next two wait behind it."""
+    await env.start(instances=1)
+    ctx = env.context(staged_settings(env, ahead=2))
+    [iid] = await env.ready(ctx)
+    ids = await env.submit(ctx, jobs)
+    await pump(ctx, lambda: all(ctx.store.jobs[j].staged_at for j in ids[1:3]), 20)
+    return ctx, iid, ids
+
+
 async def test_the_daemon_stages_one_job_per_slot_and_the_instance_starts_it(
     env: SimEnv,
 ) -> None:
@@ -563,11 +573,7 @@ async def test_the_runs_of_a_slot_ended_or_started_between_two_reads_keep_that_o
     them. Y's exit is handled (it leaves the slot) while X still reads running: W is in
     X's slot all the same (by slot number, not by Y's link), so nothing is staged behind
     X, whose staging would start at once beside W. The next job goes behind W."""
-    await env.start(instances=1)
-    ctx = env.context(staged_settings(env, ahead=2))
-    [iid] = await env.ready(ctx)
-    ids = await env.submit(ctx, 5)
-    await pump(ctx, lambda: all(ctx.store.jobs[j].staged_at for j in ids[1:3]), 20)
+    ctx, iid, ids = await staged_two_deep(env, jobs=5)
     inst = ctx.store.instances[iid]
     x, y, w = (ctx.store.jobs[j] for j in ids[:3])
     assert (x.slot, y.slot, w.slot) == (0, 0, 0) and (y.after, w.after) == (x.id, y.id)
@@ -594,11 +600,7 @@ async def test_a_staged_run_completed_by_another_run_withdraws_the_runs_behind_i
     up), so W, linked behind it on the instance, is withdrawn with it: never kicked to
     start beside X (its staging would find Y's folder gone and start at once)."""
     monkeypatch.setattr(coordinator, "STAGED_KICK_S", 0.0)
-    await env.start(instances=1)
-    ctx = env.context(staged_settings(env, ahead=2))
-    [iid] = await env.ready(ctx)
-    ids = await env.submit(ctx, 4)
-    await pump(ctx, lambda: all(ctx.store.jobs[j].staged_at for j in ids[1:3]), 20)
+    ctx, iid, ids = await staged_two_deep(env, jobs=4)
     inst = ctx.store.instances[iid]
     x, y, w = (ctx.store.jobs[j] for j in ids[:3])
     y.orphans = [OrphanRun(instance="elsewhere", run="abc123", started_at=time.time())]
@@ -629,16 +631,6 @@ async def test_runs_from_a_snapshot_before_slot_numbers_are_numbered_by_their_li
     assert st.number_slots(ctx.store) == 2
     assert [(j.slot, j.slot_pos) for j in (x, y)] == [(0, 0), (0, 1)]
     assert st.number_slots(ctx.store) == 0
-
-
-async def staged_two_deep(env: SimEnv, jobs: int = 4) -> tuple[Context, str, list[str]]:
-    """One instance, stage_ahead = 2: the first job runs, the next two wait behind it."""
-    await env.start(instances=1)
-    ctx = env.context(staged_settings(env, ahead=2))
-    [iid] = await env.ready(ctx)
-    ids = await env.submit(ctx, jobs)
-    await pump(ctx, lambda: all(ctx.store.jobs[j].staged_at for j in ids[1:3]), 20)
-    return ctx, iid, ids
 
 
 async def test_a_slot_runs_in_its_staging_order_whatever_the_clock_says(env: SimEnv) -> None:
