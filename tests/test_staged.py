@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -208,6 +209,72 @@ async def test_a_second_start_waits_while_the_claimed_run_is_still_being_launche
     assert again.started
     await until(lambda: slot.stamp("B", "t_end") is not None)
     assert slot.ran() == ["A", "B"]
+
+
+@pytest.mark.parametrize("launcher", ["zombie", "another process on its pid"])
+async def test_a_claimed_run_whose_launcher_is_gone_is_launched_by_the_next_start(
+    runner: LocalRunner, tmp_path: Path, launcher: str
+) -> None:
+    """The pid in `go` is no launcher any more: a zombie (not reaped where pid 1 does not
+    reap), or a live process that took the pid over (its start time differs). The next
+    start launches the run instead of waiting for it forever."""
+    slot = Slot(runner, tmp_path)
+    await slot.start("A", "aa", 30)
+    await slot.start("B", "bb", 0.1, after=("A", "aa"))
+    folder = slot.root / "1" / "jobs" / "B"
+    if launcher == "zombie":
+        other = subprocess.Popen(["true"])  # exits at once; not waited for: a zombie
+        await until(lambda: Path(f"/proc/{other.pid}/stat").read_text().split(") ")[1][0] == "Z")
+        claim = f"{other.pid}\n"
+    else:
+        other = subprocess.Popen(["sleep", "30"])
+        claim = f"{other.pid} 1\n"  # a start time that is not this process's
+    try:
+        (folder / "staged").rename(folder / "go")
+        (folder / "go").write_text(claim)
+        await handle_job_timeout(runner, slot.paths("A"), grace_s=0.2, timeout_s=10)
+        again = await slot.start("B", "bb", 0.1, after=("A", "aa"))
+        assert again.started
+        await until(lambda: slot.stamp("B", "t_end") is not None)
+        assert slot.ran() == ["A", "B"]
+    finally:
+        other.kill()
+        other.wait()
+
+
+async def test_a_run_staged_before_a_restart_of_its_machine_is_seen_alive_after_it(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    """B's folder was made at staging, in an earlier boot (its `boot_key` says so), and
+    claimed in this one: the launcher writes this boot's key, so the status sees B
+    running (a pid from another boot would be taken for gone, and B for vanished)."""
+    slot = Slot(runner, tmp_path)
+    await slot.start("A", "aa", 30)
+    await slot.start("B", "bb", 3, after=("A", "aa"))
+    (slot.root / "1" / "jobs" / "B" / "boot_key").write_text("an-earlier-boot:1")
+    await handle_job_timeout(runner, slot.paths("A"), grace_s=0.2, timeout_s=10)
+    await until(lambda: slot.stamp("B", "t_start") is not None)
+    status = await monitor_job_execution(runner, [("B", slot.paths("B"))], timeout_s=10)
+    assert status["B"].alive and status["B"].pid is not None and status["B"].exit_code is None
+    await until(lambda: slot.stamp("B", "t_end") is not None)
+
+
+async def test_staging_over_a_live_earlier_run_of_the_job_writes_a_whole_launcher(
+    runner: LocalRunner, tmp_path: Path
+) -> None:
+    """B's folder still holds an earlier run of B, alive, when B is staged again behind
+    A: the staging kills it (its liveness check sets the helpers' S) and still writes
+    the launcher whole, so A's end starts B."""
+    slot = Slot(runner, tmp_path)
+    await slot.start("B", "b1", 30)
+    await slot.start("A", "aa", 30)
+    again = await slot.start("B", "b2", 0.1, after=("A", "aa"))
+    assert again.staged
+    launcher = (slot.root / "1" / "jobs" / "B" / "start.sh").read_text()
+    assert "mv staged go" in launcher
+    await handle_job_timeout(runner, slot.paths("A"), grace_s=0.2, timeout_s=10)
+    await until(lambda: slot.stamp("B", "t_end") is not None)
+    assert slot.ran() == ["B", "A", "B"]
 
 
 async def test_killing_the_run_before_starts_the_staged_one(

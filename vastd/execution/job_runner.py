@@ -185,17 +185,26 @@ def with_gpu_env(command: str, gpus: Sequence[int]) -> str:
     return f"CUDA_VISIBLE_DEVICES={shlex.quote(gpu_list(gpus))}; export CUDA_VISIBLE_DEVICES\n{command}"
 
 
-# Shell helpers shared by every script. `v` is the helpers' result variable.
-SH_HELPERS = r"""
-M=__VASTD_BEGIN__
+# The boot key (boot id + start time of pid 1) into $BK, and a process's start time
+# (field 22 of /proc/<pid>/stat, the 20th after its name) into $ST: builtins only.
+_BOOTKEY_SH = r"""_starttime() {
+  l=; read -r l 2>/dev/null < "/proc/$1/stat"
+  set -- ${l##*) }
+  ST=; [ $# -ge 20 ] && { shift 19; ST=$1; }
+}
 _bootkey() {
   b=; read -r b 2>/dev/null < /proc/sys/kernel/random/boot_id
-  l=; read -r l 2>/dev/null < /proc/1/stat
-  set -- ${l##*) }
-  s=; [ $# -ge 20 ] && { shift 19; s=$1; }
-  BK="$b:$s"
+  _starttime 1
+  BK="$b:$ST"
 }
-_pgid() {
+"""
+# Shell helpers shared by every script. `v` is the helpers' result variable.
+SH_HELPERS = (
+    r"""
+M=__VASTD_BEGIN__
+"""
+    + _BOOTKEY_SH
+    + r"""_pgid() {
   v=; read -r v 2>/dev/null < "$1"
   case $v in ''|*[!0-9]*|0*|1) v= ;; esac
 }
@@ -228,6 +237,7 @@ FRAC=1
 _tick() { sleep "$1" 2>/dev/null || { FRAC=0; sleep 1; }; }
 _bootkey  # sets BK without a subshell
 """
+)
 
 # A staged run's folder holds `start.sh` (claim: `staged` -> `go`, then launch) and the
 # folder of the run before it names it in `next`; whoever ends that run (its wrapper,
@@ -345,11 +355,14 @@ def build_launcher(command: str, lease_s: float | None = None, after_run: str | 
     # writes the pid as a direct start does (the job does not wait for that): a wrapper
     # that stalls before writing its own pid must still be found by a later start of
     # the same run, or that start would launch the job a second time.
-    # `go` holds the launcher's pid until the wrapper's is in `pid`: a start of the same
-    # run meanwhile (vastd's, when the launch seems stuck) waits instead of launching
+    # `go` holds the launcher's pid and start time until the wrapper's pid is in `pid`: a
+    # start of the same run meanwhile (vastd's, when the launch seems stuck) waits while
+    # that very process lives instead of launching a second wrapper. `boot_key` is this
+    # boot's: the folder was made at staging, perhaps before the machine restarted.
     return (
         f"{caller}{lease}mv staged go 2>/dev/null || exit 0\n"
-        "echo $$ > go\n"
+        f'{_BOOTKEY_SH}_starttime $$; echo "$$ $ST" > go\n'
+        "_bootkey; printf '%s' \"$BK\" > boot_key\n"
         "unset VASTD_NOW VASTD_FROM\nNH=\n"
         f"W={q(_WRAPPER)}\nC={q(command)}\n{_LAUNCH}"
     )
@@ -430,10 +443,13 @@ _report() {{
 """
         # claimed, and its launcher (pid in `go`, this boot) still on its way: a second
         # launch now would run the job twice in one folder
+        # (that very process: not a zombie, and the start time it wrote, against reuse)
         launching = """  if [ -f go ]; then
-    l=; read -r l 2>/dev/null < go; k=; read -r k 2>/dev/null < boot_key
-    case $l in ''|*[!0-9]*) ;; *)
-      if { [ -z "$k" ] || [ "$k" = "$BK" ]; } && kill -0 "$l" 2>/dev/null; then
+    gp=; gs=; read -r gp gs 2>/dev/null < go; k=; read -r k 2>/dev/null < boot_key
+    case $gp in ''|*[!0-9]*) ;; *)
+      if { [ -z "$k" ] || [ "$k" = "$BK" ]; } && kill -0 "$gp" 2>/dev/null \\
+        && { [ ! -r /proc/self/stat ] || { _st "/proc/$gp/stat" && [ "$S" != Z ] \\
+          && { [ -z "$gs" ] || { _starttime "$gp"; [ "$ST" = "$gs" ]; }; }; }; }; then
         printf '%s\\nstaged\\n' "$M"; exit 0
       fi ;;
     esac
@@ -447,7 +463,7 @@ _report() {{
   fi
 """
         launch = f"""{renew}
-printf '%s' "$S" > start.sh.tmp && mv -f start.sh.tmp start.sh || _fail "cannot write start.sh"
+printf '%s' "$LAUNCHER" > start.sh.tmp && mv -f start.sh.tmp start.sh || _fail "cannot write start.sh"
 : > staged || _fail "cannot write staged"
 _link || _fail "cannot link the run before"
 _pred_done && sh ./start.sh > /dev/null 2>&1
@@ -457,7 +473,8 @@ _fail "the staged run neither waits nor started"
     launcher = ""
     if after is not None:
         # vastd is connected right now: the instance's lease is fresh
-        launcher = f"S={q(build_launcher(command, lease_s, after.run_id))}\n"
+        # (not `S`: the helpers' `_st` sets S to a process's state, and `_alive` calls it)
+        launcher = f"LAUNCHER={q(build_launcher(command, lease_s, after.run_id))}\n"
     return f"""{SH_HELPERS}
 D={q(paths.job_dir)}
 IN={q(input_name)}
