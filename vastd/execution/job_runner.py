@@ -77,6 +77,12 @@ _START_WAIT_TICKS = 40  # x 0.05 s: how long the start script waits for the pid 
 _RUN_ID = re.compile(r"^[0-9a-f]{1,40}$")
 
 
+def check_run_id(run_id: str | None) -> None:
+    """Raise ValueError unless `run_id` is None or hex digits (it reaches the shell bare)."""
+    if run_id is not None and not _RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r} must be hex digits")
+
+
 class RemoteResult(Protocol):
     """What `RemoteRunner.run` returns (vastd.core.ssh.CommandResult fits)."""
 
@@ -336,8 +342,7 @@ def build_launcher(command: str, lease_s: float | None = None, after_run: str | 
     q = shlex.quote
     caller = ""
     if after_run is not None:
-        if not _RUN_ID.match(after_run):
-            raise ValueError(f"run id {after_run!r} must be hex digits")
+        check_run_id(after_run)
         caller = f'case ${{VASTD_FROM:-}} in ""|{after_run}) ;; *) exit 0 ;; esac\n'
     lease = ""
     if lease_s is not None:
@@ -393,10 +398,9 @@ def build_start_script(
     """
     if attempt < 0:
         raise ValueError("attempt must be >= 0")
-    if run_id is not None and not _RUN_ID.match(run_id):
-        raise ValueError(f"run id {run_id!r} must be hex digits")
-    if after is not None and after.run_id is not None and not _RUN_ID.match(after.run_id):
-        raise ValueError(f"run id {after.run_id!r} must be hex digits")
+    check_run_id(run_id)
+    if after is not None:
+        check_run_id(after.run_id)
     q = shlex.quote
     same = (
         f'[ "$(head -c 40 run 2>/dev/null)" = {run_id} ]'
@@ -615,8 +619,7 @@ def build_withdraw_script(entries: Sequence[tuple[RemoteJobPaths, str | None]]) 
     the run was claimed first (it runs), `other` when the folder holds another run."""
     lines = ["M=__VASTD_BEGIN__", 'printf "%s\\n" "$M"']
     for index, (paths, run_id) in enumerate(entries):
-        if run_id is not None and not _RUN_ID.match(run_id):
-            raise ValueError(f"run id {run_id!r} must be hex digits")
+        check_run_id(run_id)
         d = shlex.quote(paths.job_dir)
         run_check = (
             f'elif r=; read -r r 2>/dev/null < {d}/run; [ "$r" != {run_id} ]; then w=other\n'

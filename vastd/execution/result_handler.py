@@ -46,6 +46,7 @@ from vastd.execution.job_runner import (
     RemoteJobPaths,
     RemoteRunner,
     as_sh_command,
+    check_run_id,
     failure_text,
     is_job_dir_of,
     marker_lines,
@@ -758,7 +759,6 @@ def cleanup_stale_result_dirs(results_root: Path) -> int:
 CleanupOutcome = Literal["removed", "other"] | JobExecutionError
 
 CLEANUPS_PER_COMMAND = 32  # job folders one clean-up command handles
-_RUN_ID = re.compile(r"^[0-9a-f]{1,40}$")  # what a clean-up accepts as a run id
 
 
 def check_cleanup_target(paths: RemoteJobPaths, run_id: str | None) -> None:
@@ -766,8 +766,7 @@ def check_cleanup_target(paths: RemoteJobPaths, run_id: str | None) -> None:
     `<instance>/jobs`) keyed by `run_id` (hex digits, or None)."""
     if not is_job_dir_of(paths):
         raise ValueError(f"refusing to remove {paths.job_dir!r}: not a job folder")
-    if run_id is not None and not _RUN_ID.match(run_id):
-        raise ValueError(f"run id {run_id!r} must be hex digits")
+    check_run_id(run_id)
 
 
 def _cleanup_lines(index: int, paths: RemoteJobPaths, run_id: str | None) -> str:
