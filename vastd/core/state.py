@@ -200,7 +200,8 @@ WITHDRAWN = "withdrawn: "  # the start of a kill_reason asking for a staged run'
 
 
 def withdraw_behind(store: StateStore, job: JobRecord, why: str) -> int:
-    """A staged run leaves its slot before it started (cancelled, failed, queued again):
+    """A staged run leaves its slot before it started (cancelled, failed, queued again,
+    completed by another run, found finished at a restart):
     the runs staged behind it are to be withdrawn too (by the instance's watcher, then
     queued again), so that none starts in its place while the slot's job still runs."""
     inst = store.instances.get(job.instance or "") if job.staged else None
@@ -216,6 +217,15 @@ def withdraw_behind(store: StateStore, job: JobRecord, why: str) -> int:
                     later.kill_reason = f"{WITHDRAWN}{job.id}, staged before it, {why}"
                     marked += 1
     return marked
+
+
+def _leave_slot(store: StateStore, job: JobRecord, why: str) -> None:
+    """The job's run leaves its instance's slot without running on there (failed,
+    completed by another run, found finished at a restart): a staged one takes the runs
+    staged behind it along (`withdraw_behind`), then its slot is free."""
+    withdraw_behind(store, job, why)
+    _unstage(job)
+    _release(store, job)
 
 
 def _unstage(job: JobRecord) -> None:
@@ -634,11 +644,8 @@ def _completed(
             store, instance=job.instance, job=job.id, run=job.run_id, reason="duplicate run"
         )
     job.failed_stem = None
-    if job.state is J.RUNNING and job.staged:
-        # its staged run never starts (its folder is cleaned up): nor do those behind it
-        withdraw_behind(store, job, "was completed by another run")
-    _unstage(job)
-    _release(store, job)
+    # a staged run of it here never starts (its folder is cleaned up): nor do those behind
+    _leave_slot(store, job, "was completed by another run")
     set_job_state(store, job, J.DONE)
     add_followup(store, instance=instance_id, job=job.id, run=run_id, reason="collected")
     job.result_files = list(result_files)
@@ -744,9 +751,7 @@ def mark_job_failed(
         # The record still says why; the next start puts the file where it says.
         log.error("job_fail_record_failed", job=job_id, error=str(exc))
     _clean_up_run(store, job, f"failed: {reason}")
-    withdraw_behind(store, job, "failed" if reason != CANCELLED else "was cancelled")
-    _unstage(job)
-    _release(store, job)
+    _leave_slot(store, job, "failed" if reason != CANCELLED else "was cancelled")
     set_job_state(store, job, J.FAILED)
     job.last_error = reason
     job.last_exit_code = exit_code
@@ -847,10 +852,7 @@ def mark_job_recovered(store: StateStore, job_id: str, to: JobState) -> JobRecor
     """The folders say the job finished (a crash came before the save): records only."""
     job = store.jobs[job_id]
     _clean_up_run(store, job, f"recovered as {to.value}")
-    if job.state is J.RUNNING and job.staged:
-        withdraw_behind(store, job, f"was recovered as {to.value}")
-    _unstage(job)
-    _release(store, job)
+    _leave_slot(store, job, f"was recovered as {to.value}")
     set_job_state(store, job, to)
     job.finished_at = job.finished_at or time.time()
     return job
