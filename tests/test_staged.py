@@ -603,18 +603,8 @@ async def test_a_staged_run_seen_started_while_the_run_ahead_reads_running_keeps
     inst = ctx.store.instances[iid]
     first, second = ctx.store.jobs[ids[0]], ctx.store.jobs[ids[1]]
     # The statuses of one such command, in its order, through the watcher's own handler.
-    running = RemoteJobStatus(
-        job_id=first.id, exists=True, pid=first.pgid, alive=True, run=first.run_id
-    )
-    await handle_job_status(ctx, inst, first, running)
-    started = RemoteJobStatus(
-        job_id=second.id,
-        exists=True,
-        pid=4242,
-        alive=True,
-        started_at=time.time(),
-        run=second.run_id,
-    )
+    await handle_job_status(ctx, inst, first, status_of(first, pid=first.pgid, alive=True))
+    started = status_of(second, pid=4242, alive=True, started_at=time.time())
     await handle_job_status(ctx, inst, second, started)
     assert not second.staged and first.state is JobState.RUNNING
     assert [[j.id for j in c] for c in st.slot_chains(ctx.store, inst)] == [ids[:2]]
