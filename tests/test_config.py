@@ -440,13 +440,13 @@ def run_vastd(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-def start_vastd(*args: str) -> subprocess.Popen[str]:
+def start_vastd(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "vastd", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=clean_env(),
+        env=clean_env(env),
         cwd=REPO,
     )
 
@@ -466,19 +466,50 @@ def test_check_config_subprocess_invalid(tmp_path: Path) -> None:
     bad = write_config(tmp_path / "bad.toml", {"fleet": {"mode": "x"}, "job": {"max_attempts": 0}})
     broken = tmp_path / "broken.toml"
     broken.write_text("= nope")
+    ok = write_config(tmp_path / "ok.toml", {})
     cases = {
         ("check-config", "--config", str(bad)): ["fleet.mode", "job.max_attempts"],
         ("check-config", "--config", str(broken)): ["broken.toml", "TOML"],
         ("check-config", "--config", str(tmp_path / "absent.toml")): ["absent.toml"],
         ("check-config", "--frobnicate"): ["usage"],
+        ("check-config", "--config", str(ok)): ["VASTD_JOB__VARS", "JSON"],
     }
-    procs = {argv: start_vastd(*argv) for argv in cases}  # in parallel: each start costs ~0.5 s
+    envs = {("check-config", "--config", str(ok)): {"VASTD_JOB__VARS": "{bad"}}
+    procs = {
+        argv: start_vastd(*argv, env=envs.get(argv)) for argv in cases
+    }  # in parallel: each start costs ~0.5 s
     for argv, expected in cases.items():
         out, err = procs[argv].communicate(timeout=60)
         assert procs[argv].returncode == 2, (argv, err)
         assert "Traceback" not in out + err
         for text in expected:
             assert text in err, (argv, err)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("VASTD_JOB__VARS", "x"), ("VASTD_JOB__VARS", "{bad"), ("VASTD_VAST", "x")],
+)
+def test_an_environment_variable_that_does_not_parse_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """pydantic-settings raises its own SettingsError for these (no ValidationError): it
+    must still come out as a ConfigError naming the variable (exit 2, no traceback)."""
+    path = write_config(tmp_path / "c.toml", {})
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    assert problem.startswith(f"{name}: cannot be parsed")
+
+
+def test_an_empty_root_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VASTD_PATHS__ROOT= once meant the current folder, silently."""
+    path = write_config(tmp_path / "c.toml", {})
+    monkeypatch.setenv("VASTD_PATHS__ROOT", "")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == ["paths.root: must name a folder (it is empty)"]
 
 
 def test_unknown_command_placeholder_is_a_config_error(tmp_path: Path) -> None:

@@ -50,6 +50,14 @@ class PathsSettings(_Section):
     # waits (retried, logged as collection_deferred); 0 = no floor
     min_free_disk_gb: float = Field(default=1.0, ge=0)
 
+    @field_validator("root", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # Path("") is ".": an empty VASTD_PATHS__ROOT would quietly mean the current folder.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a folder (it is empty)")
+        return value
+
     @field_validator("root")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -394,7 +402,14 @@ class Settings(BaseModel):
 
     def __init__(self, **values: Any) -> None:
         if type(self) is Settings and not _plain_values(values):
-            with_env = _env_settings_class()(**values)
+            from pydantic_settings import SettingsError
+
+            try:
+                with_env = _env_settings_class()(**values)
+            except SettingsError as exc:
+                # A VASTD_<SECTION>... variable that does not parse (a section or a table
+                # key given a plain string, broken JSON): not a ValidationError.
+                raise ConfigError([_env_problem(exc)]) from None
             values = {name: getattr(with_env, name) for name in with_env.model_fields_set}
         super().__init__(**values)
 
@@ -539,6 +554,19 @@ def _unknown_env_sections() -> list[str]:
     return problems
 
 
+def _env_problem(exc: Exception) -> str:
+    """A SettingsError as one line naming the environment variables at fault."""
+    match = re.search(r'field "([^"]+)"', str(exc))
+    field = match.group(1) if match else None
+    prefix = f"VASTD_{field.upper()}" if field else "VASTD_"
+    names = sorted(n for n in os.environ if n == prefix or n.startswith(prefix + "__"))
+    where = ", ".join(names) if names else "the environment"
+    return (
+        f"{where}: cannot be parsed ({exc}); a table or list takes JSON (e.g. "
+        'VASTD_JOB__VARS=\'{"SEED": "1"}\'), a section is set key by key'
+    )
+
+
 def read_config(
     config_file: str | Path | None = None, *, require_file: bool = False
 ) -> tuple[Settings, list[str]]:
@@ -562,6 +590,8 @@ def read_config(
         settings = Settings(**raw)
     except ValidationError as exc:
         raise ConfigError(problems + _format_errors(exc)) from None
+    except ConfigError as exc:  # an environment variable that does not parse
+        raise ConfigError(problems + exc.problems) from None
     if problems:
         raise ConfigError(problems)
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
