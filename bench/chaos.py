@@ -14,7 +14,7 @@ simulator, injects faults:
 - a corpus of hostile inbox entries (tests/hostile_inbox.py), three of which try
   shell injection with a canary file, plus a duplicate of a queued name;
 - a truncated state.json between two runs (the backup must be used), and once both
-  snapshots corrupt (the daemon must refuse with exit 2 and touch neither file).
+  snapshots corrupt (the daemon must refuse with exit 1 and touch neither file).
 
 Each run of a job appends `<job>\\0` to a runs log from the remote side, so remote
 runs are counted where they happen. At the end the verdict comes only from disk:
@@ -473,8 +473,8 @@ class Chaos:
             self.fail("the daemon kept running over two corrupt snapshots")
         code = d.proc.poll()
         d.kill()
-        if code != 2:
-            self.fail(f"two corrupt snapshots: exit code {code}, expected 2\n{d._describe()}")
+        if code != 1:
+            self.fail(f"two corrupt snapshots: exit code {code}, expected 1\n{d._describe()}")
         after = {p: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in saved}
         if after != before:
             self.fail("the refusing daemon touched state.json or state.json.bak")

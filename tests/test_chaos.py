@@ -8,7 +8,7 @@ inbox corpus (with shell-injection names and a canary) and a duplicate of a queu
 name, truncates state.json between two runs and once corrupts both snapshots. Judged
 from disk only: every valid job in done/ with exactly one run's valid parquet (or in
 failed/ where the worker itself refuses it), nothing lost, nothing duplicated or
-mixed, no canary, re-runs within kills + instance faults, no rentals, exit 2 over two
+mixed, no canary, re-runs within kills + instance faults, no rentals, exit 1 over two
 corrupt snapshots with both files untouched, exit 0 on the final SIGTERM.
 """
 

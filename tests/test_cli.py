@@ -270,7 +270,7 @@ def test_status_text_output(root: Path, config: str, capsys: pytest.CaptureFixtu
 def test_status_falls_back_to_backup_and_reports_both_bad(
     root: Path, config: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """status reads state.json.bak when state.json is corrupt; both corrupt is exit 2 with a
+    """status reads state.json.bak when state.json is corrupt; both corrupt is exit 1 with a
     message, and status never rewrites either file."""
     write_snapshot(root, time.time())
     layout = Layout(root)
@@ -280,7 +280,7 @@ def test_status_falls_back_to_backup_and_reports_both_bad(
     layout.state_file.write_text("{broken")
     assert status_json(config, capsys)["total_jobs"] == 6
     layout.state_backup.write_text("")
-    assert main(["status", "--json", "--config", config]) == 2
+    assert main(["status", "--json", "--config", config]) == 1
     err = capsys.readouterr().err
     assert "state.json" in err
     assert layout.state_file.read_text() == "{broken"

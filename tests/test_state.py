@@ -299,7 +299,7 @@ async def test_vastd_run_refuses_both_bad_snapshots(tmp_path: Path) -> None:
     )
     async with asyncio.timeout(60):
         out, err = await proc.communicate()
-    assert proc.returncode == 2, err
+    assert proc.returncode == 1, err
     message = err.decode()
     assert "refusing to start" in message
     assert "Traceback" not in message + out.decode()

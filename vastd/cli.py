@@ -394,8 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_config_error(exc), file=sys.stderr)
         return EXIT_USAGE
     except StateManagementError as exc:
+        # Not a config or argument mistake (exit 2): any other fatal error is exit 1.
         print(f"vastd: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FATAL
     except VastdError as exc:
         print(f"vastd: {exc}", file=sys.stderr)
         return EXIT_FATAL

@@ -341,7 +341,7 @@ def run_daemon(
     except KeyboardInterrupt:
         return 130
     except (ConfigError, StateManagementError):
-        raise  # the CLI reports these, once, with exit code 2
+        raise  # the CLI reports these, once (exit 2 for a config, 1 for a snapshot)
     except (VastdError, OSError) as exc:
         # expected (another daemon on this root, a folder it may not write): one line
         log.error("daemon_fatal", error=str(exc))
