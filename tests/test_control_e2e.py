@@ -124,11 +124,15 @@ async def test_cancel_kills_a_running_job_and_unqueues_a_queued_one(
     assert not proc.find("job_dispatched", job=queued)
     assert not (cloud.remote_root / str(cloud.instance_ids[0]) / "jobs" / running).exists()
 
-    # Already finished, and unknown: exit 1, a line for each, nothing changed.
+    # Already finished, and unknown: exit 1 (one name not found), a line for each,
+    # nothing changed; an already finished job alone is found: exit 0.
     again = await avastd(cfg, "cancel", running, "no_such_job")
     assert again.returncode == 1
-    assert f"{running}: already finished (failed)" in again.stderr
+    assert f"{running}: already finished (failed)" in again.stdout
     assert "no_such_job: no such job" in again.stderr
+    finished = await avastd(cfg, "cancel", running)
+    assert finished.returncode == 0, finished.stderr
+    assert f"{running}: already finished (failed): nothing to cancel" in finished.stdout
 
     assert await proc.stop() == 0
     assert final_record(root, running)["state"] == "failed"

@@ -215,8 +215,10 @@ class ControlServer:
                 job = store.jobs.get(name)
                 state = job.state if job is not None else store.job_state(name)
                 if job is None or state in st.FINISHED:
+                    # Found, and nothing of it runs or waits: what cancel asks for holds
+                    # (exit 0 when every name was found), with nothing changed.
                     shown = state.value if state is not None else "unknown"
-                    return _result(name, False, f"already finished ({shown}): nothing to cancel")
+                    return _result(name, True, f"already finished ({shown}): nothing to cancel")
                 was, instance = job.state, job.instance
                 st.cancel_job(store, name)
         except TimeoutError:
