@@ -64,8 +64,8 @@ def _write(folder: Path, name: str, content: str | bytes) -> Path:
     return path
 
 
-def _refusal(layout: Layout, job_id: str) -> str:
-    data = json.loads(layout.error_file(job_id).read_text())
+def _refusal(layout: Layout, job_id: str, stem: str | None = None) -> str:
+    data = json.loads(layout.error_file(stem or job_id).read_text())
     assert data["job"] == job_id
     reason: str = data["reason"]
     return reason
@@ -300,8 +300,10 @@ async def test_collision_with_known_or_queued_job_is_refused(
     for job_id, known in (("q", set()), ("r", set()), ("k", {"k"})):
         path = _write(layout.inbox, f"{job_id}.csv", GOOD)
         assert await accept_job_file(layout, path, settings, known_ids=known) is None
-        assert "already queued or running" in _refusal(layout, job_id)
-        assert (layout.failed / f"{job_id}.csv").read_text() == GOOD
+        # A duplicate: failed/<job>.csv stays free for the job of that name.
+        assert "already queued or running" in _refusal(layout, job_id, f"{job_id}.dup-1")
+        assert (layout.failed / f"{job_id}.dup-1.csv").read_text() == GOOD
+        assert not (layout.failed / f"{job_id}.csv").exists()
     assert (layout.queued / "q.csv").read_text() == "old\n1\n"
     assert (layout.running / "r.csv").read_text() == "old\n1\n"
 
@@ -393,7 +395,7 @@ async def test_a_batch_is_accepted_in_order_with_one_fsync_of_queued(
     assert [outcomes[n] for n in (7, 150, 200)] == [None, None, None]
     assert queued_fsyncs == [sorted([*(f"{n}.csv" for n in good), "taken.csv"])]
     assert "fields" in _refusal(layout, "bad")
-    assert "already queued or running" in _refusal(layout, "taken")
+    assert "already queued or running" in _refusal(layout, "taken", "taken.dup-1")
     assert (layout.queued / "taken.csv").read_text() == "old\n1\n"
     assert list(layout.inbox.iterdir()) == []
 
@@ -426,8 +428,8 @@ async def test_a_failing_move_in_a_batch_loses_nothing(
     assert isinstance(full, FileOperationError) and "No space left" in str(full)
     assert raced is None
     assert (layout.inbox / "full.csv").read_text() == GOOD
-    assert "already queued or running" in _refusal(layout, "raced")
-    assert (layout.failed / "raced.csv").read_text() == GOOD
+    assert "already queued or running" in _refusal(layout, "raced", "raced.dup-1")
+    assert (layout.failed / "raced.dup-1.csv").read_text() == GOOD
     assert (layout.queued / "raced.csv").read_text() == "someone else's\n1\n"
     assert queued_fsyncs[0] == ["a.csv", "raced.csv", "z.csv"]
     assert sorted(e["job"] for e in logs if e["event"] == "job_accepted") == ["a", "z"]
@@ -475,8 +477,8 @@ async def test_duplicate_names_within_one_batch(
     assert isinstance(outcomes[0], JobFileInfo) and outcomes[0].rows == 2
     assert outcomes[1:] == [None, None, None, None]
     assert (layout.queued / "twice.csv").read_text() == GOOD
-    assert (layout.failed / "twice.csv").read_text() == "x,y\n1,2\n3,4\n"
-    assert "already queued or running" in _refusal(layout, "twice")
-    assert "already queued or running" in _refusal(layout, "known")
+    assert (layout.failed / "twice.dup-1.csv").read_text() == "x,y\n1,2\n3,4\n"
+    assert "already queued or running" in _refusal(layout, "twice", "twice.dup-1")
+    assert "already queued or running" in _refusal(layout, "known", "known.dup-1")
     assert (layout.failed / "old.dup-1.csv").exists()
     assert list(layout.inbox.iterdir()) == [] and list(elsewhere.iterdir()) == []

@@ -205,6 +205,12 @@ def _collides(layout: Layout, job_id: str, known_ids: Container[str]) -> bool:
     )
 
 
+def _taken_reason(job_id: str) -> str:
+    # Refused as a duplicate (failed/<job>.dup-<n>): failed/<job>.csv and its error file
+    # stay free for the job of that name, which may yet fail or be cancelled.
+    return f"a job named {job_id!r} is already queued or running"
+
+
 def _is_done(layout: Layout, job_id: str, done_ids: Container[str]) -> bool:
     return job_id in done_ids or os.path.lexists(layout.job_file(JobFolder.DONE, job_id))
 
@@ -233,7 +239,7 @@ def _check(
     if not os.path.lexists(path):
         return None
     if _collides(layout, job_id, known_ids):
-        _refuse(layout, path, job_id, f"a job named {job_id!r} is already queued or running")
+        _refuse(layout, path, job_id, _taken_reason(job_id), duplicate=True)
         return None
     rerun = False
     if _is_done(layout, job_id, done_ids):
@@ -260,7 +266,7 @@ def _not_moved(
         return None
     job_id = job_id_for(path)
     if os.path.lexists(destination):
-        _refuse(layout, path, job_id, f"a job named {job_id!r} is already queued or running")
+        _refuse(layout, path, job_id, _taken_reason(job_id), duplicate=True)
         return None
     return error
 
