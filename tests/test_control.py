@@ -19,8 +19,10 @@ from tests.ctxfactory import SimEnv
 from vastd.control import ControlError, request, run_command
 from vastd.core.lock import RootLock
 from vastd.core.state import JobState
+from vastd.core.submit import submit_file
 from vastd.orchestration import control
 from vastd.orchestration.context import Context
+from vastd.orchestration.workflow import accept_inbox_file
 
 
 @pytest.fixture
@@ -71,6 +73,42 @@ async def test_cancel_of_a_queued_job_and_unknown_names(env: SimEnv) -> None:
     assert ctx.store.jobs[job].state is JobState.FAILED
     error = json.loads((ctx.layout.failed / f"{job}.error.json").read_text())
     assert error["reason"] == "cancelled"
+
+
+async def test_retry_puts_a_file_refused_at_acceptance_back_in_the_inbox(env: SimEnv) -> None:
+    """A refused file has no job record: `retry` hands it back to acceptance (after a
+    config change it now passes), its .error.json gone; a duplicate's `<job>.dup-<n>`
+    goes back under its job's own name."""
+    ctx = env.context(env.settings(job={"max_input_bytes": 20}))
+    [big] = env.make_job_files(1, rows=5)
+    await accept_inbox_file(ctx, submit_file(ctx.layout, big))
+    assert big.stem not in ctx.store.jobs
+    assert (ctx.layout.failed / big.name).exists()
+    ctx.settings.job.max_input_bytes = 10_000  # the config changed since
+    [taken] = await env.submit(ctx, 1, prefix="taken")
+    twin = env.tmp_path / "twin" / f"{taken}.csv"
+    twin.parent.mkdir()
+    twin.write_text("a,b\n1,2\n")
+    await accept_inbox_file(ctx, submit_file(ctx.layout, twin))
+    assert (ctx.layout.failed / f"{taken}.dup-1.csv").exists()
+    async with serving(ctx):
+        code, lines = await asyncio.to_thread(
+            run_command,
+            ctx.layout.root,
+            {"command": "retry", "jobs": [big.stem, f"{taken}.dup-1", "nope"]},
+            "x",
+        )
+    assert code == 1
+    assert lines == [
+        (True, f"x: {big.stem}: refused at acceptance: back in the inbox as {big.name}"),
+        (True, f"x: {taken}.dup-1: refused at acceptance: back in the inbox as {taken}.csv"),
+        (False, "x: nope: no such job"),
+    ]
+    assert not (ctx.layout.failed / big.name).exists()
+    assert not (ctx.layout.failed / f"{big.stem}.error.json").exists()
+    assert (ctx.layout.inbox / f"{taken}.csv").read_text() == "a,b\n1,2\n"
+    await accept_inbox_file(ctx, ctx.layout.inbox / big.name)
+    assert ctx.store.jobs[big.stem].state is JobState.QUEUED
 
 
 async def test_clients_at_once_are_served_and_too_many_refused(

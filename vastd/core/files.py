@@ -428,3 +428,28 @@ def move_job_to_failed(
         with contextlib.suppress(OSError):
             os.unlink(error_path)
         raise
+
+
+def resubmit_refused(layout: Layout, stem: str) -> Path | None:
+    """Put a file refused at acceptance (`failed/<stem>.csv`, no job record) back into
+    the inbox under its job's file name, where acceptance checks it again; its
+    `.error.json` goes once it is there. None when failed/ holds no such file.
+
+    The job's name is the error file's `job` (a `<job>.dup-<n>` stem or a shortened
+    long one says no more). FileOperationError when the inbox already holds that name.
+    Blocking: run it off the event loop.
+    """
+    source = layout.failed / safe_name(stem, JOB_SUFFIX)
+    if not os.path.lexists(source):
+        return None
+    error_path = layout.failed / safe_name(stem, ERROR_SUFFIX)
+    job_id = stem
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        named = json.loads(error_path.read_bytes()).get("job")
+        if isinstance(named, str) and named and "/" not in named:
+            job_id = named
+    destination = atomic_file_move(source, layout.inbox / job_file_name(job_id))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(error_path)
+    fsync_directory(layout.failed)
+    return destination

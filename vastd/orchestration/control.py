@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vastd.core import state as st
+from vastd.core.files import resubmit_refused
 from vastd.core.history import find_record
 from vastd.core.state import InstanceStatus, JobState
 from vastd.instances.monitoring import HEALTH_DRAINS
@@ -243,7 +244,7 @@ class ControlServer:
                 continue
             state = store.job_state(name)
             if state is None:
-                results.append(_result(name, False, "no such job"))
+                results.append(await self._resubmit_refused(name))
                 continue
             if state is not JobState.FAILED:
                 results.append(_result(name, False, f"is {state.value}, not failed"))
@@ -270,6 +271,19 @@ class ControlServer:
                     st.clear_earlier_failure(store, name)
                 await store.flush()
         return results
+
+    async def _resubmit_refused(self, name: str) -> dict[str, Any]:
+        """A name with no job record: a file refused at acceptance (`failed/<name>.csv`)
+        goes back to the inbox, where acceptance checks it again (it is refused again,
+        with a fresh reason, if it still fails the checks)."""
+        try:
+            path = await asyncio.to_thread(resubmit_refused, self.ctx.layout, name)
+        except FileOperationError as exc:
+            return _result(name, False, f"cannot put it back in the inbox: {exc}")
+        if path is None:
+            return _result(name, False, "no such job")
+        log.info("job_retried", job=name, refused=True, inbox=path.name)
+        return _result(name, True, f"refused at acceptance: back in the inbox as {path.name}")
 
     def drain(self, instance_id: str, *, undrain: bool) -> dict[str, Any]:
         store = self.ctx.store
