@@ -303,6 +303,28 @@ def test_status_subprocess_without_daemon(root: Path, config: str) -> None:
     assert json.loads(proc.stdout)["jobs"]["done"] == 2
 
 
+def test_status_into_a_closed_pipe_is_no_traceback(root: Path, config: str) -> None:
+    """`vastd status | head -1`: the reader gone, status ends quietly (exit 1)."""
+    write_snapshot(root, time.time())
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write into the pipe now fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vastd", "status", "--config", config],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1
+    assert proc.stderr == ""
+
+
 # What `vastd status` must not import: the daemon's machinery, and libraries that cost a
 # short command more than its work (structlog brings rich; pydantic-settings brings asyncio).
 STATUS_MUST_NOT_IMPORT = (

@@ -389,7 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Deferred: structlog is imported only if something logs (status stays quick).
         setup_logging("WARNING", stream=sys.stderr, deferred=True)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader gone is seen here, not in the interpreter's exit
+        return code
     except ConfigError as exc:
         print(format_config_error(exc), file=sys.stderr)
         return EXIT_USAGE
@@ -402,6 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FATAL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`vastd status | head -1`): no traceback, and nothing more
+        # written (the interpreter's own flush at exit would raise again).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FATAL
 
 
 if __name__ == "__main__":
