@@ -158,9 +158,17 @@ async def test_capture_logs_sees_events(tmp_path: Path) -> None:
     with structlog.testing.capture_logs() as captured:
         await store.flush()
         get_logger("vastd.test", instance="7").warning("instance_lost", job="j1")
+        for _ in range(2):
+            st.add_job(store, f"j{store.writes + 1}", "x.csv", 1)
+            await store.flush()
     assert captured[0]["event"] == "state_saved"
     assert captured[0]["jobs"] == 1
-    assert captured[0]["log_level"] == "debug"  # every write: at debug, not half the log
+    # The first write at info, the next ones (within a minute) at debug: not half the log.
+    assert [c["log_level"] for c in captured if c["event"] == "state_saved"] == [
+        "info",
+        "debug",
+        "debug",
+    ]
     assert captured[1] == {
         "event": "instance_lost",
         "instance": "7",

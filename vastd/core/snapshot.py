@@ -86,6 +86,9 @@ def _write_all(fd: int, data: bytes | Sequence[bytes]) -> None:
         pieces = batch[done:] + pieces[len(batch) :]
 
 
+SAVED_INFO_S = 60.0  # state_saved at info at most this often (README, Logs)
+
+
 def save_state(
     data: bytes | Sequence[bytes],
     file_path: Path,
@@ -164,6 +167,8 @@ class StateStore:
         self._loaded_from: Path | None = None  # the file open() read (state.json or .bak)
         self.coalesce_s = coalesce_s
         self.writes = 0
+        self._saved_logged_at: float | None = None  # the last state_saved at info
+        self._saved_logged_writes = 0
         self.write_failures = 0
         self.save_error: str | None = None  # why the last write failed (None once one lands)
         # asyncio primitives bind to a loop only when first awaited (3.10+).
@@ -516,8 +521,19 @@ class StateStore:
             self.writes += 1
             await self._note_saved(gen)
             ended = time.perf_counter()
-            log.debug(
+            # A write every quarter second at busy times: at info the first and then at
+            # most one a minute (with the writes since), the others at debug.
+            if self._saved_logged_at is None or ended - self._saved_logged_at >= SAVED_INFO_S:
+                emit, self._saved_logged_at = log.info, ended
+                writes, self._saved_logged_writes = (
+                    self.writes - self._saved_logged_writes,
+                    self.writes,
+                )
+            else:
+                emit, writes = log.debug, 1
+            emit(
                 "state_saved",
+                writes=writes,
                 jobs=len(self.snapshot.jobs),
                 instances=len(self.snapshot.instances),
                 bytes=sum(map(len, data)),
