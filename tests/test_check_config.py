@@ -115,6 +115,19 @@ def test_check_config_valid_variants(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert data["ssh"]["known_hosts"] == str(tmp_path / "known_hosts")
 
 
+def test_a_schema_mistake_and_a_bad_key_file_are_listed_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every problem at once: the file checks of the valid sections run beside the
+    schema's errors (they were only seen once the schema was fixed)."""
+    config = make_config(tmp_path, fleet={"mode": "foo"})
+    (tmp_path / "id_ed25519").unlink()
+    code, out, err = check(config, capsys)
+    assert code == 2 and out == ""
+    assert "fleet.mode" in err
+    assert "ssh.key_file" in err and "does not exist" in err
+
+
 def test_ssh_key_must_be_0600(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = make_config(tmp_path)
     (tmp_path / "id_ed25519").chmod(0o644)

@@ -18,6 +18,7 @@ from typing import Any
 from vastd.utils.config import (
     Settings,
     check_files,
+    file_problems_of_valid_sections,
     load_config,
     normalise_log_level,
     read_config,
@@ -166,7 +167,11 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings, notes = read_config(args.config, require_file=True)
+    try:
+        settings, notes = read_config(args.config, require_file=True)
+    except ConfigError as exc:
+        # Every problem at once: also those of the files the valid sections name.
+        raise ConfigError(exc.problems + file_problems_of_valid_sections(args.config)) from None
     problems = check_files(settings)
     if problems:
         raise ConfigError(problems)

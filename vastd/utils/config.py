@@ -567,24 +567,28 @@ def _env_problem(exc: Exception) -> str:
     )
 
 
+def _read_raw(path: Path, *, required: bool) -> tuple[dict[str, Any], list[str]]:
+    """The config file's TOML as a dict (relative paths resolved) and notes on those."""
+    if not path.exists():
+        if required:
+            raise ConfigError([f"{path}: config file not found"])
+        return {}, []
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError([f"{path}: cannot be read: {reason}"]) from None
+    return raw, _resolve_relative_paths(raw, path.absolute().parent)
+
+
 def read_config(
     config_file: str | Path | None = None, *, require_file: bool = False
 ) -> tuple[Settings, list[str]]:
     """`load_config`, also returning notes on the relative paths that were resolved."""
     path = resolve_config_path(config_file)
-    raw: dict[str, Any] = {}
-    notes: list[str] = []
-    if path.exists():
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError([f"{path}: cannot be read: {reason}"]) from None
-        notes = _resolve_relative_paths(raw, path.absolute().parent)
-    elif require_file or config_file is not None:
-        raise ConfigError([f"{path}: config file not found"])
+    raw, notes = _read_raw(path, required=require_file or config_file is not None)
     problems = _unknown_env_sections()
     try:
         settings = Settings(**raw)
@@ -600,6 +604,23 @@ def read_config(
         settings.ssh.key_file = Path(cred_dir) / SSH_KEY_CREDENTIAL
         notes.append(f"ssh.key_file: the systemd credential {settings.ssh.key_file}")
     return settings, notes
+
+
+def file_problems_of_valid_sections(config_file: str | Path | None) -> list[str]:
+    """With the config invalid: `check_files`' problems of the sections that are valid
+    on their own (paths, vast, ssh), so that check-config lists every problem at once."""
+    try:
+        raw, _notes = _read_raw(resolve_config_path(config_file), required=True)
+    except ConfigError:
+        return []
+    valid: dict[str, Any] = {}
+    for name in ("paths", "vast", "ssh"):
+        try:
+            valid[name] = getattr(Settings(**{name: raw.get(name, {})}), name)
+        except (ValidationError, ConfigError):
+            continue
+    problems = check_files(Settings.model_construct(**valid))
+    return [p for p in problems if p.split(".", 1)[0] in valid]
 
 
 def load_config(config_file: str | Path | None = None, *, require_file: bool = False) -> Settings:
