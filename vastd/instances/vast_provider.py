@@ -36,7 +36,7 @@ def _number(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (an int past float's range overflows)
         return None
     return number if math.isfinite(number) and number >= 0 else None
 
