@@ -168,6 +168,52 @@ async def test_exited_in_the_listing_is_lost_only_once_the_lookup_agrees(
     assert inst.lost_reason == "vast.ai reports it offline"
 
 
+async def test_unknown_while_ssh_answers_is_not_lost_and_its_run_goes_on(
+    sim_fleet: Make,
+) -> None:
+    """`unknown` is "no heartbeat", and the lookup reads the same backend, so it agrees.
+    Listed so for a few polls while SSH answers, an owned instance running a job is not
+    lost: nothing is requeued, destroyed or blocked, and the job finishes in its one run."""
+    sf = await sim_fleet(job_s=2.0, max_instances=1, idle_timeout_s=600.0)
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    with capture_logs() as logs:
+        await sf.cloud.set_status(int(inst.id), "unknown", stop_host=False)  # a blip
+        for _ in range(3):
+            await discovery_once(sf.ctx)
+            await fl.fleet_once(sf.ctx)
+        assert inst.status is InstanceStatus.READY, inst.lost_reason
+        await sf.cloud.set_status(int(inst.id), "running", stop_host=False)
+        await sf.wait(sf.all_done, 20, "job done")
+    events = {e["event"] for e in logs}
+    assert not events & {"instance_lost", "job_requeued", "instance_destroying"}, events
+    assert "instance_gone_unconfirmed" in events
+    record = sf.ctx.store.record(job_id)
+    assert record is not None and record.instance == inst.id and record.runs == 1
+    assert inst.status is InstanceStatus.READY and not sf.ctx.store.snapshot.blocked_machines
+
+
+async def test_unknown_is_lost_once_ssh_is_silent_for_the_unreachable_grace(
+    sim_fleet: Make,
+) -> None:
+    """Listed `unknown` (the lookup agreeing) and SSH silent: within `[ssh]
+    unreachable_grace_s` of its last answer it is waited on, past it lost."""
+    sf = await sim_fleet(mode="adopt")
+    iid = await sf.cloud.add_instance(label="vastd")
+    await discovery_once(sf.ctx)
+    inst = sf.ctx.store.instances[str(iid)]
+    await sf.cloud.set_status(iid, "unknown", stop_host=True)
+    grace = sf.ctx.settings.ssh.unreachable_grace_s
+    inst.last_contact = time.time() - grace / 2
+    await discovery_once(sf.ctx)
+    assert inst.status is not InstanceStatus.LOST
+    inst.last_contact = time.time() - grace - 1
+    await discovery_once(sf.ctx)
+    assert inst.status is InstanceStatus.LOST
+    assert inst.lost_reason == "vast.ai reports it unknown"
+
+
 async def test_stopped_on_demand_instance_bills_until_destroyed(sim_fleet: Make) -> None:
     """`stopped`, not interruptible: the disk still bills, so the budget counts it (adopted
     or owned); an owned one is torn down saying so."""

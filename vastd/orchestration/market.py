@@ -15,6 +15,9 @@ what vastd does about each ApiState, and about the market around it:
   `boot_timeout_s` for it to run again before bidding again; at the cap, destroyed.
   Running again, it is prepared and used like any other.
 - GONE (exited, unknown, offline): lost once the per-instance lookup says so too.
+  `unknown` only says the host's heartbeat stopped: while SSH has answered within
+  `[ssh] unreachable_grace_s`, the instance is not lost (nor looked up) and stays in
+  use; once SSH is silent that long as well, it is lost as above.
 - The price of a running contract is what the listing says now (validated at the
   provider boundary); a rise that takes the fleet past `max_total_dph` drains it.
 - A rental ends at its offer's end date: no job is dispatched that would run past
@@ -33,7 +36,7 @@ from datetime import UTC, datetime
 from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState
 from vastd.instances.provider import ApiState, Offer, ProviderInstance
-from vastd.instances.vast_status import api_state
+from vastd.instances.vast_status import api_state, no_heartbeat
 from vastd.orchestration.context import Context
 from vastd.orchestration.renting import accrue_instance, attach_public_key, current_dph
 from vastd.utils.exceptions import VastAIError
@@ -65,6 +68,14 @@ async def on_listed(
         inst.frozen_since = None
     note_price(ctx, inst, old_dph, now)
     if info.state is ApiState.GONE:
+        if no_heartbeat(info.raw_status) and ssh_answered_lately(ctx, inst, now):
+            log.info(
+                "instance_gone_unconfirmed",
+                instance=inst.id,
+                listed=inst.api_status,
+                ssh_answered_s_ago=round(now - (inst.last_contact or now), 1),
+            )
+            return None
         return await confirm_gone(ctx, inst)
     if info.state is ApiState.STOPPED:
         return "outbid (stopped)" if inst.interruptible else "stopped (its disk still bills)"
@@ -106,6 +117,14 @@ async def confirm_gone(ctx: Context, inst: InstanceRecord) -> str | None:
         shown=shown.raw_status,
     )
     return None
+
+
+def ssh_answered_lately(ctx: Context, inst: InstanceRecord, now: float) -> bool:
+    """SSH answered within `[ssh] unreachable_grace_s` (a health check or a job poll):
+    a listing without heartbeat (`unknown`) does not make such an instance lost. One
+    vast.ai poll of `unknown` destroyed healthy instances and ran their jobs twice."""
+    last = inst.last_contact
+    return last is not None and now - last < ctx.settings.ssh.unreachable_grace_s
 
 
 def restart_boot_deadline(ctx: Context, inst: InstanceRecord, now: float) -> None:
