@@ -368,6 +368,32 @@ async def test_listed_price_is_the_price_and_a_non_finite_one_is_never_stored(
         assert inst.dph == pytest.approx(0.25)
 
 
+async def test_a_lower_listed_price_never_lowers_what_an_owned_instance_counts(
+    sim_fleet: Make,
+) -> None:
+    """Rented at 0.30 and 0.31 under a 0.7 $/h cap (a third at 0.32 would not fit); the
+    listing then shows the first at 0 $/h, then 0.1: the budget and the ledger still count
+    0.30, so no third instance is rented. A rise is counted as before."""
+    sf = await sim_fleet(max_instances=3, max_total_dph=0.7, boot_delay_s=30.0)
+    sf.add_queued(3)
+    first, _ = (await fl.fleet_once(sf.ctx)).rented
+    inst = sf.ctx.store.instances[first]
+    assert inst.dph == pytest.approx(0.3)
+    for listed in (0.0, 0.1):
+        sf.cloud.set_price(int(first), listed)
+        await discovery_once(sf.ctx)
+        assert inst.dph == pytest.approx(0.3)
+        assert fl.current_dph(sf.ctx) == pytest.approx(0.61)
+        assert (await fl.fleet_once(sf.ctx)).rented == []
+    inst.accrued_until = time.time() - 3600.0
+    before = sf.ctx.store.snapshot.spend_total
+    fl.accrue_instance(sf.ctx, inst, time.time())
+    assert sf.ctx.store.snapshot.spend_total - before == pytest.approx(0.3, rel=0.01)
+    sf.cloud.set_price(int(first), 0.35)
+    await discovery_once(sf.ctx)
+    assert inst.dph == pytest.approx(0.35) and sf.cloud.stats["rent"] == 2
+
+
 async def test_spend_before_a_price_change_is_billed_at_the_old_price(sim_fleet: Make) -> None:
     """An owned instance last accrued an hour ago at 0.3 $/h, now listed at 0.8: that hour
     costs 0.3 $, and from now on it costs 0.8 $/h."""

@@ -112,15 +112,17 @@ async def test_an_interruptible_rent_bids_and_a_bid_can_change(sim: Sim) -> None
 
 
 async def test_offers_with_nan_prices_are_skipped(sim: Sim) -> None:
-    """A NaN price survives the JSON round trip; the provider drops that offer, logged."""
+    """A NaN price survives the JSON round trip; the provider drops that offer, logged.
+    A price of 0 is no price either (rented, it would count as free in the budget)."""
     bad = sim.cloud.add_offer(dph_total=float("nan"), gpu_name="NaN GPU")
+    free = sim.cloud.add_offer(dph_total=0.0, gpu_name="Free GPU")
     sim.cloud.add_offer(dph_total=0.01, min_bid=float("inf"), gpu_name="Cheap GPU")
     with capture_logs() as logs:
         offers = await sim.provider.search_offers("", order="dph_total", limit=100, disk_gb=10)
-    assert str(bad) not in {o.id for o in offers}
+    assert {str(bad), str(free)}.isdisjoint({o.id for o in offers})
     [cheap] = [o for o in offers if o.gpu_name == "Cheap GPU"]
     assert cheap.min_bid is None and cheap.dph == 0.01
-    assert [e["offer"] for e in logs if e["event"] == "offer_skipped"] == [bad]
+    assert sorted(e["offer"] for e in logs if e["event"] == "offer_skipped") == [bad, free]
 
 
 @pytest.mark.parametrize("field", ["dph_total", "num_gpus", "machine_id"])
