@@ -294,6 +294,63 @@ async def test_outbid_past_the_bid_cap_is_destroyed(sim_fleet: Make) -> None:
     assert attempts(sf, job_id) == 0
 
 
+async def test_failed_rebids_back_off_and_the_outbid_instance_is_destroyed_after_a_few(
+    sim_fleet: Make,
+) -> None:
+    """Re-bid once, still outbid (by 100 $/h), then every re-bid fails: each failure waits
+    its back-off, and after REBID_FAILURES_MAX in a row the stopped instance (its disk
+    billing, its bid in the budget) is destroyed as outbid; it was kept for good, with
+    86 failed calls in 20 s."""
+    sf = await sim_fleet(
+        job_s=1.0,
+        max_instances=1,
+        interruptible=True,
+        on_outbid="rebid",
+        max_bid_dph=5.0,
+        boot_timeout_s=0.5,
+        idle_timeout_s=600.0,
+    )
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    await sf.cloud.outbid(int(inst.id), 100.0)
+    await sf.wait(lambda: sf.cloud.stats["set_bid"] == 1, msg="first re-bid")
+    sf.cloud.faults.add(endpoint="set_bid", status=500, count=None)
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "destroyed")
+    assert inst.destroy_reason == "preempted (outbid)"
+    statuses = [c["status"] for c in bids(sf, inst.id)]
+    assert statuses == [200] + [500] * market.REBID_FAILURES_MAX
+    await sf.wait(sf.all_done, 20, "job done elsewhere")
+    assert attempts(sf, job_id) == 0
+
+
+async def test_a_failed_first_rebid_is_tried_again_and_the_instance_resumes(
+    sim_fleet: Make,
+) -> None:
+    """The first re-bid fails once (it used to mean destroyed at once): it is tried again
+    after the back-off, works, and the instance runs again and is used."""
+    sf = await sim_fleet(
+        job_s=1.0,
+        max_instances=1,
+        interruptible=True,
+        bid_markup=1.5,
+        on_outbid="rebid",
+        max_bid_dph=1.0,
+        boot_timeout_s=0.5,
+        idle_timeout_s=600.0,
+    )
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    sf.cloud.faults.add(endpoint="set_bid", status=500, count=1)
+    await sf.cloud.outbid(int(inst.id), 0.35)
+    await sf.wait(lambda: inst.status is not InstanceStatus.READY, msg="outbid seen")
+    await sf.wait(lambda: inst.status is InstanceStatus.READY, 15, "used again after resume")
+    assert [c["status"] for c in bids(sf, inst.id)] == [500, 200]
+    assert inst.dph == pytest.approx(0.405) and inst.rebid_failures == 0
+    await sf.wait(sf.all_done, 20, "job done")
+
+
 def test_rebid_needs_a_bid_cap() -> None:
     """`on_outbid = "rebid"` without `max_bid_dph` is refused at load time."""
     with pytest.raises(ValidationError, match="max_bid_dph"):

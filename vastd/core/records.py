@@ -222,6 +222,7 @@ class InstanceRecord(Tracked):
     end_date: float | None = None  # epoch s when the host's offer (the rental) ends
     frozen_since: float | None = None  # first listed `frozen` (billing but unusable)
     rebid_at: float | None = None  # when vastd last raised its bid after an outbid
+    rebid_failures: int = 0  # re-bids in a row that failed since the last one that worked
     key_reattached_at: float | None = None  # when an SSH auth failure re-attached the key
 
 
