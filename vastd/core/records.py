@@ -270,6 +270,9 @@ class Snapshot(_Model):
     followups: dict[str, FollowUp] = Field(default_factory=dict)
     blocked_machines: dict[str, float] = Field(default_factory=dict)  # machine id -> until
     rent_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # intents dropped unanswered (fleet.expire_rent_intents), kept a while: an instance
+    # listed later with one is still claimed as owned (inventory.claim_unknown_instance)
+    dropped_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
     spend_total: float = 0.0  # dollars accrued by owned instances
     last_discovery_at: float | None = None  # last successful instance listing
     # the rental circuit breaker (orchestration/breaker.py): rentals in a row that never

@@ -81,13 +81,18 @@ def claim_unknown_instance(
     """A labelled instance the snapshot does not know: ours, adopted, or left alone.
 
     Ours when its `VASTD_INTENT` matches a saved rent intent (a crash or an ambiguous
-    answer came between the rent and the save): recorded as owned, booting since the
-    intent; the fleet then uses it or tears it down. Otherwise adopted (not owned)
-    only in adopt mode or with `adopt_foreign_labelled`; else None: never touched.
+    answer came between the rent and the save), or one dropped unanswered (listed only
+    after INTENT_TTL_S: it was ignored for good, billing outside the budget): recorded as
+    owned, booting since the intent; the fleet then uses it or tears it down. Otherwise
+    adopted (not owned) only in adopt mode or with `adopt_foreign_labelled`; else None:
+    never touched.
     """
     fleet = ctx.settings.fleet
+    snap = ctx.store.snapshot
     intent_id = info.intent
-    intent = ctx.store.snapshot.rent_intents.pop(intent_id, None) if intent_id else None
+    intent = None
+    if intent_id:
+        intent = snap.rent_intents.pop(intent_id, None) or snap.dropped_intents.pop(intent_id, None)
     if intent is not None:
         at = float(intent.get("at") or now)
         inst = InstanceRecord(
