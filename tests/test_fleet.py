@@ -390,6 +390,35 @@ async def test_stale_intent_is_dropped_after_a_later_listing(
     assert set(snap.rent_intents) == {"new"}
 
 
+async def test_instance_listed_after_its_intent_was_dropped_is_still_claimed_as_owned(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """A rent answered 500 created the instance, but the listing showed it only after its
+    intent was dropped (INTENT_TTL_S): it was ignored for good, billing outside the budget
+    while a second one was rented. The dropped intent still claims it: owned, counted in
+    the budget and the ledger from the rent, and nothing more is rented for it. A dropped
+    intent is forgotten after INTENT_KEEP_S."""
+    sf = await sim_fleet(max_instances=1, boot_delay_s=30.0, boot_timeout_s=3600.0)
+    sf.add_queued(1)
+    sf.cloud.faults.add(endpoint="rent", status=500, count=1, after_effect=True)
+    assert (await fl.fleet_once(sf.ctx)).rented == []
+    snap = sf.ctx.store.snapshot
+    ((intent_id, intent),) = snap.rent_intents.items()
+    intent["at"] -= fl.INTENT_TTL_S + 1  # rented long ago; the listings since lacked it
+    snap.last_discovery_at = time.time()
+    assert fl.expire_rent_intents(sf.ctx, time.time()) == 1
+    assert snap.rent_intents == {} and intent_id in snap.dropped_intents
+    await discovery_once(sf.ctx)
+    (iid,) = sf.cloud.instances
+    inst = sf.ctx.store.instances[str(iid)]
+    assert inst.owned and inst.intent_id == intent_id and inst.rented_at == intent["at"]
+    assert snap.dropped_intents == {} and fl.current_dph(sf.ctx) == pytest.approx(inst.dph)
+    assert (await fl.fleet_once(sf.ctx)).rented == [] and sf.cloud.stats["rent"] == 1
+    snap.dropped_intents["old"] = {"offer_id": 1, "dph": 0.3, "at": time.time() - 1e6}
+    fl.expire_rent_intents(sf.ctx, time.time())
+    assert snap.dropped_intents == {}
+
+
 async def test_foreign_labelled_instance_adopted_only_when_allowed(
     sim_fleet: Callable[..., Awaitable[SimFleet]],
 ) -> None:

@@ -168,6 +168,52 @@ async def test_exited_in_the_listing_is_lost_only_once_the_lookup_agrees(
     assert inst.lost_reason == "vast.ai reports it offline"
 
 
+async def test_unknown_while_ssh_answers_is_not_lost_and_its_run_goes_on(
+    sim_fleet: Make,
+) -> None:
+    """`unknown` is "no heartbeat", and the lookup reads the same backend, so it agrees.
+    Listed so for a few polls while SSH answers, an owned instance running a job is not
+    lost: nothing is requeued, destroyed or blocked, and the job finishes in its one run."""
+    sf = await sim_fleet(job_s=2.0, max_instances=1, idle_timeout_s=600.0)
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    with capture_logs() as logs:
+        await sf.cloud.set_status(int(inst.id), "unknown", stop_host=False)  # a blip
+        for _ in range(3):
+            await discovery_once(sf.ctx)
+            await fl.fleet_once(sf.ctx)
+        assert inst.status is InstanceStatus.READY, inst.lost_reason
+        await sf.cloud.set_status(int(inst.id), "running", stop_host=False)
+        await sf.wait(sf.all_done, 20, "job done")
+    events = {e["event"] for e in logs}
+    assert not events & {"instance_lost", "job_requeued", "instance_destroying"}, events
+    assert "instance_gone_unconfirmed" in events
+    record = sf.ctx.store.record(job_id)
+    assert record is not None and record.instance == inst.id and record.runs == 1
+    assert inst.status is InstanceStatus.READY and not sf.ctx.store.snapshot.blocked_machines
+
+
+async def test_unknown_is_lost_once_ssh_is_silent_for_the_unreachable_grace(
+    sim_fleet: Make,
+) -> None:
+    """Listed `unknown` (the lookup agreeing) and SSH silent: within `[ssh]
+    unreachable_grace_s` of its last answer it is waited on, past it lost."""
+    sf = await sim_fleet(mode="adopt")
+    iid = await sf.cloud.add_instance(label="vastd")
+    await discovery_once(sf.ctx)
+    inst = sf.ctx.store.instances[str(iid)]
+    await sf.cloud.set_status(iid, "unknown", stop_host=True)
+    grace = sf.ctx.settings.ssh.unreachable_grace_s
+    inst.last_contact = time.time() - grace / 2
+    await discovery_once(sf.ctx)
+    assert inst.status is not InstanceStatus.LOST
+    inst.last_contact = time.time() - grace - 1
+    await discovery_once(sf.ctx)
+    assert inst.status is InstanceStatus.LOST
+    assert inst.lost_reason == "vast.ai reports it unknown"
+
+
 async def test_stopped_on_demand_instance_bills_until_destroyed(sim_fleet: Make) -> None:
     """`stopped`, not interruptible: the disk still bills, so the budget counts it (adopted
     or owned); an owned one is torn down saying so."""
@@ -248,6 +294,63 @@ async def test_outbid_past_the_bid_cap_is_destroyed(sim_fleet: Make) -> None:
     assert attempts(sf, job_id) == 0
 
 
+async def test_failed_rebids_back_off_and_the_outbid_instance_is_destroyed_after_a_few(
+    sim_fleet: Make,
+) -> None:
+    """Re-bid once, still outbid (by 100 $/h), then every re-bid fails: each failure waits
+    its back-off, and after REBID_FAILURES_MAX in a row the stopped instance (its disk
+    billing, its bid in the budget) is destroyed as outbid; it was kept for good, with
+    86 failed calls in 20 s."""
+    sf = await sim_fleet(
+        job_s=1.0,
+        max_instances=1,
+        interruptible=True,
+        on_outbid="rebid",
+        max_bid_dph=5.0,
+        boot_timeout_s=0.5,
+        idle_timeout_s=600.0,
+    )
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    await sf.cloud.outbid(int(inst.id), 100.0)
+    await sf.wait(lambda: sf.cloud.stats["set_bid"] == 1, msg="first re-bid")
+    sf.cloud.faults.add(endpoint="set_bid", status=500, count=None)
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "destroyed")
+    assert inst.destroy_reason == "preempted (outbid)"
+    statuses = [c["status"] for c in bids(sf, inst.id)]
+    assert statuses == [200] + [500] * market.REBID_FAILURES_MAX
+    await sf.wait(sf.all_done, 20, "job done elsewhere")
+    assert attempts(sf, job_id) == 0
+
+
+async def test_a_failed_first_rebid_is_tried_again_and_the_instance_resumes(
+    sim_fleet: Make,
+) -> None:
+    """The first re-bid fails once (it used to mean destroyed at once): it is tried again
+    after the back-off, works, and the instance runs again and is used."""
+    sf = await sim_fleet(
+        job_s=1.0,
+        max_instances=1,
+        interruptible=True,
+        bid_markup=1.5,
+        on_outbid="rebid",
+        max_bid_dph=1.0,
+        boot_timeout_s=0.5,
+        idle_timeout_s=600.0,
+    )
+    [job_id] = sf.submit(1)
+    sf.run()
+    inst = await running_on(sf, job_id)
+    sf.cloud.faults.add(endpoint="set_bid", status=500, count=1)
+    await sf.cloud.outbid(int(inst.id), 0.35)
+    await sf.wait(lambda: inst.status is not InstanceStatus.READY, msg="outbid seen")
+    await sf.wait(lambda: inst.status is InstanceStatus.READY, 15, "used again after resume")
+    assert [c["status"] for c in bids(sf, inst.id)] == [500, 200]
+    assert inst.dph == pytest.approx(0.405) and inst.rebid_failures == 0
+    await sf.wait(sf.all_done, 20, "job done")
+
+
 def test_rebid_needs_a_bid_cap() -> None:
     """`on_outbid = "rebid"` without `max_bid_dph` is refused at load time."""
     with pytest.raises(ValidationError, match="max_bid_dph"):
@@ -320,6 +423,32 @@ async def test_listed_price_is_the_price_and_a_non_finite_one_is_never_stored(
         sf.cloud.set_price(iid, bad)
         await discovery_once(sf.ctx)
         assert inst.dph == pytest.approx(0.25)
+
+
+async def test_a_lower_listed_price_never_lowers_what_an_owned_instance_counts(
+    sim_fleet: Make,
+) -> None:
+    """Rented at 0.30 and 0.31 under a 0.7 $/h cap (a third at 0.32 would not fit); the
+    listing then shows the first at 0 $/h, then 0.1: the budget and the ledger still count
+    0.30, so no third instance is rented. A rise is counted as before."""
+    sf = await sim_fleet(max_instances=3, max_total_dph=0.7, boot_delay_s=30.0)
+    sf.add_queued(3)
+    first, _ = (await fl.fleet_once(sf.ctx)).rented
+    inst = sf.ctx.store.instances[first]
+    assert inst.dph == pytest.approx(0.3)
+    for listed in (0.0, 0.1):
+        sf.cloud.set_price(int(first), listed)
+        await discovery_once(sf.ctx)
+        assert inst.dph == pytest.approx(0.3)
+        assert fl.current_dph(sf.ctx) == pytest.approx(0.61)
+        assert (await fl.fleet_once(sf.ctx)).rented == []
+    inst.accrued_until = time.time() - 3600.0
+    before = sf.ctx.store.snapshot.spend_total
+    fl.accrue_instance(sf.ctx, inst, time.time())
+    assert sf.ctx.store.snapshot.spend_total - before == pytest.approx(0.3, rel=0.01)
+    sf.cloud.set_price(int(first), 0.35)
+    await discovery_once(sf.ctx)
+    assert inst.dph == pytest.approx(0.35) and sf.cloud.stats["rent"] == 2
 
 
 async def test_spend_before_a_price_change_is_billed_at_the_old_price(sim_fleet: Make) -> None:

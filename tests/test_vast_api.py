@@ -207,8 +207,21 @@ async def test_search_quota_exceeded_is_not_retried(
         {"status": 200, "json_body": {"instances": None}},
         {"status": 200, "json_body": {"next_token": None}},
         {"status": 200, "json_body": {"instances": [1, 2]}},
+        # past Python's 4300-digit limit json.loads raises a plain ValueError
+        {"body": "raw", "raw_body": '{"instances": [], "n": ' + "9" * 5000 + "}", "status": 200},
+        {"body": "raw", "raw_body": "[" * 100_000, "status": 200},  # RecursionError
     ],
-    ids=["empty", "html", "wrong-shape", "null", "instances-null", "no-instances", "not-rows"],
+    ids=[
+        "empty",
+        "html",
+        "wrong-shape",
+        "null",
+        "instances-null",
+        "no-instances",
+        "not-rows",
+        "5000-digit-int",
+        "too-deep",
+    ],
 )
 async def test_malformed_list_is_an_error_never_empty(
     sim: tuple[SimCloud, str], client: VastClient, fault: dict[str, Any]
@@ -479,6 +492,9 @@ def test_parse_offer_query(query: str, expected: dict[str, Any]) -> None:
         ("gpu_ram>=lots", "needs a number"),
         ("driver_version=1.2", "driver_version"),
         ("reliability>0.9 ; rm", "cannot parse|operator"),
+        ("num_gpus>=" + "9" * 400, "out of range"),  # float() gives inf, int(inf) overflows
+        ("dph_total<=1e400", "out of range"),
+        ("gpu_ram>=1e306", "in range"),  # finite, but inf once in MB
     ],
 )
 def test_parse_offer_query_rejects_bad_input(query: str, message: str) -> None:

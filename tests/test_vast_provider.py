@@ -112,15 +112,52 @@ async def test_an_interruptible_rent_bids_and_a_bid_can_change(sim: Sim) -> None
 
 
 async def test_offers_with_nan_prices_are_skipped(sim: Sim) -> None:
-    """A NaN price survives the JSON round trip; the provider drops that offer, logged."""
+    """A NaN price survives the JSON round trip; the provider drops that offer, logged.
+    A price of 0 is no price either (rented, it would count as free in the budget)."""
     bad = sim.cloud.add_offer(dph_total=float("nan"), gpu_name="NaN GPU")
+    free = sim.cloud.add_offer(dph_total=0.0, gpu_name="Free GPU")
     sim.cloud.add_offer(dph_total=0.01, min_bid=float("inf"), gpu_name="Cheap GPU")
     with capture_logs() as logs:
         offers = await sim.provider.search_offers("", order="dph_total", limit=100, disk_gb=10)
-    assert str(bad) not in {o.id for o in offers}
+    assert {str(bad), str(free)}.isdisjoint({o.id for o in offers})
     [cheap] = [o for o in offers if o.gpu_name == "Cheap GPU"]
     assert cheap.min_bid is None and cheap.dph == 0.01
-    assert [e["offer"] for e in logs if e["event"] == "offer_skipped"] == [bad]
+    assert sorted(e["offer"] for e in logs if e["event"] == "offer_skipped") == [bad, free]
+
+
+@pytest.mark.parametrize("field", ["dph_total", "num_gpus", "machine_id"])
+async def test_an_integer_past_float_range_is_a_rejected_field_not_a_crash(
+    sim: Sim, field: str
+) -> None:
+    """JSON integers have no size limit and float(10**400) raises OverflowError: such a
+    field is rejected (None, logged) and the rest of the row and of the answer is used."""
+    first = await sim.cloud.add_instance(label="vastd")
+    second = await sim.cloud.add_instance(label="vastd")
+    rows = await sim.provider.client.list_instances("vastd")
+    bad = {**rows[0], field: 10**400}
+    sim.cloud.faults.add(
+        endpoint="list_instances", status=200, json_body={"instances": [bad, rows[1]]}
+    )
+    with capture_logs() as logs:
+        one, two = await sim.provider.list_instances("vastd")
+    assert (one.id, two.id) == (str(first), str(second))
+    assert one.state is ApiState.RUNNING and one.proxy is not None
+    wanted = {"dph_total": one.dph, "num_gpus": one.num_gpus, "machine_id": one.machine_id}
+    assert wanted[field] is None
+    assert two.dph is not None and two.num_gpus is not None and two.machine_id is not None
+    assert [e["field"] for e in logs if e["event"] == "api_number_rejected"] == [field]
+
+    offers = await sim.provider.client.search_offers("", limit=3)
+    sim.cloud.faults.add(
+        endpoint="search_offers",
+        status=200,
+        json_body={"offers": [{**o, field: 10**400} for o in offers[:2]] + offers[2:]},
+    )
+    got = await sim.provider.search_offers("", order="dph_total", limit=3, disk_gb=10)
+    if field == "dph_total":  # no usable price: skipped
+        assert [o.id for o in got] == [str(o["id"]) for o in offers[2:]]
+    else:
+        assert len(got) == 3 and getattr(got[0], field) is None
 
 
 async def test_ssh_key_start_and_reboot_reach_the_instance(sim: Sim) -> None:

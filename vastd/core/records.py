@@ -222,6 +222,7 @@ class InstanceRecord(Tracked):
     end_date: float | None = None  # epoch s when the host's offer (the rental) ends
     frozen_since: float | None = None  # first listed `frozen` (billing but unusable)
     rebid_at: float | None = None  # when vastd last raised its bid after an outbid
+    rebid_failures: int = 0  # re-bids in a row that failed since the last one that worked
     key_reattached_at: float | None = None  # when an SSH auth failure re-attached the key
 
 
@@ -269,6 +270,9 @@ class Snapshot(_Model):
     followups: dict[str, FollowUp] = Field(default_factory=dict)
     blocked_machines: dict[str, float] = Field(default_factory=dict)  # machine id -> until
     rent_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # intents dropped unanswered (fleet.expire_rent_intents), kept a while: an instance
+    # listed later with one is still claimed as owned (inventory.claim_unknown_instance)
+    dropped_intents: dict[str, dict[str, Any]] = Field(default_factory=dict)
     spend_total: float = 0.0  # dollars accrued by owned instances
     last_discovery_at: float | None = None  # last successful instance listing
     # the rental circuit breaker (orchestration/breaker.py): rentals in a row that never

@@ -35,7 +35,7 @@ def _opt_float(value: Any) -> float | None:
         return None
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (an int past float's range overflows)
         return None
 
 

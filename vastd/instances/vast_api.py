@@ -45,6 +45,9 @@ MAX_RETRY_AFTER_S: Final = 60.0
 PAGE_LIMIT: Final = 25
 LIST_INSTANCES: Final = "GET /api/v1/instances/"  # the listing's endpoint key
 _MAX_PAGES: Final = 10_000
+# What json.loads raises on a body it cannot read: not JSON, not UTF-8 (both ValueErrors),
+# an integer past Python's 4300-digit limit (a plain ValueError), nesting too deep.
+UNDECODABLE: Final = (ValueError, RecursionError)
 
 # Official client defaults for `POST /bundles/` (vastai/api/offers.py: search_offers).
 DEFAULT_OFFER_FILTERS: Final[dict[str, dict[str, Any]]] = {
@@ -314,10 +317,11 @@ class VastClient:
             raise APIShapeError(f"{method} {path}: HTTP {status} with an empty body", status=status)
         try:
             return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except UNDECODABLE:
             start = self._safe(raw[:60].decode("utf-8", "replace"))
             raise APIShapeError(
-                f"{method} {path}: HTTP {status}: not JSON: {start!r}", status=status
+                f"{method} {path}: HTTP {status}: not JSON vastd can read: {start!r}",
+                status=status,
             ) from None
 
     # -- account -------------------------------------------------------------------
@@ -505,7 +509,7 @@ class VastClient:
 def _json_error(raw: bytes) -> Any:
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except UNDECODABLE:
         return None
     return data.get("error") if isinstance(data, dict) else None
 
@@ -520,6 +524,6 @@ def _msg_of(data: dict[str, Any]) -> str:
 def _msg(raw: bytes) -> str:
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except UNDECODABLE:
         return "(no detail)"
     return _msg_of(data) if isinstance(data, dict) else "(no detail)"

@@ -36,7 +36,7 @@ def _number(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (an int past float's range overflows)
         return None
     return number if math.isfinite(number) and number >= 0 else None
 
@@ -126,7 +126,7 @@ def offer_from_dict(row: Mapping[str, Any]) -> Offer | None:
         return None
     where = f"offer {offer_id}"
     dph = _number(row.get("dph_total"))
-    if dph is None or dph > MAX_DPH:  # (offer_skipped says why: no second line)
+    if not dph or dph > MAX_DPH:  # (a 0 is no price: nothing rents for free; no second line)
         log.warning("offer_skipped", offer=offer_id, reason=f"dph_total {row.get('dph_total')!r}")
         return None
     return Offer(

@@ -15,7 +15,8 @@ from vastd.utils.logging import get_logger
 log = get_logger("vastd.vast_provider")
 
 # vast.ai `actual_status` -> ApiState (reference/vast_api.md). `null` is provisioning;
-# `unknown` is "no heartbeat", grouped with exited/offline: lost once confirmed.
+# `unknown` is "no heartbeat", grouped with exited/offline: lost once confirmed (and, for
+# `unknown`, once SSH is silent too: see NO_HEARTBEAT).
 STATUS_MAP: Final[Mapping[str, ApiState]] = {
     "": ApiState.PENDING,
     "created": ApiState.PENDING,
@@ -29,7 +30,15 @@ STATUS_MAP: Final[Mapping[str, ApiState]] = {
     "unknown": ApiState.GONE,
     "offline": ApiState.GONE,
 }
+# GONE words that say only that the host's heartbeat stopped: the container may still run
+# (and answer SSH). vastd waits on these while SSH answers (orchestration/market.py).
+NO_HEARTBEAT: Final = frozenset({"unknown"})
 _unrecognised: set[str] = set()
+
+
+def no_heartbeat(actual_status: str | None) -> bool:
+    """Whether `actual_status` is GONE only for want of the host's heartbeat."""
+    return (actual_status or "").strip().lower() in NO_HEARTBEAT
 
 
 def api_state(actual_status: str | None) -> ApiState:

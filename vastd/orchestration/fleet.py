@@ -63,6 +63,7 @@ LIVE = frozenset(
     }
 )
 INTENT_TTL_S = 600.0  # an intent with no instance this long after a listing is dropped
+INTENT_KEEP_S = 86400.0  # a dropped intent still claims an instance listed this long after it
 DESTROYED_KEEP_S = 86400.0  # destroyed records stay visible in `status` this long
 PREPARE_FAILURES_MAX = 5
 OFFER_LIMIT = 64
@@ -123,7 +124,11 @@ def live_instances(ctx: Context) -> list[InstanceRecord]:
 
 
 def expire_rent_intents(ctx: Context, now: float) -> int:
-    """Drop intents that a listing long after them did not show an instance for."""
+    """Drop intents that a listing long after them did not show an instance for.
+
+    Kept aside (`dropped_intents`) for INTENT_KEEP_S: an instance listed later with one is
+    still claimed as owned, not left billing unknown to vastd (a listing can lag).
+    """
     snap = ctx.store.snapshot
     listed = snap.last_discovery_at
     if listed is None:
@@ -132,9 +137,14 @@ def expire_rent_intents(ctx: Context, now: float) -> int:
         k for k, v in snap.rent_intents.items() if listed - float(v.get("at") or 0) > INTENT_TTL_S
     ]
     for key in stale:
-        intent = snap.rent_intents.pop(key)
+        intent = snap.dropped_intents[key] = snap.rent_intents.pop(key)
         log.warning("rent_intent_dropped", intent=key, offer=intent.get("offer_id"))
-    if stale:
+    old = [
+        k for k, v in snap.dropped_intents.items() if now - float(v.get("at") or 0) > INTENT_KEEP_S
+    ]
+    for key in old:
+        del snap.dropped_intents[key]
+    if stale or old:
         ctx.store.mark_dirty()
     return len(stale)
 

@@ -59,7 +59,11 @@ def refresh_record(inst: InstanceRecord, info: ProviderInstance, now: float) -> 
         "num_gpus": info.num_gpus,
         "missing_since": None,
     }
-    if info.dph is not None:
+    # The price counted in the budget and the ledger: what the listing says, except that
+    # an instance vastd rented never counts less than it was rented (or re-bid) at. A
+    # listing showing 0, or any lower figure, while the contract is unchanged let the fleet
+    # rent past max_total_dph and stopped its spend accruing. A 0 is no price for any.
+    if info.dph and (not inst.owned or info.dph > inst.dph):
         listed["dph"] = info.dph
     # Only what changed is assigned: every assignment tells the store (500 instances
     # listed every poll would otherwise make ~6,000 notices a pass).
@@ -77,13 +81,18 @@ def claim_unknown_instance(
     """A labelled instance the snapshot does not know: ours, adopted, or left alone.
 
     Ours when its `VASTD_INTENT` matches a saved rent intent (a crash or an ambiguous
-    answer came between the rent and the save): recorded as owned, booting since the
-    intent; the fleet then uses it or tears it down. Otherwise adopted (not owned)
-    only in adopt mode or with `adopt_foreign_labelled`; else None: never touched.
+    answer came between the rent and the save), or one dropped unanswered (listed only
+    after INTENT_TTL_S: it was ignored for good, billing outside the budget): recorded as
+    owned, booting since the intent; the fleet then uses it or tears it down. Otherwise
+    adopted (not owned) only in adopt mode or with `adopt_foreign_labelled`; else None:
+    never touched.
     """
     fleet = ctx.settings.fleet
+    snap = ctx.store.snapshot
     intent_id = info.intent
-    intent = ctx.store.snapshot.rent_intents.pop(intent_id, None) if intent_id else None
+    intent = None
+    if intent_id:
+        intent = snap.rent_intents.pop(intent_id, None) or snap.dropped_intents.pop(intent_id, None)
     if intent is not None:
         at = float(intent.get("at") or now)
         inst = InstanceRecord(
@@ -95,7 +104,7 @@ def claim_unknown_instance(
             booting_since=at,
             rented_at=at,
             accrued_until=at,
-            dph=info.dph or float(intent.get("dph") or 0.0),
+            dph=max(info.dph or 0.0, float(intent.get("dph") or 0.0)),  # (as refresh_record)
             machine_id=machine_number(info.machine_id),
             intent_id=intent_id,
         )
@@ -168,7 +177,7 @@ async def apply_listed(
     """What the API says of a known instance (listed, or looked up) goes into its record,
     and through market.py's reading of it (price, frozen, outbid, end date, gone)."""
     # An adopted instance's first listing gives its price (its record had none); one
-    # vastd rented has the price it was rented at, which a listing may change.
+    # vastd rented has the price it was rented at, which a listing may raise.
     first = inst.last_seen is None and not inst.owned
     old_dph = info.dph if first and info.dph is not None else inst.dph
     refresh_record(inst, info, now)

@@ -13,10 +13,17 @@ what vastd does about each ApiState, and about the market around it:
   on_outbid = "destroy"` tears it down, while "rebid" raises the bid (by `bid_markup`,
   at least 10 %, never past `max_bid_dph` nor `max_total_dph`) and waits
   `boot_timeout_s` for it to run again before bidding again; at the cap, destroyed.
+  A re-bid the API refuses is tried again with back-off (REBID_BACKOFF, never slower
+  than `boot_timeout_s`); after REBID_FAILURES_MAX in a row, destroyed as outbid.
   Running again, it is prepared and used like any other.
 - GONE (exited, unknown, offline): lost once the per-instance lookup says so too.
+  `unknown` only says the host's heartbeat stopped: while SSH has answered within
+  `[ssh] unreachable_grace_s`, the instance is not lost (nor looked up) and stays in
+  use; once SSH is silent that long as well, it is lost as above.
 - The price of a running contract is what the listing says now (validated at the
-  provider boundary); a rise that takes the fleet past `max_total_dph` drains it.
+  provider boundary); a rise that takes the fleet past `max_total_dph` drains it. An
+  instance vastd rented never counts less than it was rented (or re-bid) at, and a
+  listed 0 is no price (inventory.refresh_record).
 - A rental ends at its offer's end date: no job is dispatched that would run past
   it (see `estimated_run_s`), and the instance is drained once none would fit.
 - A key that stopped working (SSH auth refused) is re-attached through the API and
@@ -33,17 +40,21 @@ from datetime import UTC, datetime
 from vastd.core import state as st
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState
 from vastd.instances.provider import ApiState, Offer, ProviderInstance
-from vastd.instances.vast_status import api_state
+from vastd.instances.vast_status import api_state, no_heartbeat
 from vastd.orchestration.context import Context
 from vastd.orchestration.renting import accrue_instance, attach_public_key, current_dph
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
+from vastd.utils.supervise import Backoff
 
 log = get_logger("vastd.market")
 
 ESTIMATE_SAMPLE = 200  # the most recent finished jobs the run-time estimate looks at
 KEY_REATTACH_EVERY_S = 300.0  # at most one re-attach of the SSH key per instance this often
 MIN_REBID_RAISE = 1.1  # each re-bid is at least 10 % above the bid that was outbid
+REBID_FAILURES_MAX = 3  # failed re-bids in a row, then the outbid instance is torn down
+# after a failed re-bid: 30 s, 60 s, ... (never more than `boot_timeout_s`)
+REBID_BACKOFF = Backoff(base_s=30.0, max_s=600.0, jitter="none")
 _EPS = 1e-9
 FROZEN_DRAIN = "frozen for more than"  # how a frozen instance's drain reason starts
 END_DRAIN = "its rental ends at"  # how the drain reason of a rental about to end starts
@@ -65,6 +76,14 @@ async def on_listed(
         inst.frozen_since = None
     note_price(ctx, inst, old_dph, now)
     if info.state is ApiState.GONE:
+        if no_heartbeat(info.raw_status) and ssh_answered_lately(ctx, inst, now):
+            log.info(
+                "instance_gone_unconfirmed",
+                instance=inst.id,
+                listed=inst.api_status,
+                ssh_answered_s_ago=round(now - (inst.last_contact or now), 1),
+            )
+            return None
         return await confirm_gone(ctx, inst)
     if info.state is ApiState.STOPPED:
         return "outbid (stopped)" if inst.interruptible else "stopped (its disk still bills)"
@@ -77,6 +96,7 @@ async def on_listed(
         if inst.rebid_at is not None:
             log.info("instance_resumed", instance=inst.id, dph=inst.dph)
             inst.rebid_at = None
+            inst.rebid_failures = 0
     drain_before_end(ctx, inst, now)
     ctx.store.mark_dirty()
     return None
@@ -106,6 +126,14 @@ async def confirm_gone(ctx: Context, inst: InstanceRecord) -> str | None:
         shown=shown.raw_status,
     )
     return None
+
+
+def ssh_answered_lately(ctx: Context, inst: InstanceRecord, now: float) -> bool:
+    """SSH answered within `[ssh] unreachable_grace_s` (a health check or a job poll):
+    a listing without heartbeat (`unknown`) does not make such an instance lost. One
+    vast.ai poll of `unknown` destroyed healthy instances and ran their jobs twice."""
+    last = inst.last_contact
+    return last is not None and now - last < ctx.settings.ssh.unreachable_grace_s
 
 
 def restart_boot_deadline(ctx: Context, inst: InstanceRecord, now: float) -> None:
@@ -201,28 +229,41 @@ def outbid(inst: InstanceRecord) -> bool:
 
 
 def awaiting_resume(ctx: Context, inst: InstanceRecord, now: float) -> bool:
-    """Re-bid and given time to run again (the fleet leaves it alone meanwhile)."""
+    """Re-bid (or trying to) and given time to run again (the fleet leaves it alone
+    meanwhile); not once REBID_FAILURES_MAX re-bids in a row failed."""
     if ctx.settings.fleet.on_outbid != "rebid" or inst.rebid_at is None or not outbid(inst):
+        return False
+    if inst.rebid_failures >= REBID_FAILURES_MAX:
         return False
     return now - inst.rebid_at < ctx.settings.fleet.boot_timeout_s or (
         next_bid(ctx, inst) is not None
     )
 
 
+def rebid_wait_s(ctx: Context, inst: InstanceRecord) -> float:
+    """How long after `rebid_at` the next re-bid is due: `boot_timeout_s` after one that
+    worked, REBID_BACKOFF (at most that) after a failed one."""
+    boot = ctx.settings.fleet.boot_timeout_s
+    if inst.rebid_failures == 0:
+        return boot
+    return min(boot, REBID_BACKOFF.delay_s(inst.rebid_failures - 1))
+
+
 async def rebid_outbid(ctx: Context, now: float) -> list[str]:
     """With `on_outbid = "rebid"`: raise the bid of outbid instances that are due.
 
-    Due: just outbid, or re-bid `boot_timeout_s` ago and still stopped. One whose bid
-    cannot go higher, or whose first re-bid failed, is left to the fleet's teardown.
+    Due: just outbid, re-bid `boot_timeout_s` ago and still stopped, or the last re-bid
+    failed and its back-off is over. One whose bid cannot go higher, or whose last
+    REBID_FAILURES_MAX re-bids failed, is left to the fleet's teardown.
     """
     fleet = ctx.settings.fleet
     if fleet.on_outbid != "rebid" or ctx.cloud is None:
         return []
     done: list[str] = []
     for inst in list(ctx.store.instances.values()):
-        if not outbid(inst):
+        if not outbid(inst) or inst.rebid_failures >= REBID_FAILURES_MAX:
             continue
-        if inst.rebid_at is not None and now - inst.rebid_at < fleet.boot_timeout_s:
+        if inst.rebid_at is not None and now - inst.rebid_at < rebid_wait_s(ctx, inst):
             continue
         bid = next_bid(ctx, inst)
         if bid is None:
@@ -230,11 +271,25 @@ async def rebid_outbid(ctx: Context, now: float) -> list[str]:
         try:
             await ctx.cloud.set_bid(inst.id, bid)
         except VastAIError as exc:
-            log.warning("instance_rebid_failed", instance=inst.id, bid=bid, error=str(exc))
+            # 86 failed calls in 20 s, and the instance kept (stopped, its disk billing)
+            # for good: a failed re-bid waits its back-off and counts toward the bound.
+            inst.rebid_failures += 1
+            inst.rebid_at = now
+            ctx.store.mark_dirty()
+            last = inst.rebid_failures >= REBID_FAILURES_MAX
+            log.warning(
+                "instance_rebid_failed",
+                instance=inst.id,
+                bid=bid,
+                error=str(exc),
+                failures=inst.rebid_failures,
+                retry_in_s=None if last else round(rebid_wait_s(ctx, inst), 1),
+            )
             continue
         log.info("instance_rebid", instance=inst.id, dph_was=inst.dph, bid=bid)
         inst.dph = bid
         inst.rebid_at = now
+        inst.rebid_failures = 0
         ctx.store.mark_dirty()
         done.append(inst.id)
     return done

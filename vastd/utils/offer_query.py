@@ -6,6 +6,7 @@ seconds), value conversion, `parse_offer_query` and `parse_order`. No I/O.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Final
 
@@ -83,6 +84,8 @@ def _convert_scalar(raw: str) -> Any:
         return None
     if _NUMBER_RE.fullmatch(text):
         number = float(text)
+        if not math.isfinite(number):  # (1e400, or 400 digits: no filter means that)
+            raise ValueError(f"number out of range: {text[:20]}...")
         return int(number) if re.fullmatch(r"[+-]?\d+", text) else number
     return text
 
@@ -159,6 +162,8 @@ def _check_type(field: str, value: Any, term: str) -> None:
             isinstance(item, bool) or not isinstance(item, int | float)
         ):
             raise ValueError(f"{field} needs a number in {term!r}")
+        if isinstance(item, float) and not math.isfinite(item):  # (1e306 GB x 1000)
+            raise ValueError(f"{field} needs a number in range in {term!r}")
         if field in BOOL_FIELDS and not isinstance(item, bool):
             raise ValueError(f"{field} needs true or false in {term!r}")
 
