@@ -530,3 +530,33 @@ async def test_drained_owned_instance_finishes_its_job_then_is_destroyed(
     assert inst.destroy_reason is not None and inst.destroy_reason.startswith("drained")
     record = sf.ctx.store.record(job_id)
     assert record is not None and record.instance == inst.id and record.runs == 1
+
+
+async def test_a_drained_instance_running_its_job_rents_no_replacement(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """An owned instance drained while its job runs there: the job is already served, so
+    it asks for no new instance (none rented, destroyed idle and rented again while it
+    runs); a queued job still asks for one as usual."""
+    sf = await sim_fleet(job_s=60.0, max_instances=2)
+    [job_id] = sf.submit(1)
+    sf.run()
+    await sf.wait(lambda: sf.ctx.store.job_state(job_id) is JobState.RUNNING, msg="running")
+    await _close_loops(sf)
+    inst = sf.ctx.store.instances[sf.ctx.store.jobs[job_id].instance or ""]
+    st.drain_instance(sf.ctx.store, inst, st.MANUAL_DRAIN, requeue_jobs=False)
+    rents = sf.cloud.stats["rent"]
+    report = await fl.fleet_once(sf.ctx)
+    assert report.desired == 0 and report.rented == []
+    assert sf.cloud.stats["rent"] == rents
+    sf.add_queued(1)
+    report = await fl.fleet_once(sf.ctx)
+    assert report.desired == 1 and len(report.rented) == 1
+
+
+async def _close_loops(sf: SimFleet) -> None:
+    """Stop the daemon's loops (the Context stays open), so a test steps the fleet itself."""
+    assert sf.task is not None
+    sf.task.cancel()
+    await asyncio.gather(sf.task, return_exceptions=True)
+    sf.task = None

@@ -10,9 +10,9 @@ One step, `fleet_once(ctx)`, run every `[vast] poll_interval_s` by `run_fleet(ct
    again, drained and empty, idle with an empty queue, spend cap -> destroy;
 4. destroys under way are sent and confirmed (retried with back-off);
 5. scale up: rent cheapest-first until live instances (booting ones and pending
-   intents included) reach min(max_instances, jobs waiting + running), never past
-   `max_total_dph`, never on a blocked machine or one we already rent, and not while
-   the circuit breaker (breaker.py) pauses renting after rentals that never got ready.
+   intents included) reach min(max_instances, jobs waiting + running, less those a
+   drained instance finishes), never past `max_total_dph`, never on a blocked machine
+   or one we already rent, and not while the circuit breaker (breaker.py) pauses renting after rentals that never got ready.
 
 Policies: a preempted (stopped, outbid) interruptible instance has its jobs requeued (not
 an attempt) and is destroyed, or with `on_outbid = "rebid"` re-bid up to `max_bid_dph`
@@ -104,7 +104,15 @@ def desired_instances(ctx: Context) -> int:
     counts = ctx.store.counts()
     # a staged job ([job] stage_ahead) waits for a slot it already holds: no instance for it
     staged = sum(1 for j in ctx.store.jobs_in(st.JobState.RUNNING) if j.staged)
-    work = counts["queued"] + counts["running"] - staged + counts["collecting"]
+    # a drained instance's jobs finish there: they are served, no instance for them either
+    draining = sum(
+        1
+        for i in ctx.store.instances.values()
+        if i.status is InstanceStatus.DRAINING
+        for j in st.jobs_on_instance(ctx.store, i.id)
+        if not j.staged
+    )
+    work = counts["queued"] + counts["running"] - staged + counts["collecting"] - draining
     return min(ctx.settings.fleet.max_instances, -(-work // slots_per_instance(ctx)))
 
 
