@@ -508,6 +508,32 @@ async def test_owned_instance_silent_past_the_grace_is_replaced(
     assert sf.ctx.store.instances[second].machine_id != inst.machine_id
 
 
+@pytest.mark.parametrize("drain", ["by_hand", "price_rise"])
+async def test_a_drained_instance_silent_past_the_grace_is_destroyed(
+    sim_fleet: Callable[..., Awaitable[SimFleet]], drain: str
+) -> None:
+    """An owned instance drained while its job runs (by hand, or a price rise past
+    max_total_dph), whose SSH then dies while the API still lists it running: destroyed
+    after [ssh] unreachable_grace_s like a ready one (its orphaned run does not keep it),
+    its machine blocked."""
+    sf = await sim_fleet(job_s=30.0, max_instances=1, max_total_dph=0.5)
+    sf.ctx.settings.ssh.unreachable_grace_s = 1.0
+    [job_id] = sf.submit(1)
+    sf.run()
+    await sf.wait(lambda: sf.ctx.store.job_state(job_id) is JobState.RUNNING, msg="running")
+    inst = sf.ctx.store.instances[sf.ctx.store.jobs[job_id].instance or ""]
+    if drain == "by_hand":
+        st.drain_instance(sf.ctx.store, inst, st.MANUAL_DRAIN, requeue_jobs=False)
+    else:
+        sf.cloud.set_price(int(inst.id), 0.9)
+    await sf.wait(lambda: inst.status is InstanceStatus.DRAINING, msg="drained")
+    await sf.cluster.hosts.kill_host(int(inst.id))
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "destroyed")
+    assert "silent" in (inst.destroy_reason or "")
+    assert int(inst.id) not in sf.cloud.instances
+    assert str(inst.machine_id) in sf.ctx.store.snapshot.blocked_machines
+
+
 # --- a drain by hand (`vastd drain`) ------------------------------------------------------------
 async def test_drained_owned_instance_finishes_its_job_then_is_destroyed(
     sim_fleet: Callable[..., Awaitable[SimFleet]],

@@ -193,8 +193,9 @@ def teardown_reason(
     if inst.prepare_failures >= PREPARE_FAILURES_MAX:
         return "preparation keeps failing", True
     grace = ctx.settings.ssh.unreachable_grace_s
+    # (a drained one stays DRAINING when its SSH fails: the clock runs all the same)
     if (
-        inst.status is InstanceStatus.UNREACHABLE
+        inst.status in (InstanceStatus.UNREACHABLE, InstanceStatus.DRAINING)
         and inst.unreachable_since is not None
         and now - inst.unreachable_since > grace
     ):
