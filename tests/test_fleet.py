@@ -29,6 +29,7 @@ from vastd.instances.vast_api import VastClient
 from vastd.orchestration import fleet as fl
 from vastd.orchestration.context import Context, StoreHostKeys, build_context
 from vastd.orchestration.workflow import (
+    accept_inbox_files,
     discovery_once,
     orchestrate_job_processing,
     recover_after_restart,
@@ -467,6 +468,73 @@ async def test_preempted_interruptible_instance_requeues_its_job_and_is_destroye
     assert str(row["machine_id"]) not in sf.ctx.store.snapshot.blocked_machines
     done_on = [i for i in sf.owned() if i.id != first]
     assert done_on, "a replacement was rented"
+
+
+# --- one job per GPU: instances that cannot take a job ---------------------------------------
+def per_gpu_jobs(sf: SimFleet, gpus_per_job: int) -> None:
+    sf.ctx.settings.job.jobs_per_instance = "gpus"
+    sf.ctx.settings.job.gpus_per_job = gpus_per_job
+
+
+async def test_only_offers_with_the_gpus_a_job_needs_are_rented(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """One job per 2 GPUs, offers of one GPU only: nothing is rented (it could take no
+    job), and the log says why once (repeats at debug); a 2-GPU offer is then rented
+    though dearer. A stricter num_gpus>= of the query's own stays as it is. A rental
+    listed with one GPU after all is no capacity: another is rented, within
+    max_instances."""
+    sf = await sim_fleet(max_instances=1)
+    per_gpu_jobs(sf, 2)
+    assert fl.offer_query(sf.ctx) == "gpu_name=RTX_4090 num_gpus>=2"
+    sf.ctx.settings.fleet.offer_query = "num_gpus>=4"
+    assert fl.offer_query(sf.ctx) == "num_gpus>=4"
+    sf.ctx.settings.fleet.offer_query = "gpu_name=RTX_4090"
+    sf.add_queued(1)
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert (await fl.fleet_once(sf.ctx)).rented == []
+    assert sf.cloud.stats["rent"] == 0
+    said = [e for e in logs if e["event"] == "fleet_no_offer"]
+    assert [e["log_level"] for e in said] == ["warning", "debug", "debug"], said
+    assert "2 GPUs" in said[0]["reason"]
+    sf.cloud.add_offer(gpu_name=GPU, dph_total=0.9, num_gpus=2, machine_id=7100)
+    (iid,) = (await fl.fleet_once(sf.ctx)).rented
+    assert sf.cloud.instances[int(iid)]["machine_id"] == 7100
+    inst = sf.ctx.store.instances[iid]
+    assert inst.num_gpus == 2
+    inst.num_gpus = 1  # as a listing would say
+    sf.cloud.add_offer(gpu_name=GPU, dph_total=0.9, num_gpus=2, machine_id=7101)
+    assert (await fl.fleet_once(sf.ctx)).rented == []  # max_instances = 1
+    sf.ctx.settings.fleet.max_instances = 2
+    (second,) = (await fl.fleet_once(sf.ctx)).rented
+    assert sf.cloud.instances[int(second)]["machine_id"] == 7101
+
+
+async def test_an_instance_with_too_few_gpus_is_destroyed_idle_though_jobs_wait(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """One job per 2 GPUs; a rented instance lists one GPU only: it gets no job, another
+    is rented for the job, and it is destroyed after idle_timeout_s whatever waits, its
+    machine blocked."""
+    sf = await sim_fleet(offers=[], max_instances=2)
+    per_gpu_jobs(sf, 2)
+    for i in range(2):
+        sf.cloud.add_offer(gpu_name=GPU, dph_total=0.3 + i / 100, num_gpus=2, machine_id=7100 + i)
+    sf.submit(1)
+    await accept_inbox_files(sf.ctx, sorted(sf.ctx.layout.inbox.iterdir()))
+    (first,) = (await fl.fleet_once(sf.ctx)).rented
+    sf.cloud.instances[int(first)]["num_gpus"] = 1  # the host lists one GPU, not two
+    inst = sf.ctx.store.instances[first]
+    sf.run()
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "the 1-GPU one destroyed")
+    assert inst.destroy_reason is not None and inst.destroy_reason.startswith("idle")
+    assert "gpus_per_job" in inst.destroy_reason
+    assert str(inst.machine_id) in sf.ctx.store.snapshot.blocked_machines
+    await sf.wait(sf.all_done, 20, "the job done on the 2-GPU instance")
+    record = sf.ctx.store.record(sf.jobs[0])
+    assert record is not None and record.instance != first
+    assert sf.cloud.stats["rent"] == 2
 
 
 # --- confirmed destroy ------------------------------------------------------------------------
