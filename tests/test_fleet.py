@@ -438,6 +438,32 @@ async def test_boot_that_never_finishes_is_destroyed_and_machine_blocked(
     assert str(machine) in on_disk["blocked_machines"]
 
 
+async def test_an_instance_listed_running_without_an_endpoint_after_a_restart_is_destroyed(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """After a restart an owned instance is listed running but with no SSH endpoint, and
+    its old one is dead (so preparation tries it no more and counts no more failures): it
+    gets the boot deadline again and is destroyed by it, though idle teardown is far off."""
+    sf = await sim_fleet(max_instances=1, job_s=0.1, idle_timeout_s=600.0, boot_timeout_s=1.5)
+    sf.submit(1)
+    sf.run()
+    await sf.wait(sf.all_done, 20, "done")
+    (inst,) = sf.owned(InstanceStatus.READY)
+    await sf.wait(lambda: inst.booting_since is None, msg="the boot deadline cleared")
+    await _close(sf.ctx, sf.task)
+    row = sf.cloud.instances[int(inst.id)]
+    row.update(ssh_host=None, ssh_port=None, public_ipaddr=None, ports={})
+    row.update(direct_port_start=None, direct_port_end=None)
+    await sf.cluster.hosts.kill_host(int(inst.id))  # and nothing answers where it was
+    sf.ctx, sf.task = _connect(sf.cluster, sf.ctx.layout.root, sf.ctx.settings), None
+    inst = sf.ctx.store.instances[inst.id]
+    assert inst.booting_since is None and inst.status is InstanceStatus.DISCOVERED
+    sf.run()
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "destroyed")
+    assert (inst.destroy_reason or "").startswith("not ready within")
+    assert int(inst.id) not in sf.cloud.instances
+
+
 # --- preemption -------------------------------------------------------------------------------
 async def test_preempted_interruptible_instance_requeues_its_job_and_is_destroyed(
     sim_fleet: Callable[..., Awaitable[SimFleet]],
