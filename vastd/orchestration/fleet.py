@@ -368,7 +368,7 @@ async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
             log,
             "fleet_no_offer",
             "offer_gpus",
-            f"no offer has the {wanted} GPUs a job needs ([job] gpus_per_job)",
+            f"no offer with the {wanted} GPUs a job needs ([job] gpus_per_job) to rent",
             field="reason",
             wanted=need,
         )
