@@ -29,6 +29,7 @@ from vastd.instances.vast_api import VastClient
 from vastd.orchestration import fleet as fl
 from vastd.orchestration.context import Context, StoreHostKeys, build_context
 from vastd.orchestration.workflow import (
+    accept_inbox_files,
     discovery_once,
     orchestrate_job_processing,
     recover_after_restart,
@@ -466,6 +467,32 @@ async def test_boot_that_never_finishes_is_destroyed_and_machine_blocked(
     assert str(machine) in on_disk["blocked_machines"]
 
 
+async def test_an_instance_listed_running_without_an_endpoint_after_a_restart_is_destroyed(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """After a restart an owned instance is listed running but with no SSH endpoint, and
+    its old one is dead (so preparation tries it no more and counts no more failures): it
+    gets the boot deadline again and is destroyed by it, though idle teardown is far off."""
+    sf = await sim_fleet(max_instances=1, job_s=0.1, idle_timeout_s=600.0, boot_timeout_s=1.5)
+    sf.submit(1)
+    sf.run()
+    await sf.wait(sf.all_done, 20, "done")
+    (inst,) = sf.owned(InstanceStatus.READY)
+    await sf.wait(lambda: inst.booting_since is None, msg="the boot deadline cleared")
+    await _close(sf.ctx, sf.task)
+    row = sf.cloud.instances[int(inst.id)]
+    row.update(ssh_host=None, ssh_port=None, public_ipaddr=None, ports={})
+    row.update(direct_port_start=None, direct_port_end=None)
+    await sf.cluster.hosts.kill_host(int(inst.id))  # and nothing answers where it was
+    sf.ctx, sf.task = _connect(sf.cluster, sf.ctx.layout.root, sf.ctx.settings), None
+    inst = sf.ctx.store.instances[inst.id]
+    assert inst.booting_since is None and inst.status is InstanceStatus.DISCOVERED
+    sf.run()
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "destroyed")
+    assert (inst.destroy_reason or "").startswith("not ready within")
+    assert int(inst.id) not in sf.cloud.instances
+
+
 # --- preemption -------------------------------------------------------------------------------
 async def test_preempted_interruptible_instance_requeues_its_job_and_is_destroyed(
     sim_fleet: Callable[..., Awaitable[SimFleet]],
@@ -496,6 +523,73 @@ async def test_preempted_interruptible_instance_requeues_its_job_and_is_destroye
     assert str(row["machine_id"]) not in sf.ctx.store.snapshot.blocked_machines
     done_on = [i for i in sf.owned() if i.id != first]
     assert done_on, "a replacement was rented"
+
+
+# --- one job per GPU: instances that cannot take a job ---------------------------------------
+def per_gpu_jobs(sf: SimFleet, gpus_per_job: int) -> None:
+    sf.ctx.settings.job.jobs_per_instance = "gpus"
+    sf.ctx.settings.job.gpus_per_job = gpus_per_job
+
+
+async def test_only_offers_with_the_gpus_a_job_needs_are_rented(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """One job per 2 GPUs, offers of one GPU only: nothing is rented (it could take no
+    job), and the log says why once (repeats at debug); a 2-GPU offer is then rented
+    though dearer. A stricter num_gpus>= of the query's own stays as it is. A rental
+    listed with one GPU after all is no capacity: another is rented, within
+    max_instances."""
+    sf = await sim_fleet(max_instances=1)
+    per_gpu_jobs(sf, 2)
+    assert fl.offer_query(sf.ctx) == "gpu_name=RTX_4090 num_gpus>=2"
+    sf.ctx.settings.fleet.offer_query = "num_gpus>=4"
+    assert fl.offer_query(sf.ctx) == "num_gpus>=4"
+    sf.ctx.settings.fleet.offer_query = "gpu_name=RTX_4090"
+    sf.add_queued(1)
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert (await fl.fleet_once(sf.ctx)).rented == []
+    assert sf.cloud.stats["rent"] == 0
+    said = [e for e in logs if e["event"] == "fleet_no_offer"]
+    assert [e["log_level"] for e in said] == ["warning", "debug", "debug"], said
+    assert "2 GPUs" in said[0]["reason"]
+    sf.cloud.add_offer(gpu_name=GPU, dph_total=0.9, num_gpus=2, machine_id=7100)
+    (iid,) = (await fl.fleet_once(sf.ctx)).rented
+    assert sf.cloud.instances[int(iid)]["machine_id"] == 7100
+    inst = sf.ctx.store.instances[iid]
+    assert inst.num_gpus == 2
+    inst.num_gpus = 1  # as a listing would say
+    sf.cloud.add_offer(gpu_name=GPU, dph_total=0.9, num_gpus=2, machine_id=7101)
+    assert (await fl.fleet_once(sf.ctx)).rented == []  # max_instances = 1
+    sf.ctx.settings.fleet.max_instances = 2
+    (second,) = (await fl.fleet_once(sf.ctx)).rented
+    assert sf.cloud.instances[int(second)]["machine_id"] == 7101
+
+
+async def test_an_instance_with_too_few_gpus_is_destroyed_idle_though_jobs_wait(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """One job per 2 GPUs; a rented instance lists one GPU only: it gets no job, another
+    is rented for the job, and it is destroyed after idle_timeout_s whatever waits, its
+    machine blocked."""
+    sf = await sim_fleet(offers=[], max_instances=2)
+    per_gpu_jobs(sf, 2)
+    for i in range(2):
+        sf.cloud.add_offer(gpu_name=GPU, dph_total=0.3 + i / 100, num_gpus=2, machine_id=7100 + i)
+    sf.submit(1)
+    await accept_inbox_files(sf.ctx, sorted(sf.ctx.layout.inbox.iterdir()))
+    (first,) = (await fl.fleet_once(sf.ctx)).rented
+    sf.cloud.instances[int(first)]["num_gpus"] = 1  # the host lists one GPU, not two
+    inst = sf.ctx.store.instances[first]
+    sf.run()
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "the 1-GPU one destroyed")
+    assert inst.destroy_reason is not None and inst.destroy_reason.startswith("idle")
+    assert "gpus_per_job" in inst.destroy_reason
+    assert str(inst.machine_id) in sf.ctx.store.snapshot.blocked_machines
+    await sf.wait(sf.all_done, 20, "the job done on the 2-GPU instance")
+    record = sf.ctx.store.record(sf.jobs[0])
+    assert record is not None and record.instance != first
+    assert sf.cloud.stats["rent"] == 2
 
 
 # --- confirmed destroy ------------------------------------------------------------------------
@@ -537,6 +631,32 @@ async def test_owned_instance_silent_past_the_grace_is_replaced(
     assert sf.ctx.store.instances[second].machine_id != inst.machine_id
 
 
+@pytest.mark.parametrize("drain", ["by_hand", "price_rise"])
+async def test_a_drained_instance_silent_past_the_grace_is_destroyed(
+    sim_fleet: Callable[..., Awaitable[SimFleet]], drain: str
+) -> None:
+    """An owned instance drained while its job runs (by hand, or a price rise past
+    max_total_dph), whose SSH then dies while the API still lists it running: destroyed
+    after [ssh] unreachable_grace_s like a ready one (its orphaned run does not keep it),
+    its machine blocked."""
+    sf = await sim_fleet(job_s=30.0, max_instances=1, max_total_dph=0.5)
+    sf.ctx.settings.ssh.unreachable_grace_s = 1.0
+    [job_id] = sf.submit(1)
+    sf.run()
+    await sf.wait(lambda: sf.ctx.store.job_state(job_id) is JobState.RUNNING, msg="running")
+    inst = sf.ctx.store.instances[sf.ctx.store.jobs[job_id].instance or ""]
+    if drain == "by_hand":
+        st.drain_instance(sf.ctx.store, inst, st.MANUAL_DRAIN, requeue_jobs=False)
+    else:
+        sf.cloud.set_price(int(inst.id), 0.9)
+    await sf.wait(lambda: inst.status is InstanceStatus.DRAINING, msg="drained")
+    await sf.cluster.hosts.kill_host(int(inst.id))
+    await sf.wait(lambda: inst.status is InstanceStatus.DESTROYED, 20, "destroyed")
+    assert "silent" in (inst.destroy_reason or "")
+    assert int(inst.id) not in sf.cloud.instances
+    assert str(inst.machine_id) in sf.ctx.store.snapshot.blocked_machines
+
+
 # --- a drain by hand (`vastd drain`) ------------------------------------------------------------
 async def test_drained_owned_instance_finishes_its_job_then_is_destroyed(
     sim_fleet: Callable[..., Awaitable[SimFleet]],
@@ -559,3 +679,33 @@ async def test_drained_owned_instance_finishes_its_job_then_is_destroyed(
     assert inst.destroy_reason is not None and inst.destroy_reason.startswith("drained")
     record = sf.ctx.store.record(job_id)
     assert record is not None and record.instance == inst.id and record.runs == 1
+
+
+async def test_a_drained_instance_running_its_job_rents_no_replacement(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """An owned instance drained while its job runs there: the job is already served, so
+    it asks for no new instance (none rented, destroyed idle and rented again while it
+    runs); a queued job still asks for one as usual."""
+    sf = await sim_fleet(job_s=60.0, max_instances=2)
+    [job_id] = sf.submit(1)
+    sf.run()
+    await sf.wait(lambda: sf.ctx.store.job_state(job_id) is JobState.RUNNING, msg="running")
+    await _close_loops(sf)
+    inst = sf.ctx.store.instances[sf.ctx.store.jobs[job_id].instance or ""]
+    st.drain_instance(sf.ctx.store, inst, st.MANUAL_DRAIN, requeue_jobs=False)
+    rents = sf.cloud.stats["rent"]
+    report = await fl.fleet_once(sf.ctx)
+    assert report.desired == 0 and report.rented == []
+    assert sf.cloud.stats["rent"] == rents
+    sf.add_queued(1)
+    report = await fl.fleet_once(sf.ctx)
+    assert report.desired == 1 and len(report.rented) == 1
+
+
+async def _close_loops(sf: SimFleet) -> None:
+    """Stop the daemon's loops (the Context stays open), so a test steps the fleet itself."""
+    assert sf.task is not None
+    sf.task.cancel()
+    await asyncio.gather(sf.task, return_exceptions=True)
+    sf.task = None

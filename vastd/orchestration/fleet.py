@@ -7,12 +7,15 @@ One step, `fleet_once(ctx)`, run every `[vast] poll_interval_s` by `run_fleet(ct
 2. housekeeping: expired machine blocks and stale rent intents are dropped;
 3. verdicts on owned instances: boot deadline, failure while booting, preemption,
    loss, SSH silent past `[ssh] unreachable_grace_s`, preparation failing again and
-   again, drained and empty, idle with an empty queue, spend cap -> destroy;
+   again, drained and empty, idle with an empty queue (or with too few GPUs for any
+   job), spend cap -> destroy;
 4. destroys under way are sent and confirmed (retried with back-off);
-5. scale up: rent cheapest-first until live instances (booting ones and pending
-   intents included) reach min(max_instances, jobs waiting + running), never past
-   `max_total_dph`, never on a blocked machine or one we already rent, and not while
-   the circuit breaker (breaker.py) pauses renting after rentals that never got ready.
+5. scale up: rent cheapest-first until live instances that can take a job (booting
+   ones and pending intents included) reach min(max_instances, jobs waiting + running,
+   less those a drained instance finishes), never past `max_total_dph` nor
+   `max_instances` live, never on a blocked machine, one we already rent or one with
+   too few GPUs for a job, and not while the circuit breaker (breaker.py) pauses
+   renting after rentals that never got ready.
 
 Policies: a preempted (stopped, outbid) interruptible instance has its jobs requeued (not
 an attempt) and is destroyed, or with `on_outbid = "rebid"` re-bid up to `max_bid_dph`
@@ -48,6 +51,7 @@ from vastd.orchestration.renting import (
 )
 from vastd.utils.exceptions import VastAIError
 from vastd.utils.logging import get_logger
+from vastd.utils.offer_query import parse_offer_query
 from vastd.utils.supervise import run_loop
 
 log = get_logger("vastd.fleet")
@@ -105,22 +109,37 @@ def desired_instances(ctx: Context) -> int:
     counts = ctx.store.counts()
     # a staged job ([job] stage_ahead) waits for a slot it already holds: no instance for it
     staged = sum(1 for j in ctx.store.jobs_in(st.JobState.RUNNING) if j.staged)
-    work = counts["queued"] + counts["running"] - staged + counts["collecting"]
+    # a drained instance's jobs finish there: they are served, no instance for them either
+    draining = sum(
+        1
+        for i in ctx.store.instances.values()
+        if i.status is InstanceStatus.DRAINING
+        for j in st.jobs_on_instance(ctx.store, i.id)
+        if not j.staged
+    )
+    work = counts["queued"] + counts["running"] - staged + counts["collecting"] - draining
     return min(ctx.settings.fleet.max_instances, -(-work // slots_per_instance(ctx)))
 
 
 def slots_per_instance(ctx: Context) -> int:
     """The jobs one instance takes: `[job] jobs_per_instance`, or with one job per GPU
-    the mean slots of the live instances whose GPUs are known (1 before any is)."""
+    the mean slots of the live instances that can take a job (1 before any is known)."""
     job = ctx.settings.job
     if isinstance(job.jobs_per_instance, int):
         return job.jobs_per_instance
-    known = [gpus.slots(job, i) for i in live_instances(ctx)]
+    known = [gpus.slots(job, i) for i in serving_instances(ctx)]
     return max(1, round(sum(known) / len(known))) if known else 1
 
 
 def live_instances(ctx: Context) -> list[InstanceRecord]:
     return [i for i in ctx.store.instances.values() if i.status in LIVE]
+
+
+def serving_instances(ctx: Context) -> list[InstanceRecord]:
+    """Live instances that can take a job: one with fewer GPUs than `[job] gpus_per_job`
+    (no slot, `instance_too_few_gpus`) is no capacity, whatever waits."""
+    job = ctx.settings.job
+    return [i for i in live_instances(ctx) if gpus.slots(job, i) > 0]
 
 
 def expire_rent_intents(ctx: Context, now: float) -> int:
@@ -195,8 +214,9 @@ def teardown_reason(
     if inst.prepare_failures >= PREPARE_FAILURES_MAX:
         return "preparation keeps failing", True
     grace = ctx.settings.ssh.unreachable_grace_s
+    # (a drained one stays DRAINING when its SSH fails: the clock runs all the same)
     if (
-        inst.status is InstanceStatus.UNREACHABLE
+        inst.status in (InstanceStatus.UNREACHABLE, InstanceStatus.DRAINING)
         and inst.unreachable_since is not None
         and now - inst.unreachable_since > grace
     ):
@@ -211,10 +231,19 @@ def teardown_reason(
             return "spend cap reached", False
         if booting:
             return "spend cap reached", False
-    if inst.status is InstanceStatus.READY and not busy and queued == 0:
+    # (one with too few GPUs for a job gets none, whatever waits: idle all the same)
+    no_slot = gpus.slots(ctx.settings.job, inst) == 0
+    if inst.status is InstanceStatus.READY and not busy and (queued == 0 or no_slot):
         if inst.idle_since is None:
             inst.idle_since = now
         if now - inst.idle_since >= fleet.idle_timeout_s:
+            if no_slot:
+                # its machine is blocked: a rental there again would idle again
+                return (
+                    f"idle for {fleet.idle_timeout_s:g}s: fewer GPUs than "
+                    f"gpus_per_job = {ctx.settings.job.gpus_per_job}",
+                    True,
+                )
             return f"idle for {fleet.idle_timeout_s:g}s with an empty queue", False
     return None
 
@@ -279,13 +308,33 @@ async def attach_missing_keys(ctx: Context) -> None:
 
 
 # --- scaling up -------------------------------------------------------------------------------
+def gpus_wanted(ctx: Context) -> int:
+    """The GPUs an offer needs to take a job: `[job] gpus_per_job` with one job per GPU."""
+    job = ctx.settings.job
+    return job.gpus_per_job if gpus.per_gpu(job) else 1
+
+
+def offer_query(ctx: Context) -> str:
+    """`[fleet] offer_query`, asking for at least `gpus_wanted` GPUs where it asks for
+    fewer (a stricter `num_gpus>=` of its own stays)."""
+    query, wanted = ctx.settings.fleet.offer_query, gpus_wanted(ctx)
+    if wanted <= 1:
+        return query
+    floor = parse_offer_query(query).get("num_gpus", {}).get("gte")
+    if isinstance(floor, int | float) and floor >= wanted:
+        return query
+    return f"{query} num_gpus>={wanted}".strip()
+
+
 async def choose_offers(ctx: Context, now: float) -> list[Offer]:
-    """Offers for `offer_query`, in `order`, minus blocked machines, machines we rent and
-    offers ending before a job could finish (market.offer_fits)."""
+    """Offers for `offer_query` (with enough GPUs for a job), in `order`, minus blocked
+    machines, machines we rent and offers ending before a job could finish
+    (market.offer_fits)."""
     assert ctx.cloud is not None
     fleet = ctx.settings.fleet
+    wanted = gpus_wanted(ctx)
     offers = await ctx.cloud.search_offers(
-        fleet.offer_query,
+        offer_query(ctx),
         order=fleet.order,
         limit=OFFER_LIMIT,
         disk_gb=fleet.disk_gb,
@@ -298,13 +347,18 @@ async def choose_offers(ctx: Context, now: float) -> list[Offer]:
     return [
         o
         for o in offers
-        if str(o.machine_id) not in blocked | ours and market.offer_fits(ctx, o, now)
+        if str(o.machine_id) not in blocked | ours
+        and (wanted <= 1 or (o.num_gpus or 1) >= wanted)
+        and market.offer_fits(ctx, o, now)
     ]
 
 
 async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
     """Rent until the target is met, within `max_total_dph`."""
     need = report.desired - report.live - report.pending_intents
+    # never past max_instances, counting the live instances that cannot take a job too
+    room = ctx.settings.fleet.max_instances - len(live_instances(ctx)) - report.pending_intents
+    need = min(need, room)
     if need <= 0:
         return
     need = breaker.rentals_allowed(ctx, need, now)
@@ -318,6 +372,18 @@ async def scale_up(ctx: Context, now: float, report: FleetReport) -> None:
         ctx.repeats.failed(log, "offer_search_failed", "offer_search", str(exc))
         return
     ctx.repeats.recovered(log, "offer_search_recovered", "offer_search")
+    wanted = gpus_wanted(ctx)
+    if wanted > 1 and not offers:
+        ctx.repeats.failed(
+            log,
+            "fleet_no_offer",
+            "offer_gpus",
+            f"no offer with the {wanted} GPUs a job needs ([job] gpus_per_job) to rent",
+            field="reason",
+            wanted=need,
+        )
+        return
+    ctx.repeats.forget("offer_gpus")
     for offer in offers:
         if need <= 0:
             break
@@ -352,7 +418,7 @@ async def fleet_once(ctx: Context) -> FleetReport:
         report.destroyed = await advance_destroys(ctx, now)
         await attach_missing_keys(ctx)
     report.desired = desired_instances(ctx)
-    report.live = len(live_instances(ctx))
+    report.live = len(serving_instances(ctx))
     report.pending_intents = len(ctx.store.snapshot.rent_intents)
     if ctx.cloud is not None and ctx.settings.fleet.mode == "autoscale":
         await scale_up(ctx, now, report)

@@ -262,6 +262,9 @@ def start_preparation(ctx: Context, inst: InstanceRecord) -> bool:
     if inst.status not in (InstanceStatus.DISCOVERED, InstanceStatus.PREPARING):
         return False
     if not ctx.endpoints(inst):
+        # Listed running with no SSH endpoint (seen after a restart): nothing to try, so
+        # no failure counts; an owned one waits within the boot deadline, as if pending.
+        market.restart_boot_deadline(ctx, inst, time.time())
         return False
     task = ctx.preparing.get(inst.id)
     if task is not None and not task.done():

@@ -134,6 +134,7 @@ async def rent_instance(ctx: Context, offer: Offer) -> InstanceRecord:
             dph=dph,
             machine_id=machine_id,
             gpu_name=offer.gpu_name,
+            num_gpus=offer.num_gpus,
             intent_id=intent_id,
             interruptible=s.fleet.interruptible,
             end_date=offer.end_date,
