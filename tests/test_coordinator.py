@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 from structlog.testing import capture_logs
 
@@ -39,9 +40,10 @@ from vastd.core.records import InstanceRecord, JobRecord, OrphanRun
 from vastd.core.state import InstanceStatus, JobState, load_state
 from vastd.execution import result_handler
 from vastd.execution.process_monitor import KillOutcome, RemoteJobStatus
+from vastd.orchestration import collection, market
 from vastd.orchestration import coordinator as co
-from vastd.orchestration import market
 from vastd.orchestration.context import Context
+from vastd.sim import hosts
 
 
 @pytest.fixture
@@ -727,6 +729,75 @@ async def test_ssh_error_during_collection_is_not_a_failure(env: SimEnv) -> None
     assert job.state is JobState.DONE and job.attempts == 0
     # with no job left to watch, the collection itself says the instance is back
     assert ctx.store.instances[iid].status is InstanceStatus.READY
+
+
+def refuse_sftp_reads(monkeypatch: pytest.MonkeyPatch, suffix: bytes) -> None:
+    """The sim hosts' SFTP servers answer a read of a file ending in `suffix` with an
+    error status (SSH_FX_FAILURE), as a host whose disk has an I/O error does."""
+    real_open = hosts._SFTPServer.open
+
+    def failing_open(self: Any, path: bytes, pflags: int, attrs: Any) -> Any:
+        if path.endswith(suffix):
+            raise asyncssh.SFTPFailure("I/O error")
+        return real_open(self, path, pflags, attrs)
+
+    monkeypatch.setattr(hosts._SFTPServer, "open", failing_open)
+
+
+async def test_a_result_the_host_cannot_read_fails_the_attempt_after_a_few_tries(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SFTP error status for a result file (not a broken connection, not invalid
+    results): the collection is tried again a few times, then the attempt fails with a
+    reason naming the file and the error; at max_attempts the job is in failed/ with
+    its .error.json (never left collecting, its instance busy)."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"max_attempts": 1}))
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await async_wait_for(lambda: job.state is JobState.COLLECTING, 20)
+    refuse_sftp_reads(monkeypatch, b".parquet")
+
+    with capture_logs() as logs:
+        answers = [await co.collect_job(ctx, job_id)]
+        while answers[-1] is False and len(answers) < 10:
+            assert job.state is JobState.COLLECTING and job.attempts == 0
+            answers.append(await co.collect_job(ctx, job_id))
+
+    tries = collection.REMOTE_FILE_TRIES
+    assert answers == [False] * (tries - 1) + [True]
+    assert len(events(logs, "collection_deferred")) == tries
+    assert job.state is JobState.FAILED and job.attempts == 1
+    assert job_file_in(ctx, job_id) == ["failed"]
+    reason = json.loads(ctx.layout.error_file(job_id).read_text())["reason"]
+    assert reason.startswith("results unreadable: ") and "I/O error" in reason
+    assert ".parquet" in reason, reason
+    assert not any(i.current_jobs for i in ctx.store.instances.values())
+
+
+async def test_a_log_the_host_cannot_read_does_not_fail_valid_results(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's log.txt refused by the host's SFTP server: the valid results are
+    collected all the same, the job done; the log's absence is logged."""
+    await env.start(instances=1)
+    ctx = env.context()
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await async_wait_for(lambda: job.state is JobState.COLLECTING, 20)
+    refuse_sftp_reads(monkeypatch, b"/log.txt")
+
+    with capture_logs() as logs:
+        assert await co.collect_job(ctx, job_id) is True
+
+    assert job.state is JobState.DONE and job.attempts == 0
+    [skipped] = events(logs, "result_log_skipped")
+    assert "I/O error" in skipped["reason"]
+    assert "log.txt" not in {p.name for p in ctx.layout.results_dir(job_id).iterdir()}
 
 
 async def test_local_disk_full_during_collection_keeps_the_job_collecting(
