@@ -38,7 +38,7 @@ from vastd.core import state as st
 from vastd.core.files import JobFolder
 from vastd.core.records import InstanceRecord, JobRecord, OrphanRun
 from vastd.core.state import InstanceStatus, JobState, load_state
-from vastd.execution import result_handler
+from vastd.execution import process_monitor, result_handler
 from vastd.execution.process_monitor import KillOutcome, RemoteJobStatus
 from vastd.orchestration import collection, market
 from vastd.orchestration import coordinator as co
@@ -674,6 +674,75 @@ async def test_a_run_that_outlives_its_timeout_kill_is_timed_out_once(
     assert kills == [job_id]
     assert job.state is JobState.COLLECTING and job.last_exit_code == 124
     env.open_gate(iid)
+
+
+def cut_status_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every status answer comes back with its job lines cut short (a garbling host):
+    no job has a well-formed line."""
+    real = process_monitor.parse_status_output
+
+    def garbled(stdout: str, entries: Any, **kw: Any) -> dict[str, RemoteJobStatus]:
+        cut = "\n".join(ln[:5] if ln.startswith("J ") else ln for ln in stdout.split("\n"))
+        return real(cut, entries, **kw)
+
+    monkeypatch.setattr(process_monitor, "parse_status_output", garbled)
+
+
+async def test_a_job_whose_status_lines_are_missing_is_still_timed_out(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance's answers carry no well-formed line for a running job: its
+    `[job] timeout_s` deadline (vastd's clock) holds all the same: its group is killed
+    and the attempt is timed out (exit 124), never left running."""
+    await env.start(instances=1)
+    ctx = env.context(
+        env.settings(job={"command": "sleep 60; cat {input}", "timeout_s": 1.5, "max_attempts": 1})
+    )
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.pgid is not None)
+    pgid = job.pgid
+    assert pgid is not None
+    cut_status_lines(monkeypatch)
+
+    with capture_logs() as logs:
+        await wait_state(ctx, job_id, JobState.FAILED)
+
+    assert not group_alive(pgid)
+    assert job.last_exit_code == 124 and job.attempts == 1
+    assert [e["job"] for e in events(logs, "job_timed_out")] == [job_id]
+
+
+async def test_a_job_whose_status_lines_stay_missing_is_taken_as_vanished(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No status line for a job for `[ssh] unreachable_grace_s` (its deadline far off):
+    the run is taken as vanished, a failed attempt with the reason, as a process gone
+    without an exit code is (not left running forever)."""
+    await env.start(instances=1)
+    ctx = env.context(
+        env.settings(
+            job={"command": "sleep 60; cat {input}", "max_attempts": 1},
+            ssh={"unreachable_grace_s": 0.5},
+        )
+    )
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.pgid is not None)
+    cut_status_lines(monkeypatch)
+
+    with capture_logs() as logs:
+        await wait_state(ctx, job_id, JobState.FAILED)
+
+    [missing] = events(logs, "job_status_missing")
+    assert missing["job"] == job_id
+    assert job.attempts == 1 and job.last_error is not None
+    assert "no status line" in job.last_error
+    assert events(logs, "job_timed_out") == []
 
 
 # --- unreachable is not failed --------------------------------------------------------------
