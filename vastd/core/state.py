@@ -452,14 +452,20 @@ def note_staged_started(
 ) -> bool:
     """A staged run was seen started on its instance (claimed by the run before it, or
     by vastd): from now it is a running job like any other; its deadline counts from
-    the instance's start time (never later than now). True when that is news. It keeps
-    its slot (`slot_chains`): the run before it may still read running, its exit
+    the instance's start time where that is plausible by vastd's clock (not before the
+    job was assigned, not after now), else from now: a host clock far off (unset, no
+    NTP) never makes a run past its deadline at its start. True when that is news. It
+    keeps its slot (`slot_chains`): the run before it may still read running, its exit
     (which started this one) falling between the status command's two reads."""
     if job.state is not J.RUNNING or not job.staged:
         return False
     now = time.time() if now is None else now
     _unstage(job)
-    job.started_at = min(started_at, now) if started_at is not None else now
+    earliest = job.dispatched_at if job.dispatched_at is not None else now
+    if started_at is not None and earliest <= started_at <= now:
+        job.started_at = started_at
+    else:
+        job.started_at = now
     job.runs += 1
     store.mark_dirty()
     return True
