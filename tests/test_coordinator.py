@@ -404,6 +404,86 @@ async def test_a_failed_job_is_retried_on_another_instance(env: SimEnv) -> None:
 
 
 # --- watching and collecting ----------------------------------------------------------------
+# the job's folder is replaced (its `run` file says another run) or removed under it
+LOSES_ITS_FOLDER = {
+    "replaced": "sleep 0.3; printf 'deadbeef\\n' > run; sleep 30",
+    "removed": 'sleep 0.3; d=$(pwd); cd /; rm -rf "$d"; sleep 30',
+}
+
+
+@pytest.mark.parametrize("how", sorted(LOSES_ITS_FOLDER))
+async def test_a_job_whose_folder_is_lost_again_and_again_fails_instead_of_looping(
+    env: SimEnv, how: str
+) -> None:
+    """A run whose remote folder is replaced or removed while it runs: the first time
+    the job is requeued, not an attempt, its instance avoided; each time after, a
+    failed attempt, so it ends in failed/ with the reason at max_attempts instead of
+    running again and again."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"command": LOSES_ITS_FOLDER[how], "max_attempts": 2}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+
+    with capture_logs() as logs:
+        await co.coordinate_job_distribution(ctx)
+        await pump(ctx, lambda: job.lost_runs == 1)
+        assert job.attempts == 0 and job.avoid_instances == [iid]
+        await wait_state(ctx, job_id, JobState.FAILED)
+
+    assert len(events(logs, "job_requeued")) == 1
+    assert len(events(logs, "job_dispatched")) == 3  # the free rerun, then max_attempts
+    assert job.attempts == 2 and job_file_in(ctx, job_id) == ["failed"]
+    reason = json.loads(ctx.layout.error_file(job_id).read_text())["reason"]
+    assert reason == f"remote job folder {'vanished' if how == 'removed' else 'holds run deadbeef'}"
+
+
+async def test_a_job_whose_folder_is_lost_once_runs_again_elsewhere_with_no_attempt(
+    env: SimEnv,
+) -> None:
+    """One lost folder (a host that wiped its disk once) is not the job's fault: the job
+    runs again on another instance and ends done with no attempt counted."""
+    await env.start(instances=2)
+    lose_once = f"if mkdir ../../../lost-once; then {LOSES_ITS_FOLDER['removed']}; fi"
+    ctx = env.context(env.settings(job={"command": f"{lose_once}; {WORKER_COMMAND}"}))
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+
+    with capture_logs() as logs:
+        await co.coordinate_job_distribution(ctx)
+        await wait_state(ctx, job_id, JobState.DONE)
+
+    first, second = (e["instance"] for e in events(logs, "job_dispatched"))
+    assert first != second and job.avoid_instances == [first]
+    assert (job.attempts, job.lost_runs) == (0, 1)
+
+
+async def test_results_of_another_run_are_a_lost_run_for_the_collection_too(
+    env: SimEnv,
+) -> None:
+    """The folder of a run that exited holds another run by the time it is collected:
+    requeued the first time (not an attempt, its instance avoided), a failed attempt
+    the next."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"max_attempts": 1}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    for lost in (1, 2):
+        await co.coordinate_job_distribution(ctx)
+        await async_wait_for(lambda: job.state is JobState.COLLECTING, 20)
+        (remote_dir(ctx, iid, job_id) / "run").write_text("deadbeef\n")
+        ctx.listed.pop(job_id, None)  # the listing its status printed says the run's own
+        assert await co.collect_job(ctx, job_id) is True
+        if lost == 1:
+            assert job.state is JobState.QUEUED and (job.attempts, job.lost_runs) == (0, 1)
+            assert job.avoid_instances == [iid]
+            job.not_before = None
+    assert job.state is JobState.FAILED and job.attempts == 1
+    assert job.last_error is not None and job.last_error.startswith("results lost: ")
+
+
 async def test_successful_job_is_collected_then_remote_folder_removed(env: SimEnv) -> None:
     """exit 0 -> COLLECTING -> DONE: file in done/, results/<job>/ holds the parquet and
     log.txt; the remote folder is removed only once the snapshot saying DONE is written."""

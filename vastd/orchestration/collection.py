@@ -31,6 +31,7 @@ from vastd.orchestration.actions import (
     mark_reachable,
     mark_unreachable,
     record_attempt_failure,
+    record_lost_run,
     requeue,
 )
 from vastd.orchestration.context import Context
@@ -113,8 +114,9 @@ async def _collect(ctx: Context, job_id: str) -> bool:
             except RunMismatchError as exc:
                 mark_reachable(ctx, inst)
                 if still_collecting(job, inst, run_id):
-                    # Its folder was replaced (not the job's fault): run it again.
-                    requeue(ctx, job, reason=f"results lost: {exc}")
+                    # Its folder was replaced: run it again (not the job's fault the
+                    # first time; again, a failed attempt).
+                    record_lost_run(ctx, job, reason=f"results lost: {exc}")
                 return True
             except (JobExecutionError, RemoteFileError) as exc:
                 mark_reachable(ctx, inst)

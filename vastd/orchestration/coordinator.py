@@ -46,6 +46,7 @@ from vastd.orchestration.actions import (
     mark_reachable,
     mark_unreachable,
     record_attempt_failure,
+    record_lost_run,
     requeue,
 )
 from vastd.orchestration.collection import collect_job as collect_job
@@ -615,9 +616,10 @@ def _restart_or_requeue(ctx: Context, inst: InstanceRecord, job: JobRecord, why:
         ctx.dispatch.claim(job.id, job.run_id)
         ctx.spawn(redispatch(ctx, job.id, inst.id, job.run_id), name=f"dispatch:{job.id}")
     else:
-        # The run's folder vanished or was replaced under a started job: not its fault.
+        # The run's folder vanished or was replaced under a started job: not its fault
+        # the first time; again, a failed attempt (record_lost_run).
         log.warning("job_folder_vanished", job=job.id, instance=inst.id, reason=why)
-        requeue(ctx, job, reason=f"remote job folder {why}")
+        record_lost_run(ctx, job, reason=f"remote job folder {why}")
 
 
 async def handle_job_status(
