@@ -107,7 +107,17 @@ def scan_choice(ctx: Context, job: JobRecord, load: Counter[str]) -> str | None:
         and st.slot_load(ctx.store, i) + load[i.id] < co.instance_slots(ctx, i)
         and market.fits_before_end(ctx, i)
     ]
-    pool = [i for i in room if i.id not in job.avoid_instances] or room
+    pool = [i for i in room if i.id not in job.avoid_instances]
+    others = [
+        i
+        for i in ctx.store.instances.values()
+        if (i.status is InstanceStatus.READY or i.status in co.COMING)
+        and i.id not in job.avoid_instances
+        and i.id not in orphaned
+        and market.fits_before_end(ctx, i)
+    ]
+    if not others:
+        pool = room  # none it has not failed on could take it: one it failed on
     best = min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id), default=None)
     return best.id if best is not None else None
 
@@ -152,6 +162,47 @@ def test_a_rounds_room_picks_what_a_full_scan_would(tmp_path: Path, seed: int) -
             if drained.status is InstanceStatus.READY:
                 st.drain_instance(ctx.store, drained, reason="test", requeue_jobs=False)
     assert picked > 10  # the round did place jobs, up to full instances
+
+
+def test_a_retry_waits_for_an_instance_it_has_not_failed_on(tmp_path: Path) -> None:
+    """A job that failed on A is not given A again while B, busy or on its way, could
+    take it (a host that fails every job at once is always the least loaded); a fresh
+    job still goes to A. With no other instance that could take it, A it is."""
+    ctx = offline_ctx(tmp_path, jobs_per_instance=1)
+    for iid in ("101", "102"):
+        ctx.store.instances[iid] = InstanceRecord(id=iid, status=InstanceStatus.READY)
+    b = ctx.store.instances["102"]
+    queued(ctx, "long")
+    st.mark_job_assigned(ctx.store, "long", "102")  # B is full
+    retry = queued(ctx, "retry")
+    retry.avoid_instances = ["101"]
+    assert co.find_best_instance_for_job(ctx, retry) is None
+    for status in (InstanceStatus.BOOTING, InstanceStatus.PREPARING):
+        b.status = status
+        assert co.find_best_instance_for_job(ctx, retry) is None, status
+    fresh = queued(ctx, "fresh")
+    assert getattr(co.find_best_instance_for_job(ctx, fresh), "id", None) == "101"
+    b.status = InstanceStatus.DRAINING  # no other could take it: back to A
+    assert getattr(co.find_best_instance_for_job(ctx, retry), "id", None) == "101"
+
+
+async def test_a_waiting_retry_does_not_hold_up_the_jobs_behind_it(env: SimEnv) -> None:
+    """The queue's head waits for an instance it has not failed on; a fresh job behind
+    it is placed on the free instance all the same."""
+    await env.start(instances=2)
+    ctx = env.context(env.settings(job={"command": GATED_WORKER}))
+    a, b = await env.ready(ctx)
+    first, retry, fresh = (ctx.store.jobs[j] for j in await env.submit(ctx, 3))
+    ctx.store.instances[a].status = InstanceStatus.DRAINING
+    assert await co.coordinate_job_distribution(ctx) == 1
+    assert first.instance == b  # B is busy from now
+    ctx.store.instances[a].status = InstanceStatus.READY
+    retry.avoid_instances = [a]  # as if it had failed on A
+
+    assert await co.coordinate_job_distribution(ctx) == 1
+    assert retry.state is JobState.QUEUED and fresh.instance == a
+    env.open_gate(a)
+    env.open_gate(b)
 
 
 async def test_a_waves_starts_take_their_first_steps_a_chunk_per_loop_turn(

@@ -116,6 +116,19 @@ class Room:
             and (not gpus.per_gpu(ctx.settings.job) or free_gpus(ctx, inst) is not None)
         )
 
+    def _others_for(self, job: JobRecord, orphaned: set[str]) -> bool:
+        """An instance the job has not failed on could take it, now busy or on its way:
+        the job waits for it rather than go back to one it failed on."""
+        ctx = self._ctx
+        return any(
+            (inst.status is InstanceStatus.READY or inst.status in COMING)
+            and inst.id not in job.avoid_instances
+            and inst.id not in orphaned
+            and gpus.slots(ctx.settings.job, inst) > 0
+            and market.fits_before_end(ctx, inst)
+            for inst in ctx.store.instances.values()
+        )
+
     def pick(self, job: JobRecord) -> InstanceRecord | None:
         """The instance for the job (see `find_best_instance_for_job`), None if none has
         room. The choice stays in the room: once assigned its load has grown, and the
@@ -144,7 +157,7 @@ class Room:
             else:
                 chosen = (key, instance_id)
                 break
-        if chosen is None:
+        if chosen is None and (fallback is None or not self._others_for(job, orphaned)):
             chosen, fallback = fallback, None
         for entry in (*skipped, *([fallback] if fallback else []), *([chosen] if chosen else [])):
             heapq.heappush(heap, entry)
@@ -155,7 +168,8 @@ def find_best_instance_for_job(
     ctx: Context, job: JobRecord, orphan_load: Counter[str] | None = None
 ) -> InstanceRecord | None:
     """A ready instance with room, least loaded first, preferring one the job has not
-    failed on. Never one that holds an orphaned run of this job: that run may still
+    failed on: one it failed on only when no other could take it (none ready, busy or
+    on its way; a fleet of one, say), else it waits for one. Never one that holds an orphaned run of this job: that run may still
     finish first (or has, and is about to be collected). Orphaned runs count as load:
     they occupy their instance until they are settled. With one job per GPU, room
     also means enough free GPUs (`free_gpus`). A round placing many jobs keeps one
@@ -224,9 +238,9 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             break
         inst = room.pick(job)
         if inst is None:
-            if not job.orphans:
+            if not job.orphans and not job.avoid_instances:
                 break  # no room anywhere: later jobs would not find any either
-            continue
+            continue  # it waits for another instance than those it failed on
         wanted = free_gpus(ctx, inst) if gpus.per_gpu(ctx.settings.job) else None
         if await _assign(ctx, job, inst, wanted or ()):
             assigned.append((job.id, inst.id, job.run_id))
