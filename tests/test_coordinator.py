@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 from structlog.testing import capture_logs
 
@@ -37,11 +38,12 @@ from vastd.core import state as st
 from vastd.core.files import JobFolder
 from vastd.core.records import InstanceRecord, JobRecord, OrphanRun
 from vastd.core.state import InstanceStatus, JobState, load_state
-from vastd.execution import result_handler
+from vastd.execution import process_monitor, result_handler
 from vastd.execution.process_monitor import KillOutcome, RemoteJobStatus
+from vastd.orchestration import collection, market
 from vastd.orchestration import coordinator as co
-from vastd.orchestration import market
 from vastd.orchestration.context import Context
+from vastd.sim import hosts
 
 
 @pytest.fixture
@@ -105,7 +107,17 @@ def scan_choice(ctx: Context, job: JobRecord, load: Counter[str]) -> str | None:
         and st.slot_load(ctx.store, i) + load[i.id] < co.instance_slots(ctx, i)
         and market.fits_before_end(ctx, i)
     ]
-    pool = [i for i in room if i.id not in job.avoid_instances] or room
+    pool = [i for i in room if i.id not in job.avoid_instances]
+    others = [
+        i
+        for i in ctx.store.instances.values()
+        if (i.status is InstanceStatus.READY or i.status in co.COMING)
+        and i.id not in job.avoid_instances
+        and i.id not in orphaned
+        and market.fits_before_end(ctx, i)
+    ]
+    if not others:
+        pool = room  # none it has not failed on could take it: one it failed on
     best = min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id), default=None)
     return best.id if best is not None else None
 
@@ -150,6 +162,47 @@ def test_a_rounds_room_picks_what_a_full_scan_would(tmp_path: Path, seed: int) -
             if drained.status is InstanceStatus.READY:
                 st.drain_instance(ctx.store, drained, reason="test", requeue_jobs=False)
     assert picked > 10  # the round did place jobs, up to full instances
+
+
+def test_a_retry_waits_for_an_instance_it_has_not_failed_on(tmp_path: Path) -> None:
+    """A job that failed on A is not given A again while B, busy or on its way, could
+    take it (a host that fails every job at once is always the least loaded); a fresh
+    job still goes to A. With no other instance that could take it, A it is."""
+    ctx = offline_ctx(tmp_path, jobs_per_instance=1)
+    for iid in ("101", "102"):
+        ctx.store.instances[iid] = InstanceRecord(id=iid, status=InstanceStatus.READY)
+    b = ctx.store.instances["102"]
+    queued(ctx, "long")
+    st.mark_job_assigned(ctx.store, "long", "102")  # B is full
+    retry = queued(ctx, "retry")
+    retry.avoid_instances = ["101"]
+    assert co.find_best_instance_for_job(ctx, retry) is None
+    for status in (InstanceStatus.BOOTING, InstanceStatus.PREPARING):
+        b.status = status
+        assert co.find_best_instance_for_job(ctx, retry) is None, status
+    fresh = queued(ctx, "fresh")
+    assert getattr(co.find_best_instance_for_job(ctx, fresh), "id", None) == "101"
+    b.status = InstanceStatus.DRAINING  # no other could take it: back to A
+    assert getattr(co.find_best_instance_for_job(ctx, retry), "id", None) == "101"
+
+
+async def test_a_waiting_retry_does_not_hold_up_the_jobs_behind_it(env: SimEnv) -> None:
+    """The queue's head waits for an instance it has not failed on; a fresh job behind
+    it is placed on the free instance all the same."""
+    await env.start(instances=2)
+    ctx = env.context(env.settings(job={"command": GATED_WORKER}))
+    a, b = await env.ready(ctx)
+    first, retry, fresh = (ctx.store.jobs[j] for j in await env.submit(ctx, 3))
+    ctx.store.instances[a].status = InstanceStatus.DRAINING
+    assert await co.coordinate_job_distribution(ctx) == 1
+    assert first.instance == b  # B is busy from now
+    ctx.store.instances[a].status = InstanceStatus.READY
+    retry.avoid_instances = [a]  # as if it had failed on A
+
+    assert await co.coordinate_job_distribution(ctx) == 1
+    assert retry.state is JobState.QUEUED and fresh.instance == a
+    env.open_gate(a)
+    env.open_gate(b)
 
 
 async def test_a_waves_starts_take_their_first_steps_a_chunk_per_loop_turn(
@@ -402,6 +455,86 @@ async def test_a_failed_job_is_retried_on_another_instance(env: SimEnv) -> None:
 
 
 # --- watching and collecting ----------------------------------------------------------------
+# the job's folder is replaced (its `run` file says another run) or removed under it
+LOSES_ITS_FOLDER = {
+    "replaced": "sleep 0.3; printf 'deadbeef\\n' > run; sleep 30",
+    "removed": 'sleep 0.3; d=$(pwd); cd /; rm -rf "$d"; sleep 30',
+}
+
+
+@pytest.mark.parametrize("how", sorted(LOSES_ITS_FOLDER))
+async def test_a_job_whose_folder_is_lost_again_and_again_fails_instead_of_looping(
+    env: SimEnv, how: str
+) -> None:
+    """A run whose remote folder is replaced or removed while it runs: the first time
+    the job is requeued, not an attempt, its instance avoided; each time after, a
+    failed attempt, so it ends in failed/ with the reason at max_attempts instead of
+    running again and again."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"command": LOSES_ITS_FOLDER[how], "max_attempts": 2}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+
+    with capture_logs() as logs:
+        await co.coordinate_job_distribution(ctx)
+        await pump(ctx, lambda: job.lost_runs == 1)
+        assert job.attempts == 0 and job.avoid_instances == [iid]
+        await wait_state(ctx, job_id, JobState.FAILED)
+
+    assert len(events(logs, "job_requeued")) == 1
+    assert len(events(logs, "job_dispatched")) == 3  # the free rerun, then max_attempts
+    assert job.attempts == 2 and job_file_in(ctx, job_id) == ["failed"]
+    reason = json.loads(ctx.layout.error_file(job_id).read_text())["reason"]
+    assert reason == f"remote job folder {'vanished' if how == 'removed' else 'holds run deadbeef'}"
+
+
+async def test_a_job_whose_folder_is_lost_once_runs_again_elsewhere_with_no_attempt(
+    env: SimEnv,
+) -> None:
+    """One lost folder (a host that wiped its disk once) is not the job's fault: the job
+    runs again on another instance and ends done with no attempt counted."""
+    await env.start(instances=2)
+    lose_once = f"if mkdir ../../../lost-once; then {LOSES_ITS_FOLDER['removed']}; fi"
+    ctx = env.context(env.settings(job={"command": f"{lose_once}; {WORKER_COMMAND}"}))
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+
+    with capture_logs() as logs:
+        await co.coordinate_job_distribution(ctx)
+        await wait_state(ctx, job_id, JobState.DONE)
+
+    first, second = (e["instance"] for e in events(logs, "job_dispatched"))
+    assert first != second and job.avoid_instances == [first]
+    assert (job.attempts, job.lost_runs) == (0, 1)
+
+
+async def test_results_of_another_run_are_a_lost_run_for_the_collection_too(
+    env: SimEnv,
+) -> None:
+    """The folder of a run that exited holds another run by the time it is collected:
+    requeued the first time (not an attempt, its instance avoided), a failed attempt
+    the next."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"max_attempts": 1}))
+    [iid] = await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    for lost in (1, 2):
+        await co.coordinate_job_distribution(ctx)
+        await async_wait_for(lambda: job.state is JobState.COLLECTING, 20)
+        (remote_dir(ctx, iid, job_id) / "run").write_text("deadbeef\n")
+        ctx.listed.pop(job_id, None)  # the listing its status printed says the run's own
+        assert await co.collect_job(ctx, job_id) is True
+        if lost == 1:
+            assert job.state is JobState.QUEUED and (job.attempts, job.lost_runs) == (0, 1)
+            assert job.avoid_instances == [iid]
+            job.not_before = None
+    assert job.state is JobState.FAILED and job.attempts == 1
+    assert job.last_error is not None and job.last_error.startswith("results lost: ")
+
+
 async def test_successful_job_is_collected_then_remote_folder_removed(env: SimEnv) -> None:
     """exit 0 -> COLLECTING -> DONE: file in done/, results/<job>/ holds the parquet and
     log.txt; the remote folder is removed only once the snapshot saying DONE is written."""
@@ -674,6 +807,75 @@ async def test_a_run_that_outlives_its_timeout_kill_is_timed_out_once(
     env.open_gate(iid)
 
 
+def cut_status_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every status answer comes back with its job lines cut short (a garbling host):
+    no job has a well-formed line."""
+    real = process_monitor.parse_status_output
+
+    def garbled(stdout: str, entries: Any, **kw: Any) -> dict[str, RemoteJobStatus]:
+        cut = "\n".join(ln[:5] if ln.startswith("J ") else ln for ln in stdout.split("\n"))
+        return real(cut, entries, **kw)
+
+    monkeypatch.setattr(process_monitor, "parse_status_output", garbled)
+
+
+async def test_a_job_whose_status_lines_are_missing_is_still_timed_out(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance's answers carry no well-formed line for a running job: its
+    `[job] timeout_s` deadline (vastd's clock) holds all the same: its group is killed
+    and the attempt is timed out (exit 124), never left running."""
+    await env.start(instances=1)
+    ctx = env.context(
+        env.settings(job={"command": "sleep 60; cat {input}", "timeout_s": 1.5, "max_attempts": 1})
+    )
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.pgid is not None)
+    pgid = job.pgid
+    assert pgid is not None
+    cut_status_lines(monkeypatch)
+
+    with capture_logs() as logs:
+        await wait_state(ctx, job_id, JobState.FAILED)
+
+    assert not group_alive(pgid)
+    assert job.last_exit_code == 124 and job.attempts == 1
+    assert [e["job"] for e in events(logs, "job_timed_out")] == [job_id]
+
+
+async def test_a_job_whose_status_lines_stay_missing_is_taken_as_vanished(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No status line for a job for `[ssh] unreachable_grace_s` (its deadline far off):
+    the run is taken as vanished, a failed attempt with the reason, as a process gone
+    without an exit code is (not left running forever)."""
+    await env.start(instances=1)
+    ctx = env.context(
+        env.settings(
+            job={"command": "sleep 60; cat {input}", "max_attempts": 1},
+            ssh={"unreachable_grace_s": 0.5},
+        )
+    )
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await pump(ctx, lambda: job.pgid is not None)
+    cut_status_lines(monkeypatch)
+
+    with capture_logs() as logs:
+        await wait_state(ctx, job_id, JobState.FAILED)
+
+    [missing] = events(logs, "job_status_missing")
+    assert missing["job"] == job_id
+    assert job.attempts == 1 and job.last_error is not None
+    assert "no status line" in job.last_error
+    assert events(logs, "job_timed_out") == []
+
+
 # --- unreachable is not failed --------------------------------------------------------------
 async def test_ssh_drop_mid_job_keeps_the_attempt_and_reattaches(env: SimEnv) -> None:
     """SSH dies mid-job: the instance is UNREACHABLE, the job stays RUNNING there with
@@ -727,6 +929,75 @@ async def test_ssh_error_during_collection_is_not_a_failure(env: SimEnv) -> None
     assert job.state is JobState.DONE and job.attempts == 0
     # with no job left to watch, the collection itself says the instance is back
     assert ctx.store.instances[iid].status is InstanceStatus.READY
+
+
+def refuse_sftp_reads(monkeypatch: pytest.MonkeyPatch, suffix: bytes) -> None:
+    """The sim hosts' SFTP servers answer a read of a file ending in `suffix` with an
+    error status (SSH_FX_FAILURE), as a host whose disk has an I/O error does."""
+    real_open = hosts._SFTPServer.open
+
+    def failing_open(self: Any, path: bytes, pflags: int, attrs: Any) -> Any:
+        if path.endswith(suffix):
+            raise asyncssh.SFTPFailure("I/O error")
+        return real_open(self, path, pflags, attrs)
+
+    monkeypatch.setattr(hosts._SFTPServer, "open", failing_open)
+
+
+async def test_a_result_the_host_cannot_read_fails_the_attempt_after_a_few_tries(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SFTP error status for a result file (not a broken connection, not invalid
+    results): the collection is tried again a few times, then the attempt fails with a
+    reason naming the file and the error; at max_attempts the job is in failed/ with
+    its .error.json (never left collecting, its instance busy)."""
+    await env.start(instances=1)
+    ctx = env.context(env.settings(job={"max_attempts": 1}))
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await async_wait_for(lambda: job.state is JobState.COLLECTING, 20)
+    refuse_sftp_reads(monkeypatch, b".parquet")
+
+    with capture_logs() as logs:
+        answers = [await co.collect_job(ctx, job_id)]
+        while answers[-1] is False and len(answers) < 10:
+            assert job.state is JobState.COLLECTING and job.attempts == 0
+            answers.append(await co.collect_job(ctx, job_id))
+
+    tries = collection.REMOTE_FILE_TRIES
+    assert answers == [False] * (tries - 1) + [True]
+    assert len(events(logs, "collection_deferred")) == tries
+    assert job.state is JobState.FAILED and job.attempts == 1
+    assert job_file_in(ctx, job_id) == ["failed"]
+    reason = json.loads(ctx.layout.error_file(job_id).read_text())["reason"]
+    assert reason.startswith("results unreadable: ") and "I/O error" in reason
+    assert ".parquet" in reason, reason
+    assert not any(i.current_jobs for i in ctx.store.instances.values())
+
+
+async def test_a_log_the_host_cannot_read_does_not_fail_valid_results(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's log.txt refused by the host's SFTP server: the valid results are
+    collected all the same, the job done; the log's absence is logged."""
+    await env.start(instances=1)
+    ctx = env.context()
+    await env.ready(ctx)
+    [job_id] = await env.submit(ctx)
+    job = ctx.store.jobs[job_id]
+    await co.coordinate_job_distribution(ctx)
+    await async_wait_for(lambda: job.state is JobState.COLLECTING, 20)
+    refuse_sftp_reads(monkeypatch, b"/log.txt")
+
+    with capture_logs() as logs:
+        assert await co.collect_job(ctx, job_id) is True
+
+    assert job.state is JobState.DONE and job.attempts == 0
+    [skipped] = events(logs, "result_log_skipped")
+    assert "I/O error" in skipped["reason"]
+    assert "log.txt" not in {p.name for p in ctx.layout.results_dir(job_id).iterdir()}
 
 
 async def test_local_disk_full_during_collection_keeps_the_job_collecting(

@@ -618,6 +618,38 @@ async def test_a_staged_run_seen_started_while_the_run_ahead_reads_running_keeps
     assert staging_slots(ctx) == [(inst, second)]
 
 
+@pytest.mark.parametrize("host_clock", ["2001", "a day ahead", "right"])
+async def test_a_staged_runs_deadline_takes_the_hosts_start_time_only_when_plausible(
+    env: SimEnv, host_clock: str
+) -> None:
+    """A staged run's start time comes from its instance's clock. One before the job's
+    assignment (a host clock in 2001: RTC unset, no NTP) or after now is not used: the
+    deadline counts from when vastd first saw the start, so the run is not killed as
+    timed out the moment it starts. A plausible one is kept."""
+    ctx, iid, ids = await staged_world(env)
+    inst = ctx.store.instances[iid]
+    first, second = ctx.store.jobs[ids[0]], ctx.store.jobs[ids[1]]
+    assert second.dispatched_at is not None
+    host_start = {
+        "2001": 1_000_000_000.0,
+        "a day ahead": time.time() + 86400,
+        "right": second.dispatched_at + 0.001,
+    }[host_clock]
+    st.mark_job_exited(ctx.store, first.id, exit_code=0, error=None)
+    before = time.time()
+    started = status_of(second, pid=4242, alive=True, started_at=host_start)
+    await handle_job_status(ctx, inst, second, started)
+
+    assert not second.staged and second.started_at is not None
+    if host_clock == "right":
+        assert second.started_at == host_start
+    else:
+        assert before <= second.started_at <= time.time()
+    assert second.kill_reason is None and second.state is JobState.RUNNING
+    await handle_job_status(ctx, inst, second, started)  # the next look
+    assert second.kill_reason is None and second.state is JobState.RUNNING
+
+
 def status_of(job: JobRecord, **fields: object) -> RemoteJobStatus:
     return RemoteJobStatus(job_id=job.id, exists=True, run=job.run_id, **fields)  # type: ignore[arg-type]
 

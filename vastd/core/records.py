@@ -119,6 +119,9 @@ class JobRecord(Tracked):
     kill_reason: str | None = None  # the run must be killed (timeout); saved before the kill
     not_before: float | None = None  # retry back-off
     avoid_instances: list[str] = Field(default_factory=list)
+    # runs whose remote folder vanished or came to hold another run while they ran
+    # (requeued, not counted as attempts: the first is not the job's fault)
+    lost_runs: int = 0
     # runs on instances given up while unreachable
     orphans: list[OrphanRun] = Field(default_factory=list)
     result_files: list[str] = Field(default_factory=list)

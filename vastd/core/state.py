@@ -452,14 +452,20 @@ def note_staged_started(
 ) -> bool:
     """A staged run was seen started on its instance (claimed by the run before it, or
     by vastd): from now it is a running job like any other; its deadline counts from
-    the instance's start time (never later than now). True when that is news. It keeps
-    its slot (`slot_chains`): the run before it may still read running, its exit
+    the instance's start time where that is plausible by vastd's clock (not before the
+    job was assigned, not after now), else from now: a host clock far off (unset, no
+    NTP) never makes a run past its deadline at its start. True when that is news. It
+    keeps its slot (`slot_chains`): the run before it may still read running, its exit
     (which started this one) falling between the status command's two reads."""
     if job.state is not J.RUNNING or not job.staged:
         return False
     now = time.time() if now is None else now
     _unstage(job)
-    job.started_at = min(started_at, now) if started_at is not None else now
+    earliest = job.dispatched_at if job.dispatched_at is not None else now
+    if started_at is not None and earliest <= started_at <= now:
+        job.started_at = started_at
+    else:
+        job.started_at = now
     job.runs += 1
     store.mark_dirty()
     return True
@@ -665,13 +671,16 @@ def requeue_job(
     delay_s: float = 0.0,
     avoid: Iterable[str] = (),
     orphan: bool = False,
+    lost: bool = False,
 ) -> JobRecord:
     """Back to the queue (not an attempt); the instance is avoided next time when possible.
 
     With `orphan`, a run that was started is remembered as an orphan of its instance:
     should that instance answer again, its results are kept if it finished first,
-    else it is stopped. Without, a started run's folder is cleaned up. A job whose
-    file was removed from running/ by hand cannot run again: it fails instead.
+    else it is stopped. Without, a started run's folder is cleaned up. With `lost`,
+    the run's folder vanished or was replaced under it: counted in `lost_runs`, and its
+    instance avoided. A job whose file was removed from running/ by hand cannot run
+    again: it fails instead.
     """
     job = store.jobs[job_id]
     if not can_job(job, J.QUEUED) or job.state not in HELD:
@@ -679,6 +688,9 @@ def requeue_job(
     if not _move(store, job, JobFolder.RUNNING, JobFolder.QUEUED):
         mark_job_failed(store, job_id, reason=f"the job file was removed from running/ ({reason})")
         return job
+    if lost:
+        job.lost_runs += 1
+        avoid = [*avoid, *([job.instance] if job.instance is not None else [])]
     withdraw_behind(store, job, "was queued again")
     # A run was started, or may have been (a start whose answer was lost).
     if job.instance is not None and (job.pgid is not None or job.run_id is not None):

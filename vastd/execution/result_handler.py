@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from vastd.core.files import TEMP_PREFIX, fsync_directory, json_bytes, safe_name, write_new_file
 from vastd.core.files_async import in_thread_to_its_end
+from vastd.core.ssh import RemoteFileError
 from vastd.execution.job_runner import (
     CONTROL_NAMES,
     LOG_NAME,
@@ -297,7 +298,12 @@ async def _download_to(
 ) -> int:
     if remote.size > max_bytes:
         raise ResultTooLargeError(f"{remote.name!r}: {remote.size} bytes, more than {max_bytes}")
-    return await conn.download(remote.path, target, timeout_s=timeout_s, max_bytes=max_bytes)
+    try:
+        return await conn.download(remote.path, target, timeout_s=timeout_s, max_bytes=max_bytes)
+    except RemoteFileError as exc:
+        # The host's SFTP server refused the read (an I/O error on its disk, a file
+        # removed since the listing): which file, and what it said.
+        raise RemoteFileError(f"cannot read {remote.name!r}: {exc}", code=exc.code) from exc
 
 
 def _make_temp_for(tmp: Path, names: Sequence[str], min_free_bytes: int) -> tuple[list[Path], int]:
@@ -421,8 +427,9 @@ async def _download_log(
     try:
         # The job has ended, but allow some slack for a straggler still writing.
         await conn.download(source, target, timeout_s=timeout_s, max_bytes=2 * cap_bytes, size=size)
-    except ResultValidationError as exc:
-        log.warning("result_log_skipped", reason=str(exc))
+    except (ResultValidationError, RemoteFileError) as exc:
+        # The results are whole without it: a log that cannot be read is only missing.
+        log.warning("result_log_skipped", path=source, reason=str(exc))
         return None
     if source != paths.log:
         # A leftover would do no harm: the next start clears the job folder.

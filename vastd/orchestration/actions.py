@@ -147,17 +147,40 @@ def record_attempt_failure(
     ctx.wake_dispatch()
 
 
+# Runs of a job whose remote folder may vanish or be replaced under them before that
+# counts as a failed attempt: a host that wiped its disk once is not the job's fault; a
+# job that removes its own folder (or a host that keeps doing it) would rerun forever.
+LOST_RUNS_FREE = 1
+
+
+def record_lost_run(ctx: Context, job: JobRecord, *, reason: str) -> None:
+    """The run's remote folder vanished or came to hold another run while it ran: it
+    runs again, elsewhere if possible, not counted; past `LOST_RUNS_FREE` such runs of
+    the job, a failed attempt (retried elsewhere up to `[job] max_attempts`)."""
+    if job.lost_runs >= LOST_RUNS_FREE:
+        record_attempt_failure(ctx, job, reason=reason, exit_code=None)
+    else:
+        requeue(ctx, job, reason=reason, lost=True)
+
+
 def requeue(
-    ctx: Context, job: JobRecord, *, reason: str, orphan: bool = False, wake: bool = True
+    ctx: Context,
+    job: JobRecord,
+    *,
+    reason: str,
+    orphan: bool = False,
+    wake: bool = True,
+    lost: bool = False,
 ) -> bool:
     """Put a held job back in the queue (file and record), never counting an attempt.
 
     False when its file cannot move (disk, a stray copy in queued/): the job stays as it
     was, logged, and the step that asked goes on with its other jobs. `wake`: dispatch
     looks at the queue again at once (not for the jobs of a round whose save failed).
+    `lost`: its run's folder was lost under it (`record_lost_run`).
     """
     try:
-        st.requeue_job(ctx.store, job.id, reason=reason, orphan=orphan)
+        st.requeue_job(ctx.store, job.id, reason=reason, orphan=orphan, lost=lost)
     except FileOperationError as exc:
         log.error("job_requeue_failed", job=job.id, reason=reason, error=str(exc))
         return False

@@ -13,7 +13,7 @@ import time
 from vastd.core import gpus
 from vastd.core import state as st
 from vastd.core.files_async import in_thread_to_its_end
-from vastd.core.ssh import SSHConnection
+from vastd.core.ssh import RemoteFileError, SSHConnection
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState, OrphanRun
 from vastd.execution.job_runner import RemoteJobPaths, remote_job_paths
 from vastd.execution.process_monitor import (
@@ -31,6 +31,7 @@ from vastd.orchestration.actions import (
     mark_reachable,
     mark_unreachable,
     record_attempt_failure,
+    record_lost_run,
     requeue,
 )
 from vastd.orchestration.context import Context
@@ -63,6 +64,13 @@ def still_collecting(job: JobRecord, inst: InstanceRecord, run_id: str | None) -
 
 
 LOCAL_KEY = "collect:local"  # RepeatedFailures key of collections deferred for a local reason
+# Collections of one run that meet a remote file error (the host's SFTP server refuses
+# a result's read: an I/O error on its disk) before it counts as the attempt's failure.
+REMOTE_FILE_TRIES = 3
+
+
+def _file_key(job_id: str) -> str:
+    return f"collect-file:{job_id}"
 
 
 async def collect_job(ctx: Context, job_id: str) -> bool:
@@ -72,7 +80,10 @@ async def collect_job(ctx: Context, job_id: str) -> bool:
     only ever installed by one of them, and the record says which run it holds.
     """
     async with ctx.job_locks.hold(job_id):
-        return await _collect(ctx, job_id)
+        done = await _collect(ctx, job_id)
+    if done:
+        ctx.repeats.forget(_file_key(job_id))  # the next run's collection starts afresh
+    return done
 
 
 async def _collect(ctx: Context, job_id: str) -> bool:
@@ -103,21 +114,33 @@ async def _collect(ctx: Context, job_id: str) -> bool:
             except RunMismatchError as exc:
                 mark_reachable(ctx, inst)
                 if still_collecting(job, inst, run_id):
-                    # Its folder was replaced (not the job's fault): run it again.
-                    requeue(ctx, job, reason=f"results lost: {exc}")
+                    # Its folder was replaced: run it again (not the job's fault the
+                    # first time; again, a failed attempt).
+                    record_lost_run(ctx, job, reason=f"results lost: {exc}")
                 return True
-            except JobExecutionError as exc:
+            except (JobExecutionError, RemoteFileError) as exc:
                 mark_reachable(ctx, inst)
                 if not still_collecting(job, inst, run_id):
                     return True
+                why = "results invalid"
+                if isinstance(exc, RemoteFileError):
+                    # Tried again with the collection's back-off, a few times: then the
+                    # run's results are lost to this host, as invalid ones are.
+                    key = _file_key(job.id)
+                    ctx.repeats.failed(
+                        log, "collection_deferred", key, str(exc), job=job.id, instance=inst.id
+                    )
+                    if ctx.repeats.count(key) < REMOTE_FILE_TRIES:
+                        return False
+                    why = "results unreadable"
                 tail = await _log_tail(conn, paths, ctx.settings.ssh.command_timeout_s)
                 if still_collecting(job, inst, run_id):
                     record_attempt_failure(
-                        ctx, job, reason=f"results invalid: {exc}", exit_code=0, log_tail=tail
+                        ctx, job, reason=f"{why}: {exc}", exit_code=0, log_tail=tail
                     )
                 return True
             mark_reachable(ctx, inst)
-            for key in (LOCAL_KEY, f"collect:{inst.id}"):
+            for key in (LOCAL_KEY, f"collect:{inst.id}", _file_key(job.id)):
                 ctx.repeats.recovered(
                     log, "collection_recovered", key, job=job.id, instance=inst.id
                 )
@@ -320,7 +343,7 @@ async def handle_orphan_status(
                 collected = await collect_with_settings(
                     ctx, conn, inst, job, orphan.run, started_at=orphan.started_at
                 )
-            except JobExecutionError as exc:
+            except (JobExecutionError, RemoteFileError) as exc:
                 log.info("orphan_results_invalid", job=job.id, instance=inst.id, error=str(exc))
             else:
                 await keep_late_results(ctx, job, inst, collected, orphan.run)

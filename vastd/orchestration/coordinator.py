@@ -46,6 +46,7 @@ from vastd.orchestration.actions import (
     mark_reachable,
     mark_unreachable,
     record_attempt_failure,
+    record_lost_run,
     requeue,
 )
 from vastd.orchestration.collection import collect_job as collect_job
@@ -115,6 +116,19 @@ class Room:
             and (not gpus.per_gpu(ctx.settings.job) or free_gpus(ctx, inst) is not None)
         )
 
+    def _others_for(self, job: JobRecord, orphaned: set[str]) -> bool:
+        """An instance the job has not failed on could take it, now busy or on its way:
+        the job waits for it rather than go back to one it failed on."""
+        ctx = self._ctx
+        return any(
+            (inst.status is InstanceStatus.READY or inst.status in COMING)
+            and inst.id not in job.avoid_instances
+            and inst.id not in orphaned
+            and gpus.slots(ctx.settings.job, inst) > 0
+            and market.fits_before_end(ctx, inst)
+            for inst in ctx.store.instances.values()
+        )
+
     def pick(self, job: JobRecord) -> InstanceRecord | None:
         """The instance for the job (see `find_best_instance_for_job`), None if none has
         room. The choice stays in the room: once assigned its load has grown, and the
@@ -143,7 +157,7 @@ class Room:
             else:
                 chosen = (key, instance_id)
                 break
-        if chosen is None:
+        if chosen is None and (fallback is None or not self._others_for(job, orphaned)):
             chosen, fallback = fallback, None
         for entry in (*skipped, *([fallback] if fallback else []), *([chosen] if chosen else [])):
             heapq.heappush(heap, entry)
@@ -154,7 +168,8 @@ def find_best_instance_for_job(
     ctx: Context, job: JobRecord, orphan_load: Counter[str] | None = None
 ) -> InstanceRecord | None:
     """A ready instance with room, least loaded first, preferring one the job has not
-    failed on. Never one that holds an orphaned run of this job: that run may still
+    failed on: one it failed on only when no other could take it (none ready, busy or
+    on its way; a fleet of one, say), else it waits for one. Never one that holds an orphaned run of this job: that run may still
     finish first (or has, and is about to be collected). Orphaned runs count as load:
     they occupy their instance until they are settled. With one job per GPU, room
     also means enough free GPUs (`free_gpus`). A round placing many jobs keeps one
@@ -223,9 +238,9 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             break
         inst = room.pick(job)
         if inst is None:
-            if not job.orphans:
+            if not job.orphans and not job.avoid_instances:
                 break  # no room anywhere: later jobs would not find any either
-            continue
+            continue  # it waits for another instance than those it failed on
         wanted = free_gpus(ctx, inst) if gpus.per_gpu(ctx.settings.job) else None
         if await _assign(ctx, job, inst, wanted or ()):
             assigned.append((job.id, inst.id, job.run_id))
@@ -490,6 +505,7 @@ def ensure_watcher(ctx: Context, instance_id: str) -> None:
 async def watch_instance(ctx: Context, instance_id: str) -> None:
     """One status round trip per cycle for all of an instance's jobs (and orphaned runs)."""
     failures = 0
+    unheard: dict[str, float] = {}  # job -> since when (monotonic) its status line is missing
     while True:
         inst = ctx.store.instances.get(instance_id)
         if inst is None or inst.status in (InstanceStatus.LOST, InstanceStatus.DESTROYED):
@@ -518,12 +534,20 @@ async def watch_instance(ctx: Context, instance_id: str) -> None:
                 await withdraw_staged(ctx, inst, jobs)
             except SSHConnectionError as exc:
                 log.warning("job_withdraw_failed", instance=inst.id, error=str(exc))
+        now = time.monotonic()
+        for gone in unheard.keys() - job_ids:
+            del unheard[gone]
         for job in jobs + orphans:
             status = statuses.get(job.id)
-            if status is None:
-                continue
+            if status is None and job.id in job_ids:
+                unheard.setdefault(job.id, now)
+            elif status is not None:
+                unheard.pop(job.id, None)
             try:
-                if job.id not in job_ids:
+                if status is None:
+                    if job.id in job_ids:
+                        await handle_missing_status(ctx, inst, job, now - unheard[job.id])
+                elif job.id not in job_ids:
                     await handle_orphan_status(ctx, inst, job, status)
                 else:
                     await handle_job_status(ctx, inst, job, status)
@@ -606,9 +630,10 @@ def _restart_or_requeue(ctx: Context, inst: InstanceRecord, job: JobRecord, why:
         ctx.dispatch.claim(job.id, job.run_id)
         ctx.spawn(redispatch(ctx, job.id, inst.id, job.run_id), name=f"dispatch:{job.id}")
     else:
-        # The run's folder vanished or was replaced under a started job: not its fault.
+        # The run's folder vanished or was replaced under a started job: not its fault
+        # the first time; again, a failed attempt (record_lost_run).
         log.warning("job_folder_vanished", job=job.id, instance=inst.id, reason=why)
-        requeue(ctx, job, reason=f"remote job folder {why}")
+        record_lost_run(ctx, job, reason=f"remote job folder {why}")
 
 
 async def handle_job_status(
@@ -634,28 +659,7 @@ async def handle_job_status(
     if status.progress_rows is not None:
         st.note_progress(ctx.store, job, status.progress_rows)
     if outcome is CompletionStatus.RUNNING:
-        started = job.started_at or job.dispatched_at or time.time()
-        if job.kill_reason is None and time.time() - started > ctx.settings.job.timeout_s:
-            st.request_kill(ctx.store, job, "timed out")
-        if job.kill_reason is not None:
-            if not await ctx.store.flush():
-                return  # write-ahead: kill once the record says so (next cycle)
-            if not is_current(job, inst.id, status.run):
-                return
-            conn = await instance_connection(ctx, inst)
-            paths = remote_job_paths(ctx.settings.remote.root, inst.id, job.id)
-            killed = await handle_job_timeout(
-                conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s
-            )
-            if not killed.exit_code_written and not killed.still_alive:
-                # It ended by itself first (its own exit code is there) or its folder is
-                # gone: the next look reads which, and a finished run is not thrown away.
-                # (A group that outlives SIGKILL with no exit code written is timed out
-                # here, or it would be killed again at every look.)
-                return
-            log.warning("job_timed_out", job=job.id, instance=inst.id)
-            if is_current(job, inst.id, status.run):
-                finish_run(ctx, job, exit_code=124, error="timed out")
+        await _enforce_deadline(ctx, inst, job, status.run)
         return
     if status.timed_out:
         finish_run(ctx, job, exit_code=status.exit_code, error="timed out")
@@ -669,6 +673,66 @@ async def handle_job_status(
         finish_run(ctx, job, exit_code=None, error="exit_code file holds garbage")
     elif outcome is CompletionStatus.VANISHED:
         finish_run(ctx, job, exit_code=None, error="process gone without an exit code")
+
+
+def past_deadline(ctx: Context, job: JobRecord, now: float | None = None) -> bool:
+    """The job's run has been going longer than `[job] timeout_s` (vastd's clock)."""
+    now = time.time() if now is None else now
+    started = job.started_at or job.dispatched_at or now
+    return now - started > ctx.settings.job.timeout_s
+
+
+async def _enforce_deadline(
+    ctx: Context, inst: InstanceRecord, job: JobRecord, run: str | None
+) -> bool | None:
+    """Kill the run once past its deadline (or once asked to): saved before it is sent;
+    timed out (exit 124) unless it ended by itself first. True: timed out; False: the
+    kill found it ended (or its folder gone); None: no kill sent (yet)."""
+    if job.kill_reason is None and past_deadline(ctx, job):
+        st.request_kill(ctx.store, job, "timed out")
+    if job.kill_reason is None:
+        return None
+    if not await ctx.store.flush():
+        return None  # write-ahead: kill once the record says so (next cycle)
+    if not is_current(job, inst.id, run):
+        return None
+    conn = await instance_connection(ctx, inst)
+    paths = remote_job_paths(ctx.settings.remote.root, inst.id, job.id)
+    killed = await handle_job_timeout(conn, paths, timeout_s=ctx.settings.ssh.command_timeout_s)
+    if not killed.exit_code_written and not killed.still_alive:
+        # It ended by itself first (its own exit code is there) or its folder is
+        # gone: the next look reads which, and a finished run is not thrown away.
+        # (A group that outlives SIGKILL with no exit code written is timed out
+        # here, or it would be killed again at every look.)
+        return False
+    log.warning("job_timed_out", job=job.id, instance=inst.id)
+    if is_current(job, inst.id, run):
+        finish_run(ctx, job, exit_code=124, error="timed out")
+    return True
+
+
+async def handle_missing_status(
+    ctx: Context, inst: InstanceRecord, job: JobRecord, unheard_s: float
+) -> None:
+    """The instance's answer carried no well-formed line for the job (cut short, garbled),
+    for `unheard_s` seconds now. Its deadline holds all the same (vastd's clock); past
+    `[ssh] unreachable_grace_s` with no line, the run is taken as vanished."""
+    if not is_current(job, inst.id, job.run_id) or in_dispatch(ctx, job):
+        return
+    waiting = job.staged and job.started_at is None  # its deadline counts from its start
+    if not waiting and (job.kill_reason is not None or past_deadline(ctx, job)):
+        run = job.run_id
+        if await _enforce_deadline(ctx, inst, job, run) is False and is_current(job, inst.id, run):
+            # Ended by itself or gone, past its deadline, and no line says which: it is
+            # over, as a vanished run is (not looked for again at every cycle).
+            error = "past its deadline, and no status line says how it ended"
+            log.warning("job_status_missing", job=job.id, instance=inst.id, error=error)
+            finish_run(ctx, job, exit_code=None, error=error)
+        return
+    if unheard_s >= ctx.settings.ssh.unreachable_grace_s:
+        error = f"no status line for it in {unheard_s:.0f}s of the instance's answers"
+        log.warning("job_status_missing", job=job.id, instance=inst.id, error=error)
+        finish_run(ctx, job, exit_code=None, error=error)
 
 
 STAGED_KICK_S = 2.0  # the run before ended this long ago and the staged one still waits

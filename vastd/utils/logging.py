@@ -472,3 +472,8 @@ class RepeatedFailures:
 
     def failing(self, key: str) -> bool:
         return key in self._last
+
+    def count(self, key: str) -> int:
+        """How many times `key` has failed since it last worked (0: not failing)."""
+        prev = self._last.get(key)
+        return prev[1] if prev is not None else 0
