@@ -186,6 +186,52 @@ def test_a_retry_waits_for_an_instance_it_has_not_failed_on(tmp_path: Path) -> N
     assert getattr(co.find_best_instance_for_job(ctx, retry), "id", None) == "101"
 
 
+async def test_a_host_that_fails_every_job_is_drained_while_the_others_complete_them(
+    env: SimEnv,
+) -> None:
+    """Every job exits 1 at once on one instance ("CUDA error"), as it would on a host
+    whose GPU is gone: it was always the least loaded, took most of the queue and failed
+    7 of 12 jobs for good. Once different jobs failed there in a row while others
+    completed elsewhere, it is drained (undrain by hand puts it back, a fresh count);
+    every job ends done on the good instance."""
+    await env.start(instances=2)
+    bad = sorted(str(i) for i in env.sim.cloud.instances)[0]
+    command = (
+        f'case "$PWD" in */{bad}/*) echo "CUDA error: no CUDA-capable device" >&2; exit 1;; '
+        "esac; sleep 0.3; echo x > {output_dir}/r_1"
+    )
+    settings = env.settings(
+        job={"command": command, "result_glob": "out/r_*", "validate": "none", "max_attempts": 3}
+    )
+    ctx = env.context(settings)
+    await env.ready(ctx)
+    jobs = [ctx.store.jobs[j] for j in await env.submit(ctx, 12)]
+    with capture_logs() as logs:
+        await pump(ctx, lambda: all(j.state is JobState.DONE for j in jobs), timeout_s=60)
+    inst = ctx.store.instances[bad]
+    assert inst.status is InstanceStatus.DRAINING and inst.drain_reason == st.FAILING_DRAIN
+    drained = [e for e in logs if e["event"] == "instance_drained" and e["instance"] == bad]
+    assert [e["reason"] for e in drained] == [st.FAILING_DRAIN]
+    failed_there = {e["job"] for e in logs if e["event"] == "job_retry" and e["instance"] == bad}
+    assert len(failed_there) <= 2 * st.FAILING_JOBS_MAX
+    assert st.undrain_instance(ctx.store, inst)
+    assert inst.failed_jobs_in_row == [] and inst.failing_since is None
+
+
+def test_a_job_command_broken_everywhere_drains_no_instance(tmp_path: Path) -> None:
+    """Different jobs failing on every instance alike (nothing completes anywhere) is the
+    command's fault, not a host's: no instance is drained for it."""
+    ctx = offline_ctx(tmp_path, jobs_per_instance=1)
+    for iid in ("101", "102"):
+        ctx.store.instances[iid] = InstanceRecord(id=iid, status=InstanceStatus.READY)
+    for n in range(2 * st.FAILING_JOBS_MAX):
+        job = queued(ctx, f"j{n}")
+        st.mark_job_assigned(ctx.store, job.id, ("101", "102")[n % 2])
+        st.record_attempt_failure(ctx.store, job.id, reason="exit 1", exit_code=1, max_attempts=1)
+    assert all(i.status is InstanceStatus.READY for i in ctx.store.instances.values())
+    assert len(ctx.store.instances["101"].failed_jobs_in_row) == st.FAILING_JOBS_MAX
+
+
 async def test_a_waiting_retry_does_not_hold_up_the_jobs_behind_it(env: SimEnv) -> None:
     """The queue's head waits for an instance it has not failed on; a fresh job behind
     it is placed on the free instance all the same."""

@@ -653,6 +653,7 @@ def _completed(
     # a staged run of it here never starts (its folder is cleaned up): nor do those behind
     _leave_slot(store, job, "was completed by another run")
     set_job_state(store, job, J.DONE)
+    _note_success_on(store, instance_id)
     add_followup(store, instance=instance_id, job=job.id, run=run_id, reason="collected")
     job.result_files = list(result_files)
     job.instance = instance_id
@@ -792,6 +793,8 @@ def record_attempt_failure(
     job.attempts += 1
     job.last_exit_code = exit_code
     failed_on = job.instance
+    if failed_on is not None:
+        _note_failure_on(store, failed_on, job_id)
     if job.attempts < max_attempts and job.state in HELD:
         requeue_job(
             store,
@@ -803,6 +806,46 @@ def record_attempt_failure(
         job.last_exit_code = exit_code
         return job
     return mark_job_failed(store, job_id, reason=reason, exit_code=exit_code, log_tail=log_tail)
+
+
+# An instance on which this many different jobs failed one after another, while some job
+# completed on another instance since the first of them, is drained: a host that fails
+# whatever it runs (its CUDA gone, its disk broken) finishes its jobs at once, so it is
+# always the least loaded and would take most of the queue, failing each job's
+# attempts. A job command broken everywhere fails on every instance alike, and drains
+# none of them (nothing completes elsewhere).
+FAILING_JOBS_MAX = 3
+FAILING_DRAIN = (
+    "failing jobs: different jobs failed here one after another while others completed elsewhere"
+)
+
+
+def _note_failure_on(store: StateStore, instance_id: str, job_id: str) -> None:
+    inst = store.instances.get(instance_id)
+    if inst is None or inst.status in GONE:
+        return
+    if job_id not in inst.failed_jobs_in_row:
+        inst.failed_jobs_in_row = [*inst.failed_jobs_in_row, job_id][-FAILING_JOBS_MAX:]
+    if inst.failing_since is None:
+        inst.failing_since = time.time()
+    if len(inst.failed_jobs_in_row) < FAILING_JOBS_MAX or inst.status is S.DRAINING:
+        return
+    since = inst.failing_since
+    if any(
+        other.id != instance_id and (other.last_success_at or 0.0) >= since
+        for other in store.instances.values()
+    ):
+        drain_instance(store, inst, FAILING_DRAIN, requeue_jobs=False)
+
+
+def _note_success_on(store: StateStore, instance_id: str) -> None:
+    inst = store.instances.get(instance_id)
+    if inst is None:
+        return
+    inst.last_success_at = time.time()
+    if inst.failed_jobs_in_row:
+        inst.failed_jobs_in_row = []
+        inst.failing_since = None
 
 
 CANCELLED = "cancelled"  # the reason of a job cancelled by hand (`vastd cancel`)
@@ -1004,6 +1047,9 @@ def undrain_instance(
     ready = not prepare_first
     set_instance_status(store, inst, S.READY if ready else S.DISCOVERED)
     inst.drain_reason = None
+    if inst.failed_jobs_in_row:  # a fresh count (FAILING_DRAIN), not one failure from it
+        inst.failed_jobs_in_row = []
+        inst.failing_since = None
     if ready and not inst.current_jobs:
         inst.idle_since = inst.idle_since or time.time()
     return True

@@ -300,7 +300,7 @@ class ControlServer:
             return _result(instance_id, True, f"drained; {running} running job(s) finish there")
         if inst.status is not InstanceStatus.DRAINING:
             return _result(instance_id, False, f"is {inst.status.value}, not drained")
-        if inst.drain_reason != st.MANUAL_DRAIN and inst.drain_reason not in HEALTH_DRAINS:
+        if inst.drain_reason not in (st.MANUAL_DRAIN, st.FAILING_DRAIN, *HEALTH_DRAINS):
             return _result(
                 instance_id, False, f"drained by the daemon ({inst.drain_reason}): stays drained"
             )
