@@ -19,7 +19,7 @@ from tests.helpers import clean_env, preserved_logging
 from vastd.cli import main
 from vastd.core import state as st
 from vastd.core import submit as submit_mod
-from vastd.core.files import Layout
+from vastd.core.files import Layout, shown_name
 from vastd.core.jobs import discover_job_files
 from vastd.core.lock import RootLock
 from vastd.core.state import InstanceRecord, InstanceStatus, JobState, StateStore
@@ -106,10 +106,11 @@ def test_submit_final_name_appears_only_complete(
     [
         (lambda d: job_file(d, "jobs.txt"), "must end in .csv"),
         (lambda d: job_file(d, ".hidden.csv"), "neither dot-files"),
-        (lambda d: d / "absent.csv", "not a regular file"),
+        (lambda d: d / "absent.csv", "no such file"),
+        (lambda d: job_file(d, os.fsdecode(b"bad\xff.csv")), "not valid UTF-8"),
         (lambda d: (d / "dir.csv").mkdir() or d / "dir.csv", "not a regular file"),
     ],
-    ids=["not-csv", "dot-file", "missing", "directory"],
+    ids=["not-csv", "dot-file", "missing", "not-utf8", "directory"],
 )
 def test_submit_refuses_bad_sources(
     tmp_path: Path,
@@ -124,7 +125,7 @@ def test_submit_refuses_bad_sources(
     src = make(tmp_path)
     assert main(["submit", str(src), "--config", config]) == 1
     err = capsys.readouterr().err
-    assert str(src) in err
+    assert shown_name(str(src)) in err
     assert reason in err
     assert discover_job_files(root / "inbox") == []
     assert not (root / "inbox").exists() or list((root / "inbox").iterdir()) == []

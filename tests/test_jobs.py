@@ -291,6 +291,19 @@ async def test_file_swapped_after_validation_is_checked_again(
     assert info is not None and info.rows == 3 and info.path == layout.queued / "good.csv"
 
 
+async def test_a_file_name_that_is_not_utf8_is_refused_under_a_utf8_name(
+    layout: Layout, settings: JobSettings
+) -> None:
+    """Accepted, its record crashed the snapshot's save and every restart after it. It
+    is refused, the bad bytes written out in its name in failed/ and in the reason."""
+    path = layout.inbox / os.fsdecode(b"bad\xffname.csv")
+    path.write_text(GOOD)
+    assert await accept_job_file(layout, path, settings, known_ids=set()) is None
+    assert os.listdir(layout.inbox) == []
+    assert (layout.failed / "bad\\xffname.csv").read_text() == GOOD
+    assert "not valid UTF-8" in _refusal(layout, "bad\\xffname")
+
+
 async def test_collision_with_known_or_queued_job_is_refused(
     layout: Layout, settings: JobSettings
 ) -> None:

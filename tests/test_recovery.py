@@ -8,6 +8,7 @@ from folders and a snapshot as a crash would leave them; one scenario restarts a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -70,6 +71,27 @@ async def test_unknown_files_in_queued_and_running_are_adopted(env: SimEnv) -> N
     assert {e["job"] for e in events(logs, "job_adopted")} == {"was_queued", "was_running"}
     assert (ctx.layout.queued / ".partial.csv").exists()
     assert (ctx.layout.running / "notes.txt").exists()
+
+
+async def test_a_file_name_that_is_not_utf8_in_queued_goes_to_failed_at_start(
+    env: SimEnv,
+) -> None:
+    """Let in by an older version, such a name crashed every start (no record can hold
+    it: state.json is UTF-8 JSON). It goes to failed/ under a UTF-8 name with a reason;
+    the start goes on and the snapshot saves."""
+    await env.start(instances=0)
+    ctx = env.context(api=False)
+    (ctx.layout.queued / os.fsdecode(b"bad\xffname.csv")).write_text(CSV)
+    put(ctx, JobFolder.QUEUED, "fine")
+    with capture_logs() as logs:
+        recover_after_restart(ctx)
+    assert set(ctx.store.jobs) == {"fine"}
+    assert os.listdir(ctx.layout.queued) == ["fine.csv"]
+    assert (ctx.layout.failed / "bad\\xffname.csv").read_text() == CSV
+    error = json.loads((ctx.layout.failed / "bad\\xffname.error.json").read_text())
+    assert "not valid UTF-8" in error["reason"]
+    assert [e["job"] for e in events(logs, "job_refused")] == ["bad\\xffname"]
+    assert await ctx.store.flush()
 
 
 async def test_running_job_whose_file_is_in_done_is_done(env: SimEnv) -> None:

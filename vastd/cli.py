@@ -203,7 +203,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from vastd.core.files import Layout
+    from vastd.core.files import Layout, shown_name
     from vastd.core.submit import submit_files
 
     settings = _load(args)
@@ -212,7 +212,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for src, result in submit_files(layout, [Path(f) for f in args.files]):
         if isinstance(result, Exception):
             failures += 1
-            print(f"vastd submit: {src}: {result}", file=sys.stderr)
+            print(f"vastd submit: {shown_name(str(src))}: {result}", file=sys.stderr)
         else:
             print(result)
     return EXIT_FATAL if failures else EXIT_OK

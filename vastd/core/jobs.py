@@ -26,7 +26,10 @@ from vastd.core.files import (
     JOB_SUFFIX,
     JobFolder,
     Layout,
+    is_utf8_name,
     move_job_to_failed,
+    not_utf8_reason,
+    shown_name,
 )
 from vastd.core.files_async import atomic_file_moves
 
@@ -237,6 +240,10 @@ def _check(
     """
     job_id = job_id_for(path)
     if not os.path.lexists(path):
+        return None
+    if not is_utf8_name(job_id):
+        # Its record could not be saved (nor logged as JSON): refused under a UTF-8 name.
+        _refuse(layout, path, shown_name(job_id), not_utf8_reason(path.name))
         return None
     if _collides(layout, job_id, known_ids):
         _refuse(layout, path, job_id, _taken_reason(job_id), duplicate=True)

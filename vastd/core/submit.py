@@ -9,7 +9,13 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from vastd.core.files import Layout, ensure_directory_exists, fsync_directory
+from vastd.core.files import (
+    Layout,
+    ensure_directory_exists,
+    fsync_directory,
+    is_utf8_name,
+    not_utf8_reason,
+)
 from vastd.core.jobs import is_candidate_name
 from vastd.utils.exceptions import FileOperationError
 
@@ -21,6 +27,10 @@ def submit_file(layout: Layout, src: Path) -> Path:
         raise FileOperationError(
             "job files must end in .csv and be neither dot-files nor temp names"
         )
+    if not is_utf8_name(src.name):
+        raise FileOperationError(not_utf8_reason(src.name))
+    if not src.exists():
+        raise FileOperationError("no such file")
     if not src.is_file():
         raise FileOperationError("not a regular file")
     ensure_directory_exists(layout.inbox)

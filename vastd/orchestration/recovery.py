@@ -12,7 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from vastd.core import state as st
-from vastd.core.files import JOB_SUFFIX, JobFolder, move_job_file, move_job_to_failed, safe_name
+from vastd.core.files import (
+    JOB_SUFFIX,
+    JobFolder,
+    is_utf8_name,
+    move_job_file,
+    move_job_to_failed,
+    not_utf8_reason,
+    safe_name,
+    shown_name,
+)
 from vastd.core.jobs import duplicate_reason, job_id_for
 from vastd.core.state import InstanceStatus, JobRecord, JobState
 from vastd.execution.result_handler import restore_kept
@@ -42,6 +51,13 @@ def reconcile_folders(ctx: Context) -> None:
             if not path.is_file() or path.name.startswith(".") or not path.name.endswith(".csv"):
                 continue
             try:
+                if not is_utf8_name(path.name):
+                    # Accepted by a version that let it in: no record can hold its name.
+                    reason = not_utf8_reason(path.name)
+                    shown = shown_name(job_id_for(path))
+                    move_job_to_failed(layout, shown, path, reason=reason)
+                    log.warning("job_refused", job=shown, reason=reason)
+                    continue
                 _reconcile_file(ctx, folder, path, by_file.get(path.name))
             except FileOperationError as exc:
                 # One file that cannot move must not keep the daemon from starting.
