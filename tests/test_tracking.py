@@ -14,6 +14,7 @@ import pytest
 from vastd.core import state as st
 from vastd.core import tracking
 from vastd.core.files import JobFolder, Layout
+from vastd.core.history import history_line
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState, StateStore
 from vastd.core.tracking import HELD, RecordTable
 
@@ -226,6 +227,23 @@ def test_a_save_dumps_only_the_clean_ups_that_changed(
     assert data["followups"][fid]["attempts"] == 1
     assert data["followups"][fid]["last_error"] == "exit 1, nothing on stderr"
     assert set(data) == set(json.loads(store.snapshot.model_dump_json()))
+
+
+async def test_a_str_that_is_not_utf8_in_a_record_does_not_fail_the_save(
+    tmp_path: Path,
+) -> None:
+    """Whatever let a lone surrogate into a record (an API answer, a name's undecodable
+    byte), the save writes it as U+FFFD instead of raising: a record that could not be
+    dumped failed every save, and the saver's error stopped the daemon. The history
+    line of a finished job is written the same way."""
+    store = StateStore(tmp_path / "state.json")
+    store.instances["1"] = InstanceRecord(id="1", gpu_name="RTX\udcff")
+    store.mark_dirty()
+    assert await store.flush()
+    saved = json.loads((tmp_path / "state.json").read_bytes())
+    assert saved["instances"]["1"]["gpu_name"] == "RTX\ufffd"
+    job = JobRecord(id="j", file_name="j.csv", last_error="bad \ud800 text")
+    assert b"bad \xef\xbf\xbd text" in history_line(job)
 
 
 def test_a_record_changed_in_place_fails_the_check(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -231,6 +232,20 @@ async def test_malformed_list_is_an_error_never_empty(
     sim[0].faults.add(endpoint="list_instances", **fault)
     with pytest.raises(APIShapeError):
         await client.list_instances()
+
+
+async def test_a_lone_surrogate_escape_in_an_answer_is_replaced(
+    sim: tuple[SimCloud, str], client: VastClient
+) -> None:
+    """Valid JSON, but "\\udcff" decodes to a str no UTF-8 JSON can hold: kept in a
+    record it failed every save of the snapshot and stopped the daemon. A pair (an
+    escaped emoji) is a character like any other."""
+    body = '{"instances": [{"id": 7, "gpu_name": "RTX\\udcff\\ud800", "label": "\\ud83d\\ude00"}]}'
+    sim[0].faults.add(endpoint="list_instances", body="raw", raw_body=body, status=200, count=None)
+    [row] = await client.list_instances()
+    assert row["gpu_name"] == "RTX\ufffd\ufffd"
+    assert row["label"] == "\U0001f600"
+    json.dumps(row, ensure_ascii=False).encode("utf-8")
 
 
 async def test_malformed_second_page_fails_the_whole_listing(

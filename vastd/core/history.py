@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from vastd.core.records import FINISHED, HistorySummary, JobRecord, JobState
+from vastd.core.tracking import dump_record
 from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.state")
@@ -60,7 +61,7 @@ def retirable(job: JobRecord) -> bool:
 
 
 def history_line(job: JobRecord) -> bytes:
-    return job.model_dump_json().encode() + b"\n"
+    return dump_record(job) + b"\n"
 
 
 def append_history(path: Path, lines: list[bytes]) -> None:

@@ -50,6 +50,7 @@ from vastd.core.snapshot_file import read_snapshot
 from vastd.core.tracking import JobIndex, RecordTable, checking
 from vastd.utils.exceptions import FileOperationError, StateManagementError
 from vastd.utils.logging import get_logger
+from vastd.utils.text import scrub
 
 # temp names save_state uses (a killed write leaves them; the daemon sweeps them at start)
 SNAPSHOT_TEMP_PATTERNS = (".state.json.tmp-*", "..state.json.tmp-*")
@@ -475,7 +476,7 @@ class StateStore:
             jobs.check()
             instances.check()
             followups.check()
-            if json.loads(b"".join(parts)) != json.loads(snap.model_dump_json()):
+            if json.loads(b"".join(parts)) != scrub(snap.model_dump(mode="json")):
                 raise AssertionError("the assembled snapshot differs from a full dump")
         return parts
 

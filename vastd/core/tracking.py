@@ -21,9 +21,10 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from pydantic_core import to_json
+from pydantic_core import PydanticSerializationError, to_json
 
 from vastd.core.records import JobRecord, JobState, Tracked
+from vastd.utils.text import scrub
 
 R = TypeVar("R", bound=Tracked)
 HELD = frozenset({JobState.RUNNING, JobState.COLLECTING})  # a job tied to its instance
@@ -139,8 +140,7 @@ class RecordTable(dict[str, R]):
     def entry(self, key: str, record: R) -> bytes:
         cached = self._json.get(key)
         if cached is None:
-            # (the serializer itself: model_dump_json's str and .encode() cost a copy each)
-            cached = to_json(key) + b":" + type(record).__pydantic_serializer__.to_json(record)
+            cached = to_json(scrub(key)) + b":" + dump_record(record)
             if record.id == key and self.get(key) is record:
                 self._json[key] = cached
         return cached
@@ -184,7 +184,7 @@ class RecordTable(dict[str, R]):
 
     def record_json(self, key: str) -> bytes:
         """One record's JSON (KeyError when absent)."""
-        return self.entry(key, self[key])[len(to_json(key)) + 1 :]
+        return self.entry(key, self[key])[len(to_json(scrub(key))) + 1 :]
 
     def check(self) -> None:
         """Every kept entry equals a fresh dump (VASTD_CHECK_STATE)."""
@@ -199,12 +199,23 @@ class RecordTable(dict[str, R]):
             if part != b",".join(self.entry(k, self[k]) for k in keys):
                 raise AssertionError(f"block {block} kept stale entries")
         for key, cached in self._json.items():
-            fresh = to_json(key) + b":" + self[key].model_dump_json().encode()
+            fresh = to_json(scrub(key)) + b":" + dump_record(self[key])
             if cached is not None and cached != fresh:
                 raise AssertionError(
                     f"record {key!r} changed without its store hearing of it (changed in "
                     f"place?): kept {cached[:200]!r}, now {fresh[:200]!r}"
                 )
+
+
+def dump_record(record: Tracked) -> bytes:
+    """The record as JSON. A str that is not UTF-8 in it (whatever let it in) is written
+    as U+FFFD rather than failing the save: a record that cannot be dumped made every
+    save fail, and the saver's error stopped the daemon."""
+    try:
+        # (the serializer itself: model_dump_json's str and .encode() cost a copy each)
+        return type(record).__pydantic_serializer__.to_json(record)
+    except PydanticSerializationError:
+        return to_json(scrub(record.model_dump(mode="json")))
 
 
 _Key = tuple[JobState, str | None, frozenset[str], int]

@@ -37,6 +37,7 @@ from vastd.utils.offer_query import OFFER_MULTIPLIERS as OFFER_MULTIPLIERS
 from vastd.utils.offer_query import parse_offer_query as parse_offer_query
 from vastd.utils.offer_query import parse_order as parse_order
 from vastd.utils.supervise import Backoff
+from vastd.utils.text import scrub
 
 log = get_logger(__name__)
 
@@ -86,6 +87,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if seconds != seconds:  # NaN
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class VastClient:
@@ -316,13 +320,16 @@ class VastClient:
         if not raw.strip():
             raise APIShapeError(f"{method} {path}: HTTP {status} with an empty body", status=status)
         try:
-            return json.loads(raw)
+            data = json.loads(raw)
         except UNDECODABLE:
             start = self._safe(raw[:60].decode("utf-8", "replace"))
             raise APIShapeError(
                 f"{method} {path}: HTTP {status}: not JSON vastd can read: {start!r}",
                 status=status,
             ) from None
+        # A lone surrogate escape ("\\udcff") decodes to a str no UTF-8 JSON can hold:
+        # kept in a record, it made every save of the snapshot fail.
+        return scrub(data) if _SURROGATE_ESCAPE.search(raw) else data
 
     # -- account -------------------------------------------------------------------
 
