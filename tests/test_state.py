@@ -185,6 +185,8 @@ CORRUPTIONS: dict[str, Callable[[Path], None]] = {
         json.dumps({**json.loads(p.read_text()), "version": 99})
     ),
     "not-an-object": lambda p: p.write_text("[1, 2, 3]"),
+    # not JSON: loaded, it was saved back as null into the file and its backup
+    "nan": lambda p: p.write_text(p.read_text().replace('"spend_total":0.0', '"spend_total":NaN')),
     "bad-field": lambda p: p.write_text(
         json.dumps({**json.loads(p.read_text()), "jobs": {"x": {"state": "exploded"}}})
     ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -17,12 +18,18 @@ READABLE_VERSIONS = (1, SCHEMA_VERSION)  # 1: finished jobs inside, migrated on 
 log = get_logger("vastd.state")
 
 
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def load_state(file_path: Path) -> Snapshot:
     """Parse one snapshot file; StateManagementError if it is unreadable or invalid."""
     try:
         raw = file_path.read_bytes()
-        data = json.loads(raw)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # NaN and Infinity are not JSON: loaded, they were saved back as null, which
+        # no snapshot may hold, into the file and its backup alike.
+        data = json.loads(raw, parse_constant=_not_json)
+    except (OSError, ValueError) as exc:  # (UnicodeDecodeError, JSONDecodeError included)
         raise StateManagementError(f"{file_path}: {exc}") from None
     if not isinstance(data, dict) or data.get("version") not in READABLE_VERSIONS:
         raise StateManagementError(
