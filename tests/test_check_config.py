@@ -57,6 +57,8 @@ def _no_vastd_env(monkeypatch: pytest.MonkeyPatch) -> None:
 BAD_CASES = {
     "order_typo": ({"fleet": {"order": "dph_totl"}}, ["fleet.order", "dph_totl"]),
     "order_empty": ({"fleet": {"order": " , "}}, ["fleet.order"]),
+    # past what a read can take: every acceptance failed with an OverflowError
+    "max_input_bytes_huge": ({"job": {"max_input_bytes": 10**27}}, ["job.max_input_bytes"]),
     "query_number": ({"fleet": {"offer_query": "dph_total<=abc"}}, ["fleet.offer_query", "number"]),
     "query_bool": ({"fleet": {"offer_query": "verified=maybe"}}, ["fleet.offer_query", "true"]),
     "query_list": (

@@ -145,7 +145,8 @@ class JobSettings(_Section):
     validate_: Literal["parquet", "none"] = Field(default="parquet", alias="validate")
     timeout_s: float = Field(default=21600.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
-    max_input_bytes: int = Field(default=104_857_600, gt=0)
+    # at most 1 TiB: a figure past what a read can be given made every acceptance fail
+    max_input_bytes: int = Field(default=104_857_600, gt=0, le=1 << 40)
     max_result_bytes: int = Field(default=10 * 1024**3, gt=0)
     # all of a job's result files together, and how many there may be: checked while
     # copying (past either, the attempt fails)
