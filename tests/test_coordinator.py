@@ -532,7 +532,13 @@ async def test_a_job_whose_folder_is_lost_again_and_again_fails_instead_of_loopi
     assert len(events(logs, "job_dispatched")) == 3  # the free rerun, then max_attempts
     assert job.attempts == 2 and job_file_in(ctx, job_id) == ["failed"]
     reason = json.loads(ctx.layout.error_file(job_id).read_text())["reason"]
-    assert reason == f"remote job folder {'vanished' if how == 'removed' else 'holds run deadbeef'}"
+    if how == "removed":
+        assert reason == "remote job folder vanished"
+    else:
+        assert reason.startswith(
+            f"remote job folder holds run deadbeef, not this run's {job.run_id}"
+        )
+        assert "must not write vastd's `run` file" in reason
 
 
 async def test_a_job_whose_folder_is_lost_once_runs_again_elsewhere_with_no_attempt(

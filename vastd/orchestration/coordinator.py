@@ -652,8 +652,10 @@ async def handle_job_status(
         _restart_or_requeue(ctx, inst, job, "vanished")
         return
     if job.run_id is not None and status.run != job.run_id:
-        # Another run's folder (or one whose start never wrote its run file).
-        _restart_or_requeue(ctx, inst, job, f"holds run {status.run or '(none)'}")
+        # Another run's folder (or one whose start never wrote its run file, or a job
+        # that wrote a file named `run` in its folder).
+        why = f"holds run {status.run or '(none)'}, not this run's {job.run_id}"
+        _restart_or_requeue(ctx, inst, job, f"{why} (a job must not write vastd's `run` file)")
         return
     st.note_run_seen(ctx.store, job, status.pid)
     if status.progress_rows is not None:
