@@ -226,11 +226,10 @@ class InstanceRecord(Tracked):
     frozen_since: float | None = None  # first listed `frozen` (billing but unusable)
     rebid_at: float | None = None  # when vastd last raised its bid after an outbid
     rebid_failures: int = 0  # re-bids in a row that failed since the last one that worked
-    # jobs whose attempts failed here one after another since its last completed job,
-    # from when, and its last completed job (state.py: FAILING_DRAIN)
+    # jobs whose attempts failed here one after another since its last completed job, and
+    # those of them that completed on another instance since (state.py: FAILING_DRAIN)
     failed_jobs_in_row: list[str] = Field(default_factory=list)
-    failing_since: float | None = None
-    last_success_at: float | None = None
+    failures_proven: list[str] = Field(default_factory=list)
     key_reattached_at: float | None = None  # when an SSH auth failure re-attached the key
 
 

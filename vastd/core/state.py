@@ -653,7 +653,7 @@ def _completed(
     # a staged run of it here never starts (its folder is cleaned up): nor do those behind
     _leave_slot(store, job, "was completed by another run")
     set_job_state(store, job, J.DONE)
-    _note_success_on(store, instance_id)
+    _note_success_on(store, instance_id, job)
     add_followup(store, instance=instance_id, job=job.id, run=run_id, reason="collected")
     job.result_files = list(result_files)
     job.instance = instance_id
@@ -808,44 +808,44 @@ def record_attempt_failure(
     return mark_job_failed(store, job_id, reason=reason, exit_code=exit_code, log_tail=log_tail)
 
 
-# An instance on which this many different jobs failed one after another, while some job
-# completed on another instance since the first of them, is drained: a host that fails
-# whatever it runs (its CUDA gone, its disk broken) finishes its jobs at once, so it is
-# always the least loaded and would take most of the queue, failing each job's
-# attempts. A job command broken everywhere fails on every instance alike, and drains
-# none of them (nothing completes elsewhere).
+# An instance on which this many different jobs failed one after another (nothing
+# completed there in between), each of which then completed on another instance, is
+# drained: a host that fails whatever it runs (its CUDA gone, its disk broken) ends its
+# jobs at once, so it is always the least loaded and would take most of the queue,
+# failing each job's attempts. Only a job that completed elsewhere proves its failure
+# was the host's: a job whose own input is bad, or a command broken everywhere, fails
+# on every instance and drains none.
 FAILING_JOBS_MAX = 3
+FAILED_IN_ROW_KEPT = 32  # the failures in a row an instance remembers (the newest)
 FAILING_DRAIN = (
-    "failing jobs: different jobs failed here one after another while others completed elsewhere"
+    "failing jobs: different jobs failed here one after another that completed elsewhere"
 )
 
 
 def _note_failure_on(store: StateStore, instance_id: str, job_id: str) -> None:
     inst = store.instances.get(instance_id)
-    if inst is None or inst.status in GONE:
-        return
-    if job_id not in inst.failed_jobs_in_row:
-        inst.failed_jobs_in_row = [*inst.failed_jobs_in_row, job_id][-FAILING_JOBS_MAX:]
-    if inst.failing_since is None:
-        inst.failing_since = time.time()
-    if len(inst.failed_jobs_in_row) < FAILING_JOBS_MAX or inst.status is S.DRAINING:
-        return
-    since = inst.failing_since
-    if any(
-        other.id != instance_id and (other.last_success_at or 0.0) >= since
-        for other in store.instances.values()
-    ):
-        drain_instance(store, inst, FAILING_DRAIN, requeue_jobs=False)
+    if inst is not None and inst.status not in GONE and job_id not in inst.failed_jobs_in_row:
+        inst.failed_jobs_in_row = [*inst.failed_jobs_in_row, job_id][-FAILED_IN_ROW_KEPT:]
 
 
-def _note_success_on(store: StateStore, instance_id: str) -> None:
+def _note_success_on(store: StateStore, instance_id: str, job: JobRecord) -> None:
+    """Job `job` completed on `instance_id`: that instance's failures in a row end; on
+    the instances the job failed on, its failure there is proven the host's."""
     inst = store.instances.get(instance_id)
-    if inst is None:
-        return
-    inst.last_success_at = time.time()
-    if inst.failed_jobs_in_row:
-        inst.failed_jobs_in_row = []
-        inst.failing_since = None
+    if inst is not None and (inst.failed_jobs_in_row or inst.failures_proven):
+        inst.failed_jobs_in_row, inst.failures_proven = [], []
+    for other_id in job.avoid_instances:
+        other = store.instances.get(other_id)
+        if (
+            other is None
+            or other_id == instance_id
+            or job.id not in other.failed_jobs_in_row
+            or job.id in other.failures_proven
+        ):
+            continue
+        other.failures_proven = [*other.failures_proven, job.id]
+        if len(other.failures_proven) >= FAILING_JOBS_MAX and other.status not in GONE:
+            drain_instance(store, other, FAILING_DRAIN, requeue_jobs=False)
 
 
 CANCELLED = "cancelled"  # the reason of a job cancelled by hand (`vastd cancel`)
@@ -1047,9 +1047,8 @@ def undrain_instance(
     ready = not prepare_first
     set_instance_status(store, inst, S.READY if ready else S.DISCOVERED)
     inst.drain_reason = None
-    if inst.failed_jobs_in_row:  # a fresh count (FAILING_DRAIN), not one failure from it
-        inst.failed_jobs_in_row = []
-        inst.failing_since = None
+    if inst.failed_jobs_in_row or inst.failures_proven:  # a fresh count (FAILING_DRAIN)
+        inst.failed_jobs_in_row, inst.failures_proven = [], []
     if ready and not inst.current_jobs:
         inst.idle_since = inst.idle_since or time.time()
     return True
