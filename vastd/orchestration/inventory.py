@@ -90,7 +90,10 @@ def claim_unknown_instance(
     Ours when its `VASTD_INTENT` matches a saved rent intent (a crash or an ambiguous
     answer came between the rent and the save), or one dropped unanswered (listed only
     after INTENT_TTL_S: it was ignored for good, billing outside the budget): recorded as
-    owned, booting since the intent; the fleet then uses it or tears it down. Otherwise
+    owned, billing since the intent; the fleet then uses it or tears it down. Its boot
+    deadline counts from the intent, or from now for a dropped one (already past
+    INTENT_TTL_S: a shorter `boot_timeout_s` would have it destroyed, its machine
+    blocked, the moment it is claimed). Otherwise
     adopted (not owned) only in adopt mode or with `adopt_foreign_labelled`; else None:
     never touched.
     """
@@ -98,8 +101,12 @@ def claim_unknown_instance(
     snap = ctx.store.snapshot
     intent_id = info.intent
     intent = None
+    dropped = False
     if intent_id:
-        intent = snap.rent_intents.pop(intent_id, None) or snap.dropped_intents.pop(intent_id, None)
+        intent = snap.rent_intents.pop(intent_id, None)
+        if intent is None:
+            intent = snap.dropped_intents.pop(intent_id, None)
+            dropped = intent is not None
     if intent is not None:
         at = float(intent.get("at") or now)
         rented_dph = float(intent.get("dph") or 0.0) or None
@@ -109,7 +116,7 @@ def claim_unknown_instance(
             status=InstanceStatus.BOOTING,
             owned=True,
             first_seen=now,
-            booting_since=at,
+            booting_since=now if dropped else at,
             rented_at=at,
             accrued_until=at,
             dph=max(info.dph or 0.0, rented_dph or 0.0),  # (as refresh_record)
