@@ -420,6 +420,36 @@ async def test_instance_listed_after_its_intent_was_dropped_is_still_claimed_as_
     assert snap.dropped_intents == {}
 
 
+async def test_instance_claimed_from_a_dropped_intent_gets_its_boot_deadline_from_the_claim(
+    sim_fleet: Callable[..., Awaitable[SimFleet]],
+) -> None:
+    """Its intent is already past INTENT_TTL_S (600 s) when the listing shows it: booting
+    since the intent, it was past a 300 s boot deadline the moment it was claimed, so the
+    first fleet pass destroyed it and blocked its machine. Its boot clock starts at the
+    claim; its spend still counts from the intent (it was billing since then)."""
+    sf = await sim_fleet(max_instances=1, boot_delay_s=30.0, boot_timeout_s=300.0)
+    sf.add_queued(1)
+    sf.cloud.faults.add(endpoint="rent", status=500, count=1, after_effect=True)
+    assert (await fl.fleet_once(sf.ctx)).rented == []
+    snap = sf.ctx.store.snapshot
+    (intent,) = snap.rent_intents.values()
+    intent["at"] -= fl.INTENT_TTL_S + 1
+    snap.last_discovery_at = time.time()
+    assert fl.expire_rent_intents(sf.ctx, time.time()) == 1
+    before = time.time()
+    await discovery_once(sf.ctx)
+    (iid,) = sf.cloud.instances
+    inst = sf.ctx.store.instances[str(iid)]
+    assert inst.owned and inst.status is InstanceStatus.BOOTING
+    assert (inst.booting_since or 0.0) >= before and inst.rented_at == intent["at"]
+    spent = snap.spend_total
+    report = await fl.fleet_once(sf.ctx)
+    assert report.destroying == [] and inst.status is InstanceStatus.BOOTING
+    assert str(inst.machine_id) not in snap.blocked_machines
+    hours = (time.time() - intent["at"]) / 3600.0
+    assert snap.spend_total - spent == pytest.approx(inst.dph * hours, rel=0.05)
+
+
 async def test_foreign_labelled_instance_adopted_only_when_allowed(
     sim_fleet: Callable[..., Awaitable[SimFleet]],
 ) -> None:

@@ -263,6 +263,7 @@ async def test_outbid_instance_is_rebid_and_used_again_once_it_resumes(sim_fleet
     assert [c["status"] for c in bids(sf, inst.id)] == [200]
     assert sf.cloud.instances[int(inst.id)]["dph_total"] == pytest.approx(0.405)
     assert inst.dph == pytest.approx(0.405) and inst.rebid_at is None
+    assert inst.rented_dph == pytest.approx(0.405)  # the new floor (not the 0.27 bid)
     await sf.wait(sf.all_done, 20, "job done")
     assert attempts(sf, job_id) == 0
     sf.submit(1, prefix="after")
@@ -449,6 +450,29 @@ async def test_a_lower_listed_price_never_lowers_what_an_owned_instance_counts(
     sf.cloud.set_price(int(first), 0.35)
     await discovery_once(sf.ctx)
     assert inst.dph == pytest.approx(0.35) and sf.cloud.stats["rent"] == 2
+
+
+async def test_a_price_blip_is_counted_only_while_it_is_listed(sim_fleet: Make) -> None:
+    """Rented at 0.30; the listing shows it at 0.8 once (a glitch, a temporary price),
+    then 0.30 again, then 0.1: it counts 0.8 while listed so, then 0.30 again (the price
+    it was rented at is its floor), never 0.8 for good. A record saved before the floor
+    was kept takes the price it holds as its floor."""
+    sf = await sim_fleet(max_total_dph=5.0, boot_delay_s=30.0)
+    sf.add_queued(1)
+    (iid,) = (await fl.fleet_once(sf.ctx)).rented
+    inst = sf.ctx.store.instances[iid]
+    assert inst.rented_dph == pytest.approx(0.3)
+    for listed, counted in ((0.8, 0.8), (0.3, 0.3), (0.1, 0.3), (0.0, 0.3)):
+        sf.cloud.set_price(int(iid), listed)
+        await discovery_once(sf.ctx)
+        assert inst.dph == pytest.approx(counted), listed
+        assert fl.current_dph(sf.ctx) == pytest.approx(counted)
+    inst.rented_dph = None  # as loaded from an older snapshot
+    for listed, counted in ((0.8, 0.8), (0.3, 0.3), (0.1, 0.3)):
+        sf.cloud.set_price(int(iid), listed)
+        await discovery_once(sf.ctx)
+        assert inst.dph == pytest.approx(counted), listed
+    assert inst.rented_dph == pytest.approx(0.3)
 
 
 async def test_spend_before_a_price_change_is_billed_at_the_old_price(sim_fleet: Make) -> None:

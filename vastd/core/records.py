@@ -187,7 +187,10 @@ class InstanceRecord(Tracked):
     prepare_error: str | None = None
     next_prepare_at: float | None = None
     current_jobs: list[str] = Field(default_factory=list)
-    dph: float = 0.0
+    dph: float = 0.0  # the price counted in the budget and the ledger
+    # the price an owned instance was rented (or last re-bid) at: it never counts less
+    # (inventory.refresh_record); None in a record saved before it was kept
+    rented_dph: float | None = None
     machine_id: int | None = None
     gpu_name: str | None = None
     num_gpus: int | None = None  # as the API lists it

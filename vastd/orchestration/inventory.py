@@ -63,8 +63,15 @@ def refresh_record(inst: InstanceRecord, info: ProviderInstance, now: float) -> 
     # an instance vastd rented never counts less than it was rented (or re-bid) at. A
     # listing showing 0, or any lower figure, while the contract is unchanged let the fleet
     # rent past max_total_dph and stopped its spend accruing. A 0 is no price for any.
-    if info.dph and (not inst.owned or info.dph > inst.dph):
-        listed["dph"] = info.dph
+    # The floor is the rent's price, not the highest listed: one high listing (a glitch,
+    # a temporary price) counts while it is listed, not for good.
+    if info.dph:
+        if inst.owned:
+            if inst.rented_dph is None:  # saved before the floor was kept: what it counts
+                inst.rented_dph = inst.dph or info.dph
+            listed["dph"] = max(info.dph, inst.rented_dph)
+        else:
+            listed["dph"] = info.dph
     # Only what changed is assigned: every assignment tells the store (500 instances
     # listed every poll would otherwise make ~6,000 notices a pass).
     fields = inst.__dict__
@@ -83,7 +90,10 @@ def claim_unknown_instance(
     Ours when its `VASTD_INTENT` matches a saved rent intent (a crash or an ambiguous
     answer came between the rent and the save), or one dropped unanswered (listed only
     after INTENT_TTL_S: it was ignored for good, billing outside the budget): recorded as
-    owned, booting since the intent; the fleet then uses it or tears it down. Otherwise
+    owned, billing since the intent; the fleet then uses it or tears it down. Its boot
+    deadline counts from the intent, or from now for a dropped one (already past
+    INTENT_TTL_S: a shorter `boot_timeout_s` would have it destroyed, its machine
+    blocked, the moment it is claimed). Otherwise
     adopted (not owned) only in adopt mode or with `adopt_foreign_labelled`; else None:
     never touched.
     """
@@ -91,20 +101,26 @@ def claim_unknown_instance(
     snap = ctx.store.snapshot
     intent_id = info.intent
     intent = None
+    dropped = False
     if intent_id:
-        intent = snap.rent_intents.pop(intent_id, None) or snap.dropped_intents.pop(intent_id, None)
+        intent = snap.rent_intents.pop(intent_id, None)
+        if intent is None:
+            intent = snap.dropped_intents.pop(intent_id, None)
+            dropped = intent is not None
     if intent is not None:
         at = float(intent.get("at") or now)
+        rented_dph = float(intent.get("dph") or 0.0) or None
         inst = InstanceRecord(
             id=info.id,
             label=info.label,
             status=InstanceStatus.BOOTING,
             owned=True,
             first_seen=now,
-            booting_since=at,
+            booting_since=now if dropped else at,
             rented_at=at,
             accrued_until=at,
-            dph=max(info.dph or 0.0, float(intent.get("dph") or 0.0)),  # (as refresh_record)
+            dph=max(info.dph or 0.0, rented_dph or 0.0),  # (as refresh_record)
+            rented_dph=rented_dph,
             machine_id=machine_number(info.machine_id),
             intent_id=intent_id,
         )
@@ -177,7 +193,8 @@ async def apply_listed(
     """What the API says of a known instance (listed, or looked up) goes into its record,
     and through market.py's reading of it (price, frozen, outbid, end date, gone)."""
     # An adopted instance's first listing gives its price (its record had none); one
-    # vastd rented has the price it was rented at, which a listing may raise.
+    # vastd rented has the price it was rented at, which a listing may raise (while it
+    # lists more) but never lower.
     first = inst.last_seen is None and not inst.owned
     old_dph = info.dph if first and info.dph is not None else inst.dph
     refresh_record(inst, info, now)

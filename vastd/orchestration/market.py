@@ -22,8 +22,8 @@ what vastd does about each ApiState, and about the market around it:
   use; once SSH is silent that long as well, it is lost as above.
 - The price of a running contract is what the listing says now (validated at the
   provider boundary); a rise that takes the fleet past `max_total_dph` drains it. An
-  instance vastd rented never counts less than it was rented (or re-bid) at, and a
-  listed 0 is no price (inventory.refresh_record).
+  instance vastd rented never counts less than it was rented (or re-bid) at
+  (`rented_dph`), and a listed 0 is no price (inventory.refresh_record).
 - A rental ends at its offer's end date: no job is dispatched that would run past
   it (see `estimated_run_s`), and the instance is drained once none would fit.
 - A key that stopped working (SSH auth refused) is re-attached through the API and
@@ -287,7 +287,7 @@ async def rebid_outbid(ctx: Context, now: float) -> list[str]:
             )
             continue
         log.info("instance_rebid", instance=inst.id, dph_was=inst.dph, bid=bid)
-        inst.dph = bid
+        inst.dph = inst.rented_dph = bid
         inst.rebid_at = now
         inst.rebid_failures = 0
         ctx.store.mark_dirty()

@@ -132,6 +132,7 @@ async def rent_instance(ctx: Context, offer: Offer) -> InstanceRecord:
             rented_at=now,
             accrued_until=now,
             dph=dph,
+            rented_dph=dph,
             machine_id=machine_id,
             gpu_name=offer.gpu_name,
             num_gpus=offer.num_gpus,
