@@ -964,6 +964,41 @@ async def test_a_job_whose_status_lines_stay_missing_is_taken_as_vanished(
     assert events(logs, "job_timed_out") == []
 
 
+async def test_a_run_that_ended_by_itself_at_its_deadline_with_no_line_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its line missing once, right past its deadline, and the kill finds it ended by
+    itself (its own exit code, 0, written): the run is not thrown away as a failed
+    attempt (a review found it was); the next line reads its exit code."""
+    ctx = offline_ctx(tmp_path, jobs_per_instance=1, timeout_s=100)
+    ctx.store.instances["A"] = InstanceRecord(id="A", status=InstanceStatus.READY)
+    job = queued(ctx, "j")
+    st.mark_job_assigned(ctx.store, "j", "A")
+    st.mark_job_started(ctx.store, "j", run_id=job.run_id, pgid=4321, new=True)
+    job.started_at = time.time() - 101
+    kills: list[str] = []
+
+    async def connection(ctx: Context, inst: InstanceRecord) -> object:
+        return object()
+
+    async def kill(conn: object, paths: object, timeout_s: float) -> KillOutcome:
+        kills.append(job.id)
+        return KillOutcome(was_alive=False, still_alive=False, exit_code_written=False)
+
+    monkeypatch.setattr(co, "instance_connection", connection)
+    monkeypatch.setattr(co, "handle_job_timeout", kill)
+    monkeypatch.setattr(co, "schedule_result_collection", lambda *a, **k: None)
+    inst = ctx.store.instances["A"]
+    await co.handle_missing_status(ctx, inst, job, unheard_s=1.0)
+    assert kills == ["j"]
+    assert job.state is JobState.RUNNING and job.last_error is None
+    ended = RemoteJobStatus(
+        job_id="j", exists=True, pid=4321, alive=False, exit_code=0, run=job.run_id
+    )
+    await co.handle_job_status(ctx, inst, job, ended)
+    assert job.state is JobState.COLLECTING and job.last_exit_code == 0
+
+
 # --- unreachable is not failed --------------------------------------------------------------
 async def test_ssh_drop_mid_job_keeps_the_attempt_and_reattaches(env: SimEnv) -> None:
     """SSH dies mid-job: the instance is UNREACHABLE, the job stays RUNNING there with

@@ -724,13 +724,13 @@ async def handle_missing_status(
     waiting = job.staged and job.started_at is None  # its deadline counts from its start
     if not waiting and (job.kill_reason is not None or past_deadline(ctx, job)):
         run = job.run_id
-        if await _enforce_deadline(ctx, inst, job, run) is False and is_current(job, inst.id, run):
-            # Ended by itself or gone, past its deadline, and no line says which: it is
-            # over, as a vanished run is (not looked for again at every cycle).
-            error = "past its deadline, and no status line says how it ended"
-            log.warning("job_status_missing", job=job.id, instance=inst.id, error=error)
-            finish_run(ctx, job, exit_code=None, error=error)
-        return
+        if await _enforce_deadline(ctx, inst, job, run) is not False:
+            return  # timed out, or its kill waits for the save
+        if not is_current(job, inst.id, run):
+            return
+        # It ended by itself first (its own exit code, maybe 0, is there) or its folder
+        # is gone: the next line that comes reads which, and a finished run is not
+        # thrown away. With no line for the grace, it is taken as vanished below.
     if unheard_s >= ctx.settings.ssh.unreachable_grace_s:
         error = f"no status line for it in {unheard_s:.0f}s of the instance's answers"
         log.warning("job_status_missing", job=job.id, instance=inst.id, error=error)
