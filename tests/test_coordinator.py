@@ -108,16 +108,17 @@ def scan_choice(ctx: Context, job: JobRecord, load: Counter[str]) -> str | None:
         and market.fits_before_end(ctx, i)
     ]
     pool = [i for i in room if i.id not in job.avoid_instances]
+    waits = job.requeued_at is not None and time.time() - job.requeued_at <= co.RETRY_WAIT_OTHER_S
     others = [
         i
         for i in ctx.store.instances.values()
-        if (i.status is InstanceStatus.READY or i.status in co.COMING)
+        if (i.status is InstanceStatus.READY or (i.status in co.COMING and i.owned))
         and i.id not in job.avoid_instances
         and i.id not in orphaned
         and market.fits_before_end(ctx, i)
     ]
-    if not others:
-        pool = room  # none it has not failed on could take it: one it failed on
+    if not pool and (not others or not waits):
+        pool = room  # none it has not failed on could take it (or it waited): one it failed on
     best = min(pool, key=lambda i: (len(i.current_jobs), i.idle_since or 0.0, i.id), default=None)
     return best.id if best is not None else None
 
@@ -134,7 +135,9 @@ def test_a_rounds_room_picks_what_a_full_scan_would(tmp_path: Path, seed: int) -
     ids = [str(100 + n) for n in range(30)]
     for iid in ids:
         status = rng.choice([InstanceStatus.READY] * 5 + [InstanceStatus.PREPARING])
-        inst = InstanceRecord(id=iid, status=status, idle_since=now - rng.choice([0, 5, 50]))
+        inst = InstanceRecord(
+            id=iid, status=status, idle_since=now - rng.choice([0, 5, 50]), owned=rng.random() < 0.5
+        )
         if rng.random() < 0.1:
             inst.end_date = now + 1  # no job fits before its rental ends
         ctx.store.instances[iid] = inst
@@ -149,6 +152,7 @@ def test_a_rounds_room_picks_what_a_full_scan_would(tmp_path: Path, seed: int) -
     for n in range(80):
         job = queued(ctx, f"j{n}")
         job.avoid_instances = rng.sample(ids, rng.choice([0, 0, 1, 5, 29]))
+        job.requeued_at = rng.choice([None, now, now - co.RETRY_WAIT_OTHER_S - 1])
         if rng.random() < 0.3:
             job.orphans = [OrphanRun(instance=i, run="r") for i in rng.sample(ids, 2)]
         expected = scan_choice(ctx, job, load)
@@ -176,7 +180,9 @@ def test_a_retry_waits_for_an_instance_it_has_not_failed_on(tmp_path: Path) -> N
     st.mark_job_assigned(ctx.store, "long", "102")  # B is full
     retry = queued(ctx, "retry")
     retry.avoid_instances = ["101"]
+    retry.requeued_at = time.time()
     assert co.find_best_instance_for_job(ctx, retry) is None
+    b.owned = True  # rented by vastd: it comes, or is torn down
     for status in (InstanceStatus.BOOTING, InstanceStatus.PREPARING):
         b.status = status
         assert co.find_best_instance_for_job(ctx, retry) is None, status
@@ -268,6 +274,45 @@ def test_jobs_failing_on_their_own_input_drain_no_instance(tmp_path: Path) -> No
     assert a.status is InstanceStatus.DRAINING and a.drain_reason == st.FAILING_DRAIN
 
 
+def test_a_retry_waits_for_another_instance_only_so_long_and_only_for_one_that_comes(
+    tmp_path: Path,
+) -> None:
+    """A review found a retry waiting for good while the instance it failed on sat free:
+    for an adopted instance stuck before ready (never torn down), or past any bound. It
+    waits only for ready or owned ones, for RETRY_WAIT_OTHER_S at most."""
+    ctx = offline_ctx(tmp_path, jobs_per_instance=1)
+    ctx.store.instances["A"] = InstanceRecord(id="A", status=InstanceStatus.READY)
+    stuck = InstanceRecord(id="B", status=InstanceStatus.DISCOVERED, prepare_failures=50)
+    ctx.store.instances["B"] = stuck
+    retry = queued(ctx, "retry")
+    retry.avoid_instances = ["A"]
+    retry.requeued_at = time.time()
+    assert getattr(co.find_best_instance_for_job(ctx, retry), "id", None) == "A"
+    stuck.owned = True
+    assert co.find_best_instance_for_job(ctx, retry) is None  # it comes or is torn down
+    retry.requeued_at = time.time() - co.RETRY_WAIT_OTHER_S - 1
+    assert getattr(co.find_best_instance_for_job(ctx, retry), "id", None) == "A"
+
+
+async def test_retries_waiting_at_the_head_do_not_keep_the_free_instance_from_the_rest(
+    tmp_path: Path,
+) -> None:
+    """More waiting retries at the head than one round looks at (free + DISPATCH_SLACK):
+    the round looks further and the fresh job behind them gets the free instance."""
+    ctx = offline_ctx(tmp_path, jobs_per_instance=1)
+    for iid in ("A", "B"):
+        ctx.store.instances[iid] = InstanceRecord(id=iid, status=InstanceStatus.READY)
+    queued(ctx, "long")
+    st.mark_job_assigned(ctx.store, "long", "B")
+    for n in range(co.DISPATCH_SLACK + 1):
+        retry = queued(ctx, f"r{n:03}")
+        retry.avoid_instances, retry.requeued_at = ["A"], time.time()
+    fresh = queued(ctx, "zfresh")
+    assert await co.coordinate_job_distribution(ctx) == 1
+    assert fresh.instance == "A"
+    assert all(j.state is JobState.QUEUED for j in ctx.store.jobs.values() if j.id[0] == "r")
+
+
 async def test_a_waiting_retry_does_not_hold_up_the_jobs_behind_it(env: SimEnv) -> None:
     """The queue's head waits for an instance it has not failed on; a fresh job behind
     it is placed on the free instance all the same."""
@@ -280,6 +325,7 @@ async def test_a_waiting_retry_does_not_hold_up_the_jobs_behind_it(env: SimEnv) 
     assert first.instance == b  # B is busy from now
     ctx.store.instances[a].status = InstanceStatus.READY
     retry.avoid_instances = [a]  # as if it had failed on A
+    retry.requeued_at = time.time()
 
     assert await co.coordinate_job_distribution(ctx) == 1
     assert retry.state is JobState.QUEUED and fresh.instance == a

@@ -122,6 +122,7 @@ class JobRecord(Tracked):
     # runs whose remote folder vanished or came to hold another run while they ran
     # (requeued, not counted as attempts: the first is not the job's fault)
     lost_runs: int = 0
+    requeued_at: float | None = None  # when it last went back to the queue (a retry's wait)
     # runs on instances given up while unreachable
     orphans: list[OrphanRun] = Field(default_factory=list)
     result_files: list[str] = Field(default_factory=list)

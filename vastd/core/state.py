@@ -711,7 +711,8 @@ def requeue_job(
     job.run_id = None
     job.kill_reason = None
     _unstage(job)
-    job.not_before = time.time() + delay_s if delay_s > 0 else None
+    job.requeued_at = time.time()
+    job.not_before = job.requeued_at + delay_s if delay_s > 0 else None
     job.last_error = reason
     avoided = [i for i in dict.fromkeys(avoid) if i not in job.avoid_instances]
     if avoided:

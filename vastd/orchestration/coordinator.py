@@ -59,6 +59,10 @@ from vastd.utils.logging import get_logger
 
 log = get_logger("vastd.coordinator")
 DISPATCH_SLACK = 64  # queued jobs looked at beyond the free slots, per dispatch round
+# a retry waits this long at most for an instance it has not failed on (Room._others_for)
+RETRY_WAIT_OTHER_S = 300.0
+# queued jobs looked at in one round at most, when retries at the head wait
+DISPATCH_WINDOW_MAX = 4096
 # Assignments saved together by one dispatch round: the save dumps each changed record
 # on the loop, so 500 free slots filled at once would hold it for one long callback. A
 # full round wakes the next at once.
@@ -117,11 +121,15 @@ class Room:
         )
 
     def _others_for(self, job: JobRecord, orphaned: set[str]) -> bool:
-        """An instance the job has not failed on could take it, now busy or on its way:
-        the job waits for it rather than go back to one it failed on."""
+        """An instance the job has not failed on could take it, now busy or on its way
+        (one vastd rented: it comes or is torn down): the job waits for it rather than go
+        back to one it failed on, for RETRY_WAIT_OTHER_S at most."""
         ctx = self._ctx
+        since = job.requeued_at  # (None: a record from before it was kept)
+        if since is None or time.time() - since > RETRY_WAIT_OTHER_S:
+            return False
         return any(
-            (inst.status is InstanceStatus.READY or inst.status in COMING)
+            (inst.status is InstanceStatus.READY or (inst.status in COMING and inst.owned))
             and inst.id not in job.avoid_instances
             and inst.id not in orphaned
             and gpus.slots(ctx.settings.job, inst) > 0
@@ -232,18 +240,31 @@ async def coordinate_job_distribution(ctx: Context) -> int:
     free = min(room.free_slots, wave)
     # Only the head of the queue can be placed this round (a few more for jobs that
     # must skip an instance holding an orphaned run of theirs): no walk of the queue.
-    waiting = st.get_available_jobs(ctx.store, limit=free + DISPATCH_SLACK) if free else []
-    for job in waiting:
-        if len(assigned) >= wave:
+    # Where jobs at the head wait for other instances, the window grows (to
+    # DISPATCH_WINDOW_MAX) so that those behind them still get the free slots.
+    limit, looked = free + DISPATCH_SLACK, set[str]()
+    while free and len(assigned) < wave:
+        waiting = st.get_available_jobs(ctx.store, limit=limit)
+        skipped = full = False
+        for job in waiting:
+            if job.id in looked:
+                continue
+            looked.add(job.id)
+            if len(assigned) >= wave:
+                break
+            inst = room.pick(job)
+            if inst is None:
+                if not job.orphans and not job.avoid_instances:
+                    full = True  # no room anywhere: later jobs would not find any either
+                    break
+                skipped = True  # it waits for another instance than those it failed on
+                continue
+            wanted = free_gpus(ctx, inst) if gpus.per_gpu(ctx.settings.job) else None
+            if await _assign(ctx, job, inst, wanted or ()):
+                assigned.append((job.id, inst.id, job.run_id))
+        if full or not skipped or len(waiting) < limit or limit >= DISPATCH_WINDOW_MAX:
             break
-        inst = room.pick(job)
-        if inst is None:
-            if not job.orphans and not job.avoid_instances:
-                break  # no room anywhere: later jobs would not find any either
-            continue  # it waits for another instance than those it failed on
-        wanted = free_gpus(ctx, inst) if gpus.per_gpu(ctx.settings.job) else None
-        if await _assign(ctx, job, inst, wanted or ()):
-            assigned.append((job.id, inst.id, job.run_id))
+        limit = min(limit * 4, DISPATCH_WINDOW_MAX)
     if ctx.settings.job.stage_ahead and len(assigned) < wave:
         assigned += await stage_jobs(ctx, wave - len(assigned))
     if not assigned:
