@@ -81,22 +81,14 @@ def is_candidate_name(name: str) -> bool:
     return not name.endswith(_TEMP_ENDINGS) and not name.startswith(TEMP_PREFIX)
 
 
-def is_utf8_name(name: str) -> bool:
-    """Whether a name (as os functions give it, undecodable bytes as surrogates) is UTF-8:
-    a job id must be, as state.json, history.jsonl and every log line are UTF-8 JSON."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def shown_name(name: str) -> str:
     """A name that is not UTF-8, its bad bytes written out (`bad\\xffname`): UTF-8."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def not_utf8_reason(name: str) -> str:
+    # A job id must be UTF-8 (utils/text.is_utf8): state.json, history.jsonl and every
+    # log line are UTF-8 JSON.
     return f"the file name is not valid UTF-8 (shown here as {shown_name(name)}): rename it"
 
 

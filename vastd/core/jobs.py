@@ -26,7 +26,6 @@ from vastd.core.files import (
     JOB_SUFFIX,
     JobFolder,
     Layout,
-    is_utf8_name,
     move_job_to_failed,
     not_utf8_reason,
     shown_name,
@@ -40,6 +39,7 @@ from vastd.core.inbox import job_id_for as job_id_for
 from vastd.utils.config import JobSettings
 from vastd.utils.exceptions import FileOperationError, JobValidationError
 from vastd.utils.logging import get_logger
+from vastd.utils.text import is_utf8
 
 log = get_logger(__name__)
 
@@ -241,7 +241,7 @@ def _check(
     job_id = job_id_for(path)
     if not os.path.lexists(path):
         return None
-    if not is_utf8_name(job_id):
+    if not is_utf8(job_id):
         # Its record could not be saved (nor logged as JSON): refused under a UTF-8 name.
         _refuse(layout, path, shown_name(job_id), not_utf8_reason(path.name))
         return None

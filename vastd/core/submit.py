@@ -13,11 +13,11 @@ from vastd.core.files import (
     Layout,
     ensure_directory_exists,
     fsync_directory,
-    is_utf8_name,
     not_utf8_reason,
 )
 from vastd.core.jobs import is_candidate_name
 from vastd.utils.exceptions import FileOperationError
+from vastd.utils.text import is_utf8
 
 
 def submit_file(layout: Layout, src: Path) -> Path:
@@ -27,7 +27,7 @@ def submit_file(layout: Layout, src: Path) -> Path:
         raise FileOperationError(
             "job files must end in .csv and be neither dot-files nor temp names"
         )
-    if not is_utf8_name(src.name):
+    if not is_utf8(src.name):
         raise FileOperationError(not_utf8_reason(src.name))
     if not src.exists():
         raise FileOperationError("no such file")

@@ -15,7 +15,6 @@ from vastd.core import state as st
 from vastd.core.files import (
     JOB_SUFFIX,
     JobFolder,
-    is_utf8_name,
     move_job_file,
     move_job_to_failed,
     not_utf8_reason,
@@ -30,6 +29,7 @@ from vastd.orchestration.context import Context
 from vastd.orchestration.scheduler import schedule_result_collection
 from vastd.utils.exceptions import FileOperationError
 from vastd.utils.logging import get_logger
+from vastd.utils.text import is_utf8
 
 log = get_logger("vastd.workflow")
 
@@ -51,7 +51,7 @@ def reconcile_folders(ctx: Context) -> None:
             if not path.is_file() or path.name.startswith(".") or not path.name.endswith(".csv"):
                 continue
             try:
-                if not is_utf8_name(path.name):
+                if not is_utf8(path.name):
                     # Accepted by a version that let it in: no record can hold its name.
                     reason = not_utf8_reason(path.name)
                     shown = shown_name(job_id_for(path))
