@@ -525,11 +525,8 @@ class StateStore:
             # A write every quarter second at busy times: at info the first and then at
             # most one a minute (with the writes since), the others at debug.
             if self._saved_logged_at is None or ended - self._saved_logged_at >= SAVED_INFO_S:
-                emit, self._saved_logged_at = log.info, ended
-                writes, self._saved_logged_writes = (
-                    self.writes - self._saved_logged_writes,
-                    self.writes,
-                )
+                emit, writes = log.info, self.writes - self._saved_logged_writes
+                self._saved_logged_at, self._saved_logged_writes = ended, self.writes
             else:
                 emit, writes = log.debug, 1
             emit(

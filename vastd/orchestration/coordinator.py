@@ -177,11 +177,12 @@ def find_best_instance_for_job(
 ) -> InstanceRecord | None:
     """A ready instance with room, least loaded first, preferring one the job has not
     failed on: one it failed on only when no other could take it (none ready, busy or
-    on its way; a fleet of one, say), else it waits for one. Never one that holds an orphaned run of this job: that run may still
-    finish first (or has, and is about to be collected). Orphaned runs count as load:
-    they occupy their instance until they are settled. With one job per GPU, room
-    also means enough free GPUs (`free_gpus`). A round placing many jobs keeps one
-    `Room` for all of them instead."""
+    on its way and rented by vastd; a fleet of one, say) or once it has waited
+    RETRY_WAIT_OTHER_S; else it waits (`Room._others_for`). Never one that holds an
+    orphaned run of this job: that run may still finish first (or has, and is about
+    to be collected). Orphaned runs count as load: they occupy their instance until
+    they are settled. With one job per GPU, room also means enough free GPUs
+    (`free_gpus`). A round placing many jobs keeps one `Room` for all of them instead."""
     return Room(ctx, orphan_load).pick(job)
 
 
