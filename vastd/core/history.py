@@ -199,19 +199,22 @@ class HistoryIndex:
             return index
         entries, done, failed = index.entries, JobState.DONE, JobState.FAILED
         states = {"done": done, "failed": failed}
-        parse = _INDEX_FIELDS.validate_json
-        for number, line in enumerate(raw.split(b"\n"), 1):
-            if not line.strip():
+        # pydantic-core's own validator: the fields the index needs, the rest only skipped
+        parse = _INDEX_FIELDS.validator.validate_json
+        lines = raw.split(b"\n")
+        for number, line in enumerate(lines, 1):
+            if not line:
                 continue
             try:
-                data = parse(line)  # the fields the index needs; the rest is only skipped
+                data = parse(line)
             except ValueError:
-                log.warning(
-                    "history_line_skipped",
-                    path=str(path),
-                    line=number,
-                    truncated=not raw.endswith(b"\n") and number == raw.count(b"\n") + 1,
-                )
+                if line.strip():
+                    log.warning(
+                        "history_line_skipped",
+                        path=str(path),
+                        line=number,
+                        truncated=number == len(lines),  # no newline after it
+                    )
                 continue
             job_id, state = data["id"], states.get(data.get("state", ""))
             if state is None:
@@ -223,8 +226,10 @@ class HistoryIndex:
                     duration = finished_at - dispatched_at
             entries.pop(job_id, None)  # the last line of a name counts, in file order
             entries[job_id] = Finished(state, data.get("failed_stem"), duration)
-        for entry in entries.values():
-            index._count(entry, 1)
+        durations = [e.duration_s for e in entries.values() if e.state is done]
+        timed = [d for d in durations if d is not None]
+        index.done, index.failed = len(durations), len(entries) - len(durations)
+        index.done_duration_s, index.done_timed = sum(timed), len(timed)
         return index
 
     def get(self, job_id: str) -> Finished | None:
