@@ -474,7 +474,8 @@ async def daemon_campaign(args: argparse.Namespace, workdir: Path) -> dict[str, 
         print(f"  {n} job files staged in {time.perf_counter() - t0:.1f} s", flush=True)
         inbox = root / "inbox"
         inbox.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, VASTD_VAST__API_KEY=cluster.api_key, PYTHONUNBUFFERED="1")
+        # Bytecode cached (command_env): the restart is timed as an installed vastd starts.
+        env = dict(command_env(), VASTD_VAST__API_KEY=cluster.api_key, PYTHONUNBUFFERED="1")
         env.pop("VASTD_CONFIG", None)
 
         marks = {first_n, n - last_n, n}
