@@ -42,6 +42,7 @@ from vastd.orchestration import coordinator
 from vastd.orchestration.context import Context
 from vastd.orchestration.control import ControlServer
 from vastd.orchestration.coordinator import (
+    DISPATCH_SLACK,
     coordinate_job_distribution,
     handle_job_status,
     staging_slots,
@@ -751,3 +752,46 @@ async def test_a_staged_run_recovered_as_done_withdraws_the_runs_behind_it(
     w.kill_reason = None  # even without the withdrawal: X runs ahead of it in its slot
     await handle_job_status(ctx, inst, w, status_of(w, stage="staged"))
     assert kicked == [] and x.state is JobState.RUNNING
+
+
+async def test_a_job_that_cannot_wait_behind_one_slot_leaves_the_others_to_be_staged(
+    env: SimEnv,
+) -> None:
+    """Staging looks at each slot in turn: a queued retry that must avoid the first
+    slot's instance is staged behind the next slot, not left waiting for a free one
+    with every later slot unstaged."""
+    await env.start(instances=2)
+    ctx = env.context(staged_settings(env))
+    iids = await env.ready(ctx)
+    ids = await env.submit(ctx, 2)
+    await pump(ctx, lambda: all(ctx.store.jobs[j].pgid for j in ids), 20, message="both run")
+    assert sorted(ctx.store.jobs[j].instance or "" for j in ids) == iids
+    [retry_id] = await env.submit(ctx, 1, prefix="retry")
+    first_slot = staging_slots(ctx)[0][0].id
+    retry = ctx.store.jobs[retry_id]
+    retry.avoid_instances = [first_slot]  # as if it had failed there
+    assert await coordinate_job_distribution(ctx) == 1
+    assert retry.staged and retry.instance not in (None, first_slot)
+    for iid in iids:
+        env.open_gate(iid)
+    every = [*ids, retry_id]
+    await pump(ctx, lambda: all(ctx.store.jobs[j].state is JobState.DONE for j in every), 60)
+
+
+async def test_staging_looks_past_a_queue_head_of_jobs_that_must_avoid_the_slot(
+    env: SimEnv,
+) -> None:
+    """More retries at the head of the queue than one round looks at, all failed on the
+    only busy instance: the fresh job behind them is still staged there."""
+    await env.start(instances=1)
+    ctx = env.context(staged_settings(env))
+    [iid] = await env.ready(ctx)
+    [first] = await env.submit(ctx, 1)
+    await pump(ctx, lambda: ctx.store.jobs[first].pgid, 20, message="first runs")
+    retries = await env.submit(ctx, DISPATCH_SLACK + 8, prefix="retry")
+    for job_id in retries:
+        ctx.store.jobs[job_id].avoid_instances = [iid]  # as if each had failed there
+    [fresh] = await env.submit(ctx, 1, prefix="fresh")
+    assert await coordinate_job_distribution(ctx) == 1
+    assert ctx.store.jobs[fresh].staged and ctx.store.jobs[fresh].instance == iid
+    assert all(ctx.store.job_state(j) is JobState.QUEUED for j in retries)

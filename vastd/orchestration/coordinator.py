@@ -336,29 +336,39 @@ def staging_slots(ctx: Context) -> list[tuple[InstanceRecord, JobRecord]]:
 async def stage_jobs(ctx: Context, most: int) -> list[tuple[str, str, str | None]]:
     """Give queued jobs that found no free slot a place behind a running one (`most` of
     them at most): each is assigned (saved before its upload, as any assignment) to run
-    after that slot's last run, with its GPUs. Returns what was assigned, for the
-    caller's save and start."""
-    slots = staging_slots(ctx)[:most]
-    if not slots:
-        return []
-    waiting = st.get_available_jobs(ctx.store, limit=len(slots) + DISPATCH_SLACK)
+    after that slot's last run, with its GPUs. A job that must avoid a slot's instance
+    (it failed there, or an orphaned run of it is there) leaves that slot to the jobs
+    behind it; where the queue's head holds only such jobs, it is looked at further, as
+    in dispatch (to DISPATCH_WINDOW_MAX). Returns what was assigned, for the caller's
+    save and start."""
+    open_slots = staging_slots(ctx)[:most]
     assigned: list[tuple[str, str, str | None]] = []
-    for inst, tail in slots:
-        job = next(
-            (
-                j
-                for j in waiting
-                if j.state is JobState.QUEUED
-                and j.orphan_on(inst.id) is None
-                and inst.id not in j.avoid_instances
-            ),
-            None,
-        )
-        if job is None:
-            break
-        waiting.remove(job)
-        if await _assign(ctx, job, inst, after=tail):
-            assigned.append((job.id, inst.id, job.run_id))
+    limit, looked = len(open_slots) + DISPATCH_SLACK, set[str]()
+    while open_slots:
+        fetched = st.get_available_jobs(ctx.store, limit=limit)
+        waiting = [j for j in fetched if j.id not in looked]
+        looked.update(j.id for j in waiting)
+        unfilled: list[tuple[InstanceRecord, JobRecord]] = []
+        for inst, tail in open_slots:
+            job = next(
+                (
+                    j
+                    for j in waiting
+                    if j.state is JobState.QUEUED
+                    and j.orphan_on(inst.id) is None
+                    and inst.id not in j.avoid_instances
+                ),
+                None,
+            )
+            if job is None:
+                unfilled.append((inst, tail))  # what waits must avoid it: maybe further on
+                continue
+            waiting.remove(job)
+            if await _assign(ctx, job, inst, after=tail):
+                assigned.append((job.id, inst.id, job.run_id))
+        if len(fetched) < limit or limit >= DISPATCH_WINDOW_MAX:
+            break  # the whole queue was looked at, or as far as a round looks
+        open_slots, limit = unfilled, min(limit * 4, DISPATCH_WINDOW_MAX)
     return assigned
 
 
