@@ -30,6 +30,7 @@ from vastd.core.state import (
 )
 from vastd.orchestration.workflow import accept_inbox_file, recover_after_restart
 from vastd.status import build_status, load_snapshot_readonly
+from vastd.views import JobView, refused_files
 
 CSV = "a,b\n1,2\n"
 DATA = Path(__file__).parent / "data"
@@ -280,6 +281,28 @@ async def test_a_failed_name_in_history_only_is_resubmitted_and_its_failure_clea
     assert "bad" not in ctx.store.history
     assert not (ctx.layout.failed / "bad.csv").exists()
     assert not (ctx.layout.failed / "bad.error.json").exists()
+
+
+async def test_a_name_refused_at_acceptance_then_accepted_leaves_no_refusal_behind(
+    env: SimEnv,
+) -> None:
+    """A file refused at acceptance (no job record), then a good file of that name: the
+    refusal's failed/ files go once the new job is queued on disk, so `vastd jobs` shows
+    the name once, not also as refused."""
+    await env.start(instances=0)
+    ctx = env.context(env.settings(), api=False)
+    (ctx.layout.inbox / "fixed.csv").write_text("a,b\n")  # a header, no data rows
+    with capture_logs():
+        await accept_inbox_file(ctx, ctx.layout.inbox / "fixed.csv")
+    assert "fixed" not in ctx.store.jobs
+    assert (ctx.layout.failed / "fixed.error.json").exists()
+    (ctx.layout.inbox / "fixed.csv").write_text(CSV)
+    await accept_inbox_file(ctx, ctx.layout.inbox / "fixed.csv")
+    assert ctx.store.jobs["fixed"].state is JobState.QUEUED
+    assert sorted(p.name for p in ctx.layout.failed.iterdir()) == []
+    assert ctx.store.jobs["fixed"].earlier_failed_stem is None  # cleared: it may retire
+    views = {j.id: JobView.of(j) for j in ctx.store.jobs.values()}
+    assert refused_files(ctx.layout, views) == []
 
 
 async def test_a_done_name_in_history_accepted_before_a_crash_is_refused_at_restart(

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from vastd.core.files import (
+    ERROR_SUFFIX,
     JOB_SUFFIX,
     JobFolder,
     Layout,
     move_job_to_failed,
     not_utf8_reason,
+    safe_name,
     shown_name,
 )
 from vastd.core.files_async import atomic_file_moves
@@ -56,6 +58,9 @@ class JobFileInfo:
     columns: list[str]
     rows: int
     rerun: bool = False  # the name of a finished job, accepted as a new run
+    # failed/<job>.csv or its .error.json is there (a refusal of the name, or its failed
+    # job): once this run is queued on disk they go, unless a job record owns them
+    refused_before: bool = False
     # (inode, size, mtime_ns) of what was read: acceptance compares it after the rename
     identity: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
 
@@ -261,7 +266,11 @@ def _check(
             return None
         _refuse(layout, path, job_id, str(exc))
         return None
-    return dataclasses.replace(info, rerun=rerun)
+    refused_before = any(
+        os.path.lexists(layout.failed / safe_name(job_id, suffix))
+        for suffix in (JOB_SUFFIX, ERROR_SUFFIX)
+    )
+    return dataclasses.replace(info, rerun=rerun, refused_before=refused_before)
 
 
 def _not_moved(
@@ -281,7 +290,7 @@ def _not_moved(
 def _verify(layout: Layout, info: JobFileInfo, settings: JobSettings) -> JobFileInfo | None:
     """After the move (durable): the file in queued/ is the one validated, or is checked
     again; its info now points at queued/."""
-    job_id, rerun = info.job_id, info.rerun
+    job_id, rerun, refused_before = info.job_id, info.rerun, info.refused_before
     destination = layout.job_file(JobFolder.QUEUED, job_id)
     # The name was validated, the inode moved: if they differ, the file was swapped between.
     try:
@@ -293,7 +302,7 @@ def _verify(layout: Layout, info: JobFileInfo, settings: JobSettings) -> JobFile
         return None
     except OSError as exc:
         raise FileOperationError(f"cannot check {destination}: {exc}") from exc
-    info = dataclasses.replace(info, path=destination, rerun=rerun)
+    info = dataclasses.replace(info, path=destination, rerun=rerun, refused_before=refused_before)
     log.info("job_accepted", job=job_id, rows=info.rows, size=info.size, rerun=rerun)
     return info
 

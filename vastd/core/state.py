@@ -245,13 +245,21 @@ def _clean_up_run(store: StateStore, job: JobRecord, reason: str) -> None:
 
 # --- job transitions ---------------------------------------------------------------------------
 def add_job(
-    store: StateStore, job_id: str, file_name: str, rows: int, *, keep_previous: bool = False
+    store: StateStore,
+    job_id: str,
+    file_name: str,
+    rows: int,
+    *,
+    keep_previous: bool = False,
+    refused_before: bool = False,
 ) -> JobRecord:
     """A file accepted into queued/ becomes a job (a finished one of the name is replaced).
 
     A failed job resubmitted by name: its `failed/` files go once this record is saved
-    (`clear_earlier_failure`). Runs the earlier record still had out as orphans are
-    recorded for their stop.
+    (`clear_earlier_failure`). So do `failed/<job>.csv` and its `.error.json` when no
+    record owns them (`refused_before`: an earlier file of the name refused at
+    acceptance, which this one replaces). Runs the earlier record still had out as
+    orphans are recorded for their stop.
     """
     old = store.jobs.get(job_id)
     if not can_job(old, J.QUEUED) or (old is not None and old.state not in FINISHED):
@@ -271,6 +279,8 @@ def add_job(
             job.earlier_failed_stem = old.failed_stem or job_id
     elif earlier is not None and earlier.state is J.FAILED:
         job.earlier_failed_stem = earlier.failed_stem or job_id
+    if job.earlier_failed_stem is None and refused_before:
+        job.earlier_failed_stem = job_id  # no failed record owns them: a refusal's
     store.history.pop(job_id)
     store.snapshot.jobs[job_id] = job
     store.keep_json(job)  # dumped now, while accepting, not all at once in the next save

@@ -107,7 +107,12 @@ async def accept_inbox_files(ctx: Context, paths: Sequence[Path]) -> dict[Path, 
                 problems[path] = exc
             continue
         job = st.add_job(
-            ctx.store, info.job_id, info.path.name, info.rows, keep_previous=info.rerun
+            ctx.store,
+            info.job_id,
+            info.path.name,
+            info.rows,
+            keep_previous=info.rerun,
+            refused_before=info.refused_before,
         )
         added.append(job.id)
     if added:
