@@ -15,7 +15,7 @@ import heapq
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from vastd.core import gpus
@@ -230,6 +230,23 @@ def is_current(job: JobRecord | None, instance_id: str, run_id: str | None) -> b
     )
 
 
+def queue_windows(ctx: Context, limit: int) -> Iterator[list[JobRecord]]:
+    """The queue's head a window at a time, for a round that wants to look further when
+    the jobs there must wait for other instances: the first `limit` available jobs, then
+    4 times as many each time (to DISPATCH_WINDOW_MAX), each window without the jobs an
+    earlier one gave. Each window is read when it is asked for (after the caller's
+    assignments from the one before). Ends once the whole queue was given."""
+    looked: set[str] = set()
+    while True:
+        fetched = st.get_available_jobs(ctx.store, limit=limit)
+        fresh = [j for j in fetched if j.id not in looked]
+        looked.update(j.id for j in fresh)
+        yield fresh
+        if len(fetched) < limit or limit >= DISPATCH_WINDOW_MAX:
+            return
+        limit = min(limit * 4, DISPATCH_WINDOW_MAX)
+
+
 async def coordinate_job_distribution(ctx: Context) -> int:
     """Give waiting jobs a free instance, `DISPATCH_WAVE` at most (the round after
     follows at once); save; then start them. Returns the count."""
@@ -243,14 +260,9 @@ async def coordinate_job_distribution(ctx: Context) -> int:
     # must skip an instance holding an orphaned run of theirs): no walk of the queue.
     # Where jobs at the head wait for other instances, the window grows (to
     # DISPATCH_WINDOW_MAX) so that those behind them still get the free slots.
-    limit, looked = free + DISPATCH_SLACK, set[str]()
-    while free and len(assigned) < wave:
-        waiting = st.get_available_jobs(ctx.store, limit=limit)
+    for waiting in queue_windows(ctx, free + DISPATCH_SLACK) if free else ():
         skipped = full = False
         for job in waiting:
-            if job.id in looked:
-                continue
-            looked.add(job.id)
             if len(assigned) >= wave:
                 break
             inst = room.pick(job)
@@ -263,9 +275,8 @@ async def coordinate_job_distribution(ctx: Context) -> int:
             wanted = free_gpus(ctx, inst) if gpus.per_gpu(ctx.settings.job) else None
             if await _assign(ctx, job, inst, wanted or ()):
                 assigned.append((job.id, inst.id, job.run_id))
-        if full or not skipped or len(waiting) < limit or limit >= DISPATCH_WINDOW_MAX:
+        if full or not skipped or len(assigned) >= wave:
             break
-        limit = min(limit * 4, DISPATCH_WINDOW_MAX)
     if ctx.settings.job.stage_ahead and len(assigned) < wave:
         assigned += await stage_jobs(ctx, wave - len(assigned))
     if not assigned:
@@ -343,11 +354,9 @@ async def stage_jobs(ctx: Context, most: int) -> list[tuple[str, str, str | None
     save and start."""
     open_slots = staging_slots(ctx)[:most]
     assigned: list[tuple[str, str, str | None]] = []
-    limit, looked = len(open_slots) + DISPATCH_SLACK, set[str]()
-    while open_slots:
-        fetched = st.get_available_jobs(ctx.store, limit=limit)
-        waiting = [j for j in fetched if j.id not in looked]
-        looked.update(j.id for j in waiting)
+    if not open_slots:
+        return assigned
+    for waiting in queue_windows(ctx, len(open_slots) + DISPATCH_SLACK):
         unfilled: list[tuple[InstanceRecord, JobRecord]] = []
         for inst, tail in open_slots:
             job = next(
@@ -366,9 +375,9 @@ async def stage_jobs(ctx: Context, most: int) -> list[tuple[str, str, str | None
             waiting.remove(job)
             if await _assign(ctx, job, inst, after=tail):
                 assigned.append((job.id, inst.id, job.run_id))
-        if len(fetched) < limit or limit >= DISPATCH_WINDOW_MAX:
-            break  # the whole queue was looked at, or as far as a round looks
-        open_slots, limit = unfilled, min(limit * 4, DISPATCH_WINDOW_MAX)
+        open_slots = unfilled
+        if not open_slots:
+            break
     return assigned
 
 
