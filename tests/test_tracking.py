@@ -15,6 +15,7 @@ from vastd.core import state as st
 from vastd.core import tracking
 from vastd.core.files import JobFolder, Layout
 from vastd.core.history import history_line
+from vastd.core.records import Snapshot
 from vastd.core.state import InstanceRecord, InstanceStatus, JobRecord, JobState, StateStore
 from vastd.core.tracking import HELD, RecordTable
 
@@ -125,7 +126,9 @@ async def test_the_index_and_the_kept_json_agree_with_a_full_scan(
         if step % 10 == 0:
             data = store.serialize()
             fresh = json.loads(store.snapshot.model_dump_json())
-            assert json.loads(data) == fresh, f"step {step}"
+            # what is written reads back as the whole snapshot (defaults left out)
+            back = Snapshot.model_validate_json(data).model_dump(mode="json")
+            assert back == fresh, f"step {step}"
     assert indexed(store) == scan(store)
     assert await store.flush()
     reloaded = StateStore.open(store.path)
@@ -367,13 +370,8 @@ def test_a_save_joins_again_only_the_block_of_a_changed_record(
     st.mark_job_assigned(store, "job_5", "i1")
     after = jobs.body_parts()
     assert after[0] is before[0] and after[4] is before[4] and after[2] is not before[2]
-    assert json.loads(b"{" + b"".join(after) + b"}") == json.loads(
-        b"{"
-        + b",".join(
-            b'"%s":%s' % (k.encode(), j.model_dump_json().encode()) for k, j in jobs.items()
-        )
-        + b"}"
-    )
+    read_back = json.loads(b"{" + b"".join(after) + b"}")
+    assert {k: JobRecord.model_validate(v) for k, v in read_back.items()} == dict(jobs)
     # an emptied block goes; a new key goes to the last block, in the table's order
     for n in (4, 5, 6, 7):
         del jobs[f"job_{n}"]
@@ -381,7 +379,7 @@ def test_a_save_joins_again_only_the_block_of_a_changed_record(
     parts = jobs.body_parts()
     assert len(parts) == 3
     assert list(json.loads(b"{" + b"".join(parts) + b"}")) == list(jobs)
-    assert json.loads(store.serialize()) == json.loads(store.snapshot.model_dump_json())
+    assert Snapshot.model_validate_json(store.serialize()) == store.snapshot
 
 
 def test_a_snapshot_in_pieces_is_written_whole_whatever_the_writes_take(
@@ -444,3 +442,39 @@ def test_a_listing_that_changed_nothing_tells_the_store_of_last_seen_alone(
     notices.clear()
     refresh_record(inst, moved, 102.0)
     assert len(notices) == 3 and (inst.ssh_host, inst.ssh_port) == ("ssh5.vast.ai", 99)
+
+
+def test_a_job_is_written_without_its_defaults_but_the_outline_fields() -> None:
+    """state.json's and history's job entries leave out the fields that hold their
+    defaults (a queued job's was 750 bytes, most of them nulls), keep the snapshot's
+    outline (state, attempts, runs, instance, timestamps) whatever their value, and read
+    back as the same record."""
+    outline = {"id", "file_name", "state", "attempts", "runs", "instance", "accepted_at"}
+    outline |= {"dispatched_at", "started_at", "exited_at", "finished_at"}
+    queued = JobRecord(id="job_q", file_name="job_q.csv", rows=3, seq=7)
+    data = json.loads(tracking.dump_record(queued))
+    assert set(data) == outline | {"rows", "seq"}
+    assert (data["state"], data["attempts"], data["runs"], data["instance"]) == (
+        "queued",
+        0,
+        0,
+        None,
+    )
+    assert JobRecord.model_validate(data) == queued
+    assert len(tracking.dump_record(queued)) < 0.4 * len(queued.model_dump_json())
+    done = queued.model_copy(
+        update={
+            "state": JobState.DONE,
+            "attempts": 1,
+            "runs": 2,
+            "instance": "i1",
+            "run_id": "r1",
+            "finished_at": 5.0,
+            "result_files": ["r.parquet"],
+            "avoid_instances": ["i0"],
+        }
+    )
+    line = json.loads(history_line(done))
+    assert set(line) == outline | {"rows", "seq", "run_id", "result_files", "avoid_instances"}
+    assert line["state"] == "done" and line["started_at"] is None
+    assert JobRecord.model_validate(line) == done

@@ -71,7 +71,9 @@ class JobView:
 
     @classmethod
     def of(cls, job: JobRecord) -> JobView:
-        return cls(**{name: getattr(job, name) for name in _VIEW_FIELDS})
+        values = {name: getattr(job, name) for name in _VIEW_FIELDS}
+        values["gpus"] = tuple(values["gpus"])
+        return cls(**values)
 
     @classmethod
     def from_line(cls, data: dict[str, Any]) -> JobView:
@@ -83,6 +85,7 @@ class JobView:
             if all(isinstance(values[name], kinds) for name, kinds in _KINDS) and all(
                 isinstance(g, int) for g in values["gpus"]
             ):
+                values["gpus"] = tuple(values["gpus"])
                 return cls(**values)
         except (TypeError, ValueError):
             pass

@@ -47,7 +47,7 @@ from vastd.core.records import (
 from vastd.core.snapshot_file import READABLE_VERSIONS as READABLE_VERSIONS
 from vastd.core.snapshot_file import load_state as load_state
 from vastd.core.snapshot_file import read_snapshot
-from vastd.core.tracking import JobIndex, RecordTable, checking
+from vastd.core.tracking import JobIndex, RecordTable, checking, record_data
 from vastd.utils.exceptions import FileOperationError, StateManagementError
 from vastd.utils.logging import get_logger
 from vastd.utils.text import scrub
@@ -476,7 +476,13 @@ class StateStore:
             jobs.check()
             instances.check()
             followups.check()
-            if json.loads(b"".join(parts)) != scrub(snap.model_dump(mode="json")):
+            whole = scrub(snap.model_dump(mode="json", exclude={"jobs"}))
+            whole["jobs"] = {scrub(k): record_data(j) for k, j in jobs.items()}
+            for job in jobs.values():  # the fields left out are their defaults: nothing lost
+                back = JobRecord.model_validate(record_data(job)).model_dump(mode="json")
+                if back != scrub(job.model_dump(mode="json")):
+                    raise AssertionError(f"job {job.id!r} does not read back as it was")
+            if json.loads(b"".join(parts)) != whole:
                 raise AssertionError("the assembled snapshot differs from a full dump")
         return parts
 

@@ -207,15 +207,48 @@ class RecordTable(dict[str, R]):
                 )
 
 
+# The fields a job's entry always has, whatever their value (the snapshot's documented
+# outline: its state, attempts (and runs), instance and timestamps); every other field is left out
+# while it holds its default, which is what a reader gets for a field left out. A queued
+# job's entry is then about 250 bytes instead of 750, and a done job's history line about
+# half of what it was: state.json follows the work in flight, history the campaign.
+_ALWAYS: tuple[tuple[str, Any, bytes], ...] = (
+    ("state", JobState.QUEUED, b'"state":"queued"'),
+    ("attempts", 0, b'"attempts":0'),
+    ("runs", 0, b'"runs":0'),
+    ("instance", None, b'"instance":null'),
+    ("dispatched_at", None, b'"dispatched_at":null'),
+    ("started_at", None, b'"started_at":null'),
+    ("exited_at", None, b'"exited_at":null'),
+    ("finished_at", None, b'"finished_at":null'),
+)
+
+
 def dump_record(record: Tracked) -> bytes:
-    """The record as JSON. A str that is not UTF-8 in it (whatever let it in) is written
-    as U+FFFD rather than failing the save: a record that cannot be dumped made every
-    save fail, and the saver's error stopped the daemon."""
+    """The record as JSON; a job's without the fields that hold their defaults (but
+    `_ALWAYS`'s). A str that is not UTF-8 in it (whatever let it in) is written as
+    U+FFFD rather than failing the save: a record that cannot be dumped made every save
+    fail, and the saver's error stopped the daemon."""
+    if not isinstance(record, JobRecord):
+        try:
+            # (the serializer itself: model_dump_json's str and .encode() cost a copy each)
+            return type(record).__pydantic_serializer__.to_json(record)
+        except PydanticSerializationError:
+            return to_json(scrub(record.model_dump(mode="json")))
+    values = record.__dict__
+    missing = [text for name, default, text in _ALWAYS if values[name] == default]
     try:
-        # (the serializer itself: model_dump_json's str and .encode() cost a copy each)
-        return type(record).__pydantic_serializer__.to_json(record)
+        data = JobRecord.__pydantic_serializer__.to_json(record, exclude_defaults=True)
     except PydanticSerializationError:
-        return to_json(scrub(record.model_dump(mode="json")))
+        data = to_json(scrub(record.model_dump(mode="json", exclude_defaults=True)))
+    if not missing:
+        return data
+    return b"".join((b"{", b",".join(missing), b",", data[1:]))
+
+
+def record_data(record: Tracked) -> Any:
+    """The record as `dump_record` writes it, as Python data (for the checks)."""
+    return json.loads(dump_record(record))
 
 
 _Key = tuple[JobState, str | None, frozenset[str], int]
