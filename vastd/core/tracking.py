@@ -207,11 +207,11 @@ class RecordTable(dict[str, R]):
                 )
 
 
-# The fields a job's entry always has, whatever their value (the snapshot's documented
-# outline: its state, attempts (and runs), instance and timestamps); every other field is left out
-# while it holds its default, which is what a reader gets for a field left out. A queued
-# job's entry is then about 250 bytes instead of 750, and a done job's history line about
-# half of what it was: state.json follows the work in flight, history the campaign.
+# The fields a job's entry always has, whatever their value: the snapshot's documented
+# outline (state, attempts and runs, instance, timestamps). Every other field is left out
+# while it holds its default, which is what a reader takes for a field that is not there.
+# A queued job of a 24-character name is then 258 bytes instead of 752, and a done job's
+# history line about half of what it was.
 _ALWAYS: tuple[tuple[str, Any, bytes], ...] = (
     ("state", JobState.QUEUED, b'"state":"queued"'),
     ("attempts", 0, b'"attempts":0'),
