@@ -376,6 +376,8 @@ def test_history_views_agree_with_full_records_and_skip_what_the_record_refuses(
             json.dumps(no_state | {"id": "e"}).encode() + b"\n",
         ],
     )
+    with path.open("ab") as f:
+        f.write(history_line(done)[:40])  # a crash mid-append: the last line cut short
     views = read_history_views(path)
     full = read_history_records(path)  # (which skips the refused line too)
     assert sorted(full) == ["a", "b", "c", "e"]

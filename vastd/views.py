@@ -11,15 +11,17 @@ reason their `.error.json` gives.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, TypeAdapter
 from pydantic_core import to_json
 
 from vastd.core.files import ERROR_SUFFIX, JOB_SUFFIX, Layout, utc_iso
@@ -47,6 +49,9 @@ class JobView:
     history line (100,000 of them are read per `vastd jobs`: building each into a full
     JobRecord cost more than parsing the line)."""
 
+    # `_line_parser`: a line of exactly these types is read by pydantic-core alone
+    __pydantic_config__ = ConfigDict(strict=True)
+
     id: str
     state: JobState
     rows: int = 0
@@ -65,7 +70,7 @@ class JobView:
     rows_out: int | None = None
     cost: float | None = None
     gpu_name: str | None = None
-    gpus: Sequence[int] = ()  # the GPU indices the run was given (core/gpus.py)
+    gpus: tuple[int, ...] = ()  # the GPU indices the run was given (core/gpus.py)
     gpu_idle: bool = False
     staged: bool = False  # waits on its instance behind the slot's running job
 
@@ -182,20 +187,45 @@ def refused_files(layout: Layout, jobs: dict[str, JobView]) -> list[Refused]:
     return out
 
 
+@functools.cache
+def _line_parser() -> Callable[[bytes], JobView]:
+    """A history line (JSON) to its view, in pydantic-core: the fields a view shows, of
+    exactly the types vastd writes, the other fields skipped unbuilt. ValueError for
+    anything else (the line then takes `JobView.from_line`'s way)."""
+    return TypeAdapter(JobView).validator.validate_json
+
+
 def read_history_views(path: Path) -> dict[str, JobView]:
     """history.jsonl's jobs, the last line per name; a line that is not a job record is
     skipped with a warning, as history.py does for lines that do not parse."""
     # history.py brings aiofiles (and so asyncio): imported here, not by `vastd status`.
-    from vastd.core.history import iter_history, log
+    from vastd.core.history import log, parse_history_line
 
     out: dict[str, JobView] = {}
-    for data in iter_history(path):
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return out
+    parse = _line_parser()
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
         try:
-            out[data["id"]] = JobView.from_line(data)
-        except ValueError as exc:
-            log.warning(
-                "history_line_skipped", path=str(path), job=data["id"], error=str(exc)[:200]
-            )
+            view = parse(line)
+        except ValueError:
+            # not typed as vastd writes it (or not a record at all): the slow way
+            data = parse_history_line(path, line, number, truncated=number == len(lines))
+            if data is None:
+                continue
+            try:
+                view = JobView.from_line(data)
+            except ValueError as exc:
+                log.warning(
+                    "history_line_skipped", path=str(path), job=data["id"], error=str(exc)[:200]
+                )
+                continue
+        out[view.id] = view
     return out
 
 

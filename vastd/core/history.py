@@ -102,6 +102,24 @@ async def append_history_async(path: Path, lines: list[bytes]) -> None:
     await aiofiles.os.wrap(append_history)(path, lines)
 
 
+def parse_history_line(
+    path: Path, line: bytes, number: int, *, truncated: bool
+) -> dict[str, Any] | None:
+    """One line of history.jsonl as a dict, or None (a blank line; one that does not
+    parse or names no job, skipped with a warning: `truncated`, no newline after it, says
+    a crash cut it short)."""
+    if not line.strip():
+        return None
+    try:
+        data = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+        log.warning("history_line_skipped", path=str(path), line=number, truncated=truncated)
+        return None
+    return data
+
+
 def iter_history(path: Path) -> Iterator[dict[str, Any]]:
     """Every line of history.jsonl as a dict; a line that does not parse is skipped with
     a warning (a missing file is an empty history)."""
@@ -111,21 +129,9 @@ def iter_history(path: Path) -> Iterator[dict[str, Any]]:
         return
     with handle:
         for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                data = None
-            if not isinstance(data, dict) or not isinstance(data.get("id"), str):
-                log.warning(
-                    "history_line_skipped",
-                    path=str(path),
-                    line=number,
-                    truncated=not line.endswith(b"\n"),
-                )
-                continue
-            yield data
+            data = parse_history_line(path, line, number, truncated=not line.endswith(b"\n"))
+            if data is not None:
+                yield data
 
 
 def read_history_records(path: Path) -> dict[str, JobRecord]:
