@@ -28,6 +28,7 @@ from vastd.core.state import (
     StateStore,
     load_state,
 )
+from vastd.orchestration.recovery import save_recovery
 from vastd.orchestration.workflow import accept_inbox_file, recover_after_restart
 from vastd.status import build_status, load_snapshot_readonly
 from vastd.views import JobView, refused_files
@@ -303,6 +304,40 @@ async def test_a_name_refused_at_acceptance_then_accepted_leaves_no_refusal_behi
     assert ctx.store.jobs["fixed"].earlier_failed_stem is None  # cleared: it may retire
     views = {j.id: JobView.of(j) for j in ctx.store.jobs.values()}
     assert refused_files(ctx.layout, views) == []
+
+
+async def test_a_refused_name_accepted_before_a_crash_clears_the_refusal_once_saved(
+    env: SimEnv,
+) -> None:
+    """A good file of a name refused earlier, moved into queued/ when SIGKILL came before
+    the save: adopted at restart as the refusal's successor. The refusal's failed/ files
+    stay until the adopted record is on disk (a crash before that must not lose them),
+    then go."""
+    await env.start(instances=0)
+    settings = env.settings()
+    ctx = env.context(settings, api=False)
+    (ctx.layout.inbox / "fixed.csv").write_text("a,b\n")  # a header, no data rows
+    with capture_logs():
+        await accept_inbox_file(ctx, ctx.layout.inbox / "fixed.csv")
+    refusal = sorted(p.name for p in ctx.layout.failed.iterdir())
+    assert refusal == ["fixed.csv", "fixed.error.json"]
+    ctx.layout.job_file(JobFolder.QUEUED, "fixed").write_text(CSV)  # accepted; no save
+    await env.close_context(ctx)
+    ctx2 = env.context(settings, api=False)
+    with capture_logs():
+        recover_after_restart(ctx2)
+    assert ctx2.store.jobs["fixed"].earlier_failed_stem == "fixed"
+    assert sorted(p.name for p in ctx2.layout.failed.iterdir()) == refusal  # not saved yet
+    await save_recovery(ctx2)
+    assert list(ctx2.layout.failed.iterdir()) == []
+    await env.close_context(ctx2)
+    ctx3 = env.context(settings, api=False)
+    with capture_logs():
+        recover_after_restart(ctx3)
+    assert list(ctx3.layout.failed.iterdir()) == []
+    assert ctx3.store.jobs["fixed"].earlier_failed_stem is None
+    views = {j.id: JobView.of(j) for j in ctx3.store.jobs.values()}
+    assert refused_files(ctx3.layout, views) == []
 
 
 async def test_a_done_name_in_history_accepted_before_a_crash_is_refused_at_restart(

@@ -30,7 +30,7 @@ from vastd.orchestration.context import Context, build_context, close_context
 from vastd.orchestration.control import ControlServer
 from vastd.orchestration.followups import followups_once
 from vastd.orchestration.metrics_server import MetricsServer, start_metrics_server
-from vastd.orchestration.recovery import recover_after_restart
+from vastd.orchestration.recovery import recover_after_restart, save_recovery
 from vastd.orchestration.sharing import group_id, share_folders
 from vastd.orchestration.workflow import supervisors
 from vastd.utils.config import Settings, apply_live_keys, check_files, diff_settings, read_config
@@ -196,7 +196,7 @@ class Daemon:
             log.info("temp_files_removed", count=removed)
         # Recovery comes before any scheduling (the predecessor did it after).
         recover_after_restart(ctx)
-        await ctx.store.flush()
+        await save_recovery(ctx)
         self.ctx = ctx
         return ctx
 

@@ -266,11 +266,17 @@ def _check(
             return None
         _refuse(layout, path, job_id, str(exc))
         return None
-    refused_before = any(
+    return dataclasses.replace(info, rerun=rerun, refused_before=refusal_left(layout, job_id))
+
+
+def refusal_left(layout: Layout, job_id: str) -> bool:
+    """Whether failed/ holds `<job>.csv` or `<job>.error.json`: an earlier file of the
+    name refused (or failed), which a job accepted now replaces (`add_job`'s
+    `refused_before` when no record owns them)."""
+    return any(
         os.path.lexists(layout.failed / safe_name(job_id, suffix))
         for suffix in (JOB_SUFFIX, ERROR_SUFFIX)
     )
-    return dataclasses.replace(info, rerun=rerun, refused_before=refused_before)
 
 
 def _not_moved(

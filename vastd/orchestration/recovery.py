@@ -21,7 +21,7 @@ from vastd.core.files import (
     safe_name,
     shown_name,
 )
-from vastd.core.jobs import duplicate_reason, job_id_for
+from vastd.core.jobs import duplicate_reason, job_id_for, refusal_left
 from vastd.core.state import InstanceStatus, JobRecord, JobState
 from vastd.execution.result_handler import restore_kept
 from vastd.orchestration.actions import requeue
@@ -120,7 +120,10 @@ def _reconcile_file(ctx: Context, folder: JobFolder, path: Path, job: JobRecord 
             return
         if folder is JobFolder.RUNNING:
             move_job_file(layout, job_id, JobFolder.RUNNING, JobFolder.QUEUED)
-        job = st.add_job(store, job_id, path.name, rows=0)
+        # failed/ files of the name that no record owns: a refusal this file replaces
+        job = st.add_job(
+            store, job_id, path.name, rows=0, refused_before=refusal_left(layout, job_id)
+        )
         log.info("job_adopted", job=job.id, folder=folder.value)
         return
     want = st.FOLDER_OF[job.state]
@@ -158,14 +161,25 @@ def accept_again(ctx: Context, job: JobRecord) -> None:
     log.info("job_resubmission_recovered", job=job.id)
 
 
+async def save_recovery(ctx: Context) -> None:
+    """Save what `recover_after_restart` changed. Once that is on disk, the failures that
+    the records it made (adopted files, resubmissions found in queued/) replace can go."""
+    if await ctx.store.flush():
+        for job in list(ctx.store.jobs.values()):
+            if job.earlier_failed_stem is not None:
+                st.clear_earlier_failure(ctx.store, job.id)
+
+
 def recover_after_restart(ctx: Context) -> None:
     """Before any scheduling: re-verify instances and resume watching and collecting."""
+    for job in list(ctx.store.jobs.values()):
+        # Loaded from disk, so saved: the failure a resubmission replaced can go now.
+        # (Not a record that reconcile_folders makes: that one is not saved yet.)
+        if job.earlier_failed_stem is not None:
+            st.clear_earlier_failure(ctx.store, job.id)
     reconcile_folders(ctx)
     st.number_slots(ctx.store)  # a snapshot from before slot numbers: its chains get them
     for job in ctx.store.jobs.values():
-        # Loaded from disk, so saved: the failure a resubmission replaced can go now.
-        if job.earlier_failed_stem is not None:
-            st.clear_earlier_failure(ctx.store, job.id)
         restore_kept_results(ctx, job)
     for inst in ctx.store.instances.values():
         # Whatever a crash left on it unaccounted is swept before its next job.

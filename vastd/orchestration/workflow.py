@@ -39,6 +39,7 @@ from vastd.orchestration.inventory import (
 )
 from vastd.orchestration.recovery import reconcile_folders as reconcile_folders
 from vastd.orchestration.recovery import recover_after_restart as recover_after_restart
+from vastd.orchestration.recovery import save_recovery
 from vastd.orchestration.scheduler import Task, TaskType, retry_delay
 from vastd.utils.config import Settings
 from vastd.utils.exceptions import FileOperationError
@@ -297,7 +298,7 @@ async def open_context(
         try:
             if recover:
                 recover_after_restart(ctx)
-                await ctx.store.flush()
+                await save_recovery(ctx)
             yield ctx
         finally:
             await close_context(ctx)
