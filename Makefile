@@ -67,7 +67,7 @@ bench: $(STAMP) bench-tools
 
 # Issue 9: a campaign at scale through the real daemon on the simulator: JOBS files
 # over INSTANCES instances sharing SSHD SSH servers, dropped BATCH at a time. At about
-# 20 jobs/s on 2 cores the full size takes over an hour; JOBS=3000 BATCH=1000 a few
+# 40 jobs/s on 2 cores the full size takes about 40 minutes; JOBS=3000 BATCH=1000 a few
 # minutes. BOOKKEEPING=1: the in-process bookkeeping-only run (no daemon, no SSH).
 JOBS ?= 100000
 INSTANCES ?= 500
