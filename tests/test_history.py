@@ -340,6 +340,37 @@ async def test_a_refused_name_accepted_before_a_crash_clears_the_refusal_once_sa
     assert refused_files(ctx3.layout, views) == []
 
 
+async def test_a_rerun_of_a_done_name_found_at_restart_replaces_a_refusal_of_it(
+    env: SimEnv,
+) -> None:
+    """on_duplicate = "rerun": a done name (in history only), then a bad file of it
+    refused, then a good one moved into queued/ just before SIGKILL. The restart takes
+    the good file as the rerun, and the refusal's files go once that record is saved."""
+    await env.start(instances=0)
+    settings = env.settings(job={"on_duplicate": "rerun"})
+    ctx = env.context(settings, api=False)
+    finish_ctx(ctx.store, "again")
+    assert await ctx.store.retire_finished() == 1
+    assert await ctx.store.flush()
+    (ctx.layout.inbox / "again.csv").write_text("a,b\n")  # a header, no data rows
+    with capture_logs():
+        await accept_inbox_file(ctx, ctx.layout.inbox / "again.csv")
+    assert sorted(p.name for p in ctx.layout.failed.iterdir()) == [
+        "again.csv",
+        "again.error.json",
+    ]
+    ctx.layout.job_file(JobFolder.QUEUED, "again").write_text(CSV)  # accepted; no save
+    await env.close_context(ctx)
+    ctx2 = env.context(settings, api=False)
+    with capture_logs():
+        recover_after_restart(ctx2)
+    job = ctx2.store.jobs["again"]
+    assert job.state is JobState.QUEUED and job.keep_previous
+    assert job.earlier_failed_stem == "again"
+    await save_recovery(ctx2)
+    assert list(ctx2.layout.failed.iterdir()) == []
+
+
 async def test_a_done_name_in_history_accepted_before_a_crash_is_refused_at_restart(
     env: SimEnv,
 ) -> None:

@@ -478,3 +478,23 @@ def test_a_job_is_written_without_its_defaults_but_the_outline_fields() -> None:
     assert set(line) == outline | {"rows", "seq", "run_id", "result_files", "avoid_instances"}
     assert line["state"] == "done" and line["started_at"] is None
     assert JobRecord.model_validate(line) == done
+
+
+def test_accepted_at_is_written_even_when_it_equals_what_its_factory_gives_now() -> None:
+    """accepted_at's default is a factory (time.time), which exclude_defaults calls at
+    the dump and compares: a record dumped in the clock tick it was made in lost its
+    acceptance time (read back as the time of the read). Made deterministic here with
+    a factory that always gives the same time."""
+    field = JobRecord.model_fields["accepted_at"]
+    factory = field.default_factory
+    field.default_factory = lambda: 5.0
+    try:
+        JobRecord.model_rebuild(force=True)
+        job = JobRecord(id="a", file_name="a.csv")
+        assert job.accepted_at == 5.0
+        data = json.loads(tracking.dump_record(job))
+    finally:
+        field.default_factory = factory
+        JobRecord.model_rebuild(force=True)
+    assert data["accepted_at"] == 5.0
+    assert JobRecord.model_validate(data) == job

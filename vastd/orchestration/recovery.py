@@ -115,7 +115,8 @@ def _reconcile_file(ctx: Context, folder: JobFolder, path: Path, job: JobRecord 
                 move_job_to_failed(layout, job_id, folder, reason=reason, duplicate=True)
                 log.warning("job_duplicate_refused", job=job_id, reason=reason)
                 return
-            st.add_job(store, job_id, path.name, rows=0, keep_previous=True)
+            refused = refusal_left(layout, job_id)
+            st.add_job(store, job_id, path.name, rows=0, keep_previous=True, refused_before=refused)
             log.info("job_resubmission_recovered", job=job_id)
             return
         if folder is JobFolder.RUNNING:
@@ -156,8 +157,14 @@ def accept_again(ctx: Context, job: JobRecord) -> None:
         move_job_to_failed(ctx.layout, job.id, JobFolder.QUEUED, reason=reason, duplicate=True)
         log.warning("job_duplicate_refused", job=job.id, reason=reason)
         return
-    rows = job.rows
-    st.add_job(ctx.store, job.id, job.file_name, rows, keep_previous=job.state is JobState.DONE)
+    st.add_job(
+        ctx.store,
+        job.id,
+        job.file_name,
+        job.rows,
+        keep_previous=job.state is JobState.DONE,
+        refused_before=refusal_left(ctx.layout, job.id),
+    )
     log.info("job_resubmission_recovered", job=job.id)
 
 
