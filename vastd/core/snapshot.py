@@ -477,9 +477,11 @@ class StateStore:
             instances.check()
             followups.check()
             whole = scrub(snap.model_dump(mode="json", exclude={"jobs"}))
-            whole["jobs"] = {scrub(k): record_data(j) for k, j in jobs.items()}
-            for job in jobs.values():  # the fields left out are their defaults: nothing lost
-                back = JobRecord.model_validate(record_data(job)).model_dump(mode="json")
+            whole["jobs"] = {}
+            for key, job in jobs.items():
+                data = whole["jobs"][scrub(key)] = record_data(job)
+                # the fields left out are their defaults: nothing lost
+                back = JobRecord.model_validate(data).model_dump(mode="json")
                 if back != scrub(job.model_dump(mode="json")):
                     raise AssertionError(f"job {job.id!r} does not read back as it was")
             if json.loads(b"".join(parts)) != whole:
